@@ -1,0 +1,14 @@
+# tailorkv_test(NAME SOURCES... LIBS ... [LABELS ...])
+# One gtest binary per component; tests are discovered so each case is its own ctest entry.
+function(tailorkv_test name)
+  if(NOT TAILORKV_BUILD_TESTS)
+    return()
+  endif()
+  cmake_parse_arguments(T "" "" "SOURCES;LIBS;LABELS" ${ARGN})
+  add_executable(${name} ${T_SOURCES})
+  target_link_libraries(${name} PRIVATE ${T_LIBS} GTest::gtest GTest::gtest_main GTest::gmock)
+  target_compile_definitions(${name} PRIVATE
+    TAILORKV_SOURCE_DIR="${CMAKE_SOURCE_DIR}" TAILORKV_MODEL_DIR="${TAILORKV_MODEL_DIR}")
+  set(labels unit ${T_LABELS})
+  gtest_discover_tests(${name} PROPERTIES LABELS "${labels}" DISCOVERY_TIMEOUT 60)
+endfunction()

@@ -1,0 +1,91 @@
+// The Llama-family model description and its float32 host weights, loaded
+// from GGUF or from a Hugging Face safetensors directory.
+//
+// Every backend consumes ModelWeights; the loaders are the only code that
+// knows file formats. Linear weights are row-major [out][in] (y = W x).
+//
+// Rotary convention: GGUF files of the "llama" architecture store the rows of
+// Q and K permuted so that RoPE rotates adjacent pairs (x[2i], x[2i+1]);
+// Hugging Face checkpoints rotate halves (x[i], x[i + d/2]). The loader does
+// not un-permute; it records which convention the weights need in
+// ModelConfig::rope_style, and backends apply that convention.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace tailorkv::model {
+
+class GgufFile;
+
+enum class RopeStyle { kAdjacentPairs, kHalves };
+
+struct RopeScaling {
+  enum class Type { kNone, kLinear, kLlama3 };
+  Type type = Type::kNone;
+  float factor = 1.0f;
+  float low_freq_factor = 1.0f;
+  float high_freq_factor = 4.0f;
+  int64_t original_max_position = 8192;
+};
+
+struct ModelConfig {
+  std::string arch;  // "llama" (others of the family map onto it)
+  std::string name;
+  int n_layers = 0;
+  int hidden = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int ffn = 0;
+  int vocab = 0;
+  int max_context = 0;  // trained context length
+  float rope_theta = 10000.0f;
+  float rms_eps = 1e-5f;
+  RopeStyle rope_style = RopeStyle::kHalves;
+  RopeScaling rope_scaling;
+  bool tied_embeddings = false;
+
+  // InvalidArgument naming the field when a value is impossible
+  // (non-positive sizes, heads not dividing hidden, n_heads % n_kv_heads != 0...).
+  absl::Status Validate() const;
+};
+
+struct Tensor {
+  std::vector<int64_t> shape;  // outermost first: a linear weight is {out, in}
+  std::vector<float> data;
+  int64_t rows() const { return shape.empty() ? 0 : shape.front(); }
+  int64_t cols() const { return shape.empty() ? 0 : shape.back(); }
+};
+
+struct LayerWeights {
+  Tensor attn_norm;          // {hidden}
+  Tensor wq, wk, wv, wo;     // {n_heads*hd, hidden}, {n_kv*hd, hidden} x2, {hidden, n_heads*hd}
+  Tensor ffn_norm;           // {hidden}
+  Tensor w_gate, w_up;       // {ffn, hidden}
+  Tensor w_down;             // {hidden, ffn}
+};
+
+struct ModelWeights {
+  ModelConfig config;
+  Tensor tok_embd;     // {vocab, hidden}
+  Tensor output_norm;  // {hidden}
+  Tensor output;       // {vocab, hidden}; empty when config.tied_embeddings
+  std::vector<LayerWeights> layers;
+  // The output head: `output` or, when tied, `tok_embd`.
+  const Tensor& head() const { return config.tied_embeddings ? tok_embd : output; }
+};
+
+// Reads config from GGUF metadata ("<arch>.block_count", ...) and dequantizes
+// every tensor, checking each shape against the config.
+absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& gguf);
+absl::StatusOr<ModelWeights> LoadWeightsFromGguf(const GgufFile& gguf);
+
+// Reads `dir`/config.json and `dir`/*.safetensors (single file or sharded with
+// model.safetensors.index.json); F32, F16 and BF16 tensors.
+absl::StatusOr<ModelWeights> LoadWeightsFromSafetensors(const std::string& dir);
+
+}  // namespace tailorkv::model

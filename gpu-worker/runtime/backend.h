@@ -1,0 +1,50 @@
+// Backend: the interface every compute backend (CPU now, CUDA next) implements.
+//
+// A backend owns the model weights in its own memory and creates one
+// SequenceState (KV cache and positions) per sequence. Forward() appends a
+// run of tokens to a sequence and produces logits. Backends are not required
+// to be thread-safe: the engine drives one backend from one thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "model/llama_weights.h"
+
+namespace tailorkv::runtime {
+
+// KV cache and position of one sequence; owned by the caller, created by and
+// only usable with the backend that made it (which must outlive it).
+class SequenceState {
+ public:
+  virtual ~SequenceState() = default;
+  virtual int length() const = 0;    // tokens already in the cache
+  virtual int capacity() const = 0;  // tokens the cache can hold
+  // Drops cached tokens after the first n (n <= length()).
+  virtual void Truncate(int n) = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view name() const = 0;
+  virtual const model::ModelConfig& config() const = 0;
+
+  // A sequence whose cache holds up to `capacity` tokens.
+  // InvalidArgument when capacity is not in [1, config().max_context].
+  virtual absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity) = 0;
+
+  // Runs `tokens` at positions [seq.length(), seq.length() + n), appending
+  // their K/V to `seq`. Writes logits row-major into `logits`: n x vocab when
+  // `all_logits`, else only the last token's vocab entries.
+  // InvalidArgument for empty input, ids outside the vocabulary, or
+  // overflowing the sequence's capacity (then `seq` is unchanged).
+  virtual absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens,
+                               bool all_logits, std::vector<float>* logits) = 0;
+};
+
+}  // namespace tailorkv::runtime

@@ -1,0 +1,85 @@
+// Engine: a loaded model (weights on a backend, tokenizer, chat template)
+// that runs generations and streams their text.
+//
+// Thread-safety: Generate() may be called from many threads; generations run
+// one at a time in arrival order (continuous batching is a later issue).
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "runtime/backend.h"
+#include "runtime/sampler.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
+
+namespace tailorkv::runtime {
+
+struct EngineOptions {
+  std::string model_path;       // a .gguf file or a safetensors directory
+  std::string backend = "auto"; // "auto" (CUDA when a device exists), "cpu", "cuda"
+  int threads = 0;              // CPU threads; 0 = all cores
+  int max_context = 0;          // 0 = the model's trained context
+};
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt_tokens;  // already tokenized (chat template applied by the caller)
+  SamplingParams sampling;
+  int max_tokens = 128;                // >= 1; prompt + max_tokens <= context
+  std::vector<std::string> stop;       // non-empty strings; generation ends before them
+  bool ignore_eos = false;             // for benchmarks
+};
+
+// One streamed piece: new token ids and the complete UTF-8 text they finished.
+struct StreamChunk {
+  std::vector<int32_t> token_ids;
+  std::string text;
+};
+
+enum class FinishReason { kStop, kLength, kCancelled };
+const char* FinishReasonName(FinishReason r);
+
+struct GenerationResult {
+  FinishReason finish_reason = FinishReason::kStop;
+  int prompt_tokens = 0;
+  int completion_tokens = 0;
+  double prefill_ms = 0;  // includes the first token's logits
+  double decode_ms = 0;   // the remaining tokens
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
+
+  const model::ModelConfig& config() const { return backend_->config(); }
+  const tokenizer::Tokenizer& tokenizer() const { return *tokenizer_; }
+  const tokenizer::ChatTemplate& chat_template() const { return chat_template_; }
+  std::string_view backend_name() const { return backend_->name(); }
+  int max_context() const { return max_context_; }
+
+  // Validates `request` (InvalidArgument naming the field), then generates.
+  // `on_chunk` is called from the calling thread; returning false cancels
+  // (the result then says kCancelled). Text in chunks never splits a UTF-8
+  // character and never contains a stop string.
+  absl::StatusOr<GenerationResult> Generate(
+      const GenerationRequest& request,
+      const std::function<bool(const StreamChunk&)>& on_chunk);
+
+  // Exposed for tests and benchmarks; not for use while Generate() runs.
+  Backend& backend() { return *backend_; }
+
+ private:
+  Engine() = default;
+  absl::Mutex mu_;  // serializes generations on the single backend
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
+  tokenizer::ChatTemplate chat_template_;
+  int max_context_ = 0;
+};
+
+}  // namespace tailorkv::runtime

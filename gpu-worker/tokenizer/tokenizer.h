@@ -1,0 +1,97 @@
+// Byte-level BPE tokenizer (GPT-2 family: SmolLM2, Llama 3, Qwen2...) built
+// from the vocabulary, merges and special tokens stored in GGUF metadata.
+//
+// Thread-safety: a constructed Tokenizer is immutable; all methods are const
+// and thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace tailorkv::model {
+class GgufFile;
+}
+
+namespace tailorkv::tokenizer {
+
+// GGUF token types (tokenizer.ggml.token_type).
+enum class TokenType : int32_t {
+  kUndefined = 0, kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4,
+  kUnused = 5, kByte = 6,
+};
+
+// Everything needed to build a tokenizer, independent of the file format.
+struct TokenizerSpec {
+  std::string model;                 // tokenizer.ggml.model; only "gpt2" (byte-level BPE) is supported
+  std::string pre;                   // tokenizer.ggml.pre: pre-tokenizer family ("smollm", "llama-bpe", "gpt2", ...)
+  std::vector<std::string> tokens;   // id -> token text (byte-level alphabet)
+  std::vector<std::string> merges;   // "left right", highest priority first
+  std::vector<int32_t> token_types;  // id -> TokenType; empty means all normal
+  int32_t bos_id = -1;
+  int32_t eos_id = -1;
+  int32_t eot_id = -1;               // end of turn, when the model has one
+  int32_t pad_id = -1;
+  bool add_bos = false;              // tokenizer.ggml.add_bos_token
+  std::string chat_template;         // tokenizer.chat_template (Jinja source)
+};
+
+// Reads the spec from GGUF metadata; errors name the key.
+absl::StatusOr<TokenizerSpec> TokenizerSpecFromGguf(const model::GgufFile& gguf);
+
+class Tokenizer {
+ public:
+  // InvalidArgument (naming the field) for an unsupported model/pre type,
+  // a merge that names an unknown token, out-of-range special ids, ...
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Create(TokenizerSpec spec);
+
+  // Encodes UTF-8 text (invalid UTF-8 is an InvalidArgument). When
+  // `parse_special` is true, the text of control/user-defined tokens found in
+  // `text` becomes their id; otherwise it is tokenized as plain text.
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_bos,
+                                              bool parse_special) const;
+  // Raw bytes of the concatenated tokens (may end inside a UTF-8 character).
+  // Control tokens decode to nothing unless `render_special`.
+  std::string Decode(absl::Span<const int32_t> ids, bool render_special = false) const;
+  // Raw bytes of one token (byte-level alphabet mapped back to bytes).
+  std::string TokenBytes(int32_t id, bool render_special = false) const;
+
+  int vocab_size() const;
+  int32_t bos_id() const;
+  int32_t eos_id() const;
+  // True for tokens that end generation (eos, eot, and control tokens the
+  // chat template uses to close a turn, e.g. <|im_end|>).
+  bool IsEndOfGeneration(int32_t id) const;
+  const TokenizerSpec& spec() const;
+
+  ~Tokenizer();
+
+ private:
+  struct Impl;
+  explicit Tokenizer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Turns a stream of token ids into text that never ends inside a UTF-8
+// character: bytes of an incomplete character are held back until the
+// character completes. Invalid sequences are replaced by U+FFFD.
+// Not thread-safe; one per generation stream. The Tokenizer must outlive it.
+class StreamingDetokenizer {
+ public:
+  explicit StreamingDetokenizer(const Tokenizer& tokenizer);
+  // Returns the text that became complete with this token (possibly empty).
+  std::string Push(int32_t id);
+  // Returns what is held back, with an incomplete tail replaced by U+FFFD.
+  std::string Flush();
+
+ private:
+  const Tokenizer& tokenizer_;
+  std::string pending_;
+};
+
+}  // namespace tailorkv::tokenizer
