@@ -7,6 +7,11 @@
 // allocation is ever larger than the file. After Open() succeeds, accessors
 // never fail on structure, only on type mismatches or missing keys.
 //
+// Errors: DataLoss when a length, count or offset runs past the end of the
+// file (truncation); InvalidArgument for values that are wrong in themselves
+// (bad magic, unsupported version or type id, unaligned offset, overflowing
+// dimensions, arrays of arrays).
+//
 // Ownership: GgufFile owns the mapping; spans it returns stay valid for the
 // lifetime of the GgufFile. All const methods are thread-safe.
 #pragma once
@@ -21,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "model/ggml_types.h"
+#include "model/mapped_file.h"
 
 namespace tailorkv::model {
 
@@ -97,8 +103,7 @@ class GgufFile {
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
   // Exactly one of mapping_ / owned_ backs data_.
-  void* mapping_ = nullptr;
-  size_t mapping_size_ = 0;
+  MappedFile mapping_;
   std::vector<uint8_t> owned_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;

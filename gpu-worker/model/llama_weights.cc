@@ -1,1 +1,240 @@
-// placeholder
+#include "model/llama_weights.h"
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "model/gguf_file.h"
+
+namespace tailorkv::model {
+
+absl::Status ModelConfig::Validate() const {
+  auto bad = [](absl::string_view field, auto value, absl::string_view why) {
+    return absl::InvalidArgumentError(absl::StrCat("ModelConfig: ", field, " = ", value, " ", why));
+  };
+  const std::pair<const char*, int> positive[] = {
+      {"n_layers", n_layers}, {"hidden", hidden},     {"n_heads", n_heads},
+      {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim}, {"ffn", ffn},
+      {"vocab", vocab},       {"max_context", max_context},
+  };
+  for (const auto& [field, value] : positive) {
+    if (value <= 0) return bad(field, value, "must be positive");
+  }
+  if (n_heads % n_kv_heads != 0) {
+    return bad("n_heads", n_heads, absl::StrFormat("is not a multiple of n_kv_heads (%d)", n_kv_heads));
+  }
+  if (head_dim % 2 != 0) return bad("head_dim", head_dim, "must be even (RoPE rotates pairs)");
+  if (!(std::isfinite(rope_theta) && rope_theta > 0)) {
+    return bad("rope_theta", rope_theta, "must be positive and finite");
+  }
+  if (!(std::isfinite(rms_eps) && rms_eps > 0)) {
+    return bad("rms_eps", rms_eps, "must be positive and finite");
+  }
+  const RopeScaling& rs = rope_scaling;
+  if (rs.type != RopeScaling::Type::kNone && !(std::isfinite(rs.factor) && rs.factor > 0)) {
+    return bad("rope_scaling.factor", rs.factor, "must be positive and finite");
+  }
+  if (rs.type == RopeScaling::Type::kLlama3) {
+    if (!(rs.low_freq_factor > 0 && rs.high_freq_factor > rs.low_freq_factor)) {
+      return bad("rope_scaling.high_freq_factor", rs.high_freq_factor,
+                 absl::StrCat("must exceed low_freq_factor (", rs.low_freq_factor, ") > 0"));
+    }
+    if (rs.original_max_position <= 0) {
+      return bad("rope_scaling.original_max_position", rs.original_max_position,
+                 "must be positive");
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// An optional integer key: absent yields `fallback` (or NotFound when none).
+absl::StatusOr<int> IntKey(const GgufFile& g, const std::string& key,
+                           std::optional<int64_t> fallback = std::nullopt) {
+  int64_t v;
+  if (g.Find(key) == nullptr && fallback.has_value()) {
+    v = *fallback;
+  } else {
+    ASSIGN_OR_RETURN(v, g.GetInt(key));
+  }
+  if (v < 0 || v > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: metadata key '%s' = %d is out of range", g.path(), key, v));
+  }
+  return static_cast<int>(v);
+}
+
+absl::StatusOr<float> FloatKey(const GgufFile& g, const std::string& key, double fallback) {
+  if (g.Find(key) == nullptr) return static_cast<float>(fallback);
+  ASSIGN_OR_RETURN(double v, g.GetFloat(key));
+  return static_cast<float>(v);
+}
+
+absl::Status ReadRopeScaling(const GgufFile& g, const std::string& arch, RopeScaling& out) {
+  // Llama 3.x GGUFs carry llama3-style scaling as per-frequency factors in a
+  // tensor rather than as metadata; applying them is not implemented, and
+  // ignoring them would silently change the model.
+  if (g.FindTensor("rope_freqs.weight") != nullptr) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "%s: tensor 'rope_freqs.weight' (llama3 RoPE frequency factors) is not supported from "
+        "GGUF; load the Hugging Face safetensors checkpoint, whose config.json rope_scaling is",
+        g.path()));
+  }
+  const std::string type_key = arch + ".rope.scaling.type";
+  std::string type = "none";
+  if (g.Find(type_key) != nullptr) {
+    ASSIGN_OR_RETURN(type, g.GetString(type_key));
+  }
+  if (type == "none") {
+    // Older converters wrote linear scaling as a bare factor.
+    const std::string legacy = arch + ".rope.scale_linear";
+    if (g.Find(legacy) != nullptr) {
+      ASSIGN_OR_RETURN(double f, g.GetFloat(legacy));
+      if (f != 1.0) {
+        out.type = RopeScaling::Type::kLinear;
+        out.factor = static_cast<float>(f);
+      }
+    }
+    return absl::OkStatus();
+  }
+  if (type == "linear") {
+    out.type = RopeScaling::Type::kLinear;
+    ASSIGN_OR_RETURN(double f, g.GetFloat(arch + ".rope.scaling.factor"));
+    out.factor = static_cast<float>(f);
+    return absl::OkStatus();
+  }
+  return absl::UnimplementedError(absl::StrFormat(
+      "%s: %s = '%s' is not supported (none, linear)", g.path(), type_key, type));
+}
+
+// Loads a GGUF tensor whose ggml dims are the reverse of `shape` (ggml lists
+// the contiguous dimension first; we list the outermost first).
+absl::StatusOr<Tensor> LoadTensor(const GgufFile& g, const std::string& name,
+                                  std::vector<int64_t> shape) {
+  const GgufTensorInfo* info = g.FindTensor(name);
+  if (info == nullptr) {
+    return absl::NotFoundError(absl::StrFormat("%s: tensor '%s' is missing", g.path(), name));
+  }
+  const std::vector<int64_t> want_ne(shape.rbegin(), shape.rend());
+  if (info->ne != want_ne) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: tensor '%s' has ggml dims [%s], expected [%s] (shape [%s] as {out, in})", g.path(),
+        name, absl::StrJoin(info->ne, ", "), absl::StrJoin(want_ne, ", "),
+        absl::StrJoin(shape, ", ")));
+  }
+  Tensor t;
+  t.shape = std::move(shape);
+  ASSIGN_OR_RETURN(t.data, g.DequantizeTensor(name));
+  return t;
+}
+
+}  // namespace
+
+absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& g) {
+  ModelConfig c;
+  ASSIGN_OR_RETURN(c.arch, g.GetString("general.architecture"));
+  // Other architectures of the family differ in ways ModelWeights cannot
+  // express (qwen2: QKV biases; others: different norms or RoPE layouts).
+  if (c.arch != "llama") {
+    return absl::UnimplementedError(absl::StrFormat(
+        "%s: general.architecture '%s' is not supported (only 'llama')", g.path(), c.arch));
+  }
+  if (g.Find("general.name") != nullptr) {
+    ASSIGN_OR_RETURN(c.name, g.GetString("general.name"));
+  }
+  const std::string p = c.arch + ".";
+  ASSIGN_OR_RETURN(c.n_layers, IntKey(g, p + "block_count"));
+  ASSIGN_OR_RETURN(c.hidden, IntKey(g, p + "embedding_length"));
+  ASSIGN_OR_RETURN(c.n_heads, IntKey(g, p + "attention.head_count"));
+  ASSIGN_OR_RETURN(c.n_kv_heads, IntKey(g, p + "attention.head_count_kv", c.n_heads));
+  ASSIGN_OR_RETURN(c.ffn, IntKey(g, p + "feed_forward_length"));
+  ASSIGN_OR_RETURN(c.max_context, IntKey(g, p + "context_length"));
+
+  // As in llama.cpp: the key head size defaults to hidden / heads, and the
+  // rotated dimensions default to the whole head.
+  const int64_t default_hd = c.n_heads > 0 ? c.hidden / c.n_heads : 0;
+  ASSIGN_OR_RETURN(c.head_dim, IntKey(g, p + "attention.key_length", default_hd));
+  ASSIGN_OR_RETURN(const int rope_dims, IntKey(g, p + "rope.dimension_count", c.head_dim));
+  if (g.Find(p + "attention.value_length") != nullptr) {
+    ASSIGN_OR_RETURN(const int v_dim, IntKey(g, p + "attention.value_length"));
+    if (v_dim != c.head_dim) {
+      return absl::UnimplementedError(absl::StrFormat(
+          "%s: value head size %d differs from key head size %d", g.path(), v_dim, c.head_dim));
+    }
+  }
+  if (rope_dims != c.head_dim) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "%s: partial rotary embedding (rope.dimension_count %d < head_dim %d) is not supported",
+        g.path(), rope_dims, c.head_dim));
+  }
+  ASSIGN_OR_RETURN(c.rope_theta, FloatKey(g, p + "rope.freq_base", 10000.0));
+  ASSIGN_OR_RETURN(c.rms_eps, FloatKey(g, p + "attention.layer_norm_rms_epsilon", 1e-5));
+  RETURN_IF_ERROR(ReadRopeScaling(g, c.arch, c.rope_scaling));
+
+  // Vocabulary: the embedding's row count is what the weights hold; the
+  // tokenizer's token list, when present, must agree with it.
+  std::optional<int64_t> vocab;
+  if (const GgufTensorInfo* embd = g.FindTensor("token_embd.weight");
+      embd != nullptr && embd->ne.size() == 2) {
+    vocab = embd->ne[1];
+  }
+  if (const GgufValue* tokens = g.Find("tokenizer.ggml.tokens"); tokens != nullptr) {
+    ASSIGN_OR_RETURN(std::vector<std::string> list, g.GetStringArray("tokenizer.ggml.tokens"));
+    const int64_t n = static_cast<int64_t>(list.size());
+    if (vocab.has_value() && *vocab != n) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: tokenizer.ggml.tokens has %d entries but token_embd.weight has %d rows", g.path(),
+          n, *vocab));
+    }
+    vocab = n;
+  }
+  if (!vocab.has_value()) {
+    ASSIGN_OR_RETURN(vocab, IntKey(g, p + "vocab_size"));
+  }
+  if (*vocab > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: vocab %d too large", g.path(), *vocab));
+  }
+  c.vocab = static_cast<int>(*vocab);
+  c.tied_embeddings = g.FindTensor("output.weight") == nullptr;
+  c.rope_style = RopeStyle::kAdjacentPairs;
+  if (absl::Status s = c.Validate(); !s.ok()) {
+    return absl::Status(s.code(), absl::StrFormat("%s: %s", g.path(), s.message()));
+  }
+  return c;
+}
+
+absl::StatusOr<ModelWeights> LoadWeightsFromGguf(const GgufFile& g) {
+  ModelWeights w;
+  ASSIGN_OR_RETURN(w.config, ConfigFromGguf(g));
+  const ModelConfig& c = w.config;
+  const int64_t hidden = c.hidden, q_dim = int64_t{c.n_heads} * c.head_dim,
+                kv_dim = int64_t{c.n_kv_heads} * c.head_dim;
+  ASSIGN_OR_RETURN(w.tok_embd, LoadTensor(g, "token_embd.weight", {c.vocab, hidden}));
+  ASSIGN_OR_RETURN(w.output_norm, LoadTensor(g, "output_norm.weight", {hidden}));
+  if (!c.tied_embeddings) {
+    ASSIGN_OR_RETURN(w.output, LoadTensor(g, "output.weight", {c.vocab, hidden}));
+  }
+  w.layers.resize(static_cast<size_t>(c.n_layers));
+  for (int i = 0; i < c.n_layers; ++i) {
+    LayerWeights& l = w.layers[static_cast<size_t>(i)];
+    const std::string p = absl::StrFormat("blk.%d.", i);
+    ASSIGN_OR_RETURN(l.attn_norm, LoadTensor(g, p + "attn_norm.weight", {hidden}));
+    ASSIGN_OR_RETURN(l.wq, LoadTensor(g, p + "attn_q.weight", {q_dim, hidden}));
+    ASSIGN_OR_RETURN(l.wk, LoadTensor(g, p + "attn_k.weight", {kv_dim, hidden}));
+    ASSIGN_OR_RETURN(l.wv, LoadTensor(g, p + "attn_v.weight", {kv_dim, hidden}));
+    ASSIGN_OR_RETURN(l.wo, LoadTensor(g, p + "attn_output.weight", {hidden, q_dim}));
+    ASSIGN_OR_RETURN(l.ffn_norm, LoadTensor(g, p + "ffn_norm.weight", {hidden}));
+    ASSIGN_OR_RETURN(l.w_gate, LoadTensor(g, p + "ffn_gate.weight", {c.ffn, hidden}));
+    ASSIGN_OR_RETURN(l.w_up, LoadTensor(g, p + "ffn_up.weight", {c.ffn, hidden}));
+    ASSIGN_OR_RETURN(l.w_down, LoadTensor(g, p + "ffn_down.weight", {hidden, c.ffn}));
+  }
+  return w;
+}
+
+}  // namespace tailorkv::model

@@ -49,8 +49,10 @@ struct ModelConfig {
   RopeScaling rope_scaling;
   bool tied_embeddings = false;
 
-  // InvalidArgument naming the field when a value is impossible
-  // (non-positive sizes, heads not dividing hidden, n_heads % n_kv_heads != 0...).
+  // InvalidArgument naming the field when a value is impossible (non-positive
+  // sizes, n_heads % n_kv_heads != 0, odd head_dim, non-positive rope_theta or
+  // rms_eps, inconsistent rope_scaling). n_heads * head_dim may differ from
+  // hidden: checkpoints that set head_dim explicitly do that.
   absl::Status Validate() const;
 };
 
@@ -80,12 +82,17 @@ struct ModelWeights {
 };
 
 // Reads config from GGUF metadata ("<arch>.block_count", ...) and dequantizes
-// every tensor, checking each shape against the config.
+// every tensor, checking each shape against the config. Only the "llama"
+// architecture is accepted (Unimplemented otherwise, and for GGUF features
+// ModelConfig cannot express: rope_freqs.weight, YaRN, partial rotary).
+// Errors name the file and the key or tensor.
 absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& gguf);
 absl::StatusOr<ModelWeights> LoadWeightsFromGguf(const GgufFile& gguf);
 
 // Reads `dir`/config.json and `dir`/*.safetensors (single file or sharded with
-// model.safetensors.index.json); F32, F16 and BF16 tensors.
+// model.safetensors.index.json); F32, F16 and BF16 tensors. model_type must
+// be "llama" (or absent); rope_scaling "llama3" and "linear" are recorded in
+// config.rope_scaling. Implemented in safetensors.cc.
 absl::StatusOr<ModelWeights> LoadWeightsFromSafetensors(const std::string& dir);
 
 }  // namespace tailorkv::model
