@@ -3,7 +3,15 @@
 // General Jinja is out of scope: the template source from GGUF metadata is
 // recognised as one of the known families (ChatML, used by SmolLM2/Qwen;
 // Llama 3; a plain fallback when the model has none), and the family is
-// rendered by C++ code that reproduces the reference template's output.
+// rendered by C++ code that reproduces the reference template's output byte
+// for byte (checked against transformers' Jinja rendering in
+// chat_template_test.cc).
+//
+// The rendered text is the whole prompt, including the bos token's text when
+// the template emits it (Llama 3's "<|begin_of_text|>"); encode it with
+// parse_special=true and add_bos=false.
+//
+// Thread-safety: immutable after FromSource; Apply is const and thread-safe.
 #pragma once
 
 #include <string>
@@ -23,12 +31,26 @@ class ChatTemplate {
  public:
   enum class Family { kChatML, kLlama3, kPlain };
 
-  // Recognises `jinja_source`; an empty source yields kPlain. `default_system`
-  // is inserted when the family's template does so (SmolLM2's does).
+  // Recognises `jinja_source`; an empty source yields kPlain.
+  //  - ChatML: the source uses <|im_start|> and <|im_end|>. When it holds a
+  //    literal "<|im_start|>system\n...<|im_end|>" (SmolLM2, Qwen2), that text
+  //    becomes the default system message, inserted when the first message
+  //    is not a system message, as those templates do.
+  //  - Llama 3: <|start_header_id|>, <|end_header_id|>, <|eot_id|>; message
+  //    contents are trimmed (Jinja's `trim`) and the first is preceded by
+  //    <|begin_of_text|>. Llama 3.1+ templates (which add a dated system
+  //    header) are Unimplemented rather than rendered wrongly.
+  //  - Anything else: Unimplemented, naming the problem; a caller that wants
+  //    to go on anyway can use FromSource("").
   static absl::StatusOr<ChatTemplate> FromSource(std::string_view jinja_source);
 
   Family family() const { return family_; }
-  // InvalidArgument naming the message index for an unknown role.
+  // The ChatML default system text ("" when none).
+  const std::string& default_system() const { return default_system_; }
+
+  // InvalidArgument naming the message index for an unknown role. The plain
+  // family renders "role: content\n" per message and "assistant:" as the
+  // generation prompt (no reference exists for models without a template).
   absl::StatusOr<std::string> Apply(const std::vector<ChatMessage>& messages,
                                     bool add_generation_prompt) const;
 

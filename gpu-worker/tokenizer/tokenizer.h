@@ -41,22 +41,37 @@ struct TokenizerSpec {
   std::string chat_template;         // tokenizer.chat_template (Jinja source)
 };
 
-// Reads the spec from GGUF metadata; errors name the key.
+// Reads the spec from GGUF metadata; errors name the key. Required:
+// tokenizer.ggml.model, .tokens, .merges. Optional: .pre (default "default"),
+// .token_type, the special ids (default -1), .add_bos_token (default true for
+// llama-bpe, false otherwise, as llama.cpp), tokenizer.chat_template. The spec
+// is not validated here; Tokenizer::Create does that.
 absl::StatusOr<TokenizerSpec> TokenizerSpecFromGguf(const model::GgufFile& gguf);
 
 class Tokenizer {
  public:
   // InvalidArgument (naming the field) for an unsupported model/pre type,
-  // a merge that names an unknown token, out-of-range special ids, ...
+  // a merge that names an unknown token (or whose concatenation is not a
+  // token), out-of-range special ids, token_type of the wrong length, ...
+  // A vocabulary may lack byte-level tokens for some bytes; see Encode.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Create(TokenizerSpec spec);
 
-  // Encodes UTF-8 text (invalid UTF-8 is an InvalidArgument). When
-  // `parse_special` is true, the text of control/user-defined tokens found in
-  // `text` becomes their id; otherwise it is tokenized as plain text.
+  // Encodes UTF-8 text (invalid UTF-8 is an InvalidArgument; add_bos without
+  // a bos token is a FailedPrecondition). When `parse_special` is true, the
+  // text of control tokens found in `text` (e.g. "<|im_start|>") becomes
+  // their id; otherwise it is tokenized as plain text. User-defined tokens are
+  // always matched, as llama.cpp and Hugging Face do. Matching is
+  // leftmost-longest and happens before pre-tokenization.
+  // Bytes the vocabulary has no byte-level token for are dropped, as Hugging
+  // Face does without an unk token (SmolLM2 lacks 21 bytes: 0x04 0x06 0x13
+  // 0x14 0x16 0x1D 0xC0 0xC1 0xF1 0xF2 0xF5-0xFF), so such text does not
+  // round-trip.
+  // Cost: linear in the text; no caching, so concurrent calls share nothing.
   absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_bos,
                                               bool parse_special) const;
   // Raw bytes of the concatenated tokens (may end inside a UTF-8 character).
-  // Control tokens decode to nothing unless `render_special`.
+  // Control tokens decode to nothing unless `render_special`; ids outside
+  // the vocabulary decode to nothing.
   std::string Decode(absl::Span<const int32_t> ids, bool render_special = false) const;
   // Raw bytes of one token (byte-level alphabet mapped back to bytes).
   std::string TokenBytes(int32_t id, bool render_special = false) const;
@@ -64,8 +79,9 @@ class Tokenizer {
   int vocab_size() const;
   int32_t bos_id() const;
   int32_t eos_id() const;
-  // True for tokens that end generation (eos, eot, and control tokens the
-  // chat template uses to close a turn, e.g. <|im_end|>).
+  // True for tokens that end generation: eos, eot, and control tokens whose
+  // text closes a turn or a document (<|im_end|>, <|eot_id|>, <|eom_id|>,
+  // <|end_of_text|>, <|endoftext|>, <|end|>).
   bool IsEndOfGeneration(int32_t id) const;
   const TokenizerSpec& spec() const;
 
@@ -79,7 +95,10 @@ class Tokenizer {
 
 // Turns a stream of token ids into text that never ends inside a UTF-8
 // character: bytes of an incomplete character are held back until the
-// character completes. Invalid sequences are replaced by U+FFFD.
+// character completes. Invalid sequences are replaced by U+FFFD, one per
+// maximal ill-formed subpart (the Unicode/WHATWG/ICU rule), so the
+// concatenated output equals the one-shot sanitized Decode of the same ids.
+// Control tokens produce no text (as Decode without render_special).
 // Not thread-safe; one per generation stream. The Tokenizer must outlive it.
 class StreamingDetokenizer {
  public:
