@@ -32,9 +32,7 @@ constexpr std::array<TypeEntry, 8> kTypes = {{
     {GgmlType::kBF16, {"BF16", 1, 2}},
 }};
 
-inline uint16_t LoadU16(const uint8_t* p) {
-  return static_cast<uint16_t>(p[0] | (p[1] << 8));
-}
+inline uint16_t LoadU16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 
 float HalfToFloatSlow(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
@@ -195,27 +193,42 @@ absl::Status Dequantize(GgmlType type, const uint8_t* src, size_t src_bytes, flo
   if (!traits_or.ok()) return traits_or.status();
   const GgmlTypeTraits traits = *traits_or;
   if (n < 0 || n % traits.block_elems != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "Dequantize %s: %d elements is not a multiple of the block size %d", traits.name, n,
-        traits.block_elems));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("Dequantize %s: %d elements is not a multiple of the block size %d",
+                        traits.name, n, traits.block_elems));
   }
   const int64_t nb = n / traits.block_elems;
   const uint64_t need = static_cast<uint64_t>(nb) * static_cast<uint64_t>(traits.block_bytes);
   if (need != src_bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("Dequantize %s: %d elements need %d bytes, got %d", traits.name, n,
-                        need, src_bytes));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "Dequantize %s: %d elements need %d bytes, got %d", traits.name, n, need, src_bytes));
   }
   if (n == 0) return absl::OkStatus();
   switch (type) {
-    case GgmlType::kF32: DequantF32(src, dst, n); break;
-    case GgmlType::kF16: DequantF16(src, dst, n); break;
-    case GgmlType::kBF16: DequantBF16(src, dst, n); break;
-    case GgmlType::kQ4_0: DequantQ4_0(src, dst, nb); break;
-    case GgmlType::kQ4_1: DequantQ4_1(src, dst, nb); break;
-    case GgmlType::kQ8_0: DequantQ8_0(src, dst, nb); break;
-    case GgmlType::kQ4_K: DequantQ4_K(src, dst, nb); break;
-    case GgmlType::kQ6_K: DequantQ6_K(src, dst, nb); break;
+    case GgmlType::kF32:
+      DequantF32(src, dst, n);
+      break;
+    case GgmlType::kF16:
+      DequantF16(src, dst, n);
+      break;
+    case GgmlType::kBF16:
+      DequantBF16(src, dst, n);
+      break;
+    case GgmlType::kQ4_0:
+      DequantQ4_0(src, dst, nb);
+      break;
+    case GgmlType::kQ4_1:
+      DequantQ4_1(src, dst, nb);
+      break;
+    case GgmlType::kQ8_0:
+      DequantQ8_0(src, dst, nb);
+      break;
+    case GgmlType::kQ4_K:
+      DequantQ4_K(src, dst, nb);
+      break;
+    case GgmlType::kQ6_K:
+      DequantQ6_K(src, dst, nb);
+      break;
   }
   return absl::OkStatus();
 }

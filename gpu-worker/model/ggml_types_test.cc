@@ -69,8 +69,7 @@ DequantVector LoadDequantVector(const std::string& type_name) {
 }
 
 // Index of the first float whose bits differ, or -1.
-int64_t FirstBitMismatch(const std::vector<float>& got, const std::vector<float>& want,
-                         size_t n) {
+int64_t FirstBitMismatch(const std::vector<float>& got, const std::vector<float>& want, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     if (std::bit_cast<uint32_t>(got[i]) != std::bit_cast<uint32_t>(want[i])) {
       return static_cast<int64_t>(i);
@@ -109,14 +108,13 @@ TEST_P(DequantizeVectorsTest, MatchesGgufPackageBitExactly) {
   // dequantizer skips cannot pass.
   for (int64_t blocks : {n_blocks, int64_t{1}}) {
     const int64_t elems = blocks * traits->block_elems;
-    std::vector<float> out(static_cast<size_t>(elems) + 1,
-                           std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> out(static_cast<size_t>(elems) + 1, std::numeric_limits<float>::quiet_NaN());
     ASSERT_TRUE(Dequantize(type, v.src.data(), static_cast<size_t>(blocks * traits->block_bytes),
                            out.data(), elems)
                     .ok());
     const int64_t bad = FirstBitMismatch(out, v.expected, static_cast<size_t>(elems));
-    EXPECT_EQ(bad, -1) << GetParam() << " with " << blocks << " blocks: element " << bad
-                       << " is " << out[bad < 0 ? 0 : bad] << ", gguf gives "
+    EXPECT_EQ(bad, -1) << GetParam() << " with " << blocks << " blocks: element " << bad << " is "
+                       << out[bad < 0 ? 0 : bad] << ", gguf gives "
                        << v.expected[bad < 0 ? 0 : bad];
     EXPECT_TRUE(std::isnan(out[static_cast<size_t>(elems)])) << "wrote past the end";
   }
@@ -140,11 +138,14 @@ TEST(DequantizeTest, RejectsSizeMismatches) {
 }
 
 TEST(GgmlTypesTest, TraitsMatchGgmlBlockGeometry) {
-  struct Want { GgmlType t; int64_t elems, bytes; };
-  for (const Want& w : {Want{GgmlType::kF32, 1, 4}, Want{GgmlType::kF16, 1, 2},
-                        Want{GgmlType::kBF16, 1, 2}, Want{GgmlType::kQ4_0, 32, 18},
-                        Want{GgmlType::kQ4_1, 32, 20}, Want{GgmlType::kQ8_0, 32, 34},
-                        Want{GgmlType::kQ4_K, 256, 144}, Want{GgmlType::kQ6_K, 256, 210}}) {
+  struct Want {
+    GgmlType t;
+    int64_t elems, bytes;
+  };
+  for (const Want& w :
+       {Want{GgmlType::kF32, 1, 4}, Want{GgmlType::kF16, 1, 2}, Want{GgmlType::kBF16, 1, 2},
+        Want{GgmlType::kQ4_0, 32, 18}, Want{GgmlType::kQ4_1, 32, 20}, Want{GgmlType::kQ8_0, 32, 34},
+        Want{GgmlType::kQ4_K, 256, 144}, Want{GgmlType::kQ6_K, 256, 210}}) {
     auto t = TraitsOf(static_cast<uint32_t>(w.t));
     ASSERT_TRUE(t.ok());
     EXPECT_EQ(t->block_elems, w.elems) << t->name;

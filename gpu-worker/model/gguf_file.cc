@@ -17,33 +17,53 @@ constexpr uint32_t kMaxDims = 4;             // GGML_MAX_DIMS
 constexpr uint64_t kDefaultAlignment = 32;
 // Smallest possible encodings, used to reject counts that cannot fit in the
 // bytes left before anything is allocated for them.
-constexpr uint64_t kMinKvBytes = 8 + 4 + 1;          // key length, type, 1-byte value
-constexpr uint64_t kMinTensorInfoBytes = 8 + 4 + 8 + 4 + 8;  // name len, n_dims, 1 dim, type, offset
+constexpr uint64_t kMinKvBytes = 8 + 4 + 1;  // key length, type, 1-byte value
+constexpr uint64_t kMinTensorInfoBytes =
+    8 + 4 + 8 + 4 + 8;  // name len, n_dims, 1 dim, type, offset
 
 std::string_view TypeName(GgufValueType t) {
   switch (t) {
-    case GgufValueType::kUint8: return "uint8";
-    case GgufValueType::kInt8: return "int8";
-    case GgufValueType::kUint16: return "uint16";
-    case GgufValueType::kInt16: return "int16";
-    case GgufValueType::kUint32: return "uint32";
-    case GgufValueType::kInt32: return "int32";
-    case GgufValueType::kFloat32: return "float32";
-    case GgufValueType::kBool: return "bool";
-    case GgufValueType::kString: return "string";
-    case GgufValueType::kArray: return "array";
-    case GgufValueType::kUint64: return "uint64";
-    case GgufValueType::kInt64: return "int64";
-    case GgufValueType::kFloat64: return "float64";
+    case GgufValueType::kUint8:
+      return "uint8";
+    case GgufValueType::kInt8:
+      return "int8";
+    case GgufValueType::kUint16:
+      return "uint16";
+    case GgufValueType::kInt16:
+      return "int16";
+    case GgufValueType::kUint32:
+      return "uint32";
+    case GgufValueType::kInt32:
+      return "int32";
+    case GgufValueType::kFloat32:
+      return "float32";
+    case GgufValueType::kBool:
+      return "bool";
+    case GgufValueType::kString:
+      return "string";
+    case GgufValueType::kArray:
+      return "array";
+    case GgufValueType::kUint64:
+      return "uint64";
+    case GgufValueType::kInt64:
+      return "int64";
+    case GgufValueType::kFloat64:
+      return "float64";
   }
   return "unknown";
 }
 
 bool IsInteger(GgufValueType t) {
   switch (t) {
-    case GgufValueType::kUint8: case GgufValueType::kInt8: case GgufValueType::kUint16:
-    case GgufValueType::kInt16: case GgufValueType::kUint32: case GgufValueType::kInt32:
-    case GgufValueType::kUint64: case GgufValueType::kInt64: case GgufValueType::kBool:
+    case GgufValueType::kUint8:
+    case GgufValueType::kInt8:
+    case GgufValueType::kUint16:
+    case GgufValueType::kInt16:
+    case GgufValueType::kUint32:
+    case GgufValueType::kInt32:
+    case GgufValueType::kUint64:
+    case GgufValueType::kInt64:
+    case GgufValueType::kBool:
       return true;
     default:
       return false;
@@ -57,11 +77,19 @@ bool IsFloat(GgufValueType t) {
 // Encoded size of one scalar; 8 for strings (their length prefix, a minimum).
 uint64_t MinEncodedSize(GgufValueType t) {
   switch (t) {
-    case GgufValueType::kUint8: case GgufValueType::kInt8: case GgufValueType::kBool: return 1;
-    case GgufValueType::kUint16: case GgufValueType::kInt16: return 2;
-    case GgufValueType::kUint32: case GgufValueType::kInt32: case GgufValueType::kFloat32:
+    case GgufValueType::kUint8:
+    case GgufValueType::kInt8:
+    case GgufValueType::kBool:
+      return 1;
+    case GgufValueType::kUint16:
+    case GgufValueType::kInt16:
+      return 2;
+    case GgufValueType::kUint32:
+    case GgufValueType::kInt32:
+    case GgufValueType::kFloat32:
       return 4;
-    default: return 8;
+    default:
+      return 8;
   }
 }
 
@@ -77,9 +105,9 @@ class Cursor {
 
   absl::Status Need(uint64_t n, std::string_view what) const {
     if (n > remaining()) {
-      return absl::DataLossError(absl::StrFormat(
-          "%s: %s at offset %d needs %d bytes but only %d remain (file size %d)", file_, what,
-          pos_, n, remaining(), size_));
+      return absl::DataLossError(
+          absl::StrFormat("%s: %s at offset %d needs %d bytes but only %d remain (file size %d)",
+                          file_, what, pos_, n, remaining(), size_));
     }
     return absl::OkStatus();
   }
@@ -115,8 +143,14 @@ class Cursor {
 absl::StatusOr<int64_t> ReadInteger(Cursor& c, GgufValueType t, const std::string& what,
                                     const std::string& file) {
   switch (t) {
-    case GgufValueType::kUint8: { ASSIGN_OR_RETURN(auto v, c.Read<uint8_t>(what)); return v; }
-    case GgufValueType::kInt8: { ASSIGN_OR_RETURN(auto v, c.Read<int8_t>(what)); return v; }
+    case GgufValueType::kUint8: {
+      ASSIGN_OR_RETURN(auto v, c.Read<uint8_t>(what));
+      return v;
+    }
+    case GgufValueType::kInt8: {
+      ASSIGN_OR_RETURN(auto v, c.Read<int8_t>(what));
+      return v;
+    }
     case GgufValueType::kBool: {
       ASSIGN_OR_RETURN(auto v, c.Read<uint8_t>(what));
       if (v > 1) {
@@ -125,11 +159,26 @@ absl::StatusOr<int64_t> ReadInteger(Cursor& c, GgufValueType t, const std::strin
       }
       return v;
     }
-    case GgufValueType::kUint16: { ASSIGN_OR_RETURN(auto v, c.Read<uint16_t>(what)); return v; }
-    case GgufValueType::kInt16: { ASSIGN_OR_RETURN(auto v, c.Read<int16_t>(what)); return v; }
-    case GgufValueType::kUint32: { ASSIGN_OR_RETURN(auto v, c.Read<uint32_t>(what)); return v; }
-    case GgufValueType::kInt32: { ASSIGN_OR_RETURN(auto v, c.Read<int32_t>(what)); return v; }
-    case GgufValueType::kInt64: { ASSIGN_OR_RETURN(auto v, c.Read<int64_t>(what)); return v; }
+    case GgufValueType::kUint16: {
+      ASSIGN_OR_RETURN(auto v, c.Read<uint16_t>(what));
+      return v;
+    }
+    case GgufValueType::kInt16: {
+      ASSIGN_OR_RETURN(auto v, c.Read<int16_t>(what));
+      return v;
+    }
+    case GgufValueType::kUint32: {
+      ASSIGN_OR_RETURN(auto v, c.Read<uint32_t>(what));
+      return v;
+    }
+    case GgufValueType::kInt32: {
+      ASSIGN_OR_RETURN(auto v, c.Read<int32_t>(what));
+      return v;
+    }
+    case GgufValueType::kInt64: {
+      ASSIGN_OR_RETURN(auto v, c.Read<int64_t>(what));
+      return v;
+    }
     case GgufValueType::kUint64: {
       ASSIGN_OR_RETURN(uint64_t v, c.Read<uint64_t>(what));
       if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
@@ -162,8 +211,7 @@ absl::StatusOr<GgufValueType> ReadValueType(Cursor& c, const std::string& what,
   return static_cast<GgufValueType>(raw);
 }
 
-absl::Status ReadValue(Cursor& c, const std::string& key, const std::string& file,
-                       GgufValue& out) {
+absl::Status ReadValue(Cursor& c, const std::string& key, const std::string& file, GgufValue& out) {
   const std::string what = absl::StrFormat("metadata key '%s'", key);
   ASSIGN_OR_RETURN(out.type, ReadValueType(c, what + " type", file));
   if (out.type == GgufValueType::kString) {
@@ -181,15 +229,15 @@ absl::Status ReadValue(Cursor& c, const std::string& key, const std::string& fil
   // Array.
   ASSIGN_OR_RETURN(out.array_type, ReadValueType(c, what + " array element type", file));
   if (out.array_type == GgufValueType::kArray) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: %s: arrays of arrays are not supported", file, what));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: %s: arrays of arrays are not supported", file, what));
   }
   ASSIGN_OR_RETURN(uint64_t count, c.Read<uint64_t>(what + " array count"));
   const uint64_t min_size = MinEncodedSize(out.array_type);
   if (count > c.remaining() / min_size) {
-    return absl::DataLossError(absl::StrFormat(
-        "%s: %s: array of %d %s elements cannot fit in the %d bytes remaining", file, what, count,
-        TypeName(out.array_type), c.remaining()));
+    return absl::DataLossError(
+        absl::StrFormat("%s: %s: array of %d %s elements cannot fit in the %d bytes remaining",
+                        file, what, count, TypeName(out.array_type), c.remaining()));
   }
   const size_t n = static_cast<size_t>(count);
   if (out.array_type == GgufValueType::kString) {
@@ -253,14 +301,14 @@ absl::Status GgufFile::Parse() {
   ASSIGN_OR_RETURN(uint64_t n_tensors, c.Read<uint64_t>("tensor count"));
   ASSIGN_OR_RETURN(uint64_t n_kv, c.Read<uint64_t>("metadata kv count"));
   if (n_kv > c.remaining() / kMinKvBytes) {
-    return absl::DataLossError(absl::StrFormat(
-        "%s: metadata kv count %d cannot fit in the %d bytes remaining", path_, n_kv,
-        c.remaining()));
+    return absl::DataLossError(
+        absl::StrFormat("%s: metadata kv count %d cannot fit in the %d bytes remaining", path_,
+                        n_kv, c.remaining()));
   }
   if (n_tensors > c.remaining() / kMinTensorInfoBytes) {
-    return absl::DataLossError(absl::StrFormat(
-        "%s: tensor count %d cannot fit in the %d bytes remaining", path_, n_tensors,
-        c.remaining()));
+    return absl::DataLossError(
+        absl::StrFormat("%s: tensor count %d cannot fit in the %d bytes remaining", path_,
+                        n_tensors, c.remaining()));
   }
 
   kv_.reserve(static_cast<size_t>(n_kv));
@@ -281,8 +329,8 @@ absl::Status GgufFile::Parse() {
           "%s: general.alignment has type %s, expected an integer", path_, TypeName(a->type)));
     }
     if (a->i <= 0 || (a->i & (a->i - 1)) != 0) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: general.alignment %d is not a nonzero power of two", path_, a->i));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: general.alignment %d is not a nonzero power of two", path_, a->i));
     }
     alignment_ = static_cast<uint64_t>(a->i);
   } else {
@@ -290,9 +338,9 @@ absl::Status GgufFile::Parse() {
   }
 
   if (n_tensors > c.remaining() / kMinTensorInfoBytes) {
-    return absl::DataLossError(absl::StrFormat(
-        "%s: tensor count %d cannot fit in the %d bytes remaining", path_, n_tensors,
-        c.remaining()));
+    return absl::DataLossError(
+        absl::StrFormat("%s: tensor count %d cannot fit in the %d bytes remaining", path_,
+                        n_tensors, c.remaining()));
   }
   tensors_.reserve(static_cast<size_t>(n_tensors));
   for (uint64_t t = 0; t < n_tensors; ++t) {
@@ -304,8 +352,8 @@ absl::Status GgufFile::Parse() {
     }
     ASSIGN_OR_RETURN(uint32_t n_dims, c.Read<uint32_t>(what + " n_dims"));
     if (n_dims == 0 || n_dims > kMaxDims) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: %s: n_dims %d is outside [1, %d]", path_, what, n_dims, kMaxDims));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: %s: n_dims %d is outside [1, %d]", path_, what, n_dims, kMaxDims));
     }
     uint64_t n_elements = 1;
     for (uint32_t d = 0; d < n_dims; ++d) {
@@ -329,9 +377,9 @@ absl::Status GgufFile::Parse() {
     }
     info.type = static_cast<GgmlType>(raw_type);
     if (info.ne[0] % traits->block_elems != 0) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: %s: row length %d is not a multiple of the %s block size %d", path_, what,
-          info.ne[0], traits->name, traits->block_elems));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: %s: row length %d is not a multiple of the %s block size %d", path_,
+                          what, info.ne[0], traits->name, traits->block_elems));
     }
     const uint64_t n_blocks = n_elements / static_cast<uint64_t>(traits->block_elems);
     const uint64_t block_bytes = static_cast<uint64_t>(traits->block_bytes);
@@ -343,9 +391,9 @@ absl::Status GgufFile::Parse() {
     info.n_bytes = n_blocks * block_bytes;
     ASSIGN_OR_RETURN(info.offset, c.Read<uint64_t>(what + " offset"));
     if (info.offset % alignment_ != 0) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: %s: data offset %d is not a multiple of the alignment %d", path_, what,
-          info.offset, alignment_));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: %s: data offset %d is not a multiple of the alignment %d", path_,
+                          what, info.offset, alignment_));
     }
     tensors_.push_back(std::move(info));
   }
@@ -354,9 +402,9 @@ absl::Status GgufFile::Parse() {
   const uint64_t pos = c.pos();
   data_offset_ = pos + (alignment_ - pos % alignment_) % alignment_;
   if (!tensors_.empty() && data_offset_ > size_) {
-    return absl::DataLossError(absl::StrFormat(
-        "%s: tensor data section starts at %d, past end of file (size %d)", path_, data_offset_,
-        size_));
+    return absl::DataLossError(
+        absl::StrFormat("%s: tensor data section starts at %d, past end of file (size %d)", path_,
+                        data_offset_, size_));
   }
   for (const GgufTensorInfo& t : tensors_) {
     const uint64_t section = size_ - data_offset_;
@@ -384,8 +432,8 @@ absl::Status TypeMismatch(const std::string& path, std::string_view key, const G
                           std::string_view expected) {
   std::string got(TypeName(v.type));
   if (v.type == GgufValueType::kArray) got += absl::StrFormat(" of %s", TypeName(v.array_type));
-  return absl::InvalidArgumentError(absl::StrFormat(
-      "%s: metadata key '%s' has type %s, expected %s", path, key, got, expected));
+  return absl::InvalidArgumentError(
+      absl::StrFormat("%s: metadata key '%s' has type %s, expected %s", path, key, got, expected));
 }
 
 absl::Status KeyNotFound(const std::string& path, std::string_view key) {

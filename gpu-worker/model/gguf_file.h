@@ -32,9 +32,19 @@ namespace tailorkv::model {
 
 // GGUF metadata value types, numbered as in the file format.
 enum class GgufValueType : uint32_t {
-  kUint8 = 0, kInt8 = 1, kUint16 = 2, kInt16 = 3, kUint32 = 4, kInt32 = 5,
-  kFloat32 = 6, kBool = 7, kString = 8, kArray = 9, kUint64 = 10,
-  kInt64 = 11, kFloat64 = 12,
+  kUint8 = 0,
+  kInt8 = 1,
+  kUint16 = 2,
+  kInt16 = 3,
+  kUint32 = 4,
+  kInt32 = 5,
+  kFloat32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kUint64 = 10,
+  kInt64 = 11,
+  kFloat64 = 12,
 };
 
 // One metadata value. Scalars of every integer width are widened to int64
@@ -43,12 +53,12 @@ enum class GgufValueType : uint32_t {
 struct GgufValue {
   GgufValueType type = GgufValueType::kUint8;
   GgufValueType array_type = GgufValueType::kUint8;  // valid when type == kArray
-  int64_t i = 0;               // integer and bool scalars
-  double f = 0;                // float scalars
-  std::string s;               // string scalar
-  std::vector<int64_t> ints;   // integer/bool arrays
-  std::vector<double> floats;  // float arrays
-  std::vector<std::string> strings;  // string arrays
+  int64_t i = 0;                                     // integer and bool scalars
+  double f = 0;                                      // float scalars
+  std::string s;                                     // string scalar
+  std::vector<int64_t> ints;                         // integer/bool arrays
+  std::vector<double> floats;                        // float arrays
+  std::vector<std::string> strings;                  // string arrays
 };
 
 struct GgufTensorInfo {
@@ -67,7 +77,7 @@ class GgufFile {
   static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
   // Parses an in-memory image (tests, fuzzing). `name` is used in errors.
   static absl::StatusOr<std::unique_ptr<GgufFile>> FromBytes(std::string name,
-                                                              std::vector<uint8_t> bytes);
+                                                             std::vector<uint8_t> bytes);
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
   GgufFile& operator=(const GgufFile&) = delete;
@@ -93,6 +103,7 @@ class GgufFile {
   // Raw bytes of a tensor (already checked to lie inside the file).
   absl::Span<const uint8_t> TensorBytes(const GgufTensorInfo& t) const;
   // Dequantizes a whole tensor to float32 (row-major, ne[0] contiguous).
+  // Tensors above ~1M elements are split over up to 8 short-lived threads.
   absl::StatusOr<std::vector<float>> DequantizeTensor(std::string_view name) const;
 
  private:

@@ -13,9 +13,9 @@
 namespace tailorkv::model {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::ByteWriter;
 using testing::GgufBuilder;
+using ::testing::HasSubstr;
 using testing::Patch;
 
 constexpr uint32_t kF32 = static_cast<uint32_t>(GgmlType::kF32);
@@ -212,8 +212,8 @@ TEST(GgufFileTest, RejectsHugeStringLength) {
 }
 
 TEST(GgufFileTest, RejectsHugeArrayCount) {
-  for (GgufValueType elem : {GgufValueType::kUint8, GgufValueType::kString,
-                             GgufValueType::kFloat64}) {
+  for (GgufValueType elem :
+       {GgufValueType::kUint8, GgufValueType::kString, GgufValueType::kFloat64}) {
     ByteWriter w;
     w.Str("arr");
     w.Put<uint32_t>(static_cast<uint32_t>(GgufValueType::kArray));
@@ -287,14 +287,13 @@ TEST(GgufFileTest, RejectsUnknownTensorType) {
 }
 
 TEST(GgufFileTest, RejectsDimensionProductOverflow) {
-  auto f = Parse(GgufBuilder()
-                     .Tensor("w", {uint64_t{1} << 32, uint64_t{1} << 32}, kF32, {}, 0)
-                     .Build());
+  auto f =
+      Parse(GgufBuilder().Tensor("w", {uint64_t{1} << 32, uint64_t{1} << 32}, kF32, {}, 0).Build());
   EXPECT_EQ(f.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(f.status().message(), HasSubstr("overflows"));
   // A product that fits in int64 but whose byte size does not fit the file.
-  auto g = Parse(GgufBuilder().Tensor("w", {uint64_t{1} << 31, uint64_t{1} << 30}, kF32, {}, 0)
-                     .Build());
+  auto g =
+      Parse(GgufBuilder().Tensor("w", {uint64_t{1} << 31, uint64_t{1} << 30}, kF32, {}, 0).Build());
   EXPECT_FALSE(g.ok());
 }
 
@@ -316,7 +315,8 @@ TEST(GgufFileTest, OpenMapsFileAndReportsMissingFile) {
   {
     const auto bytes = ValidBuilder().Build();
     std::ofstream out(path, std::ios::binary);
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    out.write(reinterpret_cast<const char*>(bytes.data()),
+              static_cast<std::streamsize>(bytes.size()));
   }
   {
     auto f = GgufFile::Open(path);

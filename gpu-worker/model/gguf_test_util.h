@@ -51,10 +51,18 @@ class GgufBuilder {
  public:
   explicit GgufBuilder(uint32_t version = 3) : version_(version) {}
 
-  GgufBuilder& U32(const std::string& key, uint32_t v) { return Scalar(key, GgufValueType::kUint32, v); }
-  GgufBuilder& I32(const std::string& key, int32_t v) { return Scalar(key, GgufValueType::kInt32, v); }
-  GgufBuilder& U64(const std::string& key, uint64_t v) { return Scalar(key, GgufValueType::kUint64, v); }
-  GgufBuilder& F32(const std::string& key, float v) { return Scalar(key, GgufValueType::kFloat32, v); }
+  GgufBuilder& U32(const std::string& key, uint32_t v) {
+    return Scalar(key, GgufValueType::kUint32, v);
+  }
+  GgufBuilder& I32(const std::string& key, int32_t v) {
+    return Scalar(key, GgufValueType::kInt32, v);
+  }
+  GgufBuilder& U64(const std::string& key, uint64_t v) {
+    return Scalar(key, GgufValueType::kUint64, v);
+  }
+  GgufBuilder& F32(const std::string& key, float v) {
+    return Scalar(key, GgufValueType::kFloat32, v);
+  }
   GgufBuilder& String(const std::string& key, const std::string& v) {
     ByteWriter w;
     w.Str(key);

@@ -18,15 +18,16 @@ absl::Status ModelConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("ModelConfig: ", field, " = ", value, " ", why));
   };
   const std::pair<const char*, int> positive[] = {
-      {"n_layers", n_layers}, {"hidden", hidden},     {"n_heads", n_heads},
-      {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim}, {"ffn", ffn},
-      {"vocab", vocab},       {"max_context", max_context},
+      {"n_layers", n_layers},     {"hidden", hidden},           {"n_heads", n_heads},
+      {"n_kv_heads", n_kv_heads}, {"head_dim", head_dim},       {"ffn", ffn},
+      {"vocab", vocab},           {"max_context", max_context},
   };
   for (const auto& [field, value] : positive) {
     if (value <= 0) return bad(field, value, "must be positive");
   }
   if (n_heads % n_kv_heads != 0) {
-    return bad("n_heads", n_heads, absl::StrFormat("is not a multiple of n_kv_heads (%d)", n_kv_heads));
+    return bad("n_heads", n_heads,
+               absl::StrFormat("is not a multiple of n_kv_heads (%d)", n_kv_heads));
   }
   if (head_dim % 2 != 0) return bad("head_dim", head_dim, "must be even (RoPE rotates pairs)");
   if (!(std::isfinite(rope_theta) && rope_theta > 0)) {
@@ -109,8 +110,8 @@ absl::Status ReadRopeScaling(const GgufFile& g, const std::string& arch, RopeSca
     out.factor = static_cast<float>(f);
     return absl::OkStatus();
   }
-  return absl::UnimplementedError(absl::StrFormat(
-      "%s: %s = '%s' is not supported (none, linear)", g.path(), type_key, type));
+  return absl::UnimplementedError(
+      absl::StrFormat("%s: %s = '%s' is not supported (none, linear)", g.path(), type_key, type));
 }
 
 // Loads a GGUF tensor whose ggml dims are the reverse of `shape` (ggml lists
@@ -189,8 +190,8 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& g) {
     const int64_t n = static_cast<int64_t>(list.size());
     if (vocab.has_value() && *vocab != n) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: tokenizer.ggml.tokens has %d entries but token_embd.weight has %d rows", g.path(),
-          n, *vocab));
+          "%s: tokenizer.ggml.tokens has %d entries but token_embd.weight has %d rows", g.path(), n,
+          *vocab));
     }
     vocab = n;
   }

@@ -64,11 +64,11 @@ struct Tensor {
 };
 
 struct LayerWeights {
-  Tensor attn_norm;          // {hidden}
-  Tensor wq, wk, wv, wo;     // {n_heads*hd, hidden}, {n_kv*hd, hidden} x2, {hidden, n_heads*hd}
-  Tensor ffn_norm;           // {hidden}
-  Tensor w_gate, w_up;       // {ffn, hidden}
-  Tensor w_down;             // {hidden, ffn}
+  Tensor attn_norm;       // {hidden}
+  Tensor wq, wk, wv, wo;  // {n_heads*hd, hidden}, {n_kv*hd, hidden} x2, {hidden, n_heads*hd}
+  Tensor ffn_norm;        // {hidden}
+  Tensor w_gate, w_up;    // {ffn, hidden}
+  Tensor w_down;          // {hidden, ffn}
 };
 
 struct ModelWeights {

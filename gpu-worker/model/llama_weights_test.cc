@@ -4,8 +4,8 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <random>
 
@@ -17,8 +17,8 @@
 namespace tailorkv::model {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::GgufBuilder;
+using ::testing::HasSubstr;
 
 // Tiny llama: hidden 32 (one Q8_0 block per row), 4 heads of 8, 2 KV heads,
 // ffn 64, vocab 5, 2 layers.
@@ -45,9 +45,9 @@ std::vector<uint8_t> F16Bytes(const std::vector<float>& v) {
 struct TinyModelOptions {
   bool with_output = false;
   std::string arch = "llama";
-  std::string skip_tensor;                          // omit this tensor
-  std::string misshape_tensor;                      // give this tensor a wrong shape
-  std::function<void(GgufBuilder&)> extra;          // more keys or tensors
+  std::string skip_tensor;                  // omit this tensor
+  std::string misshape_tensor;              // give this tensor a wrong shape
+  std::function<void(GgufBuilder&)> extra;  // more keys or tensors
 };
 
 std::vector<uint8_t> TinyModel(const TinyModelOptions& o = {}) {
@@ -68,7 +68,8 @@ std::vector<uint8_t> TinyModel(const TinyModelOptions& o = {}) {
   uint32_t seed = 1;
   auto add = [&](const std::string& name, uint64_t in, uint64_t out) {
     if (name == o.skip_tensor) return;
-    std::vector<uint64_t> ne = out == 0 ? std::vector<uint64_t>{in} : std::vector<uint64_t>{in, out};
+    std::vector<uint64_t> ne =
+        out == 0 ? std::vector<uint64_t>{in} : std::vector<uint64_t>{in, out};
     if (name == o.misshape_tensor) ne.back() += 1;
     uint64_t n = 1;
     for (uint64_t d : ne) n *= d;
@@ -144,7 +145,7 @@ TEST(ConfigFromGgufTest, AppliesDefaultsAndLinearScaling) {
   EXPECT_EQ(c->head_dim, 8);    // hidden / heads
   EXPECT_EQ(c->rope_theta, 10000.0f);
   EXPECT_EQ(c->rms_eps, 1e-5f);
-  EXPECT_EQ(c->vocab, 3);       // from token_embd when there is no token list
+  EXPECT_EQ(c->vocab, 3);  // from token_embd when there is no token list
   EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLinear);
   EXPECT_EQ(c->rope_scaling.factor, 4.0f);
 }
@@ -198,24 +199,56 @@ TEST(ConfigFromGgufTest, RejectsMissingKeyAndVocabMismatch) {
 
 TEST(ModelConfigTest, ValidateNamesTheBadField) {
   ModelConfig good;
-  good.n_layers = 2; good.hidden = 32; good.n_heads = 4; good.n_kv_heads = 2;
-  good.head_dim = 8; good.ffn = 64; good.vocab = 10; good.max_context = 128;
+  good.n_layers = 2;
+  good.hidden = 32;
+  good.n_heads = 4;
+  good.n_kv_heads = 2;
+  good.head_dim = 8;
+  good.ffn = 64;
+  good.vocab = 10;
+  good.max_context = 128;
   ASSERT_TRUE(good.Validate().ok()) << good.Validate();
   auto expect_bad = [](ModelConfig c, const char* field) {
     const absl::Status s = c.Validate();
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << field;
     EXPECT_THAT(s.message(), HasSubstr(field));
   };
-  { ModelConfig c = good; c.n_layers = 0; expect_bad(c, "n_layers"); }
-  { ModelConfig c = good; c.vocab = -1; expect_bad(c, "vocab"); }
-  { ModelConfig c = good; c.n_kv_heads = 3; expect_bad(c, "n_kv_heads"); }
-  { ModelConfig c = good; c.head_dim = 7; expect_bad(c, "head_dim"); }
-  { ModelConfig c = good; c.rms_eps = 0; expect_bad(c, "rms_eps"); }
-  { ModelConfig c = good; c.rope_theta = -1; expect_bad(c, "rope_theta"); }
+  {
+    ModelConfig c = good;
+    c.n_layers = 0;
+    expect_bad(c, "n_layers");
+  }
+  {
+    ModelConfig c = good;
+    c.vocab = -1;
+    expect_bad(c, "vocab");
+  }
+  {
+    ModelConfig c = good;
+    c.n_kv_heads = 3;
+    expect_bad(c, "n_kv_heads");
+  }
+  {
+    ModelConfig c = good;
+    c.head_dim = 7;
+    expect_bad(c, "head_dim");
+  }
+  {
+    ModelConfig c = good;
+    c.rms_eps = 0;
+    expect_bad(c, "rms_eps");
+  }
+  {
+    ModelConfig c = good;
+    c.rope_theta = -1;
+    expect_bad(c, "rope_theta");
+  }
   {
     ModelConfig c = good;
     c.rope_scaling.type = RopeScaling::Type::kLlama3;
-    c.rope_scaling.factor = 8; c.rope_scaling.low_freq_factor = 4; c.rope_scaling.high_freq_factor = 1;
+    c.rope_scaling.factor = 8;
+    c.rope_scaling.low_freq_factor = 4;
+    c.rope_scaling.high_freq_factor = 1;
     expect_bad(c, "high_freq_factor");
   }
 }
@@ -282,8 +315,10 @@ class RealModelTest : public ::testing::Test {
   static void SetUpTestSuite() {
     if (!std::filesystem::exists(RealModelPath())) return;
     auto g = GgufFile::Open(RealModelPath());
-    if (g.ok()) gguf_ = std::move(*g).release();
-    else open_error_ = new std::string(g.status().ToString());
+    if (g.ok())
+      gguf_ = std::move(*g).release();
+    else
+      open_error_ = new std::string(g.status().ToString());
   }
   static void TearDownTestSuite() {
     delete gguf_;

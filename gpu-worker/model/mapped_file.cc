@@ -40,8 +40,8 @@ absl::StatusOr<MappedFile> MappedFile::Open(const std::string& path) {
   const int err = errno;
   ::close(fd);  // the mapping keeps its own reference to the file
   if (base == MAP_FAILED) {
-    return absl::InternalError(absl::StrFormat("%s: mmap of %d bytes: %s", path, size,
-                                               std::strerror(err)));
+    return absl::InternalError(
+        absl::StrFormat("%s: mmap of %d bytes: %s", path, size, std::strerror(err)));
   }
   MappedFile f;
   f.base_ = base;

@@ -96,7 +96,8 @@ absl::Status SafetensorsFile::Parse() {
     info.dtype = dtype->get<std::string>();
     info.element_bytes = DtypeBytes(info.dtype);
     if (info.element_bytes == 0) {
-      return absl::InvalidArgumentError(absl::StrFormat("%s: unknown dtype '%s'", what, info.dtype));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: unknown dtype '%s'", what, info.dtype));
     }
     auto shape = entry.find("shape");
     if (shape == entry.end() || !shape->is_array()) {
@@ -171,9 +172,9 @@ absl::StatusOr<std::vector<float>> SafetensorsFile::ToFloat(std::string_view nam
   } else if (t->dtype == "BF16") {
     type = GgmlType::kBF16;
   } else {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: tensor '%s' has dtype %s; only F32, F16 and BF16 are supported", path_, name,
-        t->dtype));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: tensor '%s' has dtype %s; only F32, F16 and BF16 are supported", path_,
+                        name, t->dtype));
   }
   std::vector<float> out(static_cast<size_t>(t->n_elements));
   const absl::Span<const uint8_t> bytes = TensorBytes(*t);
@@ -229,7 +230,8 @@ absl::StatusOr<double> FloatField(const json& j, const std::string& file, const 
     return absl::NotFoundError(absl::StrFormat("%s: required field '%s' is missing", file, key));
   }
   if (!it->is_number()) {
-    return absl::InvalidArgumentError(absl::StrFormat("%s: field '%s' must be a number", file, key));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: field '%s' must be a number", file, key));
   }
   return it->get<double>();
 }
@@ -239,14 +241,16 @@ absl::StatusOr<bool> BoolField(const json& j, const std::string& file, const cha
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
   if (!it->is_boolean()) {
-    return absl::InvalidArgumentError(absl::StrFormat("%s: field '%s' must be a boolean", file, key));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: field '%s' must be a boolean", file, key));
   }
   return it->get<bool>();
 }
 
 absl::StatusOr<int> ToInt(int64_t v, const std::string& file, const char* key) {
   if (v < 0 || v > std::numeric_limits<int>::max()) {
-    return absl::InvalidArgumentError(absl::StrFormat("%s: field '%s' = %d out of range", file, key, v));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: field '%s' = %d out of range", file, key, v));
   }
   return static_cast<int>(v);
 }
@@ -256,8 +260,8 @@ absl::StatusOr<ModelConfig> ConfigFromHfJson(const json& j, const std::string& f
   c.arch = "llama";
   if (auto mt = j.find("model_type"); mt != j.end() && !mt->is_null()) {
     if (!mt->is_string() || mt->get<std::string>() != "llama") {
-      return absl::UnimplementedError(absl::StrFormat(
-          "%s: model_type %s is not supported (only \"llama\")", file, mt->dump()));
+      return absl::UnimplementedError(
+          absl::StrFormat("%s: model_type %s is not supported (only \"llama\")", file, mt->dump()));
     }
   }
   for (const char* bias_key : {"attention_bias", "mlp_bias"}) {
@@ -267,7 +271,8 @@ absl::StatusOr<ModelConfig> ConfigFromHfJson(const json& j, const std::string& f
           absl::StrFormat("%s: %s = true is not supported (no bias tensors)", file, bias_key));
     }
   }
-  if (auto n = j.find("_name_or_path"); n != j.end() && n->is_string()) c.name = n->get<std::string>();
+  if (auto n = j.find("_name_or_path"); n != j.end() && n->is_string())
+    c.name = n->get<std::string>();
   ASSIGN_OR_RETURN(int64_t hidden, IntField(j, file, "hidden_size"));
   ASSIGN_OR_RETURN(c.hidden, ToInt(hidden, file, "hidden_size"));
   ASSIGN_OR_RETURN(int64_t layers, IntField(j, file, "num_hidden_layers"));
@@ -295,7 +300,8 @@ absl::StatusOr<ModelConfig> ConfigFromHfJson(const json& j, const std::string& f
 
   if (auto rs = j.find("rope_scaling"); rs != j.end() && !rs->is_null()) {
     if (!rs->is_object()) {
-      return absl::InvalidArgumentError(absl::StrFormat("%s: rope_scaling must be an object", file));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: rope_scaling must be an object", file));
     }
     std::string type;
     for (const char* key : {"rope_type", "type"}) {
@@ -310,8 +316,7 @@ absl::StatusOr<ModelConfig> ConfigFromHfJson(const json& j, const std::string& f
       ASSIGN_OR_RETURN(double factor, FloatField(*rs, rs_file, "factor"));
       ASSIGN_OR_RETURN(double low, FloatField(*rs, rs_file, "low_freq_factor"));
       ASSIGN_OR_RETURN(double high, FloatField(*rs, rs_file, "high_freq_factor"));
-      ASSIGN_OR_RETURN(int64_t orig,
-                       IntField(*rs, rs_file, "original_max_position_embeddings"));
+      ASSIGN_OR_RETURN(int64_t orig, IntField(*rs, rs_file, "original_max_position_embeddings"));
       c.rope_scaling.factor = static_cast<float>(factor);
       c.rope_scaling.low_freq_factor = static_cast<float>(low);
       c.rope_scaling.high_freq_factor = static_cast<float>(high);
@@ -346,8 +351,8 @@ class ShardSet {
       }
       for (const auto& [name, shard] : map->items()) {
         if (!shard.is_string()) {
-          return absl::InvalidArgumentError(absl::StrFormat(
-              "%s: weight_map['%s'] is not a file name", index_path, name));
+          return absl::InvalidArgumentError(
+              absl::StrFormat("%s: weight_map['%s'] is not a file name", index_path, name));
         }
         const std::string file = shard.get<std::string>();
         // Shards must live in `dir`: the index must not reach other files.
@@ -379,9 +384,9 @@ class ShardSet {
           "%s: tensor '%s' (listed in the index) is not in this shard", f.path(), name));
     }
     if (info->shape != shape) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: tensor '%s' has shape [%s], expected [%s]", f.path(), name,
-          absl::StrJoin(info->shape, ", "), absl::StrJoin(shape, ", ")));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: tensor '%s' has shape [%s], expected [%s]", f.path(), name,
+                          absl::StrJoin(info->shape, ", "), absl::StrJoin(shape, ", ")));
     }
     Tensor t;
     t.shape = std::move(shape);

@@ -40,7 +40,7 @@ class SafetensorsFile {
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
   // Parses an in-memory image (tests). `name` is used in errors.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string name,
-                                                                     std::vector<uint8_t> bytes);
+                                                                    std::vector<uint8_t> bytes);
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 

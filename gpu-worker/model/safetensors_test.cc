@@ -68,7 +68,8 @@ std::vector<uint8_t> Safetensors(const std::vector<StTensor>& tensors) {
 
 void WriteFile(const fs::path& p, const std::vector<uint8_t>& bytes) {
   std::ofstream out(p, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
 }
 void WriteFile(const fs::path& p, const std::string& s) {
   WriteFile(p, std::vector<uint8_t>(s.begin(), s.end()));
@@ -219,8 +220,7 @@ TEST_F(SafetensorsDirTest, LoadsShardedTiedModel) {
 TEST_F(SafetensorsDirTest, ReportsConfigAndTensorProblems) {
   WriteFile(dir_ / "model.safetensors", Safetensors(TinyTensors(true)));
   // No config.json.
-  EXPECT_EQ(LoadWeightsFromSafetensors(dir_.string()).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(LoadWeightsFromSafetensors(dir_.string()).status().code(), absl::StatusCode::kNotFound);
   // Missing required field.
   auto config = TinyConfig();
   config.erase("intermediate_size");
@@ -301,31 +301,30 @@ TEST(SafetensorsFileTest, RejectsHeaderLengthPastEndOfFile) {
 
 TEST(SafetensorsFileTest, RejectsOffsetsOutOfRange) {
   const std::vector<uint8_t> data(8);
-  auto f = Parse(WithHeader(
-      R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})", data));
+  auto f =
+      Parse(WithHeader(R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})", data));
   EXPECT_EQ(f.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(f.status().message(), HasSubstr("tensor 'x'"));
-  auto g = Parse(WithHeader(
-      R"({"x": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}})", data));
+  auto g =
+      Parse(WithHeader(R"({"x": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}})", data));
   EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument);
   auto h = Parse(WithHeader(
-      R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 18446744073709551615]}})",
-      data));
+      R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 18446744073709551615]}})", data));
   EXPECT_EQ(h.status().code(), absl::StatusCode::kDataLoss);
 }
 
 TEST(SafetensorsFileTest, RejectsDtypeShapeMismatch) {
   const std::vector<uint8_t> data(12);
-  auto f = Parse(WithHeader(
-      R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}})", data));
+  auto f =
+      Parse(WithHeader(R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 12]}})", data));
   EXPECT_EQ(f.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(f.status().message(), HasSubstr("dtype F32 and shape [2]"));
   auto g = Parse(WithHeader(
       R"({"x": {"dtype": "BF16", "shape": [4294967296, 4294967296], "data_offsets": [0, 12]}})",
       data));
   EXPECT_FALSE(g.ok());
-  auto h = Parse(WithHeader(
-      R"({"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}})", data));
+  auto h =
+      Parse(WithHeader(R"({"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}})", data));
   EXPECT_THAT(h.status().message(), HasSubstr("unknown dtype 'Q4'"));
 }
 
@@ -333,9 +332,7 @@ TEST(SafetensorsFileTest, RejectsMalformedJson) {
   const std::vector<uint8_t> data(8);
   for (const char* header :
        {R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})",  // unterminated
-        R"([1, 2])",
-        R"({"x": 5})",
-        R"({"x": {"shape": [2], "data_offsets": [0, 8]}})",
+        R"([1, 2])", R"({"x": 5})", R"({"x": {"shape": [2], "data_offsets": [0, 8]}})",
         R"({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})",
         R"({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0]}})",
         R"({"x": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}})"}) {
