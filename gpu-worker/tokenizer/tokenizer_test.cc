@@ -50,6 +50,55 @@ TEST(TokenizerSpecFromGgufTest, ReadsSmolLM2Metadata) {
   EXPECT_EQ(spec->chat_template, Golden()["chat_template"].get<std::string>());
 }
 
+// A minimal GGUF v3 image with string (or string-array) metadata and no tensors.
+std::vector<uint8_t> GgufImage(
+    const std::vector<std::pair<std::string, std::vector<std::string>>>& kv) {
+  std::vector<uint8_t> b;
+  auto put = [&](uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) b.push_back(static_cast<uint8_t>(v >> (8 * i)));
+  };
+  auto put_string = [&](const std::string& s) {
+    put(s.size(), 8);
+    b.insert(b.end(), s.begin(), s.end());
+  };
+  b.insert(b.end(), {'G', 'G', 'U', 'F'});
+  put(3, 4);          // version
+  put(0, 8);          // tensors
+  put(kv.size(), 8);  // metadata entries
+  for (const auto& [key, values] : kv) {
+    put_string(key);
+    if (values.size() == 1) {
+      put(8, 4);  // string
+      put_string(values[0]);
+    } else {
+      put(9, 4);  // array
+      put(8, 4);  // of strings
+      put(values.size(), 8);
+      for (const auto& v : values) put_string(v);
+    }
+  }
+  return b;
+}
+
+TEST(TokenizerSpecFromGgufTest, ErrorsNameTheKey) {
+  auto missing = model::GgufFile::FromBytes(
+      "missing.gguf", GgufImage({{"tokenizer.ggml.model", {"gpt2"}}}));
+  ASSERT_TRUE(missing.ok()) << missing.status();
+  auto r = TokenizerSpecFromGguf(**missing);
+  EXPECT_FALSE(r.ok());
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("tokenizer.ggml.tokens"));
+
+  auto wrong_type = model::GgufFile::FromBytes(
+      "wrong.gguf", GgufImage({{"tokenizer.ggml.model", {"gpt2"}},
+                               {"tokenizer.ggml.tokens", {"a", "b"}},
+                               {"tokenizer.ggml.merges", {"a b", "b a"}},
+                               {"tokenizer.ggml.bos_token_id", {"one"}}}));
+  ASSERT_TRUE(wrong_type.ok()) << wrong_type.status();
+  r = TokenizerSpecFromGguf(**wrong_type);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("tokenizer.ggml.bos_token_id"));
+}
+
 TEST(TokenizerTest, GoldenFileIsNonTrivial) {
   ASSERT_GE(Golden()["texts"].size(), 40u);
   size_t total = 0;
