@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Starts the tailorkv cluster as plain processes on loopback (profiler,
+# kv-host, gpu-worker), waits until each reports SERVING over grpc.health.v1,
+# streams one generation through tailorkv-cli, then stops everything with
+# SIGTERM (a trap makes sure nothing is left running on any exit).
+#
+# Usage: deploy/launch_local.sh [MODEL] [BUILD_DIR] [PROMPT] [--raw] [--max-tokens N]
+#                               [--backend auto|cpu|cuda] [--keep-running]
+#   MODEL      default models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_model.sh)
+#   BUILD_DIR  default build
+#   PROMPT     default "What is the capital of France? Answer in one sentence."
+#   --raw      send the prompt as plain text instead of a chat turn (chat is the default)
+#   --keep-running  leave the cluster up after the generation until Ctrl-C
+# Ports: TAILORKV_WORKER_PORT (50051), TAILORKV_KVHOST_PORT (50061),
+#        TAILORKV_PROFILER_PORT (50071). Logs go to $BUILD_DIR/launch-logs/.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+positional=()
+chat_flag=--chat
+max_tokens=64
+backend=auto
+keep_running=0
+while (($#)); do
+  case "$1" in
+    --raw) chat_flag=--raw ;;
+    --chat) chat_flag=--chat ;;
+    --max-tokens) max_tokens="$2"; shift ;;
+    --backend) backend="$2"; shift ;;
+    --keep-running) keep_running=1 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "launch_local.sh: unknown option $1" >&2; exit 2 ;;
+    *) positional+=("$1") ;;
+  esac
+  shift
+done
+model="${positional[0]:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+build_dir="${positional[1]:-build}"
+prompt="${positional[2]:-What is the capital of France? Answer in one sentence.}"
+
+worker_port="${TAILORKV_WORKER_PORT:-50051}"
+kvhost_port="${TAILORKV_KVHOST_PORT:-50061}"
+profiler_port="${TAILORKV_PROFILER_PORT:-50071}"
+
+die() { echo "launch_local.sh: $*" >&2; exit 1; }
+
+[[ -f "$model" || -d "$model" ]] || die "model '$model' not found (run scripts/fetch_model.sh)"
+for bin in gpu-worker/server/gpu-worker kv-host/kv-host profiler/profiler services/cli/tailorkv-cli; do
+  [[ -x "$build_dir/$bin" ]] || die "$build_dir/$bin not built (cmake -S . -B $build_dir -G Ninja && ninja -C $build_dir)"
+done
+cli="$build_dir/services/cli/tailorkv-cli"
+log_dir="$build_dir/launch-logs"
+mkdir -p "$log_dir"
+
+pids=()
+names=()
+stop_all() {
+  local status=$?
+  trap - EXIT INT TERM
+  # Reverse start order: the worker drains first, its dependencies last.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    if kill -0 "${pids[i]}" 2>/dev/null; then
+      echo "stopping ${names[i]} (pid ${pids[i]})" >&2
+      kill -TERM "${pids[i]}" 2>/dev/null || true
+    fi
+  done
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    # Each process drains within its grace period; escalate only after that.
+    for _ in $(seq 1 150); do
+      kill -0 "${pids[i]}" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "${pids[i]}" 2>/dev/null; then
+      echo "${names[i]} did not stop after SIGTERM; sending SIGKILL" >&2
+      kill -KILL "${pids[i]}" 2>/dev/null || true
+    fi
+    wait "${pids[i]}" 2>/dev/null || true
+  done
+  exit "$status"
+}
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start() {
+  local name="$1"; shift
+  "$@" >"$log_dir/$name.log" 2>&1 &
+  pids+=("$!")
+  names+=("$name")
+  echo "started $name (pid $!), log $log_dir/$name.log" >&2
+}
+
+wait_serving() {
+  local name="$1" addr="$2" service="$3" seconds="$4" pid="$5"
+  local deadline=$((SECONDS + seconds))
+  until "$cli" health --server "$addr" --service "$service" --wait-seconds 1 >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 20 "$log_dir/$name.log" >&2 || true
+      die "$name exited before serving (log above)"
+    fi
+    ((SECONDS < deadline)) || { tail -n 20 "$log_dir/$name.log" >&2; die "$name not SERVING after ${seconds}s"; }
+  done
+  echo "$name SERVING on $addr" >&2
+}
+
+start profiler "$build_dir/profiler/profiler" --listen "127.0.0.1:$profiler_port"
+start kv-host "$build_dir/kv-host/kv-host" --listen "127.0.0.1:$kvhost_port"
+start gpu-worker "$build_dir/gpu-worker/server/gpu-worker" --model "$model" \
+  --listen "127.0.0.1:$worker_port" --backend "$backend"
+
+wait_serving profiler "127.0.0.1:$profiler_port" tailorkv.v1.Profiler 30 "${pids[0]}"
+wait_serving kv-host "127.0.0.1:$kvhost_port" tailorkv.v1.KvHost 30 "${pids[1]}"
+wait_serving gpu-worker "127.0.0.1:$worker_port" tailorkv.v1.Generation 300 "${pids[2]}"
+
+"$cli" info --server "127.0.0.1:$worker_port" >&2
+echo "--- prompt: $prompt" >&2
+"$cli" generate --server "127.0.0.1:$worker_port" "$chat_flag" --max-tokens "$max_tokens" \
+  --prompt "$prompt"
+
+if ((keep_running)); then
+  echo "cluster running (worker 127.0.0.1:$worker_port); Ctrl-C stops it" >&2
+  wait "${pids[2]}"
+fi

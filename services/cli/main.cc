@@ -1,0 +1,254 @@
+// tailorkv-cli: a client for the tailorkv services.
+//
+//   tailorkv-cli generate --server ADDR --prompt TEXT [--chat] [sampling flags]
+//       streams the generated text to stdout as it arrives, then usage and
+//       timings to stderr.
+//   tailorkv-cli info --server ADDR        model and backend of a worker
+//   tailorkv-cli load --server ADDR        queued/active requests
+//   tailorkv-cli abort --server ADDR --request-id ID
+//   tailorkv-cli health --server ADDR [--service NAME] [--wait-seconds N]
+//       exit 0 when SERVING (a grpc_health_probe replacement).
+//
+// Exit codes: 0 success; 1 the RPC failed (the gRPC status code and message
+// are printed); 2 bad command line; 3 health check answered but not SERVING.
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "common/health_client.h"
+#include "tailorkv/v1/generation.grpc.pb.h"
+
+namespace {
+
+namespace v1 = tailorkv::v1;
+
+const char* CodeName(int code) {
+  static const char* kNames[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT",
+                                 "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+                                 "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                                 "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+                                 "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+                                 "UNAUTHENTICATED"};
+  return code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN";
+}
+
+int Fail(const std::string& what, const std::string& server, const grpc::Status& status) {
+  std::fprintf(stderr, "tailorkv-cli: %s on %s failed: %s (code %d): %s\n", what.c_str(),
+               server.c_str(), CodeName(status.error_code()), status.error_code(),
+               status.error_message().empty() ? "(no message)" : status.error_message().c_str());
+  return 1;
+}
+
+const char* FinishName(v1::FinishReason reason) {
+  switch (reason) {
+    case v1::FINISH_REASON_STOP: return "stop";
+    case v1::FINISH_REASON_LENGTH: return "length";
+    case v1::FINISH_REASON_CANCELLED: return "cancelled";
+    default: return "unspecified";
+  }
+}
+
+std::shared_ptr<grpc::Channel> Connect(const std::string& server) {
+  return grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+}
+
+void SetDeadline(grpc::ClientContext& context, double seconds) {
+  if (seconds > 0) {
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(seconds)));
+  }
+}
+
+struct GenerateFlags {
+  std::string prompt;
+  bool chat = true;
+  std::string system;
+  std::string request_id;
+  std::optional<int> max_tokens;
+  std::optional<float> temperature, top_p, repetition_penalty;
+  std::optional<int> top_k;
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stop;
+};
+
+int RunGenerate(const std::string& server, double timeout_s, const GenerateFlags& f) {
+  v1::GenerateRequest request;
+  request.set_request_id(f.request_id);
+  if (f.chat) {
+    if (!f.system.empty()) {
+      auto* m = request.mutable_chat()->add_messages();
+      m->set_role(v1::ROLE_SYSTEM);
+      m->set_content(f.system);
+    }
+    auto* m = request.mutable_chat()->add_messages();
+    m->set_role(v1::ROLE_USER);
+    m->set_content(f.prompt);
+  } else {
+    request.set_text(f.prompt);
+  }
+  v1::SamplingParams* s = request.mutable_sampling();
+  if (f.max_tokens) s->set_max_tokens(*f.max_tokens);
+  if (f.temperature) s->set_temperature(*f.temperature);
+  if (f.top_p) s->set_top_p(*f.top_p);
+  if (f.top_k) s->set_top_k(*f.top_k);
+  if (f.repetition_penalty) s->set_repetition_penalty(*f.repetition_penalty);
+  if (f.seed) s->set_seed(*f.seed);
+  for (const std::string& stop : f.stop) s->add_stop(stop);
+
+  auto stub = v1::Generation::NewStub(Connect(server));
+  grpc::ClientContext context;
+  SetDeadline(context, timeout_s);
+  const absl::Time start = absl::Now();
+  std::optional<absl::Time> first_token;
+  auto reader = stub->Generate(&context, request);
+  v1::GenerateResponse response;
+  std::optional<v1::GenerateFinal> final;
+  while (reader->Read(&response)) {
+    if (response.has_chunk()) {
+      if (!first_token) first_token = absl::Now();
+      std::fwrite(response.chunk().text().data(), 1, response.chunk().text().size(), stdout);
+      std::fflush(stdout);
+    } else if (response.has_final()) {
+      final = response.final();
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+  if (!status.ok()) return Fail("Generate", server, status);
+  if (final) {
+    const auto& u = final->usage();
+    const auto& t = final->timings();
+    std::fprintf(stderr,
+                 "[finish=%s prompt_tokens=%d completion_tokens=%d queue=%.1fms "
+                 "prefill=%.1fms decode=%.1fms %.1f tok/s ttft(client)=%.1fms]\n",
+                 FinishName(final->finish_reason()), u.prompt_tokens(), u.completion_tokens(),
+                 t.queue_ms(), t.prefill_ms(), t.decode_ms(), t.decode_tokens_per_second(),
+                 first_token ? absl::ToDoubleMilliseconds(*first_token - start) : 0.0);
+  }
+  return 0;
+}
+
+int RunInfo(const std::string& server, double timeout_s) {
+  auto stub = v1::Generation::NewStub(Connect(server));
+  grpc::ClientContext context;
+  SetDeadline(context, timeout_s);
+  v1::ModelInfo info;
+  const grpc::Status status = stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info);
+  if (!status.ok()) return Fail("GetModelInfo", server, status);
+  std::printf(
+      "model:          %s\narch:           %s\npath:           %s\ndigest:         %s\n"
+      "layers:         %d\nhidden:         %d\nheads:          %d (kv %d, head dim %d)\n"
+      "vocab:          %d\ncontext:        %d (trained %d)\nbackend:        %s\n"
+      "chat template:  %s\n",
+      info.name().c_str(), info.arch().c_str(), info.model_path().c_str(),
+      info.model_digest().empty() ? "(not computed)" : info.model_digest().c_str(),
+      info.n_layers(), info.hidden(), info.n_heads(), info.n_kv_heads(), info.head_dim(),
+      info.vocab_size(), info.max_context(), info.trained_context(), info.backend().c_str(),
+      info.chat_template().c_str());
+  return 0;
+}
+
+int RunLoad(const std::string& server, double timeout_s) {
+  auto stub = v1::Generation::NewStub(Connect(server));
+  grpc::ClientContext context;
+  SetDeadline(context, timeout_s);
+  v1::Load load;
+  const grpc::Status status = stub->GetLoad(&context, v1::GetLoadRequest(), &load);
+  if (!status.ok()) return Fail("GetLoad", server, status);
+  std::printf("active=%d queued=%d max_queue=%d draining=%s\n", load.active_requests(),
+              load.queued_requests(), load.max_queue(), load.draining() ? "yes" : "no");
+  return 0;
+}
+
+int RunAbort(const std::string& server, double timeout_s, const std::string& request_id) {
+  auto stub = v1::Generation::NewStub(Connect(server));
+  grpc::ClientContext context;
+  SetDeadline(context, timeout_s);
+  v1::AbortRequest request;
+  request.set_request_id(request_id);
+  v1::AbortResponse response;
+  const grpc::Status status = stub->Abort(&context, request, &response);
+  if (!status.ok()) return Fail("Abort", server, status);
+  std::printf("aborted %s\n", request_id.c_str());
+  return 0;
+}
+
+int RunHealth(const std::string& server, const std::string& service, double wait_seconds) {
+  auto status = tailorkv::common::WaitForServing(Connect(server), service,
+                                                 absl::Seconds(std::max(0.0, wait_seconds)));
+  const std::string name = service.empty() ? "(server)" : service;
+  if (!status.ok()) {
+    std::fprintf(stderr, "tailorkv-cli: health check of %s on %s failed: %s (code %d): %s\n",
+                 name.c_str(), server.c_str(),
+                 CodeName(static_cast<int>(status.status().code())),
+                 static_cast<int>(status.status().code()),
+                 std::string(status.status().message()).c_str());
+    return 1;
+  }
+  const std::string word = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(*status);
+  std::printf("%s %s: %s\n", server.c_str(), name.c_str(), word.c_str());
+  return *status == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 3;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"tailorkv-cli: client for tailorkv gRPC services"};
+  app.require_subcommand(1);
+  std::string server = "127.0.0.1:50051";
+  double timeout_s = 0;
+  app.add_option("--server", server, "host:port of the service")->capture_default_str();
+  app.add_option("--timeout", timeout_s, "call deadline in seconds (0 = none)")
+      ->capture_default_str();
+
+  GenerateFlags gen;
+  CLI::App* generate = app.add_subcommand("generate", "stream a generation to stdout");
+  generate->add_option("--server", server, "host:port of the gpu-worker");
+  generate->add_option("--timeout", timeout_s, "call deadline in seconds (0 = none)");
+  generate->add_option("--prompt", gen.prompt, "prompt text")->required();
+  generate->add_flag("--chat,!--raw", gen.chat,
+                     "apply the model's chat template (default); --raw sends the text as-is");
+  generate->add_option("--system", gen.system, "system message (chat mode)");
+  generate->add_option("--request-id", gen.request_id, "id for abort and logs");
+  generate->add_option("--max-tokens", gen.max_tokens, "tokens to generate");
+  generate->add_option("--temperature", gen.temperature, "0 = greedy");
+  generate->add_option("--top-p", gen.top_p, "nucleus sampling, (0, 1]");
+  generate->add_option("--top-k", gen.top_k, "0 = off");
+  generate->add_option("--seed", gen.seed, "sampling seed");
+  generate->add_option("--repetition-penalty", gen.repetition_penalty, "1 = off");
+  generate->add_option("--stop", gen.stop, "stop string (repeatable)");
+
+  CLI::App* info = app.add_subcommand("info", "describe the worker's model");
+  info->add_option("--server", server, "host:port of the gpu-worker");
+  CLI::App* load = app.add_subcommand("load", "queued and active requests of a worker");
+  load->add_option("--server", server, "host:port of the gpu-worker");
+  std::string abort_id;
+  CLI::App* abort = app.add_subcommand("abort", "stop a request by its request id");
+  abort->add_option("--server", server, "host:port of the gpu-worker");
+  abort->add_option("--request-id", abort_id, "the request's id")->required();
+
+  std::string health_service;
+  double wait_seconds = 0;
+  CLI::App* health = app.add_subcommand("health", "grpc.health.v1 check; exit 0 when SERVING");
+  health->add_option("--server", server, "host:port of any tailorkv service");
+  health->add_option("--service", health_service, "service name ('' = the whole server)");
+  health->add_option("--wait-seconds", wait_seconds, "retry until SERVING for this long");
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (*generate) return RunGenerate(server, timeout_s, gen);
+  if (*info) return RunInfo(server, timeout_s);
+  if (*load) return RunLoad(server, timeout_s);
+  if (*abort) return RunAbort(server, timeout_s, abort_id);
+  if (*health) return RunHealth(server, health_service, wait_seconds);
+  return 2;
+}

@@ -1,0 +1,138 @@
+#include "common/grpc_server.h"
+
+#include <chrono>
+#include <csignal>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/server_builder.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+
+namespace tailorkv::common {
+
+absl::Status ServerOptions::Validate() const {
+  if (listen_address.empty() || listen_address.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("listen: expected host:port, got '", listen_address, "'"));
+  }
+  auto positive = [](const char* field, int v) {
+    return v > 0 ? absl::OkStatus()
+                 : absl::InvalidArgumentError(absl::StrCat(field, ": must be > 0, got ", v));
+  };
+  for (auto s : {positive("max_receive_message_bytes", max_receive_message_bytes),
+                 positive("max_send_message_bytes", max_send_message_bytes),
+                 positive("max_concurrent_streams", max_concurrent_streams),
+                 positive("keepalive_time_ms", keepalive_time_ms),
+                 positive("keepalive_timeout_ms", keepalive_timeout_ms),
+                 positive("min_client_ping_interval_ms", min_client_ping_interval_ms)}) {
+    if (!s.ok()) return s;
+  }
+  if (drain_grace_ms < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("drain_grace_ms: must be >= 0, got ", drain_grace_ms));
+  }
+  return absl::OkStatus();
+}
+
+std::string ServerOptions::ToString() const {
+  return absl::StrFormat(
+      "listen=%s max_message_bytes=%d/%d max_concurrent_streams=%d keepalive=%dms/%dms "
+      "min_client_ping=%dms drain_grace=%dms",
+      listen_address, max_receive_message_bytes, max_send_message_bytes, max_concurrent_streams,
+      keepalive_time_ms, keepalive_timeout_ms, min_client_ping_interval_ms, drain_grace_ms);
+}
+
+absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(const ServerOptions& options,
+                                                             std::vector<ServiceEntry> services) {
+  if (absl::Status s = options.Validate(); !s.ok()) return s;
+  // Both are process-wide switches read when the builder builds.
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+
+  std::unique_ptr<GrpcServer> self(new GrpcServer());
+  self->options_ = options;
+
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &self->port_);
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_send_message_bytes);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, options.keepalive_time_ms);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, options.keepalive_timeout_ms);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+                             options.min_client_ping_interval_ms);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 2);
+  // gRPC sets SO_REUSEPORT by default: a second process on the same port
+  // would silently share the traffic instead of failing to start.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  for (const ServiceEntry& entry : services) builder.RegisterService(entry.service);
+
+  self->server_ = builder.BuildAndStart();
+  if (self->server_ == nullptr || self->port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen_address,
+                     " (address in use, or not a local address?)"));
+  }
+  const size_t colon = options.listen_address.rfind(':');
+  self->address_ = absl::StrCat(options.listen_address.substr(0, colon), ":", self->port_);
+
+  grpc::HealthCheckServiceInterface* health = self->server_->GetHealthCheckService();
+  health->SetServingStatus("", true);
+  for (const ServiceEntry& entry : services) health->SetServingStatus(entry.name, true);
+  NamedLogger("server")->info("serving on {} ({} services, health and reflection on)",
+                              self->address_, services.size());
+  return self;
+}
+
+GrpcServer::~GrpcServer() { Drain(); }
+
+void GrpcServer::AddDrainHook(std::function<void()> hook) {
+  drain_hooks_.push_back(std::move(hook));
+}
+
+void GrpcServer::Drain() {
+  absl::MutexLock lock(&drain_mu_);
+  if (drained_ || server_ == nullptr) return;
+  drained_ = true;
+  auto log = NamedLogger("server");
+  log->info("draining: health NOT_SERVING, {} ms for in-flight calls", options_.drain_grace_ms);
+  for (auto& hook : drain_hooks_) hook();
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  const auto deadline =
+      std::chrono::system_clock::now() + std::chrono::milliseconds(options_.drain_grace_ms);
+  server_->Shutdown(deadline);
+  server_->Wait();
+  log->info("drained");
+}
+
+struct TerminationSignals::Impl {
+  boost::asio::io_context io;
+  boost::asio::signal_set signals{io, SIGINT, SIGTERM};
+  int received = 0;
+};
+
+TerminationSignals::TerminationSignals() : impl_(std::make_unique<Impl>()) {
+  // asio's own signal handler only queues the completion; this completion
+  // runs inside io.run() on the waiting thread and only posts the stop.
+  impl_->signals.async_wait([impl = impl_.get()](const boost::system::error_code& ec, int signo) {
+    if (ec) return;
+    impl->received = signo;
+    boost::asio::post(impl->io, [impl] { impl->io.stop(); });
+  });
+}
+
+TerminationSignals::~TerminationSignals() = default;
+
+int TerminationSignals::Wait() {
+  impl_->io.run();
+  return impl_->received;
+}
+
+}  // namespace tailorkv::common
