@@ -10,5 +10,7 @@ function(tailorkv_test name)
   target_compile_definitions(${name} PRIVATE
     TAILORKV_SOURCE_DIR="${CMAKE_SOURCE_DIR}" TAILORKV_MODEL_DIR="${TAILORKV_MODEL_DIR}")
   set(labels unit ${T_LABELS})
-  gtest_discover_tests(${name} PROPERTIES LABELS "${labels}" DISCOVERY_TIMEOUT 60)
+  # Passive OpenMP waiting: see services/common/openmp_env.h.
+  gtest_discover_tests(${name} PROPERTIES LABELS "${labels}" ENVIRONMENT "OMP_WAIT_POLICY=passive"
+    DISCOVERY_TIMEOUT 60)
 endfunction()

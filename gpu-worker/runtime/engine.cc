@@ -1,1 +1,192 @@
-// placeholder
+#include "runtime/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "model/gguf_file.h"
+#include "runtime/cpu_backend.h"
+#include "spdlog/spdlog.h"
+
+namespace tailorkv::runtime {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MsSince(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// Length of the longest suffix of `text` that is a proper prefix of a stop
+// string: that much must be held back, since the next token may complete it.
+size_t HeldBackForStops(std::string_view text, const std::vector<std::string>& stops) {
+  size_t hold = 0;
+  for (const std::string& stop : stops) {
+    const size_t max_len = std::min(text.size(), stop.size() - 1);
+    for (size_t len = max_len; len > hold; --len) {
+      if (text.substr(text.size() - len) == std::string_view(stop).substr(0, len)) {
+        hold = len;
+        break;
+      }
+    }
+  }
+  return hold;
+}
+
+// Position of the earliest stop string in `text`, or npos.
+size_t FindStop(std::string_view text, const std::vector<std::string>& stops) {
+  size_t best = std::string_view::npos;
+  for (const std::string& stop : stops) best = std::min(best, text.find(stop));
+  return best;
+}
+
+}  // namespace
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kCancelled: return "cancelled";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  if (options.backend != "auto" && options.backend != "cpu" && options.backend != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("backend must be auto, cpu or cuda, got '%s'", options.backend));
+  }
+  if (options.backend == "cuda") {
+    return absl::UnavailableError("backend 'cuda': this build has no CUDA backend");
+  }
+  std::error_code ec;
+  const bool is_dir = std::filesystem::is_directory(options.model_path, ec);
+  const std::string tokenizer_path =
+      options.tokenizer_gguf.empty() ? options.model_path : options.tokenizer_gguf;
+  if (is_dir && options.tokenizer_gguf.empty()) {
+    return absl::InvalidArgumentError(
+        "tokenizer_gguf: a safetensors model directory needs a GGUF file to take the tokenizer from");
+  }
+
+  auto engine = std::unique_ptr<Engine>(new Engine());
+  const auto t0 = Clock::now();
+  spdlog::info("loading model {}", options.model_path);
+  model::ModelWeights weights;
+  std::unique_ptr<model::GgufFile> tokenizer_file;
+  if (is_dir) {
+    ASSIGN_OR_RETURN(weights, model::LoadWeightsFromSafetensors(options.model_path));
+    ASSIGN_OR_RETURN(tokenizer_file, model::GgufFile::Open(tokenizer_path));
+  } else {
+    ASSIGN_OR_RETURN(tokenizer_file, model::GgufFile::Open(options.model_path));
+    ASSIGN_OR_RETURN(weights, model::LoadWeightsFromGguf(*tokenizer_file));
+  }
+  ASSIGN_OR_RETURN(auto spec, tokenizer::TokenizerSpecFromGguf(*tokenizer_file));
+  const std::string chat_source = spec.chat_template;
+  ASSIGN_OR_RETURN(engine->tokenizer_, tokenizer::Tokenizer::Create(std::move(spec)));
+  ASSIGN_OR_RETURN(engine->chat_template_, tokenizer::ChatTemplate::FromSource(chat_source));
+  if (engine->tokenizer_->vocab_size() > weights.config.vocab) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: tokenizer has %d tokens but the model's vocabulary is %d", tokenizer_path,
+        engine->tokenizer_->vocab_size(), weights.config.vocab));
+  }
+  const int trained = weights.config.max_context;
+  if (options.max_context < 0 || options.max_context > trained) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "max_context must be in [0, %d] (0 = trained context), got %d", trained, options.max_context));
+  }
+  engine->max_context_ = options.max_context > 0 ? options.max_context : trained;
+  CpuBackendOptions cpu;
+  cpu.threads = options.threads;
+  ASSIGN_OR_RETURN(engine->backend_, CreateCpuBackend(std::move(weights), cpu));
+  spdlog::info("model loaded in {:.0f} ms: {} layers, hidden {}, backend {}", MsSince(t0),
+               engine->config().n_layers, engine->config().hidden, engine->backend_name());
+  return engine;
+}
+
+absl::StatusOr<GenerationResult> Engine::Generate(
+    const GenerationRequest& request, const std::function<bool(const StreamChunk&)>& on_chunk) {
+  const int vocab = config().vocab;
+  const int n_prompt = static_cast<int>(request.prompt_tokens.size());
+  if (n_prompt == 0) return absl::InvalidArgumentError("prompt: must not be empty");
+  for (int i = 0; i < n_prompt; ++i) {
+    const int32_t t = request.prompt_tokens[i];
+    if (t < 0 || t >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("prompt token %d: id %d is outside the vocabulary [0, %d)", i, t, vocab));
+    }
+  }
+  if (request.max_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("max_tokens must be >= 1, got %d", request.max_tokens));
+  }
+  if (n_prompt >= max_context_ || request.max_tokens > max_context_ - n_prompt) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "prompt tokens (%d) + max_tokens (%d) exceed the context of %d tokens", n_prompt,
+        request.max_tokens, max_context_));
+  }
+  for (size_t i = 0; i < request.stop.size(); ++i) {
+    if (request.stop[i].empty()) {
+      return absl::InvalidArgumentError(absl::StrFormat("stop[%d] must not be empty", i));
+    }
+  }
+  RETURN_IF_ERROR(request.sampling.Validate(vocab));
+
+  absl::MutexLock lock(&mu_);
+  GenerationResult result;
+  result.prompt_tokens = n_prompt;
+  // The cache holds the prompt and every generated token but the last, which
+  // is never fed back.
+  ASSIGN_OR_RETURN(auto seq, backend_->NewSequence(n_prompt + request.max_tokens));
+  Sampler sampler(request.sampling);
+  tokenizer::StreamingDetokenizer detok(*tokenizer_);
+  std::vector<int32_t> history = request.prompt_tokens;
+  std::vector<float> logits;
+  std::string pending;  // complete UTF-8 not yet streamed (may start a stop string)
+
+  auto t0 = Clock::now();
+  RETURN_IF_ERROR(backend_->Forward(*seq, request.prompt_tokens, false, &logits));
+  result.finish_reason = FinishReason::kLength;
+  bool done = false;
+  for (int step = 0; step < request.max_tokens && !done; ++step) {
+    if (step > 0) {
+      RETURN_IF_ERROR(backend_->Forward(*seq, absl::MakeConstSpan(&history.back(), 1), false, &logits));
+    }
+    const int32_t token = sampler.Sample(absl::MakeSpan(logits.data(), vocab), history);
+    if (step == 0) {
+      result.prefill_ms = MsSince(t0);
+      t0 = Clock::now();
+    }
+    history.push_back(token);
+    ++result.completion_tokens;
+    StreamChunk chunk;
+    chunk.token_ids.push_back(token);
+    if (!request.ignore_eos && tokenizer_->IsEndOfGeneration(token)) {
+      result.finish_reason = FinishReason::kStop;
+      done = true;
+      pending += detok.Flush();
+    } else {
+      pending += detok.Push(token);
+      if (step + 1 == request.max_tokens) pending += detok.Flush();
+    }
+    const size_t stop_at = FindStop(pending, request.stop);
+    if (stop_at != std::string::npos) {
+      pending.resize(stop_at);
+      result.finish_reason = FinishReason::kStop;
+      done = true;
+    }
+    const bool last = done || step + 1 == request.max_tokens;
+    const size_t emit = last ? pending.size() : pending.size() - HeldBackForStops(pending, request.stop);
+    chunk.text = pending.substr(0, emit);
+    pending.erase(0, emit);
+    if (!on_chunk(chunk)) {
+      result.finish_reason = FinishReason::kCancelled;
+      break;
+    }
+  }
+  result.decode_ms = MsSince(t0);
+  return result;
+}
+
+}  // namespace tailorkv::runtime

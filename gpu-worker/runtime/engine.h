@@ -22,6 +22,7 @@ namespace tailorkv::runtime {
 
 struct EngineOptions {
   std::string model_path;       // a .gguf file or a safetensors directory
+  std::string tokenizer_gguf;   // GGUF file to take the tokenizer from; default: model_path
   std::string backend = "auto"; // "auto" (CUDA when a device exists), "cpu", "cuda"
   int threads = 0;              // CPU threads; 0 = all cores
   int max_context = 0;          // 0 = the model's trained context

@@ -1,1 +1,140 @@
-// placeholder
+#include "runtime/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+namespace tailorkv::runtime {
+namespace {
+
+const char* kModel = TAILORKV_MODEL_DIR "/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ASSERT_TRUE(std::filesystem::exists(kModel))
+        << kModel << " is missing: run scripts/fetch_model.sh";
+    auto e = Engine::Create({.model_path = kModel, .backend = "cpu", .threads = 2});
+    ASSERT_TRUE(e.ok()) << e.status();
+    engine_ = e->release();
+  }
+  static void TearDownTestSuite() {
+    delete engine_;
+    engine_ = nullptr;
+  }
+  static std::vector<int32_t> Prompt(const std::string& text) {
+    return *engine_->tokenizer().Encode(text, false, false);
+  }
+  struct Out {
+    std::string text;
+    std::vector<int32_t> ids;
+    int chunks = 0;
+    GenerationResult result;
+  };
+  static Out Run(const GenerationRequest& r, int cancel_after = -1) {
+    Out out;
+    auto res = engine_->Generate(r, [&](const StreamChunk& c) {
+      out.text += c.text;
+      out.ids.insert(out.ids.end(), c.token_ids.begin(), c.token_ids.end());
+      return ++out.chunks != cancel_after;
+    });
+    EXPECT_TRUE(res.ok()) << res.status();
+    if (res.ok()) out.result = *res;
+    return out;
+  }
+  static Engine* engine_;
+};
+Engine* EngineTest::engine_ = nullptr;
+
+TEST_F(EngineTest, StreamsUpToMaxTokensAndCountsThem) {
+  GenerationRequest r;
+  r.prompt_tokens = Prompt("The capital of France is");
+  r.max_tokens = 12;
+  r.ignore_eos = true;
+  auto out = Run(r);
+  EXPECT_EQ(out.result.finish_reason, FinishReason::kLength);
+  EXPECT_EQ(out.result.completion_tokens, 12);
+  EXPECT_EQ(out.ids.size(), 12u);
+  EXPECT_EQ(out.result.prompt_tokens, static_cast<int>(r.prompt_tokens.size()));
+  EXPECT_EQ(out.text, engine_->tokenizer().Decode(out.ids));
+  EXPECT_FALSE(out.text.empty());
+}
+
+TEST_F(EngineTest, StopStringEndsGenerationBeforeIt) {
+  GenerationRequest r;
+  r.prompt_tokens = Prompt("Write a list of fruits: apple, banana,");
+  r.max_tokens = 24;
+  r.ignore_eos = true;
+  const auto full = Run(r);
+  ASSERT_GT(full.text.size(), 12u);
+  // A stop string taken from the middle of the unconstrained output.
+  const std::string stop = full.text.substr(full.text.size() / 2, 3);
+  r.stop = {stop, "never-appears-xyz"};
+  const auto cut = Run(r);
+  EXPECT_EQ(cut.result.finish_reason, FinishReason::kStop);
+  EXPECT_EQ(cut.text, full.text.substr(0, full.text.find(stop)));
+  EXPECT_LT(cut.result.completion_tokens, 24);
+}
+
+TEST_F(EngineTest, SameSeedSameTextOtherSeedDifferent) {
+  GenerationRequest r;
+  r.prompt_tokens = Prompt("Once upon a time");
+  r.max_tokens = 20;
+  r.ignore_eos = true;
+  r.sampling = {.temperature = 1.2f, .top_p = 0.95f, .seed = 99};
+  const auto a = Run(r), b = Run(r);
+  EXPECT_EQ(a.ids, b.ids);
+  r.sampling.seed = 100;
+  EXPECT_NE(Run(r).ids, a.ids);
+}
+
+TEST_F(EngineTest, CallbackReturningFalseCancels) {
+  GenerationRequest r;
+  r.prompt_tokens = Prompt("Count: one, two, three,");
+  r.max_tokens = 30;
+  r.ignore_eos = true;
+  const auto out = Run(r, /*cancel_after=*/3);
+  EXPECT_EQ(out.result.finish_reason, FinishReason::kCancelled);
+  EXPECT_EQ(out.chunks, 3);
+  EXPECT_EQ(out.result.completion_tokens, 3);
+}
+
+TEST_F(EngineTest, RejectsBadRequestsNamingTheField) {
+  auto expect_invalid = [](const GenerationRequest& r, const std::string& field) {
+    auto res = engine_->Generate(r, [](const StreamChunk&) { return true; });
+    ASSERT_EQ(res.status().code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_NE(res.status().message().find(field), std::string::npos) << res.status();
+  };
+  GenerationRequest ok;
+  ok.prompt_tokens = {1, 2, 3};
+  GenerationRequest r = ok;
+  r.prompt_tokens.clear();
+  expect_invalid(r, "prompt");
+  r = ok;
+  r.prompt_tokens.push_back(engine_->config().vocab);
+  expect_invalid(r, "vocabulary");
+  r = ok;
+  r.max_tokens = 0;
+  expect_invalid(r, "max_tokens");
+  r = ok;
+  r.max_tokens = engine_->max_context();
+  expect_invalid(r, "context");
+  r = ok;
+  r.stop = {""};
+  expect_invalid(r, "stop[0]");
+  r = ok;
+  r.sampling.top_p = 2;
+  expect_invalid(r, "top_p");
+}
+
+TEST(EngineCreate, RejectsUnknownBackendAndMissingFile) {
+  EXPECT_EQ(Engine::Create({.model_path = kModel, .backend = "tpu"}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto missing = Engine::Create({.model_path = "/nonexistent/model.gguf", .backend = "cpu"});
+  EXPECT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("/nonexistent/model.gguf"), std::string::npos)
+      << missing.status();
+}
+
+}  // namespace
+}  // namespace tailorkv::runtime

@@ -1,0 +1,63 @@
+// A small random Llama-shaped model for backend tests (no file needed).
+#pragma once
+
+#include <random>
+
+#include "model/llama_weights.h"
+
+namespace tailorkv::runtime::testing {
+
+inline model::Tensor RandomTensor(std::vector<int64_t> shape, std::mt19937& rng, float scale,
+                                  float offset = 0.0f) {
+  model::Tensor t;
+  t.shape = std::move(shape);
+  int64_t n = 1;
+  for (int64_t d : t.shape) n *= d;
+  std::normal_distribution<float> dist(0.0f, scale);
+  t.data.resize(n);
+  for (float& v : t.data) v = offset + dist(rng);
+  return t;
+}
+
+// Odd sizes on purpose: GQA group of 3 (6 heads / 2 KV heads), vocab 97,
+// 3 layers.
+inline model::ModelWeights TinyModel(uint32_t seed, model::RopeStyle style, bool tied,
+                                     int max_context = 640) {
+  std::mt19937 rng(seed);
+  model::ModelWeights w;
+  auto& c = w.config;
+  c.arch = "llama";
+  c.name = "tiny";
+  c.n_layers = 3;
+  c.n_heads = 6;
+  c.n_kv_heads = 2;
+  c.head_dim = 8;
+  c.hidden = 48;
+  c.ffn = 72;
+  c.vocab = 97;
+  c.max_context = max_context;
+  c.rope_theta = 10000.0f;
+  c.rms_eps = 1e-5f;
+  c.rope_style = style;
+  c.tied_embeddings = tied;
+  const float s = 0.15f;
+  w.tok_embd = RandomTensor({c.vocab, c.hidden}, rng, 1.0f);
+  w.output_norm = RandomTensor({c.hidden}, rng, 0.1f, 1.0f);
+  if (!tied) w.output = RandomTensor({c.vocab, c.hidden}, rng, s);
+  for (int l = 0; l < c.n_layers; ++l) {
+    model::LayerWeights L;
+    L.attn_norm = RandomTensor({c.hidden}, rng, 0.1f, 1.0f);
+    L.wq = RandomTensor({c.n_heads * c.head_dim, c.hidden}, rng, s);
+    L.wk = RandomTensor({c.n_kv_heads * c.head_dim, c.hidden}, rng, s);
+    L.wv = RandomTensor({c.n_kv_heads * c.head_dim, c.hidden}, rng, s);
+    L.wo = RandomTensor({c.hidden, c.n_heads * c.head_dim}, rng, s);
+    L.ffn_norm = RandomTensor({c.hidden}, rng, 0.1f, 1.0f);
+    L.w_gate = RandomTensor({c.ffn, c.hidden}, rng, s);
+    L.w_up = RandomTensor({c.ffn, c.hidden}, rng, s);
+    L.w_down = RandomTensor({c.hidden, c.ffn}, rng, s);
+    w.layers.push_back(std::move(L));
+  }
+  return w;
+}
+
+}  // namespace tailorkv::runtime::testing
