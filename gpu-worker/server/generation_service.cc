@@ -1,0 +1,236 @@
+#include "server/generation_service.h"
+
+#include <chrono>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/logging.h"
+
+namespace tailorkv::worker {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double MillisSince(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+v1::FinishReason ToProto(runtime::FinishReason reason) {
+  switch (reason) {
+    case runtime::FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case runtime::FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case runtime::FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// Why a call ended early, as the status the client should see.
+absl::Status CallEndedStatus(const grpc::ServerContext& context) {
+  if (context.deadline() <= std::chrono::system_clock::now()) {
+    return absl::DeadlineExceededError("deadline exceeded; generation stopped");
+  }
+  return absl::CancelledError("call cancelled by the client; generation stopped");
+}
+
+const char* ChatTemplateName(tokenizer::ChatTemplate::Family family) {
+  switch (family) {
+    case tokenizer::ChatTemplate::Family::kChatML: return "chatml";
+    case tokenizer::ChatTemplate::Family::kLlama3: return "llama3";
+    case tokenizer::ChatTemplate::Family::kPlain: return "plain";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+absl::Status GenerationServiceOptions::Validate() const {
+  if (max_queue < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("max-queue: must be >= 0, got ", max_queue));
+  }
+  if (max_running < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max-running: must be >= 1, got ", max_running));
+  }
+  if (limits.default_max_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("default-max-tokens: must be >= 1, got ",
+                                                   limits.default_max_tokens));
+  }
+  return absl::OkStatus();
+}
+
+class GenerationService::AbortRegistration {
+ public:
+  AbortRegistration(GenerationService& service, std::string id)
+      : service_(service), id_(std::move(id)), flag_(std::make_shared<std::atomic<bool>>(false)) {}
+  ~AbortRegistration() {
+    if (registered_) {
+      absl::MutexLock lock(&service_.abort_mu_);
+      service_.abort_flags_.erase(id_);
+    }
+  }
+  absl::Status Register() {
+    if (id_.empty()) return absl::OkStatus();
+    absl::MutexLock lock(&service_.abort_mu_);
+    if (!service_.abort_flags_.emplace(id_, flag_).second) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("request_id: '", id_, "' is already in flight"));
+    }
+    registered_ = true;
+    return absl::OkStatus();
+  }
+  bool aborted() const { return flag_->load(std::memory_order_relaxed); }
+
+ private:
+  GenerationService& service_;
+  const std::string id_;
+  std::shared_ptr<std::atomic<bool>> flag_;
+  bool registered_ = false;
+};
+
+GenerationService::GenerationService(runtime::Engine& engine,
+                                     const GenerationServiceOptions& options)
+    : engine_(engine),
+      options_(options),
+      validator_(engine, options.limits),
+      queue_(options.max_running, options.max_queue) {}
+
+void GenerationService::BeginDrain() { draining_.store(true); }
+
+grpc::Status GenerationService::Generate(grpc::ServerContext* context,
+                                         const v1::GenerateRequest* request,
+                                         grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  static const auto log = common::NamedLogger("generation");
+  const Clock::time_point arrived = Clock::now();
+  if (draining_.load()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "worker is draining; retry on another worker");
+  }
+  absl::StatusOr<PreparedRequest> prepared = validator_.Prepare(*request);
+  if (!prepared.ok()) {
+    log->debug("rejected request from {}: {}", context->peer(), prepared.status().ToString());
+    return common::ToGrpcStatus(prepared.status());
+  }
+  AbortRegistration abort(*this, prepared->request_id);
+  if (absl::Status s = abort.Register(); !s.ok()) return common::ToGrpcStatus(s);
+
+  auto stop_reason = [&]() -> absl::Status {
+    if (context->IsCancelled()) return CallEndedStatus(*context);
+    if (abort.aborted()) return absl::CancelledError("aborted");
+    return absl::OkStatus();
+  };
+
+  v1::GenerateResponse response;
+  v1::GenerateFinal* final = response.mutable_final();
+  absl::StatusOr<AdmissionQueue::Slot> slot = queue_.Acquire(stop_reason, options_.queue_poll);
+  const double queue_ms = MillisSince(arrived);
+  if (!slot.ok()) {
+    if (abort.aborted() && !context->IsCancelled()) {
+      // Aborted while queued: the stream still ends with a final message.
+      final->set_finish_reason(v1::FINISH_REASON_CANCELLED);
+      final->mutable_usage()->set_prompt_tokens(
+          static_cast<int>(prepared->engine_request.prompt_tokens.size()));
+      final->mutable_timings()->set_queue_ms(queue_ms);
+      writer->Write(response);
+      return grpc::Status::OK;
+    }
+    return common::ToGrpcStatus(slot.status());
+  }
+
+  bool client_gone = false;
+  v1::GenerateResponse chunk_response;
+  auto on_chunk = [&](const runtime::StreamChunk& chunk) {
+    if (context->IsCancelled() || abort.aborted()) return false;
+    v1::GenerateChunk* out = chunk_response.mutable_chunk();
+    out->mutable_token_ids()->Assign(chunk.token_ids.begin(), chunk.token_ids.end());
+    out->set_text(chunk.text);
+    if (!writer->Write(chunk_response)) {
+      client_gone = true;
+      return false;
+    }
+    return true;
+  };
+  absl::StatusOr<runtime::GenerationResult> result =
+      engine_.Generate(prepared->engine_request, on_chunk);
+  slot->Release();
+
+  if (context->IsCancelled() || (client_gone && !abort.aborted())) {
+    const absl::Status ended = CallEndedStatus(*context);
+    log->info("request '{}' ended early: {}", prepared->request_id, ended.ToString());
+    return common::ToGrpcStatus(ended);
+  }
+  if (!result.ok()) {
+    log->error("request '{}' failed: {}", prepared->request_id, result.status().ToString());
+    return common::ToGrpcStatus(result.status());
+  }
+
+  final->set_finish_reason(ToProto(result->finish_reason));
+  final->mutable_usage()->set_prompt_tokens(result->prompt_tokens);
+  final->mutable_usage()->set_completion_tokens(result->completion_tokens);
+  v1::Timings* timings = final->mutable_timings();
+  timings->set_queue_ms(queue_ms);
+  timings->set_prefill_ms(result->prefill_ms);
+  timings->set_decode_ms(result->decode_ms);
+  // The first token comes out of prefill; decode_ms covers the others.
+  const int decoded = result->completion_tokens - 1;
+  timings->set_decode_tokens_per_second(
+      decoded > 0 && result->decode_ms > 0 ? decoded * 1000.0 / result->decode_ms : 0.0);
+  log->info("request '{}': {} prompt + {} completion tokens, {} ({:.1f} ms queue, {:.1f} ms "
+            "prefill, {:.1f} tok/s)",
+            prepared->request_id, result->prompt_tokens, result->completion_tokens,
+            runtime::FinishReasonName(result->finish_reason), queue_ms, result->prefill_ms,
+            timings->decode_tokens_per_second());
+  if (!writer->Write(response)) return common::ToGrpcStatus(CallEndedStatus(*context));
+  return grpc::Status::OK;
+}
+
+grpc::Status GenerationService::Abort(grpc::ServerContext* context,
+                                      const v1::AbortRequest* request,
+                                      v1::AbortResponse* response) {
+  const std::string& id = request->request_id();
+  if (id.empty()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id: required");
+  }
+  if (absl::Status s = ValidateRequestId(id, options_.limits.max_request_id_bytes); !s.ok()) {
+    return common::ToGrpcStatus(s);
+  }
+  absl::MutexLock lock(&abort_mu_);
+  auto it = abort_flags_.find(id);
+  if (it == abort_flags_.end()) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                        absl::StrCat("request_id: no request '", id, "' in flight"));
+  }
+  it->second->store(true);
+  return grpc::Status::OK;
+}
+
+grpc::Status GenerationService::GetModelInfo(grpc::ServerContext* context,
+                                             const v1::GetModelInfoRequest* request,
+                                             v1::ModelInfo* response) {
+  const model::ModelConfig& config = engine_.config();
+  response->set_arch(config.arch);
+  response->set_name(config.name);
+  response->set_n_layers(config.n_layers);
+  response->set_hidden(config.hidden);
+  response->set_n_heads(config.n_heads);
+  response->set_n_kv_heads(config.n_kv_heads);
+  response->set_head_dim(config.head_dim);
+  response->set_vocab_size(config.vocab);
+  response->set_max_context(engine_.max_context());
+  response->set_trained_context(config.max_context);
+  response->set_backend(std::string(engine_.backend_name()));
+  response->set_model_path(options_.model_path);
+  response->set_chat_template(ChatTemplateName(engine_.chat_template().family()));
+  return grpc::Status::OK;
+}
+
+grpc::Status GenerationService::GetLoad(grpc::ServerContext* context,
+                                        const v1::GetLoadRequest* request, v1::Load* response) {
+  response->set_queued_requests(queue_.waiting());
+  response->set_active_requests(queue_.running());
+  response->set_max_queue(queue_.max_waiting());
+  response->set_draining(draining_.load());
+  return grpc::Status::OK;
+}
+
+}  // namespace tailorkv::worker

@@ -1,0 +1,128 @@
+// gpu-worker: loads a model and serves tailorkv.v1.Generation (plus health
+// and reflection) until SIGTERM/SIGINT, then drains.
+#include <chrono>
+#include <cstdio>
+#include <memory>
+
+#include <CLI/CLI.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/grpc_server.h"
+#include "common/logging.h"
+#include "runtime/engine.h"
+#include "server/generation_service.h"
+
+namespace {
+
+using tailorkv::common::ServerOptions;
+using tailorkv::runtime::EngineOptions;
+using tailorkv::worker::GenerationServiceOptions;
+
+struct WorkerConfig {
+  EngineOptions engine;
+  ServerOptions server;
+  GenerationServiceOptions service;
+  std::string log_level = "info";
+
+  absl::Status Validate() const {
+    if (engine.model_path.empty()) return absl::InvalidArgumentError("model: required");
+    if (engine.backend != "auto" && engine.backend != "cpu" && engine.backend != "cuda") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("backend: must be auto, cpu or cuda, got '", engine.backend, "'"));
+    }
+    if (engine.threads < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("threads: must be >= 0, got ", engine.threads));
+    }
+    if (engine.max_context < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("max-context: must be >= 0, got ", engine.max_context));
+    }
+    if (absl::Status s = server.Validate(); !s.ok()) return s;
+    return service.Validate();
+  }
+
+  std::string ToString() const {
+    return absl::StrFormat(
+        "model=%s backend=%s threads=%d max_context=%d max_queue=%d default_max_tokens=%d "
+        "log_level=%s %s",
+        engine.model_path, engine.backend, engine.threads, engine.max_context, service.max_queue,
+        service.limits.default_max_tokens, log_level, server.ToString());
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  WorkerConfig config;
+  CLI::App app{"tailorkv gpu-worker: serves tailorkv.v1.Generation over gRPC"};
+  app.add_option("--model", config.engine.model_path, "model file (.gguf) or safetensors directory")
+      ->required();
+  app.add_option("--listen", config.server.listen_address, "host:port to serve on")
+      ->capture_default_str();
+  app.add_option("--backend", config.engine.backend, "auto, cpu or cuda")->capture_default_str();
+  app.add_option("--threads", config.engine.threads, "CPU threads (0 = all cores)")
+      ->capture_default_str();
+  app.add_option("--max-context", config.engine.max_context,
+                 "tokens per sequence (0 = the model's trained context)")
+      ->capture_default_str();
+  app.add_option("--max-queue", config.service.max_queue,
+                 "requests that may wait for the engine; more get RESOURCE_EXHAUSTED")
+      ->capture_default_str();
+  app.add_option("--default-max-tokens", config.service.limits.default_max_tokens,
+                 "max_tokens when a request leaves it unset")
+      ->capture_default_str();
+  app.add_option("--drain-grace-ms", config.server.drain_grace_ms,
+                 "how long in-flight requests may run after SIGTERM")
+      ->capture_default_str();
+  app.add_option("--log-level", config.log_level, "trace, debug, info, warn, error")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  config.service.model_path = config.engine.model_path;
+
+  if (absl::Status s = tailorkv::common::ConfigureLogging(config.log_level); !s.ok()) {
+    std::fprintf(stderr, "gpu-worker: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (absl::Status s = config.Validate(); !s.ok()) {
+    spdlog::error("invalid configuration: {}", s.ToString());
+    return 2;
+  }
+  spdlog::info("gpu-worker starting: {}", config.ToString());
+  // From here on SIGTERM/SIGINT are caught, also while the model loads.
+  tailorkv::common::TerminationSignals signals;
+
+  spdlog::info("loading model {} (backend {})", config.engine.model_path, config.engine.backend);
+  const auto load_start = std::chrono::steady_clock::now();
+  auto engine = tailorkv::runtime::Engine::Create(config.engine);
+  if (!engine.ok()) {
+    spdlog::error("cannot load the model: {}", engine.status().ToString());
+    return 1;
+  }
+  const auto& mc = (*engine)->config();
+  spdlog::info(
+      "model loaded in {:.1f} s: {} '{}', {} layers, hidden {}, {} heads ({} kv), vocab {}, "
+      "context {}, backend {}",
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count(),
+      mc.arch, mc.name, mc.n_layers, mc.hidden, mc.n_heads, mc.n_kv_heads, mc.vocab,
+      (*engine)->max_context(), (*engine)->backend_name());
+
+  tailorkv::worker::GenerationService service(**engine, config.service);
+  auto server = tailorkv::common::GrpcServer::Start(
+      config.server, {{tailorkv::v1::Generation::service_full_name(), &service}});
+  if (!server.ok()) {
+    spdlog::error("cannot start the server: {}", server.status().ToString());
+    return 1;
+  }
+  (*server)->AddDrainHook([&service] { service.BeginDrain(); });
+  spdlog::info("ready on {}", (*server)->address());
+
+  const int signo = signals.Wait();
+  spdlog::info("received signal {}, draining", signo);
+  (*server)->Drain();
+  server->reset();
+  engine->reset();
+  spdlog::info("gpu-worker stopped");
+  spdlog::shutdown();
+  return 0;
+}
