@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <grpcpp/create_channel.h>
@@ -50,7 +51,7 @@ class GenerationServiceTest : public ::testing::Test {
     service_ = std::make_unique<GenerationService>(*engine_, options);
     common::ServerOptions server_options;
     server_options.listen_address = "127.0.0.1:0";
-    server_options.drain_grace_ms = 2000;
+    server_options.drain_grace_ms = 60000;  // generous: CI cores are shared
     auto server = common::GrpcServer::Start(
         server_options, {{v1::Generation::service_full_name(), service_.get()}});
     ASSERT_TRUE(server.ok()) << server.status();
@@ -402,6 +403,25 @@ TEST_F(GenerationServiceTest, DrainingRefusesNewRequestsWithUnavailable) {
   v1::Load load;
   ASSERT_TRUE(stub_->GetLoad(&context, v1::GetLoadRequest(), &load).ok());
   EXPECT_TRUE(load.draining());
+}
+
+TEST_F(GenerationServiceTest, DrainLetsTheInFlightRequestFinish) {
+  grpc::ClientContext context;
+  auto reader = stub_->Generate(&context, TextRequest("One, two, three,", 8));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  ASSERT_TRUE(response.has_chunk());
+
+  std::thread drainer([this] { server_->Drain(); });  // what SIGTERM does in main()
+  int finals = 0;
+  while (reader->Read(&response)) finals += response.has_final() ? 1 : 0;
+  const grpc::Status status = reader->Finish();
+  drainer.join();
+  EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
+  EXPECT_EQ(finals, 1);
+  // After the drain nothing is accepted.
+  const StreamResult after = RunStream(TextRequest("Hello", 2), absl::Seconds(5));
+  EXPECT_FALSE(after.status.ok());
 }
 
 }  // namespace
