@@ -9,7 +9,12 @@ function(tailorkv_test name)
   target_link_libraries(${name} PRIVATE ${T_LIBS} GTest::gtest GTest::gtest_main GTest::gmock)
   target_compile_definitions(${name} PRIVATE
     TAILORKV_SOURCE_DIR="${CMAKE_SOURCE_DIR}" TAILORKV_MODEL_DIR="${TAILORKV_MODEL_DIR}")
-  set(labels unit ${T_LABELS})
+  # One label per binary: gtest_discover_tests flattens a label list. Tests
+  # without an explicit label are "unit"; GPU tests carry "gpu".
+  set(labels unit)
+  if(T_LABELS)
+    set(labels ${T_LABELS})
+  endif()
   # Passive OpenMP waiting: see services/common/openmp_env.h.
   gtest_discover_tests(${name} PROPERTIES LABELS "${labels}" ENVIRONMENT "OMP_WAIT_POLICY=passive"
     DISCOVERY_TIMEOUT 60)

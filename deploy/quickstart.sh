@@ -4,7 +4,7 @@
 # Q4_1, checksum-verified) and starts the cluster as local processes, then
 # streams a generation to the terminal over gRPC. The worker runs on the GPU
 # when one exists (CUDA build), on the CPU otherwise.
-# Usage: deploy/quickstart.sh ["your prompt"] [extra tailorkv-cli generate flags]
+# Usage: deploy/quickstart.sh ["your prompt"] [--raw] [--max-tokens N] [--backend auto|cpu|cuda]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build="${BUILD_DIR:-build}"
@@ -12,4 +12,4 @@ build="${BUILD_DIR:-build}"
 model="$(./scripts/fetch_model.sh)"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" -j "$(nproc)" --target gpu-worker kv-host profiler tailorkv-cli
-exec ./deploy/launch_local.sh --model "$model" --build "$build" "$@"
+exec ./deploy/launch_local.sh "$model" "$build" "$@"

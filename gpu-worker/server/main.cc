@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "common/grpc_server.h"
 #include "common/logging.h"
+#include "common/openmp_env.h"
 #include "runtime/engine.h"
 #include "server/generation_service.h"
 
@@ -54,6 +55,7 @@ struct WorkerConfig {
 }  // namespace
 
 int main(int argc, char** argv) {
+  tailorkv::EnsurePassiveOpenMpWait(argv);
   WorkerConfig config;
   CLI::App app{"tailorkv gpu-worker: serves tailorkv.v1.Generation over gRPC"};
   app.add_option("--model", config.engine.model_path, "model file (.gguf) or safetensors directory")
