@@ -11,6 +11,12 @@ How the reference is made:
   * transformers dequantizes every GGUF tensor with gguf-py (Q4_1 and Q8_0 to
     float32) and un-permutes the Q/K rows that llama.cpp's converter permuted,
     so the model runs with Hugging Face's "rotate halves" RoPE;
+  * the tokenizer is transformers' conversion of the GGUF vocabulary, with one
+    repair: transformers has no pre-tokenizer for tokenizer.ggml.pre "smollm"
+    and falls back to plain byte-level GPT-2 splitting, while llama.cpp (and
+    SmolLM2's own tokenizer.json, Digits(individual_digits=True)) first
+    isolate every \p{N} character. The script restores that split; the JSON
+    lists the prompts whose ids the unrepaired tokenizer would change;
   * the LlamaForCausalLM forward runs in float32 with eager attention, on the
     CPU, deterministic algorithms, one forward over each whole prompt
     (teacher forcing: the logits at position t predict token t + 1);
@@ -108,6 +114,25 @@ def rounded(values):
     return [round(float(v), DECIMALS) for v in values]
 
 
+def repair_smollm_pre_tokenizer(tok, gguf_path):
+    """Gives tok the pre-tokenizer llama.cpp uses for pre == "smollm".
+
+    Returns the GGUF's tokenizer.ggml.pre and whether a repair was made."""
+    import gguf
+    from tokenizers import Regex, pre_tokenizers
+
+    reader = gguf.GGUFReader(gguf_path)
+    pre = reader.fields["tokenizer.ggml.pre"].contents()
+    current = json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"]
+    if pre != "smollm" or current.get("type") != "ByteLevel":
+        return pre, False
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    return pre, True
+
+
 def logits_for(model, ids):
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False)
@@ -131,12 +156,21 @@ def main():
 
     model_dir, model_file = os.path.split(os.path.abspath(args.model))
     tok = AutoTokenizer.from_pretrained(model_dir, gguf_file=model_file)
+    tok_unrepaired = AutoTokenizer.from_pretrained(model_dir, gguf_file=model_file)
+    gguf_pre, repaired = repair_smollm_pre_tokenizer(tok, args.model)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, gguf_file=model_file, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     model64 = AutoModelForCausalLM.from_pretrained(
         model_dir, gguf_file=model_file, dtype=torch.float32, attn_implementation="eager")
     model64 = model64.double().eval()
+    # The reference must be a plain float32 model: every projection an
+    # nn.Linear holding a dequantized float32 weight (no packed GGUF kernels).
+    for mod_name, module in model.named_modules():
+        if hasattr(module, "weight") and isinstance(module.weight, torch.Tensor):
+            assert module.weight.dtype == torch.float32, (mod_name, module.weight.dtype)
+        if mod_name.endswith(("_proj", "lm_head")):
+            assert type(module) is torch.nn.Linear, (mod_name, type(module))
     vocab = model.config.vocab_size
 
     rng = np.random.default_rng(FIXED_SEED)
@@ -153,6 +187,10 @@ def main():
     chat_ids = tok(chat_text, add_special_tokens=False).input_ids
     prompts.append({"name": chat_name, "kind": "chat", "messages": messages,
                     "add_generation_prompt": True, "text": chat_text, "ids": chat_ids})
+
+    ids_changed_by_repair = [
+        p["name"] for p in prompts
+        if tok_unrepaired(p["text"], add_special_tokens=(p["kind"] == "raw")).input_ids != p["ids"]]
 
     special_ids = set(tok.all_special_ids)
     noise_floor = 0.0
@@ -231,6 +269,17 @@ def main():
             "max_new_tokens=64, min_new_tokens=64), verified equal to the argmax of a "
             "teacher-forced forward over prompt+output, and containing no special token, so "
             "min_new_tokens never acted. top1_margins: top-1 minus top-2 logit at each step."),
+        "tokenizer": {
+            "source": "transformers AutoTokenizer.from_pretrained(gguf_file=...)",
+            "gguf_pre": gguf_pre,
+            "pre_tokenizer_repaired": repaired,
+            "note": ("transformers has no pre-tokenizer for GGUF pre 'smollm' and uses plain "
+                     "byte-level GPT-2 splitting; llama.cpp's 'smollm' (and SmolLM2's tokenizer.json, "
+                     "Digits(individual_digits=True)) first isolates each \\p{N} character, which "
+                     "changes e.g. '\\n\\n1.' from [198, 198, 33, ...] to [1116, 33, ...]. The "
+                     "stored ids use the repaired tokenizer."),
+            "prompts_whose_ids_differ_without_repair": ids_changed_by_repair,
+        },
         "reference_noise": {
             "max_abs_logit_diff_float32_vs_float64": round(noise_floor, 7),
             "note": "the same transformers forward in float64; bounds the rounding error of a "
