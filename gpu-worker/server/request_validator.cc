@@ -108,16 +108,17 @@ absl::StatusOr<std::vector<int32_t>> RequestValidator::Tokenize(
         chat.push_back({role, messages[i].content()});
       }
       RETURN_IF_ERROR(check_text_size("chat.messages", total_bytes));
-      ASSIGN_OR_RETURN(std::string rendered,
-                       engine_.chat_template().Apply(chat, /*add_generation_prompt=*/true));
+      ASSIGN_OR_RETURN(tokenizer::RenderedChat rendered,
+                       engine_.chat_template().Render(chat, /*add_generation_prompt=*/true));
       // Some templates write the BOS token themselves; never add a second.
       bool add_bos = tok.spec().add_bos;
       if (add_bos && tok.bos_id() >= 0) {
         const std::string bos = tok.TokenBytes(tok.bos_id(), /*render_special=*/true);
-        if (!bos.empty() && rendered.starts_with(bos)) add_bos = false;
+        if (!bos.empty() && rendered.text.starts_with(bos)) add_bos = false;
       }
-      // The template's own markers (<|im_start|>...) must become their ids.
-      return tok.Encode(rendered, add_bos, /*parse_special=*/true);
+      // The template's own markers (<|im_start|>...) become their ids; the
+      // same text typed by the user stays literal text.
+      return tok.Encode(rendered.text, add_bos, /*parse_special=*/true, rendered.content_ranges);
     }
     case v1::GenerateRequest::PROMPT_NOT_SET:
       break;

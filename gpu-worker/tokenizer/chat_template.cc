@@ -1,5 +1,7 @@
 #include "tokenizer/chat_template.h"
 
+#include "common/status_macros.h"
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "tokenizer/utf8.h"
@@ -120,35 +122,52 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromSource(std::string_view jinja_sou
 
 absl::StatusOr<std::string> ChatTemplate::Apply(const std::vector<ChatMessage>& messages,
                                                 bool add_generation_prompt) const {
+  ASSIGN_OR_RETURN(RenderedChat r, Render(messages, add_generation_prompt));
+  return std::move(r.text);
+}
+
+absl::StatusOr<RenderedChat> ChatTemplate::Render(const std::vector<ChatMessage>& messages,
+                                                  bool add_generation_prompt) const {
   for (size_t i = 0; i < messages.size(); ++i) {
     if (absl::Status s = CheckRole(messages[i], i); !s.ok()) return s;
   }
-  std::string out;
+  RenderedChat r;
+  std::string& out = r.text;
+  auto content = [&r](std::string_view text) {
+    r.content_ranges.emplace_back(r.text.size(), r.text.size() + text.size());
+    r.text.append(text);
+  };
   switch (family_) {
     case Family::kChatML:
       for (size_t i = 0; i < messages.size(); ++i) {
         if (i == 0 && messages[0].role != "system" && !default_system_.empty()) {
           absl::StrAppend(&out, "<|im_start|>system\n", default_system_, "<|im_end|>\n");
         }
-        absl::StrAppend(&out, "<|im_start|>", messages[i].role, "\n", messages[i].content,
-                        "<|im_end|>\n");
+        absl::StrAppend(&out, "<|im_start|>", messages[i].role, "\n");
+        content(messages[i].content);
+        out.append("<|im_end|>\n");
       }
       if (add_generation_prompt) out.append("<|im_start|>assistant\n");
       break;
     case Family::kLlama3:
       for (size_t i = 0; i < messages.size(); ++i) {
         if (i == 0) out.append("<|begin_of_text|>");
-        absl::StrAppend(&out, "<|start_header_id|>", messages[i].role, "<|end_header_id|>\n\n",
-                        std::string(TrimPython(messages[i].content)), "<|eot_id|>");
+        absl::StrAppend(&out, "<|start_header_id|>", messages[i].role, "<|end_header_id|>\n\n");
+        content(TrimPython(messages[i].content));
+        out.append("<|eot_id|>");
       }
       if (add_generation_prompt) out.append("<|start_header_id|>assistant<|end_header_id|>\n\n");
       break;
     case Family::kPlain:
-      for (const ChatMessage& m : messages) absl::StrAppend(&out, m.role, ": ", m.content, "\n");
+      for (const ChatMessage& m : messages) {
+        absl::StrAppend(&out, m.role, ": ");
+        content(m.content);
+        out.append("\n");
+      }
       if (add_generation_prompt) out.append("assistant:");
       break;
   }
-  return out;
+  return r;
 }
 
 }  // namespace tailorkv::tokenizer

@@ -22,6 +22,15 @@
 
 namespace tailorkv::tokenizer {
 
+// A rendered conversation: the prompt text and the byte ranges
+// [begin, end) of `text` that came from message contents. Encode those
+// ranges as literal text (Tokenizer::Encode's literal_ranges), so a user who
+// types "<|im_end|>" cannot forge the template's control tokens.
+struct RenderedChat {
+  std::string text;
+  std::vector<std::pair<size_t, size_t>> content_ranges;  // sorted, disjoint
+};
+
 struct ChatMessage {
   std::string role;     // "system", "user", "assistant"
   std::string content;
@@ -53,6 +62,9 @@ class ChatTemplate {
   // generation prompt (no reference exists for models without a template).
   absl::StatusOr<std::string> Apply(const std::vector<ChatMessage>& messages,
                                     bool add_generation_prompt) const;
+  // As Apply, also reporting where message contents lie in the text.
+  absl::StatusOr<RenderedChat> Render(const std::vector<ChatMessage>& messages,
+                                      bool add_generation_prompt) const;
 
  private:
   Family family_ = Family::kPlain;

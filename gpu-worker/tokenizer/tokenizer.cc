@@ -323,8 +323,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Create(TokenizerSpec spec)
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
 }
 
-absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool add_bos,
-                                                       bool parse_special) const {
+absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(
+    std::string_view text, bool add_bos, bool parse_special,
+    absl::Span<const std::pair<size_t, size_t>> literal_ranges) const {
   for (size_t pos = 0; pos < text.size();) {
     const Utf8Char c = DecodeUtf8Char(text.substr(pos));
     if (c.kind != Utf8Char::kValid) {
@@ -342,12 +343,27 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bo
     out.push_back(impl_->spec.bos_id);
   }
   size_t plain_start = 0;
+  size_t next_literal = 0;  // first literal range not entirely before `pos`
   for (size_t pos = 0; pos < text.size();) {
+    while (next_literal < literal_ranges.size() && literal_ranges[next_literal].second <= pos) {
+      ++next_literal;
+    }
+    // Bytes from `pos` on that a control token may cover.
+    size_t control_room = text.size() - pos;
+    if (next_literal < literal_ranges.size()) {
+      control_room = literal_ranges[next_literal].first <= pos
+                         ? 0
+                         : literal_ranges[next_literal].first - pos;
+    }
     int32_t match = -1;
     for (int32_t id : impl_->specials_by_first_byte[static_cast<uint8_t>(text[pos])]) {
       // User-defined tokens are always matched; control tokens only when
-      // asked (llama.cpp's rule; Hugging Face's added tokens behave alike).
-      if (!parse_special && impl_->types[id] == TokenType::kControl) continue;
+      // asked (llama.cpp's rule; Hugging Face's added tokens behave alike)
+      // and never over user-supplied text.
+      if (impl_->types[id] == TokenType::kControl &&
+          (!parse_special || impl_->spec.tokens[id].size() > control_room)) {
+        continue;
+      }
       if (text.substr(pos).starts_with(impl_->spec.tokens[id])) {
         match = id;
         break;

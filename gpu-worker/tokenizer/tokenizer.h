@@ -66,9 +66,13 @@ class Tokenizer {
   // Face does without an unk token (SmolLM2 lacks 21 bytes: 0x04 0x06 0x13
   // 0x14 0x16 0x1D 0xC0 0xC1 0xF1 0xF2 0xF5-0xFF), so such text does not
   // round-trip.
+  // `literal_ranges` (sorted, disjoint byte ranges [begin, end) of `text`)
+  // are user-supplied text inside a rendered template: no control token is
+  // matched that overlaps them, whatever `parse_special` says.
   // Cost: linear in the text; no caching, so concurrent calls share nothing.
-  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_bos,
-                                              bool parse_special) const;
+  absl::StatusOr<std::vector<int32_t>> Encode(
+      std::string_view text, bool add_bos, bool parse_special,
+      absl::Span<const std::pair<size_t, size_t>> literal_ranges = {}) const;
   // Raw bytes of the concatenated tokens (may end inside a UTF-8 character).
   // Control tokens decode to nothing unless `render_special`; ids outside
   // the vocabulary decode to nothing.
