@@ -47,4 +47,9 @@ class Backend {
                                bool all_logits, std::vector<float>* logits) = 0;
 };
 
+// The checks every Backend::Forward makes before touching `seq`: non-empty
+// input, ids inside the vocabulary, room left in the sequence.
+absl::Status ValidateForwardInput(const model::ModelConfig& config, const SequenceState& seq,
+                                  absl::Span<const int32_t> tokens);
+
 }  // namespace tailorkv::runtime

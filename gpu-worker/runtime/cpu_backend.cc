@@ -94,20 +94,10 @@ absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t>
                                  bool all_logits, std::vector<float>* logits) {
   auto* seq = dynamic_cast<CpuSequence*>(&state);
   if (seq == nullptr) return absl::InvalidArgumentError("sequence was not made by the CPU backend");
+  if (auto st = ValidateForwardInput(w_.config, state, tokens); !st.ok()) return st;
   const ModelConfig& c = w_.config;
   const int n = static_cast<int>(tokens.size());
-  if (n == 0) return absl::InvalidArgumentError("tokens must not be empty");
   const int start = seq->length();
-  if (n > seq->capacity() - start) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "tokens: %d more tokens overflow the sequence (%d of %d used)", n, start, seq->capacity()));
-  }
-  for (int i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= c.vocab) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("tokens[%d] = %d is outside the vocabulary [0, %d)", i, tokens[i], c.vocab));
-    }
-  }
   omp_set_num_threads(threads_);
   openblas_set_num_threads(threads_);
 

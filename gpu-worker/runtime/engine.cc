@@ -58,7 +58,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     return absl::InvalidArgumentError(
         absl::StrFormat("backend must be auto, cpu or cuda, got '%s'", options.backend));
   }
-  if (options.backend == "cuda") {
+  if (options.backend == "cuda" && !options.cuda_factory) {
     return absl::UnavailableError("backend 'cuda': this build has no CUDA backend");
   }
   std::error_code ec;
@@ -97,9 +97,21 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         "max_context must be in [0, %d] (0 = trained context), got %d", trained, options.max_context));
   }
   engine->max_context_ = options.max_context > 0 ? options.max_context : trained;
-  CpuBackendOptions cpu;
-  cpu.threads = options.threads;
-  ASSIGN_OR_RETURN(engine->backend_, CreateCpuBackend(std::move(weights), cpu));
+  if (options.backend != "cpu" && options.cuda_factory) {
+    auto gpu = options.cuda_factory(weights);
+    if (gpu.ok()) {
+      engine->backend_ = *std::move(gpu);
+    } else if (options.backend == "cuda" || !absl::IsUnavailable(gpu.status())) {
+      return gpu.status();  // asked for CUDA, or a device exists but failed
+    } else {
+      spdlog::info("no CUDA device ({}); using the CPU backend", std::string(gpu.status().message()));
+    }
+  }
+  if (engine->backend_ == nullptr) {
+    CpuBackendOptions cpu;
+    cpu.threads = options.threads;
+    ASSIGN_OR_RETURN(engine->backend_, CreateCpuBackend(std::move(weights), cpu));
+  }
   spdlog::info("model loaded in {:.0f} ms: {} layers, hidden {}, backend {}", MsSince(t0),
                engine->config().n_layers, engine->config().hidden, engine->backend_name());
   return engine;

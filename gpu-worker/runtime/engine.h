@@ -20,10 +20,17 @@
 
 namespace tailorkv::runtime {
 
+// Makes a GPU backend for the loaded weights; Unavailable when no device
+// exists. The runtime library does not depend on CUDA: binaries built with
+// the CUDA backend pass tailorkv::cuda's factory here.
+using BackendFactory =
+    std::function<absl::StatusOr<std::unique_ptr<Backend>>(const model::ModelWeights&)>;
+
 struct EngineOptions {
   std::string model_path;       // a .gguf file or a safetensors directory
   std::string tokenizer_gguf;   // GGUF file to take the tokenizer from; default: model_path
   std::string backend = "auto"; // "auto" (CUDA when a device exists), "cpu", "cuda"
+  BackendFactory cuda_factory;  // empty: this binary has no CUDA backend
   int threads = 0;              // CPU threads; 0 = all cores
   int max_context = 0;          // 0 = the model's trained context
 };

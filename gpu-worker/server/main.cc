@@ -12,6 +12,9 @@
 #include "common/logging.h"
 #include "common/openmp_env.h"
 #include "runtime/engine.h"
+#ifdef TAILORKV_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
 #include "server/generation_service.h"
 
 namespace {
@@ -96,6 +99,11 @@ int main(int argc, char** argv) {
 
   spdlog::info("loading model {} (backend {})", config.engine.model_path, config.engine.backend);
   const auto load_start = std::chrono::steady_clock::now();
+#ifdef TAILORKV_HAVE_CUDA
+  config.engine.cuda_factory = [](const tailorkv::model::ModelWeights& w) {
+    return tailorkv::cuda::CreateCudaBackend(w, {});
+  };
+#endif
   auto engine = tailorkv::runtime::Engine::Create(config.engine);
   if (!engine.ok()) {
     spdlog::error("cannot load the model: {}", engine.status().ToString());
