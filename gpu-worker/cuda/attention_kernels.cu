@@ -1,1 +1,740 @@
-// placeholder
+// Prefill and decode attention on tensor cores (mma.sync m16n8k16, bf16 in,
+// fp32 accumulate), FlashAttention-2 style. See attention_kernels.cuh for the
+// contract and runtime::ref::AttentionHead for the reference.
+//
+// Shared machinery:
+//  * K/V are staged through shared memory in tiles of kTileKeys rows by
+//    cp.async (16-byte copies, L2 only), kStages tiles deep, so that two tiles
+//    are in flight while a third is consumed; one __syncthreads per tile.
+//  * Tiles are stored [row][head_dim] with the 16-byte chunk index XORed by
+//    (row & 7): the 8 row addresses of every ldmatrix hit 8 distinct bank
+//    groups, and so do the cp.async writes.
+//  * Cache rows past the valid range are zero-filled instead of read (the
+//    cache there may hold anything, NaN included, or lie past the end).
+//  * Online softmax in the log2 domain (scores pre-multiplied by
+//    log2(e)/sqrt(head_dim)); P is rounded to bf16 for the P*V product, as in
+//    FlashAttention-2, and the row sums are kept in fp32.
+//
+// Prefill: a block owns 128 query rows of one query head (8 warps x 16 rows)
+// and walks the K/V tiles of its KV head up to its last row's position;
+// warps skip tiles that lie wholly after their rows. Blocks are issued
+// heaviest (last rows) first.
+//
+// Decode: a block owns one KV head and one split (a contiguous chunk of the
+// cache); the query heads of the GQA group are the rows of one 16-row mma
+// tile (rows past the group are zero), so K and V are read exactly once.
+// Each of 4 warps takes 16 keys of every tile with its own softmax state; the
+// warps merge in shared memory and write an unnormalised partial (o, m, l)
+// per (split, head). The chunk size is derived on the device from *length
+// and the number of splits (fixed by the capacity), so every split is busy at
+// any length; splits past the length exit at once. A second kernel merges the
+// partials of the active splits.
+#include "cuda/attention_kernels.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "cuda/cuda_check.h"
+
+namespace tailorkv::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kTileKeys = 64;                         // K/V rows per shared-memory tile
+constexpr int kStages = 3;                            // K/V tiles resident in shared memory
+constexpr int kPrefillRows = 128;                     // query rows per prefill block
+constexpr int kPrefillWarps = kPrefillRows / 16;      // each warp owns 16 query rows
+constexpr int kPrefillThreads = kPrefillWarps * 32;
+constexpr int kDecodeWarps = kTileKeys / 16;          // each warp takes 16 keys of a tile
+constexpr int kDecodeThreads = kDecodeWarps * 32;
+constexpr int kDecodeRows = 16;                       // mma rows: the query heads of a group
+// Splits per KV head are chosen so that n_kv_heads x splits is about this many
+// blocks: ~4 waves at 2 blocks per SM on a 132-SM H100 (and enough for larger
+// chips), while the partials stay a few MB.
+constexpr int kDecodeTargetBlocks = 1024;
+constexpr int kCombineThreads = 256;
+constexpr int kMergeStride = 8;  // float padding per row of the decode warp-merge buffer
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------------------
+// PTX wrappers. All are volatile: they read shared memory that cp.async and
+// barriers change behind the compiler's back.
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy; with valid == false nothing is read and the
+// destination is zero-filled.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void Ldmatrix4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void Ldmatrix4Trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// c += a * b for one m16n8k16 tile (a: 16x16 row-major, b: 16x8 "col").
+__device__ __forceinline__ void MmaBf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x; 2^-inf = +0.
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats as a bf16x2 register, `lo` in the low half (the lower column).
+__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ---------------------------------------------------------------------------
+// Shared-memory tiles.
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled
+// [rows][kD] tile.
+template <int kD>
+__device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
+  return row * kD + ((chunk ^ (row & 7)) << 3);
+}
+
+// Issues cp.async copies of rows [0, kRows) of a row-major bf16 matrix
+// (`src` is row 0, `stride` elements between rows) into a swizzled tile.
+// Rows >= valid_rows are zero-filled without touching global memory; `src`
+// itself must be a valid address (row 0 is always valid at the call sites).
+template <int kRows, int kD, int kThreads>
+__device__ __forceinline__ void LoadTileAsync(bf16* smem, const bf16* src, int64_t stride,
+                                              int valid_rows, int tid) {
+  constexpr int kChunks = kD / 8;
+  static_assert((kRows * kChunks) % kThreads == 0, "tile copy must split evenly over threads");
+  const uint32_t base = SmemAddr(smem);
+#pragma unroll
+  for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
+    const int idx = tid + i * kThreads;
+    const int row = idx / kChunks;
+    const int chunk = idx % kChunks;
+    const bool valid = row < valid_rows;
+    const bf16* g = valid ? src + row * stride + chunk * 8 : src;
+    CpAsync16(base + 2u * static_cast<uint32_t>(SwizzledOffset<kD>(row, chunk)), g, valid);
+  }
+}
+
+// A fragments (16 rows x kD) of rows [row0, row0 + 16) of a swizzled tile.
+template <int kD>
+__device__ __forceinline__ void LoadAFragments(const bf16* tile, int row0, int lane,
+                                               uint32_t (&a)[kD / 16][4]) {
+  const int row = row0 + (lane & 15);
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    Ldmatrix4(SmemAddr(tile + SwizzledOffset<kD>(row, kk * 2 + (lane >> 4))), a[kk]);
+  }
+}
+
+// s[2j], s[2j+1] += Q * K^T for keys [key0 + 16j, key0 + 16j + 16), j < kPairs:
+// the scores of the warp's 16 rows against 16 * kPairs keys of the K tile.
+template <int kD, int kPairs>
+__device__ __forceinline__ void ScoreTile(const uint32_t (&qf)[kD / 16][4], const bf16* k_tile,
+                                          int key0, int lane, float (&s)[2 * kPairs][4]) {
+#pragma unroll
+  for (int nt = 0; nt < 2 * kPairs; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      // Matrices: keys +0..7 / dims +0..7, keys +0..7 / dims +8..15,
+      //           keys +8..15 / dims +0..7, keys +8..15 / dims +8..15.
+      const int key = key0 + 16 * j + (lane & 7) + ((lane >> 4) << 3);
+      const int chunk = kk * 2 + ((lane >> 3) & 1);
+      uint32_t b[4];
+      Ldmatrix4(SmemAddr(k_tile + SwizzledOffset<kD>(key, chunk)), b);
+      MmaBf16(s[2 * j], qf[kk], b[0], b[1]);
+      MmaBf16(s[2 * j + 1], qf[kk], b[2], b[3]);
+    }
+  }
+}
+
+// One online-softmax step over kNT score tiles (already scaled to log2 units,
+// masked entries -inf) of the rows (lane / 4) and (lane / 4 + 8). Rescales
+// o and l, turns s into probabilities. m, l are per-lane copies of the row
+// state (l is a partial sum over this lane's columns; summed over the quad at
+// the end).
+template <int kNT, int kONT>
+__device__ __forceinline__ void OnlineSoftmax(float (&s)[kNT][4], float (&m)[2], float (&l)[2],
+                                              float (&o)[kONT][4]) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+    mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+  }
+  float m_use[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+    const float m_new = fmaxf(m[r], mx[r]);
+    // A row with no unmasked key yet keeps m = -inf; subtracting 0 instead
+    // keeps exp2(-inf - m) at 0 rather than NaN.
+    m_use[r] = m_new == -INFINITY ? 0.0f : m_new;
+    const float alpha = FastExp2(m[r] - m_use[r]);
+    m[r] = m_new;
+    l[r] *= alpha;
+#pragma unroll
+    for (int nt = 0; nt < kONT; ++nt) {
+      o[nt][2 * r] *= alpha;
+      o[nt][2 * r + 1] *= alpha;
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = FastExp2(s[nt][e] - m_use[e >> 1]);
+      l[e >> 1] += s[nt][e];
+    }
+  }
+}
+
+// o += P * V for keys [key0, key0 + 16 * kPairs) of the V tile; P is the
+// accumulator layout of ScoreTile, which is also the A-fragment layout.
+template <int kD, int kPairs>
+__device__ __forceinline__ void AccumulatePV(const float (&p)[2 * kPairs][4], const bf16* v_tile,
+                                             int key0, int lane, float (&o)[kD / 8][4]) {
+#pragma unroll
+  for (int j = 0; j < kPairs; ++j) {
+    uint32_t pa[4];
+    pa[0] = PackBf16x2(p[2 * j][0], p[2 * j][1]);          // row g,   keys 2t, 2t+1
+    pa[1] = PackBf16x2(p[2 * j][2], p[2 * j][3]);          // row g+8, keys 2t, 2t+1
+    pa[2] = PackBf16x2(p[2 * j + 1][0], p[2 * j + 1][1]);  // row g,   keys 2t+8, 2t+9
+    pa[3] = PackBf16x2(p[2 * j + 1][2], p[2 * j + 1][3]);  // row g+8, keys 2t+8, 2t+9
+    // Matrices (transposed): keys +0..7 / dims +0..7, keys +8..15 / dims +0..7,
+    //                        keys +0..7 / dims +8..15, keys +8..15 / dims +8..15.
+    const int key = key0 + 16 * j + (lane & 7) + (((lane >> 3) & 1) << 3);
+#pragma unroll
+    for (int np = 0; np < kD / 16; ++np) {
+      uint32_t b[4];
+      Ldmatrix4Trans(SmemAddr(v_tile + SwizzledOffset<kD>(key, np * 2 + (lane >> 4))), b);
+      MmaBf16(o[2 * np], pa, b[0], b[1]);
+      MmaBf16(o[2 * np + 1], pa, b[2], b[3]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Prefill.
+
+template <int kD>
+constexpr int PrefillSmemBytes() {
+  return (kPrefillRows * kD + kStages * 2 * kTileKeys * kD) * static_cast<int>(sizeof(bf16));
+}
+
+// Grid: (ceil(n / kPrefillRows), n_heads); block: kPrefillThreads.
+//   q:       [n][n_heads][kD]
+//   k_cache: [n_kv_heads][capacity][kD]   v_cache: same
+//   out:     [n][n_heads][kD]
+template <int kD>
+__global__ void __launch_bounds__(kPrefillThreads, 1)
+    PrefillAttentionKernel(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                           const bf16* __restrict__ v_cache, int n, int start_pos, int n_heads,
+                           int group, int capacity, float scale_log2, bf16* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* q_smem = reinterpret_cast<bf16*>(smem_raw);  // [kPrefillRows][kD]
+  bf16* kv_smem = q_smem + kPrefillRows * kD;        // kStages x {K tile, V tile}
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int q_block = gridDim.x - 1 - blockIdx.x;  // heaviest blocks first
+  const int head = blockIdx.y;
+  const int kv_head = head / group;
+  const int q_first = q_block * kPrefillRows;
+  const int q_rows = min(kPrefillRows, n - q_first);
+  const int kv_len = start_pos + q_first + q_rows;  // keys the block's last row attends to
+  const int n_tiles = (kv_len + kTileKeys - 1) / kTileKeys;
+  const int64_t q_stride = static_cast<int64_t>(n_heads) * kD;
+  const bf16* k_head = k_cache + static_cast<int64_t>(kv_head) * capacity * kD;
+  const bf16* v_head = v_cache + static_cast<int64_t>(kv_head) * capacity * kD;
+
+  auto load_tile = [&](int tile) {
+    bf16* k_tile = kv_smem + (tile % kStages) * 2 * kTileKeys * kD;
+    const int first = tile * kTileKeys;
+    LoadTileAsync<kTileKeys, kD, kPrefillThreads>(k_tile, k_head + static_cast<int64_t>(first) * kD,
+                                                  kD, kv_len - first, tid);
+    LoadTileAsync<kTileKeys, kD, kPrefillThreads>(k_tile + kTileKeys * kD,
+                                                  v_head + static_cast<int64_t>(first) * kD, kD,
+                                                  kv_len - first, tid);
+  };
+
+  // Q travels in the first commit group, with tile 0.
+  LoadTileAsync<kPrefillRows, kD, kPrefillThreads>(
+      q_smem, q + static_cast<int64_t>(q_first) * q_stride + static_cast<int64_t>(head) * kD,
+      q_stride, q_rows, tid);
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < n_tiles) load_tile(t);
+    CpAsyncCommit();
+  }
+
+  const int warp_row0 = q_first + warp * 16;           // query index of the warp's first row
+  const int warp_pos0 = start_pos + warp_row0;         // its position
+  const int row_pos = warp_pos0 + lane / 4;            // position of row g (row g+8: +8)
+  const bool warp_has_rows = warp_row0 < n;
+  const int quad_col = (lane % 4) * 2;
+
+  uint32_t qf[kD / 16][4];
+  float o[kD / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < kD / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] = 0.0f;
+  }
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.0f, 0.0f};
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    CpAsyncWait<kStages - 2>();  // this thread's copies of `tile` (and Q) landed
+    __syncthreads();             // everyone's landed; tile - 1's buffer is free
+    if (tile + kStages - 1 < n_tiles) load_tile(tile + kStages - 1);
+    CpAsyncCommit();  // possibly empty: keeps one group per tile for the wait above
+    if (tile == 0) LoadAFragments<kD>(q_smem, warp * 16, lane, qf);
+
+    const int key0 = tile * kTileKeys;
+    if (!warp_has_rows || key0 > warp_pos0 + 15) continue;  // all keys after all rows
+    const bf16* k_tile = kv_smem + (tile % kStages) * 2 * kTileKeys * kD;
+    const bf16* v_tile = k_tile + kTileKeys * kD;
+
+    float s[kTileKeys / 8][4];
+    ScoreTile<kD, kTileKeys / 16>(qf, k_tile, 0, lane, s);
+    const bool need_mask = key0 + kTileKeys - 1 > warp_pos0;
+#pragma unroll
+    for (int nt = 0; nt < kTileKeys / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + nt * 8 + quad_col + (e & 1);
+        const int pos = row_pos + (e >> 1) * 8;
+        s[nt][e] = (need_mask && key > pos) ? -INFINITY : s[nt][e] * scale_log2;
+      }
+    }
+    OnlineSoftmax(s, m, l, o);
+    AccumulatePV<kD, kTileKeys / 16>(s, v_tile, 0, lane, o);
+  }
+  CpAsyncWait<0>();  // leave no copy in flight at exit
+
+  if (!warp_has_rows) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp_row0 + lane / 4 + r * 8;
+    if (row >= n) continue;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    bf16* dst = out + (static_cast<int64_t>(row) * n_heads + head) * kD + quad_col;
+#pragma unroll
+    for (int nt = 0; nt < kD / 8; ++nt) {
+      *reinterpret_cast<__nv_bfloat162*>(dst + nt * 8) =
+          __floats2bfloat162_rn(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Decode.
+
+__device__ __forceinline__ int ClampLength(int32_t len, int capacity) {
+  return len < 0 ? 0 : (len > capacity ? capacity : len);
+}
+
+// Keys per split for `len` keys over at most `max_splits` splits: a multiple of
+// the tile so that only the last split has a partial tile. Active splits:
+// ceil(len / chunk) <= max_splits.
+__device__ __forceinline__ int DecodeChunk(int len, int max_splits) {
+  const int per_split = (len + max_splits - 1) / max_splits;
+  return (per_split + kTileKeys - 1) / kTileKeys * kTileKeys;
+}
+
+template <int kD>
+constexpr int DecodeSmemBytes() {
+  return (kDecodeRows * kD + kStages * 2 * kTileKeys * kD) * static_cast<int>(sizeof(bf16));
+}
+static_assert(kDecodeWarps * kDecodeRows * (128 + kMergeStride + 2) * 4 <=
+                  kStages * 2 * kTileKeys * 128 * 2,
+              "decode warp-merge buffer must fit in the K/V stages");
+static_assert(kDecodeWarps * kDecodeRows * (64 + kMergeStride + 2) * 4 <=
+                  kStages * 2 * kTileKeys * 64 * 2,
+              "decode warp-merge buffer must fit in the K/V stages");
+
+// Grid: (max_splits, n_kv_heads); block: kDecodeThreads.
+//   q:       [n_kv_heads * group][kD]
+//   k_cache: [n_kv_heads][capacity][kD]   v_cache: same
+//   length:  [1], keys to attend to
+//   part_o:  [max_splits][n_kv_heads * group][kD] unnormalised outputs
+//   part_ml: [max_splits][n_kv_heads * group][2] (max in log2 units, sum)
+template <int kD>
+__global__ void __launch_bounds__(kDecodeThreads, 2)
+    DecodeAttentionKernel(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                          const bf16* __restrict__ v_cache, const int32_t* __restrict__ length,
+                          int group, int capacity, int max_splits, float scale_log2,
+                          float* __restrict__ part_o, float* __restrict__ part_ml) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  bf16* q_smem = reinterpret_cast<bf16*>(smem_raw);  // [kDecodeRows][kD]
+  bf16* kv_smem = q_smem + kDecodeRows * kD;         // kStages x {K tile, V tile}
+
+  const int split = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int n_heads = gridDim.y * group;
+  const int len = ClampLength(*length, capacity);
+  const int chunk = DecodeChunk(len, max_splits);
+  const int k_begin = split * chunk;
+  if (k_begin >= len) return;  // whole block: no barrier has been reached yet
+  const int k_end = min(len, k_begin + chunk);
+  const int n_tiles = (k_end - k_begin + kTileKeys - 1) / kTileKeys;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const bf16* k_head = k_cache + static_cast<int64_t>(kv_head) * capacity * kD;
+  const bf16* v_head = v_cache + static_cast<int64_t>(kv_head) * capacity * kD;
+
+  auto load_tile = [&](int tile) {
+    bf16* k_tile = kv_smem + (tile % kStages) * 2 * kTileKeys * kD;
+    const int first = k_begin + tile * kTileKeys;
+    LoadTileAsync<kTileKeys, kD, kDecodeThreads>(k_tile, k_head + static_cast<int64_t>(first) * kD,
+                                                 kD, k_end - first, tid);
+    LoadTileAsync<kTileKeys, kD, kDecodeThreads>(k_tile + kTileKeys * kD,
+                                                 v_head + static_cast<int64_t>(first) * kD, kD,
+                                                 k_end - first, tid);
+  };
+
+  // The group's query heads are rows 0..group-1 of the A tile; the rest are zero.
+  LoadTileAsync<kDecodeRows, kD, kDecodeThreads>(
+      q_smem, q + static_cast<int64_t>(kv_head) * group * kD, kD, group, tid);
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < n_tiles) load_tile(t);
+    CpAsyncCommit();
+  }
+
+  const int quad_col = (lane % 4) * 2;
+  uint32_t qf[kD / 16][4];
+  float o[kD / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < kD / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] = 0.0f;
+  }
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.0f, 0.0f};
+
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    if (tile + kStages - 1 < n_tiles) load_tile(tile + kStages - 1);
+    CpAsyncCommit();
+    if (tile == 0) LoadAFragments<kD>(q_smem, 0, lane, qf);
+
+    const int warp_key0 = k_begin + tile * kTileKeys + warp * 16;  // first key of this warp
+    if (warp_key0 >= k_end) continue;
+    const bf16* k_tile = kv_smem + (tile % kStages) * 2 * kTileKeys * kD;
+    const bf16* v_tile = k_tile + kTileKeys * kD;
+
+    float s[2][4];
+    ScoreTile<kD, 1>(qf, k_tile, warp * 16, lane, s);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = warp_key0 + nt * 8 + quad_col + (e & 1);
+        s[nt][e] = key < k_end ? s[nt][e] * scale_log2 : -INFINITY;
+      }
+    }
+    OnlineSoftmax(s, m, l, o);
+    AccumulatePV<kD, 1>(s, v_tile, warp * 16, lane, o);
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // every warp is done with the K/V stages: reuse them for the merge
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+  }
+  constexpr int kStride = kD + kMergeStride;
+  float* merge_o = reinterpret_cast<float*>(kv_smem);           // [warps][16][kStride]
+  float* merge_ml = merge_o + kDecodeWarps * kDecodeRows * kStride;  // [warps][16][2]
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = lane / 4 + r * 8;
+    float* dst = merge_o + (warp * kDecodeRows + row) * kStride + quad_col;
+#pragma unroll
+    for (int nt = 0; nt < kD / 8; ++nt) {
+      *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(o[nt][2 * r], o[nt][2 * r + 1]);
+    }
+    if (lane % 4 == 0) {
+      merge_ml[(warp * kDecodeRows + row) * 2] = m[r];
+      merge_ml[(warp * kDecodeRows + row) * 2 + 1] = l[r];
+    }
+  }
+  __syncthreads();
+
+  // Warp 0 always saw key k_begin (< len), so the block maximum is finite.
+  for (int idx = tid; idx < group * kD; idx += kDecodeThreads) {
+    const int row = idx / kD;
+    const int d = idx % kD;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) m_max = fmaxf(m_max, merge_ml[(w * kDecodeRows + row) * 2]);
+    float acc = 0.0f;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      const float scale = FastExp2(merge_ml[(w * kDecodeRows + row) * 2] - m_max);
+      acc += merge_o[(w * kDecodeRows + row) * kStride + d] * scale;
+      sum += merge_ml[(w * kDecodeRows + row) * 2 + 1] * scale;
+    }
+    const int64_t head = static_cast<int64_t>(split) * n_heads + kv_head * group + row;
+    part_o[head * kD + d] = acc;
+    if (d == 0) {
+      part_ml[head * 2] = m_max;
+      part_ml[head * 2 + 1] = sum;
+    }
+  }
+}
+
+// Grid: (n_heads); block: kCombineThreads. Merges the partials of the active
+// splits (derived from *length exactly as DecodeAttentionKernel does).
+//   part_o, part_ml: as written by DecodeAttentionKernel
+//   out: [n_heads][kD]
+template <int kD>
+__global__ void __launch_bounds__(kCombineThreads)
+    DecodeCombineKernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                        const int32_t* __restrict__ length, int capacity, int max_splits,
+                        bf16* __restrict__ out) {
+  constexpr int kGroups = kCombineThreads / kD;  // splits summed in parallel per dim
+  __shared__ float red_o[kGroups][kD];
+  __shared__ float red_l[kGroups];
+
+  const int head = blockIdx.x;
+  const int n_heads = gridDim.x;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int d = tid % kD;
+  const int grp = tid / kD;
+  const int len = ClampLength(*length, capacity);
+  if (len == 0) {  // outside the contract; write zeros rather than NaN
+    if (grp == 0) out[static_cast<int64_t>(head) * kD + d] = __float2bfloat16(0.0f);
+    return;
+  }
+  const int chunk = DecodeChunk(len, max_splits);
+  const int n_splits = (len + chunk - 1) / chunk;
+
+  float m_max = -INFINITY;
+  for (int s = lane; s < n_splits; s += 32) {
+    m_max = fmaxf(m_max, part_ml[(static_cast<int64_t>(s) * n_heads + head) * 2]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    m_max = fmaxf(m_max, __shfl_xor_sync(kFullMask, m_max, off));
+  }
+  float acc = 0.0f;
+  float sum = 0.0f;
+  for (int s = grp; s < n_splits; s += kGroups) {
+    const int64_t idx = static_cast<int64_t>(s) * n_heads + head;
+    const float scale = FastExp2(part_ml[idx * 2] - m_max);
+    acc += part_o[idx * kD + d] * scale;
+    sum += part_ml[idx * 2 + 1] * scale;
+  }
+  red_o[grp][d] = acc;
+  if (d == 0) red_l[grp] = sum;
+  __syncthreads();
+  if (grp != 0) return;
+  float total = 0.0f;
+  float total_l = 0.0f;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) {
+    total += red_o[g][d];
+    total_l += red_l[g];
+  }
+  out[static_cast<int64_t>(head) * kD + d] = __float2bfloat16(total / total_l);
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+
+absl::Status ValidateShape(const AttentionShape& s) {
+  if (s.head_dim != 64 && s.head_dim != 128) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention: head_dim ", s.head_dim, " unsupported (64 or 128)"));
+  }
+  if (s.n_heads <= 0 || s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention: n_heads ", s.n_heads,
+                                                   " must be a positive multiple of n_kv_heads ",
+                                                   s.n_kv_heads));
+  }
+  if (s.n_heads > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("attention: n_heads ", s.n_heads, " too large"));
+  }
+  if (s.capacity <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention: capacity ", s.capacity));
+  }
+  return absl::OkStatus();
+}
+
+bool Aligned16(const void* p) { return p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+absl::Status ValidatePointers(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs) {
+    if (!Aligned16(p)) {
+      return absl::InvalidArgumentError("attention: buffers must be non-null and 16-byte aligned");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Splits per KV head (the grid's x extent); fixed by the shape so that the
+// workspace size and a captured graph do not depend on the length.
+int DecodeMaxSplits(const AttentionShape& s) {
+  const int by_blocks = (kDecodeTargetBlocks + s.n_kv_heads - 1) / s.n_kv_heads;
+  const int by_capacity = (s.capacity + kTileKeys - 1) / kTileKeys;
+  return by_blocks < by_capacity ? by_blocks : by_capacity;
+}
+
+float ScaleLog2(int head_dim) { return kLog2e / std::sqrt(static_cast<float>(head_dim)); }
+
+template <int kD>
+absl::Status LaunchPrefillTyped(const bf16* q, const bf16* k_cache, const bf16* v_cache, int n,
+                                int start_pos, const AttentionShape& shape, bf16* out,
+                                cudaStream_t stream) {
+  constexpr int kSmem = PrefillSmemBytes<kD>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      PrefillAttentionKernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const dim3 grid((n + kPrefillRows - 1) / kPrefillRows, shape.n_heads);
+  PrefillAttentionKernel<kD><<<grid, kPrefillThreads, kSmem, stream>>>(
+      q, k_cache, v_cache, n, start_pos, shape.n_heads, shape.n_heads / shape.n_kv_heads,
+      shape.capacity, ScaleLog2(kD), out);
+  CUDA_RETURN_IF_LAUNCH_FAILED("PrefillAttentionKernel");
+  return absl::OkStatus();
+}
+
+template <int kD>
+absl::Status LaunchDecodeTyped(const bf16* q, const bf16* k_cache, const bf16* v_cache,
+                               const int32_t* length, const AttentionShape& shape,
+                               void* workspace, bf16* out, cudaStream_t stream) {
+  constexpr int kSmem = DecodeSmemBytes<kD>();
+  const int max_splits = DecodeMaxSplits(shape);
+  float* part_o = static_cast<float*>(workspace);
+  float* part_ml = part_o + static_cast<size_t>(max_splits) * shape.n_heads * kD;
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      DecodeAttentionKernel<kD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const dim3 grid(max_splits, shape.n_kv_heads);
+  DecodeAttentionKernel<kD><<<grid, kDecodeThreads, kSmem, stream>>>(
+      q, k_cache, v_cache, length, shape.n_heads / shape.n_kv_heads, shape.capacity, max_splits,
+      ScaleLog2(kD), part_o, part_ml);
+  CUDA_RETURN_IF_LAUNCH_FAILED("DecodeAttentionKernel");
+  DecodeCombineKernel<kD><<<shape.n_heads, kCombineThreads, 0, stream>>>(
+      part_o, part_ml, length, shape.capacity, max_splits, out);
+  CUDA_RETURN_IF_LAUNCH_FAILED("DecodeCombineKernel");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status LaunchPrefillAttention(const __nv_bfloat16* q, const __nv_bfloat16* k_cache,
+                                    const __nv_bfloat16* v_cache, int n, int start_pos,
+                                    const AttentionShape& shape, __nv_bfloat16* out,
+                                    cudaStream_t stream) {
+  if (absl::Status st = ValidateShape(shape); !st.ok()) return st;
+  if (n < 0 || start_pos < 0 ||
+      static_cast<int64_t>(start_pos) + n > static_cast<int64_t>(shape.capacity)) {
+    return absl::InvalidArgumentError(absl::StrCat("prefill attention: rows [", start_pos, ", ",
+                                                   static_cast<int64_t>(start_pos) + n,
+                                                   ") outside capacity ", shape.capacity));
+  }
+  if (n == 0) return absl::OkStatus();
+  if (absl::Status st = ValidatePointers({q, k_cache, v_cache, out}); !st.ok()) return st;
+  switch (shape.head_dim) {
+    case 64:
+      return LaunchPrefillTyped<64>(q, k_cache, v_cache, n, start_pos, shape, out, stream);
+    case 128:
+      return LaunchPrefillTyped<128>(q, k_cache, v_cache, n, start_pos, shape, out, stream);
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("prefill attention: head_dim ", shape.head_dim, " unsupported"));
+  }
+}
+
+size_t DecodeAttentionWorkspaceBytes(const AttentionShape& shape) {
+  if (!ValidateShape(shape).ok()) return 0;
+  return static_cast<size_t>(DecodeMaxSplits(shape)) * shape.n_heads * (shape.head_dim + 2) *
+         sizeof(float);
+}
+
+absl::Status LaunchDecodeAttention(const __nv_bfloat16* q, const __nv_bfloat16* k_cache,
+                                   const __nv_bfloat16* v_cache, const int32_t* length,
+                                   const AttentionShape& shape, void* workspace,
+                                   __nv_bfloat16* out, cudaStream_t stream) {
+  if (absl::Status st = ValidateShape(shape); !st.ok()) return st;
+  const int group = shape.n_heads / shape.n_kv_heads;
+  if (group > kDecodeRows) {
+    return absl::InvalidArgumentError(absl::StrCat("decode attention: ", group,
+                                                   " query heads per KV head (at most ",
+                                                   kDecodeRows, ")"));
+  }
+  if (length == nullptr || reinterpret_cast<uintptr_t>(length) % alignof(int32_t) != 0) {
+    return absl::InvalidArgumentError("decode attention: length must be a non-null int32 pointer");
+  }
+  if (absl::Status st = ValidatePointers({q, k_cache, v_cache, workspace, out}); !st.ok()) {
+    return st;
+  }
+  switch (shape.head_dim) {
+    case 64:
+      return LaunchDecodeTyped<64>(q, k_cache, v_cache, length, shape, workspace, out, stream);
+    case 128:
+      return LaunchDecodeTyped<128>(q, k_cache, v_cache, length, shape, workspace, out, stream);
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("decode attention: head_dim ", shape.head_dim, " unsupported"));
+  }
+}
+
+}  // namespace tailorkv::cuda
