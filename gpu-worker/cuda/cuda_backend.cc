@@ -1,1 +1,471 @@
-// placeholder
+#include "cuda/cuda_backend.h"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "cuda/attention_kernels.cuh"
+#include "cuda/cuda_check.h"
+#include "cuda/elementwise_kernels.cuh"
+#include "cuda/random_fill.cuh"
+#include "model/ggml_types.h"
+#include "runtime/cpu_reference.h"
+
+namespace tailorkv::cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using model::ModelConfig;
+using runtime::SequenceState;
+
+// Rows of logits computed per head GEMM when all positions' logits are asked
+// for: bounds that buffer to kLogitRows x vocab floats.
+constexpr int kLogitRows = 64;
+// cuBLAS gets a fixed workspace so that it never allocates during graph capture.
+constexpr size_t kCublasWorkspaceBytes = 32u << 20;
+
+struct DeviceLayer {
+  DeviceBuffer attn_norm;  // [hidden] f32
+  DeviceBuffer w_qkv;      // [(n_heads + 2 n_kv) * head_dim][hidden] bf16: Wq | Wk | Wv rows
+  DeviceBuffer wo;         // [hidden][n_heads * head_dim] bf16
+  DeviceBuffer ffn_norm;   // [hidden] f32
+  DeviceBuffer w_gate_up;  // [2 ffn][hidden] bf16: gate rows, then up rows
+  DeviceBuffer w_down;     // [hidden][ffn] bf16
+};
+
+class CudaSequence final : public SequenceState {
+ public:
+  CudaSequence(const void* owner, int capacity, int64_t layer_elems, DeviceBuffer kv,
+               DeviceBuffer attn_workspace)
+      : owner_(owner),
+        capacity_(capacity),
+        layer_elems_(layer_elems),
+        kv_(std::move(kv)),
+        attn_workspace_(std::move(attn_workspace)) {}
+
+  int length() const override { return length_; }
+  int capacity() const override { return capacity_; }
+  void Truncate(int n) override { length_ = std::clamp(n, 0, length_); }
+
+  const void* owner() const { return owner_; }
+  void set_length(int n) { length_ = n; }
+  // [n_kv][capacity][head_dim] bf16 of one layer.
+  bf16* k(int layer) const { return kv_.as<bf16>() + (2 * layer) * layer_elems_; }
+  bf16* v(int layer) const { return kv_.as<bf16>() + (2 * layer + 1) * layer_elems_; }
+  void* attn_workspace() const { return attn_workspace_.get(); }
+  int64_t device_bytes() const { return kv_.size() + attn_workspace_.size(); }
+  CudaGraphExec& decode_graph() { return decode_graph_; }
+  bool decoded_once = false;  // the first decode runs eagerly, warming cuBLAS before capture
+
+ private:
+  const void* owner_;
+  int capacity_;
+  int length_ = 0;
+  int64_t layer_elems_;
+  DeviceBuffer kv_;
+  DeviceBuffer attn_workspace_;
+  CudaGraphExec decode_graph_;
+};
+
+class CudaBackend final : public runtime::Backend {
+ public:
+  ~CudaBackend() override {
+    // Work in flight may still read the pinned buffers.
+    if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
+    if (step_host_ != nullptr) cudaFreeHost(step_host_);
+    if (logits_host_ != nullptr) cudaFreeHost(logits_host_);
+  }
+  std::string_view name() const override { return "cuda"; }
+  const ModelConfig& config() const override { return config_; }
+
+  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity) override;
+  absl::Status Forward(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
+                       std::vector<float>* logits) override;
+
+  // Allocates every buffer except the weights' contents.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Allocate(const ModelConfig& config,
+                                                               const CudaBackendOptions& options);
+  absl::Status UploadWeights(const model::ModelWeights& w);
+  absl::Status RandomizeWeights(uint64_t seed);
+  absl::Status FillRandomKv(CudaSequence& seq, int length, uint64_t seed);
+  int64_t device_bytes() const { return device_bytes_; }
+
+ private:
+  CudaBackend(const ModelConfig& c, const CudaBackendOptions& o) : config_(c), options_(o) {}
+
+  absl::StatusOr<DeviceBuffer> Alloc(size_t bytes);
+  absl::Status UploadBf16(const std::vector<const model::Tensor*>& parts, DeviceBuffer& dst);
+  absl::Status UploadF32(const model::Tensor& t, DeviceBuffer& dst);
+  // y[n][out] = x[n][in] * W[out][in]^T (+ y when accumulate); bf16 in, f32 out.
+  absl::Status Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
+                    bool accumulate);
+  // Enqueues the layers for `n` tokens whose ids and position are already in
+  // the device step buffer; decode (n == 1, graph-capturable) or prefill.
+  absl::Status EnqueueLayers(CudaSequence& seq, int n, int start, bool decode);
+  // Final norm + head for rows [first, first + rows) of the activations into
+  // logits_ (rows <= kLogitRows).
+  absl::Status EnqueueHead(int first, int rows);
+  absl::Status CopyLogitsOut(int rows, float* dst);
+  absl::Status DecodeStep(CudaSequence& seq, int32_t token, std::vector<float>* logits);
+
+  ModelConfig config_;
+  CudaBackendOptions options_;
+  int64_t device_bytes_ = 0;
+  int qkv_rows_ = 0;  // (n_heads + 2 n_kv) * head_dim
+  CudaStream stream_;
+  CublasHandle cublas_;
+  DeviceBuffer cublas_workspace_;
+  // Weights.
+  DeviceBuffer tok_embd_, output_norm_, output_, inv_freq_;
+  std::vector<DeviceLayer> layers_;
+  // Activations for up to options_.max_prefill_chunk tokens.
+  DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, h_, logits_;
+  // Step parameters: [0] position of the first token, [1] cache length after
+  // this step, [2..] token ids. Written from pinned host memory before a run.
+  DeviceBuffer step_;
+  int32_t* step_host_ = nullptr;  // pinned, same layout
+  float* logits_host_ = nullptr;  // pinned, kLogitRows x vocab
+};
+
+absl::StatusOr<DeviceBuffer> CudaBackend::Alloc(size_t bytes) {
+  ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::Allocate(bytes));
+  device_bytes_ += static_cast<int64_t>(bytes);
+  return b;
+}
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
+    const ModelConfig& c, const CudaBackendOptions& options) {
+  RETURN_IF_ERROR(c.Validate());
+  if (c.head_dim != 64 && c.head_dim != 128) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("head_dim %d: the CUDA kernels support 64 and 128", c.head_dim));
+  }
+  if (options.max_prefill_chunk < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat("max_prefill_chunk must be >= 1, got %d",
+                                                      options.max_prefill_chunk));
+  }
+  if (DeviceCount() <= options.device) {
+    return absl::UnavailableError(
+        absl::StrFormat("CUDA device %d not found (%d devices)", options.device, DeviceCount()));
+  }
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
+  auto b = std::unique_ptr<CudaBackend>(new CudaBackend(c, options));
+  b->qkv_rows_ = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+  ASSIGN_OR_RETURN(b->stream_, CudaStream::Create());
+  ASSIGN_OR_RETURN(b->cublas_, CublasHandle::Create());
+  ASSIGN_OR_RETURN(b->cublas_workspace_, b->Alloc(kCublasWorkspaceBytes));
+  CUBLAS_RETURN_IF_ERROR(cublasSetStream(b->cublas_.get(), b->stream_.get()));
+  CUBLAS_RETURN_IF_ERROR(
+      cublasSetWorkspace(b->cublas_.get(), b->cublas_workspace_.get(), kCublasWorkspaceBytes));
+
+  const size_t H = c.hidden, V = c.vocab, F = c.ffn, hd = c.head_dim;
+  ASSIGN_OR_RETURN(b->tok_embd_, b->Alloc(V * H * sizeof(bf16)));
+  ASSIGN_OR_RETURN(b->output_norm_, b->Alloc(H * sizeof(float)));
+  if (!c.tied_embeddings) {
+    ASSIGN_OR_RETURN(b->output_, b->Alloc(V * H * sizeof(bf16)));
+  }
+  ASSIGN_OR_RETURN(b->inv_freq_, b->Alloc(hd / 2 * sizeof(float)));
+  const std::vector<float> inv_freq = runtime::ref::RopeInvFreq(c);
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(b->inv_freq_.get(), inv_freq.data(),
+                                  inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
+  b->layers_.resize(c.n_layers);
+  for (DeviceLayer& L : b->layers_) {
+    ASSIGN_OR_RETURN(L.attn_norm, b->Alloc(H * sizeof(float)));
+    ASSIGN_OR_RETURN(L.w_qkv, b->Alloc(b->qkv_rows_ * H * sizeof(bf16)));
+    ASSIGN_OR_RETURN(L.wo, b->Alloc(H * c.n_heads * hd * sizeof(bf16)));
+    ASSIGN_OR_RETURN(L.ffn_norm, b->Alloc(H * sizeof(float)));
+    ASSIGN_OR_RETURN(L.w_gate_up, b->Alloc(2 * F * H * sizeof(bf16)));
+    ASSIGN_OR_RETURN(L.w_down, b->Alloc(H * F * sizeof(bf16)));
+  }
+  const size_t T = options.max_prefill_chunk;
+  ASSIGN_OR_RETURN(b->x_, b->Alloc(T * H * sizeof(float)));
+  ASSIGN_OR_RETURN(b->xn_, b->Alloc(T * std::max(H, F) * sizeof(bf16)));
+  ASSIGN_OR_RETURN(b->qkv_, b->Alloc(T * b->qkv_rows_ * sizeof(float)));
+  ASSIGN_OR_RETURN(b->q_, b->Alloc(T * c.n_heads * hd * sizeof(bf16)));
+  ASSIGN_OR_RETURN(b->attn_, b->Alloc(T * c.n_heads * hd * sizeof(bf16)));
+  ASSIGN_OR_RETURN(b->gate_up_, b->Alloc(T * 2 * F * sizeof(float)));
+  ASSIGN_OR_RETURN(b->h_, b->Alloc(T * F * sizeof(bf16)));
+  ASSIGN_OR_RETURN(b->logits_, b->Alloc(kLogitRows * V * sizeof(float)));
+  ASSIGN_OR_RETURN(b->step_, b->Alloc((T + 2) * sizeof(int32_t)));
+  CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->step_host_, (T + 2) * sizeof(int32_t)));
+  CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->logits_host_, kLogitRows * V * sizeof(float)));
+  return b;
+}
+
+absl::Status CudaBackend::UploadBf16(const std::vector<const model::Tensor*>& parts,
+                                     DeviceBuffer& dst) {
+  std::vector<uint16_t> host;
+  for (const model::Tensor* t : parts) {
+    for (float v : t->data) host.push_back(model::FloatToBf16(v));
+  }
+  if (host.size() * sizeof(bf16) != dst.size()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "weight of %d elements does not fill its %d-byte device buffer", host.size(), dst.size()));
+  }
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(dst.get(), host.data(), dst.size(), cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::UploadF32(const model::Tensor& t, DeviceBuffer& dst) {
+  if (t.data.size() * sizeof(float) != dst.size()) {
+    return absl::InvalidArgumentError("norm weight does not match its device buffer");
+  }
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(dst.get(), t.data.data(), dst.size(), cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::UploadWeights(const model::ModelWeights& w) {
+  if (static_cast<int>(w.layers.size()) != config_.n_layers) {
+    return absl::InvalidArgumentError(absl::StrFormat("weights have %d layers, config says %d",
+                                                      w.layers.size(), config_.n_layers));
+  }
+  RETURN_IF_ERROR(UploadBf16({&w.tok_embd}, tok_embd_));
+  RETURN_IF_ERROR(UploadF32(w.output_norm, output_norm_));
+  if (!config_.tied_embeddings) RETURN_IF_ERROR(UploadBf16({&w.output}, output_));
+  for (int l = 0; l < config_.n_layers; ++l) {
+    const model::LayerWeights& src = w.layers[l];
+    DeviceLayer& L = layers_[l];
+    RETURN_IF_ERROR(UploadF32(src.attn_norm, L.attn_norm));
+    RETURN_IF_ERROR(UploadBf16({&src.wq, &src.wk, &src.wv}, L.w_qkv));
+    RETURN_IF_ERROR(UploadBf16({&src.wo}, L.wo));
+    RETURN_IF_ERROR(UploadF32(src.ffn_norm, L.ffn_norm));
+    RETURN_IF_ERROR(UploadBf16({&src.w_gate, &src.w_up}, L.w_gate_up));
+    RETURN_IF_ERROR(UploadBf16({&src.w_down}, L.w_down));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RandomizeWeights(uint64_t seed) {
+  cudaStream_t s = stream_.get();
+  auto bf = [&](DeviceBuffer& b, float scale) {
+    return LaunchFillRandomBf16(b.as<bf16>(), b.size() / sizeof(bf16), seed++, scale, 0.0f, s);
+  };
+  auto norm = [&](DeviceBuffer& b) {
+    return LaunchFillRandomF32(b.as<float>(), b.size() / sizeof(float), seed++, 0.1f, 1.0f, s);
+  };
+  // Scales keep activations O(1) through 32 random layers (values do not
+  // change speed, but NaN or Inf would make a benchmark meaningless).
+  const float in_scale = 1.0f / std::sqrt(static_cast<float>(config_.hidden));
+  RETURN_IF_ERROR(bf(tok_embd_, 1.0f));
+  RETURN_IF_ERROR(norm(output_norm_));
+  if (!config_.tied_embeddings) RETURN_IF_ERROR(bf(output_, in_scale));
+  for (DeviceLayer& L : layers_) {
+    RETURN_IF_ERROR(norm(L.attn_norm));
+    RETURN_IF_ERROR(bf(L.w_qkv, in_scale));
+    RETURN_IF_ERROR(bf(L.wo, in_scale));
+    RETURN_IF_ERROR(norm(L.ffn_norm));
+    RETURN_IF_ERROR(bf(L.w_gate_up, in_scale));
+    RETURN_IF_ERROR(bf(L.w_down, 1.0f / std::sqrt(static_cast<float>(config_.ffn))));
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(int capacity) {
+  if (capacity < 1 || capacity > config_.max_context) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "sequence capacity must be in [1, %d], got %d", config_.max_context, capacity));
+  }
+  const int64_t layer_elems =
+      static_cast<int64_t>(config_.n_kv_heads) * capacity * config_.head_dim;
+  ASSIGN_OR_RETURN(DeviceBuffer kv,
+                   DeviceBuffer::Allocate(2 * layer_elems * config_.n_layers * sizeof(bf16)));
+  const AttentionShape shape{config_.n_heads, config_.n_kv_heads, config_.head_dim, capacity};
+  ASSIGN_OR_RETURN(DeviceBuffer ws,
+                   DeviceBuffer::Allocate(std::max<size_t>(DecodeAttentionWorkspaceBytes(shape), 16)));
+  return std::make_unique<CudaSequence>(this, capacity, layer_elems, std::move(kv), std::move(ws));
+}
+
+absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
+                               bool accumulate) {
+  // Row-major y[n][out] = x[n][in] W[out][in]^T is, column-major,
+  // y^T (out x n) = W^T (stored in x out, hence OP_T) * x^T (in x n).
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha,
+                                      w, CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y,
+                                      CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, bool decode) {
+  const ModelConfig& c = config_;
+  cudaStream_t s = stream_.get();
+  const int32_t* d_pos = step_.as<int32_t>();
+  const int32_t* d_len = step_.as<int32_t>() + 1;
+  const int32_t* d_ids = step_.as<int32_t>() + 2;
+  const AttentionShape shape{c.n_heads, c.n_kv_heads, c.head_dim, seq.capacity()};
+  const int q_dim = c.n_heads * c.head_dim;
+  float* x = x_.as<float>();
+  bf16* xn = xn_.as<bf16>();
+  RETURN_IF_ERROR(LaunchEmbedding(tok_embd_.as<bf16>(), c.vocab, d_ids, n, c.hidden, x, s));
+  for (int l = 0; l < c.n_layers; ++l) {
+    const DeviceLayer& L = layers_[l];
+    RETURN_IF_ERROR(LaunchRmsNorm(x, L.attn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
+    RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<float>(), false));
+    RETURN_IF_ERROR(LaunchRopeAppendKv(
+        qkv_.as<float>(), n, d_pos, c.n_heads, c.n_kv_heads, c.head_dim, inv_freq_.as<float>(),
+        c.rope_style == model::RopeStyle::kAdjacentPairs, q_.as<bf16>(), seq.k(l), seq.v(l),
+        seq.capacity(), s));
+    if (decode) {
+      RETURN_IF_ERROR(LaunchDecodeAttention(q_.as<bf16>(), seq.k(l), seq.v(l), d_len, shape,
+                                            seq.attn_workspace(), attn_.as<bf16>(), s));
+    } else {
+      RETURN_IF_ERROR(LaunchPrefillAttention(q_.as<bf16>(), seq.k(l), seq.v(l), n, start, shape,
+                                             attn_.as<bf16>(), s));
+    }
+    RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true));
+    RETURN_IF_ERROR(LaunchRmsNorm(x, L.ffn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
+    RETURN_IF_ERROR(
+        Gemm(xn, n, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden, gate_up_.as<float>(), false));
+    RETURN_IF_ERROR(LaunchSwiGlu(gate_up_.as<float>(), n, c.ffn, h_.as<bf16>(), s));
+    RETURN_IF_ERROR(Gemm(h_.as<bf16>(), n, L.w_down.as<bf16>(), c.hidden, c.ffn, x, true));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EnqueueHead(int first, int rows) {
+  const ModelConfig& c = config_;
+  cudaStream_t s = stream_.get();
+  const bf16* head = c.tied_embeddings ? tok_embd_.as<bf16>() : output_.as<bf16>();
+  RETURN_IF_ERROR(LaunchRmsNorm(x_.as<float>() + static_cast<int64_t>(first) * c.hidden,
+                                output_norm_.as<float>(), rows, c.hidden, c.rms_eps,
+                                xn_.as<bf16>(), s));
+  return Gemm(xn_.as<bf16>(), rows, head, c.vocab, c.hidden, logits_.as<float>(), false);
+}
+
+absl::Status CudaBackend::CopyLogitsOut(int rows, float* dst) {
+  const size_t bytes = static_cast<size_t>(rows) * config_.vocab * sizeof(float);
+  CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(logits_host_, logits_.get(), bytes, cudaMemcpyDeviceToHost, stream_.get()));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  std::memcpy(dst, logits_host_, bytes);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::DecodeStep(CudaSequence& seq, int32_t token,
+                                     std::vector<float>* logits) {
+  cudaStream_t s = stream_.get();
+  const int pos = seq.length();
+  step_host_[0] = pos;
+  step_host_[1] = pos + 1;
+  step_host_[2] = token;
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(step_.get(), step_host_, 3 * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, s));
+  if (!options_.use_graphs || !seq.decoded_once) {
+    RETURN_IF_ERROR(EnqueueLayers(seq, 1, pos, /*decode=*/true));
+    RETURN_IF_ERROR(EnqueueHead(0, 1));
+    seq.decoded_once = true;
+  } else {
+    if (!seq.decode_graph().valid()) {
+      CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+      absl::Status st = EnqueueLayers(seq, 1, pos, /*decode=*/true);
+      if (st.ok()) st = EnqueueHead(0, 1);
+      // End the capture whatever happened, so the stream is usable again.
+      auto graph = CudaGraphExec::EndCapture(s);
+      RETURN_IF_ERROR(st);
+      ASSIGN_OR_RETURN(seq.decode_graph(), std::move(graph));
+    }
+    RETURN_IF_ERROR(seq.decode_graph().Launch(s));
+  }
+  logits->resize(config_.vocab);
+  RETURN_IF_ERROR(CopyLogitsOut(1, logits->data()));
+  seq.set_length(pos + 1);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Forward(SequenceState& state, absl::Span<const int32_t> tokens,
+                                  bool all_logits, std::vector<float>* logits) {
+  auto* seq = dynamic_cast<CudaSequence*>(&state);
+  if (seq == nullptr || seq->owner() != this) {
+    return absl::InvalidArgumentError("sequence was not made by this CUDA backend");
+  }
+  RETURN_IF_ERROR(runtime::ValidateForwardInput(config_, state, tokens));
+  // The device is per host thread, and callers may come from any thread.
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+  const int n = static_cast<int>(tokens.size());
+  if (n == 1 && seq->length() > 0) return DecodeStep(*seq, tokens[0], logits);
+
+  const int V = config_.vocab;
+  logits->resize(static_cast<size_t>(all_logits ? n : 1) * V);
+  cudaStream_t s = stream_.get();
+  for (int done = 0; done < n;) {
+    const int rows = std::min(options_.max_prefill_chunk, n - done);
+    const int start = seq->length();
+    step_host_[0] = start;
+    step_host_[1] = start + rows;
+    std::memcpy(step_host_ + 2, tokens.data() + done, rows * sizeof(int32_t));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(step_.get(), step_host_, (rows + 2) * sizeof(int32_t),
+                                         cudaMemcpyHostToDevice, s));
+    RETURN_IF_ERROR(EnqueueLayers(*seq, rows, start, /*decode=*/false));
+    if (all_logits) {
+      for (int r = 0; r < rows; r += kLogitRows) {
+        const int m = std::min(kLogitRows, rows - r);
+        RETURN_IF_ERROR(EnqueueHead(r, m));
+        RETURN_IF_ERROR(CopyLogitsOut(m, logits->data() + static_cast<size_t>(done + r) * V));
+      }
+    } else if (done + rows == n) {
+      RETURN_IF_ERROR(EnqueueHead(rows - 1, 1));
+      RETURN_IF_ERROR(CopyLogitsOut(1, logits->data()));
+    } else {
+      // The step buffer is rewritten for the next chunk: wait for this one.
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+    }
+    seq->set_length(start + rows);
+    done += rows;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::FillRandomKv(CudaSequence& seq, int length, uint64_t seed) {
+  if (length < 0 || length > seq.capacity()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("length must be in [0, %d], got %d", seq.capacity(), length));
+  }
+  // Filling the whole cache (not only `length` rows) keeps this simple; the
+  // rows past `length` are overwritten by later steps anyway.
+  const int64_t elems = static_cast<int64_t>(2) * config_.n_layers * config_.n_kv_heads *
+                        seq.capacity() * config_.head_dim;
+  RETURN_IF_ERROR(LaunchFillRandomBf16(seq.k(0), elems, seed, 1.0f, 0.0f, stream_.get()));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  seq.set_length(length);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<runtime::Backend>> CreateCudaBackend(
+    const model::ModelWeights& weights, const CudaBackendOptions& options) {
+  ASSIGN_OR_RETURN(auto backend, CudaBackend::Allocate(weights.config, options));
+  RETURN_IF_ERROR(backend->UploadWeights(weights));
+  return std::unique_ptr<runtime::Backend>(std::move(backend));
+}
+
+absl::StatusOr<std::unique_ptr<runtime::Backend>> CreateCudaBackendWithRandomWeights(
+    const model::ModelConfig& config, uint64_t seed, const CudaBackendOptions& options) {
+  ASSIGN_OR_RETURN(auto backend, CudaBackend::Allocate(config, options));
+  RETURN_IF_ERROR(backend->RandomizeWeights(seed));
+  return std::unique_ptr<runtime::Backend>(std::move(backend));
+}
+
+absl::Status FillSequenceWithRandomKv(runtime::SequenceState& seq, int length, uint64_t seed) {
+  auto* s = dynamic_cast<CudaSequence*>(&seq);
+  if (s == nullptr) return absl::InvalidArgumentError("not a CUDA sequence");
+  auto* backend = const_cast<CudaBackend*>(static_cast<const CudaBackend*>(s->owner()));
+  return backend->FillRandomKv(*s, length, seed);
+}
+
+int64_t BackendDeviceBytes(const runtime::Backend& backend) {
+  auto* b = dynamic_cast<const CudaBackend*>(&backend);
+  return b == nullptr ? 0 : b->device_bytes();
+}
+
+int64_t SequenceDeviceBytes(const runtime::SequenceState& seq) {
+  auto* s = dynamic_cast<const CudaSequence*>(&seq);
+  return s == nullptr ? 0 : s->device_bytes();
+}
+
+}  // namespace tailorkv::cuda

@@ -1,11 +1,19 @@
-// CudaBackend: the Backend on an NVIDIA GPU. Weights are converted to bf16
-// at load and live in device memory; GEMMs run through cuBLAS (bf16 inputs,
-// fp32 accumulation); the residual stream stays fp32; the KV cache is bf16.
-// Prefill uses the flash-attention kernel; each decode step is captured once
-// per sequence capacity as a CUDA graph and replayed, reading its position
-// from device memory. No allocation happens inside a step.
+// CudaBackend: the Backend on an NVIDIA GPU. Weights are bf16 in device
+// memory (converted at load); GEMMs run through cuBLAS (bf16 inputs, fp32
+// accumulation and fp32 outputs); the residual stream stays fp32; the KV
+// cache is bf16 [layer][K|V][kv_head][capacity][head_dim].
+//
+// Prefill runs in chunks of at most `max_prefill_chunk` tokens with the
+// flash-attention kernel. Decode (one token) is captured as a CUDA graph the
+// first time a sequence decodes and replayed afterwards: the token id and
+// position come from a small device buffer written before each replay, so no
+// step allocates or re-captures. All work runs on one stream owned by the
+// backend; Forward() returns after the logits are on the host.
+//
+// Thread-compatible (not thread-safe), like every Backend.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -15,12 +23,27 @@ namespace tailorkv::cuda {
 
 struct CudaBackendOptions {
   int device = 0;
-  bool use_graphs = true;  // capture decode steps as CUDA graphs
-  int max_prefill_chunk = 8192;  // tokens per prefill pass (bounds activation memory)
+  bool use_graphs = true;        // capture decode steps as CUDA graphs
+  int max_prefill_chunk = 4096;  // tokens per prefill pass (bounds activation memory)
 };
 
-// Unavailable when no CUDA device exists.
+// Unavailable when no CUDA device exists; InvalidArgument for shapes the
+// kernels do not support (head_dim other than 64/128).
 absl::StatusOr<std::unique_ptr<runtime::Backend>> CreateCudaBackend(
     const model::ModelWeights& weights, const CudaBackendOptions& options);
+
+// A backend whose weights are seeded random values generated on the GPU
+// (benchmarks of large shapes: no host copy of the weights exists).
+absl::StatusOr<std::unique_ptr<runtime::Backend>> CreateCudaBackendWithRandomWeights(
+    const model::ModelConfig& config, uint64_t seed, const CudaBackendOptions& options);
+
+// Benchmarks: makes `seq` (from a CUDA backend) hold `length` tokens of
+// random K/V without running a prefill.
+absl::Status FillSequenceWithRandomKv(runtime::SequenceState& seq, int length, uint64_t seed);
+
+// Bytes of device memory currently held by the backend's weights and
+// workspaces, and by one sequence's cache.
+int64_t BackendDeviceBytes(const runtime::Backend& backend);
+int64_t SequenceDeviceBytes(const runtime::SequenceState& seq);
 
 }  // namespace tailorkv::cuda

@@ -1,1 +1,230 @@
-// placeholder
+// The whole model on the GPU against the CPU backend (the reference): a small
+// random model with the kernels' head sizes, and the real SmolLM2 model.
+#include "cuda/cuda_backend.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+
+#include "cuda/cuda_check.h"
+#include "model/ggml_types.h"
+#include "model/gguf_file.h"
+#include "runtime/cpu_backend.h"
+#include "runtime/engine.h"
+#include "runtime/test_model.h"
+
+namespace tailorkv::cuda {
+namespace {
+
+using model::ModelWeights;
+
+// The GPU holds bf16 weights: give the CPU reference the same rounded values
+// so the comparison measures the kernels, not the weight format.
+void RoundWeightsToBf16(ModelWeights& w) {
+  auto round = [](model::Tensor& t) {
+    for (float& v : t.data) v = model::Bf16ToFloat(model::FloatToBf16(v));
+  };
+  round(w.tok_embd);
+  round(w.output);
+  for (auto& L : w.layers) {
+    for (auto* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) round(*t);
+  }
+}
+
+std::string ModelPath() {
+  // The GPU machine runs the bundle from another directory than the build's.
+  const char* dir = std::getenv("TAILORKV_MODEL_DIR");
+  return std::string(dir != nullptr ? dir : TAILORKV_MODEL_DIR) +
+         "/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (DeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  }
+};
+
+struct Compare {
+  float max_abs_diff = 0;
+  float max_abs_ref = 0;
+  int top1_agree = 0;
+  int rows = 0;
+};
+
+Compare CompareLogits(const std::vector<float>& gpu, const std::vector<float>& cpu, int vocab) {
+  Compare c;
+  c.rows = static_cast<int>(cpu.size() / vocab);
+  for (int r = 0; r < c.rows; ++r) {
+    const float* g = &gpu[static_cast<size_t>(r) * vocab];
+    const float* x = &cpu[static_cast<size_t>(r) * vocab];
+    int ag = 0, ax = 0;
+    for (int i = 0; i < vocab; ++i) {
+      const float d = std::fabs(g[i] - x[i]);
+      c.max_abs_diff = std::isnan(d) ? INFINITY : std::max(c.max_abs_diff, d);
+      c.max_abs_ref = std::max(c.max_abs_ref, std::fabs(x[i]));
+      if (g[i] > g[ag]) ag = i;
+      if (x[i] > x[ax]) ax = i;
+    }
+    c.top1_agree += ag == ax;
+  }
+  return c;
+}
+
+// A random model with the kernels' head size: 3 query heads of 64 sharing
+// one KV head (GQA group 3), odd vocab and FFN sizes.
+ModelWeights TinyHeadDim64Model(uint32_t seed) {
+  using runtime::testing::RandomTensor;
+  std::mt19937 rng(seed);
+  ModelWeights w;
+  auto& k = w.config;
+  k.arch = "llama";
+  k.n_layers = 3;
+  k.n_heads = 3;
+  k.n_kv_heads = 1;
+  k.head_dim = 64;
+  k.hidden = 192;
+  k.ffn = 200;
+  k.vocab = 257;
+  k.max_context = 256;
+  k.tied_embeddings = true;
+  k.rope_style = model::RopeStyle::kAdjacentPairs;
+  const float s = 0.08f;
+  w.tok_embd = RandomTensor({k.vocab, k.hidden}, rng, 1.0f);
+  w.output_norm = RandomTensor({k.hidden}, rng, 0.1f, 1.0f);
+  for (int l = 0; l < k.n_layers; ++l) {
+    model::LayerWeights L;
+    L.attn_norm = RandomTensor({k.hidden}, rng, 0.1f, 1.0f);
+    L.wq = RandomTensor({k.n_heads * k.head_dim, k.hidden}, rng, s);
+    L.wk = RandomTensor({k.n_kv_heads * k.head_dim, k.hidden}, rng, s);
+    L.wv = RandomTensor({k.n_kv_heads * k.head_dim, k.hidden}, rng, s);
+    L.wo = RandomTensor({k.hidden, k.n_heads * k.head_dim}, rng, s);
+    L.ffn_norm = RandomTensor({k.hidden}, rng, 0.1f, 1.0f);
+    L.w_gate = RandomTensor({k.ffn, k.hidden}, rng, s);
+    L.w_up = RandomTensor({k.ffn, k.hidden}, rng, s);
+    L.w_down = RandomTensor({k.hidden, k.ffn}, rng, s);
+    w.layers.push_back(std::move(L));
+  }
+  return w;
+}
+
+// Prefill in two chunks (chunk 32 < 45 tokens), then decode steps: the first
+// eager, the rest replaying a captured graph.
+TEST_F(CudaBackendTest, TinyModelPrefillAndDecodeMatchCpu) {
+  ModelWeights w = TinyHeadDim64Model(5);
+  RoundWeightsToBf16(w);
+  ASSERT_TRUE(w.config.Validate().ok()) << w.config.Validate();
+  auto gpu = CreateCudaBackend(w, {.max_prefill_chunk = 32});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = runtime::CreateCpuBackend(w, {.threads = 4});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  std::mt19937 rng(17);
+  std::uniform_int_distribution<int32_t> tok(0, w.config.vocab - 1);
+  std::vector<int32_t> prompt(45);
+  for (auto& t : prompt) t = tok(rng);
+  auto gs = *(*gpu)->NewSequence(80);
+  auto cs = *(*cpu)->NewSequence(80);
+  std::vector<float> gl, cl;
+  ASSERT_TRUE((*gpu)->Forward(*gs, prompt, true, &gl).ok());
+  ASSERT_TRUE((*cpu)->Forward(*cs, prompt, true, &cl).ok());
+  Compare p = CompareLogits(gl, cl, w.config.vocab);
+  EXPECT_GT(p.max_abs_ref, 0.5f) << "reference logits are trivial";
+  // bf16 activations (normed inputs, Q/K/V, attention output, FFN hidden)
+  // carry ~3 significant digits: allow 3% of the logit range.
+  EXPECT_LE(p.max_abs_diff, 0.03f * p.max_abs_ref) << "prefill";
+  EXPECT_GE(p.top1_agree, p.rows - 2) << "prefill top-1 agreement";
+  // Decode: the first step runs eagerly, the next ones replay a graph.
+  for (int i = 0; i < 12; ++i) {
+    const int32_t t = tok(rng);
+    ASSERT_TRUE((*gpu)->Forward(*gs, {&t, 1}, false, &gl).ok());
+    ASSERT_TRUE((*cpu)->Forward(*cs, {&t, 1}, false, &cl).ok());
+    Compare d = CompareLogits(gl, cl, w.config.vocab);
+    EXPECT_LE(d.max_abs_diff, 0.03f * d.max_abs_ref) << "decode step " << i;
+    EXPECT_EQ(d.top1_agree, 1) << "decode step " << i;
+  }
+  EXPECT_EQ(gs->length(), 57);
+  // Truncate and decode again: the replayed graph reads the new position.
+  gs->Truncate(45);
+  cs->Truncate(45);
+  const int32_t t = prompt[3];
+  ASSERT_TRUE((*gpu)->Forward(*gs, {&t, 1}, false, &gl).ok());
+  ASSERT_TRUE((*cpu)->Forward(*cs, {&t, 1}, false, &cl).ok());
+  Compare d = CompareLogits(gl, cl, w.config.vocab);
+  EXPECT_LE(d.max_abs_diff, 0.03f * d.max_abs_ref) << "after truncate";
+}
+
+// Runs without a GPU: shapes are checked before any device is touched.
+TEST(CudaBackend, RejectsUnsupportedHeadDim) {
+  auto w = runtime::testing::TinyModel(3, model::RopeStyle::kHalves, true);
+  EXPECT_EQ(CreateCudaBackend(w, {}).status().code(), absl::StatusCode::kInvalidArgument)
+      << "head_dim 8 is not supported by the kernels";
+}
+
+// SmolLM2-135M on the GPU against the CPU backend: teacher-forced logits
+// over a prompt, and 64 greedy tokens through the Engine.
+TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
+  const std::string path = ModelPath();
+  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/fetch_model.sh";
+  auto gguf = model::GgufFile::Open(path);
+  ASSERT_TRUE(gguf.ok()) << gguf.status();
+  auto weights = model::LoadWeightsFromGguf(**gguf);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  auto gpu = CreateCudaBackend(*weights, {});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = runtime::CreateCpuBackend(*weights, {.threads = 8});
+  ASSERT_TRUE(cpu.ok());
+  std::vector<int32_t> prompt;
+  std::mt19937 rng(3);
+  for (int i = 0; i < 300; ++i) prompt.push_back(static_cast<int32_t>(rng() % 49152));
+  auto gs = *(*gpu)->NewSequence(320);
+  auto cs = *(*cpu)->NewSequence(320);
+  std::vector<float> gl, cl;
+  ASSERT_TRUE((*gpu)->Forward(*gs, prompt, true, &gl).ok());
+  ASSERT_TRUE((*cpu)->Forward(*cs, prompt, true, &cl).ok());
+  Compare p = CompareLogits(gl, cl, 49152);
+  std::printf("SmolLM2 teacher-forced: max|diff| %.4f (max|ref| %.2f), top-1 %d/%d\n",
+              p.max_abs_diff, p.max_abs_ref, p.top1_agree, p.rows);
+  EXPECT_LE(p.max_abs_diff, 0.05f * p.max_abs_ref);
+  EXPECT_GE(p.top1_agree, p.rows * 95 / 100);
+
+  // Greedy text through the Engine, GPU vs CPU.
+  const char* prompts[] = {"The capital of France is", "def fibonacci(n):",
+                           "Once upon a time, in a land far away,"};
+  auto factory = [](const model::ModelWeights& w) { return CreateCudaBackend(w, {}); };
+  runtime::EngineOptions gpu_options, cpu_options;
+  gpu_options.model_path = cpu_options.model_path = path;
+  gpu_options.backend = "cuda";
+  gpu_options.cuda_factory = factory;
+  cpu_options.backend = "cpu";
+  cpu_options.threads = 8;
+  auto ge = runtime::Engine::Create(gpu_options);
+  auto ce = runtime::Engine::Create(cpu_options);
+  ASSERT_TRUE(ge.ok()) << ge.status();
+  ASSERT_TRUE(ce.ok()) << ce.status();
+  EXPECT_EQ((*ge)->backend_name(), "cuda");
+  for (const char* text : prompts) {
+    runtime::GenerationRequest r;
+    r.prompt_tokens = *(*ce)->tokenizer().Encode(text, false, false);
+    r.max_tokens = 64;
+    r.ignore_eos = true;
+    std::vector<int32_t> a, b;
+    ASSERT_TRUE((*ge)->Generate(r, [&](const runtime::StreamChunk& c) {
+      a.insert(a.end(), c.token_ids.begin(), c.token_ids.end());
+      return true;
+    }).ok());
+    ASSERT_TRUE((*ce)->Generate(r, [&](const runtime::StreamChunk& c) {
+      b.insert(b.end(), c.token_ids.begin(), c.token_ids.end());
+      return true;
+    }).ok());
+    ASSERT_EQ(a.size(), 64u);
+    size_t first = 0;
+    while (first < a.size() && a[first] == b[first]) ++first;
+    EXPECT_EQ(a, b) << "prompt '" << text << "': first difference at token " << first;
+  }
+}
+
+}  // namespace
+}  // namespace tailorkv::cuda

@@ -1,0 +1,149 @@
+// Decode and prefill speed of the CUDA backend on a Llama-3.1-8B-shaped model
+// with random bf16 weights generated on the GPU (values do not change speed).
+// Decode runs on a cache filled with random K/V (a 128k prefill per context
+// would dominate the run); prefill is timed separately on real forward
+// passes. Prints a table and writes JSON (--out).
+//
+//   tkv_llama_bench --contexts 4096,32768,131072 --prefill 4096,32768,131072 --out r.json
+#include <cuda_runtime.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "cuda/cuda_backend.h"
+#include "model/llama_weights.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+size_t DeviceUsedBytes() {
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  return total_b - free_b;
+}
+
+tailorkv::model::ModelConfig Llama8B() {
+  tailorkv::model::ModelConfig c;
+  c.arch = "llama";
+  c.name = "llama-3.1-8b-shape (random weights)";
+  c.n_layers = 32;
+  c.hidden = 4096;
+  c.n_heads = 32;
+  c.n_kv_heads = 8;
+  c.head_dim = 128;
+  c.ffn = 14336;
+  c.vocab = 128256;
+  c.max_context = 131072 + 256;
+  c.rope_theta = 500000.0f;
+  c.rms_eps = 1e-5f;
+  c.rope_style = tailorkv::model::RopeStyle::kHalves;
+  c.rope_scaling = {tailorkv::model::RopeScaling::Type::kLlama3, 8.0f, 1.0f, 4.0f, 8192};
+  return c;
+}
+
+int Fail(const absl::Status& s, const char* what) {
+  std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int> contexts = {4096, 32768, 131072};
+  std::vector<int> prefills = {4096, 32768, 131072};
+  int steps = 64;
+  int layers = 32;
+  bool graphs = true;
+  std::string out_path;
+  CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
+  app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
+  app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
+  app.add_option("--steps", steps, "timed decode steps per context")->check(CLI::Range(4, 100000));
+  app.add_option("--layers", layers, "layers (32 for the real shape)")->check(CLI::Range(1, 32));
+  app.add_option("--graphs", graphs, "capture decode steps as CUDA graphs");
+  app.add_option("--out", out_path, "JSON results file");
+  CLI11_PARSE(app, argc, argv);
+
+  auto config = Llama8B();
+  config.n_layers = layers;
+  const size_t base_used = DeviceUsedBytes();
+  tailorkv::cuda::CudaBackendOptions opts;
+  opts.use_graphs = graphs;
+  auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
+  if (!backend.ok()) return Fail(backend.status(), "backend");
+  const size_t weights_used = DeviceUsedBytes();
+  nlohmann::json out = {{"model", config.name}, {"layers", layers}, {"graphs", graphs},
+                        {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  out["device"] = prop.name;
+  std::printf("device %s, backend holds %.2f GB\n", prop.name,
+              tailorkv::cuda::BackendDeviceBytes(**backend) / 1e9);
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int32_t> tok(0, config.vocab - 1);
+  std::vector<float> logits;
+
+  std::printf("%-10s %12s %12s %14s\n", "context", "decode ms", "tokens/s", "peak GPU GB");
+  for (int ctx : contexts) {
+    auto seq = (*backend)->NewSequence(ctx + steps + 8);
+    if (!seq.ok()) return Fail(seq.status(), "sequence");
+    if (auto s = tailorkv::cuda::FillSequenceWithRandomKv(**seq, ctx, 99); !s.ok()) {
+      return Fail(s, "fill");
+    }
+    std::vector<double> ms;
+    for (int i = 0; i < steps + 4; ++i) {
+      const int32_t t = tok(rng);
+      const auto t0 = Clock::now();
+      if (auto s = (*backend)->Forward(**seq, {&t, 1}, false, &logits); !s.ok()) {
+        return Fail(s, "decode");
+      }
+      const double dt = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+      if (i >= 4) ms.push_back(dt);  // the first steps run eagerly and capture the graph
+    }
+    const double med = Median(ms);
+    const double peak = (DeviceUsedBytes() - base_used) / 1e9;
+    std::printf("%-10d %12.3f %12.1f %14.2f\n", ctx, med, 1000.0 / med, peak);
+    out["decode"].push_back({{"context", ctx}, {"ms_per_token_median", med},
+                             {"ms_min", *std::min_element(ms.begin(), ms.end())},
+                             {"steps", ms.size()}, {"peak_gpu_gb", peak},
+                             {"kv_cache_gb", tailorkv::cuda::SequenceDeviceBytes(**seq) / 1e9}});
+  }
+  std::printf("%-10s %12s %14s %14s\n", "prefill", "seconds", "tokens/s", "peak GPU GB");
+  for (int n : prefills) {
+    std::vector<int32_t> ids(n);
+    for (auto& t : ids) t = tok(rng);
+    // A short warm-up pass loads the prefill kernels; long runs repeat less.
+    const int reps = n <= 32768 ? 3 : 1;
+    std::vector<double> secs;
+    for (int r = -1; r < reps; ++r) {
+      const int len = r < 0 ? std::min(n, 512) : n;
+      auto seq = (*backend)->NewSequence(len);
+      if (!seq.ok()) return Fail(seq.status(), "sequence");
+      const auto t0 = Clock::now();
+      if (auto s = (*backend)->Forward(**seq, absl::MakeConstSpan(ids).subspan(0, len), false,
+                                       &logits);
+          !s.ok()) {
+        return Fail(s, "prefill");
+      }
+      if (r >= 0) secs.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    const double sec = Median(secs);
+    const double peak = (DeviceUsedBytes() - base_used) / 1e9;
+    std::printf("%-10d %12.3f %14.0f %14.2f\n", n, sec, n / sec, peak);
+    out["prefill"].push_back({{"tokens", n}, {"seconds", sec}, {"peak_gpu_gb", peak}});
+  }
+  out["weights_gpu_gb"] = (weights_used - base_used) / 1e9;
+  if (!out_path.empty()) std::ofstream(out_path) << out.dump(2) << "\n";
+  return 0;
+}
