@@ -113,10 +113,21 @@ int main(int argc, char** argv) {
     }
     const double med = Median(ms);
     const double peak = (DeviceUsedBytes() - base_used) / 1e9;
-    std::printf("%-10d %12.3f %12.1f %14.2f\n", ctx, med, 1000.0 / med, peak);
+    // HBM floor: every weight but the embedding table (one row) and the
+    // whole K/V of the context read once, at the 3.0 TB/s measured for a
+    // device-to-device copy (../shared/design/PERF.md).
+    const double layer_weights = static_cast<double>(config.hidden) *
+        ((config.n_heads + 2 * config.n_kv_heads) * config.head_dim +
+         config.n_heads * config.head_dim + 3.0 * config.ffn);
+    const double bytes = 2.0 * (layers * layer_weights + static_cast<double>(config.vocab) * config.hidden) +
+                         2.0 * 2.0 * ctx * layers * config.n_kv_heads * config.head_dim;
+    const double floor_ms = bytes / 3.0e12 * 1e3;
+    std::printf("%-10d %12.3f %12.1f %14.2f   floor %.2f ms (%.0f%% of floor)\n", ctx, med,
+                1000.0 / med, peak, floor_ms, 100.0 * floor_ms / med);
     out["decode"].push_back({{"context", ctx}, {"ms_per_token_median", med},
                              {"ms_min", *std::min_element(ms.begin(), ms.end())},
                              {"steps", ms.size()}, {"peak_gpu_gb", peak},
+                             {"hbm_bytes_per_token", bytes}, {"hbm_floor_ms", floor_ms},
                              {"kv_cache_gb", tailorkv::cuda::SequenceDeviceBytes(**seq) / 1e9}});
   }
   std::printf("%-10s %12s %14s %14s\n", "prefill", "seconds", "tokens/s", "peak GPU GB");
@@ -126,6 +137,7 @@ int main(int argc, char** argv) {
     // A short warm-up pass loads the prefill kernels; long runs repeat less.
     const int reps = n <= 32768 ? 3 : 1;
     std::vector<double> secs;
+    double peak = 0;  // while the sequence (its KV cache) is alive
     for (int r = -1; r < reps; ++r) {
       const int len = r < 0 ? std::min(n, 512) : n;
       auto seq = (*backend)->NewSequence(len);
@@ -137,9 +149,9 @@ int main(int argc, char** argv) {
         return Fail(s, "prefill");
       }
       if (r >= 0) secs.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      peak = std::max(peak, (DeviceUsedBytes() - base_used) / 1e9);
     }
     const double sec = Median(secs);
-    const double peak = (DeviceUsedBytes() - base_used) / 1e9;
     std::printf("%-10d %12.3f %14.0f %14.2f\n", n, sec, n / sec, peak);
     out["prefill"].push_back({{"tokens", n}, {"seconds", sec}, {"peak_gpu_gb", peak}});
   }

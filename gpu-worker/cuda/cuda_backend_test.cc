@@ -187,6 +187,10 @@ TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
   Compare p = CompareLogits(gl, cl, 49152);
   std::printf("SmolLM2 teacher-forced: max|diff| %.4f (max|ref| %.2f), top-1 %d/%d\n",
               p.max_abs_diff, p.max_abs_ref, p.top1_agree, p.rows);
+  // Recorded in the gtest JSON report, which the GPU harness brings back.
+  RecordProperty("teacher_forced_max_abs_diff", std::to_string(p.max_abs_diff));
+  RecordProperty("teacher_forced_max_abs_ref", std::to_string(p.max_abs_ref));
+  RecordProperty("teacher_forced_top1", std::to_string(p.top1_agree) + "/" + std::to_string(p.rows));
   EXPECT_LE(p.max_abs_diff, 0.05f * p.max_abs_ref);
   EXPECT_GE(p.top1_agree, p.rows * 95 / 100);
 
@@ -205,7 +209,8 @@ TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
   ASSERT_TRUE(ge.ok()) << ge.status();
   ASSERT_TRUE(ce.ok()) << ce.status();
   EXPECT_EQ((*ge)->backend_name(), "cuda");
-  for (const char* text : prompts) {
+  for (int pi = 0; pi < 3; ++pi) {
+    const char* text = prompts[pi];
     runtime::GenerationRequest r;
     r.prompt_tokens = *(*ce)->tokenizer().Encode(text, false, false);
     r.max_tokens = 64;
@@ -223,6 +228,8 @@ TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
     size_t first = 0;
     while (first < a.size() && a[first] == b[first]) ++first;
     EXPECT_EQ(a, b) << "prompt '" << text << "': first difference at token " << first;
+    RecordProperty(std::string("greedy_identical_prefix_") + std::to_string(pi),
+                   std::to_string(first));
   }
 }
 

@@ -175,7 +175,10 @@ void CpuBackend::Attention(CpuSequence& seq, int layer, const float* q, int n, i
   const int64_t q_stride = static_cast<int64_t>(nh) * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   if (n <= 4) {
-    // Decode: memory-bound dot products; one thread per query head.
+    // Decode: one thread per (token, query head); the dot products and the
+    // weighted sum of V are GEMVs (OpenBLAS runs single-threaded inside an
+    // OpenMP region), which vectorize where plain loops over a float
+    // reduction would not.
 #pragma omp parallel
     {
       std::vector<float> p(start + n);
@@ -183,30 +186,17 @@ void CpuBackend::Attention(CpuSequence& seq, int layer, const float* q, int n, i
       for (int i = 0; i < n; ++i) {
         for (int h = 0; h < nh; ++h) {
           const float* qi = q + i * q_stride + h * hd;
-          const float* K = seq.k(layer, h / group);
-          const float* V = seq.v(layer, h / group);
           const int len = start + i + 1;
-          float mx = -INFINITY;
-          for (int j = 0; j < len; ++j) {
-            const float* kj = K + static_cast<int64_t>(j) * hd;
-            float dot = 0;
-            for (int d = 0; d < hd; ++d) dot += qi[d] * kj[d];
-            p[j] = dot * scale;
-            mx = std::max(mx, p[j]);
-          }
+          cblas_sgemv(CblasRowMajor, CblasNoTrans, len, hd, scale, seq.k(layer, h / group), hd, qi,
+                      1, 0.0f, p.data(), 1);
+          const float mx = *std::max_element(p.begin(), p.begin() + len);
           float sum = 0;
           for (int j = 0; j < len; ++j) {
             p[j] = std::exp(p[j] - mx);
             sum += p[j];
           }
-          float* oi = out + i * q_stride + h * hd;
-          std::fill(oi, oi + hd, 0.0f);
-          const float inv = 1.0f / sum;
-          for (int j = 0; j < len; ++j) {
-            const float wj = p[j] * inv;
-            const float* vj = V + static_cast<int64_t>(j) * hd;
-            for (int d = 0; d < hd; ++d) oi[d] += wj * vj[d];
-          }
+          cblas_sgemv(CblasRowMajor, CblasTrans, len, hd, 1.0f / sum, seq.v(layer, h / group), hd,
+                      p.data(), 1, 0.0f, out + i * q_stride + h * hd, 1);
         }
       }
     }
