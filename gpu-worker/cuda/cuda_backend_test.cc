@@ -77,38 +77,16 @@ Compare CompareLogits(const std::vector<float>& gpu, const std::vector<float>& c
 // A random model with the kernels' head size: 3 query heads of 64 sharing
 // one KV head (GQA group 3), odd vocab and FFN sizes.
 ModelWeights TinyHeadDim64Model(uint32_t seed) {
-  using runtime::testing::RandomTensor;
-  std::mt19937 rng(seed);
-  ModelWeights w;
-  auto& k = w.config;
-  k.arch = "llama";
-  k.n_layers = 3;
-  k.n_heads = 3;
-  k.n_kv_heads = 1;
-  k.head_dim = 64;
-  k.hidden = 192;
-  k.ffn = 200;
-  k.vocab = 257;
-  k.max_context = 256;
-  k.tied_embeddings = true;
-  k.rope_style = model::RopeStyle::kAdjacentPairs;
-  const float s = 0.08f;
-  w.tok_embd = RandomTensor({k.vocab, k.hidden}, rng, 1.0f);
-  w.output_norm = RandomTensor({k.hidden}, rng, 0.1f, 1.0f);
-  for (int l = 0; l < k.n_layers; ++l) {
-    model::LayerWeights L;
-    L.attn_norm = RandomTensor({k.hidden}, rng, 0.1f, 1.0f);
-    L.wq = RandomTensor({k.n_heads * k.head_dim, k.hidden}, rng, s);
-    L.wk = RandomTensor({k.n_kv_heads * k.head_dim, k.hidden}, rng, s);
-    L.wv = RandomTensor({k.n_kv_heads * k.head_dim, k.hidden}, rng, s);
-    L.wo = RandomTensor({k.hidden, k.n_heads * k.head_dim}, rng, s);
-    L.ffn_norm = RandomTensor({k.hidden}, rng, 0.1f, 1.0f);
-    L.w_gate = RandomTensor({k.ffn, k.hidden}, rng, s);
-    L.w_up = RandomTensor({k.ffn, k.hidden}, rng, s);
-    L.w_down = RandomTensor({k.hidden, k.ffn}, rng, s);
-    w.layers.push_back(std::move(L));
-  }
-  return w;
+  runtime::testing::TinyShape shape;
+  shape.n_heads = 3;
+  shape.n_kv_heads = 1;
+  shape.head_dim = 64;
+  shape.hidden = 192;
+  shape.ffn = 200;
+  shape.vocab = 257;
+  shape.max_context = 256;
+  shape.weight_scale = 0.08f;
+  return runtime::testing::TinyModel(seed, model::RopeStyle::kAdjacentPairs, true, shape);
 }
 
 // Prefill in two chunks (chunk 32 < 45 tokens), then decode steps: the first

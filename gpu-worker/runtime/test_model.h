@@ -19,28 +19,40 @@ inline model::Tensor RandomTensor(std::vector<int64_t> shape, std::mt19937& rng,
   return t;
 }
 
-// Odd sizes on purpose: GQA group of 3 (6 heads / 2 KV heads), vocab 97,
-// 3 layers.
+// Sizes of a random test model. The defaults are odd on purpose: a GQA
+// group of 3 (6 heads / 2 KV heads), vocab 97, 3 layers.
+struct TinyShape {
+  int n_layers = 3;
+  int n_heads = 6;
+  int n_kv_heads = 2;
+  int head_dim = 8;
+  int hidden = 48;
+  int ffn = 72;
+  int vocab = 97;
+  int max_context = 640;
+  float weight_scale = 0.15f;
+};
+
 inline model::ModelWeights TinyModel(uint32_t seed, model::RopeStyle style, bool tied,
-                                     int max_context = 640) {
+                                     const TinyShape& shape = {}) {
   std::mt19937 rng(seed);
   model::ModelWeights w;
   auto& c = w.config;
   c.arch = "llama";
   c.name = "tiny";
-  c.n_layers = 3;
-  c.n_heads = 6;
-  c.n_kv_heads = 2;
-  c.head_dim = 8;
-  c.hidden = 48;
-  c.ffn = 72;
-  c.vocab = 97;
-  c.max_context = max_context;
+  c.n_layers = shape.n_layers;
+  c.n_heads = shape.n_heads;
+  c.n_kv_heads = shape.n_kv_heads;
+  c.head_dim = shape.head_dim;
+  c.hidden = shape.hidden;
+  c.ffn = shape.ffn;
+  c.vocab = shape.vocab;
+  c.max_context = shape.max_context;
   c.rope_theta = 10000.0f;
   c.rms_eps = 1e-5f;
   c.rope_style = style;
   c.tied_embeddings = tied;
-  const float s = 0.15f;
+  const float s = shape.weight_scale;
   w.tok_embd = RandomTensor({c.vocab, c.hidden}, rng, 1.0f);
   w.output_norm = RandomTensor({c.hidden}, rng, 0.1f, 1.0f);
   if (!tied) w.output = RandomTensor({c.vocab, c.hidden}, rng, s);
