@@ -97,6 +97,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         "max_context must be in [0, %d] (0 = trained context), got %d", trained, options.max_context));
   }
   engine->max_context_ = options.max_context > 0 ? options.max_context : trained;
+  if (options.prefill_chunk < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("prefill_chunk must be >= 1, got %d", options.prefill_chunk));
+  }
+  engine->prefill_chunk_ = options.prefill_chunk;
   if (options.backend != "cpu" && options.cuda_factory) {
     auto gpu = options.cuda_factory(weights);
     if (gpu.ok()) {
@@ -158,7 +163,17 @@ absl::StatusOr<GenerationResult> Engine::Generate(
   std::string pending;  // complete UTF-8 not yet streamed (may start a stop string)
 
   auto t0 = Clock::now();
-  RETURN_IF_ERROR(backend_->Forward(*seq, request.prompt_tokens, false, &logits));
+  const absl::Span<const int32_t> prompt(request.prompt_tokens);
+  for (int done = 0; done < n_prompt;) {
+    if (request.cancelled && request.cancelled()) {
+      result.finish_reason = FinishReason::kCancelled;
+      result.prefill_ms = MsSince(t0);
+      return result;
+    }
+    const int n = std::min(prefill_chunk_, n_prompt - done);
+    RETURN_IF_ERROR(backend_->Forward(*seq, prompt.subspan(done, n), false, &logits));
+    done += n;
+  }
   result.finish_reason = FinishReason::kLength;
   bool done = false;
   for (int step = 0; step < request.max_tokens && !done; ++step) {

@@ -33,6 +33,9 @@ struct EngineOptions {
   BackendFactory cuda_factory;  // empty: this binary has no CUDA backend
   int threads = 0;              // CPU threads; 0 = all cores
   int max_context = 0;          // 0 = the model's trained context
+  // Prompts are prefilled this many tokens at a time, so a cancelled request
+  // stops within one chunk rather than after the whole prompt.
+  int prefill_chunk = 1024;
 };
 
 struct GenerationRequest {
@@ -41,6 +44,10 @@ struct GenerationRequest {
   int max_tokens = 128;                // >= 1; prompt + max_tokens <= context
   std::vector<std::string> stop;       // non-empty strings; generation ends before them
   bool ignore_eos = false;             // for benchmarks
+  // Polled between prefill chunks (and before each decode step via
+  // on_chunk's return value): returning true stops the generation, which
+  // then ends kCancelled. May be empty.
+  std::function<bool()> cancelled;
 };
 
 // One streamed piece: new token ids and the complete UTF-8 text they finished.
@@ -88,6 +95,7 @@ class Engine {
   std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
   tokenizer::ChatTemplate chat_template_;
   int max_context_ = 0;
+  int prefill_chunk_ = 1024;
 };
 
 }  // namespace tailorkv::runtime

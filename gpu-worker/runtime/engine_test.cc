@@ -138,3 +138,54 @@ TEST(EngineCreate, RejectsUnknownBackendAndMissingFile) {
 
 }  // namespace
 }  // namespace tailorkv::runtime
+
+namespace tailorkv::runtime {
+namespace {
+
+// Chunked prefill: the same text as one pass, and a cancel between chunks
+// stops before any token is generated.
+TEST(EngineChunkedPrefill, SameOutputAndCancelsBetweenChunks) {
+  ASSERT_TRUE(std::filesystem::exists(kModel)) << kModel << " is missing: run scripts/fetch_model.sh";
+  EngineOptions options;
+  options.model_path = kModel;
+  options.backend = "cpu";
+  options.threads = 2;
+  options.prefill_chunk = 5;
+  auto chunked = Engine::Create(options);
+  ASSERT_TRUE(chunked.ok()) << chunked.status();
+  options.prefill_chunk = 1024;
+  auto whole = Engine::Create(options);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  GenerationRequest r;
+  r.prompt_tokens = *(*whole)->tokenizer().Encode("A short story about a robot who learns to paint:",
+                                                  false, false);
+  ASSERT_GT(r.prompt_tokens.size(), 10u);
+  r.max_tokens = 8;
+  r.ignore_eos = true;
+  auto collect = [](Engine& e, const GenerationRequest& req, std::vector<int32_t>& ids) {
+    return e.Generate(req, [&](const StreamChunk& c) {
+      ids.insert(ids.end(), c.token_ids.begin(), c.token_ids.end());
+      return true;
+    });
+  };
+  std::vector<int32_t> a, b;
+  ASSERT_TRUE(collect(**chunked, r, a).ok());
+  ASSERT_TRUE(collect(**whole, r, b).ok());
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(a.size(), 8u);
+
+  int polls = 0;
+  r.cancelled = [&polls] { return ++polls == 2; };  // cancel before the second chunk
+  std::vector<int32_t> none;
+  auto res = collect(**chunked, r, none);
+  ASSERT_TRUE(res.ok()) << res.status();
+  EXPECT_EQ(res->finish_reason, FinishReason::kCancelled);
+  EXPECT_EQ(res->completion_tokens, 0);
+  EXPECT_TRUE(none.empty());
+  EXPECT_EQ(polls, 2);
+  options.prefill_chunk = 0;
+  EXPECT_EQ(Engine::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace tailorkv::runtime

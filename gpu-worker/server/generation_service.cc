@@ -150,6 +150,7 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
     }
     return true;
   };
+  prepared->engine_request.cancelled = [&] { return context->IsCancelled() || abort.aborted(); };
   absl::StatusOr<runtime::GenerationResult> result =
       engine_.Generate(prepared->engine_request, on_chunk);
   slot->Release();
