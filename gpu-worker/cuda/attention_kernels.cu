@@ -4,8 +4,8 @@
 //
 // Shared machinery:
 //  * K/V are staged through shared memory in tiles of kTileKeys rows by
-//    cp.async (16-byte copies, L2 only), kStages tiles deep, so that two tiles
-//    are in flight while a third is consumed; one __syncthreads per tile.
+//    cp.async (16-byte copies, L2 only), several tiles deep, so that copies
+//    are in flight while a tile is consumed; one __syncthreads per tile.
 //  * Tiles are stored [row][head_dim] with the 16-byte chunk index XORed by
 //    (row & 7): the 8 row addresses of every ldmatrix hit 8 distinct bank
 //    groups, and so do the cp.async writes.
@@ -15,10 +15,12 @@
 //    log2(e)/sqrt(head_dim)); P is rounded to bf16 for the P*V product, as in
 //    FlashAttention-2, and the row sums are kept in fp32.
 //
-// Prefill: a block owns 128 query rows of one query head (8 warps x 16 rows)
-// and walks the K/V tiles of its KV head up to its last row's position;
-// warps skip tiles that lie wholly after their rows. Blocks are issued
-// heaviest (last rows) first.
+// Prefill: a block owns 128 query rows of one query head; each of 4 warps
+// owns 32 consecutive rows as two m16 row tiles, so each K/V fragment read
+// from shared memory feeds two mma, and walks the K/V tiles of its KV head up
+// to its last row's position (two tiles resident: one consumed, one in
+// flight; two blocks per SM); warps skip tiles that lie wholly after their
+// rows. Blocks are issued heaviest (last rows) first.
 //
 // Decode: a block owns one KV head and one split (a contiguous chunk of the
 // cache); the query heads of the GQA group are the rows of one 16-row mma
@@ -47,10 +49,12 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kTileKeys = 64;                         // K/V rows per shared-memory tile
-constexpr int kStages = 3;                            // K/V tiles resident in shared memory
+constexpr int kStages = 3;                            // K/V tiles resident per decode block
 constexpr int kPrefillRows = 128;                     // query rows per prefill block
-constexpr int kPrefillWarps = kPrefillRows / 16;      // each warp owns 16 query rows
+constexpr int kPrefillWarpRows = 32;                  // query rows per prefill warp (2 x m16)
+constexpr int kPrefillWarps = kPrefillRows / kPrefillWarpRows;
 constexpr int kPrefillThreads = kPrefillWarps * 32;
+constexpr int kPrefillStages = 2;                     // K/V tiles resident per prefill block
 constexpr int kDecodeWarps = kTileKeys / 16;          // each warp takes 16 keys of a tile
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kDecodeRows = 16;                       // mma rows: the query heads of a group
@@ -263,21 +267,73 @@ __device__ __forceinline__ void AccumulatePV(const float (&p)[2 * kPairs][4], co
 
 template <int kD>
 constexpr int PrefillSmemBytes() {
-  return (kPrefillRows * kD + kStages * 2 * kTileKeys * kD) * static_cast<int>(sizeof(bf16));
+  return (kPrefillRows * kD + kPrefillStages * 2 * kTileKeys * kD) * static_cast<int>(sizeof(bf16));
+}
+
+// Byte offsets, within a swizzled [rows][kD] tile row, of the 16-byte chunks
+// 2i + hi (i < 4) for one lane, where `lane_x` = hi ^ (row & 7) and the lane's
+// row is congruent to it mod 8. Chunk 2kk + hi of any kD then sits at
+// (2kk & ~7) * 16 + off[kk & 3]: the first term and the row are compile-time
+// offsets in an unrolled loop, so every ldmatrix address is a register plus an
+// immediate.
+struct LaneChunkOffsets {
+  uint32_t off[4];
+  __device__ __forceinline__ explicit LaneChunkOffsets(int lane_x) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) off[i] = static_cast<uint32_t>(((2 * i) ^ lane_x) << 4);
+  }
+  __device__ __forceinline__ uint32_t Chunk(int kk) const {
+    return static_cast<uint32_t>((2 * kk) & ~7) * 16u + off[kk & 3];
+  }
+};
+
+// LoadTileAsync for a K/V tile of kD-element rows: every thread copies the
+// same chunk of rows r0, r0 + kRowStep, ..., so each source and destination
+// address is one register plus an immediate, and nothing is kept live across
+// tiles (computing the source per row, as LoadTileAsync's row-0 fallback needs,
+// costs a 64-bit register pair per copy and spilled at kD = 128). Rows >=
+// valid_rows are zero-filled with a 0-byte cp.async, which reads nothing, so
+// their (computed, possibly past-the-end) source address is never touched.
+template <int kRows, int kD, int kThreads>
+__device__ __forceinline__ void LoadKvTileAsync(uint32_t smem, const bf16* src, int valid_rows,
+                                                int tid) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "tile copy must split evenly");
+  const int r0 = tid / kChunks;
+  const int chunk = tid % kChunks;
+  const bf16* g = src + r0 * kD + chunk * 8;
+  const uint32_t dst = smem + 2u * static_cast<uint32_t>(SwizzledOffset<kD>(r0, chunk));
+#pragma unroll
+  for (int i = 0; i < kRows / kRowStep; ++i) {
+    // (r0 + i * kRowStep) & 7 == r0 & 7 when kRowStep % 8 == 0: same swizzle.
+    static_assert(kRowStep % 8 == 0, "row step must keep the swizzle phase");
+    CpAsync16(dst + i * kRowStep * kD * 2, g + i * kRowStep * kD, r0 + i * kRowStep < valid_rows);
+  }
 }
 
 // Grid: (ceil(n / kPrefillRows), n_heads); block: kPrefillThreads.
 //   q:       [n][n_heads][kD]
 //   k_cache: [n_kv_heads][capacity][kD]   v_cache: same
 //   out:     [n][n_heads][kD]
+// Each warp owns kPrefillWarpRows = 32 consecutive query rows as two m16 row
+// tiles, so every K/V fragment read from shared memory feeds two mma (half
+// the shared-memory traffic per flop of 16 rows per warp). Q fragments are
+// re-read from shared memory per tile: with o (2 x kD/8 x 4) and s (2 x 8 x 4)
+// in registers, Q does not also fit at kD = 128. Two blocks per SM.
 template <int kD>
-__global__ void __launch_bounds__(kPrefillThreads, 1)
+__global__ void __launch_bounds__(kPrefillThreads, 2)
     PrefillAttentionKernel(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
                            const bf16* __restrict__ v_cache, int n, int start_pos, int n_heads,
                            int group, int capacity, float scale_log2, bf16* __restrict__ out) {
+  constexpr int kKSteps = kD / 16;          // k16 steps of Q*K^T; also n16 pairs of P*V
+  constexpr int kKeyPairs = kTileKeys / 16;  // k16 steps of P*V
+  constexpr int kNT = kTileKeys / 8;         // n8 score tiles per row tile
+  constexpr uint32_t kRowBytes = kD * sizeof(bf16);
+  constexpr uint32_t kTileBytes = kTileKeys * kRowBytes;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16* q_smem = reinterpret_cast<bf16*>(smem_raw);  // [kPrefillRows][kD]
-  bf16* kv_smem = q_smem + kPrefillRows * kD;        // kStages x {K tile, V tile}
+  bf16* kv_smem = q_smem + kPrefillRows * kD;        // kPrefillStages x {K tile, V tile}
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -294,86 +350,183 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
   const bf16* v_head = v_cache + static_cast<int64_t>(kv_head) * capacity * kD;
 
   auto load_tile = [&](int tile) {
-    bf16* k_tile = kv_smem + (tile % kStages) * 2 * kTileKeys * kD;
+    const uint32_t k_tile = SmemAddr(kv_smem) + (tile % kPrefillStages) * 2 * kTileBytes;
     const int first = tile * kTileKeys;
-    LoadTileAsync<kTileKeys, kD, kPrefillThreads>(k_tile, k_head + static_cast<int64_t>(first) * kD,
-                                                  kD, kv_len - first, tid);
-    LoadTileAsync<kTileKeys, kD, kPrefillThreads>(k_tile + kTileKeys * kD,
-                                                  v_head + static_cast<int64_t>(first) * kD, kD,
-                                                  kv_len - first, tid);
+    LoadKvTileAsync<kTileKeys, kD, kPrefillThreads>(
+        k_tile, k_head + static_cast<int64_t>(first) * kD, kv_len - first, tid);
+    LoadKvTileAsync<kTileKeys, kD, kPrefillThreads>(
+        k_tile + kTileBytes, v_head + static_cast<int64_t>(first) * kD, kv_len - first, tid);
   };
 
   // Q travels in the first commit group, with tile 0.
   LoadTileAsync<kPrefillRows, kD, kPrefillThreads>(
       q_smem, q + static_cast<int64_t>(q_first) * q_stride + static_cast<int64_t>(head) * kD,
       q_stride, q_rows, tid);
-#pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) {
-    if (t < n_tiles) load_tile(t);
-    CpAsyncCommit();
-  }
+  load_tile(0);
+  CpAsyncCommit();
 
-  const int warp_row0 = q_first + warp * 16;           // query index of the warp's first row
-  const int warp_pos0 = start_pos + warp_row0;         // its position
-  const int row_pos = warp_pos0 + lane / 4;            // position of row g (row g+8: +8)
+  const int warp_row0 = q_first + warp * kPrefillWarpRows;  // query index of the warp's first row
+  const int warp_pos0 = start_pos + warp_row0;              // its position
+  const int row_pos = warp_pos0 + lane / 4;  // position of row g of row tile 0 (+8, +16, +24)
   const bool warp_has_rows = warp_row0 < n;
   const int quad_col = (lane % 4) * 2;
 
-  uint32_t qf[kD / 16][4];
-  float o[kD / 8][4];
+  // Per-lane ldmatrix addresses. Q (A operand): rows lane & 15, chunk hi =
+  // lane >> 4. K (B of Q*K^T): keys (lane & 7) + 8 * (lane >> 4), chunk hi =
+  // (lane >> 3) & 1. V (B of P*V, transposed): keys (lane & 7) + 8 * ((lane >>
+  // 3) & 1), chunk hi = lane >> 4.
+  // Q and V share their chunk offsets.
+  const LaneChunkOffsets qv_off((lane >> 4) ^ (lane & 7));
+  const LaneChunkOffsets k_off(((lane >> 3) & 1) ^ (lane & 7));
+  const uint32_t q_base = SmemAddr(q_smem) + (warp * kPrefillWarpRows + (lane & 15)) * kRowBytes;
+  const uint32_t k_lane = ((lane & 7) + ((lane >> 4) << 3)) * kRowBytes;
+  const uint32_t v_lane = kTileBytes + ((lane & 7) + (((lane >> 3) & 1) << 3)) * kRowBytes;
+  const uint32_t kv_base = SmemAddr(kv_smem);
+
+  float o[2][kD / 8][4];
 #pragma unroll
-  for (int nt = 0; nt < kD / 8; ++nt) {
+  for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[nt][e] = 0.0f;
+    for (int nt = 0; nt < kD / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][nt][e] = 0.0f;
+    }
   }
-  float m[2] = {-INFINITY, -INFINITY};
-  float l[2] = {0.0f, 0.0f};
+  // Row state of rows g + 8 * i, i = 2 * mt + r; m in scaled log2 units.
+  float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  float l[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
   for (int tile = 0; tile < n_tiles; ++tile) {
-    CpAsyncWait<kStages - 2>();  // this thread's copies of `tile` (and Q) landed
-    __syncthreads();             // everyone's landed; tile - 1's buffer is free
-    if (tile + kStages - 1 < n_tiles) load_tile(tile + kStages - 1);
-    CpAsyncCommit();  // possibly empty: keeps one group per tile for the wait above
-    if (tile == 0) LoadAFragments<kD>(q_smem, warp * 16, lane, qf);
+    CpAsyncWait<0>();  // this thread's copies of `tile` (and Q) landed
+    __syncthreads();   // everyone's landed; tile - 1's buffer is free
+    if (tile + 1 < n_tiles) load_tile(tile + 1);
+    CpAsyncCommit();
 
     const int key0 = tile * kTileKeys;
-    if (!warp_has_rows || key0 > warp_pos0 + 15) continue;  // all keys after all rows
-    const bf16* k_tile = kv_smem + (tile % kStages) * 2 * kTileKeys * kD;
-    const bf16* v_tile = k_tile + kTileKeys * kD;
+    if (!warp_has_rows || key0 > warp_pos0 + kPrefillWarpRows - 1) continue;  // all masked
+    const uint32_t stage = kv_base + (tile % kPrefillStages) * 2 * kTileBytes;
+    const uint32_t k_base = stage + k_lane;
+    const uint32_t v_base = stage + v_lane;
 
-    float s[kTileKeys / 8][4];
-    ScoreTile<kD, kTileKeys / 16>(qf, k_tile, 0, lane, s);
-    const bool need_mask = key0 + kTileKeys - 1 > warp_pos0;
+    // S = Q * K^T: s[mt][nt] is rows 16 mt + (g, g + 8), keys 8 nt + (2t, 2t + 1).
+    float s[2][kNT][4];
 #pragma unroll
-    for (int nt = 0; nt < kTileKeys / 8; ++nt) {
+    for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + nt * 8 + quad_col + (e & 1);
-        const int pos = row_pos + (e >> 1) * 8;
-        s[nt][e] = (need_mask && key > pos) ? -INFINITY : s[nt][e] * scale_log2;
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.0f;
       }
     }
-    OnlineSoftmax(s, m, l, o);
-    AccumulatePV<kD, kTileKeys / 16>(s, v_tile, 0, lane, o);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t qa[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) Ldmatrix4(q_base + mt * 16 * kRowBytes + qv_off.Chunk(kk), qa[mt]);
+#pragma unroll
+      for (int j = 0; j < kKeyPairs; ++j) {
+        uint32_t b[4];
+        Ldmatrix4(k_base + j * 16 * kRowBytes + k_off.Chunk(kk), b);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          MmaBf16(s[mt][2 * j], qa[mt], b[0], b[1]);
+          MmaBf16(s[mt][2 * j + 1], qa[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    // Causal mask on raw scores (only tiles that reach past the warp's first row).
+    if (key0 + kTileKeys - 1 > warp_pos0) {
+      // key - pos = key_minus_pos + (constants of the unrolled indices).
+      const int key_minus_pos = key0 + quad_col - row_pos;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (key_minus_pos > mt * 16 + (e >> 1) * 8 - nt * 8 - (e & 1)) s[mt][nt][e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // Online softmax; the scale is folded into one FFMA per score.
+    float m_use[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int mt = i >> 1;
+      const int r = i & 1;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+      const float m_new = fmaxf(m[i], mx * scale_log2);
+      // A row with no unmasked key yet keeps m = -inf; subtracting 0 instead
+      // keeps exp2(-inf - m) at 0 rather than NaN.
+      m_use[i] = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = FastExp2(m[i] - m_use[i]);
+      m[i] = m_new;
+      l[i] *= alpha;
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        o[mt][nt][2 * r] *= alpha;
+        o[mt][nt][2 * r + 1] *= alpha;
+      }
+    }
+    // P as bf16 A fragments: pa[mt][j] covers keys 16 j .. 16 j + 15.
+    uint32_t pa[2][kKeyPairs][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          p[e] = FastExp2(fmaf(s[mt][nt][e], scale_log2, -m_use[2 * mt + (e >> 1)]));
+          l[2 * mt + (e >> 1)] += p[e];
+        }
+        pa[mt][nt / 2][(nt % 2) * 2] = PackBf16x2(p[0], p[1]);      // row g
+        pa[mt][nt / 2][(nt % 2) * 2 + 1] = PackBf16x2(p[2], p[3]);  // row g + 8
+      }
+    }
+
+    // O += P * V.
+#pragma unroll
+    for (int j = 0; j < kKeyPairs; ++j) {
+#pragma unroll
+      for (int np = 0; np < kKSteps; ++np) {
+        uint32_t b[4];
+        Ldmatrix4Trans(v_base + j * 16 * kRowBytes + qv_off.Chunk(np), b);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          MmaBf16(o[mt][2 * np], pa[mt][j], b[0], b[1]);
+          MmaBf16(o[mt][2 * np + 1], pa[mt][j], b[2], b[3]);
+        }
+      }
+    }
   }
   CpAsyncWait<0>();  // leave no copy in flight at exit
 
   if (!warp_has_rows) return;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
-    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+  for (int i = 0; i < 4; ++i) {
+    l[i] += __shfl_xor_sync(kFullMask, l[i], 1);
+    l[i] += __shfl_xor_sync(kFullMask, l[i], 2);
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp_row0 + lane / 4 + r * 8;
+  for (int i = 0; i < 4; ++i) {
+    const int mt = i >> 1;
+    const int r = i & 1;
+    const int row = warp_row0 + lane / 4 + i * 8;
     if (row >= n) continue;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
     bf16* dst = out + (static_cast<int64_t>(row) * n_heads + head) * kD + quad_col;
 #pragma unroll
     for (int nt = 0; nt < kD / 8; ++nt) {
       *reinterpret_cast<__nv_bfloat162*>(dst + nt * 8) =
-          __floats2bfloat162_rn(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+          __floats2bfloat162_rn(o[mt][nt][2 * r] * inv, o[mt][nt][2 * r + 1] * inv);
     }
   }
 }
