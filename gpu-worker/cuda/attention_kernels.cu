@@ -453,6 +453,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 2)
 
     // Online softmax; the scale is folded into one FFMA per score.
     float m_use[4];
+    float alpha[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int mt = i >> 1;
@@ -466,13 +467,21 @@ __global__ void __launch_bounds__(kPrefillThreads, 2)
       // A row with no unmasked key yet keeps m = -inf; subtracting 0 instead
       // keeps exp2(-inf - m) at 0 rather than NaN.
       m_use[i] = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = FastExp2(m[i] - m_use[i]);
+      alpha[i] = FastExp2(m[i] - m_use[i]);
       m[i] = m_new;
-      l[i] *= alpha;
+      l[i] *= alpha[i];
+    }
+    // Once the running maxima settle, most tiles leave every alpha at exactly
+    // 1 (2^0): skip the kD multiplies of o then (warp-uniform branch).
+    if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f || alpha[2] != 1.0f ||
+                                  alpha[3] != 1.0f)) {
 #pragma unroll
-      for (int nt = 0; nt < kD / 8; ++nt) {
-        o[mt][nt][2 * r] *= alpha;
-        o[mt][nt][2 * r + 1] *= alpha;
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int nt = 0; nt < kD / 8; ++nt) {
+          o[i >> 1][nt][2 * (i & 1)] *= alpha[i];
+          o[i >> 1][nt][2 * (i & 1) + 1] *= alpha[i];
+        }
       }
     }
     // P as bf16 A fragments: pa[mt][j] covers keys 16 j .. 16 j + 15.

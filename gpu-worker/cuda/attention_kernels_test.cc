@@ -256,6 +256,11 @@ std::vector<PrefillCase> PrefillCases() {
   // Several query blocks, more K/V tiles than pipeline stages, a long cached prefix.
   cases.push_back({kLlama, 700, 0});
   cases.push_back({kSmolLm2, 200, 1000});
+  // Head dim 128 behind a long prefix (every warp's diagonal falls mid-tile),
+  // one row past a block, and several blocks at head dim 64.
+  cases.push_back({kLlama, 300, 1000});
+  cases.push_back({kLlama, 129, 5});
+  cases.push_back({kSmolLm2, 700, 0});
   return cases;
 }
 
