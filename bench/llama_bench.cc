@@ -65,6 +65,7 @@ int main(int argc, char** argv) {
   int steps = 64;
   int layers = 32;
   bool graphs = true;
+  int prefill_chunk = 4096;
   std::string out_path;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
@@ -72,6 +73,8 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "timed decode steps per context")->check(CLI::Range(4, 100000));
   app.add_option("--layers", layers, "layers (32 for the real shape)")->check(CLI::Range(1, 32));
   app.add_option("--graphs", graphs, "capture decode steps as CUDA graphs");
+  app.add_option("--prefill-chunk", prefill_chunk, "tokens per prefill pass")
+      ->check(CLI::Range(1, 131072));
   app.add_option("--out", out_path, "JSON results file");
   CLI11_PARSE(app, argc, argv);
 
@@ -80,10 +83,12 @@ int main(int argc, char** argv) {
   const size_t base_used = DeviceUsedBytes();
   tailorkv::cuda::CudaBackendOptions opts;
   opts.use_graphs = graphs;
+  opts.max_prefill_chunk = prefill_chunk;
   auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
   if (!backend.ok()) return Fail(backend.status(), "backend");
   const size_t weights_used = DeviceUsedBytes();
   nlohmann::json out = {{"model", config.name}, {"layers", layers}, {"graphs", graphs},
+                        {"prefill_chunk", prefill_chunk},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
