@@ -65,7 +65,7 @@ int main(int argc, char** argv) {
   int steps = 64;
   int layers = 32;
   bool graphs = true;
-  int prefill_chunk = 4096;
+  int prefill_chunk = tailorkv::cuda::CudaBackendOptions{}.max_prefill_chunk;
   std::string out_path;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');

@@ -100,9 +100,15 @@ class CudaBackend final : public runtime::Backend {
   absl::StatusOr<DeviceBuffer> Alloc(size_t bytes);
   absl::Status UploadBf16(const std::vector<const model::Tensor*>& parts, DeviceBuffer& dst);
   absl::Status UploadF32(const model::Tensor& t, DeviceBuffer& dst);
-  // y[n][out] = x[n][in] * W[out][in]^T (+ y when accumulate); bf16 in, f32 out.
+  // y[n][out] = x[n][in] * W[out][in]^T (+ y when accumulate); bf16 in, fp32
+  // accumulation, f32 out (the residual stream and logits).
   absl::Status Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
                     bool accumulate);
+  // The same product rounded to a bf16 y (projections that feed RoPE and
+  // SwiGLU: half the bytes of an f32 output, written once and read once).
+  absl::Status Gemm(const bf16* x, int n, const bf16* w, int out, int in, bf16* y);
+  absl::Status GemmEx(const bf16* x, int n, const bf16* w, int out, int in, void* y,
+                      cudaDataType_t y_type, float beta);
   // Enqueues the layers for `n` tokens whose ids and position are already in
   // the device step buffer; decode (n == 1, graph-capturable) or prefill.
   absl::Status EnqueueLayers(CudaSequence& seq, int n, int start, bool decode);
@@ -184,10 +190,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   const size_t T = options.max_prefill_chunk;
   ASSIGN_OR_RETURN(b->x_, b->Alloc(T * H * sizeof(float)));
   ASSIGN_OR_RETURN(b->xn_, b->Alloc(T * std::max(H, F) * sizeof(bf16)));
-  ASSIGN_OR_RETURN(b->qkv_, b->Alloc(T * b->qkv_rows_ * sizeof(float)));
+  ASSIGN_OR_RETURN(b->qkv_, b->Alloc(T * b->qkv_rows_ * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->q_, b->Alloc(T * c.n_heads * hd * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->attn_, b->Alloc(T * c.n_heads * hd * sizeof(bf16)));
-  ASSIGN_OR_RETURN(b->gate_up_, b->Alloc(T * 2 * F * sizeof(float)));
+  ASSIGN_OR_RETURN(b->gate_up_, b->Alloc(T * 2 * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->h_, b->Alloc(T * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->logits_, b->Alloc(kLogitRows * V * sizeof(float)));
   ASSIGN_OR_RETURN(b->step_, b->Alloc((T + 2) * sizeof(int32_t)));
@@ -282,12 +288,21 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(int capa
 
 absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
                                bool accumulate) {
+  return GemmEx(x, n, w, out, in, y, CUDA_R_32F, accumulate ? 1.0f : 0.0f);
+}
+
+absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, bf16* y) {
+  return GemmEx(x, n, w, out, in, y, CUDA_R_16BF, 0.0f);
+}
+
+absl::Status CudaBackend::GemmEx(const bf16* x, int n, const bf16* w, int out, int in, void* y,
+                                 cudaDataType_t y_type, float beta) {
   // Row-major y[n][out] = x[n][in] W[out][in]^T is, column-major,
   // y^T (out x n) = W^T (stored in x out, hence OP_T) * x^T (in x n).
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const float alpha = 1.0f;
   CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha,
-                                      w, CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y,
-                                      CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                      w, CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta, y, y_type, out,
+                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
 }
 
@@ -305,11 +320,11 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
   for (int l = 0; l < c.n_layers; ++l) {
     const DeviceLayer& L = layers_[l];
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.attn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
-    RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<float>(), false));
-    RETURN_IF_ERROR(LaunchRopeAppendKv(
-        qkv_.as<float>(), n, d_pos, c.n_heads, c.n_kv_heads, c.head_dim, inv_freq_.as<float>(),
-        c.rope_style == model::RopeStyle::kAdjacentPairs, q_.as<bf16>(), seq.k(l), seq.v(l),
-        seq.capacity(), s));
+    RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
+    RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
+                                       c.head_dim, inv_freq_.as<float>(),
+                                       c.rope_style == model::RopeStyle::kAdjacentPairs,
+                                       q_.as<bf16>(), seq.k(l), seq.v(l), seq.capacity(), s));
     if (decode) {
       RETURN_IF_ERROR(LaunchDecodeAttention(q_.as<bf16>(), seq.k(l), seq.v(l), d_len, shape,
                                             seq.attn_workspace(), attn_.as<bf16>(), s));
@@ -319,9 +334,8 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
     }
     RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true));
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.ffn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
-    RETURN_IF_ERROR(
-        Gemm(xn, n, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden, gate_up_.as<float>(), false));
-    RETURN_IF_ERROR(LaunchSwiGlu(gate_up_.as<float>(), n, c.ffn, h_.as<bf16>(), s));
+    RETURN_IF_ERROR(Gemm(xn, n, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden, gate_up_.as<bf16>()));
+    RETURN_IF_ERROR(LaunchSwiGlu(gate_up_.as<bf16>(), n, c.ffn, h_.as<bf16>(), s));
     RETURN_IF_ERROR(Gemm(h_.as<bf16>(), n, L.w_down.as<bf16>(), c.hidden, c.ffn, x, true));
   }
   return absl::OkStatus();

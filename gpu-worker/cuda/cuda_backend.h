@@ -1,6 +1,8 @@
 // CudaBackend: the Backend on an NVIDIA GPU. Weights are bf16 in device
 // memory (converted at load); GEMMs run through cuBLAS (bf16 inputs, fp32
-// accumulation and fp32 outputs); the residual stream stays fp32; the KV
+// accumulation; fp32 outputs where they add into the residual stream or make
+// logits, bf16 for the QKV and gate/up projections, which the RoPE and SwiGLU
+// kernels read as bf16, as PyTorch does); the residual stream stays fp32; the KV
 // cache is bf16 [layer][K|V][kv_head][capacity][head_dim].
 //
 // Prefill runs in chunks of at most `max_prefill_chunk` tokens with the
@@ -24,7 +26,10 @@ namespace tailorkv::cuda {
 struct CudaBackendOptions {
   int device = 0;
   bool use_graphs = true;        // capture decode steps as CUDA graphs
-  int max_prefill_chunk = 4096;  // tokens per prefill pass (bounds activation memory)
+  // Tokens per prefill pass (bounds activation memory). Llama-8B shape on an
+  // H100, 128k-token prefill: 15.70 s at 4096, 15.62 s at 8192, 15.59 s at
+  // 16384 (+1.3 GB more activations than 8192).
+  int max_prefill_chunk = 8192;
 };
 
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the

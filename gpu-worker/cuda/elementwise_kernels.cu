@@ -116,6 +116,18 @@ __device__ __forceinline__ void LoadBf16AsF32(const __nv_bfloat16* __restrict__ 
   }
 }
 
+// p[0..V) = q[0..V) (bit copy). V == 8 requires p and q 16-byte aligned.
+template <int V>
+__device__ __forceinline__ void CopyBf16(const __nv_bfloat16* __restrict__ q,
+                                         __nv_bfloat16* __restrict__ p) {
+  if constexpr (V == 8) {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(q);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = q[k];
+  }
+}
+
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
@@ -229,14 +241,16 @@ __global__ void __launch_bounds__(kMaxBlock)
 // reduction is slow at large angles) runs once per thread. The angle is the
 // float product (float)pos * inv_freq[i], exactly as ref::ApplyRope forms it.
 // Positions outside [0, capacity) write Q but not the cache (the kernel must
-// not write out of bounds; the caller keeps positions in range).
-//   qkv:      [n][(n_heads + 2 * n_kv_heads) * kHeadDim] f32, Q | K | V per token
+// not write out of bounds; the caller keeps positions in range). Inputs are
+// widened to float exactly, so the rotation is ref::ApplyRope's float
+// arithmetic on the bf16 values; V is a bit copy.
+//   qkv:      [n][(n_heads + 2 * n_kv_heads) * kHeadDim] bf16, Q | K | V per token
 //   start_pos: [1]     inv_freq: [kHeadDim / 2] f32
 //   q_out:    [n][n_heads][kHeadDim] bf16
 //   k_cache, v_cache: [n_kv_heads][capacity][kHeadDim] bf16
 template <int kHeadDim, bool kAdjacentPairs, int kVec>
-__global__ void __launch_bounds__(kDefaultBlock)
-    RopeAppendKvKernel(const float* __restrict__ qkv, const int32_t* __restrict__ start_pos,
+__global__ void __launch_bounds__(kMaxBlock)
+    RopeAppendKvKernel(const __nv_bfloat16* __restrict__ qkv, const int32_t* __restrict__ start_pos,
                        int n_heads, int n_kv_heads, const float* __restrict__ inv_freq,
                        __nv_bfloat16* __restrict__ q_out, __nv_bfloat16* __restrict__ k_cache,
                        __nv_bfloat16* __restrict__ v_cache, int capacity) {
@@ -246,7 +260,7 @@ __global__ void __launch_bounds__(kDefaultBlock)
   const int pos = *start_pos + t;
   const bool in_cache = pos >= 0 && pos < capacity;
   const int64_t row_width = static_cast<int64_t>(n_heads + 2 * n_kv_heads) * kHeadDim;
-  const float* row = qkv + t * row_width;
+  const __nv_bfloat16* row = qkv + t * row_width;
 
   const int i = threadIdx.x % kHalf;
   float sin_a, cos_a;
@@ -256,9 +270,9 @@ __global__ void __launch_bounds__(kDefaultBlock)
   const int heads_per_pass = blockDim.x / kHalf;
   // Heads [0, n_heads) are Q, [n_heads, n_heads + n_kv_heads) are K.
   for (int h = threadIdx.x / kHalf; h < n_heads + n_kv_heads; h += heads_per_pass) {
-    const float* src = row + h * kHeadDim;
-    const float x0 = src[a];
-    const float x1 = src[b];
+    const __nv_bfloat16* src = row + h * kHeadDim;
+    const float x0 = __bfloat162float(src[a]);
+    const float x1 = __bfloat162float(src[b]);
     const float r0 = x0 * cos_a - x1 * sin_a;
     const float r1 = x0 * sin_a + x1 * cos_a;
     __nv_bfloat16* dst;
@@ -274,23 +288,22 @@ __global__ void __launch_bounds__(kDefaultBlock)
   }
   if (!in_cache) return;
 
-  const float* v = row + static_cast<int64_t>(n_heads + n_kv_heads) * kHeadDim;
+  const __nv_bfloat16* v = row + static_cast<int64_t>(n_heads + n_kv_heads) * kHeadDim;
   constexpr int kChunksPerHead = kHeadDim / kVec;
   for (int c = threadIdx.x; c < n_kv_heads * kChunksPerHead; c += blockDim.x) {
     const int h = c / kChunksPerHead;
     const int d = (c % kChunksPerHead) * kVec;
-    float vals[kVec];
-    LoadF32<kVec>(v + h * kHeadDim + d, vals);
-    StoreBf16<kVec>(v_cache + (static_cast<int64_t>(h) * capacity + pos) * kHeadDim + d, vals);
+    CopyBf16<kVec>(v + h * kHeadDim + d,
+                   v_cache + (static_cast<int64_t>(h) * capacity + pos) * kHeadDim + d);
   }
 }
 
 // Grid-stride over the n * ffn / kVec chunks; ffn % kVec == 0. Same float
-// expression as ref::SwiGlu: g / (1 + exp(-g)) * u.
-//   gate_up: [n][2 * ffn] f32 (gate | up per row)   out: [n][ffn] bf16
+// expression as ref::SwiGlu on the exactly widened inputs: g / (1 + exp(-g)) * u.
+//   gate_up: [n][2 * ffn] bf16 (gate | up per row)   out: [n][ffn] bf16
 template <int kVec>
 __global__ void __launch_bounds__(kDefaultBlock)
-    SwiGluKernel(const float* __restrict__ gate_up, int64_t n, int ffn,
+    SwiGluKernel(const __nv_bfloat16* __restrict__ gate_up, int64_t n, int ffn,
                  __nv_bfloat16* __restrict__ out) {
   const int chunks_per_row = ffn / kVec;
   const int64_t total = n * chunks_per_row;
@@ -299,10 +312,10 @@ __global__ void __launch_bounds__(kDefaultBlock)
        c += stride) {
     const int64_t r = c / chunks_per_row;
     const int j = static_cast<int>(c - r * chunks_per_row) * kVec;
-    const float* g = gate_up + r * 2 * ffn + j;
+    const __nv_bfloat16* g = gate_up + r * 2 * ffn + j;
     float gv[kVec], uv[kVec], o[kVec];
-    LoadF32<kVec>(g, gv);
-    LoadF32<kVec>(g + ffn, uv);
+    LoadBf16AsF32<kVec>(g, gv);
+    LoadBf16AsF32<kVec>(g + ffn, uv);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) o[k] = gv[k] / (1.0f + expf(-gv[k])) * uv[k];
     StoreBf16<kVec>(out + r * ffn + j, o);
@@ -421,21 +434,25 @@ absl::Status UnsupportedVector(const char* op, int vec) {
 }
 
 template <int kHeadDim, bool kAdjacentPairs>
-absl::Status DispatchRope(const float* qkv, int n, const int32_t* start_pos, int n_heads,
+absl::Status DispatchRope(const __nv_bfloat16* qkv, int n, const int32_t* start_pos, int n_heads,
                           int n_kv_heads, const float* inv_freq, __nv_bfloat16* q_out,
                           __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, int capacity,
                           cudaStream_t stream) {
-  // 256 is a multiple of kHeadDim / 2 for both supported head dims.
-  constexpr int kThreads = kDefaultBlock;
-  static_assert(kThreads % (kHeadDim / 2) == 0);
+  // One thread per rotated pair, up to kMaxBlock (a multiple of kHeadDim / 2):
+  // a decode step is one block, and its time is the chain of dependent
+  // load-rotate-store passes over the heads (Llama-8B: 3 passes, not the 10
+  // of a 256-thread block, which took 5.4 us per layer on an H100, ncu).
+  static_assert(kMaxBlock % (kHeadDim / 2) == 0);
+  const int64_t pairs = static_cast<int64_t>(n_heads + n_kv_heads) * (kHeadDim / 2);
+  const int threads = pairs < kMaxBlock ? static_cast<int>(pairs) : kMaxBlock;
   const int vec = Aligned16(qkv) && Aligned16(v_cache) ? 8 : 1;
   switch (vec) {
     case 8:
-      RopeAppendKvKernel<kHeadDim, kAdjacentPairs, 8><<<n, kThreads, 0, stream>>>(
+      RopeAppendKvKernel<kHeadDim, kAdjacentPairs, 8><<<n, threads, 0, stream>>>(
           qkv, start_pos, n_heads, n_kv_heads, inv_freq, q_out, k_cache, v_cache, capacity);
       break;
     case 1:
-      RopeAppendKvKernel<kHeadDim, kAdjacentPairs, 1><<<n, kThreads, 0, stream>>>(
+      RopeAppendKvKernel<kHeadDim, kAdjacentPairs, 1><<<n, threads, 0, stream>>>(
           qkv, start_pos, n_heads, n_kv_heads, inv_freq, q_out, k_cache, v_cache, capacity);
       break;
     default:
@@ -501,8 +518,8 @@ absl::Status LaunchRmsNorm(const float* x, const float* w, int n, int hidden, fl
   return absl::OkStatus();
 }
 
-absl::Status LaunchRopeAppendKv(const float* qkv, int n, const int32_t* start_pos, int n_heads,
-                                int n_kv_heads, int head_dim, const float* inv_freq,
+absl::Status LaunchRopeAppendKv(const __nv_bfloat16* qkv, int n, const int32_t* start_pos,
+                                int n_heads, int n_kv_heads, int head_dim, const float* inv_freq,
                                 bool adjacent_pairs, __nv_bfloat16* q_out, __nv_bfloat16* k_cache,
                                 __nv_bfloat16* v_cache, int capacity, cudaStream_t stream) {
   if (n < 0 || n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || capacity <= 0 ||
@@ -540,7 +557,7 @@ absl::Status LaunchRopeAppendKv(const float* qkv, int n, const int32_t* start_po
   }
 }
 
-absl::Status LaunchSwiGlu(const float* gate_up, int n, int ffn, __nv_bfloat16* out,
+absl::Status LaunchSwiGlu(const __nv_bfloat16* gate_up, int n, int ffn, __nv_bfloat16* out,
                           cudaStream_t stream) {
   if (n < 0 || ffn <= 0) {
     return absl::InvalidArgumentError(

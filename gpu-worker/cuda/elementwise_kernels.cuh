@@ -3,7 +3,9 @@
 // test in elementwise_kernels_test.cc.
 //
 // Conventions: the residual stream is float32 [n][hidden]; GEMM inputs are
-// bf16; the KV cache is bf16 laid out [kv_head][capacity][head_dim] per layer.
+// bf16, and so are the outputs of the GEMMs that feed RoPE and SwiGLU (the
+// projections that add into the residual stream write float32); the KV cache
+// is bf16 laid out [kv_head][capacity][head_dim] per layer.
 // Launchers validate sizes (InvalidArgument), launch on `stream`, check the
 // launch, and never allocate or synchronize.
 #pragma once
@@ -31,19 +33,20 @@ absl::Status LaunchRmsNorm(const float* x, const float* w, int n, int hidden, fl
 // Splits the fused QKV projection, applies RoPE to Q and K and appends K, V
 // to the cache. Token i of the n has position *start_pos + i; start_pos is
 // read on the device so a captured decode step replays at any position.
-//   qkv:      [n][(n_heads + 2 * n_kv_heads) * head_dim] f32 (Q | K | V per token)
+//   qkv:      [n][(n_heads + 2 * n_kv_heads) * head_dim] bf16 (Q | K | V per token)
 //   inv_freq: [head_dim / 2] f32 (ref::RopeInvFreq)
 //   adjacent_pairs: rotate (x[2i], x[2i+1]) when true, (x[i], x[i+d/2]) when false
 //   q_out:    [n][n_heads][head_dim] bf16
 //   k_cache, v_cache: [n_kv_heads][capacity][head_dim] bf16 (one layer)
-absl::Status LaunchRopeAppendKv(const float* qkv, int n, const int32_t* start_pos, int n_heads,
-                                int n_kv_heads, int head_dim, const float* inv_freq,
+absl::Status LaunchRopeAppendKv(const __nv_bfloat16* qkv, int n, const int32_t* start_pos,
+                                int n_heads, int n_kv_heads, int head_dim, const float* inv_freq,
                                 bool adjacent_pairs, __nv_bfloat16* q_out, __nv_bfloat16* k_cache,
                                 __nv_bfloat16* v_cache, int capacity, cudaStream_t stream);
 
-// out[r][j] = bf16(silu(gate_up[r][j]) * gate_up[r][ffn + j]).
-//   gate_up: [n][2 * ffn] f32   out: [n][ffn] bf16
-absl::Status LaunchSwiGlu(const float* gate_up, int n, int ffn, __nv_bfloat16* out,
+// out[r][j] = bf16(silu(gate_up[r][j]) * gate_up[r][ffn + j]), in float32
+// arithmetic on the bf16 inputs.
+//   gate_up: [n][2 * ffn] bf16   out: [n][ffn] bf16
+absl::Status LaunchSwiGlu(const __nv_bfloat16* gate_up, int n, int ffn, __nv_bfloat16* out,
                           cudaStream_t stream);
 
 // *out_id = argmax(logits[0..vocab)), lowest id on ties (as runtime::Sampler).

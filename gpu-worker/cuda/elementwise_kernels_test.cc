@@ -45,6 +45,10 @@ namespace {
 constexpr uint16_t kPoisonBf16 = 0xFFFF;
 constexpr float kBf16Rel = 8e-3f;
 
+// Kernels that read bf16 (RoPE, SwiGLU) get random floats rounded to bf16 and
+// the reference runs on those rounded values, so the tolerance above covers
+// only the kernel's own arithmetic and final rounding.
+
 // ---- Host bf16 arithmetic (round to nearest even, as __float2bfloat16_rn) ----
 
 uint32_t FloatBits(float f) {
@@ -74,6 +78,12 @@ std::vector<float> Bf16VectorToFloat(const std::vector<uint16_t>& b) {
   std::vector<float> f(b.size());
   for (size_t i = 0; i < b.size(); ++i) f[i] = Bf16ToFloat(b[i]);
   return f;
+}
+
+std::vector<uint16_t> FloatVectorToBf16(const std::vector<float>& f) {
+  std::vector<uint16_t> b(f.size());
+  for (size_t i = 0; i < f.size(); ++i) b[i] = HostBf16Bits(f[i]);
+  return b;
 }
 
 std::vector<float> RandomFloats(size_t n, float lo, float hi, uint32_t seed) {
@@ -165,38 +175,38 @@ TEST(ElementwiseKernelsValidation, RejectsBadSizesAndNullPointersBeforeLaunching
 
   // qkv, n, start_pos, n_heads, n_kv_heads, head_dim, inv_freq, adjacent, q, k, v, capacity
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 3, 96, f, false, bf, bf, bf, 16, nullptr)));  // head_dim
+      LaunchRopeAppendKv(bf, 1, i32, 9, 3, 96, f, false, bf, bf, bf, 16, nullptr)));  // head_dim
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 3, 0, f, false, bf, bf, bf, 16, nullptr)));
+      LaunchRopeAppendKv(bf, 1, i32, 9, 3, 0, f, false, bf, bf, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 2, 64, f, false, bf, bf, bf, 16, nullptr)));  // GQA ratio
+      LaunchRopeAppendKv(bf, 1, i32, 9, 2, 64, f, false, bf, bf, bf, 16, nullptr)));  // GQA ratio
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 0, 3, 64, f, false, bf, bf, bf, 16, nullptr)));
+      LaunchRopeAppendKv(bf, 1, i32, 0, 3, 64, f, false, bf, bf, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 0, 64, f, false, bf, bf, bf, 16, nullptr)));
+      LaunchRopeAppendKv(bf, 1, i32, 9, 0, 64, f, false, bf, bf, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 17, i32, 9, 3, 64, f, false, bf, bf, bf, 16, nullptr)));  // n > cap
+      LaunchRopeAppendKv(bf, 17, i32, 9, 3, 64, f, false, bf, bf, bf, 16, nullptr)));  // n > cap
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 3, 64, f, false, bf, bf, bf, 0, nullptr)));
+      LaunchRopeAppendKv(bf, 1, i32, 9, 3, 64, f, false, bf, bf, bf, 0, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, -1, i32, 9, 3, 64, f, false, bf, bf, bf, 16, nullptr)));
+      LaunchRopeAppendKv(bf, -1, i32, 9, 3, 64, f, false, bf, bf, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, nullptr, 9, 3, 64, f, false, bf, bf, bf, 16, nullptr)));
+      LaunchRopeAppendKv(bf, 1, nullptr, 9, 3, 64, f, false, bf, bf, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 3, 64, nullptr, false, bf, bf, bf, 16, nullptr)));
+      LaunchRopeAppendKv(bf, 1, i32, 9, 3, 64, nullptr, false, bf, bf, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
       LaunchRopeAppendKv(nullptr, 1, i32, 9, 3, 64, f, false, bf, bf, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 3, 64, f, false, nullptr, bf, bf, 16, nullptr)));
+      LaunchRopeAppendKv(bf, 1, i32, 9, 3, 64, f, false, nullptr, bf, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 3, 64, f, false, bf, nullptr, bf, 16, nullptr)));
+      LaunchRopeAppendKv(bf, 1, i32, 9, 3, 64, f, false, bf, nullptr, bf, 16, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(
-      LaunchRopeAppendKv(f, 1, i32, 9, 3, 64, f, false, bf, bf, nullptr, 16, nullptr)));
+      LaunchRopeAppendKv(bf, 1, i32, 9, 3, 64, f, false, bf, bf, nullptr, 16, nullptr)));
 
-  EXPECT_TRUE(absl::IsInvalidArgument(LaunchSwiGlu(f, 1, 0, bf, nullptr)));
-  EXPECT_TRUE(absl::IsInvalidArgument(LaunchSwiGlu(f, -1, 8, bf, nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(LaunchSwiGlu(bf, 1, 0, bf, nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(LaunchSwiGlu(bf, -1, 8, bf, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(LaunchSwiGlu(nullptr, 1, 8, bf, nullptr)));
-  EXPECT_TRUE(absl::IsInvalidArgument(LaunchSwiGlu(f, 1, 8, nullptr, nullptr)));
+  EXPECT_TRUE(absl::IsInvalidArgument(LaunchSwiGlu(bf, 1, 8, nullptr, nullptr)));
 
   EXPECT_TRUE(absl::IsInvalidArgument(LaunchArgmax(f, 0, i32, nullptr)));
   EXPECT_TRUE(absl::IsInvalidArgument(LaunchArgmax(f, -5, i32, nullptr)));
@@ -409,10 +419,19 @@ std::string Describe(const RopeCase& c) {
 
 class RopeAppendKvTest : public ElementwiseKernelsGpuTest {
  protected:
-  // Runs one case and checks Q, the written K/V rows, and that every other
-  // cache row still holds its poison.
+  // Runs one case with qkv at a 16-byte aligned address (vector path) and one
+  // element past it (scalar path).
   void RunCase(const RopeCase& c) {
-    SCOPED_TRACE(Describe(c));
+    for (int off : {0, 1}) {
+      RunCaseAt(c, off);
+      if (HasFatalFailure()) return;
+    }
+  }
+
+  // Runs one case with qkv `off` elements into its buffer and checks Q, the
+  // written K/V rows, and that every other cache row still holds its poison.
+  void RunCaseAt(const RopeCase& c, int off) {
+    SCOPED_TRACE(absl::StrCat(Describe(c), " qkv offset ", off));
     model::ModelConfig config;
     config.head_dim = c.head_dim;
     config.rope_theta = c.llama3_scaling ? 500000.0f : 10000.0f;
@@ -426,11 +445,15 @@ class RopeAppendKvTest : public ElementwiseKernelsGpuTest {
     const std::vector<float> inv_freq = runtime::ref::RopeInvFreq(config);
     const int hd = c.head_dim;
     const int width = (c.n_heads + 2 * c.n_kv_heads) * hd;
-    const std::vector<float> qkv = RandomFloats(static_cast<size_t>(c.n) * width, -2.0f, 2.0f,
-                                                1000 + c.n * 31 + c.start_pos + hd);
+    std::vector<float> qkv = RandomFloats(static_cast<size_t>(c.n) * width, -2.0f, 2.0f,
+                                          1000 + c.n * 31 + c.start_pos + hd);
+    for (float& x : qkv) x = RoundBf16(x);  // the kernel's input is bf16
+    std::vector<uint16_t> qkv_bits(off, 0);
+    const std::vector<uint16_t> body_bits = FloatVectorToBf16(qkv);
+    qkv_bits.insert(qkv_bits.end(), body_bits.begin(), body_bits.end());
     const std::vector<int32_t> start = {c.start_pos};
 
-    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_qkv, Upload(qkv));
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_qkv, Upload(qkv_bits));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_start, Upload(start));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_inv, Upload(inv_freq));
     const size_t q_elems = static_cast<size_t>(c.n) * c.n_heads * hd;
@@ -439,7 +462,7 @@ class RopeAppendKvTest : public ElementwiseKernelsGpuTest {
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k, Poisoned(cache_elems * 2));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_v, Poisoned(cache_elems * 2));
     ASSERT_OK(LaunchRopeAppendKv(
-        d_qkv.as<float>(), c.n, d_start.as<int32_t>(), c.n_heads, c.n_kv_heads, hd,
+        d_qkv.as<__nv_bfloat16>() + off, c.n, d_start.as<int32_t>(), c.n_heads, c.n_kv_heads, hd,
         d_inv.as<float>(), c.style == model::RopeStyle::kAdjacentPairs, d_q.as<__nv_bfloat16>(),
         d_k.as<__nv_bfloat16>(), d_v.as<__nv_bfloat16>(), c.capacity, stream()));
     std::vector<uint16_t> q, k, v;
@@ -530,7 +553,7 @@ TEST_F(RopeAppendKvTest, PositionsPastCapacityWriteQButNotTheCache) {
 
 // ---- SwiGlu ----
 
-TEST_F(ElementwiseKernelsGpuTest, SwiGluMatchesReferenceWithinOneBf16Ulp) {
+TEST_F(ElementwiseKernelsGpuTest, SwiGluOnBf16InputsMatchesReferenceWithinOneBf16Ulp) {
   for (int ffn : {1536, 97, 7, 1}) {
     for (int n : {1, 7, 33}) {
       for (int off : {0, 1}) {
@@ -540,11 +563,12 @@ TEST_F(ElementwiseKernelsGpuTest, SwiGluMatchesReferenceWithinOneBf16Ulp) {
         // Saturated gates: exp(-g) overflows to inf or vanishes.
         gate_up[off] = -100.0f;
         if (ffn > 1) gate_up[off + 1] = 90.0f;
-        ASSERT_OK_AND_ASSIGN(DeviceBuffer d_in, Upload(gate_up));
+        for (float& x : gate_up) x = RoundBf16(x);  // the kernel's input is bf16
+        ASSERT_OK_AND_ASSIGN(DeviceBuffer d_in, Upload(FloatVectorToBf16(gate_up)));
         const size_t out_elems = off + static_cast<size_t>(n) * ffn + 8;
         ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned(out_elems * sizeof(uint16_t)));
-        ASSERT_OK(LaunchSwiGlu(d_in.as<float>() + off, n, ffn, d_out.as<__nv_bfloat16>() + off,
-                               stream()));
+        ASSERT_OK(LaunchSwiGlu(d_in.as<__nv_bfloat16>() + off, n, ffn,
+                               d_out.as<__nv_bfloat16>() + off, stream()));
         std::vector<uint16_t> got_bits;
         ASSERT_OK(Download(d_out, &got_bits));
 
