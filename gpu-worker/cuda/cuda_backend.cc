@@ -80,6 +80,7 @@ class CudaBackend final : public runtime::Backend {
     if (logits_host_ != nullptr) cudaFreeHost(logits_host_);
   }
   std::string_view name() const override { return "cuda"; }
+  int preferred_prefill_chunk() const override { return options_.max_prefill_chunk; }
   const ModelConfig& config() const override { return config_; }
 
   absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity) override;

@@ -45,6 +45,10 @@ class Backend {
   // overflowing the sequence's capacity (then `seq` is unchanged).
   virtual absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens,
                                bool all_logits, std::vector<float>* logits) = 0;
+
+  // Tokens per Forward call that keep prefill efficient on this backend
+  // while bounding the time between cancellation checks.
+  virtual int preferred_prefill_chunk() const { return 1024; }
 };
 
 // The checks every Backend::Forward makes before touching `seq`: non-empty

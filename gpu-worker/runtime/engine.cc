@@ -97,11 +97,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         "max_context must be in [0, %d] (0 = trained context), got %d", trained, options.max_context));
   }
   engine->max_context_ = options.max_context > 0 ? options.max_context : trained;
-  if (options.prefill_chunk < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("prefill_chunk must be >= 1, got %d", options.prefill_chunk));
+  if (options.prefill_chunk < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "prefill_chunk must be >= 0 (0 = the backend's choice), got %d", options.prefill_chunk));
   }
-  engine->prefill_chunk_ = options.prefill_chunk;
   if (options.backend != "cpu" && options.cuda_factory) {
     auto gpu = options.cuda_factory(weights);
     if (gpu.ok()) {
@@ -117,6 +116,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     cpu.threads = options.threads;
     ASSIGN_OR_RETURN(engine->backend_, CreateCpuBackend(std::move(weights), cpu));
   }
+  engine->prefill_chunk_ = options.prefill_chunk > 0
+                              ? options.prefill_chunk
+                              : engine->backend_->preferred_prefill_chunk();
   spdlog::info("model loaded in {:.0f} ms: {} layers, hidden {}, backend {}", MsSince(t0),
                engine->config().n_layers, engine->config().hidden, engine->backend_name());
   return engine;

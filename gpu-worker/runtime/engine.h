@@ -34,8 +34,9 @@ struct EngineOptions {
   int threads = 0;              // CPU threads; 0 = all cores
   int max_context = 0;          // 0 = the model's trained context
   // Prompts are prefilled this many tokens at a time, so a cancelled request
-  // stops within one chunk rather than after the whole prompt.
-  int prefill_chunk = 1024;
+  // stops within one chunk rather than after the whole prompt. 0 = the
+  // backend's preferred chunk (CPU 1024, CUDA its max_prefill_chunk).
+  int prefill_chunk = 0;
 };
 
 struct GenerationRequest {

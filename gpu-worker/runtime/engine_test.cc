@@ -183,7 +183,7 @@ TEST(EngineChunkedPrefill, SameOutputAndCancelsBetweenChunks) {
   EXPECT_EQ(res->completion_tokens, 0);
   EXPECT_TRUE(none.empty());
   EXPECT_EQ(polls, 2);
-  options.prefill_chunk = 0;
+  options.prefill_chunk = -1;
   EXPECT_EQ(Engine::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
