@@ -18,9 +18,10 @@ using model::ModelConfig;
 using model::ModelWeights;
 using model::Tensor;
 
-// Query rows per attention block in prefill: bounds the score matrix to
-// kQueryBlock x context floats per head.
-constexpr int kQueryBlock = 256;
+// Query rows per prefill attention task: bounds each thread's score matrix
+// to kQueryBlock x context floats. On 2 cores, 128 beat 256 (2048 tokens:
+// 408 vs 372 tokens/s; 8192: 220 vs 144) and 64 (GEMMs too thin).
+constexpr int kQueryBlock = 128;
 
 // KV cache of one sequence: per layer, per KV head, `capacity` rows of
 // head_dim floats, so one head's keys are contiguous for the GEMMs.
@@ -189,12 +190,7 @@ void CpuBackend::Attention(CpuSequence& seq, int layer, const float* q, int n, i
           const int len = start + i + 1;
           cblas_sgemv(CblasRowMajor, CblasNoTrans, len, hd, scale, seq.k(layer, h / group), hd, qi,
                       1, 0.0f, p.data(), 1);
-          const float mx = *std::max_element(p.begin(), p.begin() + len);
-          float sum = 0;
-          for (int j = 0; j < len; ++j) {
-            p[j] = std::exp(p[j] - mx);
-            sum += p[j];
-          }
+          const float sum = ref::ExpShiftedSum(p.data(), len, ref::RowMax(p.data(), len), p.data());
           cblas_sgemv(CblasRowMajor, CblasTrans, len, hd, 1.0f / sum, seq.v(layer, h / group), hd,
                       p.data(), 1, 0.0f, out + i * q_stride + h * hd, 1);
         }
@@ -202,35 +198,43 @@ void CpuBackend::Attention(CpuSequence& seq, int layer, const float* q, int n, i
     }
     return;
   }
-  // Prefill: per query head and block of query rows, S = Q K^T and O = P V as
-  // GEMMs (OpenBLAS threads inside), softmax rows in parallel in between.
-  scores_.resize(static_cast<size_t>(kQueryBlock) * (start + n));
-  for (int h = 0; h < nh; ++h) {
-    const float* K = seq.k(layer, h / group);
-    const float* V = seq.v(layer, h / group);
-    for (int b = 0; b < n; b += kQueryBlock) {
+  // Prefill: one task per (query block, query head), each on one thread with
+  // single-threaded GEMMs (OpenBLAS inside an OpenMP region) and its own score
+  // scratch: S = Q K^T, softmax rows, O = P V, then O's rows divided by the
+  // softmax sums. Largest blocks (last rows, most keys) go first. Measured at
+  // 2048 tokens on 2 cores: 377 tokens/s against 353 for heads in sequence
+  // with OpenBLAS threading each GEMM.
+  const int blocks = (n + kQueryBlock - 1) / kQueryBlock;
+  const int threads = std::min(threads_, blocks * nh);
+  // Per thread: the scores, then one reciprocal softmax sum per query row.
+  const size_t scratch_per_thread = static_cast<size_t>(kQueryBlock) * (start + n + 1);
+  scores_.resize(scratch_per_thread * threads);
+#pragma omp parallel num_threads(threads)
+  {
+    float* scores = scores_.data() + scratch_per_thread * omp_get_thread_num();
+    float* inv_sum = scores + static_cast<size_t>(kQueryBlock) * (start + n);
+#pragma omp for schedule(dynamic, 1)
+    for (int task = 0; task < blocks * nh; ++task) {
+      const int b = (blocks - 1 - task / nh) * kQueryBlock;
+      const int h = task % nh;
+      const float* K = seq.k(layer, h / group);
+      const float* V = seq.v(layer, h / group);
       const int rows = std::min(kQueryBlock, n - b);
       const int len = start + b + rows;  // keys visible to the block's last row
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, len, hd, scale,
-                  q + b * q_stride + h * hd, static_cast<int>(q_stride), K, hd, 0.0f,
-                  scores_.data(), len);
-#pragma omp parallel for
+                  q + b * q_stride + h * hd, static_cast<int>(q_stride), K, hd, 0.0f, scores, len);
       for (int r = 0; r < rows; ++r) {
-        float* s = &scores_[static_cast<size_t>(r) * len];
+        float* s = scores + static_cast<size_t>(r) * len;
         const int visible = start + b + r + 1;
-        float mx = -INFINITY;
-        for (int j = 0; j < visible; ++j) mx = std::max(mx, s[j]);
-        float sum = 0;
-        for (int j = 0; j < visible; ++j) {
-          s[j] = std::exp(s[j] - mx);
-          sum += s[j];
-        }
-        const float inv = 1.0f / sum;
-        for (int j = 0; j < visible; ++j) s[j] *= inv;
+        inv_sum[r] = 1.0f / ref::ExpShiftedSum(s, visible, ref::RowMax(s, visible), s);
         std::fill(s + visible, s + len, 0.0f);
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, len, 1.0f, scores_.data(),
-                  len, V, hd, 0.0f, out + b * q_stride + h * hd, static_cast<int>(q_stride));
+      float* o = out + b * q_stride + h * hd;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, len, 1.0f, scores, len, V,
+                  hd, 0.0f, o, static_cast<int>(q_stride));
+      for (int r = 0; r < rows; ++r) {
+        for (int d = 0; d < hd; ++d) o[r * q_stride + d] *= inv_sum[r];
+      }
     }
   }
 }

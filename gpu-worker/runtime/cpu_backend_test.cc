@@ -2,7 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <cfloat>
 #include <cmath>
+#include <cstdio>
+#include <limits>
+#include <numbers>
 #include <random>
 
 #include "runtime/cpu_reference.h"
@@ -101,7 +105,8 @@ struct Case {
 
 class CpuBackendTest : public ::testing::TestWithParam<Case> {};
 
-// 300 tokens: more than one 256-row query block, so block edges are covered.
+// 300 tokens: three 128-row query blocks, the last partial, so block edges
+// are covered.
 TEST_P(CpuBackendTest, BatchPrefillMatchesReferenceForward) {
   const auto w = testing::TinyModel(7, GetParam().style, GetParam().tied);
   const auto tokens = RandomTokens(300, w.config.vocab, 11);
@@ -180,6 +185,78 @@ TEST(CpuReference, LlamaThreeScalingKeepsHighFrequenciesAndSlowsLowOnes) {
     smoothed += scaled[i] < plain[i] && scaled[i] > plain[i] / 8.0f * (1 + 1e-6f);
   }
   EXPECT_GT(smoothed, 0) << "the band between the two wavelengths is interpolated";
+}
+
+// Every float in [-87.33, 88.72] in steps of 2^-12 (about 720k inputs, all
+// residues of the range reduction), against exp in double. Measured max
+// relative error: see ExpShiftedSum in cpu_reference.h.
+TEST(CpuReference, FastExpMatchesStdExp) {
+  std::vector<float> x;
+  for (double v = -87.33; v <= 88.72; v += 1.0 / 4096) x.push_back(static_cast<float>(v));
+  for (float v : {-0.0f, 0.0f, 1e-30f, -1e-30f, FLT_MIN, 0.5f * std::numbers::ln2_v<float>}) x.push_back(v);
+  const int n = static_cast<int>(x.size());
+  std::vector<float> out(n, NAN);
+  ref::ExpShiftedSum(x.data(), n, 0.0f, out.data());
+  double max_rel = 0;
+  int worst = 0;
+  for (int i = 0; i < n; ++i) {
+    const double exact = std::exp(static_cast<double>(x[i]));
+    const double rel = std::fabs(out[i] - exact) / exact;
+    if (!(rel <= max_rel)) {
+      max_rel = std::isnan(rel) ? INFINITY : rel;
+      worst = i;
+    }
+  }
+  EXPECT_LE(max_rel, 2e-7) << "at x = " << x[worst] << ": " << out[worst] << " vs "
+                           << std::exp(static_cast<double>(x[worst]));
+  RecordProperty("max_relative_error", std::to_string(max_rel));
+  std::printf("fast exp: max relative error %.3g at x = %.9g over %d inputs\n", max_rel, x[worst], n);
+  EXPECT_EQ(out[n - 5], 1.0f) << "exp(0)";
+}
+
+TEST(CpuReference, FastExpEdgesMatchStdExp) {
+  const float inf = std::numeric_limits<float>::infinity();
+  // Shifted by 2: exp(x - 2), exercising the shift as the softmax uses it.
+  const std::vector<float> x = {-inf, -1e30f, -200.0f, -100.0f, -98.0f, -90.0f, 2.0f, 90.0f, 90.72f, 90.8f, 200.0f, inf};
+  std::vector<float> out(x.size(), NAN);
+  ref::ExpShiftedSum(x.data(), static_cast<int>(x.size()), 2.0f, out.data());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double exact = std::exp(static_cast<double>(x[i] - 2.0f));
+    const float exact_f = static_cast<float>(exact);
+    if (exact_f == 0 || std::isinf(exact_f)) {
+      EXPECT_EQ(out[i], exact_f) << "exp(" << x[i] << " - 2)";
+    } else if (exact_f < FLT_MIN) {
+      // Denormal result: the scaled polynomial rounded once, so within one
+      // denormal step of exact.
+      EXPECT_LE(std::fabs(out[i] - exact), std::numeric_limits<float>::denorm_min())
+          << "exp(" << x[i] << " - 2)";
+      EXPECT_GT(out[i], 0.0f);
+    } else {
+      EXPECT_NEAR(out[i] / exact, 1.0, 2e-7) << "exp(" << x[i] << " - 2)";
+    }
+  }
+  EXPECT_EQ(out[0], 0.0f) << "-inf gives 0, not NaN";
+  EXPECT_TRUE(std::isinf(out.back()));
+  const float nan_in = NAN;
+  float nan_out = 0;
+  ref::ExpShiftedSum(&nan_in, 1, 0.0f, &nan_out);
+  EXPECT_TRUE(std::isnan(nan_out));
+}
+
+// Lengths around the SIMD widths (1, 7, 8, 15, 16, 17, 33): tails included.
+TEST(CpuReference, RowMaxCoversEveryElement) {
+  for (int n : {1, 7, 8, 15, 16, 17, 33}) {
+    for (int at = 0; at < n; ++at) {
+      std::vector<float> x(n, -3.0f);
+      x[at] = 5.0f;
+      ASSERT_EQ(ref::RowMax(x.data(), n), 5.0f) << "n " << n << ", max at " << at;
+      std::vector<float> e(n, NAN);
+      const float sum = ref::ExpShiftedSum(x.data(), n, 5.0f, e.data());
+      ASSERT_EQ(e[at], 1.0f);
+      ASSERT_NEAR(sum, 1.0f + (n - 1) * std::exp(-8.0f), 1e-6f) << "n " << n;
+    }
+  }
+  EXPECT_EQ(ref::RowMax(nullptr, 0), -INFINITY);
 }
 
 TEST(CpuReference, RopeStylesRotateDifferentPairs) {

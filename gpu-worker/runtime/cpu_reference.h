@@ -33,4 +33,20 @@ void SwiGlu(float* gate, const float* up, int64_t n);
 void AttentionHead(const float* q, const float* k, const float* v, int n_q, int start_pos,
                    int head_dim, float* out);
 
+// Fast softmax pieces for the CPU backend's attention; not references (the
+// functions above stay exact, with std::exp). Vectorized with OpenMP SIMD and
+// cloned for AVX-512 and AVX2, chosen at load time.
+
+// max(x[0..n-1]); -inf for n == 0.
+float RowMax(const float* x, int n);
+
+// out[i] = exp(x[i] - shift) for i < n (out may equal x); returns the float
+// sum of out. The exp is Cephes' range reduction and degree-7 polynomial:
+// max relative error 8.1e-8 against exact exp for results in the normal range
+// (x - shift in [-87.33, 88.72]; measured by FastExpMatchesStdExp, which
+// requires <= 2e-7). Below that, denormals rounded once; exactly 0 below
+// -103.97 and for -inf; +inf above 88.72; NaN in, NaN out. The AVX-512 clone
+// contracts to FMA, so its last bit can differ from the AVX2 and SSE2 ones.
+float ExpShiftedSum(const float* x, int n, float shift, float* out);
+
 }  // namespace tailorkv::runtime::ref
