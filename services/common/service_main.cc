@@ -1,0 +1,50 @@
+#include "common/service_main.h"
+
+#include <cstdio>
+
+#include <CLI/CLI.hpp>
+
+#include "common/logging.h"
+#include "spdlog/spdlog.h"
+
+namespace tailorkv::common {
+
+int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec) {
+  ServerOptions server_options;
+  server_options.listen_address = spec.default_listen;
+  std::string log_level = "info";
+  CLI::App app{spec.description};
+  app.add_option("--listen", server_options.listen_address, "host:port to serve on")
+      ->capture_default_str();
+  app.add_option("--drain-grace-ms", server_options.drain_grace_ms,
+                 "how long in-flight calls may run after SIGTERM")
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  if (absl::Status s = ConfigureLogging(log_level); !s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", spec.name.c_str(), s.ToString().c_str());
+    return 2;
+  }
+  if (absl::Status s = server_options.Validate(); !s.ok()) {
+    spdlog::error("invalid configuration: {}", s.ToString());
+    return 2;
+  }
+  spdlog::info("{} starting: {}", spec.name, server_options.ToString());
+  TerminationSignals signals;
+  auto server = GrpcServer::Start(server_options, spec.services);
+  if (!server.ok()) {
+    spdlog::error("cannot start the server: {}", server.status().ToString());
+    return 1;
+  }
+  spdlog::info("ready on {}", (*server)->address());
+  const int signo = signals.Wait();
+  spdlog::info("received signal {}, draining", signo);
+  (*server)->Drain();
+  spdlog::info("{} stopped", spec.name);
+  spdlog::shutdown();
+  return 0;
+}
+
+}  // namespace tailorkv::common

@@ -1,0 +1,26 @@
+// The main() of a process whose whole job is to serve gRPC services until
+// SIGTERM/SIGINT: flags --listen, --drain-grace-ms and --log-level, logging
+// set up once, the configuration validated and printed, then serve, wait for
+// a signal, drain. Used by kv-host and profiler; the gpu-worker has more
+// configuration and its own main().
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "common/grpc_server.h"
+
+namespace tailorkv::common {
+
+struct ServiceMainSpec {
+  std::string name;            // process name used in logs and errors
+  std::string description;     // --help headline
+  std::string default_listen;  // host:port
+  std::vector<ServiceEntry> services;  // must outlive the call
+};
+
+// Returns the process exit code: 0 after a clean drain, 1 when the server
+// cannot start, 2 for a bad command line or configuration.
+int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec);
+
+}  // namespace tailorkv::common
