@@ -6,7 +6,7 @@ PKGS=(
   build-essential cmake ninja-build pkg-config git ca-certificates unzip python3 python3-pip
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev libboost-dev libgtest-dev libgmock-dev
-  libopenblas-dev libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libicu-dev
+  libopenblas-dev libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libicu-dev libssl-dev
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -9,14 +9,17 @@ Usage: scripts/make_dequant_vectors.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 (needs `pip install gguf numpy`; the model defaults to <repo>/models/...).
 
 File formats (all little-endian):
-  dq_<TYPE>.bin   "TKVD" u32 ggml_type u32 n_elems u32 n_src_bytes
+  dq_<TYPE>.testvec "TKVD" u32 ggml_type u32 n_elems u32 n_src_bytes
                   src bytes, then n_elems float32 (the expected output)
-  conv_f32.bin    "TKVC" u32 n, float32[n] inputs, u16[n] f16 (round to
+  conv_f32.testvec  "TKVC" u32 n, float32[n] inputs, u16[n] f16 (round to
                   nearest even, numpy), u16[n] bf16 (round to nearest even, gguf)
-  real_<name>.bin "TKVR" u32 ggml_type u32 n_rows u32 n_cols u32 len(name)
-                  name bytes, then n_rows*n_cols float32: the first rows of a
-                  tensor of the real model, dequantized by gguf
+  real_model_rows.json  for a few tensors of the real model: ggml type, rows,
+                  cols, and the SHA-256, sum and nonzero count of the first rows
+                  as gguf dequantizes them (float32 little-endian). Digests,
+                  not values: no part of the model's weights is committed.
 """
+import hashlib
+import json
 import os
 import struct
 import sys
@@ -82,7 +85,7 @@ def write_dequant_vectors(rng):
         expected = dequantize(src, qtype).astype(np.float32).reshape(-1)
         assert expected.size == n and np.all(np.isfinite(expected)), qtype.name
         assert np.count_nonzero(expected) > n // 2, qtype.name
-        path = os.path.join(OUT, f"dq_{qtype.name}.bin")
+        path = os.path.join(OUT, f"dq_{qtype.name}.testvec")
         with open(path, "wb") as f:
             f.write(b"TKVD" + struct.pack("<III", int(qtype), n, src.size))
             f.write(src.tobytes())
@@ -103,32 +106,36 @@ def write_conversion_vectors(rng):
     with np.errstate(over="ignore"):  # overflow to +-inf is part of the test
         f16 = vals.astype(np.float16).view(np.uint16)
     bf16 = quantize(vals, T.BF16).view(np.uint16)
-    with open(os.path.join(OUT, "conv_f32.bin"), "wb") as f:
+    with open(os.path.join(OUT, "conv_f32.testvec"), "wb") as f:
         f.write(b"TKVC" + struct.pack("<I", n))
         f.write(vals.astype("<f4").tobytes())
         f.write(f16.astype("<u2").tobytes())
         f.write(bf16.astype("<u2").tobytes())
 
 
-def write_real_vectors(model_path):
+def write_real_digests(model_path):
     reader = GGUFReader(model_path)
     wanted = {"token_embd.weight": 2, "blk.0.attn_q.weight": 2, "blk.0.attn_norm.weight": 1}
+    out = {}
     for t in reader.tensors:
         if t.name not in wanted:
             continue
         n_cols = int(t.shape[0])  # ne[0], the contiguous dimension
         rows = wanted[t.name]
         values = dequantize(t.data, t.tensor_type).reshape(-1)[: rows * n_cols]
-        values = values.astype(np.float32)
+        values = values.astype("<f4")
         assert np.count_nonzero(values) > 0, t.name
-        name = t.name.encode()
-        path = os.path.join(OUT, f"real_{t.name.replace('.', '_')}.bin")
-        with open(path, "wb") as f:
-            f.write(b"TKVR" + struct.pack("<IIII", int(t.tensor_type), rows, n_cols, len(name)))
-            f.write(name)
-            f.write(values.astype("<f4").tobytes())
-    missing = set(wanted) - {t.name for t in reader.tensors}
+        out[t.name] = {
+            "ggml_type": int(t.tensor_type), "rows": rows, "cols": n_cols,
+            "sha256": hashlib.sha256(values.tobytes()).hexdigest(),
+            "sum": float(values.astype(np.float64).sum()),
+            "nonzero": int(np.count_nonzero(values)),
+        }
+    missing = set(wanted) - set(out)
     assert not missing, missing
+    with open(os.path.join(OUT, "real_model_rows.json"), "w") as f:
+        json.dump(out, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def main():
@@ -138,7 +145,7 @@ def main():
     write_conversion_vectors(rng)
     model = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
         REPO, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    write_real_vectors(model)
+    write_real_digests(model)
     total = sum(os.path.getsize(os.path.join(OUT, p)) for p in os.listdir(OUT))
     print(f"wrote {len(os.listdir(OUT))} files, {total} bytes, to {OUT}")
 

@@ -47,7 +47,7 @@ struct DequantVector {
 };
 
 DequantVector LoadDequantVector(const std::string& type_name) {
-  const std::vector<uint8_t> b = ReadFile(TestdataPath("dq_" + type_name + ".bin"));
+  const std::vector<uint8_t> b = ReadFile(TestdataPath("dq_" + type_name + ".testvec"));
   DequantVector v;
   size_t pos = 0;
   if (b.size() < 16 || std::memcmp(b.data(), "TKVD", 4) != 0) {
@@ -157,7 +157,7 @@ TEST(GgmlTypesTest, TraitsMatchGgmlBlockGeometry) {
 }
 
 TEST(HalfConversionTest, MatchesNumpyAndGgufRounding) {
-  const std::vector<uint8_t> b = ReadFile(TestdataPath("conv_f32.bin"));
+  const std::vector<uint8_t> b = ReadFile(TestdataPath("conv_f32.testvec"));
   ASSERT_GE(b.size(), 8u);
   ASSERT_EQ(std::memcmp(b.data(), "TKVC", 4), 0);
   size_t pos = 4;
