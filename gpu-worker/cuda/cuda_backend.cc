@@ -39,9 +39,10 @@ struct DeviceLayer {
 
 class CudaSequence final : public SequenceState {
  public:
-  CudaSequence(const void* owner, int capacity, int64_t layer_elems, DeviceBuffer kv,
-               DeviceBuffer attn_workspace)
+  CudaSequence(const void* owner, runtime::KvPlan plan, int capacity, int64_t layer_elems,
+               DeviceBuffer kv, DeviceBuffer attn_workspace)
       : owner_(owner),
+        plan_(std::move(plan)),
         capacity_(capacity),
         layer_elems_(layer_elems),
         kv_(std::move(kv)),
@@ -50,6 +51,12 @@ class CudaSequence final : public SequenceState {
   int length() const override { return length_; }
   int capacity() const override { return capacity_; }
   void Truncate(int n) override { length_ = std::clamp(n, 0, length_); }
+  const runtime::KvPlan& plan() const override { return plan_; }
+  std::vector<runtime::LayerKvBytes> kv_bytes() const override {
+    return std::vector<runtime::LayerKvBytes>(
+        plan_.layers.size(), runtime::LayerKvBytes{runtime::KvPolicyKind::kDense,
+                                                   2 * layer_elems_ * static_cast<int64_t>(sizeof(bf16)), 0});
+  }
 
   const void* owner() const { return owner_; }
   void set_length(int n) { length_ = n; }
@@ -63,6 +70,7 @@ class CudaSequence final : public SequenceState {
 
  private:
   const void* owner_;
+  runtime::KvPlan plan_;
   int capacity_;
   int length_ = 0;
   int64_t layer_elems_;
@@ -83,7 +91,9 @@ class CudaBackend final : public runtime::Backend {
   int preferred_prefill_chunk() const override { return options_.max_prefill_chunk; }
   const ModelConfig& config() const override { return config_; }
 
-  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity) override;
+  using runtime::Backend::NewSequence;
+  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity,
+                                                             const runtime::KvPlan& plan) override;
   absl::Status Forward(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
                        std::vector<float>* logits) override;
 
@@ -272,10 +282,15 @@ absl::Status CudaBackend::RandomizeWeights(uint64_t seed) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(int capacity) {
+absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
+    int capacity, const runtime::KvPlan& plan) {
   if (capacity < 1 || capacity > config_.max_context) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "sequence capacity must be in [1, %d], got %d", config_.max_context, capacity));
+  }
+  RETURN_IF_ERROR(plan.Validate(config_));
+  if (!plan.all_dense()) {
+    return absl::UnimplementedError("the CUDA backend keeps only dense KV so far");
   }
   const int64_t layer_elems =
       static_cast<int64_t>(config_.n_kv_heads) * capacity * config_.head_dim;
@@ -284,7 +299,7 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(int capa
   const AttentionShape shape{config_.n_heads, config_.n_kv_heads, config_.head_dim, capacity};
   ASSIGN_OR_RETURN(DeviceBuffer ws,
                    DeviceBuffer::Allocate(std::max<size_t>(DecodeAttentionWorkspaceBytes(shape), 16)));
-  return std::make_unique<CudaSequence>(this, capacity, layer_elems, std::move(kv), std::move(ws));
+  return std::make_unique<CudaSequence>(this, plan, capacity, layer_elems, std::move(kv), std::move(ws));
 }
 
 absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "model/llama_weights.h"
+#include "runtime/kv_plan.h"
 
 namespace tailorkv::runtime {
 
@@ -24,8 +25,14 @@ class SequenceState {
   virtual ~SequenceState() = default;
   virtual int length() const = 0;    // tokens already in the cache
   virtual int capacity() const = 0;  // tokens the cache can hold
-  // Drops cached tokens after the first n (n <= length()).
+  // Drops cached tokens after the first n (n <= length()). Layers whose
+  // policy cannot forget (quant, window) answer by keeping what they hold;
+  // only dense sequences may be truncated and then extended.
   virtual void Truncate(int n) = 0;
+  // The plan the sequence was made with.
+  virtual const KvPlan& plan() const = 0;
+  // KV memory held per layer, by tier (what was allocated for `capacity`).
+  virtual std::vector<LayerKvBytes> kv_bytes() const = 0;
 };
 
 class Backend {
@@ -34,9 +41,16 @@ class Backend {
   virtual std::string_view name() const = 0;
   virtual const model::ModelConfig& config() const = 0;
 
-  // A sequence whose cache holds up to `capacity` tokens.
-  // InvalidArgument when capacity is not in [1, config().max_context].
-  virtual absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity) = 0;
+  // A sequence whose cache holds up to `capacity` tokens, each layer kept as
+  // `plan` says. InvalidArgument when capacity is not in [1,
+  // config().max_context] or the plan does not fit the model; Unimplemented
+  // for a policy this backend lacks.
+  virtual absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity,
+                                                                     const KvPlan& plan) = 0;
+  // The same with every layer dense.
+  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity) {
+    return NewSequence(capacity, KvPlan::Dense(config().n_layers));
+  }
 
   // Runs `tokens` at positions [seq.length(), seq.length() + n), appending
   // their K/V to `seq`. Writes logits row-major into `logits`: n x vocab when

@@ -27,8 +27,9 @@ constexpr int kQueryBlock = 128;
 // head_dim floats, so one head's keys are contiguous for the GEMMs.
 class CpuSequence final : public SequenceState {
  public:
-  CpuSequence(const ModelConfig& c, int capacity)
-      : capacity_(capacity),
+  CpuSequence(const ModelConfig& c, int capacity, KvPlan plan)
+      : plan_(std::move(plan)),
+        capacity_(capacity),
         head_stride_(static_cast<int64_t>(capacity) * c.head_dim),
         layer_stride_(head_stride_ * c.n_kv_heads),
         k_(layer_stride_ * c.n_layers),
@@ -37,12 +38,19 @@ class CpuSequence final : public SequenceState {
   int length() const override { return length_; }
   int capacity() const override { return capacity_; }
   void Truncate(int n) override { length_ = std::clamp(n, 0, length_); }
+  const KvPlan& plan() const override { return plan_; }
+  std::vector<LayerKvBytes> kv_bytes() const override {
+    return std::vector<LayerKvBytes>(
+        plan_.layers.size(),
+        LayerKvBytes{KvPolicyKind::kDense, 2 * layer_stride_ * static_cast<int64_t>(sizeof(float)), 0});
+  }
 
   float* k(int layer, int head) { return k_.data() + layer * layer_stride_ + head * head_stride_; }
   float* v(int layer, int head) { return v_.data() + layer * layer_stride_ + head * head_stride_; }
   void set_length(int n) { length_ = n; }
 
  private:
+  KvPlan plan_;
   int capacity_;
   int length_ = 0;
   int64_t head_stride_;
@@ -70,12 +78,18 @@ class CpuBackend final : public Backend {
   std::string_view name() const override { return "cpu"; }
   const ModelConfig& config() const override { return w_.config; }
 
-  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity) override {
+  using Backend::NewSequence;
+  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity,
+                                                             const KvPlan& plan) override {
     if (capacity < 1 || capacity > w_.config.max_context) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "sequence capacity must be in [1, %d], got %d", w_.config.max_context, capacity));
     }
-    return std::make_unique<CpuSequence>(w_.config, capacity);
+    if (auto st = plan.Validate(w_.config); !st.ok()) return st;
+    if (!plan.all_dense()) {
+      return absl::UnimplementedError("the CPU backend keeps only dense KV so far");
+    }
+    return std::make_unique<CpuSequence>(w_.config, capacity, plan);
   }
 
   absl::Status Forward(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
