@@ -12,7 +12,10 @@ bundle=.bundle
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTAILORKV_CUDA=ON \
   -DTAILORKV_CUDA_ARCHS=90a >/dev/null
 targets=(tkv_cuda_test tkv_llama_bench gpu-worker tailorkv-cli)
-[ -n "$(ninja -C "$build" -t targets all | grep -o '^tkv_attention_bench:')" ] && targets+=(tkv_attention_bench)
+# Optional programs, bundled when this tree has them.
+for t in tkv_attention_bench tkv_quant_attention_bench tkv_accuracy; do
+  ninja -C "$build" -t targets all | grep -q "^$t:" && targets+=("$t")
+done
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
 rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/lib"
 for t in "${targets[@]}"; do find "$build" -name "$t" -type f -perm -u+x -exec cp {} "$bundle/bin/" \; ; done

@@ -25,5 +25,8 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   if [ -x .bundle/bin/tkv_attention_bench ]; then
     .bundle/bin/tkv_attention_bench --out "$out/attention_bench.json" 2>&1 | tee "$out/attention_bench.log" || rc=1
   fi
+  if [ -x .bundle/bin/tkv_quant_attention_bench ]; then
+    .bundle/bin/tkv_quant_attention_bench --out "$out/quant_attention_bench.json" 2>&1 | tee "$out/quant_attention_bench.log" || rc=1
+  fi
 fi
 exit $rc
