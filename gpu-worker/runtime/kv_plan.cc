@@ -1,11 +1,298 @@
 #include "runtime/kv_plan.h"
 
+#include <algorithm>
+#include <fstream>
+#include <limits>
 #include <map>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "nlohmann/json.hpp"
+#include "runtime/quant_kv.h"
 
 namespace tailorkv::runtime {
+namespace {
+
+using json = nlohmann::json;
+
+constexpr char kFormat[] = "tailorkv.kv_plan";
+constexpr int kMaxResidual = 4096;
+
+std::string LayerField(int layer, const std::string& field) {
+  return absl::StrCat("layers[", layer, "].", field);
+}
+
+absl::Status FieldError(const std::string& field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", what));
+}
+
+absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConfig& c) {
+  switch (l.kind) {
+    case KvPolicyKind::kDense:
+      return absl::OkStatus();
+    case KvPolicyKind::kQuant: {
+      const QuantParams& q = l.quant;
+      if (q.bits != 1 && q.bits != 2 && q.bits != 4) {
+        return FieldError(LayerField(i, "bits"), absl::StrCat("must be 1, 2 or 4, got ", q.bits));
+      }
+      if (q.group != 32 && q.group != 64 && q.group != 128) {
+        return FieldError(LayerField(i, "group"),
+                          absl::StrCat("must be 32, 64 or 128, got ", q.group));
+      }
+      if (c.head_dim % q.group != 0) {
+        return FieldError(LayerField(i, "group"), absl::StrCat("must divide head_dim ", c.head_dim,
+                                                               ", got ", q.group));
+      }
+      if (q.residual < q.group || q.residual % q.group != 0 || q.residual > kMaxResidual) {
+        return FieldError(LayerField(i, "residual"),
+                          absl::StrCat("must be a positive multiple of group (", q.group,
+                                       ") and <= ", kMaxResidual, ", got ", q.residual));
+      }
+      return absl::OkStatus();
+    }
+    case KvPolicyKind::kWindow:
+      if (l.window.sink < 0) {
+        return FieldError(LayerField(i, "sink"), absl::StrCat("must be >= 0, got ", l.window.sink));
+      }
+      if (l.window.recent < 1) {
+        return FieldError(LayerField(i, "recent"),
+                          absl::StrCat("must be >= 1, got ", l.window.recent));
+      }
+      return absl::OkStatus();
+    case KvPolicyKind::kSparse: {
+      const SparseParams& s = l.sparse;
+      if (s.sink < 0) {
+        return FieldError(LayerField(i, "sink"), absl::StrCat("must be >= 0, got ", s.sink));
+      }
+      if (s.recent < 1) {
+        return FieldError(LayerField(i, "recent"), absl::StrCat("must be >= 1, got ", s.recent));
+      }
+      if (s.top_k < 1) {
+        return FieldError(LayerField(i, "top_k"), absl::StrCat("must be >= 1, got ", s.top_k));
+      }
+      if (s.channels < 1 || s.channels > c.head_dim) {
+        return FieldError(LayerField(i, "channels"), absl::StrCat("must be in [1, head_dim ",
+                                                                  c.head_dim, "], got ", s.channels));
+      }
+      if (s.index != "gpu" && s.index != "faithful") {
+        return FieldError(LayerField(i, "index"),
+                          absl::StrCat("must be \"gpu\" or \"faithful\", got \"", s.index, "\""));
+      }
+      return absl::OkStatus();
+    }
+  }
+  return FieldError(LayerField(i, "policy"),
+                    absl::StrCat("unknown policy kind ", static_cast<int>(l.kind)));
+}
+
+std::string Describe(const LayerKvPolicy& l) {
+  switch (l.kind) {
+    case KvPolicyKind::kDense:
+      return "dense";
+    case KvPolicyKind::kQuant:
+      return absl::StrCat("quant(", l.quant.bits, "b g", l.quant.group, " r", l.quant.residual, ")");
+    case KvPolicyKind::kWindow:
+      return absl::StrCat("window(", l.window.sink, "+", l.window.recent, ")");
+    case KvPolicyKind::kSparse:
+      return absl::StrCat("sparse(", l.sparse.sink, "+", l.sparse.recent, " k", l.sparse.top_k,
+                          " d", l.sparse.channels, " ", l.sparse.index, ")");
+  }
+  return "unknown";
+}
+
+// ---- JSON reading ----
+
+// "string \"3\"", "number 1.5": what a wrong value was, shortened.
+std::string ShowValue(const json& v) {
+  std::string text = v.dump();
+  if (text.size() > 40) text = text.substr(0, 37) + "...";
+  return absl::StrCat(v.type_name(), " ", text);
+}
+
+absl::StatusOr<int> ReadInt(const json& v, const std::string& field) {
+  if (v.is_number_integer()) {  // signed or unsigned
+    const bool fits = v.is_number_unsigned()
+                          ? v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int>::max())
+                          : v.get<int64_t>() >= std::numeric_limits<int>::min() &&
+                                v.get<int64_t>() <= std::numeric_limits<int>::max();
+    if (fits) return static_cast<int>(v.get<int64_t>());
+    return FieldError(field, absl::StrCat("integer out of range, got ", v.dump()));
+  }
+  return FieldError(field, absl::StrCat("must be an integer, got ", ShowValue(v)));
+}
+
+absl::StatusOr<std::string> ReadString(const json& v, const std::string& field) {
+  if (!v.is_string()) return FieldError(field, absl::StrCat("must be a string, got ", ShowValue(v)));
+  return v.get<std::string>();
+}
+
+// Rejects keys of `obj` outside `allowed`, naming the first one (in key order).
+absl::Status CheckKeys(const json& obj, const std::string& prefix,
+                       const std::vector<std::string>& allowed, const std::string& context) {
+  for (const auto& [key, value] : obj.items()) {
+    if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
+      return FieldError(absl::StrCat(prefix, key),
+                        absl::StrCat("unknown key", context, " (allowed: ",
+                                     absl::StrJoin(allowed, ", "), ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Sets *out from obj[key] when present.
+absl::Status MaybeInt(const json& obj, const char* key, int layer, int* out) {
+  auto it = obj.find(key);
+  if (it == obj.end()) return absl::OkStatus();
+  auto v = ReadInt(*it, LayerField(layer, key));
+  if (!v.ok()) return v.status();
+  *out = *v;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
+  const std::string where = absl::StrCat("layers[", i, "]");
+  if (!entry.is_object()) {
+    return FieldError(where, absl::StrCat("must be an object, got ", ShowValue(entry)));
+  }
+  auto layer_it = entry.find("layer");
+  if (layer_it == entry.end()) {
+    return FieldError(LayerField(i, "layer"), "missing (every entry names its layer index)");
+  }
+  auto index = ReadInt(*layer_it, LayerField(i, "layer"));
+  if (!index.ok()) return index.status();
+  if (*index != i) {
+    return FieldError(LayerField(i, "layer"),
+                      absl::StrCat("expected ", i, ", got ", *index,
+                                   " (every layer is listed exactly once, in order 0..n-1)"));
+  }
+  auto policy_it = entry.find("policy");
+  if (policy_it == entry.end()) return FieldError(LayerField(i, "policy"), "missing");
+  auto policy = ReadString(*policy_it, LayerField(i, "policy"));
+  if (!policy.ok()) return policy.status();
+
+  LayerKvPolicy l;
+  std::vector<std::string> allowed = {"layer", "policy", "dense_preference"};
+  if (*policy == "dense") {
+    l.kind = KvPolicyKind::kDense;
+  } else if (*policy == "quant") {
+    l.kind = KvPolicyKind::kQuant;
+    allowed.insert(allowed.end(), {"bits", "group", "residual"});
+  } else if (*policy == "window") {
+    l.kind = KvPolicyKind::kWindow;
+    allowed.insert(allowed.end(), {"sink", "recent"});
+  } else if (*policy == "sparse") {
+    l.kind = KvPolicyKind::kSparse;
+    allowed.insert(allowed.end(), {"sink", "recent", "top_k", "channels", "index"});
+  } else {
+    return FieldError(LayerField(i, "policy"),
+                      absl::StrCat("must be dense, quant, window or sparse, got \"", *policy, "\""));
+  }
+  if (auto st = CheckKeys(entry, where + ".", allowed,
+                          absl::StrCat(" for policy \"", *policy, "\""));
+      !st.ok()) {
+    return st;
+  }
+  auto pref_it = entry.find("dense_preference");
+  if (pref_it != entry.end()) {
+    if (!pref_it->is_number()) {
+      return FieldError(LayerField(i, "dense_preference"),
+                        absl::StrCat("must be a number, got ", ShowValue(*pref_it)));
+    }
+    l.dense_preference = pref_it->get<double>();
+  }
+  absl::Status st;
+  switch (l.kind) {
+    case KvPolicyKind::kDense:
+      break;
+    case KvPolicyKind::kQuant:
+      if (st = MaybeInt(entry, "bits", i, &l.quant.bits); !st.ok()) return st;
+      if (st = MaybeInt(entry, "group", i, &l.quant.group); !st.ok()) return st;
+      if (st = MaybeInt(entry, "residual", i, &l.quant.residual); !st.ok()) return st;
+      break;
+    case KvPolicyKind::kWindow:
+      if (st = MaybeInt(entry, "sink", i, &l.window.sink); !st.ok()) return st;
+      if (st = MaybeInt(entry, "recent", i, &l.window.recent); !st.ok()) return st;
+      break;
+    case KvPolicyKind::kSparse: {
+      if (st = MaybeInt(entry, "sink", i, &l.sparse.sink); !st.ok()) return st;
+      if (st = MaybeInt(entry, "recent", i, &l.sparse.recent); !st.ok()) return st;
+      if (st = MaybeInt(entry, "top_k", i, &l.sparse.top_k); !st.ok()) return st;
+      if (st = MaybeInt(entry, "channels", i, &l.sparse.channels); !st.ok()) return st;
+      auto index_it = entry.find("index");
+      if (index_it != entry.end()) {
+        auto s = ReadString(*index_it, LayerField(i, "index"));
+        if (!s.ok()) return s.status();
+        l.sparse.index = *s;
+      }
+      break;
+    }
+  }
+  return l;
+}
+
+absl::Status CheckModelBlock(const json& root, const model::ModelConfig& c) {
+  auto it = root.find("model");
+  if (it == root.end()) {
+    return FieldError("model", "missing (the plan must say which model shape it is for)");
+  }
+  const json& m = *it;
+  if (!m.is_object()) return FieldError("model", absl::StrCat("must be an object, got ", ShowValue(m)));
+  if (auto st = CheckKeys(m, "model.", {"n_layers", "n_kv_heads", "head_dim"}, ""); !st.ok()) {
+    return st;
+  }
+  const std::pair<const char*, int> fields[] = {
+      {"n_layers", c.n_layers}, {"n_kv_heads", c.n_kv_heads}, {"head_dim", c.head_dim}};
+  for (const auto& [key, expected] : fields) {
+    const std::string field = absl::StrCat("model.", key);
+    auto f = m.find(key);
+    if (f == m.end()) return FieldError(field, "missing");
+    auto v = ReadInt(*f, field);
+    if (!v.ok()) return v.status();
+    if (*v != expected) {
+      return FieldError(field, absl::StrCat("the plan is for ", key, " ", *v, ", the model (",
+                                            c.name, ") has ", expected));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// ---- specs ----
+
+// Strict decimal: digits only, no sign or spaces.
+absl::StatusOr<int> SpecInt(const std::string& spec, const std::string& name, const std::string& text) {
+  const bool digits = !text.empty() && text.size() <= 9 &&
+                      std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+  if (!digits) {
+    return absl::InvalidArgumentError(absl::StrCat("kv plan spec \"", spec, "\": ", name,
+                                                   " must be a non-negative integer, got \"",
+                                                   text, "\""));
+  }
+  int v = 0;
+  for (char ch : text) v = v * 10 + (ch - '0');
+  return v;
+}
+
+constexpr char kSpecGrammar[] =
+    "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS] or "
+    "@plan.json";
+
+absl::Status SpecError(const std::string& spec, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("kv plan spec \"", spec, "\": ", what));
+}
+
+// QuantShape::Bytes's formula (quant_kv.h's byte format), kept here so the
+// plan library does not need the quantized cache's code: codes and {scale,
+// min} pairs (4 bytes each) for K and V, plus the two residual rings.
+int64_t QuantBytesFormula(const QuantShape& s, int residual_elem_bytes) {
+  const int64_t per_head = 4 * (s.k_code_words_per_head() + s.k_params_per_head() +
+                                s.v_code_words_per_head() + s.v_params_per_head()) +
+                           2 * s.residual_elems_per_head() * residual_elem_bytes;
+  return per_head * s.n_kv_heads;
+}
+
+}  // namespace
 
 std::string_view KvPolicyName(KvPolicyKind kind) {
   switch (kind) {
@@ -38,12 +325,280 @@ bool KvPlan::all_dense() const {
   return true;
 }
 
+std::string KvPlan::Summary() const {
+  if (layers.empty()) return "no layers";
+  // Counts per distinct description, in order of first appearance.
+  std::vector<std::pair<std::string, int>> counts;
+  for (const LayerKvPolicy& l : layers) {
+    const std::string d = Describe(l);
+    auto it = std::find_if(counts.begin(), counts.end(), [&](const auto& p) { return p.first == d; });
+    if (it == counts.end()) {
+      counts.emplace_back(d, 1);
+    } else {
+      ++it->second;
+    }
+  }
+  return absl::StrJoin(counts, ", ", [](std::string* out, const auto& p) {
+    absl::StrAppend(out, p.first, " x", p.second);
+  });
+}
+
 absl::Status KvPlan::Validate(const model::ModelConfig& config) const {
   if (static_cast<int>(layers.size()) != config.n_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("plan has ", layers.size(),
-                                                   " layers, the model has ", config.n_layers));
+    return FieldError("layers", absl::StrCat("the plan has ", layers.size(),
+                                             " layers, the model has ", config.n_layers));
+  }
+  for (int i = 0; i < static_cast<int>(layers.size()); ++i) {
+    if (auto st = ValidateLayer(i, layers[i], config); !st.ok()) return st;
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view text, const model::ModelConfig& config) {
+  json root;
+  try {
+    // The exception carries the line and column, which the no-throw parse drops.
+    root = json::parse(text);
+  } catch (const json::parse_error& e) {
+    return absl::InvalidArgumentError(absl::StrCat("kv plan is not valid JSON: ", e.what()));
+  }
+  if (!root.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv plan must be a JSON object, got ", ShowValue(root)));
+  }
+  if (auto st = CheckKeys(root, "", {"format", "version", "name", "model", "layers", "profile"}, "");
+      !st.ok()) {
+    return st;
+  }
+  auto format_it = root.find("format");
+  if (format_it == root.end()) return FieldError("format", absl::StrCat("missing (must be \"", kFormat, "\")"));
+  auto format = ReadString(*format_it, "format");
+  if (!format.ok()) return format.status();
+  if (*format != kFormat) {
+    return FieldError("format", absl::StrCat("must be \"", kFormat, "\", got \"", *format, "\""));
+  }
+  auto version_it = root.find("version");
+  if (version_it == root.end()) return FieldError("version", "missing");
+  auto version = ReadInt(*version_it, "version");
+  if (!version.ok()) return version.status();
+  if (*version != KvPlan::kVersion) {
+    return FieldError("version", absl::StrCat("this build reads version ", KvPlan::kVersion,
+                                              ", got ", *version));
+  }
+  KvPlan plan;
+  if (auto name_it = root.find("name"); name_it != root.end()) {
+    auto name = ReadString(*name_it, "name");
+    if (!name.ok()) return name.status();
+    plan.name = *name;
+  }
+  if (auto st = CheckModelBlock(root, config); !st.ok()) return st;
+  auto layers_it = root.find("layers");
+  if (layers_it == root.end()) return FieldError("layers", "missing");
+  if (!layers_it->is_array()) {
+    return FieldError("layers", absl::StrCat("must be an array, got ", ShowValue(*layers_it)));
+  }
+  const int n = static_cast<int>(layers_it->size());
+  for (int i = 0; i < n; ++i) {
+    auto layer = ParseLayer((*layers_it)[i], i);
+    if (!layer.ok()) return layer.status();
+    plan.layers.push_back(*std::move(layer));
+  }
+  if (n != config.n_layers) {
+    return FieldError("layers", absl::StrCat("has ", n, " entries, the model has ",
+                                             config.n_layers, " layers"));
+  }
+  if (auto st = plan.Validate(config); !st.ok()) return st;
+  return plan;
+}
+
+absl::StatusOr<KvPlan> LoadKvPlanFile(const std::string& path, const model::ModelConfig& config) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("kv plan file ", path, ": cannot open"));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return absl::DataLossError(absl::StrCat("kv plan file ", path, ": read error"));
+  auto plan = ParseKvPlanJson(ss.str(), config);
+  if (!plan.ok()) {
+    return absl::Status(plan.status().code(),
+                        absl::StrCat("kv plan file ", path, ": ", plan.status().message()));
+  }
+  return plan;
+}
+
+std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
+  using ojson = nlohmann::ordered_json;
+  // One layer per line: plans are read and diffed by people too.
+  std::string out = absl::StrCat("{\n  \"format\": \"", kFormat, "\",\n  \"version\": ",
+                                 KvPlan::kVersion, ",\n");
+  if (!plan.name.empty()) absl::StrAppend(&out, "  \"name\": ", ojson(plan.name).dump(), ",\n");
+  ojson model = {{"n_layers", config.n_layers},
+                 {"n_kv_heads", config.n_kv_heads},
+                 {"head_dim", config.head_dim}};
+  absl::StrAppend(&out, "  \"model\": ", model.dump(), ",\n  \"layers\": [");
+  for (size_t i = 0; i < plan.layers.size(); ++i) {
+    const LayerKvPolicy& l = plan.layers[i];
+    ojson e;
+    e["layer"] = i;
+    e["policy"] = std::string(KvPolicyName(l.kind));
+    // Every parameter is written, so the file means the same under other defaults.
+    switch (l.kind) {
+      case KvPolicyKind::kDense:
+        break;
+      case KvPolicyKind::kQuant:
+        e["bits"] = l.quant.bits;
+        e["group"] = l.quant.group;
+        e["residual"] = l.quant.residual;
+        break;
+      case KvPolicyKind::kWindow:
+        e["sink"] = l.window.sink;
+        e["recent"] = l.window.recent;
+        break;
+      case KvPolicyKind::kSparse:
+        e["sink"] = l.sparse.sink;
+        e["recent"] = l.sparse.recent;
+        e["top_k"] = l.sparse.top_k;
+        e["channels"] = l.sparse.channels;
+        e["index"] = l.sparse.index;
+        break;
+    }
+    if (l.dense_preference >= 0) e["dense_preference"] = l.dense_preference;
+    absl::StrAppend(&out, i == 0 ? "\n    " : ",\n    ", e.dump());
+  }
+  absl::StrAppend(&out, plan.layers.empty() ? "]\n}\n" : "\n  ]\n}\n");
+  return out;
+}
+
+absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
+                                       const model::ModelConfig& config) {
+  const std::string spec(spec_view);
+  if (spec.empty()) return SpecError(spec, absl::StrCat("empty; expected ", kSpecGrammar));
+  if (spec.front() == '@') {
+    const std::string path(spec.substr(1));
+    if (path.empty()) return SpecError(spec, "a plan file path must follow '@'");
+    return LoadKvPlanFile(path, config);
+  }
+  const std::vector<std::string> parts = absl::StrSplit(spec, ':');
+  const std::string& kind = parts[0];
+  const int n_args = static_cast<int>(parts.size()) - 1;
+  KvPlan plan;
+  if (kind == "dense") {
+    if (n_args != 0) return SpecError(spec, "dense takes no parameters");
+    plan = KvPlan::Dense(config.n_layers);
+  } else if (kind == "quant") {
+    if (n_args < 1 || n_args > 3) return SpecError(spec, "expected quant:BITS[:GROUP[:RESIDUAL]]");
+    LayerKvPolicy l;
+    l.kind = KvPolicyKind::kQuant;
+    auto bits = SpecInt(spec, "BITS", parts[1]);
+    if (!bits.ok()) return bits.status();
+    l.quant.bits = *bits;
+    if (n_args >= 2) {
+      auto group = SpecInt(spec, "GROUP", parts[2]);
+      if (!group.ok()) return group.status();
+      l.quant.group = *group;
+    }
+    if (n_args >= 3) {
+      auto residual = SpecInt(spec, "RESIDUAL", parts[3]);
+      if (!residual.ok()) return residual.status();
+      l.quant.residual = *residual;
+    }
+    plan = KvPlan::Uniform(config.n_layers, l, spec);
+  } else if (kind == "window") {
+    if (n_args != 2) return SpecError(spec, "expected window:SINK:RECENT");
+    LayerKvPolicy l;
+    l.kind = KvPolicyKind::kWindow;
+    auto sink = SpecInt(spec, "SINK", parts[1]);
+    if (!sink.ok()) return sink.status();
+    auto recent = SpecInt(spec, "RECENT", parts[2]);
+    if (!recent.ok()) return recent.status();
+    l.window.sink = *sink;
+    l.window.recent = *recent;
+    plan = KvPlan::Uniform(config.n_layers, l, spec);
+  } else if (kind == "tailorkv") {
+    if (n_args < 1 || n_args > 2) return SpecError(spec, "expected tailorkv:BITS[:LAYERS]");
+    auto bits = SpecInt(spec, "BITS", parts[1]);
+    if (!bits.ok()) return bits.status();
+    int n_quant = 1;
+    if (n_args == 2) {
+      auto n = SpecInt(spec, "LAYERS", parts[2]);
+      if (!n.ok()) return n.status();
+      n_quant = *n;
+    }
+    if (n_quant > config.n_layers) {
+      return SpecError(spec, absl::StrCat("LAYERS must be in [0, ", config.n_layers,
+                                          "] (the model's layers), got ", n_quant));
+    }
+    plan = KvPlan::Dense(config.n_layers);
+    plan.name = spec;
+    for (int i = 0; i < n_quant; ++i) {
+      plan.layers[i].kind = KvPolicyKind::kQuant;
+      plan.layers[i].quant.bits = *bits;
+    }
+  } else {
+    return SpecError(spec, absl::StrCat("unknown kind \"", kind, "\"; expected ", kSpecGrammar));
+  }
+  if (auto st = plan.Validate(config); !st.ok()) return SpecError(spec, std::string(st.message()));
+  return plan;
+}
+
+std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::ModelConfig& config,
+                                          int capacity, int elem_bytes) {
+  std::vector<LayerKvBytes> out;
+  out.reserve(plan.layers.size());
+  const int64_t row = static_cast<int64_t>(config.n_kv_heads) * config.head_dim * elem_bytes;
+  const int64_t cap = std::max(capacity, 0);
+  for (const LayerKvPolicy& l : plan.layers) {
+    LayerKvBytes b;
+    b.kind = l.kind;
+    switch (l.kind) {
+      case KvPolicyKind::kDense:
+        b.device_bytes = 2 * row * cap;
+        break;
+      case KvPolicyKind::kQuant: {
+        QuantShape shape;
+        shape.n_kv_heads = config.n_kv_heads;
+        shape.head_dim = config.head_dim;
+        shape.capacity = static_cast<int>(cap);
+        shape.params = l.quant;
+        b.device_bytes = QuantBytesFormula(shape, elem_bytes);
+        break;
+      }
+      case KvPolicyKind::kWindow:
+        b.device_bytes =
+            2 * row * std::min<int64_t>(cap, static_cast<int64_t>(l.window.sink) + l.window.recent);
+        break;
+      case KvPolicyKind::kSparse: {
+        // Until the sparse policy exists this is the design's footprint: every
+        // token's K and V in host memory; on the device the sink + recent
+        // rows, the per-channel max|K| and a `channels`-wide key index of
+        // every token.
+        const SparseParams& s = l.sparse;
+        b.host_bytes = 2 * row * cap;
+        const int64_t kept = std::min<int64_t>(cap, static_cast<int64_t>(s.sink) + s.recent);
+        b.device_bytes = 2 * row * kept +
+                         static_cast<int64_t>(config.n_kv_heads) * elem_bytes *
+                             (config.head_dim + static_cast<int64_t>(s.channels) * cap);
+        break;
+      }
+    }
+    out.push_back(b);
+  }
+  return out;
+}
+
+std::vector<PolicyKvBytes> SumKvBytesByPolicy(const std::vector<LayerKvBytes>& layers) {
+  std::vector<PolicyKvBytes> out;
+  for (const LayerKvBytes& b : layers) {
+    auto it = std::find_if(out.begin(), out.end(),
+                           [&](const PolicyKvBytes& p) { return p.kind == b.kind; });
+    if (it == out.end()) {
+      out.push_back(PolicyKvBytes{b.kind});
+      it = out.end() - 1;
+    }
+    ++it->layers;
+    it->device_bytes += b.device_bytes;
+    it->host_bytes += b.host_bytes;
+  }
+  return out;
 }
 
 }  // namespace tailorkv::runtime

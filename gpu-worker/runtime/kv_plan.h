@@ -81,12 +81,15 @@ struct KvPlan {
   static constexpr int kVersion = 1;
   std::string name;
   std::vector<LayerKvPolicy> layers;  // one per model layer, in order
+  bool operator==(const KvPlan&) const = default;
 
   static KvPlan Dense(int n_layers);
   static KvPlan Uniform(int n_layers, const LayerKvPolicy& policy, std::string name);
 
   bool all_dense() const;
-  // Layers per policy kind, e.g. "quant(1b) x1, dense x29".
+  // Layers per distinct policy (with its parameters), in order of first
+  // appearance, e.g. "quant(1b g64 r128) x1, dense x29",
+  // "window(4+1020) x30", "sparse(8+56 k128 d8 gpu) x2, dense x28".
   std::string Summary() const;
 
   // OK when the plan has exactly config.n_layers layers and every parameter
@@ -96,10 +99,17 @@ struct KvPlan {
 };
 
 // Parses and validates a version-1 plan (see above). The "model" block must
-// match `config`.
+// match `config`; "format", "version", "model" and "layers" are required;
+// each layer entry needs "layer" (== its index) and "policy", and may carry
+// only that policy's parameters and "dense_preference". Every error is
+// InvalidArgument naming the field ("layers[3].bits: ...", "model.head_dim:
+// ..."); text that is not JSON gives the parser's line and column.
 absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view json, const model::ModelConfig& config);
+// The same for a file; every error message starts with the path (NotFound
+// when it cannot be opened).
 absl::StatusOr<KvPlan> LoadKvPlanFile(const std::string& path, const model::ModelConfig& config);
-// The JSON form, parseable by ParseKvPlanJson for the same model.
+// The JSON form, parseable by ParseKvPlanJson for the same model into an
+// equal plan (every parameter is written, defaults included).
 std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config);
 
 // Short specs for command lines and the accuracy harness:
@@ -108,6 +118,10 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config);
 //   "window:SINK:RECENT"                     every layer windowed (StreamingLLM-style)
 //   "tailorkv:BITS[:LAYERS]"                 layers 0..LAYERS-1 (default 1) quantized, others dense
 //   "@path/to/plan.json"                     a plan file
+// Numbers are plain decimals; omitted ones take the defaults above. The plan's
+// name is the spec itself ("dense" for dense; a file's own "name"). The plan
+// is validated against `config`; errors are InvalidArgument quoting the spec
+// (a file's errors are LoadKvPlanFile's).
 absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec, const model::ModelConfig& config);
 
 // KV memory one layer of a sequence holds, by where it lives.
@@ -115,6 +129,31 @@ struct LayerKvBytes {
   KvPolicyKind kind = KvPolicyKind::kDense;
   int64_t device_bytes = 0;  // GPU memory (on the CPU backend: the cache's own memory)
   int64_t host_bytes = 0;    // host memory outside the device tier (sparse layers' store)
+  int64_t total() const { return device_bytes + host_bytes; }
 };
+
+// The KV memory per layer that one sequence of `capacity` tokens made with
+// `plan` holds, computed without allocating anything; `elem_bytes` is the
+// backend's full-precision element (4 on the CPU, 2 on the GPU). Matches
+// SequenceState::kv_bytes() of the backends:
+//   dense  2 * n_kv_heads * capacity * head_dim * elem
+//   quant  QuantShape::Bytes(elem) (codes, params and both residual rings)
+//   window 2 * n_kv_heads * min(capacity, sink + recent) * head_dim * elem
+//   sparse (estimate until the policy exists) host: every token's K and V
+//          (as dense); device: sink + recent rows, per-channel max|K|
+//          (n_kv_heads * head_dim) and a `channels`-wide key index of every
+//          token (n_kv_heads * channels * capacity), all at elem bytes.
+std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::ModelConfig& config,
+                                          int capacity, int elem_bytes);
+
+// KV memory of all layers of one policy kind.
+struct PolicyKvBytes {
+  KvPolicyKind kind = KvPolicyKind::kDense;
+  int layers = 0;
+  int64_t device_bytes = 0;
+  int64_t host_bytes = 0;
+};
+// Sums per policy kind, in order of first appearance.
+std::vector<PolicyKvBytes> SumKvBytesByPolicy(const std::vector<LayerKvBytes>& layers);
 
 }  // namespace tailorkv::runtime

@@ -1,0 +1,441 @@
+#include "runtime/kv_plan.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+
+#include <unistd.h>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace tailorkv::runtime {
+namespace {
+
+using json = nlohmann::json;
+using ::testing::HasSubstr;
+
+model::ModelConfig Config(int n_layers = 5, int n_kv_heads = 3, int head_dim = 64) {
+  model::ModelConfig c;
+  c.arch = "llama";
+  c.name = "test-model";
+  c.n_layers = n_layers;
+  c.n_heads = n_kv_heads * 3;
+  c.n_kv_heads = n_kv_heads;
+  c.head_dim = head_dim;
+  c.hidden = c.n_heads * head_dim;
+  c.ffn = 2 * c.hidden;
+  c.vocab = 101;
+  c.max_context = 2048;
+  return c;
+}
+
+// Every policy with non-default parameters, so a dropped field shows.
+KvPlan MixedPlan() {
+  KvPlan plan = KvPlan::Dense(5);
+  plan.name = "mixed \"plan\" \u00e9";
+  plan.layers[0].kind = KvPolicyKind::kQuant;
+  plan.layers[0].quant = {2, 32, 96};
+  plan.layers[0].dense_preference = 0.125;
+  plan.layers[2].kind = KvPolicyKind::kWindow;
+  plan.layers[2].window = {0, 7};
+  plan.layers[3].kind = KvPolicyKind::kSparse;
+  plan.layers[3].sparse = {3, 5, 17, 11, "faithful"};
+  plan.layers[3].dense_preference = 0.7312345678901234;
+  plan.layers[4].kind = KvPolicyKind::kQuant;
+  plan.layers[4].quant = {4, 64, 4096};
+  return plan;
+}
+
+std::string StatusText(const absl::Status& st) { return std::string(st.message()); }
+
+TEST(KvPlanTest, JsonRoundTripsEveryPolicy) {
+  const model::ModelConfig c = Config();
+  const KvPlan plan = MixedPlan();
+  ASSERT_TRUE(plan.Validate(c).ok()) << plan.Validate(c);
+  const std::string text = KvPlanToJson(plan, c);
+  auto parsed = ParseKvPlanJson(text, c);
+  ASSERT_TRUE(parsed.ok()) << parsed.status() << "\n" << text;
+  EXPECT_EQ(*parsed, plan);
+  EXPECT_EQ(KvPlanToJson(*parsed, c), text);
+  // One layer per line.
+  EXPECT_THAT(text, HasSubstr("\n    {\"layer\":1,\"policy\":\"dense\"},\n"));
+}
+
+TEST(KvPlanTest, OmittedParametersTakeDefaults) {
+  const model::ModelConfig c = Config(2);
+  auto plan = ParseKvPlanJson(R"({"format": "tailorkv.kv_plan", "version": 1,
+      "model": {"n_layers": 2, "n_kv_heads": 3, "head_dim": 64},
+      "layers": [{"layer": 0, "policy": "quant", "bits": 2}, {"layer": 1, "policy": "sparse"}],
+      "profile": {"anything": [1, 2]}})",
+                              c);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->name, "");
+  EXPECT_EQ(plan->layers[0].kind, KvPolicyKind::kQuant);
+  EXPECT_EQ(plan->layers[0].quant, (QuantParams{2, 64, 128}));
+  EXPECT_EQ(plan->layers[0].dense_preference, -1);
+  EXPECT_EQ(plan->layers[1].kind, KvPolicyKind::kSparse);
+  EXPECT_EQ(plan->layers[1].sparse, SparseParams{});
+}
+
+TEST(KvPlanTest, SummaryCountsDistinctPolicies) {
+  KvPlan plan = KvPlan::Dense(30);
+  plan.layers[0].kind = KvPolicyKind::kQuant;
+  EXPECT_EQ(plan.Summary(), "quant(1b g64 r128) x1, dense x29");
+  EXPECT_EQ(MixedPlan().Summary(),
+            "quant(2b g32 r96) x1, dense x1, window(0+7) x1, sparse(3+5 k17 d11 faithful) x1, "
+            "quant(4b g64 r4096) x1");
+  EXPECT_EQ(KvPlan::Dense(3).Summary(), "dense x3");
+}
+
+// Validate: each bad value is rejected naming its layer and field.
+TEST(KvPlanTest, ValidateNamesLayerAndField) {
+  const model::ModelConfig c = Config();
+  struct Case {
+    std::function<void(LayerKvPolicy&)> edit;
+    std::string expected;
+  };
+  const Case cases[] = {
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.bits = 3; },
+       "layers[3].bits: must be 1, 2 or 4, got 3"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.bits = 8; },
+       "layers[3].bits: must be 1, 2 or 4, got 8"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.group = 48; },
+       "layers[3].group: must be 32, 64 or 128, got 48"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.group = 128; l.quant.residual = 128; },
+       "layers[3].group: must divide head_dim 64, got 128"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.residual = 100; },
+       "layers[3].residual: must be a positive multiple of group (64) and <= 4096, got 100"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.residual = 0; },
+       "layers[3].residual: must be a positive multiple of group (64)"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.residual = 4160; },
+       "layers[3].residual:"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kWindow; l.window.sink = -1; },
+       "layers[3].sink: must be >= 0, got -1"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kWindow; l.window.recent = 0; },
+       "layers[3].recent: must be >= 1, got 0"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.sink = -2; },
+       "layers[3].sink: must be >= 0, got -2"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.recent = 0; },
+       "layers[3].recent: must be >= 1, got 0"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.top_k = 0; },
+       "layers[3].top_k: must be >= 1, got 0"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.channels = 0; },
+       "layers[3].channels: must be in [1, head_dim 64], got 0"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.channels = 65; },
+       "layers[3].channels: must be in [1, head_dim 64], got 65"},
+      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.index = "cpu"; },
+       "layers[3].index: must be \"gpu\" or \"faithful\", got \"cpu\""},
+      {[](LayerKvPolicy& l) { l.kind = static_cast<KvPolicyKind>(9); },
+       "layers[3].policy: unknown policy kind 9"},
+  };
+  for (const Case& tc : cases) {
+    KvPlan plan = KvPlan::Dense(c.n_layers);
+    tc.edit(plan.layers[3]);
+    const absl::Status st = plan.Validate(c);
+    EXPECT_TRUE(absl::IsInvalidArgument(st)) << tc.expected << " -> " << st;
+    EXPECT_THAT(StatusText(st), HasSubstr(tc.expected));
+  }
+  // The edges that are allowed.
+  KvPlan ok = KvPlan::Dense(c.n_layers);
+  ok.layers[0].kind = KvPolicyKind::kQuant;
+  ok.layers[0].quant = {4, 32, 4096};
+  ok.layers[1].kind = KvPolicyKind::kWindow;
+  ok.layers[1].window = {0, 1};
+  ok.layers[2].kind = KvPolicyKind::kSparse;
+  ok.layers[2].sparse = {0, 1, 1, 64, "gpu"};
+  EXPECT_TRUE(ok.Validate(c).ok()) << ok.Validate(c);
+}
+
+TEST(KvPlanTest, ValidateRejectsWrongLayerCount) {
+  const absl::Status st = KvPlan::Dense(4).Validate(Config(5));
+  EXPECT_TRUE(absl::IsInvalidArgument(st));
+  EXPECT_EQ(StatusText(st), "layers: the plan has 4 layers, the model has 5");
+}
+
+json BaseJson() {
+  return json::parse(KvPlanToJson(MixedPlan(), Config()));
+}
+
+// Parse: each malformed document is rejected naming its field.
+TEST(KvPlanTest, ParseErrorsNameTheField) {
+  const model::ModelConfig c = Config();
+  struct Case {
+    std::function<void(json&)> edit;
+    std::string expected;
+  };
+  const Case cases[] = {
+      {[](json& j) { j.erase("format"); }, "format: missing"},
+      {[](json& j) { j["format"] = "tailorkv.plan"; },
+       "format: must be \"tailorkv.kv_plan\", got \"tailorkv.plan\""},
+      {[](json& j) { j["format"] = 1; }, "format: must be a string, got number 1"},
+      {[](json& j) { j.erase("version"); }, "version: missing"},
+      {[](json& j) { j["version"] = 2; }, "version: this build reads version 1, got 2"},
+      {[](json& j) { j["version"] = "1"; }, "version: must be an integer, got string \"1\""},
+      {[](json& j) { j["version"] = 1.0; }, "version: must be an integer, got number 1.0"},
+      {[](json& j) { j["name"] = 7; }, "name: must be a string, got number 7"},
+      {[](json& j) { j["nmae"] = "x"; }, "nmae: unknown key (allowed: format, version, name, model"},
+      {[](json& j) { j.erase("model"); }, "model: missing"},
+      {[](json& j) { j["model"] = json::array(); }, "model: must be an object, got array []"},
+      {[](json& j) { j["model"].erase("head_dim"); }, "model.head_dim: missing"},
+      {[](json& j) { j["model"]["n_heads"] = 9; }, "model.n_heads: unknown key"},
+      {[](json& j) { j["model"]["n_layers"] = "5"; }, "model.n_layers: must be an integer"},
+      {[](json& j) { j.erase("layers"); }, "layers: missing"},
+      {[](json& j) { j["layers"] = json::object(); }, "layers: must be an array, got object {}"},
+      {[](json& j) { j["layers"].erase(4); }, "layers: has 4 entries, the model has 5 layers"},
+      {[](json& j) { j["layers"].push_back({{"layer", 5}, {"policy", "dense"}}); },
+       "layers: has 6 entries, the model has 5 layers"},
+      {[](json& j) { j["layers"][2] = "dense"; }, "layers[2]: must be an object, got string"},
+      {[](json& j) { j["layers"][2].erase("layer"); }, "layers[2].layer: missing"},
+      {[](json& j) { j["layers"][2]["layer"] = 3; },
+       "layers[2].layer: expected 2, got 3 (every layer is listed exactly once, in order 0..n-1)"},
+      {[](json& j) { std::swap(j["layers"][1], j["layers"][2]); }, "layers[1].layer: expected 1, got 2"},
+      {[](json& j) { j["layers"][1]["layer"] = "1"; }, "layers[1].layer: must be an integer"},
+      {[](json& j) { j["layers"][1].erase("policy"); }, "layers[1].policy: missing"},
+      {[](json& j) { j["layers"][1]["policy"] = "kivi"; },
+       "layers[1].policy: must be dense, quant, window or sparse, got \"kivi\""},
+      {[](json& j) { j["layers"][1]["policy"] = json::array({"dense"}); },
+       "layers[1].policy: must be a string, got array"},
+      {[](json& j) { j["layers"][0]["bitz"] = 1; },
+       "layers[0].bitz: unknown key for policy \"quant\" (allowed: layer, policy, "
+       "dense_preference, bits, group, residual)"},
+      {[](json& j) { j["layers"][1]["bits"] = 1; }, "layers[1].bits: unknown key for policy \"dense\""},
+      {[](json& j) { j["layers"][2]["top_k"] = 1; }, "layers[2].top_k: unknown key for policy \"window\""},
+      {[](json& j) { j["layers"][0]["bits"] = "1"; }, "layers[0].bits: must be an integer, got string \"1\""},
+      {[](json& j) { j["layers"][0]["bits"] = 1.5; }, "layers[0].bits: must be an integer, got number 1.5"},
+      {[](json& j) { j["layers"][0]["bits"] = 3; }, "layers[0].bits: must be 1, 2 or 4, got 3"},
+      {[](json& j) { j["layers"][0]["bits"] = 4294967297LL; }, "layers[0].bits: integer out of range"},
+      {[](json& j) { j["layers"][0]["group"] = nullptr; }, "layers[0].group: must be an integer, got null"},
+      {[](json& j) { j["layers"][0]["residual"] = 33; }, "layers[0].residual: must be a positive multiple"},
+      {[](json& j) { j["layers"][2]["sink"] = -1; }, "layers[2].sink: must be >= 0, got -1"},
+      {[](json& j) { j["layers"][2]["recent"] = true; }, "layers[2].recent: must be an integer, got boolean"},
+      {[](json& j) { j["layers"][3]["index"] = 0; }, "layers[3].index: must be a string, got number 0"},
+      {[](json& j) { j["layers"][3]["index"] = "host"; }, "layers[3].index: must be \"gpu\" or \"faithful\""},
+      {[](json& j) { j["layers"][3]["channels"] = 100; }, "layers[3].channels: must be in [1, head_dim 64]"},
+      {[](json& j) { j["layers"][3]["top_k"] = 0; }, "layers[3].top_k: must be >= 1"},
+      {[](json& j) { j["layers"][3]["dense_preference"] = "high"; },
+       "layers[3].dense_preference: must be a number, got string"},
+  };
+  ASSERT_TRUE(ParseKvPlanJson(BaseJson().dump(), c).ok());
+  for (const Case& tc : cases) {
+    json j = BaseJson();
+    tc.edit(j);
+    auto plan = ParseKvPlanJson(j.dump(), c);
+    ASSERT_FALSE(plan.ok()) << "accepted, expected: " << tc.expected;
+    EXPECT_TRUE(absl::IsInvalidArgument(plan.status())) << plan.status();
+    EXPECT_THAT(StatusText(plan.status()), HasSubstr(tc.expected));
+  }
+}
+
+TEST(KvPlanTest, RejectsPlanForAnotherModel) {
+  const std::string text = KvPlanToJson(MixedPlan(), Config());
+  struct Case {
+    model::ModelConfig config;
+    std::string expected;
+  };
+  const Case cases[] = {
+      {Config(6), "model.n_layers: the plan is for n_layers 5, the model (test-model) has 6"},
+      {Config(5, 1), "model.n_kv_heads: the plan is for n_kv_heads 3, the model (test-model) has 1"},
+      {Config(5, 3, 128), "model.head_dim: the plan is for head_dim 64, the model (test-model) has 128"},
+  };
+  for (const Case& tc : cases) {
+    auto plan = ParseKvPlanJson(text, tc.config);
+    ASSERT_FALSE(plan.ok());
+    EXPECT_EQ(StatusText(plan.status()), tc.expected);
+  }
+}
+
+TEST(KvPlanTest, NotJsonGivesTheParsePosition) {
+  auto plan = ParseKvPlanJson("{\n  \"format\": \"tailorkv.kv_plan\",\n  \"version\": 1,,\n}", Config());
+  ASSERT_FALSE(plan.ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(plan.status()));
+  EXPECT_THAT(StatusText(plan.status()), HasSubstr("kv plan is not valid JSON"));
+  EXPECT_THAT(StatusText(plan.status()), HasSubstr("line 3, column 16"));
+
+  auto array = ParseKvPlanJson("[1, 2]", Config());
+  ASSERT_FALSE(array.ok());
+  EXPECT_THAT(StatusText(array.status()), HasSubstr("must be a JSON object, got array"));
+  EXPECT_FALSE(ParseKvPlanJson("", Config()).ok());
+}
+
+class KvPlanFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("kv_plan_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string Write(const std::string& name, const std::string& text) {
+    const std::string path = (dir_ / name).string();
+    std::ofstream(path, std::ios::binary) << text;
+    return path;
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(KvPlanFileTest, LoadsAndNamesThePathInErrors) {
+  const model::ModelConfig c = Config();
+  const std::string good = Write("good.json", KvPlanToJson(MixedPlan(), c));
+  auto plan = LoadKvPlanFile(good, c);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(*plan, MixedPlan());
+
+  auto spec = ParseKvPlanSpec("@" + good, c);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(*spec, MixedPlan());  // a file keeps its own name
+
+  const std::string missing = (dir_ / "missing.json").string();
+  auto none = LoadKvPlanFile(missing, c);
+  EXPECT_TRUE(absl::IsNotFound(none.status())) << none.status();
+  EXPECT_THAT(StatusText(none.status()), HasSubstr(missing));
+
+  const std::string bad = Write("bad.json", "{\"format\": \"tailorkv.kv_plan\"");
+  auto broken = LoadKvPlanFile(bad, c);
+  ASSERT_FALSE(broken.ok());
+  EXPECT_THAT(StatusText(broken.status()), HasSubstr("kv plan file " + bad + ": kv plan is not valid JSON"));
+
+  auto wrong_model = ParseKvPlanSpec("@" + good, Config(7));
+  ASSERT_FALSE(wrong_model.ok());
+  EXPECT_THAT(StatusText(wrong_model.status()), HasSubstr(good + ": model.n_layers"));
+}
+
+TEST(KvPlanSpecTest, AcceptsTheGrammar) {
+  const model::ModelConfig c = Config();
+  auto dense = ParseKvPlanSpec("dense", c);
+  ASSERT_TRUE(dense.ok()) << dense.status();
+  EXPECT_EQ(*dense, KvPlan::Dense(5));
+
+  struct Case {
+    std::string spec;
+    QuantParams quant;
+  };
+  for (const Case& tc : {Case{"quant:1", {1, 64, 128}}, Case{"quant:2:32", {2, 32, 128}},
+                         Case{"quant:4:32:64", {4, 32, 64}}, Case{"quant:1:64:4096", {1, 64, 4096}}}) {
+    auto plan = ParseKvPlanSpec(tc.spec, c);
+    ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
+    EXPECT_EQ(plan->name, tc.spec);
+    ASSERT_EQ(plan->layers.size(), 5u);
+    for (const LayerKvPolicy& l : plan->layers) {
+      EXPECT_EQ(l.kind, KvPolicyKind::kQuant);
+      EXPECT_EQ(l.quant, tc.quant) << tc.spec;
+    }
+  }
+
+  auto window = ParseKvPlanSpec("window:0:17", c);
+  ASSERT_TRUE(window.ok()) << window.status();
+  for (const LayerKvPolicy& l : window->layers) {
+    EXPECT_EQ(l.kind, KvPolicyKind::kWindow);
+    EXPECT_EQ(l.window, (WindowParams{0, 17}));
+  }
+
+  auto tailor = ParseKvPlanSpec("tailorkv:2:3", c);
+  ASSERT_TRUE(tailor.ok()) << tailor.status();
+  EXPECT_EQ(tailor->Summary(), "quant(2b g64 r128) x3, dense x2");
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(tailor->layers[i].kind == KvPolicyKind::kQuant, i < 3) << i;
+
+  auto tailor_default = ParseKvPlanSpec("tailorkv:1", c);
+  ASSERT_TRUE(tailor_default.ok());
+  EXPECT_EQ(tailor_default->Summary(), "quant(1b g64 r128) x1, dense x4");
+  auto tailor_all = ParseKvPlanSpec("tailorkv:1:5", c);
+  ASSERT_TRUE(tailor_all.ok());
+  EXPECT_EQ(tailor_all->Summary(), "quant(1b g64 r128) x5");
+  auto tailor_none = ParseKvPlanSpec("tailorkv:1:0", c);
+  ASSERT_TRUE(tailor_none.ok());
+  EXPECT_TRUE(tailor_none->all_dense());
+}
+
+TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
+  const model::ModelConfig c = Config();
+  struct Case {
+    std::string spec;
+    std::string expected;
+  };
+  const Case cases[] = {
+      {"", "kv plan spec \"\": empty; expected dense, quant:BITS"},
+      {"Dense", "kv plan spec \"Dense\": unknown kind \"Dense\"; expected dense, quant:BITS[:GROUP[:RESIDUAL]], "
+                "window:SINK:RECENT, tailorkv:BITS[:LAYERS] or @plan.json"},
+      {"kivi:1", "unknown kind \"kivi\""},
+      {"dense:1", "kv plan spec \"dense:1\": dense takes no parameters"},
+      {"quant", "kv plan spec \"quant\": expected quant:BITS[:GROUP[:RESIDUAL]]"},
+      {"quant:1:64:128:9", "expected quant:BITS[:GROUP[:RESIDUAL]]"},
+      {"quant:3", "kv plan spec \"quant:3\": layers[0].bits: must be 1, 2 or 4, got 3"},
+      {"quant:x", "kv plan spec \"quant:x\": BITS must be a non-negative integer, got \"x\""},
+      {"quant:", "BITS must be a non-negative integer, got \"\""},
+      {"quant:-1", "BITS must be a non-negative integer, got \"-1\""},
+      {"quant: 1", "BITS must be a non-negative integer, got \" 1\""},
+      {"quant:1:48", "layers[0].group: must be 32, 64 or 128, got 48"},
+      {"quant:1:64:100", "layers[0].residual: must be a positive multiple of group (64)"},
+      {"quant:1:64:12345678901", "RESIDUAL must be a non-negative integer"},
+      {"window:4", "kv plan spec \"window:4\": expected window:SINK:RECENT"},
+      {"window:4:0", "layers[0].recent: must be >= 1, got 0"},
+      {"window:a:1", "SINK must be a non-negative integer"},
+      {"tailorkv", "expected tailorkv:BITS[:LAYERS]"},
+      {"tailorkv:1:6", "kv plan spec \"tailorkv:1:6\": LAYERS must be in [0, 5] (the model's layers), got 6"},
+      {"tailorkv:3:1", "layers[0].bits: must be 1, 2 or 4, got 3"},
+      {"tailorkv:1:2:3", "expected tailorkv:BITS[:LAYERS]"},
+      {"@", "kv plan spec \"@\": a plan file path must follow '@'"},
+  };
+  for (const Case& tc : cases) {
+    auto plan = ParseKvPlanSpec(tc.spec, c);
+    ASSERT_FALSE(plan.ok()) << "accepted '" << tc.spec << "'";
+    EXPECT_TRUE(absl::IsInvalidArgument(plan.status())) << plan.status();
+    EXPECT_THAT(StatusText(plan.status()), HasSubstr(tc.expected)) << tc.spec;
+  }
+  // group 128 cannot divide head_dim 64 of this model, but can for head_dim 128.
+  EXPECT_FALSE(ParseKvPlanSpec("quant:1:128", c).ok());
+  EXPECT_TRUE(ParseKvPlanSpec("quant:1:128", Config(5, 3, 128)).ok());
+}
+
+TEST(KvPlanBytesTest, EstimatesEveryPolicy) {
+  const model::ModelConfig c = Config(5, 3, 64);
+  const KvPlan plan = MixedPlan();
+  const int cap = 100;
+  const auto bytes = EstimateKvBytes(plan, c, cap, 4);
+  ASSERT_EQ(bytes.size(), 5u);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(bytes[i].kind, plan.layers[i].kind) << i;
+  // Layer 0: quant 2 bits, group 32, residual 96; per KV head:
+  //   words/group 2, key groups ceil(100/32) = 4: K codes 4*64*2 = 512 words,
+  //   K params 4*64 = 256; V codes 100*2*2 = 400 words, V params 100*2 = 200;
+  //   (512+256+400+200)*4 = 5472 bytes, residual 2*96*64*4 = 49152.
+  EXPECT_EQ(bytes[0].device_bytes, 3 * (5472 + 49152));
+  EXPECT_EQ(bytes[0].host_bytes, 0);
+  // Layer 1: dense.
+  EXPECT_EQ(bytes[1].device_bytes, 2 * 3 * 100 * 64 * 4);
+  // Layer 2: window 0+7.
+  EXPECT_EQ(bytes[2].device_bytes, 2 * 3 * 7 * 64 * 4);
+  // Layer 3: sparse 3+5 rows, 11 channels.
+  EXPECT_EQ(bytes[3].host_bytes, 2 * 3 * 100 * 64 * 4);
+  EXPECT_EQ(bytes[3].device_bytes, 2 * 3 * 8 * 64 * 4 + 3 * 4 * (64 + 11 * 100));
+  // Layer 4: quant 4 bits, group 64, residual 4096: words/group 8, key
+  // groups 2: K 2*64*8 + 2*64, V 100*1*8 + 100 -> (1024+128+800+100)*4 = 8208;
+  // residual 2*4096*64*4 = 2097152.
+  EXPECT_EQ(bytes[4].device_bytes, 3 * (8208 + 2097152));
+  // A 1-bit layer at bf16 on another shape.
+  KvPlan one = KvPlan::Dense(1);
+  one.layers[0].kind = KvPolicyKind::kQuant;
+  const auto q1 = EstimateKvBytes(one, Config(1, 2, 64), 100, 2);
+  // words/group 2, key groups 2: K 256 words + 128 params, V 200 words + 100
+  // params = 684*4 = 2736; residual 2*128*64*2 = 32768; 2 heads.
+  EXPECT_EQ(q1[0].device_bytes, 2 * (2736 + 32768));
+
+  // A window longer than the capacity holds only the capacity.
+  const auto w = EstimateKvBytes(*ParseKvPlanSpec("window:4:1020", c), c, 10, 2);
+  EXPECT_EQ(w[0].device_bytes, 2 * 3 * 10 * 64 * 2);
+
+  const auto sums = SumKvBytesByPolicy(bytes);
+  ASSERT_EQ(sums.size(), 4u);
+  EXPECT_EQ(sums[0].kind, KvPolicyKind::kQuant);
+  EXPECT_EQ(sums[0].layers, 2);
+  EXPECT_EQ(sums[0].device_bytes, bytes[0].device_bytes + bytes[4].device_bytes);
+  EXPECT_EQ(sums[1].kind, KvPolicyKind::kDense);
+  EXPECT_EQ(sums[3].kind, KvPolicyKind::kSparse);
+  EXPECT_EQ(sums[3].host_bytes, bytes[3].host_bytes);
+}
+
+}  // namespace
+}  // namespace tailorkv::runtime
