@@ -2,10 +2,24 @@
 // the fused decode attention, on the CPU. The CUDA kernels use the same byte
 // format, and their tests compare against the functions here.
 //
-// Quantization (KIVI / TailorKV): asymmetric, b bits, per group of G values:
-//   min z = min(x), scale s = (max(x) - z) / (2^b - 1), both stored as fp16;
-//   code = clamp(rint((x - z16) / s16), 0, 2^b - 1) computed in fp32 from the
-//   fp16-rounded z16, s16 (codes are 0 when s16 == 0); x^ = z16 + s16 * code.
+// Quantization (KIVI / TailorKV): asymmetric, b bits, per group of G values,
+// M = 2^b - 1. These exact fp32 operations (IEEE division, no fast math) are
+// the contract the CUDA kernels reproduce bit for bit:
+//   lo, hi = min and max of the group (fminf / fmaxf: NaNs are ignored;
+//            lo = +inf, hi = -inf for a group of only NaNs)
+//   z16 = fp16 of clamp(lo, -65504, 65504) rounded DOWN   (__float2half_rd)
+//   z   = float(z16)
+//   s16 = fp16 of clamp((hi - z) / M, 0, 65504) rounded UP (__float2half_ru),
+//         clamp as fminf(fmaxf(v, 0), 65504)
+//   s   = float(s16)
+//   code = s16 == 0 ? 0 : (uint32) fminf(fmaxf(rintf((x - z) / s), 0), M)
+//   x^   = fmaf(s, code, z)                     (one rounding)
+// Rounding z down and s up keeps every finite x in [-65504, 65504] inside
+// [z, z + s * M], so |x - x^| <= s/2 (plus fp32 rounding of the ops above);
+// KIVI's round-to-nearest can exceed that at the clamped ends. s16 == 0 only
+// when every value equals z exactly (a constant fp16-representable group),
+// which is then stored exactly. Values beyond +-65504 saturate (finite but
+// unbounded error); NaN inputs get code 0.
 // K is quantized per channel with groups of G consecutive tokens, V per token
 // with groups of G consecutive channels.
 //
@@ -15,7 +29,12 @@
 // holding `len` tokens:
 //   quantized keys   = QuantizedKeys(len)   = len - len % R
 //   quantized values = QuantizedValues(len) = max(0, len - R)
-// Both residuals are rings of R rows: position p lives in row p % R.
+// Both residuals are rings of R rows: position p lives in row p % R, and
+// both hold the last min(len, R) positions (K's rows of positions already
+// quantized are stale copies, kept so that the arrays depend only on the
+// content, never on how it arrived: Pack in any chunks == Append one by one,
+// bit for bit, every array). Rows never written stay 0; codes and params of
+// groups not yet quantized stay 0.
 //
 // Byte format, per KV head (all arrays [kv_head] outermost, row-major):
 //   W = G * b / 32 words per group;
@@ -82,13 +101,23 @@ inline uint32_t GroupCode(const uint32_t* words, int i, int bits) {
   const int bit = i * bits;
   return (words[bit >> 5] >> (bit & 31)) & ((1u << bits) - 1u);
 }
+// x^ = fmaf(s, code, z) with s, z the fp16 params as floats.
 float DequantizeValue(QuantGroupParams p, uint32_t code);
+// fp16 conversions with directed rounding, for finite f in [-65504, 65504]
+// (what __float2half_rd / __float2half_ru give there).
+uint16_t FloatToHalfRoundDown(float f);
+uint16_t FloatToHalfRoundUp(float f);
 
 class QuantKvCpu {
  public:
   explicit QuantKvCpu(const QuantShape& shape);  // shape must be valid
 
   const QuantShape& shape() const { return shape_; }
+  // Positions stored so far (the `end` of the last Pack / Append). Pack's
+  // `start`, Append's `pos` and the `len` of Materialize / Attend must equal
+  // it; a call that breaks this (or exceeds capacity) is a caller bug and
+  // aborts, since it would corrupt the rings silently.
+  int length() const { return length_; }
   int64_t bytes() const { return shape_.Bytes(sizeof(float)); }
 
   // Makes the cache hold [0, end) from full-precision K/V of positions
@@ -96,23 +125,34 @@ class QuantKvCpu {
   // `head_stride` floats), where positions [0, start) were already stored by
   // earlier calls and are bit-identical in k_full/v_full (Materialize gives
   // exactly that). Quantizes the K blocks and V rows that leave the residual
-  // and refills both residual rings.
+  // and refills both residual rings. Reads history rows only where a K block
+  // or V row quantized now started before `start` (those are still exact in
+  // the residual), so chunked Packs fed with Materialize(start) + the chunk
+  // give the same arrays as one Pack of all the original data: every value
+  // is quantized once, from its exact value.
   void Pack(const float* k_full, const float* v_full, int64_t head_stride, int start, int end);
 
   // Appends position `pos` (== current length) for every KV head:
   // k, v: [kv_head][head_dim]. Same result as Pack(.., pos, pos + 1).
   void Append(int pos, const float* k, const float* v);
 
-  // The values attention sees for positions [0, len): dequantized codes and
-  // the residual, written like Pack's inputs.
+  // The values attention sees for positions [0, len) (len == length()):
+  // dequantized codes (x^ above) and the exact residual, written like
+  // Pack's inputs; rows >= len are not touched.
   void Materialize(int len, float* k_full, float* v_full, int64_t head_stride) const;
 
-  // Fused decode attention over positions [0, len) for one query token:
-  // q: [n_heads][head_dim] (query head h uses KV head h / (n_heads / n_kv_heads)),
-  // out: [n_heads][head_dim]. Scores are scale * q.k with K dequantized on
-  // the fly (q . (z + s * code) = z * sum(q) + s * sum(q * code) per group),
-  // one fp32 softmax over quantized and residual tokens, then
-  // sum p * V likewise; no dequantized copy is made.
+  // Fused decode attention over positions [0, len) (len == length()) for
+  // one query token: q: [n_heads][head_dim] (query head h uses KV head
+  // h / (n_heads / n_kv_heads)), out: [n_heads][head_dim]. No dequantized
+  // copy is made. In fp32, per query head:
+  //   key group j (tokens jG..jG+G-1), per channel c with params z_c, s_c:
+  //     score_t = sum_c q_c z_c + sum_c (q_c s_c) code_{t,c}
+  //   residual tokens: score_t = q . k_t;  then scores *= scale;
+  //   one softmax over all len scores (max subtracted, expf);
+  //   out = (sum_{t quantized} [p_t z_{t,g} + (p_t s_{t,g}) code_{t,c}]
+  //          + sum_{t residual} p_t v_t) / sum_t p_t.
+  // The summation order is not part of the contract: a GPU kernel matches
+  // this to a tolerance, not bit-exactly.
   void Attend(const float* q, int n_heads, int len, float scale, float* out) const;
 
   // Raw arrays in the byte format above (the GPU tests upload these).
@@ -128,13 +168,14 @@ class QuantKvCpu {
   void QuantizeValueRow(int head, int pos, const float* v);
 
   QuantShape shape_;
+  int length_ = 0;
   std::vector<uint32_t> k_codes_, v_codes_;
   std::vector<QuantGroupParams> k_params_, v_params_;
   std::vector<float> k_res_, v_res_;
 };
 
-// Test reference: Materialize(len) then plain softmax attention
-// (ref::AttentionHead) on the dequantized copy.
+// Test reference: Materialize(len) then plain softmax attention (double
+// accumulation) on the dequantized copy.
 void DequantizeThenAttend(const QuantKvCpu& cache, const float* q, int n_heads, int len,
                           float scale, float* out);
 
