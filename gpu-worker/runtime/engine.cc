@@ -44,6 +44,35 @@ size_t FindStop(std::string_view text, const std::vector<std::string>& stops) {
 
 }  // namespace
 
+// Keeps a live sequence's KV bytes in the engine's usage totals.
+class Engine::LiveSequence {
+ public:
+  LiveSequence(Engine& engine, const SequenceState& seq)
+      : engine_(engine), bytes_(seq.kv_bytes()), capacity_(seq.capacity()) {
+    Apply(+1);
+  }
+  ~LiveSequence() { Apply(-1); }
+  LiveSequence(const LiveSequence&) = delete;
+  LiveSequence& operator=(const LiveSequence&) = delete;
+
+ private:
+  void Apply(int sign) {
+    absl::MutexLock lock(&engine_.kv_mu_);
+    KvUsage& u = engine_.kv_in_use_;
+    u.sequences += sign;
+    u.capacity_tokens += sign * static_cast<int64_t>(capacity_);
+    if (u.layers.size() < bytes_.size()) u.layers.resize(bytes_.size());
+    for (size_t i = 0; i < bytes_.size(); ++i) {
+      u.layers[i].kind = bytes_[i].kind;
+      u.layers[i].device_bytes += sign * bytes_[i].device_bytes;
+      u.layers[i].host_bytes += sign * bytes_[i].host_bytes;
+    }
+  }
+  Engine& engine_;
+  const std::vector<LayerKvBytes> bytes_;
+  const int capacity_;
+};
+
 const char* FinishReasonName(FinishReason r) {
   switch (r) {
     case FinishReason::kStop: return "stop";
@@ -101,6 +130,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     return absl::InvalidArgumentError(absl::StrFormat(
         "prefill_chunk must be >= 0 (0 = the backend's choice), got %d", options.prefill_chunk));
   }
+  // The plan is checked before the backend takes the weights: a typo fails fast.
+  ASSIGN_OR_RETURN(engine->kv_plan_, ParseKvPlanSpec(options.kv_plan, weights.config));
   if (options.backend != "cpu" && options.cuda_factory) {
     auto gpu = options.cuda_factory(weights);
     if (gpu.ok()) {
@@ -119,9 +150,57 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   engine->prefill_chunk_ = options.prefill_chunk > 0
                               ? options.prefill_chunk
                               : engine->backend_->preferred_prefill_chunk();
+  // The CPU backend keeps K/V in fp32; the GPU backends in bf16.
+  engine->kv_elem_bytes_ = engine->backend_->name() == "cpu" ? 4 : 2;
+  RETURN_IF_ERROR(engine->ProbeKvPlan());
   spdlog::info("model loaded in {:.0f} ms: {} layers, hidden {}, backend {}", MsSince(t0),
                engine->config().n_layers, engine->config().hidden, engine->backend_name());
+  int64_t per_sequence = 0;
+  for (const LayerKvBytes& b : engine->KvBytesPerSequence()) per_sequence += b.total();
+  spdlog::info("kv plan '{}': {}; {:.1f} MiB of KV per {}-token sequence", engine->kv_plan_.name,
+               engine->kv_plan_.Summary(), per_sequence / 1048576.0, engine->max_context_);
   return engine;
+}
+
+absl::Status Engine::ProbeKvPlan() {
+  // A one-token sequence proves the backend can run the plan before any
+  // request arrives, and is cheap whatever the plan.
+  auto probe = backend_->NewSequence(1, kv_plan_);
+  if (!probe.ok()) {
+    return absl::Status(
+        probe.status().code(),
+        absl::StrFormat("kv plan '%s' (%s): the %s backend cannot run it: %s", kv_plan_.name,
+                        kv_plan_.Summary(), backend_->name(), probe.status().message()));
+  }
+  // The estimate must describe what the backend allocates; a mismatch is a
+  // bug in one of them, worth a warning rather than a refusal to serve.
+  const std::vector<LayerKvBytes> held = (*probe)->kv_bytes();
+  const std::vector<LayerKvBytes> estimate =
+      EstimateKvBytes(kv_plan_, config(), 1, kv_elem_bytes_);
+  for (size_t i = 0; i < held.size() && i < estimate.size(); ++i) {
+    if (held[i].device_bytes != estimate[i].device_bytes ||
+        held[i].host_bytes != estimate[i].host_bytes) {
+      spdlog::warn("kv bytes of layer {} ({}): backend holds {}+{}, estimate says {}+{}", i,
+                   KvPolicyName(held[i].kind), held[i].device_bytes, held[i].host_bytes,
+                   estimate[i].device_bytes, estimate[i].host_bytes);
+      break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::vector<LayerKvBytes> Engine::KvBytesPerSequence() const {
+  return EstimateKvBytes(kv_plan_, config(), max_context_, kv_elem_bytes_);
+}
+
+KvUsage Engine::KvInUse() const {
+  absl::MutexLock lock(&kv_mu_);
+  KvUsage u = kv_in_use_;
+  if (u.layers.empty()) {
+    u.layers.resize(kv_plan_.layers.size());
+    for (size_t i = 0; i < u.layers.size(); ++i) u.layers[i].kind = kv_plan_.layers[i].kind;
+  }
+  return u;
 }
 
 absl::StatusOr<GenerationResult> Engine::Generate(
@@ -157,7 +236,8 @@ absl::StatusOr<GenerationResult> Engine::Generate(
   result.prompt_tokens = n_prompt;
   // The cache holds the prompt and every generated token but the last, which
   // is never fed back.
-  ASSIGN_OR_RETURN(auto seq, backend_->NewSequence(n_prompt + request.max_tokens));
+  ASSIGN_OR_RETURN(auto seq, backend_->NewSequence(n_prompt + request.max_tokens, kv_plan_));
+  const LiveSequence live(*this, *seq);
   Sampler sampler(request.sampling);
   tokenizer::StreamingDetokenizer detok(*tokenizer_);
   std::vector<int32_t> history = request.prompt_tokens;

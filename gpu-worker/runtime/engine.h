@@ -37,6 +37,18 @@ struct EngineOptions {
   // stops within one chunk rather than after the whole prompt. 0 = the
   // backend's preferred chunk (CPU 1024, CUDA its max_prefill_chunk).
   int prefill_chunk = 0;
+  // How every sequence keeps its KV cache: a ParseKvPlanSpec spec ("dense",
+  // "quant:1", "window:4:1020", "tailorkv:1:2", ...) or "@plan.json". Parsed
+  // against the loaded model; Create fails with the parser's message when it
+  // is bad, and with Unimplemented when the backend cannot run the plan.
+  std::string kv_plan = "dense";
+};
+
+// KV memory held by the sequences alive right now.
+struct KvUsage {
+  int sequences = 0;
+  int64_t capacity_tokens = 0;        // summed over those sequences
+  std::vector<LayerKvBytes> layers;   // per layer, summed (kind = the plan's)
 };
 
 struct GenerationRequest {
@@ -78,6 +90,19 @@ class Engine {
   std::string_view backend_name() const { return backend_->name(); }
   int max_context() const { return max_context_; }
 
+  // The plan every sequence is made with (validated for this model and
+  // backend at Create).
+  const KvPlan& kv_plan() const { return kv_plan_; }
+  // Bytes of one full-precision KV element on this backend: 4 (fp32) on the
+  // CPU, 2 (bf16) on the GPU.
+  int kv_elem_bytes() const { return kv_elem_bytes_; }
+  // KV memory per layer that one sequence of max_context() tokens holds
+  // under kv_plan(), computed (EstimateKvBytes), not allocated.
+  std::vector<LayerKvBytes> KvBytesPerSequence() const;
+  // KV memory of the running generations (SequenceState::kv_bytes()).
+  // Thread-safe; may be called while Generate() runs.
+  KvUsage KvInUse() const;
+
   // Validates `request` (InvalidArgument naming the field), then generates.
   // `on_chunk` is called from the calling thread; returning false cancels
   // (the result then says kCancelled). Text in chunks never splits a UTF-8
@@ -91,12 +116,22 @@ class Engine {
 
  private:
   Engine() = default;
+  class LiveSequence;  // adds a sequence's KV to kv_in_use_ for its lifetime
+  // Makes a capacity-1 sequence with kv_plan_: fails when the backend cannot
+  // run the plan.
+  absl::Status ProbeKvPlan();
+
   absl::Mutex mu_;  // serializes generations on the single backend
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
   tokenizer::ChatTemplate chat_template_;
   int max_context_ = 0;
   int prefill_chunk_ = 1024;
+  KvPlan kv_plan_;
+  int kv_elem_bytes_ = 4;
+
+  mutable absl::Mutex kv_mu_;  // separate from mu_: GetLoad must not wait for a generation
+  KvUsage kv_in_use_ ABSL_GUARDED_BY(kv_mu_);
 };
 
 }  // namespace tailorkv::runtime

@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+
+#include <unistd.h>
 
 namespace tailorkv::runtime {
 namespace {
@@ -125,6 +128,128 @@ TEST_F(EngineTest, RejectsBadRequestsNamingTheField) {
   r = ok;
   r.sampling.top_p = 2;
   expect_invalid(r, "top_p");
+}
+
+TEST_F(EngineTest, DenseByDefaultAndReportsKvBytes) {
+  const model::ModelConfig& c = engine_->config();
+  EXPECT_EQ(engine_->kv_plan(), KvPlan::Dense(c.n_layers));
+  EXPECT_EQ(engine_->kv_elem_bytes(), 4);  // the CPU backend keeps fp32
+  const int64_t row = static_cast<int64_t>(c.n_kv_heads) * c.head_dim * 4;
+  const auto per_seq = engine_->KvBytesPerSequence();
+  ASSERT_EQ(per_seq.size(), static_cast<size_t>(c.n_layers));
+  for (const LayerKvBytes& b : per_seq) {
+    EXPECT_EQ(b.kind, KvPolicyKind::kDense);
+    EXPECT_EQ(b.device_bytes, 2 * row * engine_->max_context());
+    EXPECT_EQ(b.host_bytes, 0);
+  }
+
+  // While a generation runs its sequence is counted, and only then.
+  KvUsage idle = engine_->KvInUse();
+  EXPECT_EQ(idle.sequences, 0);
+  ASSERT_EQ(idle.layers.size(), static_cast<size_t>(c.n_layers));
+  for (const LayerKvBytes& b : idle.layers) EXPECT_EQ(b.total(), 0);
+  GenerationRequest r;
+  r.prompt_tokens = Prompt("Counting bytes:");
+  r.max_tokens = 3;
+  r.ignore_eos = true;
+  const int capacity = static_cast<int>(r.prompt_tokens.size()) + r.max_tokens;
+  std::vector<KvUsage> seen;
+  auto res = engine_->Generate(r, [&](const StreamChunk&) {
+    seen.push_back(engine_->KvInUse());
+    return true;
+  });
+  ASSERT_TRUE(res.ok()) << res.status();
+  ASSERT_EQ(seen.size(), 3u);
+  for (const KvUsage& u : seen) {
+    EXPECT_EQ(u.sequences, 1);
+    EXPECT_EQ(u.capacity_tokens, capacity);
+    ASSERT_EQ(u.layers.size(), static_cast<size_t>(c.n_layers));
+    for (const LayerKvBytes& b : u.layers) EXPECT_EQ(b.device_bytes, 2 * row * capacity);
+  }
+  const KvUsage after = engine_->KvInUse();
+  EXPECT_EQ(after.sequences, 0);
+  EXPECT_EQ(after.capacity_tokens, 0);
+  for (const LayerKvBytes& b : after.layers) EXPECT_EQ(b.total(), 0);
+}
+
+// A plan file written for this model, with one edit applied to its JSON.
+std::string WritePlanFile(const std::string& name, const std::string& text) {
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("engine_test_" + std::to_string(::getpid()) + "_" + name))
+                               .string();
+  std::ofstream(path) << text;
+  return path;
+}
+
+TEST_F(EngineTest, RejectsBadPlansWithTheParsersMessage) {
+  const model::ModelConfig& c = engine_->config();
+  auto expect_rejected = [](const std::string& spec, absl::StatusCode code,
+                            const std::string& message) {
+    auto e = Engine::Create({.model_path = kModel, .backend = "cpu", .threads = 2, .kv_plan = spec});
+    ASSERT_FALSE(e.ok()) << spec;
+    EXPECT_EQ(e.status().code(), code) << e.status();
+    EXPECT_NE(e.status().message().find(message), std::string::npos) << e.status();
+  };
+  expect_rejected("quant:3", absl::StatusCode::kInvalidArgument,
+                  "kv plan spec \"quant:3\": layers[0].bits: must be 1, 2 or 4, got 3");
+  expect_rejected("kivi", absl::StatusCode::kInvalidArgument, "unknown kind \"kivi\"");
+  // head_dim 64: a group of 128 cannot divide it.
+  expect_rejected("quant:1:128", absl::StatusCode::kInvalidArgument, "layers[0].group");
+  expect_rejected("@/nonexistent/plan.json", absl::StatusCode::kNotFound, "/nonexistent/plan.json");
+
+  model::ModelConfig other = c;
+  other.n_layers = c.n_layers + 1;
+  const std::string wrong_model =
+      WritePlanFile("wrong_model.json", KvPlanToJson(KvPlan::Dense(other.n_layers), other));
+  expect_rejected("@" + wrong_model, absl::StatusCode::kInvalidArgument,
+                  wrong_model + ": model.n_layers: the plan is for n_layers " +
+                      std::to_string(other.n_layers));
+  std::filesystem::remove(wrong_model);
+
+  // Valid, but no backend runs sparse layers yet: creation fails clearly.
+  KvPlan sparse = KvPlan::Dense(c.n_layers);
+  sparse.name = "one-sparse";
+  sparse.layers[2].kind = KvPolicyKind::kSparse;
+  const std::string sparse_file = WritePlanFile("sparse.json", KvPlanToJson(sparse, c));
+  expect_rejected("@" + sparse_file, absl::StatusCode::kUnimplemented,
+                  "kv plan 'one-sparse' (dense x29, sparse(8+56 k128 d8 gpu) x1): the "
+                  "cpu backend cannot run it");
+  std::filesystem::remove(sparse_file);
+}
+
+// Runs a quantized plan end to end when the CPU backend has the quant policy.
+TEST(EngineKvPlan, QuantPlanGeneratesAndCountsItsBytes) {
+  ASSERT_TRUE(std::filesystem::exists(kModel)) << kModel << " is missing: run scripts/fetch_model.sh";
+  auto e = Engine::Create(
+      {.model_path = kModel, .backend = "cpu", .threads = 2, .max_context = 512, .kv_plan = "tailorkv:2:4"});
+  if (absl::IsUnimplemented(e.status())) {
+    GTEST_SKIP() << "the CPU backend has no quant policy yet: " << e.status();
+  }
+  ASSERT_TRUE(e.ok()) << e.status();
+  Engine& engine = **e;
+  EXPECT_EQ(engine.kv_plan().Summary(), "quant(2b g64 r128) x4, dense x26");
+  GenerationRequest r;
+  r.prompt_tokens = *engine.tokenizer().Encode("The capital of France is", false, false);
+  r.max_tokens = 6;
+  r.ignore_eos = true;
+  const int capacity = static_cast<int>(r.prompt_tokens.size()) + r.max_tokens;
+  KvUsage during;
+  int chunks = 0;
+  auto res = engine.Generate(r, [&](const StreamChunk&) {
+    during = engine.KvInUse();
+    ++chunks;
+    return true;
+  });
+  ASSERT_TRUE(res.ok()) << res.status();
+  EXPECT_EQ(res->completion_tokens, 6);
+  EXPECT_EQ(chunks, 6);
+  const auto expected = EstimateKvBytes(engine.kv_plan(), engine.config(), capacity, 4);
+  ASSERT_EQ(during.layers.size(), expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_EQ(during.layers[i].kind, expected[i].kind) << i;
+    EXPECT_EQ(during.layers[i].device_bytes, expected[i].device_bytes) << i;
+  }
+  EXPECT_EQ(during.layers[0].kind, KvPolicyKind::kQuant);
 }
 
 TEST(EngineCreate, RejectsUnknownBackendAndMissingFile) {
