@@ -55,6 +55,14 @@ class Backend {
   // Runs `tokens` at positions [seq.length(), seq.length() + n), appending
   // their K/V to `seq`. Writes logits row-major into `logits`: n x vocab when
   // `all_logits`, else only the last token's vocab entries.
+  // Non-dense layers: n == 1 with length() > 0 is a decode step (quant:
+  // append as QuantKvCpu::Append, then fused attention over codes +
+  // residual; window: attend over the sink and the recent ring). Anything
+  // else is a prefill chunk: its queries attend causally over [history as
+  // stored (quant: dequantized + exact residual; window: the kept tokens in
+  // position order) | the chunk in full precision], then the store is
+  // updated (quant: Pack). So a one-shot prefill attends in full precision;
+  // later chunks of a chunked prefill see the compressed history.
   // InvalidArgument for empty input, ids outside the vocabulary, or
   // overflowing the sequence's capacity (then `seq` is unchanged).
   virtual absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens,

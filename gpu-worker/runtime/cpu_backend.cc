@@ -6,10 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <thread>
 
 #include "absl/strings/str_format.h"
 #include "runtime/cpu_reference.h"
+#include "runtime/quant_kv.h"
 
 namespace tailorkv::runtime {
 namespace {
@@ -23,8 +25,32 @@ using model::Tensor;
 // 408 vs 372 tokens/s; 8192: 220 vs 144) and 64 (GEMMs too thin).
 constexpr int kQueryBlock = 128;
 
-// KV cache of one sequence: per layer, per KV head, `capacity` rows of
-// head_dim floats, so one head's keys are contiguous for the GEMMs.
+// Rows of head_dim floats per KV head, `head_stride` floats apart: a dense
+// layer's cache, a window store, a residual ring or a prefill scratch.
+struct KvView {
+  const float* k;
+  const float* v;
+  int64_t head_stride;
+};
+
+// A window layer's store: sink rows [0, sink) hold positions [0, sink); the
+// `ring` rows after them hold position p >= sink at sink + (p - sink) % ring.
+// rows = min(capacity, S + W), so up to rows tokens every position sits at
+// its own row, in order (exactly the dense layout).
+struct WindowStore {
+  int sink = 0;
+  int ring = 0;
+  int rows = 0;
+  int64_t head_stride = 0;
+  std::vector<float> k, v;
+
+  int Row(int p) const { return p < sink ? p : sink + (p - sink) % ring; }
+};
+
+// KV cache of one sequence, per layer as its policy says. Dense layers: per
+// KV head, `capacity` rows of head_dim floats, so one head's keys are
+// contiguous for the GEMMs. Quant layers: a QuantKvCpu. Window layers: a
+// WindowStore.
 class CpuSequence final : public SequenceState {
  public:
   CpuSequence(const ModelConfig& c, int capacity, KvPlan plan)
@@ -32,21 +58,63 @@ class CpuSequence final : public SequenceState {
         capacity_(capacity),
         head_stride_(static_cast<int64_t>(capacity) * c.head_dim),
         layer_stride_(head_stride_ * c.n_kv_heads),
-        k_(layer_stride_ * c.n_layers),
-        v_(layer_stride_ * c.n_layers) {}
+        dense_offset_(c.n_layers, -1),
+        quant_(c.n_layers),
+        window_(c.n_layers) {
+    int64_t dense = 0;
+    for (int l = 0; l < c.n_layers; ++l) {
+      const LayerKvPolicy& p = plan_.layers[l];
+      if (p.kind == KvPolicyKind::kDense) {
+        dense_offset_[l] = dense;
+        dense += layer_stride_;
+      } else if (p.kind == KvPolicyKind::kQuant) {
+        quant_[l] = std::make_unique<QuantKvCpu>(QuantShape{
+            .n_kv_heads = c.n_kv_heads, .head_dim = c.head_dim, .capacity = capacity, .params = p.quant});
+      } else if (p.kind == KvPolicyKind::kWindow) {
+        WindowStore& w = window_[l];
+        w.sink = std::min(p.window.sink, capacity);
+        w.rows = static_cast<int>(std::min<int64_t>(capacity, static_cast<int64_t>(p.window.sink) + p.window.recent));
+        w.ring = w.rows - w.sink;
+        w.head_stride = static_cast<int64_t>(w.rows) * c.head_dim;
+        w.k.assign(w.head_stride * c.n_kv_heads, 0.0f);
+        w.v.assign(w.k.size(), 0.0f);
+      }
+    }
+    k_.resize(dense);
+    v_.resize(dense);
+  }
 
   int length() const override { return length_; }
   int capacity() const override { return capacity_; }
-  void Truncate(int n) override { length_ = std::clamp(n, 0, length_); }
+  // Quant and window layers cannot forget: only all-dense sequences shrink.
+  void Truncate(int n) override {
+    if (plan_.all_dense()) length_ = std::clamp(n, 0, length_);
+  }
   const KvPlan& plan() const override { return plan_; }
   std::vector<LayerKvBytes> kv_bytes() const override {
-    return std::vector<LayerKvBytes>(
-        plan_.layers.size(),
-        LayerKvBytes{KvPolicyKind::kDense, 2 * layer_stride_ * static_cast<int64_t>(sizeof(float)), 0});
+    std::vector<LayerKvBytes> out;
+    for (size_t l = 0; l < plan_.layers.size(); ++l) {
+      LayerKvBytes b{plan_.layers[l].kind, 0, 0};
+      if (quant_[l]) {
+        b.device_bytes = quant_[l]->bytes();
+      } else if (plan_.layers[l].kind == KvPolicyKind::kWindow) {
+        b.device_bytes = static_cast<int64_t>(window_[l].k.size() + window_[l].v.size()) * sizeof(float);
+      } else {
+        b.device_bytes = 2 * layer_stride_ * static_cast<int64_t>(sizeof(float));
+      }
+      out.push_back(b);
+    }
+    return out;
   }
 
-  float* k(int layer, int head) { return k_.data() + layer * layer_stride_ + head * head_stride_; }
-  float* v(int layer, int head) { return v_.data() + layer * layer_stride_ + head * head_stride_; }
+  KvPolicyKind kind(int layer) const { return plan_.layers[layer].kind; }
+  // Dense layers only.
+  float* k(int layer, int head) { return k_.data() + dense_offset_[layer] + head * head_stride_; }
+  float* v(int layer, int head) { return v_.data() + dense_offset_[layer] + head * head_stride_; }
+  KvView dense_view(int layer) { return {k(layer, 0), v(layer, 0), head_stride_}; }
+  QuantKvCpu* quant(int layer) { return quant_[layer].get(); }
+  const QuantKvCpu* quant(int layer) const { return quant_[layer].get(); }
+  WindowStore& window(int layer) { return window_[layer]; }
   void set_length(int n) { length_ = n; }
 
  private:
@@ -55,7 +123,10 @@ class CpuSequence final : public SequenceState {
   int length_ = 0;
   int64_t head_stride_;
   int64_t layer_stride_;
+  std::vector<int64_t> dense_offset_;  // into k_/v_, -1 for other policies
   std::vector<float> k_, v_;
+  std::vector<std::unique_ptr<QuantKvCpu>> quant_;
+  std::vector<WindowStore> window_;
 };
 
 // y[n][out] (=|+=) x[n][in] * W[out][in]^T
@@ -86,8 +157,24 @@ class CpuBackend final : public Backend {
           "sequence capacity must be in [1, %d], got %d", w_.config.max_context, capacity));
     }
     if (auto st = plan.Validate(w_.config); !st.ok()) return st;
-    if (!plan.all_dense()) {
-      return absl::UnimplementedError("the CPU backend keeps only dense KV so far");
+    for (size_t l = 0; l < plan.layers.size(); ++l) {
+      const LayerKvPolicy& p = plan.layers[l];
+      if (p.kind == KvPolicyKind::kSparse) {
+        return absl::UnimplementedError(
+            absl::StrFormat("layer %d: sparse policy: not implemented yet (issue 5)", l));
+      }
+      if (p.kind == KvPolicyKind::kQuant) {
+        const QuantShape shape{.n_kv_heads = w_.config.n_kv_heads, .head_dim = w_.config.head_dim,
+                               .capacity = capacity, .params = p.quant};
+        if (auto st = shape.Validate(); !st.ok()) {
+          return absl::InvalidArgumentError(absl::StrFormat("layer %d: quant: %s", l, st.message()));
+        }
+      }
+      if (p.kind == KvPolicyKind::kWindow && (p.window.sink < 0 || p.window.recent < 1)) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "layer %d: window: sink must be >= 0 and recent >= 1, got %d and %d", l, p.window.sink,
+            p.window.recent));
+      }
     }
     return std::make_unique<CpuSequence>(w_.config, capacity, plan);
   }
@@ -96,13 +183,22 @@ class CpuBackend final : public Backend {
                        std::vector<float>* logits) override;
 
  private:
-  void Attention(CpuSequence& seq, int layer, const float* q, int n, int start, float* out);
+  // Attention of the n chunk queries against a layer as its policy says
+  // (runtime/backend.h); non-dense layers read the chunk's K/V from k_/v_.
+  void LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start, float* out);
+  // Causal attention over a view: query i sees rows [0, offset + i + 1).
+  void Attention(const KvView& kv, const float* q, int n, int offset, float* out);
+  // Copies chunk row i of every KV head (k_, v_) into rows `first` + i of a
+  // [kv_head][head_stride] scratch.
+  void CopyChunk(float* k, float* v, int64_t head_stride, int first, int n);
 
   ModelWeights w_;
   int threads_;
   std::vector<float> inv_freq_;
   // Scratch reused across calls (resized, never shrunk).
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, scores_;
+  // Full-precision [history | chunk] K/V of a non-dense layer's prefill chunk.
+  std::vector<float> chunk_k_, chunk_v_;
 };
 
 absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t> tokens,
@@ -133,6 +229,7 @@ absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t>
   }
   for (int l = 0; l < c.n_layers; ++l) {
     const model::LayerWeights& L = w_.layers[l];
+    const bool dense = seq->kind(l) == KvPolicyKind::kDense;
 #pragma omp parallel for
     for (int i = 0; i < n; ++i) {
       ref::RmsNorm(&x_[static_cast<size_t>(i) * H], L.attn_norm.data.data(), H, c.rms_eps,
@@ -146,13 +243,14 @@ absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t>
       for (int h = 0; h < nh; ++h) ref::ApplyRope(&q_[i * nq_dim + h * hd], hd, start + i, inv_freq_, c.rope_style);
       for (int h = 0; h < nkv; ++h) {
         ref::ApplyRope(&k_[i * nkv_dim + h * hd], hd, start + i, inv_freq_, c.rope_style);
+        if (!dense) continue;  // the layer's store takes k_/v_ in LayerAttention
         std::memcpy(seq->k(l, h) + static_cast<int64_t>(start + i) * hd, &k_[i * nkv_dim + h * hd],
                     sizeof(float) * hd);
         std::memcpy(seq->v(l, h) + static_cast<int64_t>(start + i) * hd, &v_[i * nkv_dim + h * hd],
                     sizeof(float) * hd);
       }
     }
-    Attention(*seq, l, q_.data(), n, start, attn_.data());
+    LayerAttention(*seq, l, q_.data(), n, start, attn_.data());
     Linear(attn_.data(), n, L.wo, x_.data(), /*accumulate=*/true);
 
 #pragma omp parallel for
@@ -183,8 +281,112 @@ absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t>
   return absl::OkStatus();
 }
 
-void CpuBackend::Attention(CpuSequence& seq, int layer, const float* q, int n, int start,
-                           float* out) {
+void CpuBackend::CopyChunk(float* k, float* v, int64_t head_stride, int first, int n) {
+  const int hd = w_.config.head_dim, nkv = w_.config.n_kv_heads;
+  const int64_t nkv_dim = static_cast<int64_t>(nkv) * hd;
+  for (int h = 0; h < nkv; ++h) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t dst = h * head_stride + static_cast<int64_t>(first + i) * hd;
+      std::memcpy(k + dst, &k_[i * nkv_dim + h * hd], sizeof(float) * hd);
+      std::memcpy(v + dst, &v_[i * nkv_dim + h * hd], sizeof(float) * hd);
+    }
+  }
+}
+
+void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start,
+                                float* out) {
+  const ModelConfig& c = w_.config;
+  const int hd = c.head_dim, nkv = c.n_kv_heads, nh = c.n_heads;
+  switch (seq.kind(layer)) {
+    case KvPolicyKind::kDense:
+      Attention(seq.dense_view(layer), q, n, start, out);
+      return;
+    case KvPolicyKind::kQuant: {
+      QuantKvCpu& store = *seq.quant(layer);
+      const int R = store.shape().params.residual;
+      if (n == 1 && start > 0) {
+        // Decode: k_/v_ hold [kv_head][head_dim], Append's layout.
+        store.Append(start, k_.data(), v_.data());
+        const int len = start + 1;
+        const int64_t res = store.shape().residual_elems_per_head();
+        if (QuantizedKeys(len, R) == 0 && QuantizedValues(len, R) == 0) {
+          // Nothing quantized yet: the rings hold positions [0, len) in
+          // order, so this is plain attention (the dense code, same bits).
+          Attention({store.k_res().data(), store.v_res().data(), res}, q, 1, start, out);
+          return;
+        }
+        const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+        const int group = nh / nkv;
+#pragma omp parallel
+        {
+          std::vector<float> scores(len);
+#pragma omp for
+          for (int h = 0; h < nh; ++h) {
+            store.AttendHead(q + static_cast<int64_t>(h) * hd, h / group, len, scale, scores.data(),
+                             out + static_cast<int64_t>(h) * hd);
+          }
+        }
+        return;
+      }
+      // Prefill chunk: history as stored (dequantized + exact residual),
+      // the chunk in full precision, then pack.
+      const int64_t stride = static_cast<int64_t>(start + n) * hd;
+      chunk_k_.resize(stride * nkv);
+      chunk_v_.resize(stride * nkv);
+      store.Materialize(start, chunk_k_.data(), chunk_v_.data(), stride);
+      CopyChunk(chunk_k_.data(), chunk_v_.data(), stride, start, n);
+      Attention({chunk_k_.data(), chunk_v_.data(), stride}, q, n, start, out);
+      store.Pack(chunk_k_.data(), chunk_v_.data(), stride, start, start + n);
+      return;
+    }
+    case KvPolicyKind::kWindow: {
+      WindowStore& w = seq.window(layer);
+      auto store_rows = [&](int first_pos, int count) {
+        // Writes chunk rows whose positions stay kept (sink, or among the
+        // last `ring` positions of the sequence after the chunk).
+        const int end = first_pos + count;
+        for (int h = 0; h < nkv; ++h) {
+          for (int i = 0; i < count; ++i) {
+            const int p = first_pos + i;
+            if (p >= w.sink && p < end - w.ring) continue;
+            const int64_t dst = h * w.head_stride + static_cast<int64_t>(w.Row(p)) * hd;
+            std::memcpy(&w.k[dst], &k_[(static_cast<int64_t>(i) * nkv + h) * hd], sizeof(float) * hd);
+            std::memcpy(&w.v[dst], &v_[(static_cast<int64_t>(i) * nkv + h) * hd], sizeof(float) * hd);
+          }
+        }
+      };
+      if (n == 1 && start > 0) {
+        store_rows(start, 1);
+        // Every stored row is a kept token; order does not change attention.
+        const int kept = std::min(start + 1, w.rows);
+        Attention({w.k.data(), w.v.data(), w.head_stride}, q, 1, kept - 1, out);
+        return;
+      }
+      // Prefill chunk: kept history compacted in position order, then the chunk.
+      const int hist = std::min(start, w.rows);
+      const int64_t stride = static_cast<int64_t>(hist + n) * hd;
+      chunk_k_.resize(stride * nkv);
+      chunk_v_.resize(stride * nkv);
+      for (int h = 0; h < nkv; ++h) {
+        for (int r = 0; r < hist; ++r) {
+          // r-th kept position: the sink, then the last `hist - sink` ones.
+          const int p = (start <= w.rows || r < w.sink) ? r : start - (hist - r);
+          const int64_t src = h * w.head_stride + static_cast<int64_t>(w.Row(p)) * hd;
+          std::memcpy(&chunk_k_[h * stride + static_cast<int64_t>(r) * hd], &w.k[src], sizeof(float) * hd);
+          std::memcpy(&chunk_v_[h * stride + static_cast<int64_t>(r) * hd], &w.v[src], sizeof(float) * hd);
+        }
+      }
+      CopyChunk(chunk_k_.data(), chunk_v_.data(), stride, hist, n);
+      Attention({chunk_k_.data(), chunk_v_.data(), stride}, q, n, hist, out);
+      store_rows(start, n);
+      return;
+    }
+    case KvPolicyKind::kSparse:
+      break;  // NewSequence refuses sparse plans
+  }
+}
+
+void CpuBackend::Attention(const KvView& kv, const float* q, int n, int start, float* out) {
   const ModelConfig& c = w_.config;
   const int hd = c.head_dim, nh = c.n_heads, group = c.n_heads / c.n_kv_heads;
   const int64_t q_stride = static_cast<int64_t>(nh) * hd;
@@ -202,11 +404,11 @@ void CpuBackend::Attention(CpuSequence& seq, int layer, const float* q, int n, i
         for (int h = 0; h < nh; ++h) {
           const float* qi = q + i * q_stride + h * hd;
           const int len = start + i + 1;
-          cblas_sgemv(CblasRowMajor, CblasNoTrans, len, hd, scale, seq.k(layer, h / group), hd, qi,
-                      1, 0.0f, p.data(), 1);
+          cblas_sgemv(CblasRowMajor, CblasNoTrans, len, hd, scale, kv.k + (h / group) * kv.head_stride,
+                      hd, qi, 1, 0.0f, p.data(), 1);
           const float sum = ref::ExpShiftedSum(p.data(), len, ref::RowMax(p.data(), len), p.data());
-          cblas_sgemv(CblasRowMajor, CblasTrans, len, hd, 1.0f / sum, seq.v(layer, h / group), hd,
-                      p.data(), 1, 0.0f, out + i * q_stride + h * hd, 1);
+          cblas_sgemv(CblasRowMajor, CblasTrans, len, hd, 1.0f / sum, kv.v + (h / group) * kv.head_stride,
+                      hd, p.data(), 1, 0.0f, out + i * q_stride + h * hd, 1);
         }
       }
     }
@@ -231,8 +433,8 @@ void CpuBackend::Attention(CpuSequence& seq, int layer, const float* q, int n, i
     for (int task = 0; task < blocks * nh; ++task) {
       const int b = (blocks - 1 - task / nh) * kQueryBlock;
       const int h = task % nh;
-      const float* K = seq.k(layer, h / group);
-      const float* V = seq.v(layer, h / group);
+      const float* K = kv.k + (h / group) * kv.head_stride;
+      const float* V = kv.v + (h / group) * kv.head_stride;
       const int rows = std::min(kQueryBlock, n - b);
       const int len = start + b + rows;  // keys visible to the block's last row
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, len, hd, scale,
@@ -254,6 +456,12 @@ void CpuBackend::Attention(CpuSequence& seq, int layer, const float* q, int n, i
 }
 
 }  // namespace
+
+const QuantKvCpu* CpuQuantStore(const SequenceState& seq, int layer) {
+  const auto* s = dynamic_cast<const CpuSequence*>(&seq);
+  if (s == nullptr || layer < 0 || layer >= static_cast<int>(s->plan().layers.size())) return nullptr;
+  return s->quant(layer);
+}
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights weights,
                                                           const CpuBackendOptions& options) {

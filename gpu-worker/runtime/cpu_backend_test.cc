@@ -5,11 +5,16 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
 #include <limits>
 #include <numbers>
 #include <random>
 
 #include "runtime/cpu_reference.h"
+#include "runtime/kv_plan.h"
+#include "runtime/quant_kv.h"
 #include "runtime/test_model.h"
 
 namespace tailorkv::runtime {
@@ -166,6 +171,364 @@ TEST(CpuBackend, RejectsBadInputAndLeavesSequenceUnchanged) {
   const std::vector<int32_t> five = {1, 2, 3, 4, 5};
   EXPECT_EQ(backend->Forward(*seq, five, false, &logits).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(seq->length(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// KV policies (quant, window) on the CPU backend.
+
+// head_dim 32 so quant groups of 32 fit; GQA 6/2, 3 layers.
+model::ModelWeights PolicyModel(uint32_t seed, int n_layers = 3) {
+  return testing::TinyModel(seed, RopeStyle::kHalves, false,
+                            {.n_layers = n_layers, .head_dim = 32, .hidden = 64, .ffn = 96});
+}
+
+LayerKvPolicy Quant(int bits, int group, int residual) {
+  LayerKvPolicy p;
+  p.kind = KvPolicyKind::kQuant;
+  p.quant = {bits, group, residual};
+  return p;
+}
+
+LayerKvPolicy Window(int sink, int recent) {
+  LayerKvPolicy p;
+  p.kind = KvPolicyKind::kWindow;
+  p.window = {sink, recent};
+  return p;
+}
+
+// Runs `tokens` through a fresh sequence in calls of the given sizes (all
+// logits), returning each call's logits.
+std::vector<std::vector<float>> RunChunks(Backend& backend, const KvPlan& plan,
+                                          const std::vector<int32_t>& tokens,
+                                          const std::vector<int>& chunks,
+                                          std::unique_ptr<SequenceState>* keep = nullptr) {
+  auto seq = backend.NewSequence(static_cast<int>(tokens.size()) + 3, plan);
+  EXPECT_TRUE(seq.ok()) << seq.status();
+  if (!seq.ok()) return {};
+  std::vector<std::vector<float>> out;
+  int at = 0;
+  for (int n : chunks) {
+    std::vector<float> logits(3, NAN);
+    const auto st = backend.Forward(**seq, absl::MakeConstSpan(tokens).subspan(at, n), true, &logits);
+    EXPECT_TRUE(st.ok()) << st;
+    EXPECT_EQ(logits.size(), static_cast<size_t>(n) * backend.config().vocab);
+    out.push_back(std::move(logits));
+    at += n;
+  }
+  EXPECT_EQ(at, static_cast<int>(tokens.size()));
+  EXPECT_EQ((*seq)->length(), at);
+  if (keep != nullptr) *keep = std::move(*seq);
+  return out;
+}
+
+float MaxDiff(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b) {
+  float m = 0;
+  EXPECT_EQ(a.size(), b.size());
+  for (size_t c = 0; c < std::min(a.size(), b.size()); ++c) {
+    size_t where = 0;
+    EXPECT_EQ(a[c].size(), b[c].size());
+    m = std::max(m, MaxAbsDiff(a[c].data(), b[c].data(), std::min(a[c].size(), b[c].size()), &where));
+  }
+  return m;
+}
+
+void ExpectBitIdentical(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
+                        const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t c = 0; c < a.size(); ++c) {
+    ASSERT_EQ(a[c].size(), b[c].size()) << what << " call " << c;
+    for (size_t i = 0; i < a[c].size(); ++i) {
+      ASSERT_EQ(std::memcmp(&a[c][i], &b[c][i], sizeof(float)), 0)
+          << what << ": call " << c << " index " << i << ": " << a[c][i] << " vs " << b[c][i];
+    }
+  }
+}
+
+// Calls covering every path: a 1-token first call (a prefill chunk for a
+// non-dense layer), a GEMM chunk, a GEMV-sized chunk (3), a 5-token chunk,
+// then decode steps.
+const std::vector<int> kMixedChunks = {1, 149, 3, 5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+constexpr int kMixedTotal = 176;
+
+TEST(CpuBackendKvPolicy, QuantWithResidualCoveringTheSequenceMatchesDenseExactly) {
+  const auto w = PolicyModel(21);
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(kMixedTotal, w.config.vocab, 22);
+  ASSERT_EQ(std::accumulate(kMixedChunks.begin(), kMixedChunks.end(), 0), kMixedTotal);
+  const auto dense = RunChunks(*backend, KvPlan::Dense(3), tokens, kMixedChunks);
+  // residual 256 > 176: nothing is ever quantized.
+  const auto quant = RunChunks(*backend, KvPlan::Uniform(3, Quant(1, 32, 256), "q"), tokens, kMixedChunks);
+  ASSERT_GT(std::fabs(dense[1][100]), 1e-4f) << "logits are trivial";
+  ExpectBitIdentical(dense, quant, "quant r256 vs dense");
+}
+
+TEST(CpuBackendKvPolicy, WindowHoldingEverythingMatchesDenseExactly) {
+  const auto w = PolicyModel(23);
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(kMixedTotal, w.config.vocab, 24);
+  const auto dense = RunChunks(*backend, KvPlan::Dense(3), tokens, kMixedChunks);
+  // sink + recent == the length exactly, and one larger than the capacity.
+  ExpectBitIdentical(dense,
+                     RunChunks(*backend, KvPlan::Uniform(3, Window(4, kMixedTotal - 4), "w"), tokens, kMixedChunks),
+                     "window 4+172 vs dense");
+  ExpectBitIdentical(dense, RunChunks(*backend, KvPlan::Uniform(3, Window(0, 1020), "w"), tokens, kMixedChunks),
+                     "window 0+1020 vs dense");
+}
+
+// One-shot prefill of 160 tokens (full precision), then 40 decode steps over
+// a cache with residual 32: 4-bit stays close to dense, 1-bit does not.
+// Measured over the 40 steps x 97 logits (max |logit| 4.7; errors compound
+// through 3 random layers): mean |diff| 1-bit 1.04, 2-bit 0.43, 4-bit 0.081;
+// max 6.3 / 2.6 / 0.50; argmax agrees with dense 3 / 16 / 39 of 40 steps.
+// Required: 4-bit mean < 0.15, max < 1, argmax >= 36/40; 1-bit mean > 0.5;
+// both measures strictly ordered by bits.
+TEST(CpuBackendKvPolicy, FourBitStaysCloseToDenseAndOneBitDiffers) {
+  const auto w = PolicyModel(25);
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(200, w.config.vocab, 26);
+  std::vector<int> chunks = {160};
+  chunks.resize(41, 1);
+  const auto dense = RunChunks(*backend, KvPlan::Dense(3), tokens, chunks);
+  float diff[5] = {}, mean[5] = {};
+  int agree[5] = {};
+  for (int bits : {1, 2, 4}) {
+    const auto q = RunChunks(*backend, KvPlan::Uniform(3, Quant(bits, 32, 32), "q"), tokens, chunks);
+    // The one-shot prefill attended in full precision: identical to dense.
+    ExpectBitIdentical({dense[0]}, {q[0]}, "one-shot prefill");
+    diff[bits] = MaxDiff({dense.begin() + 1, dense.end()}, {q.begin() + 1, q.end()});
+    double sum = 0;
+    for (size_t st = 1; st < q.size(); ++st) {
+      for (size_t i = 0; i < q[st].size(); ++i) sum += std::fabs(q[st][i] - dense[st][i]);
+      agree[bits] += std::max_element(q[st].begin(), q[st].end()) - q[st].begin() ==
+               std::max_element(dense[st].begin(), dense[st].end()) - dense[st].begin();
+    }
+    mean[bits] = static_cast<float>(sum / (40.0 * w.config.vocab));
+    std::printf("bits %d: mean |diff| %.4g, argmax agrees %d/40\n", bits, mean[bits], agree[bits]);
+  }
+  float max_logit = 0;
+  for (const auto& c : dense) for (float x : c) max_logit = std::max(max_logit, std::fabs(x));
+  std::printf("decode max |logit - dense|: 1-bit %.4g, 2-bit %.4g, 4-bit %.4g (max |logit| %.3g)\n", diff[1],
+              diff[2], diff[4], max_logit);
+  EXPECT_LT(mean[4], 0.15f);
+  EXPECT_LT(diff[4], 1.0f);
+  EXPECT_GE(agree[4], 36);
+  EXPECT_GT(mean[1], 0.5f);
+  EXPECT_LT(diff[4], diff[2]);
+  EXPECT_LT(diff[2], diff[1]);
+  EXPECT_LT(mean[4], mean[2]);
+  EXPECT_LT(mean[2], mean[1]);
+}
+
+// One layer: logits of the last token from the reference ops, with the
+// attention of that token supplied by `attend` (q: [n_heads][head_dim] after
+// RoPE; k, v: every position's full-precision K/V, [kv_head][n][head_dim]).
+using AttendFn = std::function<void(const std::vector<float>& q, const std::vector<float>& k,
+                                    const std::vector<float>& v, float* out)>;
+std::vector<float> OneLayerLastLogits(const ModelWeights& w, const std::vector<int32_t>& tokens,
+                                      const AttendFn& attend) {
+  const auto& c = w.config;
+  const auto& L = w.layers[0];
+  const int n = static_cast<int>(tokens.size()), H = c.hidden, hd = c.head_dim;
+  const auto inv_freq = ref::RopeInvFreq(c);
+  auto matvec = [](const model::Tensor& W, const float* x, float* y) {
+    for (int64_t o = 0; o < W.rows(); ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < W.cols(); ++i) acc += static_cast<double>(W.data[o * W.cols() + i]) * x[i];
+      y[o] = static_cast<float>(acc);
+    }
+  };
+  std::vector<float> k(static_cast<size_t>(c.n_kv_heads) * n * hd), v(k.size()), q(c.n_heads * hd);
+  std::vector<float> x(H), xn(H), tk(c.n_kv_heads * hd), tv(tk.size());
+  for (int i = 0; i < n; ++i) {
+    std::copy_n(&w.tok_embd.data[tokens[i] * H], H, x.data());
+    ref::RmsNorm(x.data(), L.attn_norm.data.data(), H, c.rms_eps, xn.data());
+    matvec(L.wk, xn.data(), tk.data());
+    matvec(L.wv, xn.data(), tv.data());
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      ref::ApplyRope(&tk[h * hd], hd, i, inv_freq, c.rope_style);
+      std::copy_n(&tk[h * hd], hd, &k[(static_cast<size_t>(h) * n + i) * hd]);
+      std::copy_n(&tv[h * hd], hd, &v[(static_cast<size_t>(h) * n + i) * hd]);
+    }
+    if (i == n - 1) {
+      matvec(L.wq, xn.data(), q.data());
+      for (int h = 0; h < c.n_heads; ++h) ref::ApplyRope(&q[h * hd], hd, i, inv_freq, c.rope_style);
+    }
+  }
+  std::vector<float> attn(c.n_heads * hd, NAN), o(H), gate(c.ffn), up(c.ffn), logits(c.vocab);
+  attend(q, k, v, attn.data());
+  matvec(L.wo, attn.data(), o.data());
+  for (int j = 0; j < H; ++j) x[j] += o[j];
+  ref::RmsNorm(x.data(), L.ffn_norm.data.data(), H, c.rms_eps, xn.data());
+  matvec(L.w_gate, xn.data(), gate.data());
+  matvec(L.w_up, xn.data(), up.data());
+  ref::SwiGlu(gate.data(), up.data(), c.ffn);
+  matvec(L.w_down, gate.data(), o.data());
+  for (int j = 0; j < H; ++j) x[j] += o[j];
+  ref::RmsNorm(x.data(), w.output_norm.data.data(), H, c.rms_eps, xn.data());
+  matvec(w.head(), xn.data(), logits.data());
+  return logits;
+}
+
+// Softmax attention of one query head over the listed positions, in double.
+void AttendPositions(const float* q, const float* k, const float* v, int hd, const std::vector<int>& pos,
+                     float* out) {
+  std::vector<double> s(pos.size()), o(hd, 0.0);
+  double mx = -INFINITY, sum = 0;
+  for (size_t j = 0; j < pos.size(); ++j) {
+    double dot = 0;
+    for (int c = 0; c < hd; ++c) dot += static_cast<double>(q[c]) * k[pos[j] * hd + c];
+    s[j] = dot / std::sqrt(static_cast<double>(hd));
+    mx = std::max(mx, s[j]);
+  }
+  for (size_t j = 0; j < pos.size(); ++j) {
+    const double e = std::exp(s[j] - mx);
+    sum += e;
+    for (int c = 0; c < hd; ++c) o[c] += e * v[pos[j] * hd + c];
+  }
+  for (int c = 0; c < hd; ++c) out[c] = static_cast<float>(o[c] / sum);
+}
+
+// Decode of a quant layer (K blocks and V rows already quantized) equals the
+// reference forward whose attention is dequantize-then-attend (double) on
+// the backend's own store, so codes cannot differ.
+TEST(CpuBackendKvPolicy, QuantDecodeMatchesDequantizeThenAttendOnItsStore) {
+  const auto w = PolicyModel(27, /*n_layers=*/1);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(101, c.vocab, 28);
+  std::unique_ptr<SequenceState> seq;
+  std::vector<int> chunks = {97, 1, 1, 1, 1};
+  const auto got = RunChunks(*backend, KvPlan::Uniform(1, Quant(1, 32, 32), "q1"), tokens, chunks, &seq);
+  const QuantKvCpu* store = CpuQuantStore(*seq, 0);
+  ASSERT_NE(store, nullptr);
+  ASSERT_EQ(store->length(), 101);
+  ASSERT_EQ(QuantizedKeys(101, 32), 96);
+  const auto expected = OneLayerLastLogits(w, tokens, [&](const auto& q, const auto&, const auto&, float* out) {
+    DequantizeThenAttend(*store, q.data(), c.n_heads, 101, 1.0f / std::sqrt(32.0f), out);
+  });
+  size_t where = 0;
+  const float d = MaxAbsDiff(got.back().data(), expected.data(), c.vocab, &where);
+  EXPECT_LT(d, 1e-4f) << "at " << where << ": " << got.back()[where] << " vs " << expected[where];
+  // And it is not dense attention.
+  const auto full = OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto& v, float* out) {
+    std::vector<int> all(101);
+    for (int i = 0; i < 101; ++i) all[i] = i;
+    for (int h = 0; h < c.n_heads; ++h) {
+      const size_t kv = static_cast<size_t>(h / 3) * 101 * 32;
+      AttendPositions(&q[h * 32], &k[kv], &v[kv], 32, all, out + h * 32);
+    }
+  });
+  EXPECT_GT(MaxAbsDiff(got.back().data(), full.data(), c.vocab, &where), 100 * d);
+  EXPECT_EQ(CpuQuantStore(*seq, 1), nullptr);
+}
+
+// Decode of a window layer past sink + recent attends over the sink and the
+// last `recent` positions only.
+TEST(CpuBackendKvPolicy, WindowDecodeAttendsToSinkAndRecentOnly) {
+  const auto w = PolicyModel(29, /*n_layers=*/1);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  for (int len : {21, 22, 60}) {  // S+W = 20: one past, two past, many past (ring wrapped)
+    const auto tokens = RandomTokens(len, c.vocab, 30);
+    std::vector<int> chunks = {10};
+    chunks.resize(len - 9, 1);
+    const auto got = RunChunks(*backend, KvPlan::Uniform(1, Window(4, 16), "w"), tokens, chunks);
+    std::vector<int> kept = {0, 1, 2, 3};
+    for (int p = len - 16; p < len; ++p) kept.push_back(p);
+    const auto expected = OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto& v, float* out) {
+      for (int h = 0; h < c.n_heads; ++h) {
+        const size_t kv = static_cast<size_t>(h / 3) * len * 32;
+        AttendPositions(&q[h * 32], &k[kv], &v[kv], 32, kept, out + h * 32);
+      }
+    });
+    size_t where = 0;
+    EXPECT_LT(MaxAbsDiff(got.back().data(), expected.data(), c.vocab, &where), 1e-4f) << "len " << len;
+  }
+}
+
+// Chunked prefill: the first chunk is exact (nothing stored yet); later
+// chunks see the history as stored, so with 1-bit codes (residual 32) or a
+// short window they differ from the one-shot prefill, which equals dense.
+// When the history fits the residual / window, chunked equals dense chunked.
+TEST(CpuBackendKvPolicy, ChunkedPrefillSeesTheStoredHistory) {
+  const auto w = PolicyModel(31);
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(200, w.config.vocab, 32);
+  const int V = w.config.vocab;
+  const auto dense_one = RunChunks(*backend, KvPlan::Dense(3), tokens, {200});
+  const auto dense_two = RunChunks(*backend, KvPlan::Dense(3), tokens, {100, 100});
+  for (const LayerKvPolicy& p : {Quant(1, 32, 32), Window(4, 28)}) {
+    const KvPlan plan = KvPlan::Uniform(3, p, "p");
+    ExpectBitIdentical(dense_one, RunChunks(*backend, plan, tokens, {200}), "one-shot == dense");
+    const auto two = RunChunks(*backend, plan, tokens, {100, 100});
+    ExpectBitIdentical({dense_two[0]}, {two[0]}, "first chunk == dense");
+    size_t where = 0;
+    const float d = MaxAbsDiff(two[1].data(), dense_two[1].data(), 100 * V, &where);
+    std::printf("%s: second chunk max |logit - dense| %.4g\n", plan.Summary().c_str(), d);
+    EXPECT_GT(d, 0.01f) << plan.Summary();
+  }
+  // History within the residual (256) / window (4 + 252): chunked == dense chunked.
+  ExpectBitIdentical(dense_two, RunChunks(*backend, KvPlan::Uniform(3, Quant(1, 32, 256), "q"), tokens, {100, 100}),
+                     "quant r256 chunked");
+  ExpectBitIdentical(dense_two, RunChunks(*backend, KvPlan::Uniform(3, Window(4, 252), "w"), tokens, {100, 100}),
+                     "window chunked");
+}
+
+TEST(CpuBackendKvPolicy, KvBytesFollowTheFormulas) {
+  const auto w = PolicyModel(33, /*n_layers=*/4);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 1});
+  KvPlan plan = KvPlan::Dense(4);
+  plan.name = "mixed";
+  plan.layers[0] = Quant(2, 32, 64);
+  plan.layers[1] = Window(4, 20);
+  plan.layers[3] = Window(8, 1020);  // more than the capacity: capped
+  const int cap = 100;
+  auto seq = *backend->NewSequence(cap, plan);
+  const auto b = seq->kv_bytes();
+  ASSERT_EQ(b.size(), 4u);
+  const int64_t nkv = c.n_kv_heads, hd = c.head_dim;
+  // quant: key groups ceil(100/32) = 4, W = 2 words; V 2 words x 1 group per token.
+  const int64_t quant = nkv * ((4 * hd * 2 + cap * 1 * 2) * 4 + (4 * hd + cap * 1) * 4 + 2 * 64 * hd * 4);
+  EXPECT_EQ(b[0].kind, KvPolicyKind::kQuant);
+  EXPECT_EQ(b[0].device_bytes, quant);
+  EXPECT_EQ(b[1].device_bytes, 2 * nkv * 24 * hd * 4);
+  EXPECT_EQ(b[2].device_bytes, 2 * nkv * cap * hd * 4);
+  EXPECT_EQ(b[3].device_bytes, 2 * nkv * cap * hd * 4);
+  const auto est = EstimateKvBytes(plan, c, cap, 4);
+  for (int l = 0; l < 4; ++l) {
+    EXPECT_EQ(b[l].kind, est[l].kind) << l;
+    EXPECT_EQ(b[l].device_bytes, est[l].device_bytes) << l;
+    EXPECT_EQ(b[l].host_bytes, 0) << l;
+  }
+}
+
+TEST(CpuBackendKvPolicy, RejectsSparseAndKeepsNonDenseSequencesOnTruncate) {
+  const auto w = PolicyModel(35);
+  auto backend = *CreateCpuBackend(w, {.threads = 1});
+  KvPlan sparse = KvPlan::Dense(3);
+  sparse.layers[1].kind = KvPolicyKind::kSparse;
+  const auto s = backend->NewSequence(50, sparse);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(s.status().message().find("layer 1: sparse policy: not implemented yet (issue 5)"), std::string::npos)
+      << s.status();
+  KvPlan bad = KvPlan::Uniform(3, Quant(3, 32, 64), "bad");
+  EXPECT_EQ(backend->NewSequence(50, bad).status().code(), absl::StatusCode::kInvalidArgument);
+
+  auto seq = *backend->NewSequence(50, KvPlan::Uniform(3, Quant(1, 32, 32), "q"));
+  std::vector<float> logits;
+  ASSERT_TRUE(backend->Forward(*seq, RandomTokens(40, w.config.vocab, 36), false, &logits).ok());
+  seq->Truncate(10);
+  EXPECT_EQ(seq->length(), 40) << "quant layers cannot forget";
+  auto dense = *backend->NewSequence(50);
+  ASSERT_TRUE(backend->Forward(*dense, RandomTokens(40, w.config.vocab, 36), false, &logits).ok());
+  dense->Truncate(10);
+  EXPECT_EQ(dense->length(), 10);
+  // Capacity overflow leaves the quant sequence unchanged.
+  EXPECT_EQ(backend->Forward(*seq, RandomTokens(11, w.config.vocab, 37), false, &logits).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(seq->length(), 40);
+  EXPECT_EQ(CpuQuantStore(*seq, 0)->length(), 40);
 }
 
 TEST(CpuReference, LlamaThreeScalingKeepsHighFrequenciesAndSlowsLowOnes) {

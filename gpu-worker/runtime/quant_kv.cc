@@ -227,63 +227,67 @@ void QuantKvCpu::Materialize(int len, float* k_full, float* v_full, int64_t head
 }
 
 void QuantKvCpu::Attend(const float* q, int n_heads, int len, float scale, float* out) const {
-  Require(len == length_ && len >= 1, "Attend: len == length() >= 1");
   Require(n_heads % shape_.n_kv_heads == 0, "Attend: n_heads is a multiple of n_kv_heads");
+  std::vector<float> scores(std::max(len, 1));
+  const int group = n_heads / shape_.n_kv_heads, hd = shape_.head_dim;
+  for (int h = 0; h < n_heads; ++h) {
+    AttendHead(q + static_cast<int64_t>(h) * hd, h / group, len, scale, scores.data(),
+               out + static_cast<int64_t>(h) * hd);
+  }
+}
+
+void QuantKvCpu::AttendHead(const float* qh, int kvh, int len, float scale, float* p,
+                            float* o) const {
+  Require(len == length_ && len >= 1, "Attend: len == length() >= 1");
+  Require(kvh >= 0 && kvh < shape_.n_kv_heads, "Attend: kv_head in range");
   const int R = shape_.params.residual, hd = shape_.head_dim, G = shape_.params.group;
   const int bits = shape_.params.bits, W = shape_.words_per_group(), ng = shape_.value_groups();
   const int64_t res = shape_.residual_elems_per_head();
   const int qk = QuantizedKeys(len, R), qv = QuantizedValues(len, R);
-  const int group = n_heads / shape_.n_kv_heads;
-  std::vector<float> p(len), code(G);
-  for (int h = 0; h < n_heads; ++h) {
-    const int kvh = h / group;
-    const float* qh = q + static_cast<int64_t>(h) * hd;
-    // Quantized keys: per group, sum_c q_c z_c once plus (q_c s_c) * code.
-    for (int j = 0; j < qk / G; ++j) {
-      float* s = &p[j * G];
-      std::fill(s, s + G, 0.0f);
-      float qz = 0.0f;
-      const int64_t base = kvh * shape_.k_params_per_head() + static_cast<int64_t>(j) * hd;
-      for (int c = 0; c < hd; ++c) {
-        const QuantGroupParams prm = k_params_[base + c];
-        qz += qh[c] * model::HalfToFloat(prm.min);
-        const float qs = qh[c] * model::HalfToFloat(prm.scale);
-        const uint32_t* words = &k_codes_[(base + c) * W];
-        for (int t = 0; t < G; ++t) s[t] += qs * static_cast<float>(GroupCode(words, t, bits));
-      }
-      for (int t = 0; t < G; ++t) s[t] = (s[t] + qz) * scale;
+  // Quantized keys: per group, sum_c q_c z_c once plus (q_c s_c) * code.
+  for (int j = 0; j < qk / G; ++j) {
+    float* s = p + static_cast<int64_t>(j) * G;
+    std::fill(s, s + G, 0.0f);
+    float qz = 0.0f;
+    const int64_t base = kvh * shape_.k_params_per_head() + static_cast<int64_t>(j) * hd;
+    for (int c = 0; c < hd; ++c) {
+      const QuantGroupParams prm = k_params_[base + c];
+      qz += qh[c] * model::HalfToFloat(prm.min);
+      const float qs = qh[c] * model::HalfToFloat(prm.scale);
+      const uint32_t* words = &k_codes_[(base + c) * W];
+      for (int t = 0; t < G; ++t) s[t] += qs * static_cast<float>(GroupCode(words, t, bits));
     }
-    for (int t = qk; t < len; ++t) {
-      const float* k = &k_res_[kvh * res + static_cast<int64_t>(t % R) * hd];
-      float dot = 0.0f;
-      for (int c = 0; c < hd; ++c) dot += qh[c] * k[c];
-      p[t] = dot * scale;
-    }
-    const float mx = *std::max_element(p.begin(), p.end());
-    float sum = 0.0f;
-    for (int t = 0; t < len; ++t) {
-      p[t] = std::exp(p[t] - mx);
-      sum += p[t];
-    }
-    float* o = out + static_cast<int64_t>(h) * hd;
-    std::fill(o, o + hd, 0.0f);
-    for (int t = 0; t < qv; ++t) {
-      const int64_t base = kvh * shape_.v_params_per_head() + static_cast<int64_t>(t) * ng;
-      for (int g = 0; g < ng; ++g) {
-        const QuantGroupParams prm = v_params_[base + g];
-        const float pz = p[t] * model::HalfToFloat(prm.min);
-        const float ps = p[t] * model::HalfToFloat(prm.scale);
-        const uint32_t* words = &v_codes_[(base + g) * W];
-        for (int i = 0; i < G; ++i) o[g * G + i] += ps * static_cast<float>(GroupCode(words, i, bits)) + pz;
-      }
-    }
-    for (int t = qv; t < len; ++t) {
-      const float* v = &v_res_[kvh * res + static_cast<int64_t>(t % R) * hd];
-      for (int c = 0; c < hd; ++c) o[c] += p[t] * v[c];
-    }
-    const float inv = 1.0f / sum;
-    for (int c = 0; c < hd; ++c) o[c] *= inv;
+    for (int t = 0; t < G; ++t) s[t] = (s[t] + qz) * scale;
   }
+  for (int t = qk; t < len; ++t) {
+    const float* k = &k_res_[kvh * res + static_cast<int64_t>(t % R) * hd];
+    float dot = 0.0f;
+    for (int c = 0; c < hd; ++c) dot += qh[c] * k[c];
+    p[t] = dot * scale;
+  }
+  const float mx = *std::max_element(p, p + len);
+  float sum = 0.0f;
+  for (int t = 0; t < len; ++t) {
+    p[t] = std::exp(p[t] - mx);
+    sum += p[t];
+  }
+  std::fill(o, o + hd, 0.0f);
+  for (int t = 0; t < qv; ++t) {
+    const int64_t base = kvh * shape_.v_params_per_head() + static_cast<int64_t>(t) * ng;
+    for (int g = 0; g < ng; ++g) {
+      const QuantGroupParams prm = v_params_[base + g];
+      const float pz = p[t] * model::HalfToFloat(prm.min);
+      const float ps = p[t] * model::HalfToFloat(prm.scale);
+      const uint32_t* words = &v_codes_[(base + g) * W];
+      for (int i = 0; i < G; ++i) o[g * G + i] += ps * static_cast<float>(GroupCode(words, i, bits)) + pz;
+    }
+  }
+  for (int t = qv; t < len; ++t) {
+    const float* v = &v_res_[kvh * res + static_cast<int64_t>(t % R) * hd];
+    for (int c = 0; c < hd; ++c) o[c] += p[t] * v[c];
+  }
+  const float inv = 1.0f / sum;
+  for (int c = 0; c < hd; ++c) o[c] *= inv;
 }
 
 void DequantizeThenAttend(const QuantKvCpu& cache, const float* q, int n_heads, int len,

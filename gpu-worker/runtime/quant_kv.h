@@ -154,6 +154,11 @@ class QuantKvCpu {
   // The summation order is not part of the contract: a GPU kernel matches
   // this to a tolerance, not bit-exactly.
   void Attend(const float* q, int n_heads, int len, float scale, float* out) const;
+  // Attend for one query head: q_h, out_h: [head_dim] against KV head
+  // `kv_head`; `scores` is len floats of caller scratch. Attend runs this
+  // for every head (callers parallelize over heads with it).
+  void AttendHead(const float* q_h, int kv_head, int len, float scale, float* scores,
+                  float* out_h) const;
 
   // Raw arrays in the byte format above (the GPU tests upload these).
   const std::vector<uint32_t>& k_codes() const { return k_codes_; }
