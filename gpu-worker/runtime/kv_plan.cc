@@ -30,8 +30,7 @@ absl::Status FieldError(const std::string& field, const std::string& what) {
 
 absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConfig& c) {
   switch (l.kind) {
-    case KvPolicyKind::kDense:
-      return absl::OkStatus();
+    case KvPolicyKind::kDense: return absl::OkStatus();
     case KvPolicyKind::kQuant: {
       const QuantParams& q = l.quant;
       if (q.bits != 1 && q.bits != 2 && q.bits != 4) {
@@ -42,8 +41,8 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
                           absl::StrCat("must be 32, 64 or 128, got ", q.group));
       }
       if (c.head_dim % q.group != 0) {
-        return FieldError(LayerField(i, "group"), absl::StrCat("must divide head_dim ", c.head_dim,
-                                                               ", got ", q.group));
+        return FieldError(LayerField(i, "group"),
+                          absl::StrCat("must divide head_dim ", c.head_dim, ", got ", q.group));
       }
       if (q.residual < q.group || q.residual % q.group != 0 || q.residual > kMaxResidual) {
         return FieldError(LayerField(i, "residual"),
@@ -73,8 +72,9 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
         return FieldError(LayerField(i, "top_k"), absl::StrCat("must be >= 1, got ", s.top_k));
       }
       if (s.channels < 1 || s.channels > c.head_dim) {
-        return FieldError(LayerField(i, "channels"), absl::StrCat("must be in [1, head_dim ",
-                                                                  c.head_dim, "], got ", s.channels));
+        return FieldError(
+            LayerField(i, "channels"),
+            absl::StrCat("must be in [1, head_dim ", c.head_dim, "], got ", s.channels));
       }
       if (s.index != "gpu" && s.index != "faithful") {
         return FieldError(LayerField(i, "index"),
@@ -89,10 +89,10 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
 
 std::string Describe(const LayerKvPolicy& l) {
   switch (l.kind) {
-    case KvPolicyKind::kDense:
-      return "dense";
+    case KvPolicyKind::kDense: return "dense";
     case KvPolicyKind::kQuant:
-      return absl::StrCat("quant(", l.quant.bits, "b g", l.quant.group, " r", l.quant.residual, ")");
+      return absl::StrCat("quant(", l.quant.bits, "b g", l.quant.group, " r", l.quant.residual,
+                          ")");
     case KvPolicyKind::kWindow:
       return absl::StrCat("window(", l.window.sink, "+", l.window.recent, ")");
     case KvPolicyKind::kSparse:
@@ -113,10 +113,11 @@ std::string ShowValue(const json& v) {
 
 absl::StatusOr<int> ReadInt(const json& v, const std::string& field) {
   if (v.is_number_integer()) {  // signed or unsigned
-    const bool fits = v.is_number_unsigned()
-                          ? v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int>::max())
-                          : v.get<int64_t>() >= std::numeric_limits<int>::min() &&
-                                v.get<int64_t>() <= std::numeric_limits<int>::max();
+    const bool fits =
+        v.is_number_unsigned()
+            ? v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int>::max())
+            : v.get<int64_t>() >= std::numeric_limits<int>::min() &&
+                  v.get<int64_t>() <= std::numeric_limits<int>::max();
     if (fits) return static_cast<int>(v.get<int64_t>());
     return FieldError(field, absl::StrCat("integer out of range, got ", v.dump()));
   }
@@ -124,7 +125,8 @@ absl::StatusOr<int> ReadInt(const json& v, const std::string& field) {
 }
 
 absl::StatusOr<std::string> ReadString(const json& v, const std::string& field) {
-  if (!v.is_string()) return FieldError(field, absl::StrCat("must be a string, got ", ShowValue(v)));
+  if (!v.is_string())
+    return FieldError(field, absl::StrCat("must be a string, got ", ShowValue(v)));
   return v.get<std::string>();
 }
 
@@ -133,9 +135,9 @@ absl::Status CheckKeys(const json& obj, const std::string& prefix,
                        const std::vector<std::string>& allowed, const std::string& context) {
   for (const auto& [key, value] : obj.items()) {
     if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
-      return FieldError(absl::StrCat(prefix, key),
-                        absl::StrCat("unknown key", context, " (allowed: ",
-                                     absl::StrJoin(allowed, ", "), ")"));
+      return FieldError(
+          absl::StrCat(prefix, key),
+          absl::StrCat("unknown key", context, " (allowed: ", absl::StrJoin(allowed, ", "), ")"));
     }
   }
   return absl::OkStatus();
@@ -186,11 +188,12 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
     l.kind = KvPolicyKind::kSparse;
     allowed.insert(allowed.end(), {"sink", "recent", "top_k", "channels", "index"});
   } else {
-    return FieldError(LayerField(i, "policy"),
-                      absl::StrCat("must be dense, quant, window or sparse, got \"", *policy, "\""));
+    return FieldError(
+        LayerField(i, "policy"),
+        absl::StrCat("must be dense, quant, window or sparse, got \"", *policy, "\""));
   }
-  if (auto st = CheckKeys(entry, where + ".", allowed,
-                          absl::StrCat(" for policy \"", *policy, "\""));
+  if (auto st =
+          CheckKeys(entry, where + ".", allowed, absl::StrCat(" for policy \"", *policy, "\""));
       !st.ok()) {
     return st;
   }
@@ -204,8 +207,7 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
   }
   absl::Status st;
   switch (l.kind) {
-    case KvPolicyKind::kDense:
-      break;
+    case KvPolicyKind::kDense: break;
     case KvPolicyKind::kQuant:
       if (st = MaybeInt(entry, "bits", i, &l.quant.bits); !st.ok()) return st;
       if (st = MaybeInt(entry, "group", i, &l.quant.group); !st.ok()) return st;
@@ -238,7 +240,8 @@ absl::Status CheckModelBlock(const json& root, const model::ModelConfig& c) {
     return FieldError("model", "missing (the plan must say which model shape it is for)");
   }
   const json& m = *it;
-  if (!m.is_object()) return FieldError("model", absl::StrCat("must be an object, got ", ShowValue(m)));
+  if (!m.is_object())
+    return FieldError("model", absl::StrCat("must be an object, got ", ShowValue(m)));
   if (auto st = CheckKeys(m, "model.", {"n_layers", "n_kv_heads", "head_dim"}, ""); !st.ok()) {
     return st;
   }
@@ -261,13 +264,15 @@ absl::Status CheckModelBlock(const json& root, const model::ModelConfig& c) {
 // ---- specs ----
 
 // Strict decimal: digits only, no sign or spaces.
-absl::StatusOr<int> SpecInt(const std::string& spec, const std::string& name, const std::string& text) {
-  const bool digits = !text.empty() && text.size() <= 9 &&
-                      std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+absl::StatusOr<int> SpecInt(const std::string& spec, const std::string& name,
+                            const std::string& text) {
+  const bool digits =
+      !text.empty() && text.size() <= 9 &&
+      std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
   if (!digits) {
     return absl::InvalidArgumentError(absl::StrCat("kv plan spec \"", spec, "\": ", name,
-                                                   " must be a non-negative integer, got \"",
-                                                   text, "\""));
+                                                   " must be a non-negative integer, got \"", text,
+                                                   "\""));
   }
   int v = 0;
   for (char ch : text) v = v * 10 + (ch - '0');
@@ -280,16 +285,6 @@ constexpr char kSpecGrammar[] =
 
 absl::Status SpecError(const std::string& spec, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("kv plan spec \"", spec, "\": ", what));
-}
-
-// QuantShape::Bytes's formula (quant_kv.h's byte format), kept here so the
-// plan library does not need the quantized cache's code: codes and {scale,
-// min} pairs (4 bytes each) for K and V, plus the two residual rings.
-int64_t QuantBytesFormula(const QuantShape& s, int residual_elem_bytes) {
-  const int64_t per_head = 4 * (s.k_code_words_per_head() + s.k_params_per_head() +
-                                s.v_code_words_per_head() + s.v_params_per_head()) +
-                           2 * s.residual_elems_per_head() * residual_elem_bytes;
-  return per_head * s.n_kv_heads;
 }
 
 }  // namespace
@@ -331,7 +326,8 @@ std::string KvPlan::Summary() const {
   std::vector<std::pair<std::string, int>> counts;
   for (const LayerKvPolicy& l : layers) {
     const std::string d = Describe(l);
-    auto it = std::find_if(counts.begin(), counts.end(), [&](const auto& p) { return p.first == d; });
+    auto it =
+        std::find_if(counts.begin(), counts.end(), [&](const auto& p) { return p.first == d; });
     if (it == counts.end()) {
       counts.emplace_back(d, 1);
     } else {
@@ -366,12 +362,14 @@ absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view text, const model::Model
     return absl::InvalidArgumentError(
         absl::StrCat("kv plan must be a JSON object, got ", ShowValue(root)));
   }
-  if (auto st = CheckKeys(root, "", {"format", "version", "name", "model", "layers", "profile"}, "");
+  if (auto st =
+          CheckKeys(root, "", {"format", "version", "name", "model", "layers", "profile"}, "");
       !st.ok()) {
     return st;
   }
   auto format_it = root.find("format");
-  if (format_it == root.end()) return FieldError("format", absl::StrCat("missing (must be \"", kFormat, "\")"));
+  if (format_it == root.end())
+    return FieldError("format", absl::StrCat("missing (must be \"", kFormat, "\")"));
   auto format = ReadString(*format_it, "format");
   if (!format.ok()) return format.status();
   if (*format != kFormat) {
@@ -382,8 +380,8 @@ absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view text, const model::Model
   auto version = ReadInt(*version_it, "version");
   if (!version.ok()) return version.status();
   if (*version != KvPlan::kVersion) {
-    return FieldError("version", absl::StrCat("this build reads version ", KvPlan::kVersion,
-                                              ", got ", *version));
+    return FieldError(
+        "version", absl::StrCat("this build reads version ", KvPlan::kVersion, ", got ", *version));
   }
   KvPlan plan;
   if (auto name_it = root.find("name"); name_it != root.end()) {
@@ -404,8 +402,8 @@ absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view text, const model::Model
     plan.layers.push_back(*std::move(layer));
   }
   if (n != config.n_layers) {
-    return FieldError("layers", absl::StrCat("has ", n, " entries, the model has ",
-                                             config.n_layers, " layers"));
+    return FieldError(
+        "layers", absl::StrCat("has ", n, " entries, the model has ", config.n_layers, " layers"));
   }
   if (auto st = plan.Validate(config); !st.ok()) return st;
   return plan;
@@ -428,8 +426,8 @@ absl::StatusOr<KvPlan> LoadKvPlanFile(const std::string& path, const model::Mode
 std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
   using ojson = nlohmann::ordered_json;
   // One layer per line: plans are read and diffed by people too.
-  std::string out = absl::StrCat("{\n  \"format\": \"", kFormat, "\",\n  \"version\": ",
-                                 KvPlan::kVersion, ",\n");
+  std::string out =
+      absl::StrCat("{\n  \"format\": \"", kFormat, "\",\n  \"version\": ", KvPlan::kVersion, ",\n");
   if (!plan.name.empty()) absl::StrAppend(&out, "  \"name\": ", ojson(plan.name).dump(), ",\n");
   ojson model = {{"n_layers", config.n_layers},
                  {"n_kv_heads", config.n_kv_heads},
@@ -442,8 +440,7 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
     e["policy"] = std::string(KvPolicyName(l.kind));
     // Every parameter is written, so the file means the same under other defaults.
     switch (l.kind) {
-      case KvPolicyKind::kDense:
-        break;
+      case KvPolicyKind::kDense: break;
       case KvPolicyKind::kQuant:
         e["bits"] = l.quant.bits;
         e["group"] = l.quant.group;
@@ -550,16 +547,14 @@ std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::Model
     LayerKvBytes b;
     b.kind = l.kind;
     switch (l.kind) {
-      case KvPolicyKind::kDense:
-        b.device_bytes = 2 * row * cap;
-        break;
+      case KvPolicyKind::kDense: b.device_bytes = 2 * row * cap; break;
       case KvPolicyKind::kQuant: {
         QuantShape shape;
         shape.n_kv_heads = config.n_kv_heads;
         shape.head_dim = config.head_dim;
         shape.capacity = static_cast<int>(cap);
         shape.params = l.quant;
-        b.device_bytes = QuantBytesFormula(shape, elem_bytes);
+        b.device_bytes = shape.Bytes(elem_bytes);
         break;
       }
       case KvPolicyKind::kWindow:
@@ -574,9 +569,9 @@ std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::Model
         const SparseParams& s = l.sparse;
         b.host_bytes = 2 * row * cap;
         const int64_t kept = std::min<int64_t>(cap, static_cast<int64_t>(s.sink) + s.recent);
-        b.device_bytes = 2 * row * kept +
-                         static_cast<int64_t>(config.n_kv_heads) * elem_bytes *
-                             (config.head_dim + static_cast<int64_t>(s.channels) * cap);
+        b.device_bytes =
+            2 * row * kept + static_cast<int64_t>(config.n_kv_heads) * elem_bytes *
+                                 (config.head_dim + static_cast<int64_t>(s.channels) * cap);
         break;
       }
     }

@@ -1,12 +1,12 @@
 #include "runtime/kv_plan.h"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <string>
-
-#include <unistd.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -99,35 +99,81 @@ TEST(KvPlanTest, ValidateNamesLayerAndField) {
     std::string expected;
   };
   const Case cases[] = {
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.bits = 3; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kQuant;
+         l.quant.bits = 3;
+       },
        "layers[3].bits: must be 1, 2 or 4, got 3"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.bits = 8; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kQuant;
+         l.quant.bits = 8;
+       },
        "layers[3].bits: must be 1, 2 or 4, got 8"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.group = 48; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kQuant;
+         l.quant.group = 48;
+       },
        "layers[3].group: must be 32, 64 or 128, got 48"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.group = 128; l.quant.residual = 128; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kQuant;
+         l.quant.group = 128;
+         l.quant.residual = 128;
+       },
        "layers[3].group: must divide head_dim 64, got 128"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.residual = 100; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kQuant;
+         l.quant.residual = 100;
+       },
        "layers[3].residual: must be a positive multiple of group (64) and <= 4096, got 100"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.residual = 0; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kQuant;
+         l.quant.residual = 0;
+       },
        "layers[3].residual: must be a positive multiple of group (64)"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kQuant; l.quant.residual = 4160; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kQuant;
+         l.quant.residual = 4160;
+       },
        "layers[3].residual:"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kWindow; l.window.sink = -1; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kWindow;
+         l.window.sink = -1;
+       },
        "layers[3].sink: must be >= 0, got -1"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kWindow; l.window.recent = 0; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kWindow;
+         l.window.recent = 0;
+       },
        "layers[3].recent: must be >= 1, got 0"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.sink = -2; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.sink = -2;
+       },
        "layers[3].sink: must be >= 0, got -2"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.recent = 0; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.recent = 0;
+       },
        "layers[3].recent: must be >= 1, got 0"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.top_k = 0; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.top_k = 0;
+       },
        "layers[3].top_k: must be >= 1, got 0"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.channels = 0; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.channels = 0;
+       },
        "layers[3].channels: must be in [1, head_dim 64], got 0"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.channels = 65; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.channels = 65;
+       },
        "layers[3].channels: must be in [1, head_dim 64], got 65"},
-      {[](LayerKvPolicy& l) { l.kind = KvPolicyKind::kSparse; l.sparse.index = "cpu"; },
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.index = "cpu";
+       },
        "layers[3].index: must be \"gpu\" or \"faithful\", got \"cpu\""},
       {[](LayerKvPolicy& l) { l.kind = static_cast<KvPolicyKind>(9); },
        "layers[3].policy: unknown policy kind 9"},
@@ -156,9 +202,7 @@ TEST(KvPlanTest, ValidateRejectsWrongLayerCount) {
   EXPECT_EQ(StatusText(st), "layers: the plan has 4 layers, the model has 5");
 }
 
-json BaseJson() {
-  return json::parse(KvPlanToJson(MixedPlan(), Config()));
-}
+json BaseJson() { return json::parse(KvPlanToJson(MixedPlan(), Config())); }
 
 // Parse: each malformed document is rejected naming its field.
 TEST(KvPlanTest, ParseErrorsNameTheField) {
@@ -177,7 +221,8 @@ TEST(KvPlanTest, ParseErrorsNameTheField) {
       {[](json& j) { j["version"] = "1"; }, "version: must be an integer, got string \"1\""},
       {[](json& j) { j["version"] = 1.0; }, "version: must be an integer, got number 1.0"},
       {[](json& j) { j["name"] = 7; }, "name: must be a string, got number 7"},
-      {[](json& j) { j["nmae"] = "x"; }, "nmae: unknown key (allowed: format, version, name, model"},
+      {[](json& j) { j["nmae"] = "x"; },
+       "nmae: unknown key (allowed: format, version, name, model"},
       {[](json& j) { j.erase("model"); }, "model: missing"},
       {[](json& j) { j["model"] = json::array(); }, "model: must be an object, got array []"},
       {[](json& j) { j["model"].erase("head_dim"); }, "model.head_dim: missing"},
@@ -186,13 +231,16 @@ TEST(KvPlanTest, ParseErrorsNameTheField) {
       {[](json& j) { j.erase("layers"); }, "layers: missing"},
       {[](json& j) { j["layers"] = json::object(); }, "layers: must be an array, got object {}"},
       {[](json& j) { j["layers"].erase(4); }, "layers: has 4 entries, the model has 5 layers"},
-      {[](json& j) { j["layers"].push_back({{"layer", 5}, {"policy", "dense"}}); },
+      {[](json& j) {
+         j["layers"].push_back({{"layer", 5}, {"policy", "dense"}});
+       },
        "layers: has 6 entries, the model has 5 layers"},
       {[](json& j) { j["layers"][2] = "dense"; }, "layers[2]: must be an object, got string"},
       {[](json& j) { j["layers"][2].erase("layer"); }, "layers[2].layer: missing"},
       {[](json& j) { j["layers"][2]["layer"] = 3; },
        "layers[2].layer: expected 2, got 3 (every layer is listed exactly once, in order 0..n-1)"},
-      {[](json& j) { std::swap(j["layers"][1], j["layers"][2]); }, "layers[1].layer: expected 1, got 2"},
+      {[](json& j) { std::swap(j["layers"][1], j["layers"][2]); },
+       "layers[1].layer: expected 1, got 2"},
       {[](json& j) { j["layers"][1]["layer"] = "1"; }, "layers[1].layer: must be an integer"},
       {[](json& j) { j["layers"][1].erase("policy"); }, "layers[1].policy: missing"},
       {[](json& j) { j["layers"][1]["policy"] = "kivi"; },
@@ -202,19 +250,30 @@ TEST(KvPlanTest, ParseErrorsNameTheField) {
       {[](json& j) { j["layers"][0]["bitz"] = 1; },
        "layers[0].bitz: unknown key for policy \"quant\" (allowed: layer, policy, "
        "dense_preference, bits, group, residual)"},
-      {[](json& j) { j["layers"][1]["bits"] = 1; }, "layers[1].bits: unknown key for policy \"dense\""},
-      {[](json& j) { j["layers"][2]["top_k"] = 1; }, "layers[2].top_k: unknown key for policy \"window\""},
-      {[](json& j) { j["layers"][0]["bits"] = "1"; }, "layers[0].bits: must be an integer, got string \"1\""},
-      {[](json& j) { j["layers"][0]["bits"] = 1.5; }, "layers[0].bits: must be an integer, got number 1.5"},
+      {[](json& j) { j["layers"][1]["bits"] = 1; },
+       "layers[1].bits: unknown key for policy \"dense\""},
+      {[](json& j) { j["layers"][2]["top_k"] = 1; },
+       "layers[2].top_k: unknown key for policy \"window\""},
+      {[](json& j) { j["layers"][0]["bits"] = "1"; },
+       "layers[0].bits: must be an integer, got string \"1\""},
+      {[](json& j) { j["layers"][0]["bits"] = 1.5; },
+       "layers[0].bits: must be an integer, got number 1.5"},
       {[](json& j) { j["layers"][0]["bits"] = 3; }, "layers[0].bits: must be 1, 2 or 4, got 3"},
-      {[](json& j) { j["layers"][0]["bits"] = 4294967297LL; }, "layers[0].bits: integer out of range"},
-      {[](json& j) { j["layers"][0]["group"] = nullptr; }, "layers[0].group: must be an integer, got null"},
-      {[](json& j) { j["layers"][0]["residual"] = 33; }, "layers[0].residual: must be a positive multiple"},
+      {[](json& j) { j["layers"][0]["bits"] = 4294967297LL; },
+       "layers[0].bits: integer out of range"},
+      {[](json& j) { j["layers"][0]["group"] = nullptr; },
+       "layers[0].group: must be an integer, got null"},
+      {[](json& j) { j["layers"][0]["residual"] = 33; },
+       "layers[0].residual: must be a positive multiple"},
       {[](json& j) { j["layers"][2]["sink"] = -1; }, "layers[2].sink: must be >= 0, got -1"},
-      {[](json& j) { j["layers"][2]["recent"] = true; }, "layers[2].recent: must be an integer, got boolean"},
-      {[](json& j) { j["layers"][3]["index"] = 0; }, "layers[3].index: must be a string, got number 0"},
-      {[](json& j) { j["layers"][3]["index"] = "host"; }, "layers[3].index: must be \"gpu\" or \"faithful\""},
-      {[](json& j) { j["layers"][3]["channels"] = 100; }, "layers[3].channels: must be in [1, head_dim 64]"},
+      {[](json& j) { j["layers"][2]["recent"] = true; },
+       "layers[2].recent: must be an integer, got boolean"},
+      {[](json& j) { j["layers"][3]["index"] = 0; },
+       "layers[3].index: must be a string, got number 0"},
+      {[](json& j) { j["layers"][3]["index"] = "host"; },
+       "layers[3].index: must be \"gpu\" or \"faithful\""},
+      {[](json& j) { j["layers"][3]["channels"] = 100; },
+       "layers[3].channels: must be in [1, head_dim 64]"},
       {[](json& j) { j["layers"][3]["top_k"] = 0; }, "layers[3].top_k: must be >= 1"},
       {[](json& j) { j["layers"][3]["dense_preference"] = "high"; },
        "layers[3].dense_preference: must be a number, got string"},
@@ -238,8 +297,10 @@ TEST(KvPlanTest, RejectsPlanForAnotherModel) {
   };
   const Case cases[] = {
       {Config(6), "model.n_layers: the plan is for n_layers 5, the model (test-model) has 6"},
-      {Config(5, 1), "model.n_kv_heads: the plan is for n_kv_heads 3, the model (test-model) has 1"},
-      {Config(5, 3, 128), "model.head_dim: the plan is for head_dim 64, the model (test-model) has 128"},
+      {Config(5, 1),
+       "model.n_kv_heads: the plan is for n_kv_heads 3, the model (test-model) has 1"},
+      {Config(5, 3, 128),
+       "model.head_dim: the plan is for head_dim 64, the model (test-model) has 128"},
   };
   for (const Case& tc : cases) {
     auto plan = ParseKvPlanJson(text, tc.config);
@@ -249,7 +310,8 @@ TEST(KvPlanTest, RejectsPlanForAnotherModel) {
 }
 
 TEST(KvPlanTest, NotJsonGivesTheParsePosition) {
-  auto plan = ParseKvPlanJson("{\n  \"format\": \"tailorkv.kv_plan\",\n  \"version\": 1,,\n}", Config());
+  auto plan =
+      ParseKvPlanJson("{\n  \"format\": \"tailorkv.kv_plan\",\n  \"version\": 1,,\n}", Config());
   ASSERT_FALSE(plan.ok());
   EXPECT_TRUE(absl::IsInvalidArgument(plan.status()));
   EXPECT_THAT(StatusText(plan.status()), HasSubstr("kv plan is not valid JSON"));
@@ -297,7 +359,8 @@ TEST_F(KvPlanFileTest, LoadsAndNamesThePathInErrors) {
   const std::string bad = Write("bad.json", "{\"format\": \"tailorkv.kv_plan\"");
   auto broken = LoadKvPlanFile(bad, c);
   ASSERT_FALSE(broken.ok());
-  EXPECT_THAT(StatusText(broken.status()), HasSubstr("kv plan file " + bad + ": kv plan is not valid JSON"));
+  EXPECT_THAT(StatusText(broken.status()),
+              HasSubstr("kv plan file " + bad + ": kv plan is not valid JSON"));
 
   auto wrong_model = ParseKvPlanSpec("@" + good, Config(7));
   ASSERT_FALSE(wrong_model.ok());
@@ -314,8 +377,9 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
     std::string spec;
     QuantParams quant;
   };
-  for (const Case& tc : {Case{"quant:1", {1, 64, 128}}, Case{"quant:2:32", {2, 32, 128}},
-                         Case{"quant:4:32:64", {4, 32, 64}}, Case{"quant:1:64:4096", {1, 64, 4096}}}) {
+  for (const Case& tc :
+       {Case{"quant:1", {1, 64, 128}}, Case{"quant:2:32", {2, 32, 128}},
+        Case{"quant:4:32:64", {4, 32, 64}}, Case{"quant:1:64:4096", {1, 64, 4096}}}) {
     auto plan = ParseKvPlanSpec(tc.spec, c);
     ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
     EXPECT_EQ(plan->name, tc.spec);
@@ -357,8 +421,10 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
   };
   const Case cases[] = {
       {"", "kv plan spec \"\": empty; expected dense, quant:BITS"},
-      {"Dense", "kv plan spec \"Dense\": unknown kind \"Dense\"; expected dense, quant:BITS[:GROUP[:RESIDUAL]], "
-                "window:SINK:RECENT, tailorkv:BITS[:LAYERS] or @plan.json"},
+      {"Dense",
+       "kv plan spec \"Dense\": unknown kind \"Dense\"; expected dense, "
+       "quant:BITS[:GROUP[:RESIDUAL]], "
+       "window:SINK:RECENT, tailorkv:BITS[:LAYERS] or @plan.json"},
       {"kivi:1", "unknown kind \"kivi\""},
       {"dense:1", "kv plan spec \"dense:1\": dense takes no parameters"},
       {"quant", "kv plan spec \"quant\": expected quant:BITS[:GROUP[:RESIDUAL]]"},
@@ -375,7 +441,8 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
       {"window:4:0", "layers[0].recent: must be >= 1, got 0"},
       {"window:a:1", "SINK must be a non-negative integer"},
       {"tailorkv", "expected tailorkv:BITS[:LAYERS]"},
-      {"tailorkv:1:6", "kv plan spec \"tailorkv:1:6\": LAYERS must be in [0, 5] (the model's layers), got 6"},
+      {"tailorkv:1:6",
+       "kv plan spec \"tailorkv:1:6\": LAYERS must be in [0, 5] (the model's layers), got 6"},
       {"tailorkv:3:1", "layers[0].bits: must be 1, 2 or 4, got 3"},
       {"tailorkv:1:2:3", "expected tailorkv:BITS[:LAYERS]"},
       {"@", "kv plan spec \"@\": a plan file path must follow '@'"},

@@ -42,6 +42,63 @@ const char* ChatTemplateName(tokenizer::ChatTemplate::Family family) {
   return "unknown";
 }
 
+void FillKvPlan(const runtime::KvPlan& plan, v1::KvPlanInfo* out) {
+  out->set_name(plan.name);
+  out->set_summary(plan.Summary());
+  for (size_t i = 0; i < plan.layers.size(); ++i) {
+    const runtime::LayerKvPolicy& l = plan.layers[i];
+    v1::KvLayerPolicy* p = out->add_layers();
+    p->set_layer(static_cast<int>(i));
+    p->set_policy(std::string(runtime::KvPolicyName(l.kind)));
+    p->set_dense_preference(l.dense_preference);
+    switch (l.kind) {
+      case runtime::KvPolicyKind::kDense:
+        break;
+      case runtime::KvPolicyKind::kQuant:
+        p->set_bits(l.quant.bits);
+        p->set_group(l.quant.group);
+        p->set_residual(l.quant.residual);
+        break;
+      case runtime::KvPolicyKind::kWindow:
+        p->set_sink(l.window.sink);
+        p->set_recent(l.window.recent);
+        break;
+      case runtime::KvPolicyKind::kSparse:
+        p->set_sink(l.sparse.sink);
+        p->set_recent(l.sparse.recent);
+        p->set_top_k(l.sparse.top_k);
+        p->set_channels(l.sparse.channels);
+        p->set_index(l.sparse.index);
+        break;
+    }
+  }
+}
+
+void FillKvMemory(const std::vector<runtime::LayerKvBytes>& layers, int sequences,
+                  int64_t capacity_tokens, v1::KvMemory* out) {
+  out->set_sequences(sequences);
+  out->set_capacity_tokens(capacity_tokens);
+  int64_t device = 0, host = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    v1::LayerKvMemory* l = out->add_layers();
+    l->set_layer(static_cast<int>(i));
+    l->set_policy(std::string(runtime::KvPolicyName(layers[i].kind)));
+    l->set_device_bytes(layers[i].device_bytes);
+    l->set_host_bytes(layers[i].host_bytes);
+    device += layers[i].device_bytes;
+    host += layers[i].host_bytes;
+  }
+  out->set_device_bytes(device);
+  out->set_host_bytes(host);
+  for (const runtime::PolicyKvBytes& p : runtime::SumKvBytesByPolicy(layers)) {
+    v1::PolicyKvMemory* m = out->add_policies();
+    m->set_policy(std::string(runtime::KvPolicyName(p.kind)));
+    m->set_layers(p.layers);
+    m->set_device_bytes(p.device_bytes);
+    m->set_host_bytes(p.host_bytes);
+  }
+}
+
 }  // namespace
 
 absl::Status GenerationServiceOptions::Validate() const {
@@ -222,6 +279,9 @@ grpc::Status GenerationService::GetModelInfo(grpc::ServerContext* context,
   response->set_backend(std::string(engine_.backend_name()));
   response->set_model_path(options_.model_path);
   response->set_chat_template(ChatTemplateName(engine_.chat_template().family()));
+  FillKvPlan(engine_.kv_plan(), response->mutable_kv_plan());
+  FillKvMemory(engine_.KvBytesPerSequence(), 1, engine_.max_context(),
+               response->mutable_kv_per_sequence());
   return grpc::Status::OK;
 }
 
@@ -231,6 +291,8 @@ grpc::Status GenerationService::GetLoad(grpc::ServerContext* context,
   response->set_active_requests(queue_.running());
   response->set_max_queue(queue_.max_waiting());
   response->set_draining(draining_.load());
+  const runtime::KvUsage kv = engine_.KvInUse();
+  FillKvMemory(kv.layers, kv.sequences, kv.capacity_tokens, response->mutable_kv_in_use());
   return grpc::Status::OK;
 }
 

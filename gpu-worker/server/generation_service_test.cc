@@ -395,6 +395,137 @@ TEST_F(GenerationServiceTest, HealthIsServingAndModelInfoDescribesTheModel) {
   EXPECT_EQ(info.model_path(), kModelFile);
 }
 
+TEST_F(GenerationServiceTest, ModelInfoReportsTheKvPlanAndBytesPerSequence) {
+  grpc::ClientContext context;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub_->GetModelInfo(&context, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.kv_plan().name(), "dense");
+  EXPECT_EQ(info.kv_plan().summary(), "dense x30");
+  ASSERT_EQ(info.kv_plan().layers_size(), 30);
+  for (int i = 0; i < 30; ++i) {
+    const v1::KvLayerPolicy& l = info.kv_plan().layers(i);
+    EXPECT_EQ(l.layer(), i);
+    EXPECT_EQ(l.policy(), "dense");
+    EXPECT_EQ(l.bits(), 0);
+    EXPECT_LT(l.dense_preference(), 0);
+  }
+  // SmolLM2-135M: 3 KV heads of 64 dims; the CPU backend keeps fp32.
+  const int64_t per_layer = 2LL * 3 * kMaxContext * 64 * 4;
+  const v1::KvMemory& kv = info.kv_per_sequence();
+  EXPECT_EQ(kv.sequences(), 1);
+  EXPECT_EQ(kv.capacity_tokens(), kMaxContext);
+  EXPECT_EQ(kv.device_bytes(), 30 * per_layer);
+  EXPECT_EQ(kv.host_bytes(), 0);
+  ASSERT_EQ(kv.layers_size(), 30);
+  for (int i = 0; i < 30; ++i) {
+    EXPECT_EQ(kv.layers(i).layer(), i);
+    EXPECT_EQ(kv.layers(i).policy(), "dense");
+    EXPECT_EQ(kv.layers(i).device_bytes(), per_layer);
+  }
+  ASSERT_EQ(kv.policies_size(), 1);
+  EXPECT_EQ(kv.policies(0).policy(), "dense");
+  EXPECT_EQ(kv.policies(0).layers(), 30);
+  EXPECT_EQ(kv.policies(0).device_bytes(), 30 * per_layer);
+}
+
+TEST_F(GenerationServiceTest, LoadReportsTheKvBytesOfRunningGenerations) {
+  // Greedy counting goes on well past the first chunk (no early EOS).
+  const std::string prompt = "1, 2, 3, 4, 5, 6, 7,";
+  auto prompt_ids = engine_->tokenizer().Encode(prompt, engine_->tokenizer().spec().add_bos,
+                                                /*parse_special=*/false);
+  ASSERT_TRUE(prompt_ids.ok()) << prompt_ids.status();
+  constexpr int kMaxTokens = 40;
+  const int64_t capacity = static_cast<int64_t>(prompt_ids->size()) + kMaxTokens;
+
+  v1::GenerateRequest request = TextRequest(prompt, kMaxTokens);
+  grpc::ClientContext stream_context;
+  auto reader = stub_->Generate(&stream_context, request);
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));  // the generation holds its sequence now
+  v1::Load load;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub_->GetLoad(&context, v1::GetLoadRequest(), &load).ok());
+  }
+  stream_context.TryCancel();
+  while (reader->Read(&response)) {
+  }
+  reader->Finish();
+
+  EXPECT_EQ(load.active_requests(), 1);
+  const v1::KvMemory& kv = load.kv_in_use();
+  EXPECT_EQ(kv.sequences(), 1);
+  EXPECT_EQ(kv.capacity_tokens(), capacity);
+  const int64_t per_layer = 2 * 3 * capacity * 64 * 4;
+  EXPECT_EQ(kv.device_bytes(), 30 * per_layer);
+  ASSERT_EQ(kv.layers_size(), 30);
+  EXPECT_EQ(kv.layers(7).device_bytes(), per_layer);
+  ASSERT_EQ(kv.policies_size(), 1);
+  EXPECT_EQ(kv.policies(0).device_bytes(), 30 * per_layer);
+
+  ExpectIdleSoon();
+  grpc::ClientContext context;
+  ASSERT_TRUE(stub_->GetLoad(&context, v1::GetLoadRequest(), &load).ok());
+  EXPECT_EQ(load.kv_in_use().sequences(), 0);
+  EXPECT_EQ(load.kv_in_use().device_bytes(), 0);
+  EXPECT_EQ(load.kv_in_use().layers_size(), 30);
+}
+
+// A worker whose engine quantizes the first layers reports that plan.
+TEST(GenerationServiceKvPlan, ModelInfoReportsAQuantPlan) {
+  ASSERT_TRUE(std::filesystem::exists(kModelFile)) << kModelFile << " is missing";
+  runtime::EngineOptions engine_options;
+  engine_options.model_path = kModelFile;
+  engine_options.backend = "cpu";
+  engine_options.threads = 2;
+  engine_options.max_context = kMaxContext;
+  engine_options.kv_plan = "tailorkv:2:3";
+  auto engine = runtime::Engine::Create(engine_options);
+  if (absl::IsUnimplemented(engine.status())) {
+    GTEST_SKIP() << "the CPU backend has no quant policy yet: " << engine.status();
+  }
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  GenerationService service(**engine, GenerationServiceOptions{});
+  common::ServerOptions server_options;
+  server_options.listen_address = "127.0.0.1:0";
+  auto server = common::GrpcServer::Start(server_options,
+                                          {{v1::Generation::service_full_name(), &service}});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel((*server)->address(), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub->GetModelInfo(&context, v1::GetModelInfoRequest(), &info).ok());
+  (*server)->Drain();
+
+  EXPECT_EQ(info.kv_plan().name(), "tailorkv:2:3");
+  EXPECT_EQ(info.kv_plan().summary(), "quant(2b g64 r128) x3, dense x27");
+  ASSERT_EQ(info.kv_plan().layers_size(), 30);
+  EXPECT_EQ(info.kv_plan().layers(2).policy(), "quant");
+  EXPECT_EQ(info.kv_plan().layers(2).bits(), 2);
+  EXPECT_EQ(info.kv_plan().layers(2).group(), 64);
+  EXPECT_EQ(info.kv_plan().layers(2).residual(), 128);
+  EXPECT_EQ(info.kv_plan().layers(3).policy(), "dense");
+
+  const v1::KvMemory& kv = info.kv_per_sequence();
+  // quant, 3 KV heads, 256 tokens, 2 bits, group 64, residual 128, fp32:
+  // words/group 4; K: 4 groups * 64 ch * 4 words + 4*64 params; V: 256 * 1
+  // group * 4 words + 256 params -> (1024 + 256 + 1024 + 256) * 4 = 10240
+  // bytes per head, plus residual 2 * 128 * 64 * 4 = 65536.
+  const int64_t quant_layer = 3 * (10240 + 65536);
+  const int64_t dense_layer = 2LL * 3 * kMaxContext * 64 * 4;
+  EXPECT_EQ(kv.layers(0).policy(), "quant");
+  EXPECT_EQ(kv.layers(0).device_bytes(), quant_layer);
+  EXPECT_EQ(kv.layers(3).device_bytes(), dense_layer);
+  ASSERT_EQ(kv.policies_size(), 2);
+  EXPECT_EQ(kv.policies(0).policy(), "quant");
+  EXPECT_EQ(kv.policies(0).layers(), 3);
+  EXPECT_EQ(kv.policies(0).device_bytes(), 3 * quant_layer);
+  EXPECT_EQ(kv.policies(1).policy(), "dense");
+  EXPECT_EQ(kv.policies(1).device_bytes(), 27 * dense_layer);
+  EXPECT_EQ(kv.device_bytes(), 3 * quant_layer + 27 * dense_layer);
+}
+
 TEST_F(GenerationServiceTest, DrainingRefusesNewRequestsWithUnavailable) {
   service_->BeginDrain();
   const StreamResult r = RunStream(TextRequest("Hello", 2));

@@ -38,6 +38,9 @@ struct WorkerConfig {
     if (engine.threads < 0) {
       return absl::InvalidArgumentError(absl::StrCat("threads: must be >= 0, got ", engine.threads));
     }
+    if (engine.kv_plan.empty()) {
+      return absl::InvalidArgumentError("kv-plan: must not be empty (\"dense\" keeps every layer dense)");
+    }
     if (engine.max_context < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("max-context: must be >= 0, got ", engine.max_context));
@@ -48,9 +51,10 @@ struct WorkerConfig {
 
   std::string ToString() const {
     return absl::StrFormat(
-        "model=%s backend=%s threads=%d max_context=%d max_queue=%d default_max_tokens=%d "
-        "log_level=%s %s",
-        engine.model_path, engine.backend, engine.threads, engine.max_context, service.max_queue,
+        "model=%s backend=%s threads=%d max_context=%d kv_plan=%s max_queue=%d "
+        "default_max_tokens=%d log_level=%s %s",
+        engine.model_path, engine.backend, engine.threads, engine.max_context, engine.kv_plan,
+        service.max_queue,
         service.limits.default_max_tokens, log_level, server.ToString());
   }
 };
@@ -70,6 +74,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-context", config.engine.max_context,
                  "tokens per sequence (0 = the model's trained context)")
+      ->capture_default_str();
+  app.add_option("--kv-plan", config.engine.kv_plan,
+                 "how each layer keeps its KV cache: dense, quant:BITS[:GROUP[:RESIDUAL]] "
+                 "(every layer quantized), window:SINK:RECENT (every layer windowed), "
+                 "tailorkv:BITS[:LAYERS] (the first LAYERS layers quantized, default 1), or "
+                 "@plan.json (a profiler plan; format in gpu-worker/runtime/kv_plan.h)")
       ->capture_default_str();
   app.add_option("--max-queue", config.service.max_queue,
                  "requests that may wait for the engine; more get RESOURCE_EXHAUSTED")
@@ -106,16 +116,18 @@ int main(int argc, char** argv) {
 #endif
   auto engine = tailorkv::runtime::Engine::Create(config.engine);
   if (!engine.ok()) {
-    spdlog::error("cannot load the model: {}", engine.status().ToString());
+    // A bad --kv-plan lands here too: the plan is checked against the loaded model.
+    spdlog::error("cannot start the engine: {}", engine.status().ToString());
     return 1;
   }
   const auto& mc = (*engine)->config();
   spdlog::info(
       "model loaded in {:.1f} s: {} '{}', {} layers, hidden {}, {} heads ({} kv), vocab {}, "
-      "context {}, backend {}",
+      "context {}, backend {}, kv plan '{}' ({})",
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count(),
       mc.arch, mc.name, mc.n_layers, mc.hidden, mc.n_heads, mc.n_kv_heads, mc.vocab,
-      (*engine)->max_context(), (*engine)->backend_name());
+      (*engine)->max_context(), (*engine)->backend_name(), (*engine)->kv_plan().name,
+      (*engine)->kv_plan().Summary());
 
   tailorkv::worker::GenerationService service(**engine, config.service);
   auto server = tailorkv::common::GrpcServer::Start(

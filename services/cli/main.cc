@@ -3,8 +3,10 @@
 //   tailorkv-cli generate --server ADDR --prompt TEXT [--chat] [sampling flags]
 //       streams the generated text to stdout as it arrives, then usage and
 //       timings to stderr.
-//   tailorkv-cli info --server ADDR        model and backend of a worker
-//   tailorkv-cli load --server ADDR        queued/active requests
+//   tailorkv-cli info --server ADDR        model, backend, KV plan and the KV
+//       bytes of one full-context sequence (per policy; --layers: per layer)
+//   tailorkv-cli load --server ADDR        queued/active requests and the KV
+//       bytes the running generations hold (per policy; --layers: per layer)
 //   tailorkv-cli abort --server ADDR --request-id ID
 //   tailorkv-cli health --server ADDR [--service NAME] [--wait-seconds N]
 //       exit 0 when SERVING (a grpc_health_probe replacement).
@@ -137,7 +139,47 @@ int RunGenerate(const std::string& server, double timeout_s, const GenerateFlags
   return 0;
 }
 
-int RunInfo(const std::string& server, double timeout_s) {
+std::string Bytes(int64_t n) {
+  if (n >= (1LL << 30)) return absl::StrFormat("%.2f GiB", n / double(1LL << 30));
+  if (n >= (1LL << 20)) return absl::StrFormat("%.1f MiB", n / double(1LL << 20));
+  if (n >= (1LL << 10)) return absl::StrFormat("%.1f KiB", n / double(1LL << 10));
+  return absl::StrFormat("%d B", n);
+}
+
+std::string DeviceHost(int64_t device, int64_t host) {
+  return host > 0 ? absl::StrFormat("%s device + %s host", Bytes(device), Bytes(host))
+                  : Bytes(device);
+}
+
+std::string LayerPolicyText(const v1::KvLayerPolicy& l) {
+  if (l.policy() == "quant") {
+    return absl::StrFormat("quant bits=%d group=%d residual=%d", l.bits(), l.group(), l.residual());
+  }
+  if (l.policy() == "window") return absl::StrFormat("window sink=%d recent=%d", l.sink(), l.recent());
+  if (l.policy() == "sparse") {
+    return absl::StrFormat("sparse sink=%d recent=%d top_k=%d channels=%d index=%s", l.sink(),
+                           l.recent(), l.top_k(), l.channels(), l.index());
+  }
+  return l.policy();
+}
+
+// KV bytes per policy, then (when `layers`) per layer with its policy's parameters.
+void PrintKvMemory(const v1::KvMemory& kv, const v1::KvPlanInfo* plan, bool layers) {
+  std::printf("  total:        %s\n", DeviceHost(kv.device_bytes(), kv.host_bytes()).c_str());
+  for (const v1::PolicyKvMemory& p : kv.policies()) {
+    std::printf("  %-13s %s (%d layers)\n", (p.policy() + ":").c_str(),
+                DeviceHost(p.device_bytes(), p.host_bytes()).c_str(), p.layers());
+  }
+  if (!layers) return;
+  for (const v1::LayerKvMemory& l : kv.layers()) {
+    const bool described = plan != nullptr && l.layer() >= 0 && l.layer() < plan->layers_size();
+    std::printf("  layer %3d     %-12s %s\n", l.layer(),
+                DeviceHost(l.device_bytes(), l.host_bytes()).c_str(),
+                described ? LayerPolicyText(plan->layers(l.layer())).c_str() : l.policy().c_str());
+  }
+}
+
+int RunInfo(const std::string& server, double timeout_s, bool layers) {
   auto stub = v1::Generation::NewStub(Connect(server));
   grpc::ClientContext context;
   SetDeadline(context, timeout_s);
@@ -154,10 +196,15 @@ int RunInfo(const std::string& server, double timeout_s) {
       info.n_layers(), info.hidden(), info.n_heads(), info.n_kv_heads(), info.head_dim(),
       info.vocab_size(), info.max_context(), info.trained_context(), info.backend().c_str(),
       info.chat_template().c_str());
+  std::printf("kv plan:        %s: %s\n", info.kv_plan().name().c_str(),
+              info.kv_plan().summary().c_str());
+  std::printf("kv per sequence of %lld tokens:\n",
+              static_cast<long long>(info.kv_per_sequence().capacity_tokens()));
+  PrintKvMemory(info.kv_per_sequence(), &info.kv_plan(), layers);
   return 0;
 }
 
-int RunLoad(const std::string& server, double timeout_s) {
+int RunLoad(const std::string& server, double timeout_s, bool layers) {
   auto stub = v1::Generation::NewStub(Connect(server));
   grpc::ClientContext context;
   SetDeadline(context, timeout_s);
@@ -166,6 +213,9 @@ int RunLoad(const std::string& server, double timeout_s) {
   if (!status.ok()) return Fail("GetLoad", server, status);
   std::printf("active=%d queued=%d max_queue=%d draining=%s\n", load.active_requests(),
               load.queued_requests(), load.max_queue(), load.draining() ? "yes" : "no");
+  std::printf("kv in use (%d sequences, %lld tokens of capacity):\n", load.kv_in_use().sequences(),
+              static_cast<long long>(load.kv_in_use().capacity_tokens()));
+  PrintKvMemory(load.kv_in_use(), nullptr, layers);
   return 0;
 }
 
@@ -227,10 +277,15 @@ int main(int argc, char** argv) {
   generate->add_option("--repetition-penalty", gen.repetition_penalty, "1 = off");
   generate->add_option("--stop", gen.stop, "stop string (repeatable)");
 
-  CLI::App* info = app.add_subcommand("info", "describe the worker's model");
+  bool per_layer = false;
+  CLI::App* info = app.add_subcommand(
+      "info", "describe the worker's model, KV plan and KV bytes per full-context sequence");
   info->add_option("--server", server, "host:port of the gpu-worker");
-  CLI::App* load = app.add_subcommand("load", "queued and active requests of a worker");
+  info->add_flag("--layers", per_layer, "also list each layer's policy and KV bytes");
+  CLI::App* load = app.add_subcommand(
+      "load", "queued and active requests of a worker and the KV bytes they hold");
   load->add_option("--server", server, "host:port of the gpu-worker");
+  load->add_flag("--layers", per_layer, "also list the KV bytes per layer");
   std::string abort_id;
   CLI::App* abort = app.add_subcommand("abort", "stop a request by its request id");
   abort->add_option("--server", server, "host:port of the gpu-worker");
@@ -246,8 +301,8 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (*generate) return RunGenerate(server, timeout_s, gen);
-  if (*info) return RunInfo(server, timeout_s);
-  if (*load) return RunLoad(server, timeout_s);
+  if (*info) return RunInfo(server, timeout_s, per_layer);
+  if (*load) return RunLoad(server, timeout_s, per_layer);
   if (*abort) return RunAbort(server, timeout_s, abort_id);
   if (*health) return RunHealth(server, health_service, wait_seconds);
   return 2;
