@@ -1,8 +1,9 @@
 // Attention kernels at the Llama-3.1-8B shape (32 query / 8 KV heads, head
 // dim 128, bf16): decode attention per layer at 4k/32k/128k tokens of context
 // (HBM-bound: reports GB/s of K+V read), and causal prefill attention at
-// 4k/32k/128k (tensor-core bound: reports TFLOP/s). Prints a table and writes
-// JSON to --out.
+// 4k/32k/128k (tensor-core bound: reports TFLOP/s) with each prefill kernel
+// the device runs (mma.sync, wgmma with 3 and 2 K/V stages), interleaved per
+// size so that they see the same clocks. Prints a table and writes JSON to --out.
 //
 // Method (see design/PERF.md): random bf16 data (never zeros), warm-up, CUDA
 // events, median of many runs. Decode is timed as a CUDA graph of
@@ -92,6 +93,7 @@ Stats Summarize(std::vector<double> us) {
 
 struct Row {
   std::string kind;  // "decode" or "prefill"
+  std::string kernel;  // prefill: which kernel
   int context = 0;
   Stats stats;
   double bytes = 0;  // decode: K+V bytes read per launch
@@ -157,7 +159,21 @@ Row BenchDecode(int context, int reps, cudaStream_t stream) {
   return row;
 }
 
-Row BenchPrefill(int n, int reps, cudaStream_t stream) {
+const char* KernelName(PrefillKernel kernel) {
+  switch (kernel) {
+    case PrefillKernel::kAuto:
+      return "auto";
+    case PrefillKernel::kMmaSync:
+      return "mma";
+    case PrefillKernel::kWgmma:
+      return "wgmma";
+    case PrefillKernel::kWgmmaTwoStage:
+      return "wgmma2";
+  }
+  return "?";
+}
+
+Row BenchPrefill(PrefillKernel kernel, int n, int reps, cudaStream_t stream) {
   const AttentionShape shape{kHeads, kKvHeads, kHeadDim, n};
   const size_t q_count = static_cast<size_t>(n) * kHeads * kHeadDim;
   const size_t cache_count = static_cast<size_t>(kKvHeads) * n * kHeadDim;
@@ -172,8 +188,8 @@ Row BenchPrefill(int n, int reps, cudaStream_t stream) {
   BENCH_CHECK_OK(start.status());
   BENCH_CHECK_OK(stop.status());
   auto launch = [&] {
-    BENCH_CHECK_OK(LaunchPrefillAttention(q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), n, 0, shape,
-                                          out.as<bf16>(), stream));
+    BENCH_CHECK_OK(LaunchPrefillAttentionWith(kernel, q.as<bf16>(), k.as<bf16>(), v.as<bf16>(), n,
+                                              0, shape, out.as<bf16>(), stream));
   };
   for (int i = 0; i < 2; ++i) launch();
   BENCH_CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -189,6 +205,7 @@ Row BenchPrefill(int n, int reps, cudaStream_t stream) {
   }
   Row row;
   row.kind = "prefill";
+  row.kernel = KernelName(kernel);
   row.context = n;
   row.stats = Summarize(us);
   // Causal: half of the n x n score matrix, QK^T and PV, 2 flops per MAC.
@@ -239,23 +256,29 @@ int Main(int argc, char** argv) {
   if (prefill_128k) prefill_sizes.push_back(131072);
   for (int n : prefill_sizes) {
     const int default_reps = n <= 4096 ? 30 : (n <= 32768 ? 10 : 3);
-    rows.push_back(BenchPrefill(n, reps > 0 ? reps : default_reps, stream->get()));
+    for (PrefillKernel kernel :
+         {PrefillKernel::kMmaSync, PrefillKernel::kWgmma, PrefillKernel::kWgmmaTwoStage}) {
+      if (!PrefillKernelSupported(kernel, AttentionShape{kHeads, kKvHeads, kHeadDim, n})) continue;
+      rows.push_back(BenchPrefill(kernel, n, reps > 0 ? reps : default_reps, stream->get()));
+    }
   }
 
   std::printf("device: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
   std::printf("shape: %d query heads, %d KV heads, head_dim %d, bf16\n", kHeads, kKvHeads,
               kHeadDim);
-  std::printf("%-8s %8s %12s %12s %6s %12s %10s\n", "kind", "context", "median_us", "min_us",
-              "runs", "GB/s|TFLOPs", "of_peak");
+  std::printf("%-8s %-7s %8s %12s %12s %6s %12s %10s\n", "kind", "kernel", "context",
+              "median_us", "min_us", "runs", "GB/s|TFLOPs", "of_peak");
   for (const Row& r : rows) {
     if (r.kind == "decode") {
       const double bps = r.bytes / (r.stats.median_us * 1e-6);
-      std::printf("%-8s %8d %12.2f %12.2f %6d %12.1f %9.1f%%\n", r.kind.c_str(), r.context,
+      std::printf("%-8s %-7s %8d %12.2f %12.2f %6d %12.1f %9.1f%%\n", r.kind.c_str(), "-",
+                  r.context,
                   r.stats.median_us, r.stats.min_us, r.stats.runs, bps / 1e9,
                   100.0 * bps / kHbmPeakBytesPerSec);
     } else {
       const double fps = r.flops / (r.stats.median_us * 1e-6);
-      std::printf("%-8s %8d %12.2f %12.2f %6d %12.1f %10s\n", r.kind.c_str(), r.context,
+      std::printf("%-8s %-7s %8d %12.2f %12.2f %6d %12.1f %10s\n", r.kind.c_str(),
+                  r.kernel.c_str(), r.context,
                   r.stats.median_us, r.stats.min_us, r.stats.runs, fps / 1e12, "-");
     }
   }
@@ -289,7 +312,8 @@ int Main(int argc, char** argv) {
                    "\"launches_per_graph\": %d",
                    r.bytes, bps / 1e9, bps / kHbmPeakBytesPerSec, kDecodeLaunchesPerGraph);
     } else {
-      std::fprintf(f, ", \"flops\": %.6g, \"tflops\": %.2f", r.flops,
+      std::fprintf(f, ", \"kernel\": \"%s\", \"flops\": %.6g, \"tflops\": %.2f", r.kernel.c_str(),
+                   r.flops,
                    r.flops / (r.stats.median_us * 1e-6) / 1e12);
     }
     std::fprintf(f, "}%s\n", i + 1 < rows.size() ? "," : "");

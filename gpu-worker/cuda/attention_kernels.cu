@@ -1,6 +1,8 @@
 // Prefill and decode attention on tensor cores (mma.sync m16n8k16, bf16 in,
-// fp32 accumulate), FlashAttention-2 style. See attention_kernels.cuh for the
-// contract and runtime::ref::AttentionHead for the reference.
+// fp32 accumulate), FlashAttention-2 style, and on Hopper a wgmma prefill
+// kernel (FlashAttention-3 style, head_dim 128; the default where it runs,
+// see "Prefill on Hopper" below). See attention_kernels.cuh for the contract
+// and runtime::ref::AttentionHead for the reference.
 //
 // Shared machinery:
 //  * K/V are staged through shared memory in tiles of kTileKeys rows by
@@ -66,6 +68,10 @@ constexpr int kCombineThreads = 256;
 constexpr int kMergeStride = 8;  // float padding per row of the decode warp-merge buffer
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
+// PrefillKernel::kAuto picks the wgmma kernel where it runs (head_dim 128, an
+// sm_90 device): 1.5x the mma.sync kernel on an H100 at 4k-128k tokens (see
+// bench/NOTES-attention.md).
+constexpr bool kWgmmaByDefault = true;
 
 // ---------------------------------------------------------------------------
 // PTX wrappers. All are volatile: they read shared memory that cp.async and
@@ -541,6 +547,410 @@ __global__ void __launch_bounds__(kPrefillThreads, 2)
 }
 
 // ---------------------------------------------------------------------------
+// Prefill on Hopper: wgmma (sm_90a), FlashAttention-3 style, head_dim 128.
+//
+// Block: 128 query rows of one query head; 384 threads = two consumer
+// warpgroups (warps 0-3, 4-7; 64 rows each) and one producer warpgroup
+// (warps 8-11), which gives most of its registers to the consumers
+// (setmaxnreg: 240 per consumer thread, 24 per producer thread).
+//  * The producer copies Q once and then every K and V tile (128 keys) of the
+//    block's KV head into shared memory with cp.async, kStages tiles deep,
+//    and signals each copy's completion on an mbarrier
+//    (cp.async.mbarrier.arrive.noinc); consumers hand a stage back through
+//    an "empty" mbarrier (one arrival per consumer warp).
+//  * Tiles are stored in the wgmma 128-byte-swizzle layout as two 64-column
+//    halves [2][rows][64]: row r's 16-byte chunk c (of 8) sits at
+//    r * 128 + ((c ^ (r & 7)) << 4), 1024-byte aligned atoms of 8 rows. The
+//    same bytes serve as K-major operands (Q, and K for S = Q K^T) and as the
+//    MN-major (transposed) B operand V of O += P V.
+//  * S = Q K^T: 8 wgmma m64n128k16, A and B from shared memory. P (bf16)
+//    stays in registers as the A operand of P V: the accumulator layout of S
+//    is the A-fragment layout, as with mma.sync.
+//  * Named barriers make the two warpgroups take turns issuing S = Q K^T
+//    (ping-pong), which keeps them out of phase: one's softmax runs while
+//    the other's products occupy the tensor cores. (Issuing S of tile t
+//    together with P V of tile t - 1 within a warpgroup, as FA3 also does,
+//    needs S, P and O live at once: ptxas then spills and serializes the
+//    wgmma at the 168-register entry cap, setmaxnreg notwithstanding.)
+// Both warpgroups walk every tile of the block (the lower one may see one
+// wholly masked tile) so that their barrier rounds pair up.
+
+constexpr int kWgRows = 64;                           // query rows per consumer warpgroup
+constexpr int kWgmmaRows = 2 * kWgRows;               // query rows per block
+constexpr int kWgmmaKeys = 128;                       // keys per K/V tile
+constexpr int kWgmmaD = 128;                          // head_dim
+constexpr int kWgmmaConsumerThreads = 256;
+constexpr int kWgmmaProducerThreads = 128;
+constexpr int kWgmmaThreads = kWgmmaConsumerThreads + kWgmmaProducerThreads;
+constexpr uint32_t kWgmmaQBytes = kWgmmaRows * kWgmmaD * 2;    // 32 KB
+constexpr uint32_t kWgmmaTileBytes = kWgmmaKeys * kWgmmaD * 2;  // 32 KB (K or V)
+constexpr uint32_t kWgmmaHalfBytes = kWgmmaKeys * 128;         // one 64-column half of a tile
+
+template <int kStages>
+constexpr int WgmmaSmemBytes() {
+  // 1024 bytes of slack to align the base for the swizzle atoms, then Q, the
+  // stages and the mbarriers.
+  return 1024 + static_cast<int>(kWgmmaQBytes) + kStages * 2 * static_cast<int>(kWgmmaTileBytes) +
+         8 * (1 + 4 * kStages);
+}
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TKV_HAS_WGMMA 1
+#else
+#define TKV_HAS_WGMMA 0
+#endif
+
+#if TKV_HAS_WGMMA
+// d (+)= A * B, m64n128k16, A and B from shared memory (both K-major).
+__device__ __forceinline__ void WgmmaSS(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                        int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// d += A * B, m64n128k16, A (bf16 fragments) from registers, B from shared
+// memory MN-major (transposed).
+__device__ __forceinline__ void WgmmaRS(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                        int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+        "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+        "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+        "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+        "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+        "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+        "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+        "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b),
+        "r"(accumulate));
+}
+
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void WgmmaCommit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of `d` across a wgmma wait.
+__device__ __forceinline__ void PinRegisters(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i]));
+}
+#endif  // TKV_HAS_WGMMA
+
+__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrives on `bar` once every cp.async this thread issued so far has landed.
+__device__ __forceinline__ void CpAsyncMbarArrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits for the completion of the phase of `bar` with parity `parity`. A hang
+// (a pipeline bug) traps after 2^24 polls instead of spinning forever.
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  for (uint32_t polls = 0;; ++polls) {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (polls > (1u << 24)) __trap();
+  }
+}
+__device__ __forceinline__ void NamedBarSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// wgmma shared-memory descriptor, 128-byte swizzle: start address, leading
+// and stride byte offsets (all >> 4).
+__device__ __forceinline__ uint64_t SmemDesc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3ffff) >> 4) |
+         (static_cast<uint64_t>(lbo >> 4) << 16) | (static_cast<uint64_t>(sbo >> 4) << 32) |
+         (1ull << 62);
+}
+
+// Copies rows [0, kRows) of a row-major [rows][128] bf16 matrix (`src` is
+// row 0 of this thread's 16-byte column chunk, `stride` elements between
+// rows) into a swizzled [2][kRows][64] tile with the 128 producer threads:
+// thread pt copies chunk pt % 16 of rows 8 i + pt / 16, so its swizzle phase
+// (row & 7) is fixed. Rows >= valid_rows are zero-filled unread.
+template <int kRows>
+__device__ __forceinline__ void ProducerLoadSwizzled(uint32_t dst, const bf16* src,
+                                                     int64_t stride, int valid_rows, int pt) {
+  const int chunk = pt & 15;
+  const int r0 = pt >> 4;
+  dst += static_cast<uint32_t>(chunk >> 3) * (kRows * 128) + static_cast<uint32_t>(r0) * 128 +
+         (static_cast<uint32_t>((chunk & 7) ^ r0) << 4);
+  src += r0 * stride;
+#pragma unroll
+  for (int i = 0; i < kRows / 8; ++i) {
+    CpAsync16(dst + i * 1024, src + 8 * i * stride, 8 * i + r0 < valid_rows);
+  }
+}
+
+// Grid: (ceil(n / 128), n_heads); block: kWgmmaThreads. Arguments as
+// PrefillAttentionKernel; head_dim 128.
+template <int kStages>
+__global__ void __launch_bounds__(kWgmmaThreads, 1)
+    PrefillWgmmaKernel(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
+                       const bf16* __restrict__ v_cache, int n, int start_pos, int n_heads,
+                       int group, int capacity, float scale_log2, bf16* __restrict__ out) {
+#if TKV_HAS_WGMMA
+  constexpr int kD = kWgmmaD;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t q_smem = (SmemAddr(smem_raw) + 1023u) & ~1023u;  // [2 wg][2][64][64]
+  const uint32_t kv_smem = q_smem + kWgmmaQBytes;  // stage s: K at + s * 2 * tile, V after it
+  const uint32_t bars = kv_smem + kStages * 2 * kWgmmaTileBytes;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8u * (1 + s); };
+  auto v_full = [&](int s) { return bars + 8u * (1 + kStages + s); };
+  auto k_empty = [&](int s) { return bars + 8u * (1 + 2 * kStages + s); };
+  auto v_empty = [&](int s) { return bars + 8u * (1 + 3 * kStages + s); };
+  auto k_stage = [&](int s) { return kv_smem + static_cast<uint32_t>(s) * 2 * kWgmmaTileBytes; };
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int q_block = gridDim.x - 1 - blockIdx.x;  // heaviest blocks first
+  const int head = blockIdx.y;
+  const int kv_head = head / group;
+  const int q_first = q_block * kWgmmaRows;
+  const int q_rows = min(kWgmmaRows, n - q_first);
+  const int kv_len = start_pos + q_first + q_rows;  // keys the block's last row attends to
+  const int n_tiles = (kv_len + kWgmmaKeys - 1) / kWgmmaKeys;
+  const int64_t q_stride = static_cast<int64_t>(n_heads) * kD;
+
+  if (tid == 0) {
+    MbarInit(q_full, kWgmmaProducerThreads);
+    for (int s = 0; s < kStages; ++s) {
+      MbarInit(k_full(s), kWgmmaProducerThreads);
+      MbarInit(v_full(s), kWgmmaProducerThreads);
+      MbarInit(k_empty(s), kWgmmaConsumerThreads / 32);
+      MbarInit(v_empty(s), kWgmmaConsumerThreads / 32);
+    }
+  }
+  __syncthreads();
+
+  if (tid >= kWgmmaConsumerThreads) {
+    // Producer warpgroup.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    const int pt = tid - kWgmmaConsumerThreads;
+    const int chunk8 = (pt & 15) * 8;
+    const bf16* q_src = q + static_cast<int64_t>(q_first) * q_stride +
+                        static_cast<int64_t>(head) * kD + chunk8;
+    ProducerLoadSwizzled<kWgRows>(q_smem, q_src, q_stride, q_rows, pt);
+    ProducerLoadSwizzled<kWgRows>(q_smem + kWgmmaQBytes / 2, q_src + kWgRows * q_stride, q_stride,
+                                  q_rows - kWgRows, pt);
+    CpAsyncMbarArrive(q_full);
+    const bf16* k_src = k_cache + static_cast<int64_t>(kv_head) * capacity * kD + chunk8;
+    const bf16* v_src = v_cache + static_cast<int64_t>(kv_head) * capacity * kD + chunk8;
+    for (int t = 0; t < n_tiles; ++t) {
+      const int s = t % kStages;
+      const uint32_t phase = (t / kStages) & 1;
+      const int first = t * kWgmmaKeys;
+      const int64_t offset = static_cast<int64_t>(first) * kD;
+      MbarWait(k_empty(s), phase ^ 1);
+      ProducerLoadSwizzled<kWgmmaKeys>(k_stage(s), k_src + offset, kD, kv_len - first, pt);
+      CpAsyncMbarArrive(k_full(s));
+      MbarWait(v_empty(s), phase ^ 1);
+      ProducerLoadSwizzled<kWgmmaKeys>(k_stage(s) + kWgmmaTileBytes, v_src + offset, kD,
+                                       kv_len - first, pt);
+      CpAsyncMbarArrive(v_full(s));
+    }
+    CpAsyncCommit();  // wait for every copy before the warp exits
+    CpAsyncWait<0>();
+  } else {
+  // Consumer warpgroups (not indented: the else branch runs to the end).
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  const int wg = warp / 4;
+  const int wl = warp % 4;
+  const int g = lane / 4;
+  const int quad_col = (lane % 4) * 2;
+  const int wg_row0 = q_first + wg * kWgRows;  // query index of the warpgroup's first row
+  const int wg_pos0 = start_pos + wg_row0;
+  const int row_pos = wg_pos0 + wl * 16 + g;  // position of this thread's row g (and g + 8)
+  const int my_bar = 1 + wg;                  // named barriers 1, 2: "my turn to issue"
+  const int other_bar = 2 - wg;
+
+  // Descriptors: Q (K-major, A), K (K-major, B), V (MN-major, B). K-step kk
+  // of Q K^T: half kk / 4 of the columns, byte offset 32 * (kk % 4) within
+  // the swizzled 128-byte row. Key step kk of P V: 16 rows = 2048 bytes.
+  const uint64_t q_desc = SmemDesc(q_smem + wg * (kWgmmaQBytes / 2), 16, 1024);
+  const uint64_t k_desc0 = SmemDesc(kv_smem, 16, 1024);
+  const uint64_t v_desc0 = SmemDesc(kv_smem + kWgmmaTileBytes, kWgmmaHalfBytes, 1024);
+  constexpr uint64_t kStageDesc = 2 * kWgmmaTileBytes >> 4;
+  auto q_kstep = [](int kk) -> uint64_t {
+    return ((kk / 4) * (kWgRows * 128) + (kk % 4) * 32) >> 4;
+  };
+  auto k_kstep = [](int kk) -> uint64_t {
+    return ((kk / 4) * kWgmmaHalfBytes + (kk % 4) * 32) >> 4;
+  };
+
+  float o[64];
+  float s[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.0f, 0.0f};
+  uint32_t p[8][4];
+
+  auto issue_s = [&](int stage) {
+    const uint64_t k_desc = k_desc0 + stage * kStageDesc;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) WgmmaSS(s, q_desc + q_kstep(kk), k_desc + k_kstep(kk), kk);
+  };
+  auto issue_pv = [&](int stage) {
+    const uint64_t v_desc = v_desc0 + stage * kStageDesc;
+#pragma unroll
+    for (int kk = 0; kk < kWgmmaKeys / 16; ++kk) WgmmaRS(o, p[kk], v_desc + kk * (2048 >> 4), 1);
+  };
+  // Mask, running max, P = 2^(s * scale - m) in place, l; returns whether
+  // o needs rescaling, with the factors in alpha.
+  auto softmax = [&](int tile, float (&alpha)[2]) {
+    const int key0 = tile * kWgmmaKeys;
+    if (key0 + kWgmmaKeys - 1 > wg_pos0) {  // the tile reaches past the warpgroup's first row
+      const int key_minus_pos = key0 + quad_col - row_pos;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (key_minus_pos + 8 * i + (e & 1) > 8 * (e >> 1)) s[4 * i + e] = -INFINITY;
+        }
+      }
+    }
+    float m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+      const float m_new = fmaxf(m[r], mx * scale_log2);
+      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;
+      alpha[r] = FastExp2(m[r] - m_use[r]);
+      m[r] = m_new;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) {
+      s[i] = FastExp2(fmaf(s[i], scale_log2, -m_use[(i >> 1) & 1]));
+      l[(i >> 1) & 1] += s[i];
+    }
+  };
+  auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) p[kk][j] = PackBf16x2(s[8 * kk + 2 * j], s[8 * kk + 2 * j + 1]);
+    }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
+    if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) o[i] *= alpha[(i >> 1) & 1];
+    }
+  };
+
+  if (wg == 1) NamedBarArrive(other_bar, kWgmmaConsumerThreads);  // warpgroup 0 issues first
+  MbarWait(q_full, 0);
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int stage = t % kStages;
+    const uint32_t phase = (t / kStages) & 1;
+    MbarWait(k_full(stage), phase);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    // S = Q K^T; the warpgroups take turns to issue it, so that one's
+    // softmax runs while the other's products occupy the tensor cores.
+    NamedBarSync(my_bar, kWgmmaConsumerThreads);
+    WgmmaFence();
+    issue_s(stage);
+    WgmmaCommit();
+    // Warpgroup 1's last arrival would have no matching wait.
+    if (wg == 0 || t + 1 < n_tiles) NamedBarArrive(other_bar, kWgmmaConsumerThreads);
+    WgmmaWait<0>();
+    PinRegisters(s);
+    if (lane == 0) MbarArrive(k_empty(stage));
+    float alpha[2];
+    softmax(t, alpha);
+    rescale_o(alpha);
+    pack_p();
+    // O += P V.
+    MbarWait(v_full(stage), phase);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    WgmmaFence();
+    issue_pv(stage);
+    WgmmaCommit();
+    WgmmaWait<0>();
+    PinRegisters(o);
+    if (lane == 0) MbarArrive(v_empty(stage));
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = wg_row0 + wl * 16 + g + 8 * r;
+    if (row >= n) continue;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    bf16* dst = out + (static_cast<int64_t>(row) * n_heads + head) * kD + quad_col;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      *reinterpret_cast<__nv_bfloat162*>(dst + 8 * i) =
+          __floats2bfloat162_rn(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+    }
+  }
+  }  // consumer warpgroups
+#else
+  __trap();  // built without sm_90a: the host never launches this
+#endif  // TKV_HAS_WGMMA
+}
+
+// ---------------------------------------------------------------------------
 // Decode.
 
 __device__ __forceinline__ int ClampLength(int32_t len, int capacity) {
@@ -818,6 +1228,39 @@ absl::Status LaunchPrefillTyped(const bf16* q, const bf16* k_cache, const bf16* 
   return absl::OkStatus();
 }
 
+// Whether the wgmma kernel runs on the current device: compute capability
+// 9.0, and the binary holds sm_90a code for it (a build for other targets
+// holds only the trapping stub, which the device would run as sm_8x code).
+bool WgmmaDevice() {
+  int device = 0;
+  int major = 0;
+  int minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+      major != 9 || minor != 0) {
+    return false;
+  }
+  cudaFuncAttributes attr{};
+  return cudaFuncGetAttributes(&attr, PrefillWgmmaKernel<3>) == cudaSuccess &&
+         attr.binaryVersion == 90;
+}
+
+template <int kStages>
+absl::Status LaunchPrefillWgmma(const bf16* q, const bf16* k_cache, const bf16* v_cache, int n,
+                                int start_pos, const AttentionShape& shape, bf16* out,
+                                cudaStream_t stream) {
+  constexpr int kSmem = WgmmaSmemBytes<kStages>();
+  CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      PrefillWgmmaKernel<kStages>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  const dim3 grid((n + kWgmmaRows - 1) / kWgmmaRows, shape.n_heads);
+  PrefillWgmmaKernel<kStages><<<grid, kWgmmaThreads, kSmem, stream>>>(
+      q, k_cache, v_cache, n, start_pos, shape.n_heads, shape.n_heads / shape.n_kv_heads,
+      shape.capacity, ScaleLog2(kWgmmaD), out);
+  CUDA_RETURN_IF_LAUNCH_FAILED("PrefillWgmmaKernel");
+  return absl::OkStatus();
+}
+
 template <int kD>
 absl::Status LaunchDecodeTyped(const bf16* q, const bf16* k_cache, const bf16* v_cache,
                                const int32_t* length, const AttentionShape& shape,
@@ -845,6 +1288,27 @@ absl::Status LaunchPrefillAttention(const __nv_bfloat16* q, const __nv_bfloat16*
                                     const __nv_bfloat16* v_cache, int n, int start_pos,
                                     const AttentionShape& shape, __nv_bfloat16* out,
                                     cudaStream_t stream) {
+  return LaunchPrefillAttentionWith(PrefillKernel::kAuto, q, k_cache, v_cache, n, start_pos, shape,
+                                    out, stream);
+}
+
+bool PrefillKernelSupported(PrefillKernel kernel, const AttentionShape& shape) {
+  switch (kernel) {
+    case PrefillKernel::kAuto:
+    case PrefillKernel::kMmaSync:
+      return ValidateShape(shape).ok();
+    case PrefillKernel::kWgmma:
+    case PrefillKernel::kWgmmaTwoStage:
+      return ValidateShape(shape).ok() && shape.head_dim == kWgmmaD && WgmmaDevice();
+  }
+  return false;
+}
+
+absl::Status LaunchPrefillAttentionWith(PrefillKernel kernel, const __nv_bfloat16* q,
+                                        const __nv_bfloat16* k_cache,
+                                        const __nv_bfloat16* v_cache, int n, int start_pos,
+                                        const AttentionShape& shape, __nv_bfloat16* out,
+                                        cudaStream_t stream) {
   if (absl::Status st = ValidateShape(shape); !st.ok()) return st;
   if (n < 0 || start_pos < 0 ||
       static_cast<int64_t>(start_pos) + n > static_cast<int64_t>(shape.capacity)) {
@@ -854,6 +1318,21 @@ absl::Status LaunchPrefillAttention(const __nv_bfloat16* q, const __nv_bfloat16*
   }
   if (n == 0) return absl::OkStatus();
   if (absl::Status st = ValidatePointers({q, k_cache, v_cache, out}); !st.ok()) return st;
+  if (kernel == PrefillKernel::kAuto) {
+    kernel = kWgmmaByDefault && PrefillKernelSupported(PrefillKernel::kWgmma, shape)
+                 ? PrefillKernel::kWgmma
+                 : PrefillKernel::kMmaSync;
+  }
+  if (kernel == PrefillKernel::kWgmma || kernel == PrefillKernel::kWgmmaTwoStage) {
+    if (!PrefillKernelSupported(kernel, shape)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "prefill attention: the wgmma kernel needs head_dim 128 (got ", shape.head_dim,
+          ") and a compute capability 9.0 device"));
+    }
+    return kernel == PrefillKernel::kWgmma
+               ? LaunchPrefillWgmma<3>(q, k_cache, v_cache, n, start_pos, shape, out, stream)
+               : LaunchPrefillWgmma<2>(q, k_cache, v_cache, n, start_pos, shape, out, stream);
+  }
   switch (shape.head_dim) {
     case 64:
       return LaunchPrefillTyped<64>(q, k_cache, v_cache, n, start_pos, shape, out, stream);

@@ -32,6 +32,24 @@ absl::Status LaunchPrefillAttention(const __nv_bfloat16* q, const __nv_bfloat16*
                                     const AttentionShape& shape, __nv_bfloat16* out,
                                     cudaStream_t stream);
 
+// Prefill kernels. kAuto: the fastest one that supports the shape and device
+// (wgmma where it runs, else mma.sync).
+// kMmaSync: mma.sync (any supported shape, sm_80+). kWgmma: wgmma, Hopper only
+// (compute capability 9.0, sm_90a build), head_dim 128; kWgmmaTwoStage: the
+// same with two K/V stages instead of three (kept for benchmarks).
+enum class PrefillKernel { kAuto, kMmaSync, kWgmma, kWgmmaTwoStage };
+
+// Whether `kernel` runs `shape` on the current device.
+bool PrefillKernelSupported(PrefillKernel kernel, const AttentionShape& shape);
+
+// LaunchPrefillAttention with a chosen kernel; FailedPrecondition where
+// PrefillKernelSupported is false.
+absl::Status LaunchPrefillAttentionWith(PrefillKernel kernel, const __nv_bfloat16* q,
+                                        const __nv_bfloat16* k_cache,
+                                        const __nv_bfloat16* v_cache, int n, int start_pos,
+                                        const AttentionShape& shape, __nv_bfloat16* out,
+                                        cudaStream_t stream);
+
 // Bytes of float workspace LaunchDecodeAttention needs for this shape.
 size_t DecodeAttentionWorkspaceBytes(const AttentionShape& shape);
 
