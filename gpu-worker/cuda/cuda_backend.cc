@@ -11,9 +11,12 @@
 #include "cuda/attention_kernels.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/elementwise_kernels.cuh"
+#include "cuda/quant_kernels.cuh"
 #include "cuda/random_fill.cuh"
+#include "cuda/window_kernels.cuh"
 #include "model/ggml_types.h"
 #include "runtime/cpu_reference.h"
+#include "runtime/quant_kv.h"
 
 namespace tailorkv::cuda {
 namespace {
@@ -37,34 +40,69 @@ struct DeviceLayer {
   DeviceBuffer w_down;     // [hidden][ffn] bf16
 };
 
+// One layer's KV store, as its policy keeps it.
+//   dense:  mem = K | V, each [n_kv][capacity][head_dim] bf16
+//   quant:  mem = QuantLayout(qshape) (codes, params, bf16 rings)
+//   window: mem = K | V, each [n_kv][wshape.rows][head_dim] bf16
+struct LayerKv {
+  runtime::KvPolicyKind kind = runtime::KvPolicyKind::kDense;
+  DeviceBuffer mem;
+  int64_t elems = 0;  // dense / window: elements of K (== of V)
+  runtime::QuantShape qshape;
+  QuantDeviceCache qcache;
+  WindowShape wshape;
+  int64_t kv_bytes = 0;  // what kv_bytes() reports (SEMANTICS: no padding, no scratch)
+  bf16* k() const { return mem.as<bf16>(); }
+  bf16* v() const { return mem.as<bf16>() + elems; }
+};
+
 class CudaSequence final : public SequenceState {
  public:
-  CudaSequence(const void* owner, runtime::KvPlan plan, int capacity, int64_t layer_elems,
-               DeviceBuffer kv, DeviceBuffer attn_workspace)
+  CudaSequence(const void* owner, runtime::KvPlan plan, int capacity, std::vector<LayerKv> layers,
+               DeviceBuffer scratch, int64_t scratch_elems, DeviceBuffer attn_workspace,
+               DeviceBuffer quant_workspace, DeviceBuffer window_len)
       : owner_(owner),
         plan_(std::move(plan)),
         capacity_(capacity),
-        layer_elems_(layer_elems),
-        kv_(std::move(kv)),
-        attn_workspace_(std::move(attn_workspace)) {}
+        layers_(std::move(layers)),
+        scratch_(std::move(scratch)),
+        scratch_elems_(scratch_elems),
+        attn_workspace_(std::move(attn_workspace)),
+        quant_workspace_(std::move(quant_workspace)),
+        window_len_(std::move(window_len)) {}
 
   int length() const override { return length_; }
   int capacity() const override { return capacity_; }
-  void Truncate(int n) override { length_ = std::clamp(n, 0, length_); }
+  // Quant and window layers cannot forget what they dropped or quantized:
+  // only all-dense sequences shrink (runtime/backend.h).
+  void Truncate(int n) override {
+    if (plan_.all_dense()) length_ = std::clamp(n, 0, length_);
+  }
   const runtime::KvPlan& plan() const override { return plan_; }
   std::vector<runtime::LayerKvBytes> kv_bytes() const override {
-    return std::vector<runtime::LayerKvBytes>(
-        plan_.layers.size(), runtime::LayerKvBytes{runtime::KvPolicyKind::kDense,
-                                                   2 * layer_elems_ * static_cast<int64_t>(sizeof(bf16)), 0});
+    std::vector<runtime::LayerKvBytes> out;
+    for (const LayerKv& L : layers_) out.push_back({L.kind, L.kv_bytes, 0});
+    return out;
   }
 
   const void* owner() const { return owner_; }
   void set_length(int n) { length_ = n; }
-  // [n_kv][capacity][head_dim] bf16 of one layer.
-  bf16* k(int layer) const { return kv_.as<bf16>() + (2 * layer) * layer_elems_; }
-  bf16* v(int layer) const { return kv_.as<bf16>() + (2 * layer + 1) * layer_elems_; }
+  const LayerKv& layer(int l) const { return layers_[l]; }
+  // Dense layers: [n_kv][capacity][head_dim] bf16.
+  bf16* k(int l) const { return layers_[l].k(); }
+  bf16* v(int l) const { return layers_[l].v(); }
+  // Full-precision K | V of one layer for prefill (and the decode token of a
+  // non-dense layer), [n_kv][capacity][head_dim] each; null when all dense.
+  bf16* scratch_k() const { return scratch_.as<bf16>(); }
+  bf16* scratch_v() const { return scratch_.as<bf16>() + scratch_elems_; }
   void* attn_workspace() const { return attn_workspace_.get(); }
-  int64_t device_bytes() const { return kv_.size() + attn_workspace_.size(); }
+  void* quant_workspace() const { return quant_workspace_.get(); }
+  int32_t* window_len() const { return window_len_.as<int32_t>(); }
+  int64_t device_bytes() const {
+    int64_t b = scratch_.size() + attn_workspace_.size() + quant_workspace_.size() + window_len_.size();
+    for (const LayerKv& L : layers_) b += L.mem.size();
+    return b;
+  }
   CudaGraphExec& decode_graph() { return decode_graph_; }
   bool decoded_once = false;  // the first decode runs eagerly, warming cuBLAS before capture
 
@@ -73,9 +111,12 @@ class CudaSequence final : public SequenceState {
   runtime::KvPlan plan_;
   int capacity_;
   int length_ = 0;
-  int64_t layer_elems_;
-  DeviceBuffer kv_;
+  std::vector<LayerKv> layers_;
+  DeviceBuffer scratch_;
+  int64_t scratch_elems_ = 0;
   DeviceBuffer attn_workspace_;
+  DeviceBuffer quant_workspace_;
+  DeviceBuffer window_len_;
   CudaGraphExec decode_graph_;
 };
 
@@ -123,6 +164,12 @@ class CudaBackend final : public runtime::Backend {
   // Enqueues the layers for `n` tokens whose ids and position are already in
   // the device step buffer; decode (n == 1, graph-capturable) or prefill.
   absl::Status EnqueueLayers(CudaSequence& seq, int n, int start, bool decode);
+  // RoPE + KV append + attention of layer l for the n tokens at `start`
+  // (positions also in the step buffer), as the layer's policy keeps KV;
+  // writes attn_. See runtime/SEMANTICS: a prefill chunk of a non-dense layer
+  // attends over [history as stored | chunk in full precision], then updates
+  // the store; decode appends and attends with positions read on the device.
+  absl::Status EnqueueAttention(CudaSequence& seq, int l, int n, int start, bool decode);
   // Final norm + head for rows [first, first + rows) of the activations into
   // logits_ (rows <= kLogitRows).
   absl::Status EnqueueHead(int first, int rows);
@@ -289,17 +336,74 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
         "sequence capacity must be in [1, %d], got %d", config_.max_context, capacity));
   }
   RETURN_IF_ERROR(plan.Validate(config_));
-  if (!plan.all_dense()) {
-    return absl::UnimplementedError("the CUDA backend keeps only dense KV so far");
+  const ModelConfig& c = config_;
+  const int64_t dense_elems = static_cast<int64_t>(c.n_kv_heads) * capacity * c.head_dim;
+  std::vector<LayerKv> layers(c.n_layers);
+  size_t quant_ws = 0;
+  bool any_window = false;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const runtime::LayerKvPolicy& p = plan.layers[l];
+    LayerKv& L = layers[l];
+    L.kind = p.kind;
+    switch (p.kind) {
+      case runtime::KvPolicyKind::kDense: {
+        L.elems = dense_elems;
+        ASSIGN_OR_RETURN(L.mem, DeviceBuffer::Allocate(2 * dense_elems * sizeof(bf16)));
+        L.kv_bytes = 2 * dense_elems * static_cast<int64_t>(sizeof(bf16));
+        break;
+      }
+      case runtime::KvPolicyKind::kQuant: {
+        L.qshape = runtime::QuantShape{.n_kv_heads = c.n_kv_heads, .head_dim = c.head_dim,
+                                       .capacity = capacity, .params = p.quant};
+        RETURN_IF_ERROR(ValidateQuantShape(L.qshape));
+        if (c.n_heads / c.n_kv_heads > 8) {
+          return absl::UnimplementedError(absl::StrFormat(
+              "layer %d: the quant decode kernel takes at most 8 query heads per KV head, the "
+              "model has %d", l, c.n_heads / c.n_kv_heads));
+        }
+        const QuantDeviceLayout layout = QuantLayout(L.qshape);
+        ASSIGN_OR_RETURN(L.mem, DeviceBuffer::Allocate(layout.bytes));
+        // The format's arrays start zeroed (quant_kv.h), as QuantKvCpu's do.
+        CUDA_RETURN_IF_ERROR(cudaMemset(L.mem.get(), 0, layout.bytes));
+        L.qcache = QuantCacheAt(L.mem.get(), L.qshape);
+        L.kv_bytes = L.qshape.Bytes(sizeof(bf16));
+        quant_ws = std::max(quant_ws, QuantDecodeWorkspaceBytes(L.qshape, c.n_heads));
+        break;
+      }
+      case runtime::KvPolicyKind::kWindow: {
+        const int rows = static_cast<int>(std::min<int64_t>(
+            capacity, static_cast<int64_t>(p.window.sink) + p.window.recent));
+        L.wshape = WindowShape{c.n_kv_heads, c.head_dim, p.window.sink, p.window.recent, rows,
+                               capacity};
+        L.elems = static_cast<int64_t>(c.n_kv_heads) * rows * c.head_dim;
+        ASSIGN_OR_RETURN(L.mem, DeviceBuffer::Allocate(2 * L.elems * sizeof(bf16)));
+        L.kv_bytes = 2 * L.elems * static_cast<int64_t>(sizeof(bf16));
+        any_window = true;
+        break;
+      }
+      case runtime::KvPolicyKind::kSparse:
+        return absl::UnimplementedError(absl::StrFormat(
+            "layer %d: sparse policy: not implemented yet (issue 5)", l));
+    }
   }
-  const int64_t layer_elems =
-      static_cast<int64_t>(config_.n_kv_heads) * capacity * config_.head_dim;
-  ASSIGN_OR_RETURN(DeviceBuffer kv,
-                   DeviceBuffer::Allocate(2 * layer_elems * config_.n_layers * sizeof(bf16)));
-  const AttentionShape shape{config_.n_heads, config_.n_kv_heads, config_.head_dim, capacity};
+  DeviceBuffer scratch;
+  if (!plan.all_dense()) {
+    ASSIGN_OR_RETURN(scratch, DeviceBuffer::Allocate(2 * dense_elems * sizeof(bf16)));
+  }
+  // The dense decode workspace also serves window layers (their capacity is
+  // at most the sequence's).
+  const AttentionShape shape{c.n_heads, c.n_kv_heads, c.head_dim, capacity};
   ASSIGN_OR_RETURN(DeviceBuffer ws,
                    DeviceBuffer::Allocate(std::max<size_t>(DecodeAttentionWorkspaceBytes(shape), 16)));
-  return std::make_unique<CudaSequence>(this, plan, capacity, layer_elems, std::move(kv), std::move(ws));
+  DeviceBuffer qws, wlen;
+  if (quant_ws > 0) {
+    ASSIGN_OR_RETURN(qws, DeviceBuffer::Allocate(quant_ws));
+  }
+  if (any_window) {
+    ASSIGN_OR_RETURN(wlen, DeviceBuffer::Allocate(sizeof(int32_t)));
+  }
+  return std::make_unique<CudaSequence>(this, plan, capacity, std::move(layers), std::move(scratch),
+                                        dense_elems, std::move(ws), std::move(qws), std::move(wlen));
 }
 
 absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
@@ -325,10 +429,7 @@ absl::Status CudaBackend::GemmEx(const bf16* x, int n, const bf16* w, int out, i
 absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, bool decode) {
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
-  const int32_t* d_pos = step_.as<int32_t>();
-  const int32_t* d_len = step_.as<int32_t>() + 1;
   const int32_t* d_ids = step_.as<int32_t>() + 2;
-  const AttentionShape shape{c.n_heads, c.n_kv_heads, c.head_dim, seq.capacity()};
   const int q_dim = c.n_heads * c.head_dim;
   float* x = x_.as<float>();
   bf16* xn = xn_.as<bf16>();
@@ -337,17 +438,7 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
     const DeviceLayer& L = layers_[l];
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.attn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
     RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
-    RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
-                                       c.head_dim, inv_freq_.as<float>(),
-                                       c.rope_style == model::RopeStyle::kAdjacentPairs,
-                                       q_.as<bf16>(), seq.k(l), seq.v(l), seq.capacity(), s));
-    if (decode) {
-      RETURN_IF_ERROR(LaunchDecodeAttention(q_.as<bf16>(), seq.k(l), seq.v(l), d_len, shape,
-                                            seq.attn_workspace(), attn_.as<bf16>(), s));
-    } else {
-      RETURN_IF_ERROR(LaunchPrefillAttention(q_.as<bf16>(), seq.k(l), seq.v(l), n, start, shape,
-                                             attn_.as<bf16>(), s));
-    }
+    RETURN_IF_ERROR(EnqueueAttention(seq, l, n, start, decode));
     RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true));
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.ffn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
     RETURN_IF_ERROR(Gemm(xn, n, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden, gate_up_.as<bf16>()));
@@ -355,6 +446,64 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
     RETURN_IF_ERROR(Gemm(h_.as<bf16>(), n, L.w_down.as<bf16>(), c.hidden, c.ffn, x, true));
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EnqueueAttention(CudaSequence& seq, int l, int n, int start,
+                                           bool decode) {
+  const ModelConfig& c = config_;
+  cudaStream_t s = stream_.get();
+  const int32_t* d_pos = step_.as<int32_t>();
+  const int32_t* d_len = step_.as<int32_t>() + 1;
+  const int cap = seq.capacity();
+  const AttentionShape shape{c.n_heads, c.n_kv_heads, c.head_dim, cap};
+  const bool adjacent = c.rope_style == model::RopeStyle::kAdjacentPairs;
+  const LayerKv& L = seq.layer(l);
+  bf16* q = q_.as<bf16>();
+  bf16* out = attn_.as<bf16>();
+  if (L.kind == runtime::KvPolicyKind::kDense) {
+    RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
+                                       c.head_dim, inv_freq_.as<float>(), adjacent, q, L.k(), L.v(),
+                                       cap, s));
+    if (decode) {
+      return LaunchDecodeAttention(q, L.k(), L.v(), d_len, shape, seq.attn_workspace(), out, s);
+    }
+    return LaunchPrefillAttention(q, L.k(), L.v(), n, start, shape, out, s);
+  }
+  // Non-dense: the new K/V go to the scratch at their positions first.
+  bf16* sk = seq.scratch_k();
+  bf16* sv = seq.scratch_v();
+  const int64_t head_stride = static_cast<int64_t>(cap) * c.head_dim;
+  if (L.kind == runtime::KvPolicyKind::kQuant) {
+    if (!decode && start > 0) {
+      RETURN_IF_ERROR(LaunchQuantMaterialize(start, L.qshape, L.qcache, sk, sv, head_stride, s));
+    }
+    RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
+                                       c.head_dim, inv_freq_.as<float>(), adjacent, q, sk, sv, cap,
+                                       s));
+    if (decode) {
+      RETURN_IF_ERROR(LaunchQuantAppend(sk, sv, head_stride, d_pos, L.qshape, L.qcache, s));
+      return LaunchQuantDecodeAttention(q, c.n_heads, L.qshape, L.qcache, d_len,
+                                        seq.quant_workspace(), out, s);
+    }
+    RETURN_IF_ERROR(LaunchPrefillAttention(q, sk, sv, n, start, shape, out, s));
+    return LaunchQuantPack(sk, sv, head_stride, start, start + n, L.qshape, L.qcache, s);
+  }
+  // Window.
+  RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
+                                     c.head_dim, inv_freq_.as<float>(), adjacent, q, sk, sv, cap, s));
+  if (decode) {
+    RETURN_IF_ERROR(LaunchWindowAppend(sk, sv, d_pos, L.wshape, L.k(), L.v(), seq.window_len(), s));
+    const AttentionShape wshape{c.n_heads, c.n_kv_heads, c.head_dim, L.wshape.rows};
+    return LaunchDecodeAttention(q, L.k(), L.v(), seq.window_len(), wshape, seq.attn_workspace(),
+                                 out, s);
+  }
+  // History compacted right before the chunk: attention over scratch rows
+  // [start - h, start + n) is [kept history | chunk].
+  const int h = std::min(start, L.wshape.sink + L.wshape.recent);
+  RETURN_IF_ERROR(LaunchWindowGatherHistory(L.k(), L.v(), start, L.wshape, sk, sv, s));
+  const int64_t off = static_cast<int64_t>(start - h) * c.head_dim;
+  RETURN_IF_ERROR(LaunchPrefillAttention(q, sk + off, sv + off, n, h, shape, out, s));
+  return LaunchWindowStoreChunk(sk, sv, start, n, L.wshape, L.k(), L.v(), s);
 }
 
 absl::Status CudaBackend::EnqueueHead(int first, int rows) {
@@ -455,12 +604,30 @@ absl::Status CudaBackend::FillRandomKv(CudaSequence& seq, int length, uint64_t s
     return absl::InvalidArgumentError(
         absl::StrFormat("length must be in [0, %d], got %d", seq.capacity(), length));
   }
-  // Filling the whole cache (not only `length` rows) keeps this simple; the
-  // rows past `length` are overwritten by later steps anyway.
-  const int64_t elems = static_cast<int64_t>(2) * config_.n_layers * config_.n_kv_heads *
-                        seq.capacity() * config_.head_dim;
-  RETURN_IF_ERROR(LaunchFillRandomBf16(seq.k(0), elems, seed, 1.0f, 0.0f, stream_.get()));
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  cudaStream_t s = stream_.get();
+  const int64_t head_stride = static_cast<int64_t>(seq.capacity()) * config_.head_dim;
+  for (int l = 0; l < config_.n_layers; ++l) {
+    const LayerKv& L = seq.layer(l);
+    if (L.kind == runtime::KvPolicyKind::kDense) {
+      // Filling the whole cache (not only `length` rows) keeps this simple; the
+      // rows past `length` are overwritten by later steps anyway.
+      RETURN_IF_ERROR(LaunchFillRandomBf16(L.k(), 2 * L.elems, seed + l, 1.0f, 0.0f, s));
+      continue;
+    }
+    // Other policies store what they would have kept of random full-precision K/V.
+    RETURN_IF_ERROR(LaunchFillRandomBf16(seq.scratch_k(), 2 * static_cast<int64_t>(config_.n_kv_heads) *
+                                                              head_stride,
+                                         seed + l, 1.0f, 0.0f, s));
+    if (L.kind == runtime::KvPolicyKind::kQuant) {
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(L.mem.get(), 0, L.mem.size(), s));
+      RETURN_IF_ERROR(LaunchQuantPack(seq.scratch_k(), seq.scratch_v(), head_stride, 0, length,
+                                      L.qshape, L.qcache, s));
+    } else {
+      RETURN_IF_ERROR(LaunchWindowStoreChunk(seq.scratch_k(), seq.scratch_v(), 0, length, L.wshape,
+                                             L.k(), L.v(), s));
+    }
+  }
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   seq.set_length(length);
   return absl::OkStatus();
 }

@@ -2,8 +2,17 @@
 // memory (converted at load); GEMMs run through cuBLAS (bf16 inputs, fp32
 // accumulation; fp32 outputs where they add into the residual stream or make
 // logits, bf16 for the QKV and gate/up projections, which the RoPE and SwiGLU
-// kernels read as bf16, as PyTorch does); the residual stream stays fp32; the KV
-// cache is bf16 [layer][K|V][kv_head][capacity][head_dim].
+// kernels read as bf16, as PyTorch does); the residual stream stays fp32.
+//
+// KV per layer as the sequence's plan says (runtime/SEMANTICS in the design
+// notes): dense layers keep bf16 K|V [kv_head][capacity][head_dim]; quant
+// layers the codes + fp16 params + bf16 residual rings of quant_kernels.cuh
+// (decode: append + fused attention over the packed cache); window layers a
+// bf16 store of sink + recent rows (window_kernels.cuh). A sequence with any
+// non-dense layer also holds one layer's worth of full-precision K|V scratch
+// (not counted as KV): prefill chunks write their K/V there, attend over
+// [history as stored | chunk], then pack / store; decode steps write the new
+// token there before appending it. Sparse layers: Unimplemented.
 //
 // Prefill runs in chunks of at most `max_prefill_chunk` tokens with the
 // flash-attention kernel. Decode (one token) is captured as a CUDA graph the
