@@ -586,6 +586,10 @@ absl::StatusOr<json> RunHarness(const HarnessModel& model, const HarnessOptions&
   return runner.Run();
 }
 
+std::string DumpReport(const json& report) {
+  return report.dump(2, ' ', /*ensure_ascii=*/false, json::error_handler_t::replace);
+}
+
 std::string RenderMarkdown(const json& report) {
   std::string md;
   const auto& plans = report.at("plans");

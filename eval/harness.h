@@ -92,6 +92,11 @@ absl::StatusOr<nlohmann::json> RunHarness(const HarnessModel& model, const Harne
 // per-length x depth accuracy grids for passkey and needle.
 std::string RenderMarkdown(const nlohmann::json& report);
 
+// The report as indented JSON. Completions of a broken plan can hold invalid
+// UTF-8 (a token cut inside a character); those bytes become U+FFFD rather
+// than aborting the write.
+std::string DumpReport(const nlohmann::json& report);
+
 // Greedy decoding helper (exposed for tests): one Forward over `prompt` on a
 // new sequence of `capacity` tokens made with `plan`, then up to `max_new`
 // single-token steps; stops early at an end-of-generation token or when

@@ -185,3 +185,21 @@ TEST_F(HarnessModelTest, RejectsBadOptionsNamingThem) {
 
 }  // namespace
 }  // namespace tailorkv::eval
+
+namespace tailorkv::eval {
+namespace {
+
+// Regression: a 1-bit plan's completion held a lone continuation byte and the
+// JSON write aborted the whole run (H100, 2026-11-22).
+TEST(DumpReportTest, InvalidUtf8InACompletionIsReplacedNotFatal) {
+  nlohmann::json report = {{"completion", std::string("ok \xe2\x82 then \x80 end")}};
+  std::string out;
+  ASSERT_NO_THROW(out = DumpReport(report));
+  EXPECT_NE(out.find("ok \xef\xbf\xbd"), std::string::npos) << out;
+  EXPECT_NE(out.find(" end"), std::string::npos) << out;
+  EXPECT_EQ(nlohmann::json::parse(out)["completion"].get<std::string>().find('\x80'),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace tailorkv::eval

@@ -160,7 +160,7 @@ absl::Status Run(CliConfig& cfg) {
   const std::filesystem::path out_path(cfg.out);
   if (out_path.has_parent_path()) std::filesystem::create_directories(out_path.parent_path());
   std::ofstream f(out_path);
-  f << report.dump(2) << "\n";
+  f << DumpReport(report) << "\n";
   f.close();
   if (!f) return absl::InternalError(absl::StrCat("--out: cannot write ", cfg.out));
   std::fprintf(stderr, "wrote %s\n", cfg.out.c_str());
