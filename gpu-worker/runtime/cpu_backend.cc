@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <thread>
 
 #include "absl/strings/str_format.h"
@@ -47,6 +48,50 @@ struct WindowStore {
   int Row(int p) const { return p < sink ? p : sink + (p - sink) % ring; }
 };
 
+// The host tier of a sparse layer: K and V of `rows` positions per KV head,
+// row p of head h at h * head_stride + p * head_dim (the dense layout, so
+// prefill attends over it directly). Plain memory on the CPU backend; a
+// host-memory store (kv-host/store) can stand behind the same calls.
+class SparseHostStore {
+ public:
+  SparseHostStore() = default;
+  SparseHostStore(int n_kv_heads, int head_dim, int rows)
+      : head_stride_(static_cast<int64_t>(rows) * head_dim),
+        k_(head_stride_ * n_kv_heads, 0.0f),
+        v_(k_.size(), 0.0f) {}
+  float* k(int head) { return k_.data() + head * head_stride_; }
+  float* v(int head) { return v_.data() + head * head_stride_; }
+  const float* k(int head) const { return k_.data() + head * head_stride_; }
+  const float* v(int head) const { return v_.data() + head * head_stride_; }
+  int64_t head_stride() const { return head_stride_; }
+  int64_t bytes() const { return static_cast<int64_t>(k_.size() + v_.size()) * sizeof(float); }
+
+ private:
+  int64_t head_stride_ = 0;
+  std::vector<float> k_, v_;
+};
+
+// A sparse layer (semantics in cpu_backend.h). Device rows per KV head:
+// [kept prompt rows (kept_cap reserved) | generated rows], head_stride floats apart.
+struct SparseLayer {
+  SparseParams params;
+  SparseHostStore host;
+  int kept_cap = 0;  // min(capacity, sink + recent)
+  int prompt = -1;   // P once the prompt ended, else -1
+  int sink = 0;      // min(S, P): kept rows [0, sink) are positions [0, sink)
+  int recent = 0;    // kept rows [sink, sink + recent) are positions [P - recent, P)
+  int generated = 0;
+  int64_t head_stride = 0;
+  std::vector<float> k, v;          // the device tier
+  std::vector<float> max_abs_k;     // [kv_head][head_dim]
+  std::vector<std::vector<int>> last_selection;  // per KV head, ascending
+
+  bool prompt_ended() const { return prompt >= 0; }
+  int64_t device_bytes() const {
+    return static_cast<int64_t>(k.size() + v.size() + max_abs_k.size()) * sizeof(float);
+  }
+};
+
 // KV cache of one sequence, per layer as its policy says. Dense layers: per
 // KV head, `capacity` rows of head_dim floats, so one head's keys are
 // contiguous for the GEMMs. Quant layers: a QuantKvCpu. Window layers: a
@@ -60,7 +105,8 @@ class CpuSequence final : public SequenceState {
         layer_stride_(head_stride_ * c.n_kv_heads),
         dense_offset_(c.n_layers, -1),
         quant_(c.n_layers),
-        window_(c.n_layers) {
+        window_(c.n_layers),
+        sparse_(c.n_layers) {
     int64_t dense = 0;
     for (int l = 0; l < c.n_layers; ++l) {
       const LayerKvPolicy& p = plan_.layers[l];
@@ -78,6 +124,17 @@ class CpuSequence final : public SequenceState {
         w.head_stride = static_cast<int64_t>(w.rows) * c.head_dim;
         w.k.assign(w.head_stride * c.n_kv_heads, 0.0f);
         w.v.assign(w.k.size(), 0.0f);
+      } else if (p.kind == KvPolicyKind::kSparse) {
+        auto sp = std::make_unique<SparseLayer>();
+        sp->params = p.sparse;
+        sp->host = SparseHostStore(c.n_kv_heads, c.head_dim, capacity);
+        sp->kept_cap = static_cast<int>(
+            std::min<int64_t>(capacity, static_cast<int64_t>(p.sparse.sink) + p.sparse.recent));
+        sp->head_stride = static_cast<int64_t>(sp->kept_cap) * c.head_dim;
+        sp->k.assign(sp->head_stride * c.n_kv_heads, 0.0f);
+        sp->v.assign(sp->k.size(), 0.0f);
+        sp->max_abs_k.assign(static_cast<size_t>(c.n_kv_heads) * c.head_dim, 0.0f);
+        sparse_[l] = std::move(sp);
       }
     }
     k_.resize(dense);
@@ -97,6 +154,9 @@ class CpuSequence final : public SequenceState {
       LayerKvBytes b{plan_.layers[l].kind, 0, 0};
       if (quant_[l]) {
         b.device_bytes = quant_[l]->bytes();
+      } else if (sparse_[l]) {
+        b.device_bytes = sparse_[l]->device_bytes();
+        b.host_bytes = sparse_[l]->host.bytes();
       } else if (plan_.layers[l].kind == KvPolicyKind::kWindow) {
         b.device_bytes = static_cast<int64_t>(window_[l].k.size() + window_[l].v.size()) * sizeof(float);
       } else {
@@ -115,6 +175,8 @@ class CpuSequence final : public SequenceState {
   QuantKvCpu* quant(int layer) { return quant_[layer].get(); }
   const QuantKvCpu* quant(int layer) const { return quant_[layer].get(); }
   WindowStore& window(int layer) { return window_[layer]; }
+  SparseLayer* sparse(int layer) { return sparse_[layer].get(); }
+  const SparseLayer* sparse(int layer) const { return sparse_[layer].get(); }
   void set_length(int n) { length_ = n; }
 
  private:
@@ -127,6 +189,7 @@ class CpuSequence final : public SequenceState {
   std::vector<float> k_, v_;
   std::vector<std::unique_ptr<QuantKvCpu>> quant_;
   std::vector<WindowStore> window_;
+  std::vector<std::unique_ptr<SparseLayer>> sparse_;
 };
 
 // y[n][out] (=|+=) x[n][in] * W[out][in]^T
@@ -159,9 +222,11 @@ class CpuBackend final : public Backend {
     if (auto st = plan.Validate(w_.config); !st.ok()) return st;
     for (size_t l = 0; l < plan.layers.size(); ++l) {
       const LayerKvPolicy& p = plan.layers[l];
-      if (p.kind == KvPolicyKind::kSparse) {
-        return absl::UnimplementedError(
-            absl::StrFormat("layer %d: sparse policy: not implemented yet (issue 5)", l));
+      if (p.kind == KvPolicyKind::kSparse && p.sparse.index != "faithful") {
+        return absl::UnimplementedError(absl::StrFormat(
+            "layer %d: sparse policy with index \"%s\": not implemented yet (issue 5); the CPU "
+            "backend runs index \"faithful\"",
+            l, p.sparse.index));
       }
       if (p.kind == KvPolicyKind::kQuant) {
         const QuantShape shape{.n_kv_heads = w_.config.n_kv_heads, .head_dim = w_.config.head_dim,
@@ -191,6 +256,12 @@ class CpuBackend final : public Backend {
   // Copies chunk row i of every KV head (k_, v_) into rows `first` + i of a
   // [kv_head][head_stride] scratch.
   void CopyChunk(float* k, float* v, int64_t head_stride, int first, int n);
+  // A sparse layer's prefill chunk and decode step (cpu_backend.h).
+  void SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out);
+  void SparseDecode(SparseLayer& sp, const float* q, int start, float* out);
+  // Ends the prompt of a sparse layer at P tokens: max|K|, kept rows,
+  // generated rows reserved for the rest of the capacity.
+  void EndSparsePrompt(SparseLayer& sp, int prompt, int capacity);
 
   ModelWeights w_;
   int threads_;
@@ -381,9 +452,122 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
       store_rows(start, n);
       return;
     }
-    case KvPolicyKind::kSparse:
-      break;  // NewSequence refuses sparse plans
+    case KvPolicyKind::kSparse: {
+      SparseLayer& sp = *seq.sparse(layer);
+      if (n == 1 && start > 0) {
+        if (!sp.prompt_ended()) EndSparsePrompt(sp, start, seq.capacity());
+        SparseDecode(sp, q, start, out);
+      } else {
+        SparsePrefill(sp, q, n, start, out);
+      }
+      return;
+    }
   }
+}
+
+void CpuBackend::EndSparsePrompt(SparseLayer& sp, int prompt, int capacity) {
+  const int hd = w_.config.head_dim, nkv = w_.config.n_kv_heads;
+  sp.prompt = prompt;
+  sp.sink = std::min(sp.params.sink, prompt);
+  sp.recent = std::min(sp.params.recent, prompt - sp.sink);
+  const int gen_cap = capacity - prompt;
+  sp.head_stride = static_cast<int64_t>(sp.kept_cap + gen_cap) * hd;
+  sp.k.assign(sp.head_stride * nkv, 0.0f);
+  sp.v.assign(sp.k.size(), 0.0f);
+  for (int h = 0; h < nkv; ++h) {
+    const float* hk = sp.host.k(h);
+    const float* hv = sp.host.v(h);
+    float* mx = &sp.max_abs_k[static_cast<size_t>(h) * hd];
+    std::fill(mx, mx + hd, 0.0f);
+    for (int p = 0; p < prompt; ++p) {
+      for (int d = 0; d < hd; ++d) mx[d] = std::max(mx[d], std::fabs(hk[static_cast<int64_t>(p) * hd + d]));
+    }
+    float* dk = sp.k.data() + h * sp.head_stride;
+    float* dv = sp.v.data() + h * sp.head_stride;
+    std::memcpy(dk, hk, sizeof(float) * sp.sink * hd);
+    std::memcpy(dv, hv, sizeof(float) * sp.sink * hd);
+    const int64_t from = static_cast<int64_t>(prompt - sp.recent) * hd;
+    std::memcpy(dk + static_cast<int64_t>(sp.sink) * hd, hk + from, sizeof(float) * sp.recent * hd);
+    std::memcpy(dv + static_cast<int64_t>(sp.sink) * hd, hv + from, sizeof(float) * sp.recent * hd);
+  }
+}
+
+void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out) {
+  const int hd = w_.config.head_dim, nkv = w_.config.n_kv_heads;
+  if (!sp.prompt_ended()) {
+    // The host tier is the dense layout of the prompt: attend over it as is.
+    CopyChunk(sp.host.k(0), sp.host.v(0), sp.host.head_stride(), start, n);
+    Attention({sp.host.k(0), sp.host.v(0), sp.host.head_stride()}, q, n, start, out);
+    return;
+  }
+  // After a decode step: [prompt (host) | generated (device) | chunk], all
+  // full precision, then the chunk joins the generated rows.
+  const int P = sp.prompt;
+  const int64_t stride = static_cast<int64_t>(start + n) * hd;
+  chunk_k_.resize(stride * nkv);
+  chunk_v_.resize(stride * nkv);
+  const int64_t kept_rows = static_cast<int64_t>(sp.kept_cap) * hd;
+  for (int h = 0; h < nkv; ++h) {
+    std::memcpy(&chunk_k_[h * stride], sp.host.k(h), sizeof(float) * P * hd);
+    std::memcpy(&chunk_v_[h * stride], sp.host.v(h), sizeof(float) * P * hd);
+    std::memcpy(&chunk_k_[h * stride + static_cast<int64_t>(P) * hd], &sp.k[h * sp.head_stride + kept_rows],
+                sizeof(float) * sp.generated * hd);
+    std::memcpy(&chunk_v_[h * stride + static_cast<int64_t>(P) * hd], &sp.v[h * sp.head_stride + kept_rows],
+                sizeof(float) * sp.generated * hd);
+  }
+  CopyChunk(chunk_k_.data(), chunk_v_.data(), stride, start, n);
+  Attention({chunk_k_.data(), chunk_v_.data(), stride}, q, n, start, out);
+  CopyChunk(sp.k.data() + kept_rows, sp.v.data() + kept_rows, sp.head_stride, sp.generated, n);
+  sp.generated += n;
+}
+
+void CpuBackend::SparseDecode(SparseLayer& sp, const float* q, int start, float* out) {
+  const ModelConfig& c = w_.config;
+  const int hd = c.head_dim, nkv = c.n_kv_heads, group = c.n_heads / c.n_kv_heads;
+  const int64_t kept_rows = static_cast<int64_t>(sp.kept_cap) * hd;
+  // The token joins the generated rows (never evicted).
+  CopyChunk(sp.k.data() + kept_rows, sp.v.data() + kept_rows, sp.head_stride, sp.generated, 1);
+  sp.generated += 1;
+  const int P = sp.prompt;
+  const int first = sp.sink, end = P - sp.recent;  // candidates
+  const int selected = std::clamp(end - first, 0, sp.params.top_k);
+  const int rows = sp.sink + selected + sp.recent + sp.generated;
+  const int64_t stride = static_cast<int64_t>(rows) * hd;
+  chunk_k_.resize(stride * nkv);
+  chunk_v_.resize(stride * nkv);
+  sp.last_selection.resize(nkv);
+#pragma omp parallel for
+  for (int h = 0; h < nkv; ++h) {
+    std::vector<float> q_mean(hd, 0.0f);
+    for (int g = 0; g < group; ++g) {
+      const float* qh = q + static_cast<int64_t>(h * group + g) * hd;
+      for (int d = 0; d < hd; ++d) q_mean[d] += qh[d];
+    }
+    for (int d = 0; d < hd; ++d) q_mean[d] /= static_cast<float>(group);
+    std::vector<int>& sel = sp.last_selection[h];
+    SparseSelectCpu(q_mean.data(), &sp.max_abs_k[static_cast<size_t>(h) * hd], sp.host.k(h), hd, first,
+                    end, sp.params.channels, sp.params.top_k, &sel);
+    // Gather in position order: sink, selected, recent, generated.
+    float* gk = &chunk_k_[h * stride];
+    float* gv = &chunk_v_[h * stride];
+    const float* dk = sp.k.data() + h * sp.head_stride;
+    const float* dv = sp.v.data() + h * sp.head_stride;
+    const size_t row = sizeof(float) * hd;
+    std::memcpy(gk, dk, row * sp.sink);
+    std::memcpy(gv, dv, row * sp.sink);
+    int64_t at = static_cast<int64_t>(sp.sink) * hd;
+    for (int p : sel) {
+      std::memcpy(gk + at, sp.host.k(h) + static_cast<int64_t>(p) * hd, row);
+      std::memcpy(gv + at, sp.host.v(h) + static_cast<int64_t>(p) * hd, row);
+      at += hd;
+    }
+    std::memcpy(gk + at, dk + static_cast<int64_t>(sp.sink) * hd, row * sp.recent);
+    std::memcpy(gv + at, dv + static_cast<int64_t>(sp.sink) * hd, row * sp.recent);
+    at += static_cast<int64_t>(sp.recent) * hd;
+    std::memcpy(gk + at, dk + kept_rows, row * sp.generated);
+    std::memcpy(gv + at, dv + kept_rows, row * sp.generated);
+  }
+  Attention({chunk_k_.data(), chunk_v_.data(), stride}, q, 1, rows - 1, out);
 }
 
 void CpuBackend::Attention(const KvView& kv, const float* q, int n, int start, float* out) {
@@ -461,6 +645,47 @@ const QuantKvCpu* CpuQuantStore(const SequenceState& seq, int layer) {
   const auto* s = dynamic_cast<const CpuSequence*>(&seq);
   if (s == nullptr || layer < 0 || layer >= static_cast<int>(s->plan().layers.size())) return nullptr;
   return s->quant(layer);
+}
+
+std::vector<std::vector<int>> CpuSparseLastSelection(const SequenceState& seq, int layer) {
+  const auto* s = dynamic_cast<const CpuSequence*>(&seq);
+  if (s == nullptr || layer < 0 || layer >= static_cast<int>(s->plan().layers.size())) return {};
+  const SparseLayer* sp = s->sparse(layer);
+  return sp == nullptr ? std::vector<std::vector<int>>{} : sp->last_selection;
+}
+
+void SparseSelectCpu(const float* q_mean, const float* max_abs_k, const float* keys, int head_dim,
+                     int first, int end, int channels, int top_k, std::vector<int>* selected,
+                     std::vector<float>* scores) {
+  selected->clear();
+  const int n = std::max(end - first, 0);
+  // Best first: larger value, then the smaller index; NaN as -inf.
+  auto top = [](const std::vector<float>& value, int k, std::vector<int>* out) {
+    out->resize(value.size());
+    std::iota(out->begin(), out->end(), 0);
+    auto key = [&](int i) { return std::isnan(value[i]) ? -INFINITY : value[i]; };
+    std::partial_sort(out->begin(), out->begin() + k, out->end(), [&](int a, int b) {
+      const float ka = key(a), kb = key(b);
+      return ka > kb || (ka == kb && a < b);
+    });
+    out->resize(k);
+  };
+  const int d_s = std::clamp(channels, 0, head_dim);
+  std::vector<float> channel_score(head_dim);
+  for (int d = 0; d < head_dim; ++d) channel_score[d] = std::fabs(q_mean[d]) * max_abs_k[d];
+  std::vector<int> chan;
+  top(channel_score, d_s, &chan);
+  std::vector<float> approx(n);
+  for (int i = 0; i < n; ++i) {
+    const float* k = keys + static_cast<int64_t>(first + i) * head_dim;
+    float dot = 0.0f;
+    for (int d : chan) dot += q_mean[d] * k[d];
+    approx[i] = dot;
+  }
+  top(approx, std::clamp(top_k, 0, n), selected);
+  for (int& p : *selected) p += first;
+  std::sort(selected->begin(), selected->end());
+  if (scores != nullptr) *scores = std::move(approx);
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights weights,

@@ -7,10 +7,44 @@
 // fp32 residual); window layers the sink rows and a ring of the most recent
 // tokens. A non-dense layer's prefill chunk attends over a full-precision
 // scratch [history as stored | chunk] that is not KV memory (kv_bytes()
-// leaves it out). Sparse layers: Unimplemented.
+// leaves it out).
+//
+// Sparse layers (TailorKV's sparsity-friendly layers, index "faithful";
+// index "gpu" answers Unimplemented). Per layer the sequence keeps
+//   host tier   the prompt's K/V in position order (plain memory here,
+//               behind a small class a host-memory store can replace);
+//               `capacity` rows reserved at creation, since the prompt
+//               length is not known then;
+//   device tier sink + recent prompt rows, every generated token (never
+//               evicted) and max|K| per KV head and channel over the prompt.
+// The prompt is every token before the first decode step; it ends (P =
+// length) at that step, which then fixes max|K| over [0, P), copies the
+// sink [0, min(S, P)) and the recent min(R, P - sink) last prompt rows into
+// the device tier, and reserves capacity - P generated rows there.
+//   Prefill chunk (any call that is not a decode step): attention is plain,
+//   causal and full precision over every token so far, as in the paper
+//   (all K/V are available: the prompt in the host tier, generated tokens in
+//   the device tier). So chunked prefill equals dense chunked prefill
+//   exactly, unlike quant and window layers. Before the prompt ends the
+//   chunk's K/V go to the host tier; a chunk after a decode step (the
+//   engine never sends one) is appended to the generated rows.
+//   Decode step: the token's K/V are appended to the generated rows. Per KV
+//   head, with q = the mean over its GQA group of the query heads (after
+//   RoPE): channel score |q| x max|K|, the top `channels` channels (ties:
+//   the smaller channel); approximate score of each prompt position outside
+//   the sink and recent windows = the signed dot product of q and K on those
+//   channels; the top `top_k` of them (ties: the smaller position). Every
+//   query head of the group then attends exactly (one fp32 softmax) over
+//   sink + selected + recent + generated, gathered in position order, so
+//   when top_k covers every candidate the step is bit-identical to dense.
+//   kv_bytes(): host 2 * n_kv * capacity * hd * 4; device 2 * n_kv *
+//   min(capacity, S + R) * hd * 4 + n_kv * hd * 4 (max|K|) at creation
+//   (EstimateKvBytes' figure), plus 2 * n_kv * (capacity - P) * hd * 4 for
+//   the generated rows once the prompt ended.
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "runtime/backend.h"
@@ -29,5 +63,23 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights we
 // tests and inspection; nullptr when `seq` is not a CPU sequence or the
 // layer is not quant. Valid while `seq` lives.
 const QuantKvCpu* CpuQuantStore(const SequenceState& seq, int layer);
+
+// The prompt positions the last decode step of sparse `layer` selected, per
+// KV head, ascending; empty when `seq` is not a CPU sequence, the layer is
+// not sparse or no decode step ran. For tests and inspection.
+std::vector<std::vector<int>> CpuSparseLastSelection(const SequenceState& seq, int layer);
+
+// TailorKV's selection for one KV head, as the CPU backend's decode step runs
+// it (exposed for tests). q_mean and max_abs_k: head_dim floats; keys: rows
+// of head_dim floats, row p at keys + p * head_dim. Picks the `channels`
+// channels with the largest |q_mean| x max_abs_k (ties: smaller channel),
+// scores positions [first, end) by the signed dot product of q_mean and the
+// key on those channels (summed in the channels' rank order; NaN counts as
+// -inf), and writes the min(top_k, end - first) best positions (ties:
+// smaller position) to `selected`, ascending. `scores`, when not null,
+// receives the end - first approximate scores.
+void SparseSelectCpu(const float* q_mean, const float* max_abs_k, const float* keys, int head_dim,
+                     int first, int end, int channels, int top_k, std::vector<int>* selected,
+                     std::vector<float>* scores = nullptr);
 
 }  // namespace tailorkv::runtime

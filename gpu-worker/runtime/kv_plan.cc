@@ -280,11 +280,31 @@ absl::StatusOr<int> SpecInt(const std::string& spec, const std::string& name,
 }
 
 constexpr char kSpecGrammar[] =
-    "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS] or "
+    "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS], "
+    "sparse:TOPK[:SINK:RECENT[:CHANNELS]], hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]] or "
     "@plan.json";
 
 absl::Status SpecError(const std::string& spec, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("kv plan spec \"", spec, "\": ", what));
+}
+
+// TOPK[:SINK:RECENT[:CHANNELS]] from parts[first..]: a faithful sparse layer.
+absl::StatusOr<LayerKvPolicy> SpecSparse(const std::string& spec,
+                                         const std::vector<std::string>& parts, size_t first) {
+  LayerKvPolicy l;
+  l.kind = KvPolicyKind::kSparse;
+  // The only selection a backend runs so far (TailorKV's own).
+  l.sparse.index = "faithful";
+  const std::pair<const char*, int*> fields[] = {{"TOPK", &l.sparse.top_k},
+                                                 {"SINK", &l.sparse.sink},
+                                                 {"RECENT", &l.sparse.recent},
+                                                 {"CHANNELS", &l.sparse.channels}};
+  for (size_t i = first; i < parts.size(); ++i) {
+    auto v = SpecInt(spec, fields[i - first].first, parts[i]);
+    if (!v.ok()) return v.status();
+    *fields[i - first].second = *v;
+  }
+  return l;
 }
 
 }  // namespace
@@ -530,6 +550,28 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
       plan.layers[i].kind = KvPolicyKind::kQuant;
       plan.layers[i].quant.bits = *bits;
     }
+  } else if (kind == "sparse") {
+    if (n_args != 1 && n_args != 3 && n_args != 4) {
+      return SpecError(spec, "expected sparse:TOPK[:SINK:RECENT[:CHANNELS]]");
+    }
+    auto l = SpecSparse(spec, parts, 1);
+    if (!l.ok()) return l.status();
+    plan = KvPlan::Uniform(config.n_layers, *l, spec);
+  } else if (kind == "hybrid") {
+    if (n_args != 2 && n_args != 4 && n_args != 5) {
+      return SpecError(spec, "expected hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]]");
+    }
+    auto bits = SpecInt(spec, "BITS", parts[1]);
+    if (!bits.ok()) return bits.status();
+    auto l = SpecSparse(spec, parts, 2);
+    if (!l.ok()) return l.status();
+    plan = KvPlan::Uniform(config.n_layers, *l, spec);
+    // TailorKV's plan: layer 0 quantization-friendly, the rest sparse.
+    if (!plan.layers.empty()) {
+      plan.layers[0] = LayerKvPolicy{};
+      plan.layers[0].kind = KvPolicyKind::kQuant;
+      plan.layers[0].quant.bits = *bits;
+    }
   } else {
     return SpecError(spec, absl::StrCat("unknown kind \"", kind, "\"; expected ", kSpecGrammar));
   }
@@ -562,16 +604,20 @@ std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::Model
             2 * row * std::min<int64_t>(cap, static_cast<int64_t>(l.window.sink) + l.window.recent);
         break;
       case KvPolicyKind::kSparse: {
-        // Until the sparse policy exists this is the design's footprint: every
-        // token's K and V in host memory; on the device the sink + recent
-        // rows, the per-channel max|K| and a `channels`-wide key index of
-        // every token.
+        // At creation (see the header): the host tier reserves every token
+        // of the capacity; the device tier the sink + recent rows and the
+        // per-channel max|K|; index "gpu" (design only so far) adds a
+        // `channels`-wide key index of every token. Generated rows are
+        // reserved when the prompt ends, so they are not in this figure.
         const SparseParams& s = l.sparse;
         b.host_bytes = 2 * row * cap;
         const int64_t kept = std::min<int64_t>(cap, static_cast<int64_t>(s.sink) + s.recent);
-        b.device_bytes =
-            2 * row * kept + static_cast<int64_t>(config.n_kv_heads) * elem_bytes *
-                                 (config.head_dim + static_cast<int64_t>(s.channels) * cap);
+        b.device_bytes = 2 * row * kept + static_cast<int64_t>(config.n_kv_heads) *
+                                              config.head_dim * elem_bytes;
+        if (s.index == "gpu") {
+          b.device_bytes += static_cast<int64_t>(config.n_kv_heads) * elem_bytes *
+                            static_cast<int64_t>(s.channels) * cap;
+        }
         break;
       }
     }

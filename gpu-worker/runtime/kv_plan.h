@@ -8,9 +8,13 @@
 //            (runtime/quant_kv.h has the exact format).
 //   window - StreamingLLM-style: the first `sink` tokens and the most recent
 //            `recent` tokens; every other token is dropped.
-//   sparse - TailorKV's sparsity-friendly layers (host-resident KV, Top-K
-//            gathers). Parsed and validated here; backends answer
-//            Unimplemented until that policy exists.
+//   sparse - TailorKV's sparsity-friendly layers: the prompt's K/V in a
+//            host tier; on the device the sink + recent prompt rows, every
+//            generated token and the per-channel max|K|; each decode step
+//            attends over those plus the Top-K prompt tokens picked by a
+//            few critical channels. The CPU backend runs index "faithful"
+//            (runtime/cpu_backend.h has the exact semantics); index "gpu"
+//            and the CUDA backend answer Unimplemented so far.
 // The profiler service produces plans in the JSON form below; the worker and
 // the accuracy harness load them. A plan that is wrong anywhere is rejected
 // whole, and the error names the layer and the field.
@@ -117,6 +121,10 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config);
 //   "quant:BITS[:GROUP[:RESIDUAL]]"          every layer quantized (KIVI-style)
 //   "window:SINK:RECENT"                     every layer windowed (StreamingLLM-style)
 //   "tailorkv:BITS[:LAYERS]"                 layers 0..LAYERS-1 (default 1) quantized, others dense
+//   "sparse:TOPK[:SINK:RECENT[:CHANNELS]]"   every layer sparse, index "faithful"
+//   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]]"
+//                                            TailorKV's plan: layer 0 quant BITS (group 64,
+//                                            residual 128), every other layer sparse as above
 //   "@path/to/plan.json"                     a plan file
 // Numbers are plain decimals; omitted ones take the defaults above. The plan's
 // name is the spec itself ("dense" for dense; a file's own "name"). The plan
@@ -139,10 +147,15 @@ struct LayerKvBytes {
 //   dense  2 * n_kv_heads * capacity * head_dim * elem
 //   quant  QuantShape::Bytes(elem) (codes, params and both residual rings)
 //   window 2 * n_kv_heads * min(capacity, sink + recent) * head_dim * elem
-//   sparse (estimate until the policy exists) host: every token's K and V
-//          (as dense); device: sink + recent rows, per-channel max|K|
-//          (n_kv_heads * head_dim) and a `channels`-wide key index of every
-//          token (n_kv_heads * channels * capacity), all at elem bytes.
+//   sparse host: 2 * n_kv_heads * capacity * head_dim * elem (the prompt's
+//          K/V, reserved for a prompt as long as the capacity); device:
+//          2 * n_kv_heads * min(capacity, sink + recent) * head_dim * elem
+//          + n_kv_heads * head_dim * elem (max|K|), plus for index "gpu"
+//          (not implemented yet) a `channels`-wide key index of every token,
+//          n_kv_heads * channels * capacity * elem. This is what a sequence
+//          holds when made; when its prompt (P tokens) ends, the device tier
+//          also reserves its generated rows, 2 * n_kv_heads * (capacity - P)
+//          * head_dim * elem, which no estimate without P can include.
 std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::ModelConfig& config,
                                           int capacity, int elem_bytes);
 

@@ -411,6 +411,40 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
   auto tailor_none = ParseKvPlanSpec("tailorkv:1:0", c);
   ASSERT_TRUE(tailor_none.ok());
   EXPECT_TRUE(tailor_none->all_dense());
+
+  struct SparseCase {
+    std::string spec;
+    SparseParams sparse;
+  };
+  for (const SparseCase& tc :
+       {SparseCase{"sparse:128", {8, 56, 128, 8, "faithful"}},
+        SparseCase{"sparse:17:3:5", {3, 5, 17, 8, "faithful"}},
+        SparseCase{"sparse:896:64:64:12", {64, 64, 896, 12, "faithful"}},
+        SparseCase{"sparse:1:0:1:64", {0, 1, 1, 64, "faithful"}}}) {
+    auto plan = ParseKvPlanSpec(tc.spec, c);
+    ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
+    EXPECT_EQ(plan->name, tc.spec);
+    ASSERT_EQ(plan->layers.size(), 5u);
+    for (const LayerKvPolicy& l : plan->layers) {
+      EXPECT_EQ(l.kind, KvPolicyKind::kSparse) << tc.spec;
+      EXPECT_EQ(l.sparse, tc.sparse) << tc.spec;
+    }
+  }
+  auto hybrid = ParseKvPlanSpec("hybrid:2:128:8:56", c);
+  ASSERT_TRUE(hybrid.ok()) << hybrid.status();
+  EXPECT_EQ(hybrid->name, "hybrid:2:128:8:56");
+  EXPECT_EQ(hybrid->Summary(), "quant(2b g64 r128) x1, sparse(8+56 k128 d8 faithful) x4");
+  EXPECT_EQ(hybrid->layers[0].quant, (QuantParams{2, 64, 128}));
+  auto hybrid_short = ParseKvPlanSpec("hybrid:1:896", c);
+  ASSERT_TRUE(hybrid_short.ok()) << hybrid_short.status();
+  EXPECT_EQ(hybrid_short->Summary(), "quant(1b g64 r128) x1, sparse(8+56 k896 d8 faithful) x4");
+  auto hybrid_full = ParseKvPlanSpec("hybrid:4:7:1:2:3", c);
+  ASSERT_TRUE(hybrid_full.ok()) << hybrid_full.status();
+  EXPECT_EQ(hybrid_full->Summary(), "quant(4b g64 r128) x1, sparse(1+2 k7 d3 faithful) x4");
+  // A one-layer model keeps only the quantized layer.
+  auto hybrid_one = ParseKvPlanSpec("hybrid:1:8", Config(1));
+  ASSERT_TRUE(hybrid_one.ok()) << hybrid_one.status();
+  EXPECT_EQ(hybrid_one->Summary(), "quant(1b g64 r128) x1");
 }
 
 TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
@@ -424,7 +458,8 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
       {"Dense",
        "kv plan spec \"Dense\": unknown kind \"Dense\"; expected dense, "
        "quant:BITS[:GROUP[:RESIDUAL]], "
-       "window:SINK:RECENT, tailorkv:BITS[:LAYERS] or @plan.json"},
+       "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]], "
+       "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]] or @plan.json"},
       {"kivi:1", "unknown kind \"kivi\""},
       {"dense:1", "kv plan spec \"dense:1\": dense takes no parameters"},
       {"quant", "kv plan spec \"quant\": expected quant:BITS[:GROUP[:RESIDUAL]]"},
@@ -446,6 +481,23 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
       {"tailorkv:3:1", "layers[0].bits: must be 1, 2 or 4, got 3"},
       {"tailorkv:1:2:3", "expected tailorkv:BITS[:LAYERS]"},
       {"@", "kv plan spec \"@\": a plan file path must follow '@'"},
+      {"sparse", "kv plan spec \"sparse\": expected sparse:TOPK[:SINK:RECENT[:CHANNELS]]"},
+      {"sparse:8:1", "expected sparse:TOPK[:SINK:RECENT[:CHANNELS]]"},
+      {"sparse:8:1:2:3:4", "expected sparse:TOPK[:SINK:RECENT[:CHANNELS]]"},
+      {"sparse:0", "kv plan spec \"sparse:0\": layers[0].top_k: must be >= 1, got 0"},
+      {"sparse:8:4:0", "layers[0].recent: must be >= 1, got 0"},
+      {"sparse:8:4:4:0", "layers[0].channels: must be in [1, head_dim 64], got 0"},
+      {"sparse:8:4:4:65", "layers[0].channels: must be in [1, head_dim 64], got 65"},
+      {"sparse:k", "TOPK must be a non-negative integer, got \"k\""},
+      {"sparse:8:-1:4", "SINK must be a non-negative integer, got \"-1\""},
+      {"sparse:8:1:x", "RECENT must be a non-negative integer, got \"x\""},
+      {"sparse:8:1:2:", "CHANNELS must be a non-negative integer, got \"\""},
+      {"hybrid:2", "kv plan spec \"hybrid:2\": expected hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]]"},
+      {"hybrid:2:8:1", "expected hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]]"},
+      {"hybrid:2:8:1:2:3:4", "expected hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]]"},
+      {"hybrid:3:8", "layers[0].bits: must be 1, 2 or 4, got 3"},
+      {"hybrid:2:0", "layers[1].top_k: must be >= 1, got 0"},
+      {"hybrid:x:8", "BITS must be a non-negative integer, got \"x\""},
   };
   for (const Case& tc : cases) {
     auto plan = ParseKvPlanSpec(tc.spec, c);
@@ -475,9 +527,20 @@ TEST(KvPlanBytesTest, EstimatesEveryPolicy) {
   EXPECT_EQ(bytes[1].device_bytes, 2 * 3 * 100 * 64 * 4);
   // Layer 2: window 0+7.
   EXPECT_EQ(bytes[2].device_bytes, 2 * 3 * 7 * 64 * 4);
-  // Layer 3: sparse 3+5 rows, 11 channels.
+  // Layer 3: sparse 3+5 rows, 11 channels, index "faithful": host every
+  // token, device sink + recent rows and max|K| (3 heads x 64 channels).
   EXPECT_EQ(bytes[3].host_bytes, 2 * 3 * 100 * 64 * 4);
-  EXPECT_EQ(bytes[3].device_bytes, 2 * 3 * 8 * 64 * 4 + 3 * 4 * (64 + 11 * 100));
+  EXPECT_EQ(bytes[3].device_bytes, 2 * 3 * 8 * 64 * 4 + 3 * 64 * 4);
+  // Index "gpu" adds an 11-channel key index of every token.
+  KvPlan gpu_index = plan;
+  gpu_index.layers[3].sparse.index = "gpu";
+  const auto g = EstimateKvBytes(gpu_index, c, cap, 4);
+  EXPECT_EQ(g[3].host_bytes, bytes[3].host_bytes);
+  EXPECT_EQ(g[3].device_bytes, 2 * 3 * 8 * 64 * 4 + 3 * 4 * (64 + 11 * 100));
+  // Sink + recent longer than the capacity keeps only the capacity.
+  const auto short_seq = EstimateKvBytes(plan, c, 5, 2);
+  EXPECT_EQ(short_seq[3].host_bytes, 2 * 3 * 5 * 64 * 2);
+  EXPECT_EQ(short_seq[3].device_bytes, 2 * 3 * 5 * 64 * 2 + 3 * 64 * 2);
   // Layer 4: quant 4 bits, group 64, residual 4096: words/group 8, key
   // groups 2: K 2*64*8 + 2*64, V 100*1*8 + 100 -> (1024+128+800+100)*4 = 8208;
   // residual 2*4096*64*4 = 2097152.
