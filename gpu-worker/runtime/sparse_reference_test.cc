@@ -1,0 +1,163 @@
+// TopKIndices and GatherRows against independent oracles: a full std::sort
+// by the stated rule (larger key first, then smaller index), and a
+// byte-by-byte copy loop. Outputs are poisoned before each call.
+#include "runtime/sparse_reference.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+namespace tailorkv::runtime {
+namespace {
+
+constexpr int32_t kPoison = -12345;
+
+// Oracle: rank all n by a full sort, take the first min(k, n), sort by index.
+std::vector<int32_t> Oracle(const std::vector<float>& s, int k) {
+  const int n = static_cast<int>(s.size());
+  std::vector<int32_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  auto rank = [&](float x) -> std::pair<int, double> {  // (class, value): NaN < everything
+    if (std::isnan(x)) return {0, 0.0};
+    // -0.0 ranks just below +0.0: give it a tiny negative offset.
+    if (x == 0.0f && std::signbit(x)) return {1, -1e-300};
+    return {1, static_cast<double>(x)};
+  };
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    auto ra = rank(s[a]), rb = rank(s[b]);
+    if (ra != rb) return ra > rb;
+    return a < b;
+  });
+  order.resize(std::min(k, n));
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+std::vector<int32_t> RunTopK(const std::vector<float>& s, int k) {
+  const int n = static_cast<int>(s.size());
+  std::vector<int32_t> out(std::max(1, std::min(k, n)) + 1, kPoison);
+  absl::StatusOr<int> m = TopKIndices(s.data(), n, k, out.data());
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return {};
+  EXPECT_EQ(*m, std::min(k, n));
+  EXPECT_EQ(out[std::min(k, n)], kPoison) << "wrote past min(k, n)";
+  out.resize(*m);
+  return out;
+}
+
+TEST(SparseTopKTest, HandPickedTiesAndNaN) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  //                    0     1    2    3     4    5     6     7
+  std::vector<float> s = {1.0f, nan, 3.0f, 1.0f, -inf, 3.0f, 1.0f, -0.0f};
+  EXPECT_EQ(RunTopK(s, 1), (std::vector<int32_t>{2}));              // tie 3.0 at 2, 5: smaller index
+  EXPECT_EQ(RunTopK(s, 2), (std::vector<int32_t>{2, 5}));
+  EXPECT_EQ(RunTopK(s, 3), (std::vector<int32_t>{0, 2, 5}));        // tie 1.0 at 0, 3, 6
+  EXPECT_EQ(RunTopK(s, 5), (std::vector<int32_t>{0, 2, 3, 5, 6}));
+  EXPECT_EQ(RunTopK(s, 6), (std::vector<int32_t>{0, 2, 3, 5, 6, 7}));  // -0.0 above -inf
+  EXPECT_EQ(RunTopK(s, 7), (std::vector<int32_t>{0, 2, 3, 4, 5, 6, 7}));  // NaN last
+  EXPECT_EQ(RunTopK(s, 8), (std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6, 7}));
+  EXPECT_EQ(RunTopK(s, 100), (std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6, 7}));
+  std::vector<float> z = {0.0f, -0.0f, 0.0f};
+  EXPECT_EQ(RunTopK(z, 1), (std::vector<int32_t>{0}));
+  EXPECT_EQ(RunTopK(z, 2), (std::vector<int32_t>{0, 2}));  // +0.0 outranks -0.0
+  std::vector<float> nans(5, -nan);
+  EXPECT_EQ(RunTopK(nans, 2), (std::vector<int32_t>{0, 1}));  // all NaN: smallest indices
+}
+
+TEST(SparseTopKTest, KeyOrdersLikeFloats) {
+  const float vals[] = {-std::numeric_limits<float>::infinity(), -3e38f, -1.0f, -1e-45f, -0.0f,
+                        0.0f, 1e-45f, 1.0f, 3e38f, std::numeric_limits<float>::infinity()};
+  for (size_t i = 0; i + 1 < std::size(vals); ++i) {
+    EXPECT_LT(TopKKey(vals[i]), TopKKey(vals[i + 1])) << vals[i] << " vs " << vals[i + 1];
+  }
+  EXPECT_EQ(TopKKey(std::numeric_limits<float>::quiet_NaN()), 0u);
+  EXPECT_EQ(TopKKey(-std::numeric_limits<float>::quiet_NaN()), 0u);
+  EXPECT_GT(TopKKey(-std::numeric_limits<float>::infinity()), 0u);
+}
+
+TEST(SparseTopKTest, RandomWithSeededDuplicatesMatchesSortOracle) {
+  std::mt19937 rng(20261122);
+  const int sizes[] = {1, 2, 7, 64, 257, 1000, 4097};
+  for (int n : sizes) {
+    for (int levels : {0, 3, 50}) {  // 0: continuous values; else quantized to `levels` values
+      std::vector<float> s(n);
+      std::normal_distribution<float> normal(0.0f, 2.0f);
+      std::uniform_int_distribution<int> level(0, std::max(1, levels) - 1);
+      for (int i = 0; i < n; ++i) s[i] = levels == 0 ? normal(rng) : 0.25f * level(rng) - 1.0f;
+      // Seeded duplicates of random earlier values, and a few NaNs.
+      for (int j = 0; j < n / 8; ++j) s[rng() % n] = s[rng() % n];
+      for (int j = 0; j < n / 50; ++j) s[rng() % n] = std::numeric_limits<float>::quiet_NaN();
+      for (int k : {1, 2, n / 3, n - 1, n, n + 5}) {
+        if (k < 1) continue;
+        EXPECT_EQ(RunTopK(s, k), Oracle(s, k)) << "n=" << n << " levels=" << levels << " k=" << k;
+      }
+    }
+  }
+}
+
+TEST(SparseTopKTest, EmptyAndBadInput) {
+  int32_t out[2] = {kPoison, kPoison};
+  EXPECT_EQ(*TopKIndices(nullptr, 0, 4, out), 0);
+  float one = 1.0f;
+  EXPECT_EQ(*TopKIndices(&one, 1, 0, out), 0);
+  EXPECT_EQ(out[0], kPoison);
+  absl::StatusOr<int> r = TopKIndices(&one, -1, 1, out);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("n ="), std::string::npos);
+  r = TopKIndices(&one, 1, -2, out);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("k ="), std::string::npos);
+  EXPECT_FALSE(TopKIndices(nullptr, 1, 1, out).ok());
+  EXPECT_FALSE(TopKIndices(&one, 1, 1, nullptr).ok());
+}
+
+TEST(SparseGatherTest, BitExactWithDuplicates) {
+  std::mt19937 rng(7);
+  for (int64_t row_bytes : {1, 16, 256, 2048, 2051}) {
+    const int64_t src_rows = 97;
+    std::vector<unsigned char> src(src_rows * row_bytes);
+    for (auto& b : src) b = static_cast<unsigned char>(rng());
+    const int count = 131;
+    std::vector<int32_t> idx(count);
+    for (auto& i : idx) i = static_cast<int32_t>(rng() % src_rows);
+    idx[5] = idx[6] = idx[100];  // duplicates
+    idx[0] = 0;
+    idx[count - 1] = src_rows - 1;
+    std::vector<unsigned char> dst(count * row_bytes + 3, 0xA5);
+    ASSERT_TRUE(GatherRows(src.data(), src_rows, row_bytes, idx.data(), count, dst.data()).ok());
+    for (int i = 0; i < count; ++i) {
+      for (int64_t b = 0; b < row_bytes; ++b) {
+        ASSERT_EQ(dst[i * row_bytes + b], src[idx[i] * row_bytes + b]) << "row " << i << " byte " << b;
+      }
+    }
+    for (int t = 0; t < 3; ++t) EXPECT_EQ(dst[count * row_bytes + t], 0xA5) << "wrote past the end";
+  }
+}
+
+TEST(SparseGatherTest, BadInputNamesTheField) {
+  std::vector<unsigned char> src(64), dst(64, 0xA5);
+  int32_t idx[2] = {0, 4};
+  absl::Status s = GatherRows(src.data(), 4, 16, idx, 2, dst.data());
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("idx[1] = 4"), std::string::npos) << s;
+  EXPECT_EQ(dst[0], 0xA5) << "copied before validating";
+  idx[1] = -1;
+  EXPECT_FALSE(GatherRows(src.data(), 4, 16, idx, 2, dst.data()).ok());
+  EXPECT_NE(GatherRows(src.data(), 4, -16, idx, 2, dst.data()).message().find("row_bytes"), std::string::npos);
+  EXPECT_NE(GatherRows(src.data(), 4, 16, idx, -2, dst.data()).message().find("count"), std::string::npos);
+  EXPECT_NE(GatherRows(src.data(), -4, 16, idx, 2, dst.data()).message().find("src_rows"), std::string::npos);
+  EXPECT_FALSE(GatherRows(nullptr, 4, 16, idx, 1, dst.data()).ok());
+  EXPECT_FALSE(GatherRows(src.data(), 4, 16, nullptr, 1, dst.data()).ok());
+  EXPECT_FALSE(GatherRows(src.data(), 4, 16, idx, 1, nullptr).ok());
+  EXPECT_TRUE(GatherRows(nullptr, 0, 16, nullptr, 0, nullptr).ok());
+}
+
+}  // namespace
+}  // namespace tailorkv::runtime
