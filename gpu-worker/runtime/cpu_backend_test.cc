@@ -2,11 +2,13 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <numeric>
 #include <limits>
 #include <numbers>
@@ -503,15 +505,18 @@ TEST(CpuBackendKvPolicy, KvBytesFollowTheFormulas) {
   }
 }
 
-TEST(CpuBackendKvPolicy, RejectsSparseAndKeepsNonDenseSequencesOnTruncate) {
+TEST(CpuBackendKvPolicy, RejectsGpuSparseIndexAndKeepsNonDenseSequencesOnTruncate) {
   const auto w = PolicyModel(35);
   auto backend = *CreateCpuBackend(w, {.threads = 1});
   KvPlan sparse = KvPlan::Dense(3);
-  sparse.layers[1].kind = KvPolicyKind::kSparse;
+  sparse.layers[1].kind = KvPolicyKind::kSparse;  // index "gpu" by default
   const auto s = backend->NewSequence(50, sparse);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(s.status().message().find("layer 1: sparse policy: not implemented yet (issue 5)"), std::string::npos)
+  EXPECT_NE(s.status().message().find("layer 1: sparse policy with index \"gpu\": not implemented yet (issue 5)"),
+            std::string::npos)
       << s.status();
+  sparse.layers[1].sparse.index = "faithful";
+  EXPECT_TRUE(backend->NewSequence(50, sparse).ok());
   KvPlan bad = KvPlan::Uniform(3, Quant(3, 32, 64), "bad");
   EXPECT_EQ(backend->NewSequence(50, bad).status().code(), absl::StatusCode::kInvalidArgument);
 
@@ -529,6 +534,299 @@ TEST(CpuBackendKvPolicy, RejectsSparseAndKeepsNonDenseSequencesOnTruncate) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(seq->length(), 40);
   EXPECT_EQ(CpuQuantStore(*seq, 0)->length(), 40);
+}
+
+// ---------------------------------------------------------------------------
+// Sparse (TailorKV) layers on the CPU backend.
+
+LayerKvPolicy Sparse(int sink, int recent, int top_k, int channels) {
+  LayerKvPolicy p;
+  p.kind = KvPolicyKind::kSparse;
+  p.sparse = {sink, recent, top_k, channels, "faithful"};
+  return p;
+}
+
+// Prefill chunks (1, 149, 3, 5), decode steps, then chunks of 4 and 2 after
+// decoding (appended to the generated rows) and more steps.
+const std::vector<int> kSparseChunks = {1, 149, 3, 5, 1, 1, 1, 4, 1, 1, 2, 1, 1, 1, 1, 1};
+constexpr int kSparseTotal = 174;
+
+// Top-K covering every candidate (or sink + recent covering the prompt)
+// gathers every position in order: bit-identical to dense, chunked prefill
+// and prefill after decode included (not merely within fp32 reassociation).
+TEST(CpuBackendSparse, TopKCoveringThePromptMatchesDenseExactly) {
+  const auto w = PolicyModel(41);
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(kSparseTotal, w.config.vocab, 42);
+  ASSERT_EQ(std::accumulate(kSparseChunks.begin(), kSparseChunks.end(), 0), kSparseTotal);
+  const auto dense = RunChunks(*backend, KvPlan::Dense(3), tokens, kSparseChunks);
+  ASSERT_GT(std::fabs(dense[1][100]), 1e-4f) << "logits are trivial";
+  // Prompt 158 tokens: 4 + 8 kept, 146 candidates.
+  ExpectBitIdentical(dense, RunChunks(*backend, KvPlan::Uniform(3, Sparse(4, 8, 146, 3), "s"), tokens, kSparseChunks),
+                     "sparse k146 (== candidates) vs dense");
+  ExpectBitIdentical(dense, RunChunks(*backend, KvPlan::Uniform(3, Sparse(0, 1, 1000, 1), "s"), tokens, kSparseChunks),
+                     "sparse k1000 vs dense");
+  ExpectBitIdentical(dense, RunChunks(*backend, KvPlan::Uniform(3, Sparse(8, 150, 1, 2), "s"), tokens, kSparseChunks),
+                     "sparse 8+150 (no candidates) vs dense");
+  // One candidate short of covering: the decode steps differ.
+  const auto short_k = RunChunks(*backend, KvPlan::Uniform(3, Sparse(4, 8, 145, 3), "s"), tokens, kSparseChunks);
+  ExpectBitIdentical({dense.begin(), dense.begin() + 4}, {short_k.begin(), short_k.begin() + 4}, "prefill");
+  EXPECT_GT(MaxDiff({dense.begin() + 4, dense.end()}, {short_k.begin() + 4, short_k.end()}), 0.0f);
+}
+
+// A small Top-K: the one-shot prefill still equals dense, decode steps stay
+// finite and depart from dense.
+TEST(CpuBackendSparse, SmallTopKDiffersButStaysFinite) {
+  const auto w = PolicyModel(43);
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(200, w.config.vocab, 44);
+  std::vector<int> chunks = {160};
+  chunks.resize(41, 1);
+  const auto dense = RunChunks(*backend, KvPlan::Dense(3), tokens, chunks);
+  const auto sparse = RunChunks(*backend, KvPlan::Uniform(3, Sparse(2, 4, 6, 4), "s"), tokens, chunks);
+  ExpectBitIdentical({dense[0]}, {sparse[0]}, "one-shot prefill");
+  for (size_t st = 1; st < sparse.size(); ++st) {
+    for (float x : sparse[st]) ASSERT_TRUE(std::isfinite(x)) << "step " << st;
+  }
+  const float d = MaxDiff({dense.begin() + 1, dense.end()}, {sparse.begin() + 1, sparse.end()});
+  std::printf("sparse 2+4 k6 d4, 40 steps: max |logit - dense| %.4g\n", d);
+  EXPECT_GT(d, 1e-3f);
+}
+
+// TailorKV's selection, written independently in double: per KV head the
+// group-mean query, max|K| over the prompt, the top channels, the Top-K by
+// the partial dot product; attention over sink + Top-K + recent + every
+// generated token.
+std::vector<std::vector<int>> IndependentSelection(const std::vector<float>& q, const std::vector<float>& k,
+                                                   int n_heads, int n_kv, int hd, int len, int prompt,
+                                                   const SparseParams& sp) {
+  const int group = n_heads / n_kv;
+  const int sink = std::min(sp.sink, prompt), recent = std::min(sp.recent, prompt - sink);
+  std::vector<std::vector<int>> out(n_kv);
+  for (int g = 0; g < n_kv; ++g) {
+    std::vector<double> qm(hd, 0.0), mx(hd, 0.0);
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      for (int d = 0; d < hd; ++d) qm[d] += q[h * hd + d] / static_cast<double>(group);
+    }
+    const float* kg = &k[static_cast<size_t>(g) * len * hd];
+    for (int p = 0; p < prompt; ++p) {
+      for (int d = 0; d < hd; ++d) mx[d] = std::max(mx[d], std::fabs(static_cast<double>(kg[p * hd + d])));
+    }
+    std::vector<int> ch(hd);
+    std::iota(ch.begin(), ch.end(), 0);
+    std::stable_sort(ch.begin(), ch.end(),
+                     [&](int a, int b) { return std::fabs(qm[a]) * mx[a] > std::fabs(qm[b]) * mx[b]; });
+    ch.resize(sp.channels);
+    std::vector<std::pair<double, int>> cand;
+    for (int p = sink; p < prompt - recent; ++p) {
+      double s = 0;
+      for (int d : ch) s += qm[d] * kg[p * hd + d];
+      cand.push_back({-s, p});
+    }
+    std::sort(cand.begin(), cand.end());
+    cand.resize(std::min<size_t>(cand.size(), sp.top_k));
+    for (const auto& [s, p] : cand) out[g].push_back(p);
+    std::sort(out[g].begin(), out[g].end());
+  }
+  return out;
+}
+
+TEST(CpuBackendSparse, DecodeMatchesIndependentSelectionAndAttendsEveryGeneratedToken) {
+  const auto w = PolicyModel(45, /*n_layers=*/1);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const SparseParams sp{3, 7, 11, 5, "faithful"};
+  for (int generated : {1, 2, 25}) {
+    const int prompt = 100, len = prompt + generated;
+    const auto tokens = RandomTokens(len, c.vocab, 46);
+    std::vector<int> chunks = {prompt};
+    chunks.resize(1 + generated, 1);
+    std::unique_ptr<SequenceState> seq;
+    LayerKvPolicy l;
+    l.kind = KvPolicyKind::kSparse;
+    l.sparse = sp;
+    const auto got = RunChunks(*backend, KvPlan::Uniform(1, l, "s"), tokens, chunks, &seq);
+    std::vector<std::vector<int>> expected_sel;
+    const auto expected = OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto& v, float* out) {
+      expected_sel = IndependentSelection(q, k, c.n_heads, c.n_kv_heads, 32, len, prompt, sp);
+      for (int h = 0; h < c.n_heads; ++h) {
+        const int g = h / 3;
+        std::vector<int> pos = {0, 1, 2};
+        pos.insert(pos.end(), expected_sel[g].begin(), expected_sel[g].end());
+        for (int p = prompt - 7; p < len; ++p) pos.push_back(p);  // recent + every generated token
+        const size_t kv = static_cast<size_t>(g) * len * 32;
+        AttendPositions(&q[h * 32], &k[kv], &v[kv], 32, pos, out + h * 32);
+      }
+    });
+    const auto sel = CpuSparseLastSelection(*seq, 0);
+    ASSERT_EQ(sel.size(), 2u);
+    for (int g = 0; g < 2; ++g) {
+      EXPECT_EQ(sel[g], expected_sel[g]) << "kv head " << g << ", generated " << generated;
+      ASSERT_EQ(sel[g].size(), 11u);
+      EXPECT_GE(sel[g].front(), 3);
+      EXPECT_LT(sel[g].back(), prompt - 7);
+    }
+    EXPECT_NE(sel[0], sel[1]) << "heads select on their own";
+    size_t where = 0;
+    const float d = MaxAbsDiff(got.back().data(), expected.data(), c.vocab, &where);
+    EXPECT_LT(d, 1e-4f) << "generated " << generated << " at " << where << ": " << got.back()[where] << " vs "
+                        << expected[where];
+    // Dropping the generated tokens (or the selection) changes the answer.
+    const auto without_generated =
+        OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto& v, float* out) {
+          for (int h = 0; h < c.n_heads; ++h) {
+            const int g = h / 3;
+            std::vector<int> pos = {0, 1, 2};
+            pos.insert(pos.end(), expected_sel[g].begin(), expected_sel[g].end());
+            for (int p = prompt - 7; p < prompt; ++p) pos.push_back(p);
+            pos.push_back(len - 1);  // the token itself always attends to itself
+            const size_t kv = static_cast<size_t>(g) * len * 32;
+            AttendPositions(&q[h * 32], &k[kv], &v[kv], 32, pos, out + h * 32);
+          }
+        });
+    if (generated > 1) {
+      EXPECT_GT(MaxAbsDiff(got.back().data(), without_generated.data(), c.vocab, &where), 100 * d);
+    }
+  }
+}
+
+// A few planted keys dominate on the query's outlier channels: the
+// selection picks exactly them, whatever the other channels hold.
+TEST(CpuBackendSparse, SelectionPicksPlantedKeys) {
+  constexpr int hd = 24, n = 301;
+  std::mt19937 rng(47);
+  std::normal_distribution<float> noise(0.0f, 0.3f);
+  std::vector<float> q(hd), keys(static_cast<size_t>(n) * hd), max_abs(hd, 0.0f);
+  for (float& x : q) x = noise(rng);
+  q[5] = 4.0f;
+  q[17] = -3.0f;  // outlier channels of both signs
+  for (float& x : keys) x = noise(rng);
+  const std::vector<int> planted = {7, 40, 41, 199, 300};
+  for (int p : planted) {
+    keys[p * hd + 5] = 6.0f;
+    keys[p * hd + 17] = -5.0f;
+  }
+  // A key that is large only on a channel the query ignores.
+  keys[120 * hd + 2] = 50.0f;
+  q[2] = 0.0f;
+  for (int p = 0; p < n; ++p) {
+    for (int d = 0; d < hd; ++d) max_abs[d] = std::max(max_abs[d], std::fabs(keys[p * hd + d]));
+  }
+  std::vector<int> sel;
+  std::vector<float> scores;
+  SparseSelectCpu(q.data(), max_abs.data(), keys.data(), hd, 0, n, /*channels=*/2, /*top_k=*/5, &sel, &scores);
+  EXPECT_EQ(sel, planted);
+  ASSERT_EQ(scores.size(), static_cast<size_t>(n));
+  EXPECT_FLOAT_EQ(scores[7], 4.0f * 6.0f + 3.0f * 5.0f);
+  // A window [first, end) excluding some planted keys: the rest, then the best others.
+  SparseSelectCpu(q.data(), max_abs.data(), keys.data(), hd, 10, 300, 2, 3, &sel);
+  EXPECT_EQ(sel, (std::vector<int>{40, 41, 199}));
+  // Top-K beyond the window selects all of it; an empty window nothing.
+  SparseSelectCpu(q.data(), max_abs.data(), keys.data(), hd, 290, 296, 2, 50, &sel);
+  EXPECT_EQ(sel, (std::vector<int>{290, 291, 292, 293, 294, 295}));
+  SparseSelectCpu(q.data(), max_abs.data(), keys.data(), hd, 5, 5, 2, 50, &sel);
+  EXPECT_TRUE(sel.empty());
+  // Ties: equal scores keep the smaller positions, equal channel scores the
+  // smaller channels (channel 0 only: keys differ there, not on channel 1).
+  std::vector<float> flat(static_cast<size_t>(10) * 2, 1.0f), ones(2, 1.0f);
+  SparseSelectCpu(ones.data(), ones.data(), flat.data(), 2, 0, 10, 1, 3, &sel);
+  EXPECT_EQ(sel, (std::vector<int>{0, 1, 2}));
+  flat[8 * 2 + 0] = 2.0f;  // position 8 wins on channel 0
+  flat[3 * 2 + 1] = 9.0f;  // position 3 only on channel 1, which is not picked
+  SparseSelectCpu(ones.data(), ones.data(), flat.data(), 2, 0, 10, 1, 2, &sel, &scores);
+  EXPECT_EQ(sel, (std::vector<int>{0, 8}));
+  EXPECT_EQ(scores[3], 1.0f);
+  // NaN scores rank last.
+  flat[0] = NAN;
+  SparseSelectCpu(ones.data(), ones.data(), flat.data(), 2, 0, 10, 1, 2, &sel);
+  EXPECT_EQ(sel, (std::vector<int>{1, 8}));
+}
+
+// channels == head_dim: the approximate scores are the exact dot products
+// of the group-mean query (up to fp32 summation order) and the selection is
+// the exact Top-K; fewer channels give different scores.
+TEST(CpuBackendSparse, AllChannelsMakeTheScoresExact) {
+  constexpr int hd = 32, n = 257, k = 19;
+  std::mt19937 rng(48);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> q(hd), keys(static_cast<size_t>(n) * hd), max_abs(hd, 0.0f);
+  for (float& x : q) x = dist(rng);
+  for (float& x : keys) x = dist(rng);
+  for (int p = 0; p < n; ++p) {
+    for (int d = 0; d < hd; ++d) max_abs[d] = std::max(max_abs[d], std::fabs(keys[p * hd + d]));
+  }
+  std::vector<std::pair<double, int>> exact;
+  std::vector<double> exact_score(n);
+  for (int p = 0; p < n; ++p) {
+    double s = 0;
+    for (int d = 0; d < hd; ++d) s += static_cast<double>(q[d]) * keys[p * hd + d];
+    exact_score[p] = s;
+    exact.push_back({-s, p});
+  }
+  std::sort(exact.begin(), exact.end());
+  std::vector<int> want;
+  for (int i = 0; i < k; ++i) want.push_back(exact[i].second);
+  std::sort(want.begin(), want.end());
+  std::vector<int> sel;
+  std::vector<float> scores;
+  SparseSelectCpu(q.data(), max_abs.data(), keys.data(), hd, 0, n, hd, k, &sel, &scores);
+  EXPECT_EQ(sel, want);
+  double worst = 0;
+  for (int p = 0; p < n; ++p) worst = std::max(worst, std::fabs(scores[p] - exact_score[p]));
+  EXPECT_LT(worst, 1e-4);
+  SparseSelectCpu(q.data(), max_abs.data(), keys.data(), hd, 0, n, 4, k, &sel, &scores);
+  worst = 0;
+  for (int p = 0; p < n; ++p) worst = std::max(worst, std::fabs(scores[p] - exact_score[p]));
+  EXPECT_GT(worst, 0.5);
+}
+
+TEST(CpuBackendSparse, KvBytesAndTruncate) {
+  const auto w = PolicyModel(49, /*n_layers=*/3);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 1});
+  KvPlan plan = KvPlan::Dense(3);
+  plan.name = "mixed";
+  plan.layers[0] = Quant(2, 32, 64);
+  plan.layers[1] = Sparse(4, 20, 8, 3);
+  plan.layers[2] = Sparse(8, 1020, 8, 3);  // sink + recent beyond the capacity: capped
+  const int cap = 100, prompt = 70;
+  auto seq = *backend->NewSequence(cap, plan);
+  const int64_t nkv = c.n_kv_heads, hd = c.head_dim;
+  const auto est = EstimateKvBytes(plan, c, cap, 4);
+  auto b = seq->kv_bytes();
+  ASSERT_EQ(b.size(), 3u);
+  EXPECT_EQ(b[1].kind, KvPolicyKind::kSparse);
+  EXPECT_EQ(b[1].host_bytes, 2 * nkv * cap * hd * 4);
+  EXPECT_EQ(b[1].device_bytes, 2 * nkv * 24 * hd * 4 + nkv * hd * 4);
+  EXPECT_EQ(b[2].device_bytes, 2 * nkv * cap * hd * 4 + nkv * hd * 4);
+  for (int l = 0; l < 3; ++l) {
+    EXPECT_EQ(b[l].kind, est[l].kind) << l;
+    EXPECT_EQ(b[l].device_bytes, est[l].device_bytes) << l;
+    EXPECT_EQ(b[l].host_bytes, est[l].host_bytes) << l;
+  }
+  std::vector<float> logits;
+  const auto tokens = RandomTokens(prompt + 2, c.vocab, 50);
+  ASSERT_TRUE(backend->Forward(*seq, absl::MakeConstSpan(tokens).first(prompt), false, &logits).ok());
+  EXPECT_EQ(seq->kv_bytes()[1].device_bytes, b[1].device_bytes) << "the prompt has not ended yet";
+  ASSERT_TRUE(backend->Forward(*seq, absl::MakeConstSpan(tokens).subspan(prompt, 1), false, &logits).ok());
+  // The prompt ended: generated rows for the rest of the capacity.
+  const auto after = seq->kv_bytes();
+  EXPECT_EQ(after[1].device_bytes, b[1].device_bytes + 2 * nkv * (cap - prompt) * hd * 4);
+  EXPECT_EQ(after[1].host_bytes, b[1].host_bytes);
+  EXPECT_EQ(after[2].device_bytes, b[2].device_bytes + 2 * nkv * (cap - prompt) * hd * 4);
+  // Sparse layers cannot forget: Truncate leaves the sequence as it is.
+  seq->Truncate(10);
+  EXPECT_EQ(seq->length(), prompt + 1);
+  ASSERT_TRUE(backend->Forward(*seq, absl::MakeConstSpan(tokens).subspan(prompt + 1, 1), false, &logits).ok());
+  EXPECT_EQ(seq->length(), prompt + 2);
+  for (float x : logits) ASSERT_TRUE(std::isfinite(x));
+  // Overflowing the capacity leaves it unchanged too.
+  const auto more = RandomTokens(cap, c.vocab, 51);
+  EXPECT_EQ(backend->Forward(*seq, absl::MakeConstSpan(more).first(cap - prompt - 1), false, &logits).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(seq->length(), prompt + 2);
+  ASSERT_TRUE(backend->Forward(*seq, absl::MakeConstSpan(more).first(cap - prompt - 2), false, &logits).ok());
+  EXPECT_EQ(seq->length(), cap);
 }
 
 TEST(CpuReference, LlamaThreeScalingKeepsHighFrequenciesAndSlowsLowOnes) {
