@@ -261,9 +261,18 @@ uint64_t InProcessStore::FreeOwner(std::string_view owner) {
 }
 
 absl::StatusOr<absl::Span<std::byte>> InProcessStore::Data(const HostSlice& slice) {
-  absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(auto found, FindLocked(slice));
-  return absl::Span<std::byte>(found.first->memory.data() + slice.offset, slice.length);
+  // A shared lock: readers of slices do not serialise behind each other.
+  absl::ReaderMutexLock lock(&mu_);
+  auto arena_it = arenas_.find(slice.arena);
+  if (arena_it != arenas_.end()) {
+    const Arena& arena = *arena_it->second;
+    auto it = arena.slices.find(slice.offset);
+    if (it != arena.slices.end() && it->second.length == slice.length) {
+      return absl::Span<std::byte>(arena.memory.data() + slice.offset, slice.length);
+    }
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("slice: ", SliceText(slice), " is not a live slice of this store"));
 }
 
 absl::StatusOr<int> InProcessStore::ArenaFd(ArenaId arena) const {

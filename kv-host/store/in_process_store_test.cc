@@ -1,7 +1,9 @@
 #include "store/in_process_store.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -544,6 +546,38 @@ TEST(InProcessStoreTest, FailedRegistrationFailsTheRequestAndReturnsTheBudget) {
   }
   EXPECT_EQ(unregistered, 1);
   EXPECT_EQ(CountOpenFds(), fds_before);
+}
+
+// F9: memfd_create failing with EMFILE (out of file descriptors) is a typed
+// error, the reserved budget comes back, and the store works once fds do.
+TEST(InProcessStoreTest, FdExhaustionIsResourceExhaustedAndRecoverable) {
+  auto store = MakeStore(4 * kPage, 2 * kPage);
+  ASSERT_NE(store, nullptr);
+  rlimit saved{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &saved), 0);
+  // A new fd takes the lowest free number, and fails with EMFILE when that
+  // number is not below the soft limit.
+  int lowest_free = 0;
+  while (fcntl(lowest_free, F_GETFD) != -1) ++lowest_free;
+  ASSERT_GE(lowest_free, 3);
+  rlimit tight = saved;
+  tight.rlim_cur = static_cast<rlim_t>(lowest_free);
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &tight), 0);
+  auto slice = store->Allocate(64, 8, "s");
+  auto arena = store->CreateArena(kPage, "no-fds");
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &saved), 0);
+
+  EXPECT_EQ(slice.status().code(), absl::StatusCode::kResourceExhausted) << slice.status();
+  EXPECT_TRUE(Mentions(slice.status(), "memfd_create")) << slice.status();
+  EXPECT_EQ(arena.status().code(), absl::StatusCode::kResourceExhausted) << arena.status();
+  const HostKvStoreStats stats = store->Stats();
+  EXPECT_EQ(stats.reserved_bytes, 0u);
+  EXPECT_EQ(stats.arena_count, 0u);
+  EXPECT_TRUE(stats.owner_bytes.empty());
+  // The whole budget is still there.
+  EXPECT_TRUE(store->Allocate(2 * kPage, 8, "s").ok());
+  EXPECT_TRUE(store->Allocate(2 * kPage, 8, "s").ok());
+  EXPECT_TRUE(store->CheckInvariants().ok()) << store->CheckInvariants();
 }
 
 // Threads racing to allocate (and to grow the store into a tight budget) and
