@@ -1,0 +1,361 @@
+#include "cuda/sparse_kernels.cuh"
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "cuda/cuda_check.h"
+
+namespace tailorkv::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kBins = 2048;                       // 11-bit digits (the last pass uses 1024)
+constexpr int kBinsPerThread = kBins / kThreads;  // the select scan's items
+constexpr int kPasses = 3;                        // digits at bits [21,32), [10,21), [0,10)
+constexpr int kWriteItems = 4;                    // compaction items per thread per tile
+
+// Per row, in the workspace.
+struct RowState {
+  uint32_t prefix;  // key bits decided so far (after pass 3: the threshold key T)
+  int32_t k_rem;    // of the elements matching prefix, how many are still to take
+  int32_t k_eff;    // min(k, n)
+  int32_t n;
+};
+
+size_t Align16(size_t b) { return (b + 15) / 16 * 16; }
+
+// Blocks per row: enough to fill an H100 (~2 blocks per SM in all) at the
+// largest n, at least 8192 elements each so small n pays no merge cost.
+int BlocksPerRow(int rows, int n_max) {
+  const int by_n = std::max(1, (n_max + 8191) / 8192);
+  return std::max(1, std::min(by_n, std::max(1, 256 / rows)));
+}
+
+struct Workspace {
+  RowState* state;    // [rows]
+  uint32_t* hist;     // [rows][kPasses][kBins]
+  uint32_t* counter;  // [rows][4]: blocks done per pass
+  uint2* counts;      // [rows][bpr]: (greater than T, equal to T) per block
+};
+
+Workspace Carve(void* base, int rows, int bpr) {
+  char* p = static_cast<char*>(base);
+  Workspace w;
+  w.state = reinterpret_cast<RowState*>(p);
+  p += Align16(sizeof(RowState) * rows);
+  w.hist = reinterpret_cast<uint32_t*>(p);
+  p += Align16(sizeof(uint32_t) * rows * kPasses * kBins);
+  w.counter = reinterpret_cast<uint32_t*>(p);
+  p += Align16(sizeof(uint32_t) * rows * 4);
+  w.counts = reinterpret_cast<uint2*>(p);
+  return w;
+}
+
+__device__ __forceinline__ uint32_t Key(float x) {
+  const uint32_t bits = __float_as_uint(x);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0;  // NaN ranks lowest
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ int ReadN(const int32_t* n_device, int n_max) {
+  if (n_device == nullptr) return n_max;
+  return min(max(*n_device, 0), n_max);
+}
+
+// This block's contiguous slice [lo, hi) of the row's n elements.
+__device__ __forceinline__ void Slice(int n, int& lo, int& hi) {
+  const int chunk = (n + gridDim.x - 1) / gridDim.x;
+  lo = min(n, static_cast<int>(blockIdx.x) * chunk);
+  hi = min(n, lo + chunk);
+}
+
+__global__ void TopKInitKernel(const int32_t* n_device, int n_max, int k, Workspace ws,
+                               int32_t* out) {
+  const int row = blockIdx.x;
+  const int n = ReadN(n_device, n_max);
+  const int k_eff = min(k, n);
+  for (int i = threadIdx.x; i < kPasses * kBins; i += blockDim.x) {
+    ws.hist[static_cast<size_t>(row) * kPasses * kBins + i] = 0;
+  }
+  if (threadIdx.x < 4) ws.counter[row * 4 + threadIdx.x] = 0;
+  if (threadIdx.x == 0) ws.state[row] = RowState{0u, k_eff, k_eff, n};
+  for (int i = k_eff + threadIdx.x; i < k; i += blockDim.x) out[static_cast<size_t>(row) * k + i] = -1;
+}
+
+// One radix pass: histogram of the digit at [SHIFT, SHIFT + BITS) over the
+// elements whose higher bits equal the prefix found so far; the row's last
+// block picks the digit holding the k_rem-th largest and updates the state.
+template <int SHIFT, int BITS>
+__global__ void __launch_bounds__(kThreads) TopKHistKernel(const float* scores, int64_t row_stride,
+                                                           Workspace ws, int pass) {
+  __shared__ uint32_t sh[kBins];
+  __shared__ bool is_last;
+  const int row = blockIdx.y;
+  RowState st = ws.state[row];
+  if (st.k_eff == 0) return;  // uniform across the row's blocks
+  constexpr uint32_t kHiMask = SHIFT + BITS >= 32 ? 0u : ~((1u << (SHIFT + BITS)) - 1u);
+  constexpr uint32_t kDigitMask = (1u << BITS) - 1u;
+  for (int i = threadIdx.x; i < kBins; i += kThreads) sh[i] = 0;
+  __syncthreads();
+  int lo, hi;
+  Slice(st.n, lo, hi);
+  const float* s = scores + row * row_stride;
+  int i = lo + threadIdx.x;
+  for (; i + 3 * kThreads < hi; i += 4 * kThreads) {
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = s[i + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const uint32_t key = Key(v[u]);
+      if ((key & kHiMask) == st.prefix) atomicAdd(&sh[(key >> SHIFT) & kDigitMask], 1u);
+    }
+  }
+  for (; i < hi; i += kThreads) {
+    const uint32_t key = Key(s[i]);
+    if ((key & kHiMask) == st.prefix) atomicAdd(&sh[(key >> SHIFT) & kDigitMask], 1u);
+  }
+  __syncthreads();
+  uint32_t* gh = ws.hist + (static_cast<size_t>(row) * kPasses + pass) * kBins;
+  for (int b = threadIdx.x; b < kBins; b += kThreads) {
+    if (sh[b] != 0) atomicAdd(&gh[b], sh[b]);
+  }
+  __threadfence();  // our histogram is visible before we count ourselves done
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&ws.counter[row * 4 + pass], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // Last block: digits in descending order, kBinsPerThread consecutive per
+  // thread; the exclusive scan gives the count above each thread's digits.
+  using Scan = cub::BlockScan<uint32_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  uint32_t c[kBinsPerThread];
+  uint32_t local = 0;
+#pragma unroll
+  for (int j = 0; j < kBinsPerThread; ++j) {
+    c[j] = __ldcg(&gh[kBins - 1 - (threadIdx.x * kBinsPerThread + j)]);
+    local += c[j];
+  }
+  uint32_t above;
+  Scan(scan_tmp).ExclusiveSum(local, above);
+  const uint32_t want = static_cast<uint32_t>(st.k_rem);
+  if (above < want && want <= above + local) {
+#pragma unroll
+    for (int j = 0; j < kBinsPerThread; ++j) {
+      if (above < want && want <= above + c[j]) {
+        const uint32_t digit = kBins - 1 - (threadIdx.x * kBinsPerThread + j);
+        ws.state[row].prefix = st.prefix | (digit << SHIFT);
+        ws.state[row].k_rem = static_cast<int32_t>(want - above);
+      }
+      above += c[j];
+    }
+  }
+}
+
+// Per block: elements greater than and equal to the threshold key T.
+__global__ void __launch_bounds__(kThreads) TopKCountKernel(const float* scores,
+                                                            int64_t row_stride, Workspace ws) {
+  const int row = blockIdx.y;
+  const RowState st = ws.state[row];
+  if (st.k_eff == 0) return;
+  int lo, hi;
+  Slice(st.n, lo, hi);
+  const float* s = scores + row * row_stride;
+  uint32_t gt = 0, eq = 0;
+  for (int i = lo + threadIdx.x; i < hi; i += kThreads) {
+    const uint32_t key = Key(s[i]);
+    gt += key > st.prefix;
+    eq += key == st.prefix;
+  }
+  using Reduce = cub::BlockReduce<uint32_t, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  gt = Reduce(tmp).Sum(gt);
+  __syncthreads();
+  eq = Reduce(tmp).Sum(eq);
+  if (threadIdx.x == 0) ws.counts[static_cast<size_t>(row) * gridDim.x + blockIdx.x] = make_uint2(gt, eq);
+}
+
+// Ordered compaction: element i is taken when key > T, or key == T and fewer
+// than `need` ties precede it; its output slot is (greater before i) +
+// min(ties before i, need), so the output is ascending by index.
+__global__ void __launch_bounds__(kThreads) TopKWriteKernel(const float* scores,
+                                                            int64_t row_stride, int k,
+                                                            Workspace ws, int32_t* out) {
+  const int row = blockIdx.y;
+  const RowState st = ws.state[row];
+  if (st.k_eff == 0) return;
+  const uint32_t t = st.prefix;
+  const uint64_t need = static_cast<uint32_t>(st.k_rem);
+  uint64_t gt_before = 0, eq_before = 0;
+  const uint2* counts = ws.counts + static_cast<size_t>(row) * gridDim.x;
+  for (int b = 0; b < static_cast<int>(blockIdx.x); ++b) {  // few blocks per row: a short loop
+    const uint2 c = counts[b];
+    gt_before += c.x;
+    eq_before += c.y;
+  }
+  int lo, hi;
+  Slice(st.n, lo, hi);
+  const float* s = scores + row * row_stride;
+  int32_t* o = out + static_cast<size_t>(row) * k;
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  for (int base = lo; base < hi; base += kThreads * kWriteItems) {
+    unsigned long long flag[kWriteItems], excl[kWriteItems];
+#pragma unroll
+    for (int j = 0; j < kWriteItems; ++j) {
+      const int i = base + threadIdx.x * kWriteItems + j;
+      flag[j] = 0;
+      if (i < hi) {
+        const uint32_t key = Key(s[i]);
+        flag[j] = key > t ? (1ull << 32) : (key == t ? 1ull : 0ull);
+      }
+    }
+    unsigned long long total;
+    Scan(tmp).ExclusiveSum(flag, excl, total);
+#pragma unroll
+    for (int j = 0; j < kWriteItems; ++j) {
+      const int i = base + threadIdx.x * kWriteItems + j;
+      const uint64_t g = gt_before + (excl[j] >> 32);
+      const uint64_t e = eq_before + (excl[j] & 0xFFFFFFFFull);
+      if (flag[j] >> 32) {
+        o[g + min(e, need)] = i;
+      } else if (flag[j] != 0 && e < need) {
+        o[g + e] = i;
+      }
+    }
+    gt_before += total >> 32;
+    eq_before += total & 0xFFFFFFFFull;
+    __syncthreads();  // tmp is reused by the next tile's scan
+  }
+}
+
+constexpr int kGatherUnroll = 8;  // 16-byte loads in flight per thread
+
+__global__ void __launch_bounds__(kThreads) GatherKernel(const uint4* __restrict__ src,
+                                                         int64_t head_stride16, int64_t src_rows,
+                                                         int chunks, const int32_t* __restrict__ idx,
+                                                         int count, int64_t total,
+                                                         uint4* __restrict__ dst) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * kGatherUnroll;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kGatherUnroll + threadIdx.x;
+       base < total; base += step) {
+    uint4 v[kGatherUnroll];
+    bool ok[kGatherUnroll];
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int64_t item = base + static_cast<int64_t>(u) * kThreads;
+      ok[u] = false;
+      if (item < total) {
+        const int64_t r = item / chunks;  // destination row = head * count + i
+        const int c = static_cast<int>(item - r * chunks);
+        const int64_t j = idx[r];
+        if (j >= 0 && j < src_rows) {
+          const int64_t h = r / count;
+          v[u] = src[h * head_stride16 + j * chunks + c];
+          ok[u] = true;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      if (ok[u]) dst[base + static_cast<int64_t>(u) * kThreads] = v[u];
+    }
+  }
+}
+
+}  // namespace
+
+size_t TopKWorkspaceBytes(int rows, int n_max) {
+  rows = std::max(rows, 1);
+  const int bpr = BlocksPerRow(rows, std::max(n_max, 0));
+  return Align16(sizeof(RowState) * rows) + Align16(sizeof(uint32_t) * rows * kPasses * kBins) +
+         Align16(sizeof(uint32_t) * rows * 4) + Align16(sizeof(uint2) * rows * bpr);
+}
+
+absl::Status LaunchTopK(const float* scores, int64_t row_stride, int rows, int n_max,
+                        const int32_t* n_device, int k, int32_t* out, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream) {
+  if (rows < 1 || rows > 65535) return absl::InvalidArgumentError(absl::StrCat("LaunchTopK: rows = ", rows, " outside [1, 65535]"));
+  if (n_max < 0 || n_max > kTopKMaxN) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchTopK: n_max = ", n_max, " outside [0, ", kTopKMaxN, "]"));
+  }
+  if (row_stride < n_max) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchTopK: row_stride = ", row_stride, " < n_max = ", n_max));
+  }
+  if (k < 0 || k > kTopKMaxK) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchTopK: k = ", k, " outside [0, ", kTopKMaxK, "]"));
+  }
+  if (k == 0) return absl::OkStatus();
+  if (out == nullptr) return absl::InvalidArgumentError("LaunchTopK: out is null");
+  if (scores == nullptr && n_max > 0) return absl::InvalidArgumentError("LaunchTopK: scores is null");
+  if (workspace == nullptr) return absl::InvalidArgumentError("LaunchTopK: workspace is null");
+  const size_t need = TopKWorkspaceBytes(rows, n_max);
+  if (workspace_bytes < need) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LaunchTopK: workspace_bytes = ", workspace_bytes, " < ", need));
+  }
+  const int bpr = BlocksPerRow(rows, n_max);
+  const Workspace ws = Carve(workspace, rows, bpr);
+  const dim3 grid(bpr, rows);
+  TopKInitKernel<<<rows, kThreads, 0, stream>>>(n_device, n_max, k, ws, out);
+  CUDA_RETURN_IF_LAUNCH_FAILED("TopKInitKernel");
+  if (n_max == 0) return absl::OkStatus();
+  TopKHistKernel<21, 11><<<grid, kThreads, 0, stream>>>(scores, row_stride, ws, 0);
+  CUDA_RETURN_IF_LAUNCH_FAILED("TopKHistKernel");
+  TopKHistKernel<10, 11><<<grid, kThreads, 0, stream>>>(scores, row_stride, ws, 1);
+  CUDA_RETURN_IF_LAUNCH_FAILED("TopKHistKernel");
+  TopKHistKernel<0, 10><<<grid, kThreads, 0, stream>>>(scores, row_stride, ws, 2);
+  CUDA_RETURN_IF_LAUNCH_FAILED("TopKHistKernel");
+  TopKCountKernel<<<grid, kThreads, 0, stream>>>(scores, row_stride, ws);
+  CUDA_RETURN_IF_LAUNCH_FAILED("TopKCountKernel");
+  TopKWriteKernel<<<grid, kThreads, 0, stream>>>(scores, row_stride, k, ws, out);
+  CUDA_RETURN_IF_LAUNCH_FAILED("TopKWriteKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchGatherRows(const void* src, int64_t src_head_stride, int64_t src_rows,
+                              int64_t row_bytes, const int32_t* idx, int count, int heads,
+                              void* dst, cudaStream_t stream) {
+  if (row_bytes <= 0 || row_bytes % 16 != 0 || row_bytes / 16 > (1 << 30)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LaunchGatherRows: row_bytes = ", row_bytes, " is not a positive multiple of 16"));
+  }
+  if (heads < 1) return absl::InvalidArgumentError(absl::StrCat("LaunchGatherRows: heads = ", heads, " < 1"));
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("LaunchGatherRows: count = ", count, " < 0"));
+  if (src_rows < 0) return absl::InvalidArgumentError(absl::StrCat("LaunchGatherRows: src_rows = ", src_rows, " < 0"));
+  if (src_head_stride % 16 != 0 || (heads > 1 && src_head_stride < 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchGatherRows: src_head_stride = ", src_head_stride,
+                                                   " is not a non-negative multiple of 16"));
+  }
+  if (count == 0) return absl::OkStatus();
+  if (src == nullptr || idx == nullptr || dst == nullptr) {
+    return absl::InvalidArgumentError("LaunchGatherRows: src, idx and dst must be non-null");
+  }
+  if (reinterpret_cast<uintptr_t>(src) % 16 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
+    return absl::InvalidArgumentError("LaunchGatherRows: src and dst must be 16-byte aligned");
+  }
+  static int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      return 132;
+    }
+    return n;
+  }();
+  const int chunks = static_cast<int>(row_bytes / 16);
+  const int64_t total = static_cast<int64_t>(heads) * count * chunks;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kGatherUnroll;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + per_block - 1) / per_block, sms * 8));
+  GatherKernel<<<blocks, kThreads, 0, stream>>>(static_cast<const uint4*>(src), src_head_stride / 16,
+                                                src_rows, chunks, idx, count, total,
+                                                static_cast<uint4*>(dst));
+  CUDA_RETURN_IF_LAUNCH_FAILED("GatherKernel");
+  return absl::OkStatus();
+}
+
+}  // namespace tailorkv::cuda
