@@ -7,12 +7,12 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
-#include <numeric>
 #include <thread>
 
 #include "absl/strings/str_format.h"
 #include "runtime/cpu_reference.h"
 #include "runtime/quant_kv.h"
+#include "runtime/sparse_reference.h"
 
 namespace tailorkv::runtime {
 namespace {
@@ -657,24 +657,14 @@ std::vector<std::vector<int>> CpuSparseLastSelection(const SequenceState& seq, i
 void SparseSelectCpu(const float* q_mean, const float* max_abs_k, const float* keys, int head_dim,
                      int first, int end, int channels, int top_k, std::vector<int>* selected,
                      std::vector<float>* scores) {
-  selected->clear();
   const int n = std::max(end - first, 0);
-  // Best first: larger value, then the smaller index; NaN as -inf.
-  auto top = [](const std::vector<float>& value, int k, std::vector<int>* out) {
-    out->resize(value.size());
-    std::iota(out->begin(), out->end(), 0);
-    auto key = [&](int i) { return std::isnan(value[i]) ? -INFINITY : value[i]; };
-    std::partial_sort(out->begin(), out->begin() + k, out->end(), [&](int a, int b) {
-      const float ka = key(a), kb = key(b);
-      return ka > kb || (ka == kb && a < b);
-    });
-    out->resize(k);
-  };
+  // TopKIndices (sparse_reference.h) is the ranking the GPU kernels share.
   const int d_s = std::clamp(channels, 0, head_dim);
   std::vector<float> channel_score(head_dim);
   for (int d = 0; d < head_dim; ++d) channel_score[d] = std::fabs(q_mean[d]) * max_abs_k[d];
-  std::vector<int> chan;
-  top(channel_score, d_s, &chan);
+  std::vector<int32_t> chan(d_s);
+  const auto n_chan = TopKIndices(channel_score.data(), head_dim, d_s, chan.data());
+  chan.resize(n_chan.ok() ? *n_chan : 0);
   std::vector<float> approx(n);
   for (int i = 0; i < n; ++i) {
     const float* k = keys + static_cast<int64_t>(first + i) * head_dim;
@@ -682,9 +672,12 @@ void SparseSelectCpu(const float* q_mean, const float* max_abs_k, const float* k
     for (int d : chan) dot += q_mean[d] * k[d];
     approx[i] = dot;
   }
-  top(approx, std::clamp(top_k, 0, n), selected);
+  const int k = std::clamp(top_k, 0, n);
+  std::vector<int32_t> picked(k);
+  const auto n_picked = TopKIndices(approx.data(), n, k, picked.data());
+  picked.resize(n_picked.ok() ? *n_picked : 0);
+  selected->assign(picked.begin(), picked.end());
   for (int& p : *selected) p += first;
-  std::sort(selected->begin(), selected->end());
   if (scores != nullptr) *scores = std::move(approx);
 }
 

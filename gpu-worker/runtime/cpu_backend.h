@@ -30,10 +30,10 @@
 //   engine never sends one) is appended to the generated rows.
 //   Decode step: the token's K/V are appended to the generated rows. Per KV
 //   head, with q = the mean over its GQA group of the query heads (after
-//   RoPE): channel score |q| x max|K|, the top `channels` channels (ties:
-//   the smaller channel); approximate score of each prompt position outside
-//   the sink and recent windows = the signed dot product of q and K on those
-//   channels; the top `top_k` of them (ties: the smaller position). Every
+//   RoPE): channel score |q| x max|K|, the top `channels` channels;
+//   approximate score of each prompt position outside the sink and recent
+//   windows = the signed dot product of q and K on those channels; the top
+//   `top_k` of them (rankings: SparseSelectCpu below). Every
 //   query head of the group then attends exactly (one fp32 softmax) over
 //   sink + selected + recent + generated, gathered in position order, so
 //   when top_k covers every candidate the step is bit-identical to dense.
@@ -72,11 +72,12 @@ std::vector<std::vector<int>> CpuSparseLastSelection(const SequenceState& seq, i
 // TailorKV's selection for one KV head, as the CPU backend's decode step runs
 // it (exposed for tests). q_mean and max_abs_k: head_dim floats; keys: rows
 // of head_dim floats, row p at keys + p * head_dim. Picks the `channels`
-// channels with the largest |q_mean| x max_abs_k (ties: smaller channel),
-// scores positions [first, end) by the signed dot product of q_mean and the
-// key on those channels (summed in the channels' rank order; NaN counts as
-// -inf), and writes the min(top_k, end - first) best positions (ties:
-// smaller position) to `selected`, ascending. `scores`, when not null,
+// channels with the largest |q_mean| x max_abs_k, scores positions
+// [first, end) by the signed dot product of q_mean and the key on those
+// channels (fp32, summed in channel order), and writes the
+// min(top_k, end - first) best positions to `selected`, ascending. Both
+// rankings are TopKIndices' (runtime/sparse_reference.h: ties to the smaller
+// index, NaN lowest, -0 below +0), the rule the GPU kernels share. `scores`, when not null,
 // receives the end - first approximate scores.
 void SparseSelectCpu(const float* q_mean, const float* max_abs_k, const float* keys, int head_dim,
                      int first, int end, int channels, int top_k, std::vector<int>* selected,

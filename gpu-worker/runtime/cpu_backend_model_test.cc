@@ -129,5 +129,42 @@ TEST_F(CpuBackendRealModel, TailorKvOneBitLongPromptDecodesOverCodes) {
   EXPECT_GT(max_diff, 0.0f) << "layer 0 decodes over codes";
 }
 
+// TailorKV's plan (layer 0 2-bit, the rest sparse 8 + 56 + Top-128 of 8
+// channels) after a 600-token prompt: prefill is plain attention, so its
+// logits equal dense bit for bit; 32 decode steps select 128 of the 536
+// candidates per KV head, stay finite and depart from dense.
+TEST_F(CpuBackendRealModel, HybridPlanAfterLongPromptSelectsTopK) {
+  const auto& c = backend_->config();
+  auto plan = ParseKvPlanSpec("hybrid:2:128:8:56", c);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->Summary(), "quant(2b g64 r128) x1, sparse(8+56 k128 d8 faithful) x" + std::to_string(c.n_layers - 1));
+  std::string text;
+  for (int i = 0; text.size() < 3000; ++i) {
+    text += "The river passes the old mill, number " + std::to_string(i) +
+            ", where the miller keeps a ledger of every sack of grain. ";
+  }
+  auto prompt = *tokenizer_->Encode(text, false, false);
+  ASSERT_GE(prompt.size(), 600u);
+  prompt.resize(600);
+  const Run dense = Greedy(KvPlan::Dense(c.n_layers), prompt, 32);
+  const Run h = Greedy(*plan, prompt, 32);
+  ASSERT_EQ(h.prefill_logits.size(), dense.prefill_logits.size());
+  EXPECT_EQ(std::memcmp(h.prefill_logits.data(), dense.prefill_logits.data(), sizeof(float) * h.prefill_logits.size()), 0)
+      << "prefill attends in full precision";
+  ASSERT_EQ(h.step_logits.size(), 32u);
+  float max_diff = 0;
+  int same = 0;
+  for (int s = 0; s < 32; ++s) {
+    for (size_t i = 0; i < h.step_logits[s].size(); ++i) {
+      ASSERT_TRUE(std::isfinite(h.step_logits[s][i])) << "step " << s;
+      max_diff = std::max(max_diff, std::fabs(h.step_logits[s][i] - dense.step_logits[s][i]));
+    }
+    same += h.generated[s] == dense.generated[s];
+  }
+  std::printf("hybrid:2:128:8:56 after 600 tokens: max |logit - dense| %.4g, %d/32 greedy tokens equal\n%s\n",
+              max_diff, same, tokenizer_->Decode(h.generated).c_str());
+  EXPECT_GT(max_diff, 0.0f) << "decode attends over a selection";
+}
+
 }  // namespace
 }  // namespace tailorkv::runtime
