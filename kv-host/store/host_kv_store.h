@@ -47,7 +47,8 @@ struct HostSlice {
 };
 
 // Called once per arena with its mapped base and size. An error fails the
-// arena's creation (the arena is unmapped and its budget returned).
+// arena's creation (the arena is unmapped and its budget returned). Neither
+// hook may call back into the store.
 using ArenaRegisterFn = std::function<absl::Status(void* base, size_t bytes)>;
 // Called once per successfully registered arena before it is unmapped. An
 // error is logged (there is nobody to return it to) and the unmap proceeds.
@@ -70,9 +71,10 @@ class HostKvStore {
   // Maps (and registers) a new arena of `bytes`, a positive multiple of the
   // page size. `name` labels the memfd (visible in /proc/<pid>/fd) and must
   // be non-empty. InvalidArgument naming "bytes" / "name"; ResourceExhausted
-  // naming the budget when the arena would take reserved bytes past it;
-  // Internal / ResourceExhausted from a failing syscall; the register_fn's
-  // error as is.
+  // naming the budget when the arena would take reserved bytes past it; a
+  // failing syscall's errno as absl::ErrnoToStatus maps it (ENOMEM, EMFILE:
+  // ResourceExhausted); the register_fn's error as is. Nothing is held on
+  // error.
   virtual absl::StatusOr<ArenaId> CreateArena(uint64_t bytes, std::string_view name) = 0;
 
   // Hands out `bytes` at an offset that is a multiple of `alignment`, taken

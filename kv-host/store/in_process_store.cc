@@ -51,9 +51,14 @@ absl::StatusOr<std::unique_ptr<InProcessStore>> InProcessStore::Create(
 }
 
 InProcessStore::~InProcessStore() {
-  absl::MutexLock lock(&mu_);
-  // Each MemfdArena unregisters, unmaps and closes in its destructor.
-  arenas_.clear();
+  std::map<ArenaId, std::unique_ptr<Arena>> arenas;
+  {
+    absl::MutexLock lock(&mu_);
+    arenas.swap(arenas_);
+  }
+  // Each MemfdArena unregisters, unmaps and closes in its destructor; the
+  // unregister_fn runs without the store's lock held.
+  arenas.clear();
 }
 
 absl::StatusOr<ArenaId> InProcessStore::ReserveArenaLocked(uint64_t bytes,

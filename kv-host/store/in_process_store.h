@@ -5,7 +5,10 @@
 // alignment gap before it stays free) and freed slices are merged with free
 // neighbours at once, so an arena's free list never holds two adjacent
 // blocks. When no arena has room and `grow_on_demand` is set, a new arena of
-// `arena_bytes` is created, if the budget allows it.
+// `arena_bytes` is created, if the budget allows it. Costs: Allocate walks
+// free blocks (O(arenas + free blocks) at worst), Free and Data are
+// O(log slices), FreeOwner O(slices); KV slices are large and few (per
+// layer and chunk), so the lists stay short.
 //
 // Arenas live until the store is destroyed (they are few and large; giving
 // one back would need every peer that mapped it to unmap it first). The
