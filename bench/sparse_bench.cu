@@ -7,8 +7,9 @@
 //   scores; the kernel reads them 5 times (3 radix passes, count, write),
 //   mostly from L2.
 // - Gather: 65,536 random rows (duplicates allowed) of 256 B / 512 B / 2 KiB
-//   from >= 4 GiB of cudaHostRegister'd host memory, zero-copy into device
-//   memory, 8 index sets rotated; plus decode-sized gathers (8 heads x 128 /
+//   from >= 4 GiB of cudaHostRegister'd host memory (4 KiB pages, then
+//   transparent huge pages by madvise), zero-copy into device memory, 8
+//   index sets rotated; plus decode-sized gathers (8 heads x 128 /
 //   896 rows). GB/s = rows x row_bytes / time. design/PERF.md measured 15.5 /
 //   25 / 49-51 GB/s for the first three on this H100.
 // Random data everywhere (never zeros); CUDA events after warm-up.
@@ -84,6 +85,7 @@ struct GatherResult {
   int64_t row_bytes;
   int heads, rows;
   double us, gbps;
+  bool huge_pages;
 };
 
 int Main(int argc, char** argv) {
@@ -163,18 +165,8 @@ int Main(int argc, char** argv) {
     }
   }
 
-  // ---- Gather from registered host memory ----
-  const size_t host_bytes = static_cast<size_t>(host_gib * (1ull << 30)) / 4096 * 4096;
-  void* host = mmap(nullptr, host_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (host == MAP_FAILED) {
-    std::fprintf(stderr, "mmap of %zu bytes failed\n", host_bytes);
-    return 1;
-  }
-  BENCH_CHECK_CUDA(cudaHostRegister(host, host_bytes, cudaHostRegisterMapped));
-  void* host_dev = nullptr;
-  BENCH_CHECK_CUDA(cudaHostGetDevicePointer(&host_dev, host, 0));
-  FillWords<<<4096, 256, 0, s>>>(static_cast<uint64_t*>(host_dev), host_bytes / 8, 77);
-  BENCH_CHECK_CUDA(cudaStreamSynchronize(s));
+  // ---- Gather from registered host memory: 4 KiB pages, then THP ----
+  const size_t host_bytes = static_cast<size_t>(host_gib * (1ull << 30)) / (2u << 20) * (2u << 20);
   struct Config {
     int64_t row_bytes;
     int heads, rows;
@@ -183,49 +175,72 @@ int Main(int argc, char** argv) {
                             {256, 8, 128},   {512, 8, 128},   {256, 8, 896}, {512, 8, 896}};
   constexpr int kIdxSets = 8;
   std::vector<GatherResult> gather;
-  for (const Config& c : configs) {
-    const int64_t head_stride = (static_cast<int64_t>(host_bytes) / c.heads) / 16 * 16;
-    const int64_t src_rows = head_stride / c.row_bytes;
-    const int64_t per_set = static_cast<int64_t>(c.heads) * c.rows;
-    absl::StatusOr<DeviceBuffer> idx = DeviceBuffer::Allocate(per_set * kIdxSets * 4);
-    absl::StatusOr<DeviceBuffer> dst = DeviceBuffer::Allocate(per_set * c.row_bytes);
-    BENCH_CHECK_OK(idx.status());
-    BENCH_CHECK_OK(dst.status());
-    FillIndices<<<256, 256, 0, s>>>(idx->as<int32_t>(), per_set * kIdxSets, src_rows, 5 + c.row_bytes);
-    auto launch = [&](int j) {
-      BENCH_CHECK_OK(LaunchGatherRows(host_dev, head_stride, src_rows, c.row_bytes,
-                                      idx->as<int32_t>() + j * per_set, c.rows, c.heads, dst->get(), s));
-    };
-    for (int w = 0; w < 3; ++w) launch(w % kIdxSets);
-    std::vector<double> per;
-    for (int r = 0; r < reps; ++r) {
-      BENCH_CHECK_CUDA(cudaEventRecord(ev0->get(), s));
-      launch(r % kIdxSets);
-      BENCH_CHECK_CUDA(cudaEventRecord(ev1->get(), s));
-      BENCH_CHECK_CUDA(cudaEventSynchronize(ev1->get()));
-      float ms = 0;
-      BENCH_CHECK_CUDA(cudaEventElapsedTime(&ms, ev0->get(), ev1->get()));
-      per.push_back(ms * 1000.0);
+  for (const bool huge : {false, true}) {
+    void* host = mmap(nullptr, host_bytes + (2u << 20), PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (host == MAP_FAILED) {
+      std::fprintf(stderr, "mmap of %zu bytes failed\n", host_bytes);
+      return 1;
     }
-    const double us = Median(per);
-    gather.push_back({c.row_bytes, c.heads, c.rows, us, per_set * c.row_bytes / (us * 1e3)});
-    std::fprintf(stderr, "gather %lld B x %d x %d: %.1f us\n", static_cast<long long>(c.row_bytes),
-                 c.heads, c.rows, us);
+    void* base = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(host) + (2u << 20) - 1) &
+                                         ~static_cast<uintptr_t>((2u << 20) - 1));
+    madvise(base, host_bytes, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    BENCH_CHECK_CUDA(cudaHostRegister(base, host_bytes, cudaHostRegisterMapped));
+    void* host_dev = nullptr;
+    BENCH_CHECK_CUDA(cudaHostGetDevicePointer(&host_dev, base, 0));
+    FillWords<<<4096, 256, 0, s>>>(static_cast<uint64_t*>(host_dev), host_bytes / 8, 77);
+    BENCH_CHECK_CUDA(cudaStreamSynchronize(s));
+    long anon_huge_kb = -1;
+    if (FILE* m = std::fopen("/proc/meminfo", "r")) {
+      char line[256];
+      while (std::fgets(line, sizeof(line), m)) std::sscanf(line, "AnonHugePages: %ld kB", &anon_huge_kb);
+      std::fclose(m);
+    }
+    std::fprintf(stderr, "host memory %s: AnonHugePages %ld kB\n", huge ? "THP" : "4K", anon_huge_kb);
+    for (const Config& c : configs) {
+      const int64_t head_stride = (static_cast<int64_t>(host_bytes) / c.heads) / 16 * 16;
+      const int64_t src_rows = head_stride / c.row_bytes;
+      const int64_t per_set = static_cast<int64_t>(c.heads) * c.rows;
+      absl::StatusOr<DeviceBuffer> idx = DeviceBuffer::Allocate(per_set * kIdxSets * 4);
+      absl::StatusOr<DeviceBuffer> dst = DeviceBuffer::Allocate(per_set * c.row_bytes);
+      BENCH_CHECK_OK(idx.status());
+      BENCH_CHECK_OK(dst.status());
+      FillIndices<<<256, 256, 0, s>>>(idx->as<int32_t>(), per_set * kIdxSets, src_rows, 5 + c.row_bytes);
+      auto launch = [&](int j) {
+        BENCH_CHECK_OK(LaunchGatherRows(host_dev, head_stride, src_rows, c.row_bytes,
+                                        idx->as<int32_t>() + j * per_set, c.rows, c.heads, dst->get(), s));
+      };
+      for (int w = 0; w < 3; ++w) launch(w % kIdxSets);
+      std::vector<double> per;
+      for (int r = 0; r < reps; ++r) {
+        BENCH_CHECK_CUDA(cudaEventRecord(ev0->get(), s));
+        launch(r % kIdxSets);
+        BENCH_CHECK_CUDA(cudaEventRecord(ev1->get(), s));
+        BENCH_CHECK_CUDA(cudaEventSynchronize(ev1->get()));
+        float ms = 0;
+        BENCH_CHECK_CUDA(cudaEventElapsedTime(&ms, ev0->get(), ev1->get()));
+        per.push_back(ms * 1000.0);
+      }
+      const double us = Median(per);
+      gather.push_back({c.row_bytes, c.heads, c.rows, us, per_set * c.row_bytes / (us * 1e3), huge});
+      std::fprintf(stderr, "gather %s %lld B x %d x %d: %.1f us\n", huge ? "THP" : "4K",
+                   static_cast<long long>(c.row_bytes), c.heads, c.rows, us);
+    }
+    BENCH_CHECK_CUDA(cudaHostUnregister(base));
+    munmap(host, host_bytes + (2u << 20));
   }
-  BENCH_CHECK_CUDA(cudaHostUnregister(host));
-  munmap(host, host_bytes);
 
   std::printf("\nTop-K, %d rows, fp32 scores, CUDA graph per launch (%s)\n", kRows, prop.name);
   std::printf("%10s %6s %10s %14s\n", "n", "k", "us", "GB/s (1 read)");
   for (const TopKResult& t : topk) {
     std::printf("%10d %6d %10.1f %14.1f\n", t.n, t.k, t.us, kRows * 4.0 * t.n / (t.us * 1e3));
   }
-  std::printf("\nZero-copy gather from %.2f GiB of registered host memory\n",
-              host_bytes / double(1ull << 30));
-  std::printf("%10s %6s %8s %10s %8s\n", "row_bytes", "heads", "rows", "us", "GB/s");
+  std::printf("\nZero-copy gather from %.2f GiB of registered host memory (%s)\n",
+              host_bytes / double(1ull << 30), prop.name);
+  std::printf("%6s %10s %6s %8s %10s %8s\n", "pages", "row_bytes", "heads", "rows", "us", "GB/s");
   for (const GatherResult& g : gather) {
-    std::printf("%10lld %6d %8d %10.1f %8.1f\n", static_cast<long long>(g.row_bytes), g.heads, g.rows,
-                g.us, g.gbps);
+    std::printf("%6s %10lld %6d %8d %10.1f %8.1f\n", g.huge_pages ? "THP" : "4K",
+                static_cast<long long>(g.row_bytes), g.heads, g.rows, g.us, g.gbps);
   }
   if (!out_path.empty()) {
     FILE* f = std::fopen(out_path.c_str(), "w");
@@ -242,8 +257,8 @@ int Main(int argc, char** argv) {
     std::fprintf(f, "  ],\n  \"gather\": [\n");
     for (size_t i = 0; i < gather.size(); ++i) {
       const GatherResult& g = gather[i];
-      std::fprintf(f, "    {\"row_bytes\": %lld, \"heads\": %d, \"rows\": %d, \"us\": %.2f, \"gbps\": %.2f}%s\n",
-                   static_cast<long long>(g.row_bytes), g.heads, g.rows, g.us, g.gbps,
+      std::fprintf(f, "    {\"pages\": \"%s\", \"row_bytes\": %lld, \"heads\": %d, \"rows\": %d, \"us\": %.2f, \"gbps\": %.2f}%s\n",
+                   g.huge_pages ? "THP" : "4K", static_cast<long long>(g.row_bytes), g.heads, g.rows, g.us, g.gbps,
                    i + 1 < gather.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");

@@ -241,14 +241,19 @@ __global__ void __launch_bounds__(kThreads) GatherKernel(const uint4* __restrict
                                                          int chunks, const int32_t* __restrict__ idx,
                                                          int count, int64_t total,
                                                          uint4* __restrict__ dst) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * kGatherUnroll;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kGatherUnroll + threadIdx.x;
-       base < total; base += step) {
+  // Item = 16 bytes of a destination row; consecutive threads take
+  // consecutive items (coalesced within a row), each thread kGatherUnroll
+  // items a grid apart with all loads issued before the stores. Small
+  // gathers spread over many SMs (one item per thread), large ones keep
+  // kGatherUnroll loads in flight per thread.
+  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; base < total;
+       base += nthreads * kGatherUnroll) {
     uint4 v[kGatherUnroll];
     bool ok[kGatherUnroll];
 #pragma unroll
     for (int u = 0; u < kGatherUnroll; ++u) {
-      const int64_t item = base + static_cast<int64_t>(u) * kThreads;
+      const int64_t item = base + u * nthreads;
       ok[u] = false;
       if (item < total) {
         const int64_t r = item / chunks;  // destination row = head * count + i
@@ -263,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) GatherKernel(const uint4* __restrict
     }
 #pragma unroll
     for (int u = 0; u < kGatherUnroll; ++u) {
-      if (ok[u]) dst[base + static_cast<int64_t>(u) * kThreads] = v[u];
+      if (ok[u]) dst[base + u * nthreads] = v[u];
     }
   }
 }
@@ -349,8 +354,16 @@ absl::Status LaunchGatherRows(const void* src, int64_t src_head_stride, int64_t 
   }();
   const int chunks = static_cast<int>(row_bytes / 16);
   const int64_t total = static_cast<int64_t>(heads) * count * chunks;
+  // Grid, from two H100 runs (docs/results/sparse-h100-2026-11-22-v1, -v2):
+  // one block per kThreads * kGatherUnroll items (v1, items block-local) ran
+  // 8 x 896 x 256 B rows in 86 us, one item per thread (v2) in 150 us; but v1
+  // left a decode-sized 8 x 128 x 256 B gather on 8 SMs: 20.6 us vs 14.8 with
+  // v2's 64 blocks. So v1's block count, at least 64 blocks (this
+  // combination is not measured yet).
   const int64_t per_block = static_cast<int64_t>(kThreads) * kGatherUnroll;
-  const int blocks = static_cast<int>(std::min<int64_t>((total + per_block - 1) / per_block, sms * 8));
+  const int64_t want = std::max<int64_t>((total + per_block - 1) / per_block,
+                                         std::min<int64_t>((total + kThreads - 1) / kThreads, 64));
+  const int blocks = static_cast<int>(std::min<int64_t>(want, sms * 8));
   GatherKernel<<<blocks, kThreads, 0, stream>>>(static_cast<const uint4*>(src), src_head_stride / 16,
                                                 src_rows, chunks, idx, count, total,
                                                 static_cast<uint4*>(dst));
