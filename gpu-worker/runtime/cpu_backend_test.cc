@@ -804,6 +804,15 @@ TEST(CpuBackendSparse, KvBytesAndTruncate) {
     EXPECT_EQ(b[l].device_bytes, est[l].device_bytes) << l;
     EXPECT_EQ(b[l].host_bytes, est[l].host_bytes) << l;
   }
+  // The engine's probe (capacity 1) and other capacities match the estimate too.
+  for (int other : {1, 7, 640}) {
+    const auto held = (*backend->NewSequence(other, plan))->kv_bytes();
+    const auto want = EstimateKvBytes(plan, c, other, 4);
+    for (int l = 0; l < 3; ++l) {
+      EXPECT_EQ(held[l].device_bytes, want[l].device_bytes) << "capacity " << other << " layer " << l;
+      EXPECT_EQ(held[l].host_bytes, want[l].host_bytes) << "capacity " << other << " layer " << l;
+    }
+  }
   std::vector<float> logits;
   const auto tokens = RandomTokens(prompt + 2, c.vocab, 50);
   ASSERT_TRUE(backend->Forward(*seq, absl::MakeConstSpan(tokens).first(prompt), false, &logits).ok());
