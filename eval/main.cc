@@ -187,7 +187,8 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--plan", cfg.plans,
                  "KV plan specs, repeatable or comma-separated: dense, quant:BITS[:GROUP[:RESIDUAL]], "
-                 "window:SINK:RECENT, tailorkv:BITS[:LAYERS], @plan.json (dense always runs first)")
+                 "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]], "
+                 "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]], @plan.json (dense always runs first)")
       ->delimiter(',');
   app.add_option("--tasks", cfg.tasks, "passkey, needle, agreement, prompts")
       ->delimiter(',')
