@@ -540,7 +540,13 @@ absl::StatusOr<json> Runner::Run() {
       Progress(absl::StrFormat("plan %s: done in %.1f s", plan.spec, SecondsSince(t_plan)));
     }
     report["plans"].push_back(std::move(entry));
+    if (opt_.on_plan_done) {
+      report["complete"] = false;
+      report["elapsed_s"] = SecondsSince(t0_);
+      opt_.on_plan_done(report);
+    }
   }
+  report["complete"] = true;
   report["elapsed_s"] = SecondsSince(t0_);
   return report;
 }

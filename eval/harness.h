@@ -79,6 +79,9 @@ struct HarnessOptions {
 
   // Progress lines (what runs, cells done, elapsed); may be empty.
   std::function<void(const std::string&)> progress;
+  // Called after each plan with the report so far ("complete": false), so a
+  // run cut short by a time limit still leaves its finished plans; may be empty.
+  std::function<void(const nlohmann::json&)> on_plan_done;
 };
 
 // Validates options against the model (InvalidArgument naming the option),

@@ -143,8 +143,15 @@ TEST_F(HarnessModelTest, AFailingPlanIsAnErrorEntryAndOthersStillRun) {
   o.plans.push_back({"all-sparse", runtime::KvPlan::Uniform(engine_->config().n_layers, sparse,
                                                             "all-sparse")});
   o.plans.push_back({"dense-again", runtime::KvPlan::Dense(engine_->config().n_layers)});
+  std::vector<size_t> partial_sizes;
+  o.on_plan_done = [&](const nlohmann::json& partial) {
+    EXPECT_EQ(partial["complete"], false);
+    partial_sizes.push_back(partial["plans"].size());
+  };
   auto report = RunHarness(Model(), o);
   ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(partial_sizes, (std::vector<size_t>{1, 2, 3}));
+  EXPECT_EQ((*report)["complete"], true);
   const nlohmann::json& plans = (*report)["plans"];
   ASSERT_EQ(plans.size(), 3u);
   EXPECT_EQ(plans[1]["status"], "error");

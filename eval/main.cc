@@ -153,16 +153,30 @@ absl::Status Run(CliConfig& cfg) {
   model.tokenizer = &engine->tokenizer();
   model.chat_template = &engine->chat_template();
   model.description = cfg.model;
+  const std::filesystem::path out_path(cfg.out);
+  if (out_path.has_parent_path()) std::filesystem::create_directories(out_path.parent_path());
+  // Written through a temporary file and a rename, so a reader (or a run
+  // killed mid-write) never sees half a report.
+  auto write_report = [&](const nlohmann::json& report) -> absl::Status {
+    const std::string tmp = cfg.out + ".tmp";
+    std::ofstream f(tmp);
+    f << DumpReport(report) << "\n";
+    f.close();
+    std::error_code ec;
+    if (f) std::filesystem::rename(tmp, out_path, ec);
+    if (!f || ec) return absl::InternalError(absl::StrCat("--out: cannot write ", cfg.out));
+    return absl::OkStatus();
+  };
+  absl::Status partial_write;
+  h.on_plan_done = [&](const nlohmann::json& partial) {
+    if (partial_write.ok()) partial_write = write_report(partial);
+  };
   ASSIGN_OR_RETURN(nlohmann::json report, RunHarness(model, h));
+  RETURN_IF_ERROR(partial_write);
 
   std::fputs(RenderMarkdown(report).c_str(), stdout);
   std::fflush(stdout);
-  const std::filesystem::path out_path(cfg.out);
-  if (out_path.has_parent_path()) std::filesystem::create_directories(out_path.parent_path());
-  std::ofstream f(out_path);
-  f << DumpReport(report) << "\n";
-  f.close();
-  if (!f) return absl::InternalError(absl::StrCat("--out: cannot write ", cfg.out));
+  RETURN_IF_ERROR(write_report(report));
   std::fprintf(stderr, "wrote %s\n", cfg.out.c_str());
   return absl::OkStatus();
 }
