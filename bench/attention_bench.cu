@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "bench_common.cuh"
 #include "cuda/attention_kernels.cuh"
 #include "cuda/cuda_check.h"
 
@@ -33,32 +34,20 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kHeads = 32;
-constexpr int kKvHeads = 8;
-constexpr int kHeadDim = 128;
-constexpr double kHbmPeakBytesPerSec = 3.0e12;
-constexpr size_t kRotateBytes = 256u << 20;  // > 5x the 50 MB L2
+using bench::kHbmPeakBytesPerSec;
+using bench::kHeadDim;
+using bench::kHeads;
+using bench::kKvHeads;
+using bench::kRotateBytes;
 constexpr int kDecodeLaunchesPerGraph = 32;  // one per layer of the model
 
-#define BENCH_CHECK_OK(expr)                                                         \
-  do {                                                                               \
-    const ::absl::Status bench_status_ = (expr);                                     \
-    if (!bench_status_.ok()) {                                                       \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, bench_status_.ToString().c_str()); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
-#define BENCH_CHECK_CUDA(expr) BENCH_CHECK_OK(::tailorkv::cuda::CudaStatus((expr), #expr))
 
 // p[i] = uniform in [-1, 1), a hash of (seed, i): nonzero random data.
 __global__ void FillRandomBf16Kernel(bf16* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    p[i] = __float2bfloat16(static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f);
+    p[i] = __float2bfloat16(static_cast<float>(bench::Hash(seed, i) >> 40) * (2.0f / 16777216.0f) -
+                            1.0f);
   }
 }
 

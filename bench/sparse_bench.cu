@@ -27,28 +27,15 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "bench_common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/sparse_kernels.cuh"
 
 namespace tailorkv::cuda {
 namespace {
 
-#define BENCH_CHECK_OK(expr)                                                            \
-  do {                                                                                  \
-    const ::absl::Status bench_status_ = (expr);                                        \
-    if (!bench_status_.ok()) {                                                          \
-      std::fprintf(stderr, "%s failed: %s\n", #expr, bench_status_.ToString().c_str()); \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
-#define BENCH_CHECK_CUDA(expr) BENCH_CHECK_OK(::tailorkv::cuda::CudaStatus((expr), #expr))
 
-__device__ __forceinline__ uint64_t Hash(uint64_t seed, uint64_t i) {
-  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (i + 1);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
+using bench::Hash;
 
 // Scores like q.k logits: roughly uniform in [-8, 8) at full fp32 precision.
 __global__ void FillScores(float* p, int64_t n, uint64_t seed) {

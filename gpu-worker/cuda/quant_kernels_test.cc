@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.h"
+#include "cuda/test_rng.h"
 #include "runtime/quant_kv.h"
 
 namespace tailorkv::cuda {
@@ -43,21 +44,7 @@ class QuantKernelsTest : public ::testing::Test {
   }
 };
 
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  float Uniform(float lo, float hi) {
-    state_ += 0x9e3779b97f4a7c15ull;
-    uint64_t z = state_;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return lo + (hi - lo) * static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
-  }
-
- private:
-  uint64_t state_;
-};
+using test_util::Rng;
 
 float RoundBf16(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
