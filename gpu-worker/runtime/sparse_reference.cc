@@ -1,6 +1,7 @@
 #include "runtime/sparse_reference.h"
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -53,6 +54,58 @@ absl::Status GatherRows(const void* src, int64_t src_rows, int64_t row_bytes, co
                 static_cast<size_t>(row_bytes));
   }
   return absl::OkStatus();
+}
+
+}  // namespace tailorkv::runtime
+
+namespace tailorkv::runtime {
+
+absl::StatusOr<int> ChooseChannels(const float* q_mean, const float* max_abs_k, int head_dim, int d,
+                                   int32_t* out) {
+  if (head_dim < 1) return absl::InvalidArgumentError("head_dim must be >= 1");
+  std::vector<float> score(head_dim);
+  for (int c = 0; c < head_dim; ++c) score[c] = std::fabs(q_mean[c]) * max_abs_k[c];
+  return TopKIndices(score.data(), head_dim, d, out);
+}
+
+void ScoreOnChannels(const float* q, int d, const float* rows, int n, float* out) {
+  for (int i = 0; i < n; ++i) {
+    const float* r = rows + static_cast<int64_t>(i) * d;
+    float dot = 0.0f;
+    for (int j = 0; j < d; ++j) dot += q[j] * r[j];
+    out[i] = dot;
+  }
+}
+
+void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_heads, int n_kv_heads,
+                          int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
+                          bool adjacent_pairs, float* out) {
+  const int group = n_heads / n_kv_heads;
+  const int half = head_dim / 2;
+  auto dot_row = [&](int64_t row) {
+    const float* w = wq + row * hidden;
+    float s = 0.0f;
+    for (int i = 0; i < hidden; ++i) s += w[i] * x[i];
+    return s;
+  };
+  for (int h = 0; h < n_kv_heads; ++h) {
+    for (int j = 0; j < d; ++j) {
+      const int c = chans[h * d + j];
+      // The pair (a, b) that RoPE rotates together, and its frequency index.
+      const int i = adjacent_pairs ? c / 2 : c % half;
+      const int a = adjacent_pairs ? 2 * i : i;
+      const int b = adjacent_pairs ? 2 * i + 1 : i + half;
+      const float angle = static_cast<float>(pos) * inv_freq[i];
+      const float cs = std::cos(angle), sn = std::sin(angle);
+      float sum = 0.0f;
+      for (int g = 0; g < group; ++g) {
+        const int64_t base = static_cast<int64_t>(h * group + g) * head_dim;
+        const float x0 = dot_row(base + a), x1 = dot_row(base + b);
+        sum += c == a ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+      }
+      out[h * d + j] = sum / static_cast<float>(group);
+    }
+  }
 }
 
 }  // namespace tailorkv::runtime

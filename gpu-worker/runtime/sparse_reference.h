@@ -42,3 +42,36 @@ absl::Status GatherRows(const void* src, int64_t src_rows, int64_t row_bytes, co
                         int count, void* dst);
 
 }  // namespace tailorkv::runtime
+
+namespace tailorkv::runtime {
+
+// ---- Selection index references (the sparse policy's scoring; the CPU
+// backend runs these, cuda/sparse_index_kernels.cuh reproduces them) ----
+
+// TailorKV's critical channels for one KV head: the min(d, head_dim)
+// channels with the largest |q_mean[c]| * max_abs_k[c] (TopKIndices'
+// ranking), written ascending to out; returns their count. Errors as
+// TopKIndices'.
+absl::StatusOr<int> ChooseChannels(const float* q_mean, const float* max_abs_k, int head_dim, int d,
+                                   int32_t* out);
+
+// Approximate scores on d channels: out[i] = sum over j = 0..d-1, in that
+// order, of q[j] * rows[i * d + j] (fp32 products and sums), i in [0, n).
+// q holds the query's values on the chosen channels, rows each key's values
+// on the same channels.
+void ScoreOnChannels(const float* q, int d, const float* rows, int n, float* out);
+
+// The speculative query of a sparse layer on its chosen channels (InfiniGen /
+// TailorKV): for KV head h and j < d, with c = chans[h * d + j] and G =
+// n_heads / n_kv_heads query heads per KV head,
+//   out[h * d + j] = (1/G) * sum over g < G of RoPE(Wq x)[(h G + g) head_dim + c],
+// where Wq is [n_heads * head_dim][hidden] (row r at wq + r * hidden), x the
+// normalized input the caller chose (the previous layer's), and RoPE rotates
+// channel c with its pair (c ^ 1 for adjacent pairs, c +- head_dim / 2 for
+// halves) at `pos`, as ApplyRope does. Each dot product is an fp32 sum in
+// input order; the rotation is ApplyRope's arithmetic.
+void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_heads, int n_kv_heads,
+                          int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
+                          bool adjacent_pairs, float* out);
+
+}  // namespace tailorkv::runtime

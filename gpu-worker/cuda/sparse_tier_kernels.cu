@@ -1,0 +1,3 @@
+#include "cuda/sparse_tier_kernels.cuh"
+
+namespace tailorkv::cuda {}  // namespace tailorkv::cuda
