@@ -85,10 +85,20 @@ struct SparseLayer {
   std::vector<float> k, v;          // the device tier
   std::vector<float> max_abs_k;     // [kv_head][head_dim]
   std::vector<std::vector<int>> last_selection;  // per KV head, ascending
+  // Index "gpu": the group-mean query of the last prompt token (recorded by
+  // every prefill chunk before the prompt ends), the channels chosen from it
+  // when the prompt ends, and those channels of every prompt key,
+  // [kv_head][capacity][channels] (capacity rows reserved at creation).
+  bool gpu_index = false;
+  std::vector<float> last_q_mean;   // [kv_head][head_dim]
+  std::vector<int32_t> chans;       // [kv_head][channels], ascending
+  std::vector<float> index;
+  int64_t index_head_stride = 0;
 
   bool prompt_ended() const { return prompt >= 0; }
   int64_t device_bytes() const {
-    return static_cast<int64_t>(k.size() + v.size() + max_abs_k.size()) * sizeof(float);
+    return static_cast<int64_t>(k.size() + v.size() + max_abs_k.size() + index.size()) *
+           sizeof(float);
   }
 };
 
@@ -134,6 +144,13 @@ class CpuSequence final : public SequenceState {
         sp->k.assign(sp->head_stride * c.n_kv_heads, 0.0f);
         sp->v.assign(sp->k.size(), 0.0f);
         sp->max_abs_k.assign(static_cast<size_t>(c.n_kv_heads) * c.head_dim, 0.0f);
+        if (p.sparse.index == "gpu") {
+          sp->gpu_index = true;
+          sp->last_q_mean.assign(sp->max_abs_k.size(), 0.0f);
+          sp->chans.assign(static_cast<size_t>(c.n_kv_heads) * p.sparse.channels, 0);
+          sp->index_head_stride = static_cast<int64_t>(capacity) * p.sparse.channels;
+          sp->index.assign(sp->index_head_stride * c.n_kv_heads, 0.0f);
+        }
         sparse_[l] = std::move(sp);
       }
     }
@@ -222,12 +239,6 @@ class CpuBackend final : public Backend {
     if (auto st = plan.Validate(w_.config); !st.ok()) return st;
     for (size_t l = 0; l < plan.layers.size(); ++l) {
       const LayerKvPolicy& p = plan.layers[l];
-      if (p.kind == KvPolicyKind::kSparse && p.sparse.index != "faithful") {
-        return absl::UnimplementedError(absl::StrFormat(
-            "layer %d: sparse policy with index \"%s\": not implemented yet (issue 5); the CPU "
-            "backend runs index \"faithful\"",
-            l, p.sparse.index));
-      }
       if (p.kind == KvPolicyKind::kQuant) {
         const QuantShape shape{.n_kv_heads = w_.config.n_kv_heads, .head_dim = w_.config.head_dim,
                                .capacity = capacity, .params = p.quant};
@@ -250,7 +261,10 @@ class CpuBackend final : public Backend {
  private:
   // Attention of the n chunk queries against a layer as its policy says
   // (runtime/backend.h); non-dense layers read the chunk's K/V from k_/v_.
-  void LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start, float* out);
+  // spec_x: a decode step's speculative input for sparse layers with index
+  // "gpu" (the previous layer's normalized input; layer 0's own).
+  void LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start,
+                      const float* spec_x, float* out);
   // Causal attention over a view: query i sees rows [0, offset + i + 1).
   void Attention(const KvView& kv, const float* q, int n, int offset, float* out);
   // Copies chunk row i of every KV head (k_, v_) into rows `first` + i of a
@@ -258,7 +272,8 @@ class CpuBackend final : public Backend {
   void CopyChunk(float* k, float* v, int64_t head_stride, int first, int n);
   // A sparse layer's prefill chunk and decode step (cpu_backend.h).
   void SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out);
-  void SparseDecode(SparseLayer& sp, const float* q, int start, float* out);
+  void SparseDecode(SparseLayer& sp, int layer, const float* q, int start, const float* spec_x,
+                    float* out);
   // Ends the prompt of a sparse layer at P tokens: max|K|, kept rows,
   // generated rows reserved for the rest of the capacity.
   void EndSparsePrompt(SparseLayer& sp, int prompt, int capacity);
@@ -270,6 +285,9 @@ class CpuBackend final : public Backend {
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, scores_;
   // Full-precision [history | chunk] K/V of a non-dense layer's prefill chunk.
   std::vector<float> chunk_k_, chunk_v_;
+  // A decode step's normalized attention input of the current and the
+  // previous layer (speculative queries of index "gpu").
+  std::vector<float> xn_cur_, xn_prev_;
 };
 
 absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t> tokens,
@@ -306,6 +324,11 @@ absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t>
       ref::RmsNorm(&x_[static_cast<size_t>(i) * H], L.attn_norm.data.data(), H, c.rms_eps,
                    &xn_[static_cast<size_t>(i) * H]);
     }
+    if (n == 1) {
+      xn_prev_.swap(xn_cur_);
+      xn_cur_.assign(xn_.begin(), xn_.begin() + H);
+      if (l == 0) xn_prev_ = xn_cur_;
+    }
     Linear(xn_.data(), n, L.wq, q_.data(), false);
     Linear(xn_.data(), n, L.wk, k_.data(), false);
     Linear(xn_.data(), n, L.wv, v_.data(), false);
@@ -321,7 +344,7 @@ absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t>
                     sizeof(float) * hd);
       }
     }
-    LayerAttention(*seq, l, q_.data(), n, start, attn_.data());
+    LayerAttention(*seq, l, q_.data(), n, start, n == 1 ? xn_prev_.data() : nullptr, attn_.data());
     Linear(attn_.data(), n, L.wo, x_.data(), /*accumulate=*/true);
 
 #pragma omp parallel for
@@ -365,7 +388,7 @@ void CpuBackend::CopyChunk(float* k, float* v, int64_t head_stride, int first, i
 }
 
 void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start,
-                                float* out) {
+                                const float* spec_x, float* out) {
   const ModelConfig& c = w_.config;
   const int hd = c.head_dim, nkv = c.n_kv_heads, nh = c.n_heads;
   switch (seq.kind(layer)) {
@@ -456,7 +479,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
       SparseLayer& sp = *seq.sparse(layer);
       if (n == 1 && start > 0) {
         if (!sp.prompt_ended()) EndSparsePrompt(sp, start, seq.capacity());
-        SparseDecode(sp, q, start, out);
+        SparseDecode(sp, layer, q, start, spec_x, out);
       } else {
         SparsePrefill(sp, q, n, start, out);
       }
@@ -489,12 +512,36 @@ void CpuBackend::EndSparsePrompt(SparseLayer& sp, int prompt, int capacity) {
     const int64_t from = static_cast<int64_t>(prompt - sp.recent) * hd;
     std::memcpy(dk + static_cast<int64_t>(sp.sink) * hd, hk + from, sizeof(float) * sp.recent * hd);
     std::memcpy(dv + static_cast<int64_t>(sp.sink) * hd, hv + from, sizeof(float) * sp.recent * hd);
+    if (!sp.gpu_index) continue;
+    // Index "gpu": channels fixed now from the last prompt token's query,
+    // and those channels of every prompt key copied into the index.
+    const int d = sp.params.channels;
+    int32_t* ch = &sp.chans[static_cast<size_t>(h) * d];
+    (void)ChooseChannels(&sp.last_q_mean[static_cast<size_t>(h) * hd], mx, hd, d, ch);
+    float* idx = sp.index.data() + h * sp.index_head_stride;
+    for (int p = 0; p < prompt; ++p) {
+      for (int j = 0; j < d; ++j) idx[static_cast<int64_t>(p) * d + j] = hk[static_cast<int64_t>(p) * hd + ch[j]];
+    }
   }
 }
 
 void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out) {
   const int hd = w_.config.head_dim, nkv = w_.config.n_kv_heads;
   if (!sp.prompt_ended()) {
+    if (sp.gpu_index) {
+      // The last prompt token's group-mean query picks the index's channels
+      // if the prompt ends after this chunk.
+      const int group = w_.config.n_heads / nkv;
+      const float* last = q + static_cast<int64_t>(n - 1) * w_.config.n_heads * hd;
+      for (int h = 0; h < nkv; ++h) {
+        float* m = &sp.last_q_mean[static_cast<size_t>(h) * hd];
+        for (int d = 0; d < hd; ++d) {
+          float sum = 0.0f;
+          for (int g = 0; g < group; ++g) sum += last[static_cast<int64_t>(h * group + g) * hd + d];
+          m[d] = sum / static_cast<float>(group);
+        }
+      }
+    }
     // The host tier is the dense layout of the prompt: attend over it as is.
     CopyChunk(sp.host.k(0), sp.host.v(0), sp.host.head_stride(), start, n);
     Attention({sp.host.k(0), sp.host.v(0), sp.host.head_stride()}, q, n, start, out);
@@ -521,7 +568,8 @@ void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start
   sp.generated += n;
 }
 
-void CpuBackend::SparseDecode(SparseLayer& sp, const float* q, int start, float* out) {
+void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int start,
+                              const float* spec_x, float* out) {
   const ModelConfig& c = w_.config;
   const int hd = c.head_dim, nkv = c.n_kv_heads, group = c.n_heads / c.n_kv_heads;
   const int64_t kept_rows = static_cast<int64_t>(sp.kept_cap) * hd;
@@ -536,17 +584,38 @@ void CpuBackend::SparseDecode(SparseLayer& sp, const float* q, int start, float*
   chunk_k_.resize(stride * nkv);
   chunk_v_.resize(stride * nkv);
   sp.last_selection.resize(nkv);
+  const int d_s = sp.params.channels;
+  std::vector<float> q_spec;
+  if (sp.gpu_index) {
+    // The speculative query on the fixed channels (cpu_backend.h).
+    q_spec.resize(static_cast<size_t>(nkv) * d_s);
+    SpeculativeQueryMean(spec_x, w_.layers[layer].wq.data.data(), c.hidden, c.n_heads, nkv, hd,
+                         sp.chans.data(), d_s, start, inv_freq_.data(),
+                         c.rope_style == model::RopeStyle::kAdjacentPairs, q_spec.data());
+  }
 #pragma omp parallel for
   for (int h = 0; h < nkv; ++h) {
-    std::vector<float> q_mean(hd, 0.0f);
-    for (int g = 0; g < group; ++g) {
-      const float* qh = q + static_cast<int64_t>(h * group + g) * hd;
-      for (int d = 0; d < hd; ++d) q_mean[d] += qh[d];
-    }
-    for (int d = 0; d < hd; ++d) q_mean[d] /= static_cast<float>(group);
     std::vector<int>& sel = sp.last_selection[h];
-    SparseSelectCpu(q_mean.data(), &sp.max_abs_k[static_cast<size_t>(h) * hd], sp.host.k(h), hd, first,
-                    end, sp.params.channels, sp.params.top_k, &sel);
+    if (sp.gpu_index) {
+      const int n_cand = std::max(end - first, 0);
+      std::vector<float> approx(n_cand);
+      ScoreOnChannels(&q_spec[static_cast<size_t>(h) * d_s], d_s,
+                      sp.index.data() + h * sp.index_head_stride + static_cast<int64_t>(first) * d_s,
+                      n_cand, approx.data());
+      std::vector<int32_t> picked(selected);
+      (void)TopKIndices(approx.data(), n_cand, selected, picked.data());
+      sel.assign(picked.begin(), picked.end());
+      for (int& p : sel) p += first;
+    } else {
+      std::vector<float> q_mean(hd, 0.0f);
+      for (int g = 0; g < group; ++g) {
+        const float* qh = q + static_cast<int64_t>(h * group + g) * hd;
+        for (int d = 0; d < hd; ++d) q_mean[d] += qh[d];
+      }
+      for (int d = 0; d < hd; ++d) q_mean[d] /= static_cast<float>(group);
+      SparseSelectCpu(q_mean.data(), &sp.max_abs_k[static_cast<size_t>(h) * hd], sp.host.k(h), hd,
+                      first, end, d_s, sp.params.top_k, &sel);
+    }
     // Gather in position order: sink, selected, recent, generated.
     float* gk = &chunk_k_[h * stride];
     float* gv = &chunk_v_[h * stride];
@@ -652,6 +721,17 @@ std::vector<std::vector<int>> CpuSparseLastSelection(const SequenceState& seq, i
   if (s == nullptr || layer < 0 || layer >= static_cast<int>(s->plan().layers.size())) return {};
   const SparseLayer* sp = s->sparse(layer);
   return sp == nullptr ? std::vector<std::vector<int>>{} : sp->last_selection;
+}
+
+std::vector<std::vector<int>> CpuSparseChannels(const SequenceState& seq, int layer) {
+  const auto* s = dynamic_cast<const CpuSequence*>(&seq);
+  if (s == nullptr || layer < 0 || layer >= static_cast<int>(s->plan().layers.size())) return {};
+  const SparseLayer* sp = s->sparse(layer);
+  if (sp == nullptr || !sp->gpu_index || !sp->prompt_ended()) return {};
+  const int d = sp->params.channels;
+  std::vector<std::vector<int>> out(sp->chans.size() / d);
+  for (size_t h = 0; h < out.size(); ++h) out[h].assign(sp->chans.begin() + h * d, sp->chans.begin() + (h + 1) * d);
+  return out;
 }
 
 void SparseSelectCpu(const float* q_mean, const float* max_abs_k, const float* keys, int head_dim,

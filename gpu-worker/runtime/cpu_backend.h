@@ -9,8 +9,7 @@
 // scratch [history as stored | chunk] that is not KV memory (kv_bytes()
 // leaves it out).
 //
-// Sparse layers (TailorKV's sparsity-friendly layers, index "faithful";
-// index "gpu" answers Unimplemented). Per layer the sequence keeps
+// Sparse layers (TailorKV's sparsity-friendly layers). Per layer the sequence keeps
 //   host tier   the prompt's K/V in position order (plain memory here,
 //               behind a small class a host-memory store can replace);
 //               `capacity` rows reserved at creation, since the prompt
@@ -37,9 +36,23 @@
 //   query head of the group then attends exactly (one fp32 softmax) over
 //   sink + selected + recent + generated, gathered in position order, so
 //   when top_k covers every candidate the step is bit-identical to dense.
+//   Index: "faithful" is the above, as TailorKV's reference does it.
+//   "gpu" (the GPU-resident index, which the CUDA backend keeps in device
+//   memory so that only selected rows cross PCIe) differs in two ways:
+//   - the channels are fixed once, when the prompt ends: per KV head the
+//     `channels` best by |q_last| x max|K|, q_last the last prompt token's
+//     group-mean query; those channels of every prompt key are copied into
+//     an index ([kv_head][capacity][channels]);
+//   - each step scores with a speculative query (InfiniGen / TailorKV's
+//     prefetch): q^ = RoPE(Wq_l x) on the fixed channels, group-mean, where
+//     x is the previous layer's normalized attention input (layer 0: its
+//     own), so the GPU can select layer l while layer l-1 computes
+//     (sparse_reference.h: ChooseChannels, SpeculativeQueryMean,
+//     ScoreOnChannels, TopKIndices).
 //   kv_bytes(): host 2 * n_kv * capacity * hd * 4; device 2 * n_kv *
 //   min(capacity, S + R) * hd * 4 + n_kv * hd * 4 (max|K|) at creation
-//   (EstimateKvBytes' figure), plus 2 * n_kv * (capacity - P) * hd * 4 for
+//   (+ n_kv * capacity * channels * 4 for index "gpu"; EstimateKvBytes'
+//   figure), plus 2 * n_kv * (capacity - P) * hd * 4 for
 //   the generated rows once the prompt ended.
 #pragma once
 
@@ -68,6 +81,11 @@ const QuantKvCpu* CpuQuantStore(const SequenceState& seq, int layer);
 // KV head, ascending; empty when `seq` is not a CPU sequence, the layer is
 // not sparse or no decode step ran. For tests and inspection.
 std::vector<std::vector<int>> CpuSparseLastSelection(const SequenceState& seq, int layer);
+
+// The channels index "gpu" of sparse `layer` fixed when the prompt ended,
+// per KV head, ascending; empty when `seq` is not a CPU sequence, the layer
+// is not a sparse layer with index "gpu" or its prompt has not ended.
+std::vector<std::vector<int>> CpuSparseChannels(const SequenceState& seq, int layer);
 
 // TailorKV's selection for one KV head, as the CPU backend's decode step runs
 // it (exposed for tests). q_mean and max_abs_k: head_dim floats; keys: rows

@@ -164,6 +164,24 @@ TEST_F(CpuBackendRealModel, HybridPlanAfterLongPromptSelectsTopK) {
   std::printf("hybrid:2:128:8:56 after 600 tokens: max |logit - dense| %.4g, %d/32 greedy tokens equal\n%s\n",
               max_diff, same, tokenizer_->Decode(h.generated).c_str());
   EXPECT_GT(max_diff, 0.0f) << "decode attends over a selection";
+
+  // The GPU-resident index (fixed channels, speculative query).
+  auto gpu_plan = ParseKvPlanSpec("hybrid:2:128:8:56:gpu", c);
+  ASSERT_TRUE(gpu_plan.ok()) << gpu_plan.status();
+  const Run g = Greedy(*gpu_plan, prompt, 32);
+  EXPECT_EQ(std::memcmp(g.prefill_logits.data(), dense.prefill_logits.data(), sizeof(float) * g.prefill_logits.size()), 0);
+  int same_gpu = 0;
+  float max_diff_gpu = 0;
+  for (int s = 0; s < 32; ++s) {
+    for (size_t i = 0; i < g.step_logits[s].size(); ++i) {
+      ASSERT_TRUE(std::isfinite(g.step_logits[s][i])) << "step " << s;
+      max_diff_gpu = std::max(max_diff_gpu, std::fabs(g.step_logits[s][i] - dense.step_logits[s][i]));
+    }
+    same_gpu += g.generated[s] == dense.generated[s];
+  }
+  std::printf("hybrid:2:128:8:56:gpu: max |logit - dense| %.4g, %d/32 greedy tokens equal\n", max_diff_gpu, same_gpu);
+  EXPECT_GT(max_diff_gpu, 0.0f);
+  EXPECT_GE(same_gpu, 8) << "a selection that keeps the text on track for a while";
 }
 
 }  // namespace

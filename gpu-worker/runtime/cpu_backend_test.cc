@@ -505,16 +505,12 @@ TEST(CpuBackendKvPolicy, KvBytesFollowTheFormulas) {
   }
 }
 
-TEST(CpuBackendKvPolicy, RejectsGpuSparseIndexAndKeepsNonDenseSequencesOnTruncate) {
+TEST(CpuBackendKvPolicy, AcceptsBothSparseIndexesAndKeepsNonDenseSequencesOnTruncate) {
   const auto w = PolicyModel(35);
   auto backend = *CreateCpuBackend(w, {.threads = 1});
   KvPlan sparse = KvPlan::Dense(3);
   sparse.layers[1].kind = KvPolicyKind::kSparse;  // index "gpu" by default
-  const auto s = backend->NewSequence(50, sparse);
-  EXPECT_EQ(s.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(s.status().message().find("layer 1: sparse policy with index \"gpu\": not implemented yet (issue 5)"),
-            std::string::npos)
-      << s.status();
+  EXPECT_TRUE(backend->NewSequence(50, sparse).ok());
   sparse.layers[1].sparse.index = "faithful";
   EXPECT_TRUE(backend->NewSequence(50, sparse).ok());
   KvPlan bad = KvPlan::Uniform(3, Quant(3, 32, 64), "bad");
@@ -568,6 +564,10 @@ TEST(CpuBackendSparse, TopKCoveringThePromptMatchesDenseExactly) {
                      "sparse k1000 vs dense");
   ExpectBitIdentical(dense, RunChunks(*backend, KvPlan::Uniform(3, Sparse(8, 150, 1, 2), "s"), tokens, kSparseChunks),
                      "sparse 8+150 (no candidates) vs dense");
+  LayerKvPolicy gpu = Sparse(4, 8, 146, 3);
+  gpu.sparse.index = "gpu";
+  ExpectBitIdentical(dense, RunChunks(*backend, KvPlan::Uniform(3, gpu, "s"), tokens, kSparseChunks),
+                     "sparse k146 index gpu vs dense");
   // One candidate short of covering: the decode steps differ.
   const auto short_k = RunChunks(*backend, KvPlan::Uniform(3, Sparse(4, 8, 145, 3), "s"), tokens, kSparseChunks);
   ExpectBitIdentical({dense.begin(), dense.begin() + 4}, {short_k.begin(), short_k.begin() + 4}, "prefill");
@@ -688,6 +688,79 @@ TEST(CpuBackendSparse, DecodeMatchesIndependentSelectionAndAttendsEveryGenerated
       EXPECT_GT(MaxAbsDiff(got.back().data(), without_generated.data(), c.vocab, &where), 100 * d);
     }
   }
+}
+
+// Index "gpu" with every channel: the fixed channel set is all of them and
+// the speculative query of a one-layer model is its own query (layer 0
+// speculates from its own input), so the selection is the exact Top-K of
+// q_mean . k, which the independent faithful selection with all channels
+// also is. The channels it fixes with fewer channels come from the last
+// prompt token's query (checked through CpuSparseChannels).
+TEST(CpuBackendSparse, GpuIndexSelectsWithTheSpeculativeQueryOnFixedChannels) {
+  const auto w = PolicyModel(51, /*n_layers=*/1);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const int prompt = 90, generated = 3, len = prompt + generated;
+  const auto tokens = RandomTokens(len, c.vocab, 52);
+  std::vector<int> chunks = {40, 50};
+  chunks.resize(2 + generated, 1);
+  LayerKvPolicy l;
+  l.kind = KvPolicyKind::kSparse;
+  l.sparse = {2, 5, 9, 32, "gpu"};
+  std::unique_ptr<SequenceState> seq;
+  const auto got = RunChunks(*backend, KvPlan::Uniform(1, l, "s"), tokens, chunks, &seq);
+  SparseParams all = l.sparse;
+  std::vector<std::vector<int>> expected_sel;
+  const auto expected = OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto& v, float* out) {
+    expected_sel = IndependentSelection(q, k, c.n_heads, c.n_kv_heads, 32, len, prompt, all);
+    for (int h = 0; h < c.n_heads; ++h) {
+      const int g = h / 3;
+      std::vector<int> pos = {0, 1};
+      pos.insert(pos.end(), expected_sel[g].begin(), expected_sel[g].end());
+      for (int p = prompt - 5; p < len; ++p) pos.push_back(p);
+      const size_t kv = static_cast<size_t>(g) * len * 32;
+      AttendPositions(&q[h * 32], &k[kv], &v[kv], 32, pos, out + h * 32);
+    }
+  });
+  const auto sel = CpuSparseLastSelection(*seq, 0);
+  ASSERT_EQ(sel.size(), 2u);
+  for (int g = 0; g < 2; ++g) {
+    EXPECT_EQ(sel[g], expected_sel[g]) << "kv head " << g;
+    EXPECT_EQ(sel[g].size(), 9u);
+  }
+  size_t where = 0;
+  EXPECT_LT(MaxAbsDiff(got.back().data(), expected.data(), c.vocab, &where), 1e-4f) << where;
+
+  // Five channels: fixed when the prompt ends, from the last prompt token's
+  // group-mean query and max|K| over the prompt.
+  l.sparse.channels = 5;
+  std::unique_ptr<SequenceState> seq5;
+  RunChunks(*backend, KvPlan::Uniform(1, l, "s"), tokens, chunks, &seq5);
+  const std::vector<int32_t> prompt_tokens(tokens.begin(), tokens.begin() + prompt);
+  std::vector<std::vector<int>> expected_chans(2);
+  OneLayerLastLogits(w, prompt_tokens, [&](const auto& q, const auto& k, const auto&, float*) {
+    for (int g = 0; g < 2; ++g) {
+      std::vector<double> score(32);
+      for (int d = 0; d < 32; ++d) {
+        double qm = 0, mx = 0;
+        for (int h = g * 3; h < g * 3 + 3; ++h) qm += q[h * 32 + d] / 3.0;
+        for (int p = 0; p < prompt; ++p) mx = std::max(mx, std::fabs(static_cast<double>(k[(static_cast<size_t>(g) * prompt + p) * 32 + d])));
+        score[d] = std::fabs(qm) * mx;
+      }
+      std::vector<int> ch(32);
+      std::iota(ch.begin(), ch.end(), 0);
+      std::stable_sort(ch.begin(), ch.end(), [&](int a, int b) { return score[a] > score[b]; });
+      ch.resize(5);
+      std::sort(ch.begin(), ch.end());
+      expected_chans[g] = ch;
+    }
+  });
+  const auto chans = CpuSparseChannels(*seq5, 0);
+  ASSERT_EQ(chans.size(), 2u);
+  EXPECT_EQ(chans[0], expected_chans[0]);
+  EXPECT_EQ(chans[1], expected_chans[1]);
+  EXPECT_NE(chans[0], chans[1]) << "heads choose on their own";
+  EXPECT_TRUE(CpuSparseChannels(*seq5, 1).empty());
 }
 
 // A few planted keys dominate on the query's outlier channels: the

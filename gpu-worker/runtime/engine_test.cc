@@ -206,14 +206,14 @@ TEST_F(EngineTest, RejectsBadPlansWithTheParsersMessage) {
                       std::to_string(other.n_layers));
   std::filesystem::remove(wrong_model);
 
-  // Valid, but no backend runs sparse layers yet: creation fails clearly.
+  // A sparse layer with the GPU-resident index: the CPU backend runs it too.
   KvPlan sparse = KvPlan::Dense(c.n_layers);
   sparse.name = "one-sparse";
   sparse.layers[2].kind = KvPolicyKind::kSparse;
   const std::string sparse_file = WritePlanFile("sparse.json", KvPlanToJson(sparse, c));
-  expect_rejected("@" + sparse_file, absl::StatusCode::kUnimplemented,
-                  "kv plan 'one-sparse' (dense x29, sparse(8+56 k128 d8 gpu) x1): the "
-                  "cpu backend cannot run it");
+  auto e = Engine::Create({.model_path = kModel, .backend = "cpu", .threads = 2, .kv_plan = "@" + sparse_file});
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->kv_plan().Summary(), "dense x29, sparse(8+56 k128 d8 gpu) x1");
   std::filesystem::remove(sparse_file);
 }
 

@@ -281,7 +281,8 @@ absl::StatusOr<int> SpecInt(const std::string& spec, const std::string& name,
 
 constexpr char kSpecGrammar[] =
     "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS], "
-    "sparse:TOPK[:SINK:RECENT[:CHANNELS]], hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]] or "
+    "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX], "
+    "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX] (INDEX gpu or faithful) or "
     "@plan.json";
 
 absl::Status SpecError(const std::string& spec, const std::string& what) {
@@ -293,8 +294,6 @@ absl::StatusOr<LayerKvPolicy> SpecSparse(const std::string& spec,
                                          const std::vector<std::string>& parts, size_t first) {
   LayerKvPolicy l;
   l.kind = KvPolicyKind::kSparse;
-  // The only selection a backend runs so far (TailorKV's own).
-  l.sparse.index = "faithful";
   const std::pair<const char*, int*> fields[] = {{"TOPK", &l.sparse.top_k},
                                                  {"SINK", &l.sparse.sink},
                                                  {"RECENT", &l.sparse.recent},
@@ -494,8 +493,15 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     if (path.empty()) return SpecError(spec, "a plan file path must follow '@'");
     return LoadKvPlanFile(path, config);
   }
-  const std::vector<std::string> parts = absl::StrSplit(spec, ':');
-  const std::string& kind = parts[0];
+  std::vector<std::string> parts = absl::StrSplit(spec, ':');
+  const std::string kind = parts[0];
+  // Sparse and hybrid specs may end in the selection index's name.
+  std::string index = "faithful";
+  if ((kind == "sparse" || kind == "hybrid") && parts.size() > 1 &&
+      (parts.back() == "gpu" || parts.back() == "faithful")) {
+    index = parts.back();
+    parts.pop_back();
+  }
   const int n_args = static_cast<int>(parts.size()) - 1;
   KvPlan plan;
   if (kind == "dense") {
@@ -552,19 +558,21 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     }
   } else if (kind == "sparse") {
     if (n_args != 1 && n_args != 3 && n_args != 4) {
-      return SpecError(spec, "expected sparse:TOPK[:SINK:RECENT[:CHANNELS]]");
+      return SpecError(spec, "expected sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX]");
     }
     auto l = SpecSparse(spec, parts, 1);
     if (!l.ok()) return l.status();
+    l->sparse.index = index;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
   } else if (kind == "hybrid") {
     if (n_args != 2 && n_args != 4 && n_args != 5) {
-      return SpecError(spec, "expected hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]]");
+      return SpecError(spec, "expected hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX]");
     }
     auto bits = SpecInt(spec, "BITS", parts[1]);
     if (!bits.ok()) return bits.status();
     auto l = SpecSparse(spec, parts, 2);
     if (!l.ok()) return l.status();
+    l->sparse.index = index;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
     // TailorKV's plan: layer 0 quantization-friendly, the rest sparse.
     if (!plan.layers.empty()) {
@@ -606,7 +614,7 @@ std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::Model
       case KvPolicyKind::kSparse: {
         // At creation (see the header): the host tier reserves every token
         // of the capacity; the device tier the sink + recent rows and the
-        // per-channel max|K|; index "gpu" (design only so far) adds a
+        // per-channel max|K|; index "gpu" adds a
         // `channels`-wide key index of every token. Generated rows are
         // reserved when the prompt ends, so they are not in this figure.
         const SparseParams& s = l.sparse;

@@ -121,8 +121,10 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config);
 //   "quant:BITS[:GROUP[:RESIDUAL]]"          every layer quantized (KIVI-style)
 //   "window:SINK:RECENT"                     every layer windowed (StreamingLLM-style)
 //   "tailorkv:BITS[:LAYERS]"                 layers 0..LAYERS-1 (default 1) quantized, others dense
-//   "sparse:TOPK[:SINK:RECENT[:CHANNELS]]"   every layer sparse, index "faithful"
-//   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]]"
+//   "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX]"
+//                                            every layer sparse; INDEX "gpu" or "faithful"
+//                                            (the default)
+//   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX]"
 //                                            TailorKV's plan: layer 0 quant BITS (group 64,
 //                                            residual 128), every other layer sparse as above
 //   "@path/to/plan.json"                     a plan file
@@ -151,7 +153,7 @@ struct LayerKvBytes {
 //          K/V, reserved for a prompt as long as the capacity); device:
 //          2 * n_kv_heads * min(capacity, sink + recent) * head_dim * elem
 //          + n_kv_heads * head_dim * elem (max|K|), plus for index "gpu"
-//          (not implemented yet) a `channels`-wide key index of every token,
+//          a `channels`-wide key index of every token,
 //          n_kv_heads * channels * capacity * elem. This is what a sequence
 //          holds when made; when its prompt (P tokens) ends, the device tier
 //          also reserves its generated rows, 2 * n_kv_heads * (capacity - P)

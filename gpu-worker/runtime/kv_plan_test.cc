@@ -420,7 +420,10 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
        {SparseCase{"sparse:128", {8, 56, 128, 8, "faithful"}},
         SparseCase{"sparse:17:3:5", {3, 5, 17, 8, "faithful"}},
         SparseCase{"sparse:896:64:64:12", {64, 64, 896, 12, "faithful"}},
-        SparseCase{"sparse:1:0:1:64", {0, 1, 1, 64, "faithful"}}}) {
+        SparseCase{"sparse:1:0:1:64", {0, 1, 1, 64, "faithful"}},
+        SparseCase{"sparse:128:gpu", {8, 56, 128, 8, "gpu"}},
+        SparseCase{"sparse:17:3:5:faithful", {3, 5, 17, 8, "faithful"}},
+        SparseCase{"sparse:896:64:64:12:gpu", {64, 64, 896, 12, "gpu"}}}) {
     auto plan = ParseKvPlanSpec(tc.spec, c);
     ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
     EXPECT_EQ(plan->name, tc.spec);
@@ -441,6 +444,12 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
   auto hybrid_full = ParseKvPlanSpec("hybrid:4:7:1:2:3", c);
   ASSERT_TRUE(hybrid_full.ok()) << hybrid_full.status();
   EXPECT_EQ(hybrid_full->Summary(), "quant(4b g64 r128) x1, sparse(1+2 k7 d3 faithful) x4");
+  auto hybrid_gpu = ParseKvPlanSpec("hybrid:1:128:8:56:16:gpu", c);
+  ASSERT_TRUE(hybrid_gpu.ok()) << hybrid_gpu.status();
+  EXPECT_EQ(hybrid_gpu->Summary(), "quant(1b g64 r128) x1, sparse(8+56 k128 d16 gpu) x4");
+  // The index name is only a trailing part: "gpu" in the middle is a bad number.
+  EXPECT_EQ(ParseKvPlanSpec("sparse:gpu:128", c).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseKvPlanSpec("sparse:gpu", c).status().code(), absl::StatusCode::kInvalidArgument);
   // A one-layer model keeps only the quantized layer.
   auto hybrid_one = ParseKvPlanSpec("hybrid:1:8", Config(1));
   ASSERT_TRUE(hybrid_one.ok()) << hybrid_one.status();
@@ -458,8 +467,8 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
       {"Dense",
        "kv plan spec \"Dense\": unknown kind \"Dense\"; expected dense, "
        "quant:BITS[:GROUP[:RESIDUAL]], "
-       "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]], "
-       "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]] or @plan.json"},
+       "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX], "
+       "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX] (INDEX gpu or faithful) or @plan.json"},
       {"kivi:1", "unknown kind \"kivi\""},
       {"dense:1", "kv plan spec \"dense:1\": dense takes no parameters"},
       {"quant", "kv plan spec \"quant\": expected quant:BITS[:GROUP[:RESIDUAL]]"},

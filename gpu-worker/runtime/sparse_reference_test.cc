@@ -3,6 +3,8 @@
 // byte-by-byte copy loop. Outputs are poisoned before each call.
 #include "runtime/sparse_reference.h"
 
+#include "runtime/cpu_reference.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -157,6 +159,75 @@ TEST(SparseGatherTest, BadInputNamesTheField) {
   EXPECT_FALSE(GatherRows(src.data(), 4, 16, nullptr, 1, dst.data()).ok());
   EXPECT_FALSE(GatherRows(src.data(), 4, 16, idx, 1, nullptr).ok());
   EXPECT_TRUE(GatherRows(nullptr, 0, 16, nullptr, 0, nullptr).ok());
+}
+
+// ChooseChannels ranks |q| x max|K|: ties to the smaller channel, NaN last,
+// output ascending.
+TEST(ChooseChannelsTest, RanksByQueryTimesMaxAbsKey) {
+  const float q[6] = {1.0f, -4.0f, 2.0f, NAN, -2.0f, 0.5f};
+  const float mx[6] = {3.0f, 1.0f, 2.0f, 100.0f, 2.0f, 8.0f};
+  // scores 3, 4, 4, NaN, 4, 4: the four 4s, the smaller channels first.
+  int32_t out[6] = {-7, -7, -7, -7, -7, -7};
+  auto n = ChooseChannels(q, mx, 6, 3, out);
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 3);
+  EXPECT_EQ(std::vector<int32_t>(out, out + 3), (std::vector<int32_t>{1, 2, 4}));
+  EXPECT_EQ(out[3], -7) << "writes only the count";
+  n = ChooseChannels(q, mx, 6, 5, out);
+  EXPECT_EQ(std::vector<int32_t>(out, out + 5), (std::vector<int32_t>{0, 1, 2, 4, 5}));
+  n = ChooseChannels(q, mx, 6, 9, out);
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 6);
+  EXPECT_FALSE(ChooseChannels(q, mx, 0, 1, out).ok());
+}
+
+TEST(ScoreOnChannelsTest, SumsInChannelOrder) {
+  // 1e8 + 1 - 1e8 in order is 0 in fp32; another order would give 1.
+  const float q[3] = {1.0f, 1.0f, 1.0f};
+  const float rows[6] = {1e8f, 1.0f, -1e8f, 2.0f, 3.0f, -0.5f};
+  float out[3] = {NAN, NAN, 42.0f};
+  ScoreOnChannels(q, 3, rows, 2, out);
+  EXPECT_EQ(out[0], 0.0f);
+  EXPECT_EQ(out[1], 4.5f);
+  EXPECT_EQ(out[2], 42.0f) << "writes only n scores";
+}
+
+// SpeculativeQueryMean equals the full projection, RoPE on whole heads
+// (ApplyRope) and the group mean, restricted to the chosen channels: both
+// rope styles, a group of 3, channels from both halves of the head.
+TEST(SpeculativeQueryMeanTest, MatchesFullProjectionRopeAndMean) {
+  constexpr int hidden = 37, n_heads = 6, n_kv = 2, hd = 16, d = 5, pos = 1234;
+  std::mt19937 rng(61);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(hidden), wq(static_cast<size_t>(n_heads) * hd * hidden);
+  for (float& v : x) v = nd(rng);
+  for (float& v : wq) v = nd(rng);
+  model::ModelConfig c;
+  c.head_dim = hd;
+  c.rope_theta = 10000.0f;
+  const std::vector<float> inv_freq = ref::RopeInvFreq(c);
+  const int32_t chans[n_kv * d] = {0, 3, 7, 8, 15, 1, 2, 9, 10, 14};
+  for (const model::RopeStyle style : {model::RopeStyle::kAdjacentPairs, model::RopeStyle::kHalves}) {
+    std::vector<float> q(static_cast<size_t>(n_heads) * hd);
+    for (int r = 0; r < n_heads * hd; ++r) {
+      float s = 0.0f;
+      for (int i = 0; i < hidden; ++i) s += wq[static_cast<size_t>(r) * hidden + i] * x[i];
+      q[r] = s;
+    }
+    for (int h = 0; h < n_heads; ++h) ref::ApplyRope(&q[h * hd], hd, pos, inv_freq, style);
+    float out[n_kv * d];
+    std::fill(std::begin(out), std::end(out), NAN);
+    SpeculativeQueryMean(x.data(), wq.data(), hidden, n_heads, n_kv, hd, chans, d, pos, inv_freq.data(),
+                         style == model::RopeStyle::kAdjacentPairs, out);
+    for (int h = 0; h < n_kv; ++h) {
+      for (int j = 0; j < d; ++j) {
+        const int ch = chans[h * d + j];
+        const float want = (q[(3 * h) * hd + ch] + q[(3 * h + 1) * hd + ch] + q[(3 * h + 2) * hd + ch]) / 3.0f;
+        EXPECT_NEAR(out[h * d + j], want, 1e-4f * (1.0f + std::fabs(want)))
+            << "style " << static_cast<int>(style) << " head " << h << " channel " << ch;
+      }
+    }
+  }
 }
 
 }  // namespace
