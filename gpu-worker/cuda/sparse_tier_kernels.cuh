@@ -12,6 +12,9 @@
 // Every launch: InvalidArgument naming the field for null pointers,
 // non-positive n_kv or head_dim (head_dim must be a multiple of 8), negative
 // counts or rows out of range; n == 0 (or count == 0) enqueues nothing.
+// The kernels move 16-byte chunks: the bf16 arrays (k, v, host, dst_*,
+// src_*; not kt) must be 16-byte aligned and every head stride a multiple of
+// 8 elements holding the rows addressed (InvalidArgument otherwise).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,7 +55,8 @@ absl::Status LaunchGatherKvRows(const __nv_bfloat16* host, int64_t host_rows, in
                                 int dst_first, cudaStream_t stream);
 
 // max_abs[h * head_dim + c] = max(max_abs[...], |k row r of head h, channel
-// c|) over r in [first, first + n) (fp32; NaN rows are ignored).
+// c|) over r in [first, first + n) (fp32; NaN elements are ignored, as in
+// std::max(m, NaN) == m). No alignment needed for max_abs beyond float's.
 absl::Status LaunchMaxAbsUpdate(const __nv_bfloat16* k, int64_t head_stride, int first, int n,
                                 int n_kv, int head_dim, float* max_abs, cudaStream_t stream);
 
