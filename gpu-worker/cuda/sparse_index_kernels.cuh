@@ -22,7 +22,9 @@
 // kSparseMaxChannels)], n_heads not a multiple of n_kv, negative counts;
 // n == 0 enqueues nothing. All are graph-capturable (no allocation, no host
 // synchronization); positions come from the device where they change per
-// step.
+// step. chans lives on the device, so the host cannot check it: a channel
+// outside [0, head_dim) yields NaN (index entry, speculative value, score),
+// which ranks lowest, instead of an out-of-bounds read.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -51,7 +53,8 @@ absl::Status LaunchChooseChannels(const float* q_mean, const float* max_abs, int
 
 // The "gpu" index: index[(h * index_rows + p) * d + j] = K of host row p of
 // head h, channel chans[h * d + j], for p < rows (rows <= index_rows,
-// rows <= host_rows). Host layout: sparse_tier_kernels.cuh.
+// rows <= host_rows). Host layout: sparse_tier_kernels.cuh; host must be
+// 16-byte aligned (the K halves are read in 16-byte chunks).
 absl::Status LaunchBuildChannelIndex(const __nv_bfloat16* host, int64_t host_rows, int rows,
                                      const int32_t* chans, int d, int n_kv, int head_dim,
                                      __nv_bfloat16* index, int64_t index_rows,
