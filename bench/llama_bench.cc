@@ -5,6 +5,13 @@
 // passes. Prints a table and writes JSON (--out).
 //
 //   tkv_llama_bench --contexts 4096,32768,131072 --prefill 4096,32768,131072 --out r.json
+//   tkv_llama_bench --plans dense,hybrid:1:128:8:56:gpu --contexts 32768,131072 --prefill ""
+//
+// With --plans, every context decodes under each KV plan in turn (the same
+// backend, so the figures sit side by side); sparse plans also report their
+// host tier and the bytes that cross PCIe per token (computed from the
+// shapes: the gathered rows, plus for index "faithful" the chosen channels
+// of every candidate key).
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
@@ -17,6 +24,7 @@
 
 #include "cuda/cuda_backend.h"
 #include "model/llama_weights.h"
+#include "runtime/kv_plan.h"
 
 namespace {
 
@@ -67,6 +75,7 @@ int main(int argc, char** argv) {
   bool graphs = true;
   int prefill_chunk = tailorkv::cuda::CudaBackendOptions{}.max_prefill_chunk;
   std::string out_path;
+  std::vector<std::string> plan_specs = {"dense"};
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
   app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
@@ -76,10 +85,19 @@ int main(int argc, char** argv) {
   app.add_option("--prefill-chunk", prefill_chunk, "tokens per prefill pass")
       ->check(CLI::Range(1, 131072));
   app.add_option("--out", out_path, "JSON results file");
+  app.add_option("--plans", plan_specs, "KV plan specs to decode under (runtime/kv_plan.h)")
+      ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
 
   auto config = Llama8B();
   config.n_layers = layers;
+  for (int ctx : contexts) config.max_context = std::max(config.max_context, ctx + steps + 64);
+  std::vector<tailorkv::runtime::KvPlan> plans;
+  for (const std::string& spec : plan_specs) {
+    auto plan = tailorkv::runtime::ParseKvPlanSpec(spec, config);
+    if (!plan.ok()) return Fail(plan.status(), "plan");
+    plans.push_back(*plan);
+  }
   const size_t base_used = DeviceUsedBytes();
   tailorkv::cuda::CudaBackendOptions opts;
   opts.use_graphs = graphs;
@@ -99,9 +117,10 @@ int main(int argc, char** argv) {
   std::uniform_int_distribution<int32_t> tok(0, config.vocab - 1);
   std::vector<float> logits;
 
-  std::printf("%-10s %12s %12s %14s\n", "context", "decode ms", "tokens/s", "peak GPU GB");
-  for (int ctx : contexts) {
-    auto seq = (*backend)->NewSequence(ctx + steps + 8);
+  std::printf("%-10s %-28s %10s %10s %12s %10s %12s\n", "context", "plan", "decode ms", "tokens/s",
+              "peak GPU GB", "host GB", "PCIe MB/tok");
+  for (int ctx : contexts) for (const auto& plan : plans) {
+    auto seq = (*backend)->NewSequence(ctx + steps + 8, plan);
     if (!seq.ok()) return Fail(seq.status(), "sequence");
     if (auto s = tailorkv::cuda::FillSequenceWithRandomKv(**seq, ctx, 99); !s.ok()) {
       return Fail(s, "fill");
@@ -118,18 +137,41 @@ int main(int argc, char** argv) {
     }
     const double med = Median(ms);
     const double peak = (DeviceUsedBytes() - base_used) / 1e9;
+    double host_bytes = 0, pcie_bytes = 0;
+    for (const auto& b : (*seq)->kv_bytes()) host_bytes += static_cast<double>(b.host_bytes);
+    for (const auto& l : plan.layers) {
+      if (l.kind != tailorkv::runtime::KvPolicyKind::kSparse) continue;
+      const int cand = std::max(ctx - l.sparse.sink - l.sparse.recent, 0);
+      const double sel = std::min(l.sparse.top_k, cand);
+      pcie_bytes += config.n_kv_heads * sel * 2.0 * config.head_dim * 2.0;
+      if (l.sparse.index == "faithful") {
+        pcie_bytes += static_cast<double>(config.n_kv_heads) * l.sparse.channels * cand * 2.0;
+      }
+    }
     // HBM floor: every weight but the embedding table (one row) and the
     // whole K/V of the context read once, at the 3.0 TB/s measured for a
     // device-to-device copy (../shared/design/PERF.md).
     const double layer_weights = static_cast<double>(config.hidden) *
         ((config.n_heads + 2 * config.n_kv_heads) * config.head_dim +
          config.n_heads * config.head_dim + 3.0 * config.ffn);
+    // KV read per step: dense layers all of it; others (approximately) what
+    // they keep on the GPU (the sequence's device KV bytes).
+    double kv_read = 0;
+    for (size_t l = 0; l < plan.layers.size(); ++l) {
+      const auto b = (*seq)->kv_bytes()[l];
+      kv_read += plan.layers[l].kind == tailorkv::runtime::KvPolicyKind::kDense
+                     ? 2.0 * 2.0 * ctx * config.n_kv_heads * config.head_dim
+                     : static_cast<double>(b.device_bytes);
+    }
     const double bytes = 2.0 * (layers * layer_weights + static_cast<double>(config.vocab) * config.hidden) +
-                         2.0 * 2.0 * ctx * layers * config.n_kv_heads * config.head_dim;
-    const double floor_ms = bytes / 3.0e12 * 1e3;
-    std::printf("%-10d %12.3f %12.1f %14.2f   floor %.2f ms (%.0f%% of floor)\n", ctx, med,
-                1000.0 / med, peak, floor_ms, 100.0 * floor_ms / med);
-    out["decode"].push_back({{"context", ctx}, {"ms_per_token_median", med},
+                         kv_read;
+    const double floor_ms = std::max(bytes / 3.0e12, pcie_bytes / 50e9) * 1e3;
+    std::printf("%-10d %-28s %10.3f %10.1f %12.2f %10.2f %12.2f   floor %.2f ms (%.0f%% of floor)\n", ctx,
+                plan.name.c_str(), med, 1000.0 / med, peak, host_bytes / 1e9, pcie_bytes / 1e6, floor_ms,
+                100.0 * floor_ms / med);
+    out["decode"].push_back({{"context", ctx}, {"plan", plan.name}, {"plan_summary", plan.Summary()},
+                             {"host_kv_gb", host_bytes / 1e9}, {"pcie_bytes_per_token", pcie_bytes},
+                             {"ms_per_token_median", med},
                              {"ms_min", *std::min_element(ms.begin(), ms.end())},
                              {"steps", ms.size()}, {"peak_gpu_gb", peak},
                              {"hbm_bytes_per_token", bytes}, {"hbm_floor_ms", floor_ms},

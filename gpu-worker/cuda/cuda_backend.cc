@@ -2,6 +2,8 @@
 
 #include <cuda_bf16.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -13,7 +15,11 @@
 #include "cuda/elementwise_kernels.cuh"
 #include "cuda/quant_kernels.cuh"
 #include "cuda/random_fill.cuh"
+#include "cuda/sparse_index_kernels.cuh"
+#include "cuda/sparse_kernels.cuh"
+#include "cuda/sparse_tier_kernels.cuh"
 #include "cuda/window_kernels.cuh"
+#include "store/in_process_store.h"
 #include "model/ggml_types.h"
 #include "runtime/cpu_reference.h"
 #include "runtime/quant_kv.h"
@@ -52,8 +58,36 @@ struct LayerKv {
   QuantDeviceCache qcache;
   WindowShape wshape;
   int64_t kv_bytes = 0;  // what kv_bytes() reports (SEMANTICS: no padding, no scratch)
+  int64_t kv_bytes_kept = 0;  // sparse: the kept rows' part of kv_bytes
   bf16* k() const { return mem.as<bf16>(); }
   bf16* v() const { return mem.as<bf16>() + elems; }
+};
+
+// A sparse layer (runtime/cpu_backend.h has the semantics; cuda_backend.h
+// the layout). Host tier: host rows (sparse_tier_kernels.cuh) of every
+// position up to the capacity, in a HostKvStore slice registered with CUDA;
+// index "faithful" adds the transposed keys there. Device: max|K|, the
+// index "gpu" buffers, and, from the end of the prompt, the tier
+// [kept | selected | generated] rows per KV head.
+struct SparseKv {
+  runtime::SparseParams params;
+  bool gpu_index = false;
+  kvhost::HostSlice host_slice, kt_slice;
+  __nv_bfloat16* host = nullptr;  // [n_kv][capacity][2 head_dim]
+  __nv_bfloat16* kt = nullptr;    // [n_kv][head_dim][capacity] (faithful)
+  DeviceBuffer max_abs;           // [n_kv][head_dim] f32
+  DeviceBuffer last_q_mean;       // [n_kv][head_dim] f32 (gpu index)
+  DeviceBuffer chans;             // [n_kv][channels] int32
+  DeviceBuffer q_chan;            // [n_kv][channels] f32: the query on the channels
+  DeviceBuffer index;             // [n_kv][capacity][channels] bf16 (gpu index)
+  DeviceBuffer sel;               // [n_kv][top_k] int32
+  DeviceBuffer len;               // int32: rows of the tier attended this step
+  // From the end of the prompt.
+  int prompt = -1, sink = 0, recent = 0, candidates = 0, selected = 0, tier_rows = 0;
+  DeviceBuffer tier;              // K | V, each [n_kv][tier_rows][head_dim] bf16
+  CudaEvent selected_ready;       // side stream: the selection is in the tier
+  int kept() const { return sink + recent; }
+  bool prompt_ended() const { return prompt >= 0; }
 };
 
 class CudaSequence final : public SequenceState {
@@ -61,7 +95,8 @@ class CudaSequence final : public SequenceState {
   CudaSequence(const void* owner, runtime::KvPlan plan, int capacity, std::vector<LayerKv> layers,
                DeviceBuffer scratch, int64_t scratch_elems, DeviceBuffer attn_workspace,
                DeviceBuffer quant_workspace, DeviceBuffer window_len)
-      : owner_(owner),
+      : sparse(layers.size()),
+        owner_(owner),
         plan_(std::move(plan)),
         capacity_(capacity),
         layers_(std::move(layers)),
@@ -81,7 +116,19 @@ class CudaSequence final : public SequenceState {
   const runtime::KvPlan& plan() const override { return plan_; }
   std::vector<runtime::LayerKvBytes> kv_bytes() const override {
     std::vector<runtime::LayerKvBytes> out;
-    for (const LayerKv& L : layers_) out.push_back({L.kind, L.kv_bytes, 0});
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const LayerKv& L = layers_[l];
+      runtime::LayerKvBytes b{L.kind, L.kv_bytes, 0};
+      if (sparse[l] != nullptr) {
+        const SparseKv& sp = *sparse[l];
+        b.host_bytes = static_cast<int64_t>(sp.host_slice.length + sp.kt_slice.length);
+        if (sp.prompt_ended()) {
+          // The selected and generated rows reserved when the prompt ended.
+          b.device_bytes += static_cast<int64_t>(sp.tier.size()) - L.kv_bytes_kept;
+        }
+      }
+      out.push_back(b);
+    }
     return out;
   }
 
@@ -99,12 +146,49 @@ class CudaSequence final : public SequenceState {
   void* quant_workspace() const { return quant_workspace_.get(); }
   int32_t* window_len() const { return window_len_.as<int32_t>(); }
   int64_t device_bytes() const {
-    int64_t b = scratch_.size() + attn_workspace_.size() + quant_workspace_.size() + window_len_.size();
+    int64_t b = scratch_.size() + attn_workspace_.size() + quant_workspace_.size() + window_len_.size() +
+                scores.size() + topk_ws.size() + q_mean.size();
     for (const LayerKv& L : layers_) b += L.mem.size();
+    for (const auto& sp : sparse) {
+      if (sp == nullptr) continue;
+      b += sp->max_abs.size() + sp->last_q_mean.size() + sp->chans.size() + sp->q_chan.size() +
+           sp->index.size() + sp->sel.size() + sp->len.size() + sp->tier.size();
+    }
     return b;
   }
   CudaGraphExec& decode_graph() { return decode_graph_; }
   bool decoded_once = false;  // the first decode runs eagerly, warming cuBLAS before capture
+
+  ~CudaSequence() override {
+    // Kernels in flight may still read the host tier: wait, then give it back.
+    if (host_store != nullptr) {
+      cudaDeviceSynchronize();
+      for (const auto& sp : sparse) {
+        if (sp == nullptr) continue;
+        if (sp->host_slice.arena != kvhost::kInvalidArena) (void)host_store->Free(sp->host_slice);
+        if (sp->kt_slice.arena != kvhost::kInvalidArena) (void)host_store->Free(sp->kt_slice);
+      }
+    }
+  }
+  // Sparse layers (null elsewhere), and what they share: the store their
+  // host tiers live in, the scores and the Top-K workspace of the selection.
+  std::vector<std::unique_ptr<SparseKv>> sparse;
+  kvhost::HostKvStore* host_store = nullptr;
+  DeviceBuffer scores;        // [n_kv][capacity] f32
+  DeviceBuffer topk_ws;
+  DeviceBuffer q_mean;        // [n_kv][head_dim] f32 (faithful)
+  bool any_sparse() const {
+    for (const auto& sp : sparse) {
+      if (sp != nullptr) return true;
+    }
+    return false;
+  }
+  bool prompt_ended() const {
+    for (const auto& sp : sparse) {
+      if (sp != nullptr) return sp->prompt_ended();
+    }
+    return true;
+  }
 
  private:
   const void* owner_;
@@ -125,6 +209,7 @@ class CudaBackend final : public runtime::Backend {
   ~CudaBackend() override {
     // Work in flight may still read the pinned buffers.
     if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
+    if (side_.get() != nullptr) cudaStreamSynchronize(side_.get());
     if (step_host_ != nullptr) cudaFreeHost(step_host_);
     if (logits_host_ != nullptr) cudaFreeHost(logits_host_);
   }
@@ -175,12 +260,26 @@ class CudaBackend final : public runtime::Backend {
   absl::Status EnqueueHead(int first, int rows);
   absl::Status CopyLogitsOut(int rows, float* dst);
   absl::Status DecodeStep(CudaSequence& seq, int32_t token, std::vector<float>* logits);
+  // Sparse layers: the host store (made on first use), a sequence's layer
+  // state, the end of its prompt (tier, kept rows, index) and a decode
+  // step's selection (speculative on the side stream for index "gpu").
+  absl::StatusOr<kvhost::HostKvStore*> HostStore();
+  absl::StatusOr<kvhost::HostSlice> HostAlloc(uint64_t bytes, void** device_ptr);
+  absl::Status NewSparseLayer(CudaSequence& seq, int l, const runtime::SparseParams& p);
+  absl::Status EndSparsePrompt(CudaSequence& seq);
+  absl::Status EnqueueSpeculativeSelection(CudaSequence& seq, int target, const __nv_bfloat16* x);
+  absl::Status EnqueueSelection(CudaSequence& seq, SparseKv& sp, const float* q_chan,
+                                cudaStream_t s);
+  absl::Status EnqueueSparseAttention(CudaSequence& seq, int l, int n, int start, bool decode);
 
   ModelConfig config_;
   CudaBackendOptions options_;
   int64_t device_bytes_ = 0;
   int qkv_rows_ = 0;  // (n_heads + 2 n_kv) * head_dim
   CudaStream stream_;
+  CudaStream side_;                 // sparse selection ahead of the main stream
+  std::vector<CudaEvent> spec_ready_;  // per layer: its speculative query is written
+  std::unique_ptr<kvhost::InProcessStore> host_store_;
   CublasHandle cublas_;
   DeviceBuffer cublas_workspace_;
   // Weights.
@@ -220,6 +319,11 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   auto b = std::unique_ptr<CudaBackend>(new CudaBackend(c, options));
   b->qkv_rows_ = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
   ASSIGN_OR_RETURN(b->stream_, CudaStream::Create());
+  ASSIGN_OR_RETURN(b->side_, CudaStream::Create());
+  for (int l = 0; l < c.n_layers; ++l) {
+    ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create());
+    b->spec_ready_.push_back(std::move(e));
+  }
   ASSIGN_OR_RETURN(b->cublas_, CublasHandle::Create());
   ASSIGN_OR_RETURN(b->cublas_workspace_, b->Alloc(kCublasWorkspaceBytes));
   CUBLAS_RETURN_IF_ERROR(cublasSetStream(b->cublas_.get(), b->stream_.get()));
@@ -337,6 +441,19 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
   }
   RETURN_IF_ERROR(plan.Validate(config_));
   const ModelConfig& c = config_;
+  // The two indexes select on different streams but share the sequence's
+  // scores and Top-K workspace: one index per sequence.
+  std::string index;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const runtime::LayerKvPolicy& p = plan.layers[l];
+    if (p.kind != runtime::KvPolicyKind::kSparse) continue;
+    if (!index.empty() && p.sparse.index != index) {
+      return absl::UnimplementedError(absl::StrFormat(
+          "layer %d: sparse index \"%s\" after \"%s\": the CUDA backend runs one index per plan", l,
+          p.sparse.index, index));
+    }
+    index = p.sparse.index;
+  }
   const int64_t dense_elems = static_cast<int64_t>(c.n_kv_heads) * capacity * c.head_dim;
   std::vector<LayerKv> layers(c.n_layers);
   size_t quant_ws = 0;
@@ -381,9 +498,21 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
         any_window = true;
         break;
       }
-      case runtime::KvPolicyKind::kSparse:
-        return absl::UnimplementedError(absl::StrFormat(
-            "layer %d: sparse policy: not implemented yet (issue 5)", l));
+      case runtime::KvPolicyKind::kSparse: {
+        // The kept rows (tier at creation) are counted as EstimateKvBytes does;
+        // buffers come in NewSparseLayer once the sequence exists.
+        const runtime::LayerKvBytes est =
+            runtime::EstimateKvBytes(runtime::KvPlan::Uniform(1, p, ""), c, capacity, 2)[0];
+        L.kv_bytes = est.device_bytes;
+        L.kv_bytes_kept = 2 * static_cast<int64_t>(c.n_kv_heads) * c.head_dim * 2 *
+                          std::min<int64_t>(capacity, static_cast<int64_t>(p.sparse.sink) + p.sparse.recent);
+        if (p.sparse.channels > kSparseMaxChannels) {
+          return absl::UnimplementedError(absl::StrFormat(
+              "layer %d: sparse channels %d: the CUDA kernels take at most %d", l, p.sparse.channels,
+              kSparseMaxChannels));
+        }
+        break;
+      }
     }
   }
   DeviceBuffer scratch;
@@ -402,8 +531,113 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
   if (any_window) {
     ASSIGN_OR_RETURN(wlen, DeviceBuffer::Allocate(sizeof(int32_t)));
   }
-  return std::make_unique<CudaSequence>(this, plan, capacity, std::move(layers), std::move(scratch),
-                                        dense_elems, std::move(ws), std::move(qws), std::move(wlen));
+  auto seq = std::make_unique<CudaSequence>(this, plan, capacity, std::move(layers),
+                                            std::move(scratch), dense_elems, std::move(ws),
+                                            std::move(qws), std::move(wlen));
+  for (int l = 0; l < c.n_layers; ++l) {
+    if (plan.layers[l].kind == runtime::KvPolicyKind::kSparse) {
+      RETURN_IF_ERROR(NewSparseLayer(*seq, l, plan.layers[l].sparse));
+    }
+  }
+  if (seq->any_sparse()) {
+    const int64_t cells = static_cast<int64_t>(c.n_kv_heads) * capacity;
+    ASSIGN_OR_RETURN(seq->scores, DeviceBuffer::Allocate(cells * sizeof(float)));
+    ASSIGN_OR_RETURN(seq->topk_ws, DeviceBuffer::Allocate(TopKWorkspaceBytes(c.n_kv_heads, capacity)));
+    ASSIGN_OR_RETURN(seq->q_mean,
+                     DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) * c.head_dim * sizeof(float)));
+  }
+  return std::unique_ptr<SequenceState>(std::move(seq));
+}
+
+absl::StatusOr<kvhost::HostKvStore*> CudaBackend::HostStore() {
+  if (host_store_ != nullptr) return host_store_.get();
+  kvhost::InProcessStoreOptions o;
+  uint64_t budget = options_.host_kv_budget_bytes;
+  if (budget == 0) {
+    // Default: 80% of physical memory, a page multiple.
+    const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    budget = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * page / 5 * 4 / page * page;
+  }
+  o.budget_bytes = budget;
+  o.arena_bytes = std::min<uint64_t>(budget, uint64_t{1} << 30);
+  o.grow_on_demand = false;  // HostAlloc sizes arenas to the request
+  o.arena_name_prefix = "tkv-sparse-kv";
+  const int device = options_.device;
+  o.register_fn = [device](void* base, size_t bytes) -> absl::Status {
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+    CUDA_RETURN_IF_ERROR(
+        cudaHostRegister(base, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable));
+    return absl::OkStatus();
+  };
+  o.unregister_fn = [](void* base, size_t) -> absl::Status {
+    CUDA_RETURN_IF_ERROR(cudaHostUnregister(base));
+    return absl::OkStatus();
+  };
+  ASSIGN_OR_RETURN(host_store_, kvhost::InProcessStore::Create(std::move(o)));
+  return host_store_.get();
+}
+
+absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(uint64_t bytes, void** device_ptr) {
+  ASSIGN_OR_RETURN(kvhost::HostKvStore * store, HostStore());
+  constexpr uint64_t kAlign = 4096;
+  auto slice = store->Allocate(bytes, kAlign, "cuda-backend");
+  if (!slice.ok()) {
+    // No arena has room: one sized to the request (at least 1 GiB, so that
+    // small sequences share arenas; freed slices are reused by later ones).
+    const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    const uint64_t need = (bytes + page - 1) / page * page;
+    const kvhost::HostKvStoreStats st = store->Stats();
+    const uint64_t left = st.budget_bytes - st.reserved_bytes;
+    const uint64_t arena = std::max(need, std::min<uint64_t>(uint64_t{1} << 30, left));
+    auto id = store->CreateArena(arena, "tkv-sparse-kv");
+    if (!id.ok()) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "host KV store: cannot hold %d more bytes for a sparse layer: %s", bytes, id.status().message()));
+    }
+    slice = store->Allocate(bytes, kAlign, "cuda-backend");
+    RETURN_IF_ERROR(slice.status());
+  }
+  ASSIGN_OR_RETURN(absl::Span<std::byte> data, store->Data(*slice));
+  void* dev = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&dev, data.data(), 0));
+  *device_ptr = dev;
+  return *slice;
+}
+
+absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime::SparseParams& p) {
+  const ModelConfig& c = config_;
+  const int cap = seq.capacity();
+  auto sp = std::make_unique<SparseKv>();
+  sp->params = p;
+  sp->gpu_index = p.index == "gpu";
+  ASSIGN_OR_RETURN(seq.host_store, HostStore());
+  void* dev = nullptr;
+  const uint64_t rows_bytes = 2ull * c.n_kv_heads * cap * c.head_dim * sizeof(bf16);
+  // Registered before any failure below can return, so the destructor frees it.
+  ASSIGN_OR_RETURN(sp->host_slice, HostAlloc(rows_bytes, &dev));
+  sp->host = static_cast<bf16*>(dev);
+  seq.sparse[l] = std::move(sp);
+  SparseKv& s = *seq.sparse[l];
+  if (!s.gpu_index) {
+    ASSIGN_OR_RETURN(s.kt_slice, HostAlloc(rows_bytes / 2, &dev));
+    s.kt = static_cast<bf16*>(dev);
+  }
+  const size_t heads_dim = static_cast<size_t>(c.n_kv_heads) * c.head_dim;
+  ASSIGN_OR_RETURN(s.max_abs, DeviceBuffer::Allocate(heads_dim * sizeof(float)));
+  CUDA_RETURN_IF_ERROR(cudaMemset(s.max_abs.get(), 0, s.max_abs.size()));
+  const size_t d = static_cast<size_t>(c.n_kv_heads) * p.channels;
+  ASSIGN_OR_RETURN(s.chans, DeviceBuffer::Allocate(d * sizeof(int32_t)));
+  ASSIGN_OR_RETURN(s.q_chan, DeviceBuffer::Allocate(d * sizeof(float)));
+  ASSIGN_OR_RETURN(s.sel, DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) *
+                                                 std::min(p.top_k, cap) * sizeof(int32_t)));
+  ASSIGN_OR_RETURN(s.len, DeviceBuffer::Allocate(sizeof(int32_t)));
+  if (s.gpu_index) {
+    ASSIGN_OR_RETURN(s.last_q_mean, DeviceBuffer::Allocate(heads_dim * sizeof(float)));
+    CUDA_RETURN_IF_ERROR(cudaMemset(s.last_q_mean.get(), 0, s.last_q_mean.size()));
+    ASSIGN_OR_RETURN(s.index, DeviceBuffer::Allocate(d * cap * sizeof(bf16)));
+  }
+  ASSIGN_OR_RETURN(s.selected_ready, CudaEvent::Create());
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
@@ -437,6 +671,12 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
   for (int l = 0; l < c.n_layers; ++l) {
     const DeviceLayer& L = layers_[l];
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.attn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
+    if (decode) {
+      // Index "gpu": layer l + 1's selection starts from this layer's input
+      // (layer 0's from its own) and runs on the side stream meanwhile.
+      if (l == 0) RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, 0, xn));
+      if (l + 1 < c.n_layers) RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn));
+    }
     RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
     RETURN_IF_ERROR(EnqueueAttention(seq, l, n, start, decode));
     RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true));
@@ -460,6 +700,7 @@ absl::Status CudaBackend::EnqueueAttention(CudaSequence& seq, int l, int n, int 
   const LayerKv& L = seq.layer(l);
   bf16* q = q_.as<bf16>();
   bf16* out = attn_.as<bf16>();
+  if (L.kind == runtime::KvPolicyKind::kSparse) return EnqueueSparseAttention(seq, l, n, start, decode);
   if (L.kind == runtime::KvPolicyKind::kDense) {
     RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
                                        c.head_dim, inv_freq_.as<float>(), adjacent, q, L.k(), L.v(),
@@ -506,6 +747,157 @@ absl::Status CudaBackend::EnqueueAttention(CudaSequence& seq, int l, int n, int 
   return LaunchWindowStoreChunk(sk, sv, start, n, L.wshape, L.k(), L.v(), s);
 }
 
+absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
+  const ModelConfig& c = config_;
+  cudaStream_t s = stream_.get();
+  const int P = seq.length(), cap = seq.capacity(), hd = c.head_dim;
+  for (int l = 0; l < c.n_layers; ++l) {
+    if (seq.sparse[l] == nullptr) continue;
+    SparseKv& sp = *seq.sparse[l];
+    sp.prompt = P;
+    sp.sink = std::min(sp.params.sink, P);
+    sp.recent = std::min(sp.params.recent, P - sp.sink);
+    sp.candidates = P - sp.kept();
+    sp.selected = std::min(sp.params.top_k, sp.candidates);
+    sp.tier_rows = sp.kept() + sp.selected + (cap - P);
+    ASSIGN_OR_RETURN(sp.tier, DeviceBuffer::Allocate(2 * static_cast<size_t>(c.n_kv_heads) *
+                                                     sp.tier_rows * hd * sizeof(bf16)));
+    bf16* tk = sp.tier.as<bf16>();
+    bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * hd;
+    // Kept rows: sink positions, then the last `recent` prompt positions.
+    std::vector<int32_t> kept;
+    for (int h = 0; h < c.n_kv_heads; ++h) {
+      for (int p = 0; p < sp.sink; ++p) kept.push_back(p);
+      for (int p = P - sp.recent; p < P; ++p) kept.push_back(p);
+    }
+    if (!kept.empty()) {
+      // The scores buffer (not in use yet this step) carries the positions.
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(seq.scores.get(), kept.data(), kept.size() * sizeof(int32_t),
+                                           cudaMemcpyHostToDevice, s));
+      RETURN_IF_ERROR(LaunchGatherKvRows(sp.host, cap, 0, seq.scores.as<int32_t>(), sp.kept(),
+                                         c.n_kv_heads, hd, tk, tv, sp.tier_rows, 0, s));
+      // The copy's source must outlive it.
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+    }
+    if (sp.gpu_index) {
+      RETURN_IF_ERROR(LaunchChooseChannels(sp.last_q_mean.as<float>(), sp.max_abs.as<float>(),
+                                           c.n_kv_heads, hd, sp.params.channels,
+                                           sp.chans.as<int32_t>(), nullptr, s));
+      RETURN_IF_ERROR(LaunchBuildChannelIndex(sp.host, cap, P, sp.chans.as<int32_t>(),
+                                              sp.params.channels, c.n_kv_heads, hd,
+                                              sp.index.as<bf16>(), cap, s));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, const float* q_chan,
+                                           cudaStream_t s) {
+  const ModelConfig& c = config_;
+  const int cap = seq.capacity();
+  if (sp.selected == 0) return absl::OkStatus();
+  if (sp.gpu_index) {
+    RETURN_IF_ERROR(LaunchScoreChannelIndex(q_chan, sp.index.as<bf16>(), cap, sp.params.channels,
+                                            c.n_kv_heads, sp.sink, sp.candidates,
+                                            seq.scores.as<float>(), cap, s));
+  } else {
+    RETURN_IF_ERROR(LaunchScoreFaithful(q_chan, sp.chans.as<int32_t>(), sp.params.channels, sp.kt,
+                                        cap, c.n_kv_heads, c.head_dim, sp.sink, sp.candidates,
+                                        seq.scores.as<float>(), cap, s));
+  }
+  RETURN_IF_ERROR(LaunchTopK(seq.scores.as<float>(), cap, c.n_kv_heads, sp.candidates, nullptr,
+                             sp.selected, sp.sel.as<int32_t>(), seq.topk_ws.get(),
+                             seq.topk_ws.size(), s));
+  bf16* tk = sp.tier.as<bf16>();
+  bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * c.head_dim;
+  return LaunchGatherKvRows(sp.host, cap, sp.sink, sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads,
+                            c.head_dim, tk, tv, sp.tier_rows, sp.kept(), s);
+}
+
+absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int target,
+                                                      const bf16* x) {
+  if (seq.sparse[target] == nullptr || !seq.sparse[target]->gpu_index) return absl::OkStatus();
+  SparseKv& sp = *seq.sparse[target];
+  const ModelConfig& c = config_;
+  cudaStream_t s = stream_.get();
+  // The speculative query is small (a few MB of Wq rows): it runs on the main
+  // stream, so that `x` is read before the layer overwrites it.
+  RETURN_IF_ERROR(LaunchSpeculativeQuery(
+      x, layers_[target].w_qkv.as<bf16>(), c.hidden, c.n_heads, c.n_kv_heads, c.head_dim,
+      sp.chans.as<int32_t>(), sp.params.channels, step_.as<int32_t>(), inv_freq_.as<float>(),
+      c.rope_style == model::RopeStyle::kAdjacentPairs, sp.q_chan.as<float>(), s));
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(spec_ready_[target].get(), s));
+  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_.get(), spec_ready_[target].get(), 0));
+  RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side_.get()));
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side_.get()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EnqueueSparseAttention(CudaSequence& seq, int l, int n, int start,
+                                                 bool decode) {
+  const ModelConfig& c = config_;
+  cudaStream_t s = stream_.get();
+  SparseKv& sp = *seq.sparse[l];
+  const int cap = seq.capacity(), hd = c.head_dim;
+  const int64_t head_stride = static_cast<int64_t>(cap) * hd;
+  const bool adjacent = c.rope_style == model::RopeStyle::kAdjacentPairs;
+  const AttentionShape shape{c.n_heads, c.n_kv_heads, hd, cap};
+  bf16* q = q_.as<bf16>();
+  bf16* out = attn_.as<bf16>();
+  bf16* sk = seq.scratch_k();
+  bf16* sv = seq.scratch_v();
+  RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, step_.as<int32_t>(), c.n_heads,
+                                     c.n_kv_heads, hd, inv_freq_.as<float>(), adjacent, q, sk, sv,
+                                     cap, s));
+  if (!decode) {
+    if (sp.prompt_ended()) {
+      return absl::UnimplementedError(
+          "sparse layers on the CUDA backend: a prefill chunk after decode steps (the engine never "
+          "sends one; the CPU backend runs it)");
+    }
+    // Plain causal attention over the prompt so far (runtime/cpu_backend.h):
+    // history from the host tier, the chunk from the scratch; then the chunk
+    // joins the host tier, max|K| and (index "gpu") the last query.
+    if (start > 0) {
+      RETURN_IF_ERROR(LaunchLoadHostRows(sp.host, cap, 0, start, c.n_kv_heads, hd, sk, sv,
+                                         head_stride, s));
+    }
+    RETURN_IF_ERROR(LaunchPrefillAttention(q, sk, sv, n, start, shape, out, s));
+    RETURN_IF_ERROR(LaunchStoreHostRows(sk, sv, head_stride, start, n, c.n_kv_heads, hd, sp.host,
+                                        cap, s));
+    if (sp.kt != nullptr) {
+      RETURN_IF_ERROR(LaunchStoreHostKT(sk, head_stride, start, n, c.n_kv_heads, hd, sp.kt, cap, s));
+    }
+    RETURN_IF_ERROR(LaunchMaxAbsUpdate(sk, head_stride, start, n, c.n_kv_heads, hd,
+                                       sp.max_abs.as<float>(), s));
+    if (sp.gpu_index) {
+      RETURN_IF_ERROR(LaunchGroupMeanQuery(q + static_cast<int64_t>(n - 1) * c.n_heads * hd,
+                                           c.n_heads, c.n_kv_heads, hd,
+                                           sp.last_q_mean.as<float>(), s));
+    }
+    return absl::OkStatus();
+  }
+  // Decode: the token joins the generated rows of the tier.
+  bf16* tk = sp.tier.as<bf16>();
+  bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * hd;
+  RETURN_IF_ERROR(LaunchSparseAppendToken(sk, sv, head_stride, step_.as<int32_t>(),
+                                          sp.kept() + sp.selected - sp.prompt, c.n_kv_heads, hd, tk,
+                                          tv, sp.tier_rows, sp.len.as<int32_t>(), s));
+  if (sp.gpu_index) {
+    // Selected on the side stream (EnqueueSpeculativeSelection).
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s, sp.selected_ready.get(), 0));
+  } else {
+    // TailorKV's own: channels from the real query, keys from the host.
+    RETURN_IF_ERROR(LaunchGroupMeanQuery(q, c.n_heads, c.n_kv_heads, hd, seq.q_mean.as<float>(), s));
+    RETURN_IF_ERROR(LaunchChooseChannels(seq.q_mean.as<float>(), sp.max_abs.as<float>(),
+                                         c.n_kv_heads, hd, sp.params.channels,
+                                         sp.chans.as<int32_t>(), sp.q_chan.as<float>(), s));
+    RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), s));
+  }
+  const AttentionShape tshape{c.n_heads, c.n_kv_heads, hd, sp.tier_rows};
+  return LaunchDecodeAttention(q, tk, tv, sp.len.as<int32_t>(), tshape, seq.attn_workspace(), out, s);
+}
+
 absl::Status CudaBackend::EnqueueHead(int first, int rows) {
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
@@ -534,6 +926,11 @@ absl::Status CudaBackend::DecodeStep(CudaSequence& seq, int32_t token,
   step_host_[2] = token;
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(step_.get(), step_host_, 3 * sizeof(int32_t),
                                        cudaMemcpyHostToDevice, s));
+  if (!seq.prompt_ended()) {
+    RETURN_IF_ERROR(EndSparsePrompt(seq));
+    seq.decoded_once = false;  // shapes changed: capture afresh after an eager step
+    seq.decode_graph() = CudaGraphExec();
+  }
   if (!options_.use_graphs || !seq.decoded_once) {
     RETURN_IF_ERROR(EnqueueLayers(seq, 1, pos, /*decode=*/true));
     RETURN_IF_ERROR(EnqueueHead(0, 1));
@@ -618,6 +1015,26 @@ absl::Status CudaBackend::FillRandomKv(CudaSequence& seq, int length, uint64_t s
     RETURN_IF_ERROR(LaunchFillRandomBf16(seq.scratch_k(), 2 * static_cast<int64_t>(config_.n_kv_heads) *
                                                               head_stride,
                                          seed + l, 1.0f, 0.0f, s));
+    if (L.kind == runtime::KvPolicyKind::kSparse) {
+      SparseKv& sp = *seq.sparse[l];
+      if (sp.prompt_ended()) return absl::FailedPreconditionError("the sequence has decoded already");
+      RETURN_IF_ERROR(LaunchStoreHostRows(seq.scratch_k(), seq.scratch_v(), head_stride, 0, length,
+                                          config_.n_kv_heads, config_.head_dim, sp.host,
+                                          seq.capacity(), s));
+      if (sp.kt != nullptr) {
+        RETURN_IF_ERROR(LaunchStoreHostKT(seq.scratch_k(), head_stride, 0, length, config_.n_kv_heads,
+                                          config_.head_dim, sp.kt, seq.capacity(), s));
+      }
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sp.max_abs.get(), 0, sp.max_abs.size(), s));
+      RETURN_IF_ERROR(LaunchMaxAbsUpdate(seq.scratch_k(), head_stride, 0, length, config_.n_kv_heads,
+                                         config_.head_dim, sp.max_abs.as<float>(), s));
+      if (sp.gpu_index) {
+        RETURN_IF_ERROR(LaunchFillRandomF32(sp.last_q_mean.as<float>(),
+                                            sp.last_q_mean.size() / sizeof(float), seed + 1000 + l,
+                                            1.0f, 0.0f, s));
+      }
+      continue;
+    }
     if (L.kind == runtime::KvPolicyKind::kQuant) {
       CUDA_RETURN_IF_ERROR(cudaMemsetAsync(L.mem.get(), 0, L.mem.size(), s));
       RETURN_IF_ERROR(LaunchQuantPack(seq.scratch_k(), seq.scratch_v(), head_stride, 0, length,

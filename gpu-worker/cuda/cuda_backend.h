@@ -39,6 +39,9 @@ struct CudaBackendOptions {
   // H100, 128k-token prefill: 15.70 s at 4096, 15.62 s at 8192, 15.59 s at
   // 16384 (+1.3 GB more activations than 8192).
   int max_prefill_chunk = 8192;
+  // Most bytes of host memory the sparse layers' host tier may hold (pinned
+  // and registered with the GPU); 0 = 80% of physical memory.
+  uint64_t host_kv_budget_bytes = 0;
 };
 
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the

@@ -244,8 +244,8 @@ TEST_F(CudaBackendTest, TinyModelLossyPlansMatchCpu) {
   }
 }
 
-// kv_bytes per SEMANTICS; sparse layers are not implemented.
-TEST_F(CudaBackendTest, KvBytesPerPolicyAndSparseUnimplemented) {
+// kv_bytes per SEMANTICS.
+TEST_F(CudaBackendTest, KvBytesPerPolicy) {
   ModelWeights w = TinyHeadDim64Model(8);
   auto gpu = CreateCudaBackend(w, {});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
@@ -268,9 +268,101 @@ TEST_F(CudaBackendTest, KvBytesPerPolicyAndSparseUnimplemented) {
     EXPECT_EQ(bytes[1].kind, runtime::KvPolicyKind::kWindow);
     EXPECT_EQ(bytes[1].device_bytes, 2LL * c.n_kv_heads * 24 * c.head_dim * 2);
   }
+  // Sparse: the estimate at creation (index "gpu": the channel index
+  // included), the host tier in the host store; one index per plan.
   runtime::KvPlan sparse = runtime::KvPlan::Dense(c.n_layers);
   sparse.layers[0].kind = runtime::KvPolicyKind::kSparse;
-  EXPECT_EQ((*gpu)->NewSequence(100, sparse).status().code(), absl::StatusCode::kUnimplemented);
+  auto ss = (*gpu)->NewSequence(100, sparse);
+  ASSERT_TRUE(ss.ok()) << ss.status();
+  const auto sb = (*ss)->kv_bytes();
+  const auto est = runtime::EstimateKvBytes(sparse, c, 100, 2);
+  EXPECT_EQ(sb[0].device_bytes, est[0].device_bytes);
+  EXPECT_EQ(sb[0].host_bytes, est[0].host_bytes);
+  if (c.n_layers > 1) {
+    sparse.layers[1] = sparse.layers[0];
+    sparse.layers[1].sparse.index = "faithful";
+    EXPECT_EQ((*gpu)->NewSequence(100, sparse).status().code(), absl::StatusCode::kUnimplemented);
+  }
+  runtime::KvPlan wide = runtime::KvPlan::Dense(c.n_layers);
+  wide.layers[0].kind = runtime::KvPolicyKind::kSparse;
+  wide.layers[0].sparse.channels = 64;
+  EXPECT_EQ((*gpu)->NewSequence(100, wide).status().code(), absl::StatusCode::kUnimplemented);
+}
+
+// Sparse layers on the GPU. Top-K covering every candidate: the prefill
+// (two chunks, the second reading the history back from the host tier) is
+// bit-identical to dense, decode within the bf16 tolerance (the tier holds
+// the rows in another order). A small Top-K, both indexes: GPU vs the CPU
+// backend with the same plan. The GPU ranks bf16 keys, the CPU fp32 ones, so
+// a near tie may select another token: a looser bound than dense's and
+// top-1 agreement on most steps.
+TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
+  ModelWeights w = TinyHeadDim64Model(11);
+  RoundWeightsToBf16(w);
+  auto gpu = CreateCudaBackend(w, {.max_prefill_chunk = 32});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = runtime::CreateCpuBackend(w, {.threads = 4});
+  ASSERT_TRUE(cpu.ok());
+  std::mt19937 rng(31);
+  std::uniform_int_distribution<int32_t> tok(0, w.config.vocab - 1);
+  std::vector<int32_t> prompt(45), steps(20);
+  for (auto& t : prompt) t = tok(rng);
+  for (auto& t : steps) t = tok(rng);
+  auto ds = *(*gpu)->NewSequence(80);
+  std::vector<float> dense_prefill;
+  ASSERT_TRUE((*gpu)->Forward(*ds, prompt, true, &dense_prefill).ok());
+  std::vector<std::vector<float>> dense_decode;
+  for (int32_t t : steps) {
+    std::vector<float> l;
+    ASSERT_TRUE((*gpu)->Forward(*ds, {&t, 1}, false, &l).ok());
+    dense_decode.push_back(l);
+  }
+  for (const char* spec : {"sparse:39:2:4:8:gpu", "sparse:500:2:4:64:faithful", "sparse:1:1:44:8:gpu"}) {
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto seq = (*gpu)->NewSequence(80, *plan);
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    std::vector<float> got;
+    ASSERT_TRUE((*gpu)->Forward(**seq, prompt, true, &got).ok());
+    EXPECT_EQ(got, dense_prefill) << spec << ": prefill";
+    for (size_t i = 0; i < steps.size(); ++i) {
+      ASSERT_TRUE((*gpu)->Forward(**seq, {&steps[i], 1}, false, &got).ok());
+      Compare d = CompareLogits(got, dense_decode[i], w.config.vocab);
+      EXPECT_LE(d.max_abs_diff, 0.02f * d.max_abs_ref) << spec << ": decode step " << i;
+      EXPECT_EQ(d.top1_agree, 1) << spec << ": decode step " << i;
+    }
+  }
+  for (const char* spec : {"sparse:6:2:4:8:gpu", "sparse:6:2:4:8:faithful"}) {
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto gs = (*gpu)->NewSequence(80, *plan);
+    auto cs = (*cpu)->NewSequence(80, *plan);
+    ASSERT_TRUE(gs.ok()) << gs.status();
+    ASSERT_TRUE(cs.ok()) << cs.status();
+    std::vector<float> gl, cl;
+    const std::vector<int32_t> a(prompt.begin(), prompt.begin() + 32), b(prompt.begin() + 32, prompt.end());
+    ASSERT_TRUE((*gpu)->Forward(**gs, a, false, &gl).ok());
+    ASSERT_TRUE((*cpu)->Forward(**cs, a, false, &cl).ok());
+    ASSERT_TRUE((*gpu)->Forward(**gs, b, false, &gl).ok());
+    ASSERT_TRUE((*cpu)->Forward(**cs, b, false, &cl).ok());
+    int agree = 0;
+    float worst = 0;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      ASSERT_TRUE((*gpu)->Forward(**gs, {&steps[i], 1}, false, &gl).ok());
+      ASSERT_TRUE((*cpu)->Forward(**cs, {&steps[i], 1}, false, &cl).ok());
+      Compare d = CompareLogits(gl, cl, w.config.vocab);
+      for (float x : gl) ASSERT_TRUE(std::isfinite(x)) << spec << " step " << i;
+      worst = std::max(worst, d.max_abs_diff / d.max_abs_ref);
+      agree += d.top1_agree;
+    }
+    std::printf("%s GPU vs CPU: worst max|diff|/max|ref| %.4f, top-1 %d/%zu\n", spec, worst, agree,
+                steps.size());
+    EXPECT_LE(worst, 0.1f) << spec;
+    EXPECT_GE(agree, static_cast<int>(steps.size()) - 3) << spec;
+    // The tier holds kept + selected + every generated token.
+    const auto kb = (*gs)->kv_bytes();
+    EXPECT_GT(kb[0].device_bytes, runtime::EstimateKvBytes(*plan, w.config, 80, 2)[0].device_bytes);
+  }
 }
 
 // Runs without a GPU: shapes are checked before any device is touched.
@@ -404,6 +496,51 @@ TEST_F(CudaBackendTest, SmolLM2QuantPlansMatchCpuBackend) {
     RecordProperty(std::string("quant_plan_") + spec + "_top1", std::to_string(agree));
     EXPECT_LE(worst, bound) << spec;
     EXPECT_GE(agree, steps * 9 / 10) << spec;
+  }
+}
+
+// TailorKV's plan on SmolLM2 after a 600-token prompt, both indexes, GPU vs
+// the CPU backend: greedy decode from the same tokens (the CPU's choice fed
+// to both), top-1 agreement and the logit difference.
+TEST_F(CudaBackendTest, SmolLM2SparsePlansMatchCpuBackend) {
+  const std::string path = ModelPath();
+  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/fetch_model.sh";
+  auto gguf = model::GgufFile::Open(path);
+  ASSERT_TRUE(gguf.ok()) << gguf.status();
+  auto weights = model::LoadWeightsFromGguf(**gguf);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  auto gpu = CreateCudaBackend(*weights, {});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = runtime::CreateCpuBackend(*weights, {.threads = 8});
+  ASSERT_TRUE(cpu.ok());
+  for (const char* spec : {"hybrid:2:128:8:56:gpu", "hybrid:2:128:8:56:faithful"}) {
+    auto plan = runtime::ParseKvPlanSpec(spec, weights->config);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto gs = (*gpu)->NewSequence(700, *plan);
+    auto cs = (*cpu)->NewSequence(700, *plan);
+    ASSERT_TRUE(gs.ok()) << gs.status();
+    ASSERT_TRUE(cs.ok()) << cs.status();
+    std::vector<int32_t> prompt;
+    std::mt19937 rng(7);
+    for (int i = 0; i < 600; ++i) prompt.push_back(static_cast<int32_t>(rng() % 49152));
+    std::vector<float> gl, cl;
+    ASSERT_TRUE((*gpu)->Forward(**gs, prompt, false, &gl).ok());
+    ASSERT_TRUE((*cpu)->Forward(**cs, prompt, false, &cl).ok());
+    float worst = 0;
+    int agree = 0;
+    const int steps = 32;
+    for (int i = 0; i < steps; ++i) {
+      const int32_t t = static_cast<int32_t>(std::max_element(cl.begin(), cl.end()) - cl.begin());
+      ASSERT_TRUE((*gpu)->Forward(**gs, {&t, 1}, false, &gl).ok());
+      ASSERT_TRUE((*cpu)->Forward(**cs, {&t, 1}, false, &cl).ok());
+      Compare d = CompareLogits(gl, cl, 49152);
+      worst = std::max(worst, d.max_abs_diff / d.max_abs_ref);
+      agree += d.top1_agree;
+    }
+    std::printf("SmolLM2 %s GPU vs CPU: worst max|diff|/max|ref| %.4f, top-1 %d/%d\n", spec, worst, agree,
+                steps);
+    RecordProperty(std::string("sparse_plan_") + spec + "_top1", std::to_string(agree));
+    EXPECT_GE(agree, steps * 8 / 10) << spec;
   }
 }
 
