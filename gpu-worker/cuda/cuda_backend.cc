@@ -775,7 +775,8 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
       CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(seq.scores.get(), kept.data(), kept.size() * sizeof(int32_t),
                                            cudaMemcpyHostToDevice, s));
       RETURN_IF_ERROR(LaunchGatherKvRows(sp.host, cap, 0, seq.scores.as<int32_t>(), sp.kept(),
-                                         c.n_kv_heads, hd, tk, tv, sp.tier_rows, 0, s));
+                                         c.n_kv_heads, hd, tk, tv,
+                                         static_cast<int64_t>(sp.tier_rows) * hd, 0, s));
       // The copy's source must outlive it.
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
     }
@@ -811,7 +812,8 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
   bf16* tk = sp.tier.as<bf16>();
   bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * c.head_dim;
   return LaunchGatherKvRows(sp.host, cap, sp.sink, sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads,
-                            c.head_dim, tk, tv, sp.tier_rows, sp.kept(), s);
+                            c.head_dim, tk, tv, static_cast<int64_t>(sp.tier_rows) * c.head_dim,
+                            sp.kept(), s);
 }
 
 absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int target,
@@ -882,7 +884,8 @@ absl::Status CudaBackend::EnqueueSparseAttention(CudaSequence& seq, int l, int n
   bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * hd;
   RETURN_IF_ERROR(LaunchSparseAppendToken(sk, sv, head_stride, step_.as<int32_t>(),
                                           sp.kept() + sp.selected - sp.prompt, c.n_kv_heads, hd, tk,
-                                          tv, sp.tier_rows, sp.len.as<int32_t>(), s));
+                                          tv, static_cast<int64_t>(sp.tier_rows) * hd,
+                                          sp.len.as<int32_t>(), s));
   if (sp.gpu_index) {
     // Selected on the side stream (EnqueueSpeculativeSelection).
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s, sp.selected_ready.get(), 0));

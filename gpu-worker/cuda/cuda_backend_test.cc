@@ -326,7 +326,8 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
     ASSERT_TRUE((*gpu)->Forward(**seq, prompt, true, &got).ok());
     EXPECT_EQ(got, dense_prefill) << spec << ": prefill";
     for (size_t i = 0; i < steps.size(); ++i) {
-      ASSERT_TRUE((*gpu)->Forward(**seq, {&steps[i], 1}, false, &got).ok());
+      const absl::Status st = (*gpu)->Forward(**seq, {&steps[i], 1}, false, &got);
+      ASSERT_TRUE(st.ok()) << spec << ": " << st;
       Compare d = CompareLogits(got, dense_decode[i], w.config.vocab);
       EXPECT_LE(d.max_abs_diff, 0.02f * d.max_abs_ref) << spec << ": decode step " << i;
       EXPECT_EQ(d.top1_agree, 1) << spec << ": decode step " << i;
