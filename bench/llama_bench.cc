@@ -88,6 +88,8 @@ int main(int argc, char** argv) {
   app.add_option("--plans", plan_specs, "KV plan specs to decode under (runtime/kv_plan.h)")
       ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
+  // --prefill "" (no prefill runs) parses as one 0.
+  prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
 
   auto config = Llama8B();
   config.n_layers = layers;

@@ -287,6 +287,7 @@ class CudaBackend final : public runtime::Backend {
   std::vector<DeviceLayer> layers_;
   // Activations for up to options_.max_prefill_chunk tokens.
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, h_, logits_;
+  DeviceBuffer spec_x_;  // [n_layers][hidden] bf16: each sparse layer's speculative input
   // Step parameters: [0] position of the first token, [1] cache length after
   // this step, [2..] token ids. Written from pinned host memory before a run.
   DeviceBuffer step_;
@@ -319,7 +320,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   auto b = std::unique_ptr<CudaBackend>(new CudaBackend(c, options));
   b->qkv_rows_ = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
   ASSIGN_OR_RETURN(b->stream_, CudaStream::Create());
-  ASSIGN_OR_RETURN(b->side_, CudaStream::Create());
+  // Most urgent priority: the selection's small kernels get SMs as soon as
+  // the main stream's GEMV blocks retire, so it finishes inside the layer.
+  ASSIGN_OR_RETURN(b->side_, CudaStream::Create(CudaStream::GreatestPriority()));
   for (int l = 0; l < c.n_layers; ++l) {
     ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create());
     b->spec_ready_.push_back(std::move(e));
@@ -358,6 +361,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   ASSIGN_OR_RETURN(b->gate_up_, b->Alloc(T * 2 * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->h_, b->Alloc(T * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->logits_, b->Alloc(kLogitRows * V * sizeof(float)));
+  ASSIGN_OR_RETURN(b->spec_x_, b->Alloc(static_cast<size_t>(c.n_layers) * H * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->step_, b->Alloc((T + 2) * sizeof(int32_t)));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->step_host_, (T + 2) * sizeof(int32_t)));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->logits_host_, kLogitRows * V * sizeof(float)));
@@ -822,14 +826,17 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
   SparseKv& sp = *seq.sparse[target];
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
-  // The speculative query is small (a few MB of Wq rows): it runs on the main
-  // stream, so that `x` is read before the layer overwrites it.
-  RETURN_IF_ERROR(LaunchSpeculativeQuery(
-      x, layers_[target].w_qkv.as<bf16>(), c.hidden, c.n_heads, c.n_kv_heads, c.head_dim,
-      sp.chans.as<int32_t>(), sp.params.channels, step_.as<int32_t>(), inv_freq_.as<float>(),
-      c.rope_style == model::RopeStyle::kAdjacentPairs, sp.q_chan.as<float>(), s));
+  // The main stream keeps a copy of `x` (8 KB: cheaper than running the
+  // speculative query there), since the layer overwrites it; the side
+  // stream does the rest.
+  bf16* spec_x = spec_x_.as<bf16>() + static_cast<int64_t>(target) * c.hidden;
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(spec_x, x, c.hidden * sizeof(bf16), cudaMemcpyDeviceToDevice, s));
   CUDA_RETURN_IF_ERROR(cudaEventRecord(spec_ready_[target].get(), s));
   CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_.get(), spec_ready_[target].get(), 0));
+  RETURN_IF_ERROR(LaunchSpeculativeQuery(
+      spec_x, layers_[target].w_qkv.as<bf16>(), c.hidden, c.n_heads, c.n_kv_heads, c.head_dim,
+      sp.chans.as<int32_t>(), sp.params.channels, step_.as<int32_t>(), inv_freq_.as<float>(),
+      c.rope_style == model::RopeStyle::kAdjacentPairs, sp.q_chan.as<float>(), side_.get()));
   RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side_.get()));
   CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side_.get()));
   return absl::OkStatus();

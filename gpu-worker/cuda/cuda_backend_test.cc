@@ -317,7 +317,7 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
     ASSERT_TRUE((*gpu)->Forward(*ds, {&t, 1}, false, &l).ok());
     dense_decode.push_back(l);
   }
-  for (const char* spec : {"sparse:39:2:4:8:gpu", "sparse:500:2:4:64:faithful", "sparse:1:1:44:8:gpu"}) {
+  for (const char* spec : {"sparse:39:2:4:8:gpu", "sparse:500:2:4:32:faithful", "sparse:1:1:44:8:gpu"}) {
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto seq = (*gpu)->NewSequence(80, *plan);

@@ -109,10 +109,16 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 
 // ---- CudaStream ----
 
-absl::StatusOr<CudaStream> CudaStream::Create() {
+absl::StatusOr<CudaStream> CudaStream::Create(int priority) {
   CudaStream s;
-  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s.s_, cudaStreamNonBlocking));
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&s.s_, cudaStreamNonBlocking, priority));
   return s;
+}
+
+int CudaStream::GreatestPriority() {
+  int least = 0, greatest = 0;
+  if (cudaDeviceGetStreamPriorityRange(&least, &greatest) != cudaSuccess) return 0;
+  return greatest;
 }
 
 CudaStream::~CudaStream() {

@@ -58,7 +58,11 @@ class DeviceBuffer {
 class CudaStream {
  public:
   CudaStream() = default;
-  static absl::StatusOr<CudaStream> Create();
+  // priority: as cudaStreamCreateWithPriority takes it (lower = more urgent;
+  // 0 = default), clamped to the device's range.
+  static absl::StatusOr<CudaStream> Create(int priority = 0);
+  // The device's most urgent stream priority.
+  static int GreatestPriority();
   ~CudaStream();
   CudaStream(CudaStream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
   CudaStream& operator=(CudaStream&& o) noexcept;
