@@ -76,6 +76,7 @@ int main(int argc, char** argv) {
   int prefill_chunk = tailorkv::cuda::CudaBackendOptions{}.max_prefill_chunk;
   std::string out_path;
   std::vector<std::string> plan_specs = {"dense"};
+  bool sparse_overlap = true, sparse_priority = true;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
   app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
@@ -87,6 +88,9 @@ int main(int argc, char** argv) {
   app.add_option("--out", out_path, "JSON results file");
   app.add_option("--plans", plan_specs, "KV plan specs to decode under (runtime/kv_plan.h)")
       ->delimiter(',');
+  app.add_option("--sparse-overlap", sparse_overlap,
+                 "index gpu: select on a side stream overlapping the previous layer");
+  app.add_option("--sparse-priority", sparse_priority, "that side stream at the most urgent priority");
   CLI11_PARSE(app, argc, argv);
   // --prefill "" (no prefill runs) parses as one 0.
   prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
@@ -104,11 +108,14 @@ int main(int argc, char** argv) {
   tailorkv::cuda::CudaBackendOptions opts;
   opts.use_graphs = graphs;
   opts.max_prefill_chunk = prefill_chunk;
+  opts.sparse_overlap = sparse_overlap;
+  opts.sparse_side_priority = sparse_priority;
   auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
   if (!backend.ok()) return Fail(backend.status(), "backend");
   const size_t weights_used = DeviceUsedBytes();
   nlohmann::json out = {{"model", config.name}, {"layers", layers}, {"graphs", graphs},
-                        {"prefill_chunk", prefill_chunk},
+                        {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
+                        {"sparse_priority", sparse_priority},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);

@@ -322,7 +322,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   ASSIGN_OR_RETURN(b->stream_, CudaStream::Create());
   // Most urgent priority: the selection's small kernels get SMs as soon as
   // the main stream's GEMV blocks retire, so it finishes inside the layer.
-  ASSIGN_OR_RETURN(b->side_, CudaStream::Create(CudaStream::GreatestPriority()));
+  ASSIGN_OR_RETURN(b->side_, CudaStream::Create(options.sparse_side_priority
+                                                     ? CudaStream::GreatestPriority()
+                                                     : 0));
   for (int l = 0; l < c.n_layers; ++l) {
     ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create());
     b->spec_ready_.push_back(std::move(e));
@@ -831,14 +833,17 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
   // stream does the rest.
   bf16* spec_x = spec_x_.as<bf16>() + static_cast<int64_t>(target) * c.hidden;
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(spec_x, x, c.hidden * sizeof(bf16), cudaMemcpyDeviceToDevice, s));
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(spec_ready_[target].get(), s));
-  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_.get(), spec_ready_[target].get(), 0));
+  cudaStream_t side = options_.sparse_overlap ? side_.get() : s;
+  if (options_.sparse_overlap) {
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(spec_ready_[target].get(), s));
+    CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side, spec_ready_[target].get(), 0));
+  }
   RETURN_IF_ERROR(LaunchSpeculativeQuery(
       spec_x, layers_[target].w_qkv.as<bf16>(), c.hidden, c.n_heads, c.n_kv_heads, c.head_dim,
       sp.chans.as<int32_t>(), sp.params.channels, step_.as<int32_t>(), inv_freq_.as<float>(),
-      c.rope_style == model::RopeStyle::kAdjacentPairs, sp.q_chan.as<float>(), side_.get()));
-  RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side_.get()));
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side_.get()));
+      c.rope_style == model::RopeStyle::kAdjacentPairs, sp.q_chan.as<float>(), side));
+  RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side));
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side));
   return absl::OkStatus();
 }
 

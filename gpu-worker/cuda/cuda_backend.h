@@ -42,6 +42,12 @@ struct CudaBackendOptions {
   // Most bytes of host memory the sparse layers' host tier may hold (pinned
   // and registered with the GPU); 0 = 80% of physical memory.
   uint64_t host_kv_budget_bytes = 0;
+  // Sparse layers with index "gpu": run the speculative selection (query,
+  // scores, Top-K, gather) on a side stream overlapping the previous layer
+  // (false: in line on the main stream, for measuring what the overlap buys),
+  // and give that stream the device's most urgent priority.
+  bool sparse_overlap = true;
+  bool sparse_side_priority = true;
 };
 
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the
