@@ -15,6 +15,7 @@
 #include "cuda/elementwise_kernels.cuh"
 #include "cuda/quant_kernels.cuh"
 #include "cuda/random_fill.cuh"
+#include "cuda/sparse_fp8_kernels.cuh"
 #include "cuda/sparse_index_kernels.cuh"
 #include "cuda/sparse_kernels.cuh"
 #include "cuda/sparse_tier_kernels.cuh"
@@ -73,7 +74,7 @@ struct SparseKv {
   runtime::SparseParams params;
   bool gpu_index = false;
   kvhost::HostSlice host_slice, kt_slice;
-  __nv_bfloat16* host = nullptr;  // [n_kv][capacity][2 head_dim]
+  void* host = nullptr;           // [n_kv][capacity][2 head_dim], bf16 or FP8 (host_bits)
   __nv_bfloat16* kt = nullptr;    // [n_kv][head_dim][capacity] (faithful)
   DeviceBuffer max_abs;           // [n_kv][head_dim] f32
   DeviceBuffer last_q_mean;       // [n_kv][head_dim] f32 (gpu index)
@@ -89,6 +90,48 @@ struct SparseKv {
   int kept() const { return sink + recent; }
   bool prompt_ended() const { return prompt >= 0; }
 };
+
+// The host-tier kernels for the layer's format (sparse_tier_kernels.cuh,
+// sparse_fp8_kernels.cuh: same semantics, bf16 or FP8 host rows).
+absl::Status StoreHost(const SparseKv& sp, const bf16* k, const bf16* v, int64_t head_stride,
+                       int first, int n, int n_kv, int hd, int64_t host_rows, cudaStream_t s) {
+  if (sp.params.host_bits == 8) {
+    return LaunchStoreHostRowsFp8(k, v, head_stride, first, n, n_kv, hd,
+                                  static_cast<uint8_t*>(sp.host), host_rows, s);
+  }
+  return LaunchStoreHostRows(k, v, head_stride, first, n, n_kv, hd, static_cast<bf16*>(sp.host),
+                             host_rows, s);
+}
+absl::Status LoadHost(const SparseKv& sp, int64_t host_rows, int first, int n, int n_kv, int hd,
+                      bf16* k, bf16* v, int64_t head_stride, cudaStream_t s) {
+  if (sp.params.host_bits == 8) {
+    return LaunchLoadHostRowsFp8(static_cast<const uint8_t*>(sp.host), host_rows, first, n, n_kv,
+                                 hd, k, v, head_stride, s);
+  }
+  return LaunchLoadHostRows(static_cast<const bf16*>(sp.host), host_rows, first, n, n_kv, hd, k, v,
+                            head_stride, s);
+}
+absl::Status GatherHost(const SparseKv& sp, int64_t host_rows, int64_t src_first,
+                        const int32_t* idx, int count, int n_kv, int hd, bf16* dk, bf16* dv,
+                        int64_t dst_head_stride, int dst_first, cudaStream_t s) {
+  if (sp.params.host_bits == 8) {
+    return LaunchGatherKvRowsFp8(static_cast<const uint8_t*>(sp.host), host_rows, src_first, idx,
+                                 count, n_kv, hd, dk, dv, dst_head_stride, dst_first, s);
+  }
+  return LaunchGatherKvRows(static_cast<const bf16*>(sp.host), host_rows, src_first, idx, count,
+                            n_kv, hd, dk, dv, dst_head_stride, dst_first, s);
+}
+absl::Status BuildIndex(const SparseKv& sp, int64_t host_rows, int rows, int n_kv, int hd,
+                        int64_t index_rows, cudaStream_t s) {
+  if (sp.params.host_bits == 8) {
+    return LaunchBuildChannelIndexFp8(static_cast<const uint8_t*>(sp.host), host_rows, rows,
+                                      sp.chans.as<int32_t>(), sp.params.channels, n_kv, hd,
+                                      sp.index.as<bf16>(), index_rows, s);
+  }
+  return LaunchBuildChannelIndex(static_cast<const bf16*>(sp.host), host_rows, rows,
+                                 sp.chans.as<int32_t>(), sp.params.channels, n_kv, hd,
+                                 sp.index.as<bf16>(), index_rows, s);
+}
 
 class CudaSequence final : public SequenceState {
  public:
@@ -618,14 +661,15 @@ absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime
   sp->gpu_index = p.index == "gpu";
   ASSIGN_OR_RETURN(seq.host_store, HostStore());
   void* dev = nullptr;
-  const uint64_t rows_bytes = 2ull * c.n_kv_heads * cap * c.head_dim * sizeof(bf16);
+  const uint64_t values = 2ull * c.n_kv_heads * cap * c.head_dim;
+  const uint64_t rows_bytes = values * (p.host_bits == 8 ? 1 : sizeof(bf16));
   // Registered before any failure below can return, so the destructor frees it.
   ASSIGN_OR_RETURN(sp->host_slice, HostAlloc(rows_bytes, &dev));
-  sp->host = static_cast<bf16*>(dev);
+  sp->host = dev;
   seq.sparse[l] = std::move(sp);
   SparseKv& s = *seq.sparse[l];
   if (!s.gpu_index) {
-    ASSIGN_OR_RETURN(s.kt_slice, HostAlloc(rows_bytes / 2, &dev));
+    ASSIGN_OR_RETURN(s.kt_slice, HostAlloc(values / 2 * sizeof(bf16), &dev));
     s.kt = static_cast<bf16*>(dev);
   }
   const size_t heads_dim = static_cast<size_t>(c.n_kv_heads) * c.head_dim;
@@ -780,9 +824,8 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
       // The scores buffer (not in use yet this step) carries the positions.
       CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(seq.scores.get(), kept.data(), kept.size() * sizeof(int32_t),
                                            cudaMemcpyHostToDevice, s));
-      RETURN_IF_ERROR(LaunchGatherKvRows(sp.host, cap, 0, seq.scores.as<int32_t>(), sp.kept(),
-                                         c.n_kv_heads, hd, tk, tv,
-                                         static_cast<int64_t>(sp.tier_rows) * hd, 0, s));
+      RETURN_IF_ERROR(GatherHost(sp, cap, 0, seq.scores.as<int32_t>(), sp.kept(), c.n_kv_heads, hd,
+                                 tk, tv, static_cast<int64_t>(sp.tier_rows) * hd, 0, s));
       // The copy's source must outlive it.
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
     }
@@ -790,9 +833,7 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
       RETURN_IF_ERROR(LaunchChooseChannels(sp.last_q_mean.as<float>(), sp.max_abs.as<float>(),
                                            c.n_kv_heads, hd, sp.params.channels,
                                            sp.chans.as<int32_t>(), nullptr, s));
-      RETURN_IF_ERROR(LaunchBuildChannelIndex(sp.host, cap, P, sp.chans.as<int32_t>(),
-                                              sp.params.channels, c.n_kv_heads, hd,
-                                              sp.index.as<bf16>(), cap, s));
+      RETURN_IF_ERROR(BuildIndex(sp, cap, P, c.n_kv_heads, hd, cap, s));
     }
   }
   return absl::OkStatus();
@@ -817,9 +858,8 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
                              seq.topk_ws.size(), s));
   bf16* tk = sp.tier.as<bf16>();
   bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * c.head_dim;
-  return LaunchGatherKvRows(sp.host, cap, sp.sink, sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads,
-                            c.head_dim, tk, tv, static_cast<int64_t>(sp.tier_rows) * c.head_dim,
-                            sp.kept(), s);
+  return GatherHost(sp, cap, sp.sink, sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads, c.head_dim,
+                    tk, tv, static_cast<int64_t>(sp.tier_rows) * c.head_dim, sp.kept(), s);
 }
 
 absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int target,
@@ -873,12 +913,10 @@ absl::Status CudaBackend::EnqueueSparseAttention(CudaSequence& seq, int l, int n
     // history from the host tier, the chunk from the scratch; then the chunk
     // joins the host tier, max|K| and (index "gpu") the last query.
     if (start > 0) {
-      RETURN_IF_ERROR(LaunchLoadHostRows(sp.host, cap, 0, start, c.n_kv_heads, hd, sk, sv,
-                                         head_stride, s));
+      RETURN_IF_ERROR(LoadHost(sp, cap, 0, start, c.n_kv_heads, hd, sk, sv, head_stride, s));
     }
     RETURN_IF_ERROR(LaunchPrefillAttention(q, sk, sv, n, start, shape, out, s));
-    RETURN_IF_ERROR(LaunchStoreHostRows(sk, sv, head_stride, start, n, c.n_kv_heads, hd, sp.host,
-                                        cap, s));
+    RETURN_IF_ERROR(StoreHost(sp, sk, sv, head_stride, start, n, c.n_kv_heads, hd, cap, s));
     if (sp.kt != nullptr) {
       RETURN_IF_ERROR(LaunchStoreHostKT(sk, head_stride, start, n, c.n_kv_heads, hd, sp.kt, cap, s));
     }
@@ -1033,9 +1071,8 @@ absl::Status CudaBackend::FillRandomKv(CudaSequence& seq, int length, uint64_t s
     if (L.kind == runtime::KvPolicyKind::kSparse) {
       SparseKv& sp = *seq.sparse[l];
       if (sp.prompt_ended()) return absl::FailedPreconditionError("the sequence has decoded already");
-      RETURN_IF_ERROR(LaunchStoreHostRows(seq.scratch_k(), seq.scratch_v(), head_stride, 0, length,
-                                          config_.n_kv_heads, config_.head_dim, sp.host,
-                                          seq.capacity(), s));
+      RETURN_IF_ERROR(StoreHost(sp, seq.scratch_k(), seq.scratch_v(), head_stride, 0, length,
+                                config_.n_kv_heads, config_.head_dim, seq.capacity(), s));
       if (sp.kt != nullptr) {
         RETURN_IF_ERROR(LaunchStoreHostKT(seq.scratch_k(), head_stride, 0, length, config_.n_kv_heads,
                                           config_.head_dim, sp.kt, seq.capacity(), s));

@@ -333,7 +333,7 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
       EXPECT_EQ(d.top1_agree, 1) << spec << ": decode step " << i;
     }
   }
-  for (const char* spec : {"sparse:6:2:4:8:gpu", "sparse:6:2:4:8:faithful"}) {
+  for (const char* spec : {"sparse:6:2:4:8:gpu", "sparse:6:2:4:8:faithful", "sparse:6:2:4:8:gpu:fp8"}) {
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto gs = (*gpu)->NewSequence(80, *plan);

@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "runtime/cpu_reference.h"
 #include "runtime/quant_kv.h"
+#include "runtime/fp8_reference.h"
 #include "runtime/sparse_reference.h"
 
 namespace tailorkv::runtime {
@@ -173,7 +174,9 @@ class CpuSequence final : public SequenceState {
         b.device_bytes = quant_[l]->bytes();
       } else if (sparse_[l]) {
         b.device_bytes = sparse_[l]->device_bytes();
-        b.host_bytes = sparse_[l]->host.bytes();
+        // FP8 host tiers are emulated in fp32; the figure is the format's.
+        b.host_bytes = sparse_[l]->params.host_bits == 8 ? sparse_[l]->host.bytes() / 4
+                                                         : sparse_[l]->host.bytes();
       } else if (plan_.layers[l].kind == KvPolicyKind::kWindow) {
         b.device_bytes = static_cast<int64_t>(window_[l].k.size() + window_[l].v.size()) * sizeof(float);
       } else {
@@ -500,11 +503,8 @@ void CpuBackend::EndSparsePrompt(SparseLayer& sp, int prompt, int capacity) {
   for (int h = 0; h < nkv; ++h) {
     const float* hk = sp.host.k(h);
     const float* hv = sp.host.v(h);
+    // max|K| over the prompt: kept up to date by every prefill chunk.
     float* mx = &sp.max_abs_k[static_cast<size_t>(h) * hd];
-    std::fill(mx, mx + hd, 0.0f);
-    for (int p = 0; p < prompt; ++p) {
-      for (int d = 0; d < hd; ++d) mx[d] = std::max(mx[d], std::fabs(hk[static_cast<int64_t>(p) * hd + d]));
-    }
     float* dk = sp.k.data() + h * sp.head_stride;
     float* dv = sp.v.data() + h * sp.head_stride;
     std::memcpy(dk, hk, sizeof(float) * sp.sink * hd);
@@ -545,6 +545,27 @@ void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start
     // The host tier is the dense layout of the prompt: attend over it as is.
     CopyChunk(sp.host.k(0), sp.host.v(0), sp.host.head_stride(), start, n);
     Attention({sp.host.k(0), sp.host.v(0), sp.host.head_stride()}, q, n, start, out);
+    // max|K| over the chunk as computed (before any FP8 rounding), as the GPU.
+    for (int h = 0; h < nkv; ++h) {
+      float* mx = &sp.max_abs_k[static_cast<size_t>(h) * hd];
+      const float* rows = sp.host.k(h) + static_cast<int64_t>(start) * hd;
+      for (int i = 0; i < n; ++i) {
+        for (int d = 0; d < hd; ++d) mx[d] = std::max(mx[d], std::fabs(rows[static_cast<int64_t>(i) * hd + d]));
+      }
+    }
+    if (sp.params.host_bits == 8) {
+      // The chunk attended in full precision; it is kept as FP8 E4M3 (as the
+      // GPU does: history read back from the host tier, the chunk from its
+      // scratch).
+      for (int h = 0; h < nkv; ++h) {
+        for (float* base : {sp.host.k(h), sp.host.v(h)}) {
+          float* rows = base + static_cast<int64_t>(start) * hd;
+          for (int64_t i = 0; i < static_cast<int64_t>(n) * hd; ++i) {
+            rows[i] = Fp8E4M3ToFloat(FloatToFp8E4M3(rows[i]));
+          }
+        }
+      }
+    }
     return;
   }
   // After a decode step: [prompt (host) | generated (device) | chunk], all

@@ -574,6 +574,30 @@ TEST(CpuBackendSparse, TopKCoveringThePromptMatchesDenseExactly) {
   EXPECT_GT(MaxDiff({dense.begin() + 4, dense.end()}, {short_k.begin() + 4, short_k.end()}), 0.0f);
 }
 
+// An FP8 host tier with Top-K covering the prompt: a one-chunk prefill is
+// still exact (the chunk attends before it is rounded), later chunks and
+// decode steps read E4M3-rounded K/V (3 mantissa bits: a few percent of a
+// logit), and the host tier counts one byte a value.
+TEST(CpuBackendSparse, Fp8HostTierRoundsWhatItKeeps) {
+  const auto w = PolicyModel(53);
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(kSparseTotal, w.config.vocab, 54);
+  const auto dense = RunChunks(*backend, KvPlan::Dense(3), tokens, kSparseChunks);
+  LayerKvPolicy p = Sparse(4, 8, 146, 3);
+  p.sparse.host_bits = 8;
+  std::unique_ptr<SequenceState> seq;
+  const auto fp8 = RunChunks(*backend, KvPlan::Uniform(3, p, "s8"), tokens, kSparseChunks, &seq);
+  ExpectBitIdentical({dense[0]}, {fp8[0]}, "first chunk");
+  float ref = 0;
+  for (const auto& l : dense) for (float x : l) ref = std::max(ref, std::fabs(x));
+  const float d = MaxDiff(dense, fp8);
+  std::printf("fp8 host tier, Top-K covering: max |logit - dense| %.4g of max %.4g\n", d, ref);
+  EXPECT_GT(d, 0.0f) << "later chunks read rounded history";
+  EXPECT_LT(d, 0.1f * ref);
+  const auto b = seq->kv_bytes();
+  EXPECT_EQ(b[0].host_bytes, 2LL * w.config.n_kv_heads * seq->capacity() * w.config.head_dim);
+}
+
 // A small Top-K: the one-shot prefill still equals dense, decode steps stay
 // finite and depart from dense.
 TEST(CpuBackendSparse, SmallTopKDiffersButStaysFinite) {

@@ -80,6 +80,10 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
         return FieldError(LayerField(i, "index"),
                           absl::StrCat("must be \"gpu\" or \"faithful\", got \"", s.index, "\""));
       }
+      if (s.host_bits != 16 && s.host_bits != 8) {
+        return FieldError(LayerField(i, "host_bits"),
+                          absl::StrCat("must be 16 or 8, got ", s.host_bits));
+      }
       return absl::OkStatus();
     }
   }
@@ -97,7 +101,8 @@ std::string Describe(const LayerKvPolicy& l) {
       return absl::StrCat("window(", l.window.sink, "+", l.window.recent, ")");
     case KvPolicyKind::kSparse:
       return absl::StrCat("sparse(", l.sparse.sink, "+", l.sparse.recent, " k", l.sparse.top_k,
-                          " d", l.sparse.channels, " ", l.sparse.index, ")");
+                          " d", l.sparse.channels, " ", l.sparse.index,
+                          l.sparse.host_bits == 8 ? " fp8" : "", ")");
   }
   return "unknown";
 }
@@ -186,7 +191,7 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
     allowed.insert(allowed.end(), {"sink", "recent"});
   } else if (*policy == "sparse") {
     l.kind = KvPolicyKind::kSparse;
-    allowed.insert(allowed.end(), {"sink", "recent", "top_k", "channels", "index"});
+    allowed.insert(allowed.end(), {"sink", "recent", "top_k", "channels", "index", "host_bits"});
   } else {
     return FieldError(
         LayerField(i, "policy"),
@@ -222,6 +227,7 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
       if (st = MaybeInt(entry, "recent", i, &l.sparse.recent); !st.ok()) return st;
       if (st = MaybeInt(entry, "top_k", i, &l.sparse.top_k); !st.ok()) return st;
       if (st = MaybeInt(entry, "channels", i, &l.sparse.channels); !st.ok()) return st;
+      if (st = MaybeInt(entry, "host_bits", i, &l.sparse.host_bits); !st.ok()) return st;
       auto index_it = entry.find("index");
       if (index_it != entry.end()) {
         auto s = ReadString(*index_it, LayerField(i, "index"));
@@ -281,8 +287,8 @@ absl::StatusOr<int> SpecInt(const std::string& spec, const std::string& name,
 
 constexpr char kSpecGrammar[] =
     "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS], "
-    "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX], "
-    "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX] (INDEX gpu or faithful) or "
+    "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8], "
+    "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8] (INDEX gpu or faithful) or "
     "@plan.json";
 
 absl::Status SpecError(const std::string& spec, const std::string& what) {
@@ -475,6 +481,7 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
         e["top_k"] = l.sparse.top_k;
         e["channels"] = l.sparse.channels;
         e["index"] = l.sparse.index;
+        e["host_bits"] = l.sparse.host_bits;
         break;
     }
     if (l.dense_preference >= 0) e["dense_preference"] = l.dense_preference;
@@ -495,8 +502,14 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
   }
   std::vector<std::string> parts = absl::StrSplit(spec, ':');
   const std::string kind = parts[0];
-  // Sparse and hybrid specs may end in the selection index's name.
+  // Sparse and hybrid specs may end in the selection index's name and
+  // "fp8" (the host tier's format), in that order.
   std::string index = "faithful";
+  int host_bits = 16;
+  if ((kind == "sparse" || kind == "hybrid") && parts.size() > 1 && parts.back() == "fp8") {
+    host_bits = 8;
+    parts.pop_back();
+  }
   if ((kind == "sparse" || kind == "hybrid") && parts.size() > 1 &&
       (parts.back() == "gpu" || parts.back() == "faithful")) {
     index = parts.back();
@@ -563,6 +576,7 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     auto l = SpecSparse(spec, parts, 1);
     if (!l.ok()) return l.status();
     l->sparse.index = index;
+    l->sparse.host_bits = host_bits;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
   } else if (kind == "hybrid") {
     if (n_args != 2 && n_args != 4 && n_args != 5) {
@@ -573,6 +587,7 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     auto l = SpecSparse(spec, parts, 2);
     if (!l.ok()) return l.status();
     l->sparse.index = index;
+    l->sparse.host_bits = host_bits;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
     // TailorKV's plan: layer 0 quantization-friendly, the rest sparse.
     if (!plan.layers.empty()) {
@@ -618,7 +633,7 @@ std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::Model
         // `channels`-wide key index of every token. Generated rows are
         // reserved when the prompt ends, so they are not in this figure.
         const SparseParams& s = l.sparse;
-        b.host_bytes = 2 * row * cap;
+        b.host_bytes = 2 * (s.host_bits == 8 ? row / elem_bytes : row) * cap;
         const int64_t kept = std::min<int64_t>(cap, static_cast<int64_t>(s.sink) + s.recent);
         b.device_bytes = 2 * row * kept + static_cast<int64_t>(config.n_kv_heads) *
                                               config.head_dim * elem_bytes;

@@ -12,9 +12,9 @@
 //            host tier; on the device the sink + recent prompt rows, every
 //            generated token and the per-channel max|K|; each decode step
 //            attends over those plus the Top-K prompt tokens picked by a
-//            few critical channels. The CPU backend runs index "faithful"
-//            (runtime/cpu_backend.h has the exact semantics); index "gpu"
-//            and the CUDA backend answer Unimplemented so far.
+//            few critical channels, by TailorKV's own index ("faithful")
+//            or a GPU-resident one ("gpu"); runtime/cpu_backend.h has the
+//            exact semantics, both backends run both.
 // The profiler service produces plans in the JSON form below; the worker and
 // the accuracy harness load them. A plan that is wrong anywhere is rejected
 // whole, and the error names the layer and the field.
@@ -28,7 +28,7 @@
 //      {"layer": 1, "policy": "dense"},
 //      {"layer": 2, "policy": "window", "sink": 4, "recent": 1020},
 //      {"layer": 3, "policy": "sparse", "sink": 8, "recent": 56, "top_k": 128,
-//       "channels": 8, "index": "gpu"},
+//       "channels": 8, "index": "gpu", "host_bits": 16},
 //      ...],
 //    "profile": {...}}                              (optional, the profiler's own record)
 // Omitted policy parameters take the defaults below. Each layer entry may
@@ -69,6 +69,10 @@ struct SparseParams {
   int top_k = 128;     // >= 1
   int channels = 8;    // critical channels d_s, 1 .. head_dim
   std::string index = "gpu";  // "gpu" (GPU-resident index) or "faithful" (TailorKV's)
+  // Bits per value of the host tier: 16 (the backend's full precision) or 8
+  // (FP8 E4M3, runtime/fp8_reference.h: half the host memory and PCIe bytes;
+  // the CPU backend keeps the rounded values in fp32).
+  int host_bits = 16;
   bool operator==(const SparseParams&) const = default;
 };
 
@@ -121,10 +125,10 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config);
 //   "quant:BITS[:GROUP[:RESIDUAL]]"          every layer quantized (KIVI-style)
 //   "window:SINK:RECENT"                     every layer windowed (StreamingLLM-style)
 //   "tailorkv:BITS[:LAYERS]"                 layers 0..LAYERS-1 (default 1) quantized, others dense
-//   "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX]"
+//   "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8]"
 //                                            every layer sparse; INDEX "gpu" or "faithful"
-//                                            (the default)
-//   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX]"
+//                                            (the default); fp8: host tier in FP8
+//   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8]"
 //                                            TailorKV's plan: layer 0 quant BITS (group 64,
 //                                            residual 128), every other layer sparse as above
 //   "@path/to/plan.json"                     a plan file
@@ -149,7 +153,8 @@ struct LayerKvBytes {
 //   dense  2 * n_kv_heads * capacity * head_dim * elem
 //   quant  QuantShape::Bytes(elem) (codes, params and both residual rings)
 //   window 2 * n_kv_heads * min(capacity, sink + recent) * head_dim * elem
-//   sparse host: 2 * n_kv_heads * capacity * head_dim * elem (the prompt's
+//   sparse host: 2 * n_kv_heads * capacity * head_dim * host elem (elem, or 1
+//          byte for host_bits 8) (the prompt's
 //          K/V, reserved for a prompt as long as the capacity); device:
 //          2 * n_kv_heads * min(capacity, sink + recent) * head_dim * elem
 //          + n_kv_heads * head_dim * elem (max|K|), plus for index "gpu"

@@ -423,7 +423,9 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
         SparseCase{"sparse:1:0:1:64", {0, 1, 1, 64, "faithful"}},
         SparseCase{"sparse:128:gpu", {8, 56, 128, 8, "gpu"}},
         SparseCase{"sparse:17:3:5:faithful", {3, 5, 17, 8, "faithful"}},
-        SparseCase{"sparse:896:64:64:12:gpu", {64, 64, 896, 12, "gpu"}}}) {
+        SparseCase{"sparse:896:64:64:12:gpu", {64, 64, 896, 12, "gpu"}},
+        SparseCase{"sparse:128:gpu:fp8", {8, 56, 128, 8, "gpu", 8}},
+        SparseCase{"sparse:128:fp8", {8, 56, 128, 8, "faithful", 8}}}) {
     auto plan = ParseKvPlanSpec(tc.spec, c);
     ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
     EXPECT_EQ(plan->name, tc.spec);
@@ -450,6 +452,19 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
   // The index name is only a trailing part: "gpu" in the middle is a bad number.
   EXPECT_EQ(ParseKvPlanSpec("sparse:gpu:128", c).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseKvPlanSpec("sparse:gpu", c).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseKvPlanSpec("sparse:128:fp8:gpu", c).status().code(), absl::StatusCode::kInvalidArgument)
+      << "fp8 comes last";
+  auto fp8 = ParseKvPlanSpec("hybrid:1:128:gpu:fp8", c);
+  ASSERT_TRUE(fp8.ok()) << fp8.status();
+  EXPECT_EQ(fp8->Summary(), "quant(1b g64 r128) x1, sparse(8+56 k128 d8 gpu fp8) x4");
+  // The host tier at one byte a value; the JSON form keeps the field.
+  const auto b16 = EstimateKvBytes(*ParseKvPlanSpec("hybrid:1:128:gpu", c), c, 1000, 2);
+  const auto b8 = EstimateKvBytes(*fp8, c, 1000, 2);
+  EXPECT_EQ(b8[1].host_bytes * 2, b16[1].host_bytes);
+  EXPECT_EQ(b8[1].device_bytes, b16[1].device_bytes);
+  auto round_trip = ParseKvPlanJson(KvPlanToJson(*fp8, c), c);
+  ASSERT_TRUE(round_trip.ok()) << round_trip.status();
+  EXPECT_EQ(*round_trip, *fp8);
   // A one-layer model keeps only the quantized layer.
   auto hybrid_one = ParseKvPlanSpec("hybrid:1:8", Config(1));
   ASSERT_TRUE(hybrid_one.ok()) << hybrid_one.status();
@@ -467,8 +482,8 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
       {"Dense",
        "kv plan spec \"Dense\": unknown kind \"Dense\"; expected dense, "
        "quant:BITS[:GROUP[:RESIDUAL]], "
-       "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX], "
-       "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX] (INDEX gpu or faithful) or @plan.json"},
+       "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8], "
+       "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8] (INDEX gpu or faithful) or @plan.json"},
       {"kivi:1", "unknown kind \"kivi\""},
       {"dense:1", "kv plan spec \"dense:1\": dense takes no parameters"},
       {"quant", "kv plan spec \"quant\": expected quant:BITS[:GROUP[:RESIDUAL]]"},
