@@ -608,8 +608,10 @@ absl::StatusOr<kvhost::HostKvStore*> CudaBackend::HostStore() {
     budget = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * page / 5 * 4 / page * page;
   }
   o.budget_bytes = budget;
-  o.arena_bytes = std::min<uint64_t>(budget, uint64_t{1} << 30);
-  o.grow_on_demand = false;  // HostAlloc sizes arenas to the request
+  // With grow_on_demand off this only bounds a slice: HostAlloc sizes arenas
+  // to the request (one sparse layer's host rows: 2 GiB at 1M tokens).
+  o.arena_bytes = budget;
+  o.grow_on_demand = false;
   o.arena_name_prefix = "tkv-sparse-kv";
   const int device = options_.device;
   o.register_fn = [device](void* base, size_t bytes) -> absl::Status {
