@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
   int prefill_chunk = tailorkv::cuda::CudaBackendOptions{}.max_prefill_chunk;
   std::string out_path;
   std::vector<std::string> plan_specs = {"dense"};
-  bool sparse_overlap = true, sparse_priority = true;
+  bool sparse_overlap = true, sparse_priority = true, custom_gemv = true;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
   app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
@@ -91,6 +91,7 @@ int main(int argc, char** argv) {
   app.add_option("--sparse-overlap", sparse_overlap,
                  "index gpu: select on a side stream overlapping the previous layer");
   app.add_option("--sparse-priority", sparse_priority, "that side stream at the most urgent priority");
+  app.add_option("--custom-gemv", custom_gemv, "decode products through our GEMV (false: cuBLAS)");
   CLI11_PARSE(app, argc, argv);
   // --prefill "" (no prefill runs) parses as one 0.
   prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
@@ -110,12 +111,13 @@ int main(int argc, char** argv) {
   opts.max_prefill_chunk = prefill_chunk;
   opts.sparse_overlap = sparse_overlap;
   opts.sparse_side_priority = sparse_priority;
+  opts.custom_gemv = custom_gemv;
   auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
   if (!backend.ok()) return Fail(backend.status(), "backend");
   const size_t weights_used = DeviceUsedBytes();
   nlohmann::json out = {{"model", config.name}, {"layers", layers}, {"graphs", graphs},
                         {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
-                        {"sparse_priority", sparse_priority},
+                        {"sparse_priority", sparse_priority}, {"custom_gemv", custom_gemv},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);

@@ -13,6 +13,7 @@
 #include "cuda/attention_kernels.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/elementwise_kernels.cuh"
+#include "cuda/gemv_kernels.cuh"
 #include "cuda/quant_kernels.cuh"
 #include "cuda/random_fill.cuh"
 #include "cuda/sparse_fp8_kernels.cuh"
@@ -694,10 +695,16 @@ absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime
 
 absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
                                bool accumulate) {
+  if (n == 1 && options_.custom_gemv) {
+    return LaunchGemvBf16(w, x, out, in, y, /*y_bf16=*/false, accumulate, stream_.get());
+  }
   return GemmEx(x, n, w, out, in, y, CUDA_R_32F, accumulate ? 1.0f : 0.0f);
 }
 
 absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, bf16* y) {
+  if (n == 1 && options_.custom_gemv) {
+    return LaunchGemvBf16(w, x, out, in, y, /*y_bf16=*/true, false, stream_.get());
+  }
   return GemmEx(x, n, w, out, in, y, CUDA_R_16BF, 0.0f);
 }
 
