@@ -3,9 +3,12 @@
 //   32k / 128k / 1M, k = 128 / 1024 / 4096. Each configuration is captured
 //   as a CUDA graph (the length read from the device, as in decode) and
 //   timed over batches of replays cycling over 4 score sets (together > L2
-//   at 1M); median of the batches, per launch. GB/s counts one read of the
-//   scores; the kernel reads them 5 times (3 radix passes, count, write),
-//   mostly from L2.
+//   at 1M); median of the batches, per launch. Three columns from the same
+//   run: LaunchTopK as callers get it (the chunked path where it applies,
+//   k <= 1024: 2 launches, the second a programmatic dependent launch, one
+//   read of the scores), the chunked path without the programmatic launch,
+//   and the radix path (6 launches, the scores read 5 times, mostly from
+//   L2). GB/s counts one read of the scores.
 // - Gather: 65,536 random rows (duplicates allowed) of 256 B / 512 B / 2 KiB
 //   from >= 4 GiB of cudaHostRegister'd host memory (4 KiB pages, then
 //   transparent huge pages by madvise), zero-copy into device memory, 8
@@ -14,7 +17,7 @@
 //   25 / 49-51 GB/s for the first three on this H100.
 // Random data everywhere (never zeros); CUDA events after warm-up.
 //
-//   tkv_sparse_bench [--out FILE] [--reps N] [--host-gib G]
+//   tkv_sparse_bench [--out FILE] [--reps N] [--host-gib G] [--topk-only]
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 
@@ -66,7 +69,8 @@ double Median(std::vector<double> v) {
 
 struct TopKResult {
   int n, k;
-  double us;
+  bool chunked;      // LaunchTopK took the chunked path
+  double us, plain_us, radix_us;  // defaults, no programmatic launch, radix path
 };
 struct GatherResult {
   int64_t row_bytes;
@@ -79,6 +83,7 @@ int Main(int argc, char** argv) {
   std::string out_path;
   int reps = 30;
   double host_gib = 4.25;
+  bool topk_only = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--out" && i + 1 < argc) {
@@ -87,8 +92,10 @@ int Main(int argc, char** argv) {
       reps = std::max(3, std::atoi(argv[++i]));
     } else if (arg == "--host-gib" && i + 1 < argc) {
       host_gib = std::atof(argv[++i]);
+    } else if (arg == "--topk-only") {
+      topk_only = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--out FILE] [--reps N] [--host-gib G]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--out FILE] [--reps N] [--host-gib G] [--topk-only]\n", argv[0]);
       return 2;
     }
   }
@@ -127,28 +134,79 @@ int Main(int argc, char** argv) {
     for (int k : ks) {
       absl::StatusOr<DeviceBuffer> out = DeviceBuffer::Allocate(static_cast<size_t>(kRows) * k * 4);
       BENCH_CHECK_OK(out.status());
-      std::vector<CudaGraphExec> graphs;
-      for (int j = 0; j < kSets; ++j) {
+      auto time_path = [&](const TopKOptions& options) {
+        std::vector<CudaGraphExec> graphs;
+        for (int j = 0; j < kSets; ++j) {
+          BENCH_CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+          BENCH_CHECK_OK(LaunchTopK(sets[j].as<float>(), n, kRows, n, d_n->as<int32_t>(), k,
+                                    out->as<int32_t>(), ws->get(), ws_bytes, s, options));
+          absl::StatusOr<CudaGraphExec> g = CudaGraphExec::EndCapture(s);
+          BENCH_CHECK_OK(g.status());
+          graphs.push_back(std::move(*g));
+        }
+        for (int w = 0; w < 10; ++w) BENCH_CHECK_OK(graphs[w % kSets].Launch(s));
+        std::vector<double> per;
+        for (int r = 0; r < reps; ++r) {
+          BENCH_CHECK_CUDA(cudaEventRecord(ev0->get(), s));
+          for (int b = 0; b < kBatch; ++b) BENCH_CHECK_OK(graphs[b % kSets].Launch(s));
+          BENCH_CHECK_CUDA(cudaEventRecord(ev1->get(), s));
+          BENCH_CHECK_CUDA(cudaEventSynchronize(ev1->get()));
+          float ms = 0;
+          BENCH_CHECK_CUDA(cudaEventElapsedTime(&ms, ev0->get(), ev1->get()));
+          per.push_back(ms * 1000.0 / kBatch);
+        }
+        return Median(per);
+      };
+      TopKOptions plain, radix;
+      plain.programmatic_launch = false;
+      radix.radix_only = true;
+      const double us = time_path(TopKOptions{}), plain_us = time_path(plain), radix_us = time_path(radix);
+      topk.push_back({n, k, TopKUsesChunkedPath(n, k), us, plain_us, radix_us});
+      std::fprintf(stderr, "topk n=%d k=%d: %.1f us (%s), no PDL %.1f us, radix %.1f us\n", n, k, us,
+                   topk.back().chunked ? "chunked" : "radix", plain_us, radix_us);
+    }
+  }
+
+  // ---- Top-K chunk sweep: the chunked path at each stage-1 block size ----
+  struct SweepResult {
+    int n, k, threads;
+    double us;
+  };
+  std::vector<SweepResult> sweep;
+  for (int n : {32768, 131072}) {
+    absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(static_cast<size_t>(kRows) * n * 4);
+    absl::StatusOr<DeviceBuffer> d_n = DeviceBuffer::Allocate(4);
+    const size_t ws_bytes = TopKWorkspaceBytes(kRows, n);
+    absl::StatusOr<DeviceBuffer> ws = DeviceBuffer::Allocate(ws_bytes);
+    absl::StatusOr<DeviceBuffer> out = DeviceBuffer::Allocate(static_cast<size_t>(kRows) * 1024 * 4);
+    BENCH_CHECK_OK(b.status());
+    BENCH_CHECK_OK(d_n.status());
+    BENCH_CHECK_OK(ws.status());
+    BENCH_CHECK_OK(out.status());
+    FillScores<<<1024, 256, 0, s>>>(b->as<float>(), static_cast<int64_t>(kRows) * n, 2000);
+    BENCH_CHECK_CUDA(cudaMemcpy(d_n->get(), &n, 4, cudaMemcpyHostToDevice));
+    for (int k : {128, 1024}) {
+      for (int t : {256, 512, 1024}) {
+        TopKOptions o;
+        o.chunk_threads = t;
         BENCH_CHECK_CUDA(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-        BENCH_CHECK_OK(LaunchTopK(sets[j].as<float>(), n, kRows, n, d_n->as<int32_t>(), k,
-                                  out->as<int32_t>(), ws->get(), ws_bytes, s));
+        BENCH_CHECK_OK(LaunchTopK(b->as<float>(), n, kRows, n, d_n->as<int32_t>(), k, out->as<int32_t>(),
+                                  ws->get(), ws_bytes, s, o));
         absl::StatusOr<CudaGraphExec> g = CudaGraphExec::EndCapture(s);
         BENCH_CHECK_OK(g.status());
-        graphs.push_back(std::move(*g));
+        for (int w = 0; w < 10; ++w) BENCH_CHECK_OK(g->Launch(s));
+        std::vector<double> per;
+        for (int r = 0; r < reps; ++r) {
+          BENCH_CHECK_CUDA(cudaEventRecord(ev0->get(), s));
+          for (int i = 0; i < kBatch; ++i) BENCH_CHECK_OK(g->Launch(s));
+          BENCH_CHECK_CUDA(cudaEventRecord(ev1->get(), s));
+          BENCH_CHECK_CUDA(cudaEventSynchronize(ev1->get()));
+          float ms = 0;
+          BENCH_CHECK_CUDA(cudaEventElapsedTime(&ms, ev0->get(), ev1->get()));
+          per.push_back(ms * 1000.0 / kBatch);
+        }
+        sweep.push_back({n, k, t, Median(per)});
       }
-      for (int w = 0; w < 10; ++w) BENCH_CHECK_OK(graphs[w % kSets].Launch(s));
-      std::vector<double> per;
-      for (int r = 0; r < reps; ++r) {
-        BENCH_CHECK_CUDA(cudaEventRecord(ev0->get(), s));
-        for (int b = 0; b < kBatch; ++b) BENCH_CHECK_OK(graphs[b % kSets].Launch(s));
-        BENCH_CHECK_CUDA(cudaEventRecord(ev1->get(), s));
-        BENCH_CHECK_CUDA(cudaEventSynchronize(ev1->get()));
-        float ms = 0;
-        BENCH_CHECK_CUDA(cudaEventElapsedTime(&ms, ev0->get(), ev1->get()));
-        per.push_back(ms * 1000.0 / kBatch);
-      }
-      topk.push_back({n, k, Median(per)});
-      std::fprintf(stderr, "topk n=%d k=%d: %.1f us\n", n, k, topk.back().us);
     }
   }
 
@@ -163,6 +221,7 @@ int Main(int argc, char** argv) {
   constexpr int kIdxSets = 8;
   std::vector<GatherResult> gather;
   for (const bool huge : {false, true}) {
+    if (topk_only) break;
     void* host = mmap(nullptr, host_bytes + (2u << 20), PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (host == MAP_FAILED) {
@@ -218,10 +277,15 @@ int Main(int argc, char** argv) {
   }
 
   std::printf("\nTop-K, %d rows, fp32 scores, CUDA graph per launch (%s)\n", kRows, prop.name);
-  std::printf("%10s %6s %10s %14s\n", "n", "k", "us", "GB/s (1 read)");
+  std::printf("%10s %6s %8s %10s %14s %12s %10s\n", "n", "k", "path", "us", "GB/s (1 read)", "no-PDL us",
+              "radix us");
   for (const TopKResult& t : topk) {
-    std::printf("%10d %6d %10.1f %14.1f\n", t.n, t.k, t.us, kRows * 4.0 * t.n / (t.us * 1e3));
+    std::printf("%10d %6d %8s %10.1f %14.1f %12.1f %10.1f\n", t.n, t.k, t.chunked ? "chunked" : "radix",
+                t.us, kRows * 4.0 * t.n / (t.us * 1e3), t.plain_us, t.radix_us);
   }
+  std::printf("\nTop-K chunked path by stage-1 block (chunk = 16 x threads), one score set\n");
+  std::printf("%10s %6s %8s %10s\n", "n", "k", "threads", "us");
+  for (const SweepResult& r : sweep) std::printf("%10d %6d %8d %10.1f\n", r.n, r.k, r.threads, r.us);
   std::printf("\nZero-copy gather from %.2f GiB of registered host memory (%s)\n",
               host_bytes / double(1ull << 30), prop.name);
   std::printf("%6s %10s %6s %8s %10s %8s\n", "pages", "row_bytes", "heads", "rows", "us", "GB/s");
@@ -238,8 +302,14 @@ int Main(int argc, char** argv) {
     std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"reps\": %d,\n  \"host_bytes\": %zu,\n  \"topk\": [\n",
                  prop.name, reps, host_bytes);
     for (size_t i = 0; i < topk.size(); ++i) {
-      std::fprintf(f, "    {\"rows\": %d, \"n\": %d, \"k\": %d, \"us\": %.2f}%s\n", kRows, topk[i].n,
-                   topk[i].k, topk[i].us, i + 1 < topk.size() ? "," : "");
+      std::fprintf(f, "    {\"rows\": %d, \"n\": %d, \"k\": %d, \"path\": \"%s\", \"us\": %.2f, \"no_pdl_us\": %.2f, \"radix_us\": %.2f}%s\n",
+                   kRows, topk[i].n, topk[i].k, topk[i].chunked ? "chunked" : "radix", topk[i].us,
+                   topk[i].plain_us, topk[i].radix_us, i + 1 < topk.size() ? "," : "");
+    }
+    std::fprintf(f, "  ],\n  \"topk_chunk_sweep\": [\n");
+    for (size_t i = 0; i < sweep.size(); ++i) {
+      std::fprintf(f, "    {\"rows\": %d, \"n\": %d, \"k\": %d, \"threads\": %d, \"us\": %.2f}%s\n", kRows,
+                   sweep[i].n, sweep[i].k, sweep[i].threads, sweep[i].us, i + 1 < sweep.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"gather\": [\n");
     for (size_t i = 0; i < gather.size(); ++i) {

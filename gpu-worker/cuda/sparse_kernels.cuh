@@ -4,13 +4,20 @@
 //
 // Top-K: `rows` independent rows (one per KV head) of n fp32 scores; each
 // row's output is exactly TopKIndices' set (ranking by TopKKey: NaN lowest,
-// ties to the smaller index), ascending by index. Radix select over the
-// 32-bit ordered keys in three passes (11 + 11 + 10 bits), each a histogram
-// in shared memory merged into global memory, the last block of a row
-// picking the digit; then a count and an ordered compaction that takes the
-// threshold's ties by smallest index. Several blocks per row, six launches,
-// no allocation, no host synchronization: capturable in a CUDA graph, with
-// the length read from the device (the decode graph replays at growing n).
+// ties to the smaller index), ascending by index. Two paths, both with no
+// allocation and no host synchronization (capturable in a CUDA graph, the
+// length read from the device: the decode graph replays at growing n):
+// - chunked (k <= 1024 and at most 32768 candidates per row, see
+//   TopKUsesChunkedPath): two launches. Blocks of 256 / 512 / 1024 threads
+//   each take a chunk of 16 scores per thread, select its exact top-k in
+//   shared memory (radix select on the keys) and write them in index order;
+//   one block per row then selects the top-k of the row's candidates the
+//   same way and writes them already ascending.
+// - radix (otherwise): radix select over the 32-bit ordered keys in three
+//   passes (11 + 11 + 10 bits), each a histogram in shared memory merged
+//   into global memory, the last block of a row picking the digit; then a
+//   count and an ordered compaction that takes the threshold's ties by
+//   smallest index. Several blocks per row, six launches.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,9 +33,13 @@ namespace tailorkv::cuda {
 inline constexpr int kTopKMaxN = 1 << 24;
 inline constexpr int kTopKMaxK = 1 << 24;
 
-// Bytes of the workspace LaunchTopK needs for (rows, n_max); 16-byte
-// multiple. The workspace needs no initialization (the launch clears it).
+// Bytes of the workspace LaunchTopK needs for (rows, n_max), either path;
+// 16-byte multiple, non-decreasing in n_max. The workspace needs no
+// initialization (the launch clears or overwrites what it reads).
 size_t TopKWorkspaceBytes(int rows, int n_max);
+
+// Whether LaunchTopK takes the chunked path for (n_max, k).
+bool TopKUsesChunkedPath(int n_max, int k);
 
 // scores: [rows][row_stride] fp32 (row_stride >= n_max), of which the first n
 //   of each row count, n = *n_device clamped to [0, n_max] (n = n_max when
@@ -41,6 +52,22 @@ size_t TopKWorkspaceBytes(int rows, int n_max);
 absl::Status LaunchTopK(const float* scores, int64_t row_stride, int rows, int n_max,
                         const int32_t* n_device, int k, int32_t* out, void* workspace,
                         size_t workspace_bytes, cudaStream_t stream);
+
+// Knobs for tests and benchmarks that compare the paths; LaunchTopK without
+// options uses the defaults.
+struct TopKOptions {
+  bool radix_only = false;  // take the radix path even where the chunked one applies
+  // The chunked path's second launch may start while the first drains
+  // (programmatic dependent launch, sm_90+; captured as a programmatic edge).
+  bool programmatic_launch = true;
+  // Chunked path's stage-1 block (chunk = 16 x threads): 0 chooses by
+  // (n_max, k); 256, 512 or 1024 force it where the candidates still fit
+  // (else the radix path).
+  int chunk_threads = 0;
+};
+absl::Status LaunchTopK(const float* scores, int64_t row_stride, int rows, int n_max,
+                        const int32_t* n_device, int k, int32_t* out, void* workspace,
+                        size_t workspace_bytes, cudaStream_t stream, const TopKOptions& options);
 
 // Zero-copy gather: for head h < heads and i < count,
 //   dst[(h * count + i) * row_bytes ...] = src row idx[h * count + i] of head h,

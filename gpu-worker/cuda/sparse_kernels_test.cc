@@ -1,9 +1,11 @@
 // Sparse-layer kernels against runtime/sparse_reference.h, exactly:
 // - Top-K: every row's output equals TopKIndices' (same set, ascending), the
-//   tail past min(k, n) is -1, on odd n and k, 1 and 8 rows, continuous
-//   scores, heavy ties (a few distinct values) and NaNs, with the length
-//   read from the device and the launch replayed from a CUDA graph at
-//   several lengths. Outputs are poisoned before each launch.
+//   tail past min(k, n) is -1, on odd n and k, 1, 8 and 13 rows, continuous
+//   scores, heavy ties (a few distinct values, all equal), NaNs, +-0, +-inf
+//   and denormals, with the length read from the device (also below n_max,
+//   the scores past it poisoned with large values) and the launch replayed
+//   from a CUDA graph at several lengths; both paths (chunked, k <= 1024,
+//   and radix). Outputs and workspace are poisoned before each launch.
 // - Gather: bit-exact against GatherRows from mapped host memory
 //   (cudaHostAlloc) with random indices including duplicates, into a
 //   poisoned destination; out-of-range indices leave their rows untouched.
@@ -17,9 +19,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <iterator>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "cuda/cuda_check.h"
 #include "runtime/sparse_reference.h"
 
@@ -50,10 +55,37 @@ struct HostMapped {
   }
 };
 
-enum class Dist { kNormal, kFewValues, kWithNaN };
+enum class Dist { kNormal, kFewValues, kWithNaN, kSpecial, kAllEqual };
 
+const char* DistName(Dist d) {
+  switch (d) {
+    case Dist::kNormal: return "normal";
+    case Dist::kFewValues: return "ties";
+    case Dist::kWithNaN: return "nan";
+    case Dist::kSpecial: return "special";
+    case Dist::kAllEqual: return "all-equal";
+  }
+  return "?";
+}
+
+float FromBits(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// Values whose keys sit at the edges: signed zeros, infinities, NaNs of
+// both signs and other payloads, denormals, the largest finite values.
+const float kSpecials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(),
+                           -std::numeric_limits<float>::infinity(), FromBits(0x7FC00000u),
+                           FromBits(0xFFC00000u), FromBits(0x7F800001u), FromBits(0x00000001u),
+                           FromBits(0x80000001u), std::numeric_limits<float>::max(),
+                           -std::numeric_limits<float>::max(), 1.0f, -1.0f};
+
+// rows x stride, the first n of each row drawn from dist; the rest are
+// large values (selected if anything read past n).
 std::vector<float> MakeScores(int rows, int64_t stride, int n, Dist dist, std::mt19937& rng) {
-  std::vector<float> s(static_cast<size_t>(rows) * stride, std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> s(static_cast<size_t>(rows) * stride, 1e30f);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   for (int r = 0; r < rows; ++r) {
     for (int i = 0; i < n; ++i) {
@@ -61,6 +93,8 @@ std::vector<float> MakeScores(int rows, int64_t stride, int n, Dist dist, std::m
       if (dist == Dist::kFewValues) v = static_cast<float>(static_cast<int>(rng() % 5)) - 2.0f;
       if (dist == Dist::kWithNaN && rng() % 7 == 0) v = std::numeric_limits<float>::quiet_NaN();
       if (dist == Dist::kWithNaN && rng() % 97 == 0) v = -std::numeric_limits<float>::infinity();
+      if (dist == Dist::kSpecial && rng() % 3 != 0) v = kSpecials[rng() % std::size(kSpecials)];
+      if (dist == Dist::kAllEqual) v = 1.5f;
       s[static_cast<size_t>(r) * stride + i] = v;
     }
   }
@@ -96,15 +130,22 @@ void ExpectMatchesReference(const std::vector<float>& s, int64_t stride, int row
   }
 }
 
-// Runs LaunchTopK once (n from the device) and compares.
-void CheckTopK(int rows, int n, int k, Dist dist, uint32_t seed) {
+// kAuto: LaunchTopK's defaults; kRadix: the radix path forced; kPlain: no
+// programmatic dependent launch.
+enum class Path { kAuto, kRadix, kPlain };
+
+// Runs LaunchTopK once on `path`, sized for n_max (n when negative) with n
+// read from the device, and compares.
+void CheckTopK(int rows, int n, int k, Dist dist, uint32_t seed, Path path = Path::kAuto,
+               int n_max = -1, int chunk_threads = 0) {
+  if (n_max < 0) n_max = n;
   std::mt19937 rng(seed);
-  const int64_t stride = n + 3;  // odd stride: rows start unaligned
+  const int64_t stride = n_max + 3;  // odd stride: rows start unaligned
   const std::vector<float> s = MakeScores(rows, stride, n, dist, rng);
   absl::StatusOr<DeviceBuffer> d_scores = DeviceBuffer::Allocate(s.size() * sizeof(float));
   absl::StatusOr<DeviceBuffer> d_out = DeviceBuffer::Allocate(static_cast<size_t>(rows) * k * 4);
   absl::StatusOr<DeviceBuffer> d_n = DeviceBuffer::Allocate(4);
-  const size_t ws_bytes = TopKWorkspaceBytes(rows, n);
+  const size_t ws_bytes = TopKWorkspaceBytes(rows, n_max);
   absl::StatusOr<DeviceBuffer> d_ws = DeviceBuffer::Allocate(ws_bytes);
   ASSERT_TRUE(d_scores.ok() && d_out.ok() && d_n.ok() && d_ws.ok());
   ASSERT_EQ(cudaMemcpy(d_scores->get(), s.data(), s.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
@@ -112,13 +153,19 @@ void CheckTopK(int rows, int n, int k, Dist dist, uint32_t seed) {
   std::vector<int32_t> got(static_cast<size_t>(rows) * k, kPoison);
   ASSERT_EQ(cudaMemcpy(d_out->get(), got.data(), got.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
   ASSERT_EQ(cudaMemset(d_ws->get(), 0xCD, ws_bytes), cudaSuccess);  // the launch must clear it
-  absl::Status st = LaunchTopK(d_scores->as<float>(), stride, rows, n, d_n->as<int32_t>(), k,
-                               d_out->as<int32_t>(), d_ws->get(), ws_bytes, nullptr);
+  TopKOptions options;
+  options.radix_only = path == Path::kRadix;
+  options.programmatic_launch = path != Path::kPlain;
+  options.chunk_threads = chunk_threads;
+  absl::Status st = LaunchTopK(d_scores->as<float>(), stride, rows, n_max, d_n->as<int32_t>(), k,
+                               d_out->as<int32_t>(), d_ws->get(), ws_bytes, nullptr, options);
   ASSERT_TRUE(st.ok()) << st;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(got.data(), d_out->get(), got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  ExpectMatchesReference(s, stride, rows, n, k, got,
-                         dist == Dist::kNormal ? "normal" : dist == Dist::kFewValues ? "ties" : "nan");
+  const char* path_name = path == Path::kRadix ? " radix" : path == Path::kPlain ? " plain" : " auto";
+  const std::string what = absl::StrCat(DistName(dist), path_name, " rows=", rows, " n_max=", n_max,
+                                        " chunk_threads=", chunk_threads);
+  ExpectMatchesReference(s, stride, rows, n, k, got, what.c_str());
 }
 
 TEST_F(SparseKernelsTest, TopKMatchesReferenceOddSizes) {
@@ -187,6 +234,128 @@ TEST_F(SparseKernelsTest, TopKGraphReplaysAtDeviceLength) {
     ASSERT_EQ(cudaMemcpy(got.data(), d_out->get(), got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
     ExpectMatchesReference(s, n_max, rows, n, k, got, "graph");
   }
+}
+
+// The chunked path (k <= 1024) at chunk edges (4096 / 8192 / 16384 scores
+// per block) and around k, against the reference.
+TEST_F(SparseKernelsTest, TopKChunkedMatchesReferenceOddSizes) {
+  uint32_t seed = 200;
+  const int rows_cycle[] = {1, 8, 13};
+  int r = 0;
+  for (int n : {1, 7, 127, 128, 129, 1000, 1024, 1025, 4095, 4096, 4097, 8193, 16385, 40001, 131071}) {
+    for (int k : {1, 7, 128, 1000, 1024, 1025}) {
+      CheckTopK(rows_cycle[r % 3], n, k, Dist::kNormal, seed++, r % 4 == 3 ? Path::kPlain : Path::kAuto);
+      ++r;
+    }
+  }
+}
+
+TEST_F(SparseKernelsTest, TopKChunkedHeavyTiesAndSpecialValues) {
+  uint32_t seed = 300;
+  for (int n : {129, 4097, 65537}) {
+    for (int k : {1, 7, 128, 1000, 1024}) {
+      for (Dist d : {Dist::kFewValues, Dist::kWithNaN, Dist::kSpecial, Dist::kAllEqual}) {
+        CheckTopK(n == 4097 ? 13 : 8, n, k, d, seed++);
+      }
+    }
+  }
+  CheckTopK(1, 5000, 1000, Dist::kWithNaN, 8);  // many NaN ties at the threshold
+}
+
+// Each stage-1 block size (chunks of 4096, 8192, 16384 scores) forced.
+TEST_F(SparseKernelsTest, TopKChunkedEveryBlockSize) {
+  uint32_t seed = 600;
+  for (int t : {256, 512, 1024}) {
+    for (int n : {4097, 16384, 50001}) {
+      for (int k : {7, 1000}) {
+        for (Dist d : {Dist::kSpecial, Dist::kFewValues, Dist::kNormal}) {
+          CheckTopK(8, n, k, d, seed++, Path::kAuto, n + 2 * t, t);
+        }
+      }
+    }
+  }
+}
+
+// n from the device below n_max: the grid is sized for n_max, the scores
+// past n are large and must not be read.
+TEST_F(SparseKernelsTest, TopKDeviceLengthBelowNMax) {
+  uint32_t seed = 400;
+  const int n_max = 131077;
+  for (int n : {0, 1, 100, 1024, 4096, 4097, 70001}) {
+    for (int k : {7, 128, 1024}) {
+      ASSERT_TRUE(TopKUsesChunkedPath(n_max, k));
+      CheckTopK(8, n, k, Dist::kNormal, seed++, Path::kAuto, n_max);
+    }
+    CheckTopK(8, n, 128, Dist::kFewValues, seed++, Path::kRadix, n_max);
+  }
+}
+
+// The radix path, which LaunchTopK takes at k <= 1024 only past 32768
+// candidates per row.
+TEST_F(SparseKernelsTest, TopKRadixPathMatchesReference) {
+  uint32_t seed = 500;
+  for (int n : {7, 4097, 131071}) {
+    for (int k : {1, 128, 1000}) {
+      CheckTopK(8, n, k, Dist::kNormal, seed++, Path::kRadix);
+      CheckTopK(13, n, k, Dist::kSpecial, seed++, Path::kRadix);
+    }
+  }
+}
+
+TEST_F(SparseKernelsTest, TopKChunkedOneMillion) {
+  const int n = 1 << 20;
+  ASSERT_TRUE(TopKUsesChunkedPath(n, 128));
+  CheckTopK(8, n, 128, Dist::kNormal, 41);
+  CheckTopK(8, n, 1000, Dist::kNormal, 42);  // too many candidates: the radix path
+  CheckTopK(13, n, 7, Dist::kSpecial, 43);
+}
+
+// One graph per k captured at n_max = 300007 with n from the device,
+// replayed at changing (not only growing) n; 13 rows.
+TEST_F(SparseKernelsTest, TopKChunkedGraphReplaysAtChangingLength) {
+  const int rows = 13, n_max = 300007;
+  std::mt19937 rng(51);
+  const std::vector<float> s = MakeScores(rows, n_max, n_max, Dist::kSpecial, rng);
+  absl::StatusOr<DeviceBuffer> d_scores = DeviceBuffer::Allocate(s.size() * 4);
+  absl::StatusOr<DeviceBuffer> d_n = DeviceBuffer::Allocate(4);
+  const size_t ws_bytes = TopKWorkspaceBytes(rows, n_max);
+  absl::StatusOr<DeviceBuffer> d_ws = DeviceBuffer::Allocate(ws_bytes);
+  absl::StatusOr<CudaStream> stream = CudaStream::Create();
+  ASSERT_TRUE(d_scores.ok() && d_n.ok() && d_ws.ok() && stream.ok());
+  ASSERT_EQ(cudaMemcpy(d_scores->get(), s.data(), s.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d_ws->get(), 0xCD, ws_bytes), cudaSuccess);
+  for (int k : {128, 1024}) {
+    ASSERT_TRUE(TopKUsesChunkedPath(n_max, k));
+    absl::StatusOr<DeviceBuffer> d_out = DeviceBuffer::Allocate(static_cast<size_t>(rows) * k * 4);
+    ASSERT_TRUE(d_out.ok());
+    ASSERT_EQ(cudaStreamBeginCapture(stream->get(), cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    absl::Status st = LaunchTopK(d_scores->as<float>(), n_max, rows, n_max, d_n->as<int32_t>(), k,
+                                 d_out->as<int32_t>(), d_ws->get(), ws_bytes, stream->get());
+    absl::StatusOr<CudaGraphExec> graph = CudaGraphExec::EndCapture(stream->get());
+    ASSERT_TRUE(st.ok()) << st;
+    ASSERT_TRUE(graph.ok()) << graph.status();
+    for (int n : {70001, 5, 0, 1024, 1025, 16384, 16385, n_max, 4097}) {
+      std::vector<int32_t> got(static_cast<size_t>(rows) * k, kPoison);
+      ASSERT_EQ(cudaMemcpy(d_out->get(), got.data(), got.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(d_n->get(), &n, 4, cudaMemcpyHostToDevice), cudaSuccess);
+      ASSERT_TRUE(graph->Launch(stream->get()).ok());
+      ASSERT_EQ(cudaStreamSynchronize(stream->get()), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(got.data(), d_out->get(), got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      ExpectMatchesReference(s, n_max, rows, n, k, got, "chunked graph");
+    }
+  }
+}
+
+TEST_F(SparseKernelsTest, TopKPathChoice) {
+  EXPECT_TRUE(TopKUsesChunkedPath(131072, 128));
+  EXPECT_TRUE(TopKUsesChunkedPath(131072, 1024));
+  EXPECT_TRUE(TopKUsesChunkedPath(1, 1));
+  EXPECT_FALSE(TopKUsesChunkedPath(131072, 1025));
+  EXPECT_FALSE(TopKUsesChunkedPath(0, 128));
+  EXPECT_FALSE(TopKUsesChunkedPath(1 << 20, 1024));
+  // The workspace covers both paths and grows with n_max.
+  EXPECT_GE(TopKWorkspaceBytes(8, 1 << 20), TopKWorkspaceBytes(8, 131072));
+  EXPECT_GE(TopKWorkspaceBytes(8, 131072), size_t{8} * 32768 * 8);
 }
 
 TEST_F(SparseKernelsTest, TopKBadInputNamesTheField) {
