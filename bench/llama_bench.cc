@@ -154,7 +154,7 @@ int main(int argc, char** argv) {
       if (l.kind != tailorkv::runtime::KvPolicyKind::kSparse) continue;
       const int cand = std::max(ctx - l.sparse.sink - l.sparse.recent, 0);
       const double sel = std::min(l.sparse.top_k, cand);
-      pcie_bytes += config.n_kv_heads * sel * 2.0 * config.head_dim * 2.0;
+      pcie_bytes += config.n_kv_heads * sel * 2.0 * config.head_dim * (l.sparse.host_bits / 8.0);
       if (l.sparse.index == "faithful") {
         pcie_bytes += static_cast<double>(config.n_kv_heads) * l.sparse.channels * cand * 2.0;
       }

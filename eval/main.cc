@@ -201,8 +201,9 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--plan", cfg.plans,
                  "KV plan specs, repeatable or comma-separated: dense, quant:BITS[:GROUP[:RESIDUAL]], "
-                 "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]], "
-                 "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]], @plan.json (dense always runs first)")
+                 "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8], "
+                 "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8], @plan.json (dense always runs "
+                 "first)")
       ->delimiter(',');
   app.add_option("--tasks", cfg.tasks, "passkey, needle, agreement, prompts")
       ->delimiter(',')

@@ -79,8 +79,10 @@ int main(int argc, char** argv) {
                  "how each layer keeps its KV cache: dense, quant:BITS[:GROUP[:RESIDUAL]] "
                  "(every layer quantized), window:SINK:RECENT (every layer windowed), "
                  "tailorkv:BITS[:LAYERS] (the first LAYERS layers quantized, default 1), "
-                 "sparse:TOPK[:SINK:RECENT[:CHANNELS]] (every layer sparse; CPU backend only so far), "
-                 "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]] (layer 0 quantized, the rest sparse), or "
+                 "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8] (every layer sparse; INDEX gpu or "
+                 "faithful; fp8: host tier in FP8), "
+                 "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8] (layer 0 quantized, the rest "
+                 "sparse), or "
                  "@plan.json (a profiler plan; format in gpu-worker/runtime/kv_plan.h)")
       ->capture_default_str();
   app.add_option("--max-queue", config.service.max_queue,
