@@ -131,13 +131,43 @@ TEST_F(HarnessModelTest, DenseRetrievesThePasskeyAndReportsEveryField) {
   EXPECT_NE(md.find("passkey accuracy by length"), std::string::npos) << md;
 }
 
+// The real backend, except that it refuses plans with a sparse layer, as a
+// backend lacking a policy does (both backends run every policy now).
+class RefusesSparse final : public runtime::Backend {
+ public:
+  explicit RefusesSparse(runtime::Backend& inner) : inner_(inner) {}
+  std::string_view name() const override { return inner_.name(); }
+  const model::ModelConfig& config() const override { return inner_.config(); }
+  using runtime::Backend::NewSequence;
+  absl::StatusOr<std::unique_ptr<runtime::SequenceState>> NewSequence(
+      int capacity, const runtime::KvPlan& plan) override {
+    for (const auto& l : plan.layers) {
+      if (l.kind == runtime::KvPolicyKind::kSparse) {
+        return absl::UnimplementedError("sparse policy: not in this backend");
+      }
+    }
+    return inner_.NewSequence(capacity, plan);
+  }
+  absl::Status Forward(runtime::SequenceState& seq, absl::Span<const int32_t> tokens,
+                       bool all_logits, std::vector<float>* logits) override {
+    return inner_.Forward(seq, tokens, all_logits, logits);
+  }
+  int preferred_prefill_chunk() const override { return inner_.preferred_prefill_chunk(); }
+
+ private:
+  runtime::Backend& inner_;
+};
+
 TEST_F(HarnessModelTest, AFailingPlanIsAnErrorEntryAndOthersStillRun) {
+  RefusesSparse refusing(engine_->backend());
+  HarnessModel model = Model();
+  model.backend = &refusing;
   HarnessOptions o = SmallOptions();
   o.run_needle = false;
   o.run_agreement = false;
   o.lengths = {200};
   o.depths = {0.5};
-  // Sparse has no backend implementation yet (Unimplemented from NewSequence).
+  // A plan the backend refuses (Unimplemented from NewSequence).
   runtime::LayerKvPolicy sparse;
   sparse.kind = runtime::KvPolicyKind::kSparse;
   o.plans.push_back({"all-sparse", runtime::KvPlan::Uniform(engine_->config().n_layers, sparse,
@@ -148,7 +178,7 @@ TEST_F(HarnessModelTest, AFailingPlanIsAnErrorEntryAndOthersStillRun) {
     EXPECT_EQ(partial["complete"], false);
     partial_sizes.push_back(partial["plans"].size());
   };
-  auto report = RunHarness(Model(), o);
+  auto report = RunHarness(model, o);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_EQ(partial_sizes, (std::vector<size_t>{1, 2, 3}));
   EXPECT_EQ((*report)["complete"], true);
