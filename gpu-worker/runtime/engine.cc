@@ -52,6 +52,18 @@ class Engine::LiveSequence {
     Apply(+1);
   }
   ~LiveSequence() { Apply(-1); }
+  // Takes the sequence's current bytes (sparse layers reserve their selected
+  // and generated rows when the prompt ends, at the first decode step).
+  void Refresh(const SequenceState& seq) {
+    std::vector<LayerKvBytes> now = seq.kv_bytes();
+    absl::MutexLock lock(&engine_.kv_mu_);
+    KvUsage& u = engine_.kv_in_use_;
+    for (size_t i = 0; i < now.size() && i < bytes_.size() && i < u.layers.size(); ++i) {
+      u.layers[i].device_bytes += now[i].device_bytes - bytes_[i].device_bytes;
+      u.layers[i].host_bytes += now[i].host_bytes - bytes_[i].host_bytes;
+    }
+    bytes_ = std::move(now);
+  }
   LiveSequence(const LiveSequence&) = delete;
   LiveSequence& operator=(const LiveSequence&) = delete;
 
@@ -69,7 +81,7 @@ class Engine::LiveSequence {
     }
   }
   Engine& engine_;
-  const std::vector<LayerKvBytes> bytes_;
+  std::vector<LayerKvBytes> bytes_;
   const int capacity_;
 };
 
@@ -237,7 +249,7 @@ absl::StatusOr<GenerationResult> Engine::Generate(
   // The cache holds the prompt and every generated token but the last, which
   // is never fed back.
   ASSIGN_OR_RETURN(auto seq, backend_->NewSequence(n_prompt + request.max_tokens, kv_plan_));
-  const LiveSequence live(*this, *seq);
+  LiveSequence live(*this, *seq);
   Sampler sampler(request.sampling);
   tokenizer::StreamingDetokenizer detok(*tokenizer_);
   std::vector<int32_t> history = request.prompt_tokens;
@@ -261,6 +273,7 @@ absl::StatusOr<GenerationResult> Engine::Generate(
   for (int step = 0; step < request.max_tokens && !done; ++step) {
     if (step > 0) {
       RETURN_IF_ERROR(backend_->Forward(*seq, absl::MakeConstSpan(&history.back(), 1), false, &logits));
+      if (step == 1) live.Refresh(*seq);
     }
     const int32_t token = sampler.Sample(absl::MakeSpan(logits.data(), vocab), history);
     if (step == 0) {

@@ -215,6 +215,28 @@ TEST_F(EngineTest, RejectsBadPlansWithTheParsersMessage) {
   ASSERT_TRUE(e.ok()) << e.status();
   EXPECT_EQ((*e)->kv_plan().Summary(), "dense x29, sparse(8+56 k128 d8 gpu) x1");
   std::filesystem::remove(sparse_file);
+
+  // Its sequences' bytes: at creation the estimate's; once the prompt ended
+  // (the first decode step), also the generated rows the device tier
+  // reserves then (2 x n_kv x (capacity - prompt) x head_dim x 4 bytes).
+  GenerationRequest r;
+  r.prompt_tokens = *(*e)->tokenizer().Encode("Counting sparse bytes:", false, false);
+  r.max_tokens = 4;
+  r.ignore_eos = true;
+  const int capacity = static_cast<int>(r.prompt_tokens.size()) + r.max_tokens;
+  const auto est = EstimateKvBytes(sparse, c, capacity, 4);
+  std::vector<int64_t> sparse_device;
+  auto res = (*e)->Generate(r, [&](const StreamChunk&) {
+    sparse_device.push_back((*e)->KvInUse().layers[2].device_bytes);
+    return true;
+  });
+  ASSERT_TRUE(res.ok()) << res.status();
+  ASSERT_EQ(sparse_device.size(), 4u);
+  EXPECT_EQ(sparse_device[0], est[2].device_bytes) << "after the prefill";
+  const int64_t reserved = 2LL * c.n_kv_heads * (capacity - static_cast<int>(r.prompt_tokens.size())) *
+                           c.head_dim * 4;
+  for (int i = 1; i < 4; ++i) EXPECT_EQ(sparse_device[i], est[2].device_bytes + reserved) << "step " << i;
+  EXPECT_EQ((*e)->KvInUse().layers[2].device_bytes, 0);
 }
 
 // Runs a quantized plan end to end when the CPU backend has the quant policy.
