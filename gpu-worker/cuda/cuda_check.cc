@@ -109,6 +109,18 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
 
 // ---- CudaStream ----
 
+int DeviceSmCount() {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+      return 132;
+    }
+    return n;
+  }();
+  return sms;
+}
+
 absl::StatusOr<CudaStream> CudaStream::Create(int priority) {
   CudaStream s;
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&s.s_, cudaStreamNonBlocking, priority));

@@ -35,6 +35,10 @@ absl::Status CublasStatus(cublasStatus_t err, const char* what);
 int DeviceCount();
 
 // Owns one device allocation (base and size).
+// Streaming multiprocessors of the current device (queried once per
+// process; 132, an H100's, if the query fails). Launchers size grids by it.
+int DeviceSmCount();
+
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;

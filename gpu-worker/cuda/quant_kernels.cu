@@ -1059,18 +1059,6 @@ size_t QuantDecodeWorkspaceBytes(const QuantShape& shape, int n_heads) {
 
 namespace {
 
-int DeviceSms() {
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
-      return 132;
-    }
-    return n;
-  }();
-  return sms;
-}
-
 template <int kD, int kBits, int kG, int kSlice>
 absl::Status LaunchTyped(QuantAttnParams p, const QuantShape& shape, int n_heads, bf16* out,
                          cudaStream_t stream) {
@@ -1079,7 +1067,7 @@ absl::Status LaunchTyped(QuantAttnParams p, const QuantShape& shape, int n_heads
   // split then streams several tiles through its pipeline, and a small
   // second wave keeps the tail short. Never more than the workspace holds.
   constexpr int kBlocksPerSm = (kBits == 4 || kSlice == 64) ? 2 : 3;
-  const int wave_blocks = 2 * DeviceSms() * kBlocksPerSm - p.max_res * shape.n_kv_heads;
+  const int wave_blocks = 2 * DeviceSmCount() * kBlocksPerSm - p.max_res * shape.n_kv_heads;
   p.max_splits = std::max(1, std::min(MaxSplits(shape, C::kTile), wave_blocks / shape.n_kv_heads));
   p.part_ml = p.part_o + static_cast<size_t>(p.max_splits + p.max_res) * n_heads * kD;
   CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(QuantDecodeKernel<kD, kBits, kG, kSlice>,

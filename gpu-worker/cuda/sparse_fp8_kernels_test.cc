@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.h"
+#include "cuda/test_host_mapped.h"
 #include "cuda/test_rng.h"
 #include "runtime/fp8_reference.h"
 
@@ -46,23 +47,7 @@ class SparseFp8KernelsTest : public ::testing::Test {
   }
 };
 
-// Host-mapped (zero-copy) memory owner.
-struct HostMapped {
-  void* host = nullptr;
-  explicit HostMapped(size_t bytes) {
-    if (cudaHostAlloc(&host, std::max<size_t>(bytes, 16), cudaHostAllocMapped) != cudaSuccess) host = nullptr;
-  }
-  ~HostMapped() {
-    if (host) cudaFreeHost(host);
-  }
-  HostMapped(const HostMapped&) = delete;
-  HostMapped& operator=(const HostMapped&) = delete;
-  uint8_t* bytes() const { return static_cast<uint8_t*>(host); }
-  uint8_t* device() const {
-    void* d = nullptr;
-    return cudaHostGetDevicePointer(&d, host, 0) == cudaSuccess ? static_cast<uint8_t*>(d) : nullptr;
-  }
-};
+using test_util::HostMapped;
 
 // Random bf16: mostly moderate values, some in fp8's subnormal range, some
 // past 448, some arbitrary bit patterns (NaN, inf, float subnormals).
@@ -152,12 +137,12 @@ void CheckStore(const RowsCase& c, Bits k, Bits v, int64_t hs, uint64_t seed) {
   const size_t host_bytes = static_cast<size_t>(c.n_kv) * c.host_rows * 2 * hd;
   HostMapped host(host_bytes);
   ASSERT_NE(host.host, nullptr);
-  ASSERT_NE(host.device(), nullptr);
+  ASSERT_NE(host.device<uint8_t>(), nullptr);
   std::fill(host.bytes(), host.bytes() + host_bytes, kPoison8);
   absl::StatusOr<DeviceBuffer> dk = Upload(k), dv = Upload(v);
   ASSERT_TRUE(dk.ok() && dv.ok());
   absl::Status st = LaunchStoreHostRowsFp8(Bf(*dk), Bf(*dv), hs, c.first, c.n, c.n_kv, hd,
-                                           host.device(), c.host_rows, nullptr);
+                                           host.device<uint8_t>(), c.host_rows, nullptr);
   ASSERT_TRUE(st.ok()) << st;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   Bytes want(host_bytes, kPoison8);
@@ -224,14 +209,14 @@ void CheckLoad(const RowsCase& c, uint64_t seed) {
   const size_t host_bytes = static_cast<size_t>(c.n_kv) * c.host_rows * 2 * hd;
   HostMapped host(host_bytes);
   ASSERT_NE(host.host, nullptr);
-  ASSERT_NE(host.device(), nullptr);
+  ASSERT_NE(host.device<uint8_t>(), nullptr);
   const Bytes codes = RandCodes(host_bytes, rng);
   std::copy(codes.begin(), codes.end(), host.bytes());
   for (size_t i = 0; i < std::min<size_t>(256, host_bytes); ++i) host.bytes()[i] = static_cast<uint8_t>(i);
   const Bits poison(static_cast<size_t>(c.n_kv) * hs, kPoison);
   absl::StatusOr<DeviceBuffer> dk = Upload(poison), dv = Upload(poison);
   ASSERT_TRUE(dk.ok() && dv.ok());
-  absl::Status st = LaunchLoadHostRowsFp8(host.device(), c.host_rows, c.first, c.n, c.n_kv, hd,
+  absl::Status st = LaunchLoadHostRowsFp8(host.device<uint8_t>(), c.host_rows, c.first, c.n, c.n_kv, hd,
                                           Bf(*dk), Bf(*dv), hs, nullptr);
   ASSERT_TRUE(st.ok()) << st;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -268,13 +253,13 @@ TEST_F(SparseFp8KernelsTest, StoreThenLoadIsReferenceRoundTrip) {
   const int64_t hs = static_cast<int64_t>(cap) * hd, host_rows = cap;
   const Bits k = RandBits(static_cast<size_t>(n_kv) * hs, rng), v = RandBits(k.size(), rng);
   HostMapped host(static_cast<size_t>(n_kv) * host_rows * 2 * hd);
-  ASSERT_NE(host.device(), nullptr);
+  ASSERT_NE(host.device<uint8_t>(), nullptr);
   absl::StatusOr<DeviceBuffer> dk = Upload(k), dv = Upload(v);
   const Bits poison(k.size(), kPoison);
   absl::StatusOr<DeviceBuffer> bk = Upload(poison), bv = Upload(poison);
   ASSERT_TRUE(dk.ok() && dv.ok() && bk.ok() && bv.ok());
-  ASSERT_TRUE(LaunchStoreHostRowsFp8(Bf(*dk), Bf(*dv), hs, first, n, n_kv, hd, host.device(), host_rows, nullptr).ok());
-  ASSERT_TRUE(LaunchLoadHostRowsFp8(host.device(), host_rows, first, n, n_kv, hd, Bf(*bk), Bf(*bv), hs, nullptr).ok());
+  ASSERT_TRUE(LaunchStoreHostRowsFp8(Bf(*dk), Bf(*dv), hs, first, n, n_kv, hd, host.device<uint8_t>(), host_rows, nullptr).ok());
+  ASSERT_TRUE(LaunchLoadHostRowsFp8(host.device<uint8_t>(), host_rows, first, n, n_kv, hd, Bf(*bk), Bf(*bv), hs, nullptr).ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const Bits got_k = Download<uint16_t>(*bk, k.size()), got_v = Download<uint16_t>(*bv, v.size());
   Bits want_k = poison, want_v = poison;
@@ -312,9 +297,9 @@ void CheckGather(const GatherCase& c, uint64_t seed) {
   ASSERT_TRUE(dev_host.ok());
   const uint8_t* host = nullptr;
   if (c.mapped) {
-    ASSERT_NE(mapped.device(), nullptr);
+    ASSERT_NE(mapped.device<uint8_t>(), nullptr);
     std::copy(codes.begin(), codes.end(), mapped.bytes());
-    host = mapped.device();
+    host = mapped.device<uint8_t>();
   } else {
     host = dev_host->as<uint8_t>();
   }
@@ -384,7 +369,7 @@ TEST_F(SparseFp8KernelsTest, GatherReplaysFromGraph) {
   Rng rng(600);
   const size_t host_bytes = static_cast<size_t>(n_kv) * prompt * 2 * hd;
   HostMapped host(host_bytes);
-  ASSERT_NE(host.device(), nullptr);
+  ASSERT_NE(host.device<uint8_t>(), nullptr);
   const Bytes codes = RandCodes(host_bytes, rng);
   std::copy(codes.begin(), codes.end(), host.bytes());
   const int64_t dst_hs = static_cast<int64_t>(dst_cap) * hd;
@@ -395,7 +380,7 @@ TEST_F(SparseFp8KernelsTest, GatherReplaysFromGraph) {
   ASSERT_TRUE(dk.ok() && dv.ok() && d_idx.ok() && stream.ok());
   const cudaStream_t s = stream->get();
   ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-  absl::Status g = LaunchGatherKvRowsFp8(host.device(), prompt, 0, d_idx->as<int32_t>(), count, n_kv, hd,
+  absl::Status g = LaunchGatherKvRowsFp8(host.device<uint8_t>(), prompt, 0, d_idx->as<int32_t>(), count, n_kv, hd,
                                          Bf(*dk), Bf(*dv), dst_hs, sink, s);
   absl::StatusOr<CudaGraphExec> graph = CudaGraphExec::EndCapture(s);
   ASSERT_TRUE(g.ok()) << g;
@@ -442,7 +427,7 @@ void CheckBuildIndex(int n_kv, int head_dim, int d, int64_t host_rows, int rows,
   Rng rng(seed);
   const size_t host_bytes = static_cast<size_t>(n_kv) * host_rows * 2 * head_dim;
   HostMapped host(host_bytes);
-  ASSERT_NE(host.device(), nullptr);
+  ASSERT_NE(host.device<uint8_t>(), nullptr);
   const Bytes codes = RandCodes(host_bytes, rng);
   std::copy(codes.begin(), codes.end(), host.bytes());
   // Per head, d distinct channels (ascending, as LaunchChooseChannels writes).
@@ -464,7 +449,7 @@ void CheckBuildIndex(int n_kv, int head_dim, int d, int64_t host_rows, int rows,
   const size_t index_elems = static_cast<size_t>(n_kv) * index_rows * d;
   absl::StatusOr<DeviceBuffer> d_index = Upload(Bits(index_elems, kPoison));
   ASSERT_TRUE(d_chans.ok() && d_index.ok());
-  absl::Status st = LaunchBuildChannelIndexFp8(host.device(), host_rows, rows, d_chans->as<int32_t>(), d,
+  absl::Status st = LaunchBuildChannelIndexFp8(host.device<uint8_t>(), host_rows, rows, d_chans->as<int32_t>(), d,
                                                n_kv, head_dim, Bf(*d_index), index_rows, nullptr);
   ASSERT_TRUE(st.ok()) << st;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.h"
+#include "cuda/test_host_mapped.h"
 #include "cuda/test_rng.h"
 #include "runtime/sparse_reference.h"
 
@@ -70,22 +71,7 @@ class SparseIndexKernelsTest : public ::testing::Test {
   }
 };
 
-// Host-mapped (zero-copy) memory owner for the tests.
-struct HostMapped {
-  void* host = nullptr;
-  explicit HostMapped(size_t bytes) {
-    if (cudaHostAlloc(&host, bytes, cudaHostAllocMapped) != cudaSuccess) host = nullptr;
-  }
-  ~HostMapped() {
-    if (host) cudaFreeHost(host);
-  }
-  HostMapped(const HostMapped&) = delete;
-  HostMapped& operator=(const HostMapped&) = delete;
-  void* device() const {
-    void* d = nullptr;
-    return cudaHostGetDevicePointer(&d, host, 0) == cudaSuccess ? d : nullptr;
-  }
-};
+using test_util::HostMapped;
 
 template <typename T>
 DeviceBuffer Upload(const std::vector<T>& v) {

@@ -477,18 +477,6 @@ __global__ void __launch_bounds__(kMergeThreads) TopKMergeKernel(
       [&](int p, uint32_t slot, uint32_t) { o[slot] = ci[p]; });
 }
 
-int SmCount() {
-  static const int sms = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      return 132;
-    }
-    return n;
-  }();
-  return sms;
-}
-
 // Stage-1 threads for (n_max, k), 0 when the chunked path does not apply:
 // the smallest chunk whose candidates stay under kMergeTarget, else under
 // kMergeCap.
@@ -667,7 +655,7 @@ absl::Status LaunchChunked(int threads, const float* scores, int64_t row_stride,
   // only when stage 1 fits in half the GPU's threads, so that waiting never
   // takes room from stage 1 (at 8 x 1M, two waves, it cost 7 us).
   const int64_t stage1_threads = static_cast<int64_t>((n_max + chunk - 1) / chunk) * rows * threads;
-  cfg.numAttrs = programmatic && stage1_threads <= static_cast<int64_t>(SmCount()) * 1024 ? 1 : 0;
+  cfg.numAttrs = programmatic && stage1_threads <= static_cast<int64_t>(DeviceSmCount()) * 1024 ? 1 : 0;
   CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, TopKMergeKernel, n_max, n_device, k, chunk,
                                           static_cast<const uint32_t*>(cand_key),
                                           static_cast<const int32_t*>(cand_idx), cand_stride, out));
@@ -724,7 +712,7 @@ absl::Status LaunchGatherRows(const void* src, int64_t src_head_stride, int64_t 
   if (reinterpret_cast<uintptr_t>(src) % 16 != 0 || reinterpret_cast<uintptr_t>(dst) % 16 != 0) {
     return absl::InvalidArgumentError("LaunchGatherRows: src and dst must be 16-byte aligned");
   }
-  const int sms = SmCount();
+  const int sms = DeviceSmCount();
   const int chunks = static_cast<int>(row_bytes / 16);
   const int64_t total = static_cast<int64_t>(heads) * count * chunks;
   // Grid, from two H100 runs (docs/results/sparse-h100-2026-11-22-v1, -v2):

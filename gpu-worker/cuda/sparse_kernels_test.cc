@@ -26,6 +26,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cuda_check.h"
+#include "cuda/test_host_mapped.h"
 #include "runtime/sparse_reference.h"
 
 namespace tailorkv::cuda {
@@ -40,20 +41,7 @@ class SparseKernelsTest : public ::testing::Test {
   }
 };
 
-// Host-mapped (zero-copy) memory owner for the tests.
-struct HostMapped {
-  void* host = nullptr;
-  explicit HostMapped(size_t bytes) {
-    if (cudaHostAlloc(&host, bytes, cudaHostAllocMapped) != cudaSuccess) host = nullptr;
-  }
-  ~HostMapped() {
-    if (host) cudaFreeHost(host);
-  }
-  void* device() const {
-    void* d = nullptr;
-    return cudaHostGetDevicePointer(&d, host, 0) == cudaSuccess ? d : nullptr;
-  }
-};
+using test_util::HostMapped;
 
 enum class Dist { kNormal, kFewValues, kWithNaN, kSpecial, kAllEqual };
 

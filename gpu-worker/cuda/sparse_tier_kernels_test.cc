@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.h"
+#include "cuda/test_host_mapped.h"
 #include "cuda/test_rng.h"
 
 namespace tailorkv::cuda {
@@ -43,23 +44,7 @@ class SparseTierKernelsTest : public ::testing::Test {
   }
 };
 
-// Host-mapped (zero-copy) memory owner.
-struct HostMapped {
-  void* host = nullptr;
-  explicit HostMapped(size_t bytes) {
-    if (cudaHostAlloc(&host, bytes, cudaHostAllocMapped) != cudaSuccess) host = nullptr;
-  }
-  ~HostMapped() {
-    if (host) cudaFreeHost(host);
-  }
-  HostMapped(const HostMapped&) = delete;
-  HostMapped& operator=(const HostMapped&) = delete;
-  uint16_t* bits() const { return static_cast<uint16_t*>(host); }
-  void* device() const {
-    void* d = nullptr;
-    return cudaHostGetDevicePointer(&d, host, 0) == cudaSuccess ? d : nullptr;
-  }
-};
+using test_util::HostMapped;
 
 uint16_t RandBf16(Rng& rng) {
   const float f = rng.Uniform(-4.0f, 4.0f);
