@@ -17,7 +17,7 @@ grpc::Status ProfilerPlaceholderService::Profile(grpc::ServerContext*, const v1:
   return NotYet("Profile");
 }
 grpc::Status ProfilerPlaceholderService::GetPlan(grpc::ServerContext*, const v1::GetPlanRequest*,
-                                                 v1::LayerPlan*) {
+                                                 v1::Plan*) {
   return NotYet("GetPlan");
 }
 grpc::Status ProfilerPlaceholderService::ListPlans(grpc::ServerContext*,

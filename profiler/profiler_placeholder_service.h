@@ -11,7 +11,7 @@ class ProfilerPlaceholderService final : public v1::Profiler::Service {
  public:
   grpc::Status Profile(grpc::ServerContext*, const v1::ProfileRequest*,
                        grpc::ServerWriter<v1::ProfileProgress>*) override;
-  grpc::Status GetPlan(grpc::ServerContext*, const v1::GetPlanRequest*, v1::LayerPlan*) override;
+  grpc::Status GetPlan(grpc::ServerContext*, const v1::GetPlanRequest*, v1::Plan*) override;
   grpc::Status ListPlans(grpc::ServerContext*, const v1::ListPlansRequest*,
                          v1::ListPlansResponse*) override;
 };

@@ -22,4 +22,28 @@ absl::Status ValidateForwardInput(const model::ModelConfig& config, const Sequen
   return absl::OkStatus();
 }
 
+absl::Status Backend::ForwardObserved(SequenceState&, absl::Span<const int32_t>, int,
+                                      const LayerObserver&) {
+  return absl::UnimplementedError(
+      absl::StrFormat("the %s backend has no per-layer taps (profiling)", name()));
+}
+
+absl::Status ValidateObservedForward(const model::ModelConfig& config, const SequenceState& seq,
+                                     absl::Span<const int32_t> tokens, int tap_queries) {
+  if (auto st = ValidateForwardInput(config, seq, tokens); !st.ok()) return st;
+  if (tap_queries < 1 || tap_queries > static_cast<int64_t>(tokens.size())) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tap_queries: must be in [1, %d] (the tokens of this call), got %d", tokens.size(),
+        tap_queries));
+  }
+  for (int l = 0; l < static_cast<int>(seq.plan().layers.size()); ++l) {
+    if (seq.plan().layers[l].kind != KvPolicyKind::kDense) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "plan.layers[%d]: taps need every layer dense, this one is %s", l,
+          KvPolicyName(seq.plan().layers[l].kind)));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace tailorkv::runtime

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -68,6 +69,29 @@ class Backend {
   virtual absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens,
                                bool all_logits, std::vector<float>* logits) = 0;
 
+  // Forward() that also shows the caller, once per layer right after that
+  // layer's attention, its post-RoPE queries of the last `tap_queries` tokens
+  // of this call and every cached key and value (the profiler's view,
+  // LayerTap below). Only for sequences whose layers are all dense. A
+  // non-OK status from `observer` stops the call and is returned; the
+  // sequence is then unusable (the caller discards it). Logits are not
+  // computed. InvalidArgument as Forward(), or when tap_queries is not in
+  // [1, tokens.size()] or a layer is not dense; Unimplemented where the
+  // backend has no taps.
+  struct LayerTap {
+    int layer = 0;
+    int n_keys = 0;          // keys and values at positions [0, n_keys)
+    int first_query = 0;     // position of query row 0
+    int n_queries = 0;       // rows of q: positions [first_query, first_query + n_queries)
+    const float* q = nullptr;  // [n_queries][n_heads][head_dim]
+    const float* k = nullptr;  // [n_kv_heads][kv_head_stride / head_dim rows][head_dim]
+    const float* v = nullptr;  // same layout as k
+    int64_t kv_head_stride = 0;  // floats between KV heads in k and v
+  };
+  using LayerObserver = std::function<absl::Status(const LayerTap&)>;
+  virtual absl::Status ForwardObserved(SequenceState& seq, absl::Span<const int32_t> tokens,
+                                       int tap_queries, const LayerObserver& observer);
+
   // Tokens per Forward call that keep prefill efficient on this backend
   // while bounding the time between cancellation checks.
   virtual int preferred_prefill_chunk() const { return 1024; }
@@ -77,5 +101,9 @@ class Backend {
 // input, ids inside the vocabulary, room left in the sequence.
 absl::Status ValidateForwardInput(const model::ModelConfig& config, const SequenceState& seq,
                                   absl::Span<const int32_t> tokens);
+// ValidateForwardInput plus ForwardObserved's own checks (tap_queries in
+// range, every layer dense).
+absl::Status ValidateObservedForward(const model::ModelConfig& config, const SequenceState& seq,
+                                     absl::Span<const int32_t> tokens, int tap_queries);
 
 }  // namespace tailorkv::runtime

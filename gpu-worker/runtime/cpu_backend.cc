@@ -259,9 +259,22 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status Forward(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
-                       std::vector<float>* logits) override;
+                       std::vector<float>* logits) override {
+    return Run(state, tokens, all_logits, logits, 0, nullptr);
+  }
+  absl::Status ForwardObserved(SequenceState& state, absl::Span<const int32_t> tokens,
+                               int tap_queries, const LayerObserver& observer) override {
+    if (auto st = ValidateObservedForward(w_.config, state, tokens, tap_queries); !st.ok()) {
+      return st;
+    }
+    return Run(state, tokens, false, nullptr, tap_queries, &observer);
+  }
 
  private:
+  // Forward(); with an observer, calls it after every layer's attention and
+  // computes no logits.
+  absl::Status Run(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
+                   std::vector<float>* logits, int tap_queries, const LayerObserver* observer);
   // Attention of the n chunk queries against a layer as its policy says
   // (runtime/backend.h); non-dense layers read the chunk's K/V from k_/v_.
   // spec_x: a decode step's speculative input for sparse layers with index
@@ -293,8 +306,9 @@ class CpuBackend final : public Backend {
   std::vector<float> xn_cur_, xn_prev_;
 };
 
-absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t> tokens,
-                                 bool all_logits, std::vector<float>* logits) {
+absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tokens,
+                             bool all_logits, std::vector<float>* logits, int tap_queries,
+                             const LayerObserver* observer) {
   auto* seq = dynamic_cast<CpuSequence*>(&state);
   if (seq == nullptr) return absl::InvalidArgumentError("sequence was not made by the CPU backend");
   if (auto st = ValidateForwardInput(w_.config, state, tokens); !st.ok()) return st;
@@ -348,6 +362,18 @@ absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t>
       }
     }
     LayerAttention(*seq, l, q_.data(), n, start, n == 1 ? xn_prev_.data() : nullptr, attn_.data());
+    if (observer != nullptr) {
+      const KvView kv = seq->dense_view(l);
+      const LayerTap tap{.layer = l,
+                         .n_keys = start + n,
+                         .first_query = start + n - tap_queries,
+                         .n_queries = tap_queries,
+                         .q = &q_[(n - tap_queries) * nq_dim],
+                         .k = kv.k,
+                         .v = kv.v,
+                         .kv_head_stride = kv.head_stride};
+      if (auto st = (*observer)(tap); !st.ok()) return st;
+    }
     Linear(attn_.data(), n, L.wo, x_.data(), /*accumulate=*/true);
 
 #pragma omp parallel for
@@ -365,6 +391,7 @@ absl::Status CpuBackend::Forward(SequenceState& state, absl::Span<const int32_t>
     Linear(gate_.data(), n, L.w_down, x_.data(), /*accumulate=*/true);
   }
   seq->set_length(start + n);
+  if (observer != nullptr) return absl::OkStatus();
 
   const int first = all_logits ? 0 : n - 1;
   const int rows = n - first;

@@ -27,7 +27,13 @@ using model::RopeStyle;
 
 // Straightforward forward pass over a whole sequence built only from the
 // reference ops (no BLAS, no cache): what the backend must reproduce.
-std::vector<float> ReferenceLogits(const ModelWeights& w, const std::vector<int32_t>& tokens) {
+// Per layer: q[head][pos*hd], k and v [kv_head][pos*hd], after RoPE.
+using ReferenceTap = std::function<void(int layer, const std::vector<std::vector<float>>& q,
+                                        const std::vector<std::vector<float>>& k,
+                                        const std::vector<std::vector<float>>& v)>;
+
+std::vector<float> ReferenceLogits(const ModelWeights& w, const std::vector<int32_t>& tokens,
+                                   const ReferenceTap& tap = nullptr) {
   const auto& c = w.config;
   const int n = static_cast<int>(tokens.size()), H = c.hidden, hd = c.head_dim;
   const auto inv_freq = ref::RopeInvFreq(c);
@@ -59,6 +65,7 @@ std::vector<float> ReferenceLogits(const ModelWeights& w, const std::vector<int3
         std::copy_n(&tv[h * hd], hd, &v[h][i * hd]);
       }
     }
+    if (tap) tap(static_cast<int>(&L - w.layers.data()), q, k, v);
     std::vector<float> attn(n * c.n_heads * hd), head_out(n * hd), o(H);
     for (int h = 0; h < c.n_heads; ++h) {
       const int g = h / (c.n_heads / c.n_kv_heads);
@@ -158,6 +165,86 @@ TEST_P(CpuBackendTest, IncrementalMatchesBatch) {
 INSTANTIATE_TEST_SUITE_P(Styles, CpuBackendTest,
                          ::testing::Values(Case{RopeStyle::kAdjacentPairs, true},
                                            Case{RopeStyle::kHalves, false}));
+
+// Taps of a chunked prefill (the second chunk observed) show exactly the
+// reference pass's post-RoPE q of the last rows and k/v of every position.
+TEST(CpuBackendTaps, ShowEveryLayersQueriesKeysAndValues) {
+  const auto w = testing::TinyModel(21, RopeStyle::kHalves, false);
+  const auto& c = w.config;
+  const int n = 203, first_chunk = 128, tap_q = 32, hd = c.head_dim;
+  const auto tokens = RandomTokens(n, c.vocab, 22);
+  std::vector<std::vector<std::vector<float>>> rq(c.n_layers), rk(c.n_layers), rv(c.n_layers);
+  ReferenceLogits(w, tokens, [&](int l, const auto& q, const auto& k, const auto& v) {
+    rq[l] = q;
+    rk[l] = k;
+    rv[l] = v;
+  });
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  auto seq = *backend->NewSequence(240);
+  std::vector<float> logits;
+  const auto span = absl::MakeConstSpan(tokens);
+  ASSERT_TRUE(backend->Forward(*seq, span.subspan(0, first_chunk), false, &logits).ok());
+  std::vector<int> seen;
+  auto st = backend->ForwardObserved(
+      *seq, span.subspan(first_chunk), tap_q, [&](const Backend::LayerTap& t) -> absl::Status {
+        seen.push_back(t.layer);
+        EXPECT_EQ(t.n_keys, n);
+        EXPECT_EQ(t.first_query, n - tap_q);
+        EXPECT_EQ(t.n_queries, tap_q);
+        float worst = 0;
+        for (int i = 0; i < tap_q; ++i) {
+          for (int h = 0; h < c.n_heads; ++h) {
+            for (int d = 0; d < hd; ++d) {
+              const float got = t.q[(static_cast<int64_t>(i) * c.n_heads + h) * hd + d];
+              const float want = rq[t.layer][h][(n - tap_q + i) * hd + d];
+              worst = std::max(worst, std::fabs(got - want));
+            }
+          }
+        }
+        for (int h = 0; h < c.n_kv_heads; ++h) {
+          for (int p = 0; p < n; ++p) {
+            for (int d = 0; d < hd; ++d) {
+              const int64_t at = h * t.kv_head_stride + static_cast<int64_t>(p) * hd + d;
+              worst = std::max(worst, std::fabs(t.k[at] - rk[t.layer][h][p * hd + d]));
+              worst = std::max(worst, std::fabs(t.v[at] - rv[t.layer][h][p * hd + d]));
+            }
+          }
+        }
+        EXPECT_LT(worst, 2e-4f) << "layer " << t.layer;
+        EXPECT_FALSE(std::isnan(worst));
+        return absl::OkStatus();
+      });
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_EQ(seen, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(seq->length(), n);
+}
+
+TEST(CpuBackendTaps, ObserverErrorStopsAndBadInputIsRefused) {
+  const auto w = testing::TinyModel(23, RopeStyle::kAdjacentPairs, true);
+  auto backend = *CreateCpuBackend(w, {.threads = 1});
+  const auto tokens = RandomTokens(40, w.config.vocab, 24);
+  auto seq = *backend->NewSequence(64);
+  int calls = 0;
+  auto st = backend->ForwardObserved(*seq, tokens, 8, [&](const Backend::LayerTap& t) {
+    ++calls;
+    return t.layer == 1 ? absl::CancelledError("stop here") : absl::OkStatus();
+  });
+  EXPECT_EQ(st.code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(calls, 2);
+  auto ok = [](const Backend::LayerTap&) { return absl::OkStatus(); };
+  auto fresh = *backend->NewSequence(64);
+  EXPECT_EQ(backend->ForwardObserved(*fresh, tokens, 0, ok).code(),
+            absl::StatusCode::kInvalidArgument);
+  st = backend->ForwardObserved(*fresh, tokens, 41, ok);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("tap_queries"), std::string_view::npos) << st;
+  auto quant = *backend->NewSequence(
+      64, *ParseKvPlanSpec("window:2:8", w.config));
+  st = backend->ForwardObserved(*quant, tokens, 8, ok);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("layers[0]"), std::string_view::npos) << st;
+  EXPECT_TRUE(backend->ForwardObserved(*fresh, tokens, 40, ok).ok());
+}
 
 TEST(CpuBackend, RejectsBadInputAndLeavesSequenceUnchanged) {
   auto backend = *CreateCpuBackend(testing::TinyModel(9, RopeStyle::kHalves, true), {.threads = 1});
