@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/sha256.h"
 #include "nlohmann/json.hpp"
 #include "runtime/quant_kv.h"
 
@@ -180,7 +181,8 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
   if (!policy.ok()) return policy.status();
 
   LayerKvPolicy l;
-  std::vector<std::string> allowed = {"layer", "policy", "dense_preference"};
+  std::vector<std::string> allowed = {"layer", "policy", "dense_preference", "sparse_error",
+                                      "quant_error"};
   if (*policy == "dense") {
     l.kind = KvPolicyKind::kDense;
   } else if (*policy == "quant") {
@@ -202,13 +204,17 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
       !st.ok()) {
     return st;
   }
-  auto pref_it = entry.find("dense_preference");
-  if (pref_it != entry.end()) {
-    if (!pref_it->is_number()) {
-      return FieldError(LayerField(i, "dense_preference"),
-                        absl::StrCat("must be a number, got ", ShowValue(*pref_it)));
+  const std::pair<const char*, double*> measured[] = {{"dense_preference", &l.dense_preference},
+                                                      {"sparse_error", &l.sparse_error},
+                                                      {"quant_error", &l.quant_error}};
+  for (const auto& [key, out] : measured) {
+    auto it = entry.find(key);
+    if (it == entry.end()) continue;
+    if (!it->is_number() || it->get<double>() < 0) {
+      return FieldError(LayerField(i, key),
+                        absl::StrCat("must be a number >= 0, got ", ShowValue(*it)));
     }
-    l.dense_preference = pref_it->get<double>();
+    *out = it->get<double>();
   }
   absl::Status st;
   switch (l.kind) {
@@ -248,7 +254,8 @@ absl::Status CheckModelBlock(const json& root, const model::ModelConfig& c) {
   const json& m = *it;
   if (!m.is_object())
     return FieldError("model", absl::StrCat("must be an object, got ", ShowValue(m)));
-  if (auto st = CheckKeys(m, "model.", {"n_layers", "n_kv_heads", "head_dim"}, ""); !st.ok()) {
+  if (auto st = CheckKeys(m, "model.", {"n_layers", "n_kv_heads", "head_dim", "digest"}, "");
+      !st.ok()) {
     return st;
   }
   const std::pair<const char*, int> fields[] = {
@@ -388,7 +395,8 @@ absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view text, const model::Model
         absl::StrCat("kv plan must be a JSON object, got ", ShowValue(root)));
   }
   if (auto st =
-          CheckKeys(root, "", {"format", "version", "name", "model", "layers", "profile"}, "");
+          CheckKeys(root, "", {"format", "version", "name", "model", "layers", "profile",
+                               "checksum"}, "");
       !st.ok()) {
     return st;
   }
@@ -415,6 +423,33 @@ absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view text, const model::Model
     plan.name = *name;
   }
   if (auto st = CheckModelBlock(root, config); !st.ok()) return st;
+  if (auto it = root.find("checksum"); it != root.end()) {
+    auto sum = ReadString(*it, "checksum");
+    if (!sum.ok()) return sum.status();
+    json rest = root;
+    rest.erase("checksum");
+    const std::string computed = common::Sha256Tag(rest.dump());
+    if (*sum != computed) {
+      return FieldError("checksum", absl::StrCat("\"", *sum, "\" does not match the content (",
+                                                 computed, "): the plan was changed or damaged"));
+    }
+  }
+  if (auto it = root["model"].find("digest"); it != root["model"].end()) {
+    auto digest = ReadString(*it, "model.digest");
+    if (!digest.ok()) return digest.status();
+    if (!common::IsSha256Tag(*digest)) {
+      return FieldError("model.digest",
+                        absl::StrCat("must be \"sha256:\" and 64 lowercase hex digits, got \"",
+                                     *digest, "\""));
+    }
+    plan.model_digest = *digest;
+  }
+  if (auto it = root.find("profile"); it != root.end()) {
+    if (!it->is_object()) {
+      return FieldError("profile", absl::StrCat("must be an object, got ", ShowValue(*it)));
+    }
+    plan.profile_json = it->dump();
+  }
   auto layers_it = root.find("layers");
   if (layers_it == root.end()) return FieldError("layers", "missing");
   if (!layers_it->is_array()) {
@@ -457,6 +492,7 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
   ojson model = {{"n_layers", config.n_layers},
                  {"n_kv_heads", config.n_kv_heads},
                  {"head_dim", config.head_dim}};
+  if (!plan.model_digest.empty()) model["digest"] = plan.model_digest;
   absl::StrAppend(&out, "  \"model\": ", model.dump(), ",\n  \"layers\": [");
   for (size_t i = 0; i < plan.layers.size(); ++i) {
     const LayerKvPolicy& l = plan.layers[i];
@@ -485,10 +521,27 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
         break;
     }
     if (l.dense_preference >= 0) e["dense_preference"] = l.dense_preference;
+    if (l.sparse_error >= 0) e["sparse_error"] = l.sparse_error;
+    if (l.quant_error >= 0) e["quant_error"] = l.quant_error;
     absl::StrAppend(&out, i == 0 ? "\n    " : ",\n    ", e.dump());
   }
-  absl::StrAppend(&out, plan.layers.empty() ? "]\n}\n" : "\n  ]\n}\n");
+  absl::StrAppend(&out, plan.layers.empty() ? "]" : "\n  ]");
+  if (!plan.profile_json.empty()) {
+    // Canonical (sorted keys): the block is the profiler's record, not read by people line by line.
+    absl::StrAppend(&out, ",\n  \"profile\": ", json::parse(plan.profile_json).dump());
+  }
+  // The checksum covers the canonical form of everything above.
+  const std::string sum = common::Sha256Tag(json::parse(out + "}").dump());
+  absl::StrAppend(&out, ",\n  \"checksum\": \"", sum, "\"\n}\n");
   return out;
+}
+
+absl::Status CheckPlanModel(const KvPlan& plan, std::string_view model_digest) {
+  if (plan.model_digest.empty() || plan.model_digest == model_digest) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "kv plan", plan.name.empty() ? "" : absl::StrCat(" \"", plan.name, "\""),
+      " was made for model ", plan.model_digest, ", this model is ",
+      model_digest.empty() ? std::string("of unknown digest") : std::string(model_digest)));
 }
 
 absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,

@@ -30,10 +30,17 @@
 //      {"layer": 3, "policy": "sparse", "sink": 8, "recent": 56, "top_k": 128,
 //       "channels": 8, "index": "gpu", "host_bits": 16},
 //      ...],
-//    "profile": {...}}                              (optional, the profiler's own record)
+//    "profile": {...},                              (optional, the profiler's own record)
+//    "checksum": "sha256:<64 hex>"}                 (optional)
 // Omitted policy parameters take the defaults below. Each layer entry may
-// also carry "dense_preference" (a number, the profiler's score); any other
-// unknown key is an error (typos must not silently fall back to defaults).
+// also carry the profiler's measurements "dense_preference", "sparse_error"
+// and "quant_error" (numbers >= 0); any other unknown key is an error (typos
+// must not silently fall back to defaults).
+// "model" may also carry "digest" ("sha256:<hex>" of the model file, see
+// common/sha256.h): the plan is then for that model only (CheckPlanModel).
+// "checksum" is the SHA-256 of the document without it, in nlohmann::json's
+// canonical dump (keys sorted, no spaces), so it survives reformatting but
+// not a changed value; when present it must match.
 #pragma once
 
 #include <cstdint>
@@ -81,7 +88,10 @@ struct LayerKvPolicy {
   QuantParams quant;    // used when kind == kQuant
   WindowParams window;  // used when kind == kWindow
   SparseParams sparse;  // used when kind == kSparse
-  double dense_preference = -1;  // the profiler's score when known, else < 0
+  // The profiler's measurements when known, else < 0 (not part of the policy).
+  double dense_preference = -1;
+  double sparse_error = -1;
+  double quant_error = -1;
   bool operator==(const LayerKvPolicy&) const = default;
 };
 
@@ -89,6 +99,8 @@ struct KvPlan {
   static constexpr int kVersion = 1;
   std::string name;
   std::vector<LayerKvPolicy> layers;  // one per model layer, in order
+  std::string model_digest;           // "sha256:<hex>" of the model it was made for; "" = any
+  std::string profile_json;           // the "profile" block as compact JSON; "" = none
   bool operator==(const KvPlan&) const = default;
 
   static KvPlan Dense(int n_layers);
@@ -117,8 +129,13 @@ absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view json, const model::Model
 // when it cannot be opened).
 absl::StatusOr<KvPlan> LoadKvPlanFile(const std::string& path, const model::ModelConfig& config);
 // The JSON form, parseable by ParseKvPlanJson for the same model into an
-// equal plan (every parameter is written, defaults included).
+// equal plan (every parameter is written, defaults included), with its
+// checksum. The same plan always gives the same bytes.
 std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config);
+
+// OK when `plan` was made for the model with digest `model_digest` or names
+// no model; FailedPrecondition naming both digests otherwise.
+absl::Status CheckPlanModel(const KvPlan& plan, std::string_view model_digest);
 
 // Short specs for command lines and the accuracy harness:
 //   "dense"

@@ -202,7 +202,12 @@ TEST(KvPlanTest, ValidateRejectsWrongLayerCount) {
   EXPECT_EQ(StatusText(st), "layers: the plan has 4 layers, the model has 5");
 }
 
-json BaseJson() { return json::parse(KvPlanToJson(MixedPlan(), Config())); }
+// Without its checksum, so that each edit below reaches the field it breaks.
+json BaseJson() {
+  json j = json::parse(KvPlanToJson(MixedPlan(), Config()));
+  j.erase("checksum");
+  return j;
+}
 
 // Parse: each malformed document is rejected naming its field.
 TEST(KvPlanTest, ParseErrorsNameTheField) {
@@ -249,7 +254,7 @@ TEST(KvPlanTest, ParseErrorsNameTheField) {
        "layers[1].policy: must be a string, got array"},
       {[](json& j) { j["layers"][0]["bitz"] = 1; },
        "layers[0].bitz: unknown key for policy \"quant\" (allowed: layer, policy, "
-       "dense_preference, bits, group, residual)"},
+       "dense_preference, sparse_error, quant_error, bits, group, residual)"},
       {[](json& j) { j["layers"][1]["bits"] = 1; },
        "layers[1].bits: unknown key for policy \"dense\""},
       {[](json& j) { j["layers"][2]["top_k"] = 1; },
@@ -276,7 +281,13 @@ TEST(KvPlanTest, ParseErrorsNameTheField) {
        "layers[3].channels: must be in [1, head_dim 64]"},
       {[](json& j) { j["layers"][3]["top_k"] = 0; }, "layers[3].top_k: must be >= 1"},
       {[](json& j) { j["layers"][3]["dense_preference"] = "high"; },
-       "layers[3].dense_preference: must be a number, got string"},
+       "layers[3].dense_preference: must be a number >= 0, got string"},
+      {[](json& j) { j["layers"][3]["sparse_error"] = -0.5; },
+       "layers[3].sparse_error: must be a number >= 0, got number -0.5"},
+      {[](json& j) { j["model"]["digest"] = "sha256:XYZ"; },
+       "model.digest: must be \"sha256:\" and 64 lowercase hex digits"},
+      {[](json& j) { j["profile"] = 3; }, "profile: must be an object, got number 3"},
+      {[](json& j) { j["checksum"] = 3; }, "checksum: must be a string, got number 3"},
   };
   ASSERT_TRUE(ParseKvPlanJson(BaseJson().dump(), c).ok());
   for (const Case& tc : cases) {
@@ -287,6 +298,46 @@ TEST(KvPlanTest, ParseErrorsNameTheField) {
     EXPECT_TRUE(absl::IsInvalidArgument(plan.status())) << plan.status();
     EXPECT_THAT(StatusText(plan.status()), HasSubstr(tc.expected));
   }
+}
+
+// The checksum survives reformatting and catches any changed value; the
+// digest ties a plan to one model file.
+TEST(KvPlanTest, ChecksumAndDigestProtectThePlan) {
+  const model::ModelConfig c = Config();
+  KvPlan plan = MixedPlan();
+  plan.model_digest = "sha256:" + std::string(64, 'a');
+  plan.profile_json = R"({"alpha":{"n":[1,2.5]},"zeta":1})";  // canonical, as parsing leaves it
+  plan.layers[3].sparse_error = 0.125;
+  plan.layers[3].quant_error = 0.75;
+  const std::string text = KvPlanToJson(plan, c);
+  EXPECT_EQ(text, KvPlanToJson(plan, c));
+  auto back = ParseKvPlanJson(text, c);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(*back, plan);
+  // Reindented and keys reordered: same content, still accepted.
+  auto pretty = ParseKvPlanJson(nlohmann::ordered_json::parse(text).dump(4), c);
+  EXPECT_TRUE(pretty.ok()) << pretty.status();
+  const std::pair<std::string, std::function<void(json&)>> tampered[] = {
+      {"bits", [](json& j) { j["layers"][0]["bits"] = 1; }},
+      {"score", [](json& j) { j["layers"][3]["sparse_error"] = 0.126; }},
+      {"digest", [](json& j) { j["model"]["digest"] = "sha256:" + std::string(64, 'b'); }},
+      {"profile", [](json& j) { j["profile"]["zeta"] = 2; }},
+      {"name", [](json& j) { j["name"] = "other"; }},
+  };
+  for (const auto& [what, edit] : tampered) {
+    json j = json::parse(text);
+    edit(j);
+    auto got = ParseKvPlanJson(j.dump(), c);
+    ASSERT_FALSE(got.ok()) << what;
+    EXPECT_THAT(StatusText(got.status()), HasSubstr("checksum: ")) << what;
+  }
+  EXPECT_TRUE(CheckPlanModel(*back, plan.model_digest).ok());
+  EXPECT_TRUE(CheckPlanModel(MixedPlan(), "sha256:" + std::string(64, 'c')).ok())
+      << "a plan that names no model fits any";
+  const absl::Status other = CheckPlanModel(*back, "sha256:" + std::string(64, 'c'));
+  EXPECT_TRUE(absl::IsFailedPrecondition(other)) << other;
+  EXPECT_THAT(std::string(other.message()), HasSubstr(std::string(64, 'a')));
+  EXPECT_THAT(std::string(other.message()), HasSubstr(std::string(64, 'c')));
 }
 
 TEST(KvPlanTest, RejectsPlanForAnotherModel) {
