@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_format.h"
@@ -133,6 +135,45 @@ absl::Status BuildIndex(const SparseKv& sp, int64_t host_rows, int rows, int n_k
                                  sp.chans.as<int32_t>(), sp.params.channels, n_kv, hd,
                                  sp.index.as<bf16>(), index_rows, s);
 }
+
+// Page-locked host memory (cudaMallocHost), so device-to-host copies run at
+// full PCIe speed. Freed in the destructor; move-only.
+class PinnedHostBuffer {
+ public:
+  PinnedHostBuffer() = default;
+  static absl::StatusOr<PinnedHostBuffer> Allocate(size_t bytes) {
+    PinnedHostBuffer b;
+    CUDA_RETURN_IF_ERROR(cudaMallocHost(&b.ptr_, bytes));
+    b.size_ = bytes;
+    return b;
+  }
+  ~PinnedHostBuffer() {
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+  }
+  PinnedHostBuffer(PinnedHostBuffer&& o) noexcept
+      : ptr_(std::exchange(o.ptr_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  PinnedHostBuffer& operator=(PinnedHostBuffer&& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(size_, o.size_);
+    return *this;
+  }
+  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
+  template <typename T>
+  T* as() const { return static_cast<T*>(ptr_); }
+  size_t size() const { return size_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// What ForwardObserved asks of the last prefill chunk of its call.
+struct TapRequest {
+  const runtime::Backend::LayerObserver* observer = nullptr;
+  int tap_queries = 0;  // the chunk's last rows of q shown
+  int n_keys = 0;       // cache rows shown: [0, n_keys), the end of the call
+};
 
 class CudaSequence final : public SequenceState {
  public:
@@ -266,6 +307,8 @@ class CudaBackend final : public runtime::Backend {
                                                              const runtime::KvPlan& plan) override;
   absl::Status Forward(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
                        std::vector<float>* logits) override;
+  absl::Status ForwardObserved(SequenceState& state, absl::Span<const int32_t> tokens,
+                               int tap_queries, const LayerObserver& observer) override;
 
   // Allocates every buffer except the weights' contents.
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Allocate(const ModelConfig& config,
@@ -292,7 +335,19 @@ class CudaBackend final : public runtime::Backend {
                       cudaDataType_t y_type, float beta);
   // Enqueues the layers for `n` tokens whose ids and position are already in
   // the device step buffer; decode (n == 1, graph-capturable) or prefill.
-  absl::Status EnqueueLayers(CudaSequence& seq, int n, int start, bool decode);
+  // With `tap` (prefill of dense layers only), each layer's attention is
+  // followed by TapLayer, which waits for the stream.
+  absl::Status EnqueueLayers(CudaSequence& seq, int n, int start, bool decode,
+                             const TapRequest* tap = nullptr);
+  // Copies layer l's last tap.tap_queries rows of q_ (of the n in flight) and
+  // its dense K/V rows [0, tap.n_keys) to the host as fp32 and calls the
+  // observer; its status is returned. Nothing is left in flight on return.
+  absl::Status TapLayer(const CudaSequence& seq, int l, int n, const TapRequest& tap);
+  // Forward() of any number of tokens through the prefill path, in chunks of
+  // at most max_prefill_chunk. With `tap`, the last chunk holds at least
+  // tap->tap_queries tokens and is observed, and no logits are computed.
+  absl::Status Prefill(CudaSequence& seq, absl::Span<const int32_t> tokens, bool all_logits,
+                       std::vector<float>* logits, const TapRequest* tap);
   // RoPE + KV append + attention of layer l for the n tokens at `start`
   // (positions also in the step buffer), as the layer's policy keeps KV;
   // writes attn_. See runtime/SEMANTICS: a prefill chunk of a non-dense layer
@@ -337,6 +392,12 @@ class CudaBackend final : public runtime::Backend {
   DeviceBuffer step_;
   int32_t* step_host_ = nullptr;  // pinned, same layout
   float* logits_host_ = nullptr;  // pinned, kLogitRows x vocab
+  // ForwardObserved's host buffers, q | K | V of one layer, grown on demand
+  // and kept for later layers and calls: the bf16 rows as copied, and their
+  // fp32 values, which the observer reads.
+  PinnedHostBuffer tap_staging_;
+  std::unique_ptr<float[]> tap_values_;
+  size_t tap_capacity_ = 0;  // elements of each
 };
 
 absl::StatusOr<DeviceBuffer> CudaBackend::Alloc(size_t bytes) {
@@ -719,7 +780,8 @@ absl::Status CudaBackend::GemmEx(const bf16* x, int n, const bf16* w, int out, i
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, bool decode) {
+absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, bool decode,
+                                        const TapRequest* tap) {
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
   const int32_t* d_ids = step_.as<int32_t>() + 2;
@@ -738,6 +800,7 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
     }
     RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
     RETURN_IF_ERROR(EnqueueAttention(seq, l, n, start, decode));
+    if (tap != nullptr) RETURN_IF_ERROR(TapLayer(seq, l, n, *tap));
     RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true));
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.ffn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
     RETURN_IF_ERROR(Gemm(xn, n, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden, gate_up_.as<bf16>()));
@@ -1024,38 +1087,122 @@ absl::Status CudaBackend::Forward(SequenceState& state, absl::Span<const int32_t
   RETURN_IF_ERROR(runtime::ValidateForwardInput(config_, state, tokens));
   // The device is per host thread, and callers may come from any thread.
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
-  const int n = static_cast<int>(tokens.size());
-  if (n == 1 && seq->length() > 0) return DecodeStep(*seq, tokens[0], logits);
+  if (tokens.size() == 1 && seq->length() > 0) return DecodeStep(*seq, tokens[0], logits);
+  return Prefill(*seq, tokens, all_logits, logits, nullptr);
+}
 
+absl::Status CudaBackend::ForwardObserved(SequenceState& state, absl::Span<const int32_t> tokens,
+                                          int tap_queries, const LayerObserver& observer) {
+  auto* seq = dynamic_cast<CudaSequence*>(&state);
+  if (seq == nullptr || seq->owner() != this) {
+    return absl::InvalidArgumentError("sequence was not made by this CUDA backend");
+  }
+  RETURN_IF_ERROR(runtime::ValidateObservedForward(config_, state, tokens, tap_queries));
+  // The tapped queries must sit in one prefill chunk (q_ holds one chunk).
+  if (tap_queries > options_.max_prefill_chunk) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tap_queries: at most max_prefill_chunk (%d) on the CUDA backend, got %d",
+        options_.max_prefill_chunk, tap_queries));
+  }
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+  const TapRequest tap{.observer = &observer,
+                       .tap_queries = tap_queries,
+                       .n_keys = seq->length() + static_cast<int>(tokens.size())};
+  // One token runs the prefill path too: decode steps are graph-captured and
+  // have no taps.
+  return Prefill(*seq, tokens, false, nullptr, &tap);
+}
+
+absl::Status CudaBackend::Prefill(CudaSequence& seq, absl::Span<const int32_t> tokens,
+                                  bool all_logits, std::vector<float>* logits,
+                                  const TapRequest* tap) {
+  const int n = static_cast<int>(tokens.size());
   const int V = config_.vocab;
-  logits->resize(static_cast<size_t>(all_logits ? n : 1) * V);
+  if (tap == nullptr) logits->resize(static_cast<size_t>(all_logits ? n : 1) * V);
   cudaStream_t s = stream_.get();
+  // Observed: the last chunk is as long as allowed, so that it holds every
+  // tapped query (tap_queries <= max_prefill_chunk).
+  const int tail = tap != nullptr ? std::min(n, options_.max_prefill_chunk) : 0;
   for (int done = 0; done < n;) {
-    const int rows = std::min(options_.max_prefill_chunk, n - done);
-    const int start = seq->length();
+    const int rows =
+        done < n - tail ? std::min(options_.max_prefill_chunk, n - tail - done) : n - done;
+    const bool last = done + rows == n;
+    const int start = seq.length();
     step_host_[0] = start;
     step_host_[1] = start + rows;
     std::memcpy(step_host_ + 2, tokens.data() + done, rows * sizeof(int32_t));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(step_.get(), step_host_, (rows + 2) * sizeof(int32_t),
                                          cudaMemcpyHostToDevice, s));
-    RETURN_IF_ERROR(EnqueueLayers(*seq, rows, start, /*decode=*/false));
-    if (all_logits) {
+    RETURN_IF_ERROR(EnqueueLayers(seq, rows, start, /*decode=*/false, last ? tap : nullptr));
+    if (tap != nullptr) {
+      // No logits; the step buffer is rewritten by the next chunk or call.
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+    } else if (all_logits) {
       for (int r = 0; r < rows; r += kLogitRows) {
         const int m = std::min(kLogitRows, rows - r);
         RETURN_IF_ERROR(EnqueueHead(r, m));
         RETURN_IF_ERROR(CopyLogitsOut(m, logits->data() + static_cast<size_t>(done + r) * V));
       }
-    } else if (done + rows == n) {
+    } else if (last) {
       RETURN_IF_ERROR(EnqueueHead(rows - 1, 1));
       RETURN_IF_ERROR(CopyLogitsOut(1, logits->data()));
     } else {
       // The step buffer is rewritten for the next chunk: wait for this one.
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
     }
-    seq->set_length(start + rows);
+    seq.set_length(start + rows);
     done += rows;
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::TapLayer(const CudaSequence& seq, int l, int n, const TapRequest& tap) {
+  const ModelConfig& c = config_;
+  cudaStream_t s = stream_.get();
+  const int hd = c.head_dim, tq = tap.tap_queries;
+  const int64_t q_elems = static_cast<int64_t>(tq) * c.n_heads * hd;
+  const int64_t head_elems = static_cast<int64_t>(tap.n_keys) * hd;  // one KV head's rows
+  const int64_t kv_elems = c.n_kv_heads * head_elems;
+  const size_t total = static_cast<size_t>(q_elems + 2 * kv_elems);
+  if (total > tap_capacity_) {
+    tap_staging_ = PinnedHostBuffer();  // give the old one back first
+    tap_values_.reset();
+    tap_capacity_ = 0;
+    ASSIGN_OR_RETURN(tap_staging_, PinnedHostBuffer::Allocate(total * sizeof(bf16)));
+    tap_values_ = std::make_unique_for_overwrite<float[]>(total);
+    tap_capacity_ = total;
+  }
+  // bf16 NaN everywhere first (the stream is idle: TapLayer waited for the
+  // previous layer's copies), so rows the copies miss show as NaN rather
+  // than as another layer's values.
+  uint16_t* stage = tap_staging_.as<uint16_t>();
+  std::fill_n(stage, total, uint16_t{0x7FC0});
+  const bf16* q_rows = q_.as<bf16>() + static_cast<int64_t>(n - tq) * c.n_heads * hd;
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(stage, q_rows, q_elems * sizeof(bf16),
+                                       cudaMemcpyDeviceToHost, s));
+  // The cache rows [0, n_keys) of each KV head, packed head after head.
+  const size_t row_bytes = static_cast<size_t>(head_elems) * sizeof(bf16);
+  const size_t cache_pitch = static_cast<size_t>(seq.capacity()) * hd * sizeof(bf16);
+  CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(stage + q_elems, row_bytes, seq.k(l), cache_pitch,
+                                         row_bytes, c.n_kv_heads, cudaMemcpyDeviceToHost, s));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(stage + q_elems + kv_elems, row_bytes, seq.v(l),
+                                         cache_pitch, row_bytes, c.n_kv_heads,
+                                         cudaMemcpyDeviceToHost, s));
+  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  // bf16 -> fp32 is exact: the bits become the float's upper half.
+  float* values = tap_values_.get();
+  for (size_t i = 0; i < total; ++i) {
+    values[i] = std::bit_cast<float>(static_cast<uint32_t>(stage[i]) << 16);
+  }
+  const LayerTap t{.layer = l,
+                   .n_keys = tap.n_keys,
+                   .first_query = tap.n_keys - tq,
+                   .n_queries = tq,
+                   .q = values,
+                   .k = values + q_elems,
+                   .v = values + q_elems + kv_elems,
+                   .kv_head_stride = head_elems};
+  return (*tap.observer)(t);
 }
 
 absl::Status CudaBackend::FillRandomKv(CudaSequence& seq, int length, uint64_t seed) {

@@ -21,6 +21,16 @@
 // step allocates or re-captures. All work runs on one stream owned by the
 // backend; Forward() returns after the logits are on the host.
 //
+// ForwardObserved (runtime/backend.h) runs the prefill path (one token too,
+// never a graph), the last chunk holding the whole tail of the call, so
+// tap_queries may be at most max_prefill_chunk (else InvalidArgument). After
+// each layer's attention it waits for the stream, copies that layer's q rows
+// and dense K/V rows [0, n_keys) to pinned host memory, widens bf16 to fp32
+// on the CPU and calls the observer. LayerTap's k and v are packed per KV
+// head (kv_head_stride = n_keys * head_dim); its pointers are valid during
+// the call only. The host buffers (2 + 4 bytes per value) grow to the
+// largest tap and are kept until the backend is destroyed.
+//
 // Thread-compatible (not thread-safe), like every Backend.
 #pragma once
 
