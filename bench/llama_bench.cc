@@ -24,6 +24,7 @@
 
 #include "cuda/cuda_backend.h"
 #include "model/llama_weights.h"
+#include "model/shapes.h"
 #include "runtime/kv_plan.h"
 
 namespace {
@@ -39,25 +40,6 @@ size_t DeviceUsedBytes() {
   size_t free_b = 0, total_b = 0;
   cudaMemGetInfo(&free_b, &total_b);
   return total_b - free_b;
-}
-
-tailorkv::model::ModelConfig Llama8B() {
-  tailorkv::model::ModelConfig c;
-  c.arch = "llama";
-  c.name = "llama-3.1-8b-shape (random weights)";
-  c.n_layers = 32;
-  c.hidden = 4096;
-  c.n_heads = 32;
-  c.n_kv_heads = 8;
-  c.head_dim = 128;
-  c.ffn = 14336;
-  c.vocab = 128256;
-  c.max_context = 131072 + 256;
-  c.rope_theta = 500000.0f;
-  c.rms_eps = 1e-5f;
-  c.rope_style = tailorkv::model::RopeStyle::kHalves;
-  c.rope_scaling = {tailorkv::model::RopeScaling::Type::kLlama3, 8.0f, 1.0f, 4.0f, 8192};
-  return c;
 }
 
 int Fail(const absl::Status& s, const char* what) {
@@ -96,7 +78,7 @@ int main(int argc, char** argv) {
   // --prefill "" (no prefill runs) parses as one 0.
   prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
 
-  auto config = Llama8B();
+  auto config = tailorkv::model::Llama31_8BShape();
   config.n_layers = layers;
   for (int ctx : contexts) config.max_context = std::max(config.max_context, ctx + steps + 64);
   std::vector<tailorkv::runtime::KvPlan> plans;

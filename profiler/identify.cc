@@ -1,0 +1,318 @@
+#include "profiler/identify.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "runtime/quant_kv.h"
+#include "runtime/sparse_reference.h"
+
+namespace tailorkv::profiler {
+namespace {
+
+using runtime::Backend;
+
+absl::Status SettingError(const char* field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("settings.", field, ": ", what));
+}
+
+// Softmax attention of one query over the listed key rows, in double
+// (the reference every policy is compared against, and the sparse policy's
+// own attention: its error is then only the rows it leaves out).
+void AttendRows(const float* q, const float* k, const float* v, const std::vector<int>& rows,
+                int hd, double scale, std::vector<double>& w, double* out) {
+  const int m = static_cast<int>(rows.size());
+  w.resize(m);
+  double mx = -INFINITY;
+  for (int j = 0; j < m; ++j) {
+    const float* kr = k + static_cast<int64_t>(rows[j]) * hd;
+    double s = 0;
+    for (int d = 0; d < hd; ++d) s += static_cast<double>(q[d]) * kr[d];
+    w[j] = s * scale;
+    mx = std::max(mx, w[j]);
+  }
+  double sum = 0;
+  for (int j = 0; j < m; ++j) sum += (w[j] = std::exp(w[j] - mx));
+  std::fill(out, out + hd, 0.0);
+  for (int j = 0; j < m; ++j) {
+    const float* vr = v + static_cast<int64_t>(rows[j]) * hd;
+    const double p = w[j] / sum;
+    for (int d = 0; d < hd; ++d) out[d] += p * vr[d];
+  }
+}
+
+double RelativeError(const double* got, const double* want, int hd) {
+  double num = 0, den = 0;
+  for (int d = 0; d < hd; ++d) {
+    num += (got[d] - want[d]) * (got[d] - want[d]);
+    den += want[d] * want[d];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// TailorKV's score of one query row against all n keys (no causal mask).
+double MassOutsideTop(const float* q, const float* k, int n, int hd, double scale, int top,
+                      std::vector<double>& p) {
+  p.resize(n);
+  double mx = -INFINITY;
+  for (int j = 0; j < n; ++j) {
+    // fp32 logits as the reference's fp32 softmax sees them.
+    float s = 0;
+    const float* kr = k + static_cast<int64_t>(j) * hd;
+    for (int d = 0; d < hd; ++d) s += q[d] * kr[d];
+    p[j] = static_cast<double>(s) * scale;
+    mx = std::max(mx, p[j]);
+  }
+  double sum = 0;
+  for (int j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+  if (top <= 0) return 1.0;
+  std::nth_element(p.begin(), p.begin() + (top - 1), p.end(), std::greater<>());
+  double kept = 0;
+  for (int j = 0; j < top; ++j) kept += p[j];
+  return std::max(0.0, 1.0 - kept / sum);
+}
+
+}  // namespace
+
+double RoundScore(double x) {
+  if (!std::isfinite(x) || x == 0) return x;
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.6g", x);
+  return std::strtod(buf, nullptr);
+}
+
+absl::Status ValidatePlanSettings(const PlanSettings& s, const model::ModelConfig& c,
+                                  int calibration_tokens) {
+  if (s.quant_bits != 1 && s.quant_bits != 2 && s.quant_bits != 4) {
+    return SettingError("quant_bits", absl::StrCat("must be 1, 2 or 4, got ", s.quant_bits));
+  }
+  if (s.quant_group != 32 && s.quant_group != 64 && s.quant_group != 128) {
+    return SettingError("quant_group", absl::StrCat("must be 32, 64 or 128, got ", s.quant_group));
+  }
+  if (c.head_dim % s.quant_group != 0) {
+    return SettingError("quant_group", absl::StrCat("must divide the model's head_dim ",
+                                                    c.head_dim, ", got ", s.quant_group));
+  }
+  if (s.quant_residual < s.quant_group || s.quant_residual % s.quant_group != 0 ||
+      s.quant_residual > 4096) {
+    return SettingError("quant_residual",
+                        absl::StrCat("must be a positive multiple of quant_group (", s.quant_group,
+                                     ") and <= 4096, got ", s.quant_residual));
+  }
+  if (s.sink < 0) return SettingError("sink", absl::StrCat("must be >= 0, got ", s.sink));
+  if (s.recent < 1) return SettingError("recent", absl::StrCat("must be >= 1, got ", s.recent));
+  if (s.top_k < 1) return SettingError("top_k", absl::StrCat("must be >= 1, got ", s.top_k));
+  if (s.channels < 1 || s.channels > c.head_dim) {
+    return SettingError("channels", absl::StrCat("must be in [1, head_dim ", c.head_dim,
+                                                 "], got ", s.channels));
+  }
+  if (s.index != "gpu" && s.index != "faithful") {
+    return SettingError("index", absl::StrCat("must be \"gpu\" or \"faithful\", got \"", s.index,
+                                              "\""));
+  }
+  if (!(s.threshold >= 0 && s.threshold <= 1)) {
+    return SettingError("threshold", absl::StrCat("must be in [0, 1], got ", s.threshold));
+  }
+  if (s.query_rows < 1 || s.query_rows > 1024) {
+    return SettingError("query_rows", absl::StrCat("must be in [1, 1024], got ", s.query_rows));
+  }
+  if (s.max_quant_layers > c.n_layers) {
+    return SettingError("max_quant_layers", absl::StrCat("must be <= the model's ", c.n_layers,
+                                                         " layers (unset: no limit), got ",
+                                                         s.max_quant_layers));
+  }
+  const int64_t budget = static_cast<int64_t>(s.sink) + s.recent + s.top_k;
+  if (budget + s.query_rows >= calibration_tokens) {
+    return SettingError(
+        "top_k",
+        absl::StrCat("the sparse budget sink + recent + top_k = ", budget, " plus query_rows ",
+                     s.query_rows, " must be below the calibration's ", calibration_tokens,
+                     " tokens (otherwise Top-K keeps every token and measures nothing); "
+                     "give more calibration text or a smaller budget"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model::ModelConfig& c,
+                                       const PlanSettings& s, int threads) {
+  const int n = tap.n_keys, Q = tap.n_queries, hd = c.head_dim, nh = c.n_heads,
+            nkv = c.n_kv_heads, G = nh / nkv;
+  if (Q != s.query_rows || tap.first_query + Q != n) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "layer %d: the tap holds queries [%d, %d) of %d keys; scoring needs the last %d",
+        tap.layer, tap.first_query, tap.first_query + Q, n, s.query_rows));
+  }
+  if (auto st = ValidatePlanSettings(s, c, n); !st.ok()) return st;
+  const int P = n - Q;  // the prompt; the tapped rows are the decode steps
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  auto qrow = [&](int i, int h) { return tap.q + (static_cast<int64_t>(i) * nh + h) * hd; };
+  auto kbase = [&](int g) { return tap.k + g * tap.kv_head_stride; };
+  auto vbase = [&](int g) { return tap.v + g * tap.kv_head_stride; };
+  if (threads <= 0) threads = omp_get_max_threads();
+
+  LayerScores out;
+  out.layer = tap.layer;
+  out.head_preference.assign(nh, 0);
+  const int top = static_cast<int>(std::floor(0.05 * n));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int h = 0; h < nh; ++h) {
+    std::vector<double> p;
+    double acc = 0;
+    for (int i = 0; i < Q; ++i) acc += MassOutsideTop(qrow(i, h), kbase(h / G), n, hd, scale, top, p);
+    out.head_preference[h] = acc / Q;
+  }
+  out.dense_preference =
+      std::accumulate(out.head_preference.begin(), out.head_preference.end(), 0.0) / nh;
+
+  // Full-precision outputs, and the sparse policy, per KV head.
+  std::vector<double> full(static_cast<size_t>(Q) * nh * hd);
+  std::vector<double> sparse_err(nkv, 0), oracle_err(nkv, 0), recall(nkv, 0);
+  const int S = std::min(s.sink, P);
+  const int recent_lo = std::max(S, P - s.recent);
+  const int nc = recent_lo - S;  // candidates [S, recent_lo)
+  const int d = std::min(s.channels, hd);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int g = 0; g < nkv; ++g) {
+    const float* K = kbase(g);
+    const float* V = vbase(g);
+    std::vector<float> max_abs(hd, 0.0f);
+    for (int j = 0; j < P; ++j) {
+      for (int x = 0; x < hd; ++x) max_abs[x] = std::max(max_abs[x], std::fabs(K[j * hd + x]));
+    }
+    std::vector<float> q_mean(hd), q_ch(d), cand(static_cast<size_t>(nc) * d), approx(nc),
+        exact(nc);
+    std::vector<int32_t> chans(d), sel(std::min(s.top_k, nc)), best(sel.size());
+    std::vector<int> rows_full, rows_sparse, rows_oracle;
+    std::vector<double> w, o_s(hd), o_o(hd);
+    bool fixed = false;
+    for (int i = 0; i < Q; ++i) {
+      const int p = P + i;
+      std::fill(q_mean.begin(), q_mean.end(), 0.0f);
+      for (int a = 0; a < G; ++a) {
+        for (int x = 0; x < hd; ++x) q_mean[x] += qrow(i, g * G + a)[x];
+      }
+      for (float& x : q_mean) x /= static_cast<float>(G);
+      if (!fixed || s.index == "faithful") {
+        (void)runtime::ChooseChannels(q_mean.data(), max_abs.data(), hd, d, chans.data());
+        for (int j = 0; j < nc; ++j) {
+          for (int x = 0; x < d; ++x) cand[j * d + x] = K[(S + j) * hd + chans[x]];
+        }
+        fixed = true;
+      }
+      for (int x = 0; x < d; ++x) q_ch[x] = q_mean[chans[x]];
+      runtime::ScoreOnChannels(q_ch.data(), d, cand.data(), nc, approx.data());
+      for (int j = 0; j < nc; ++j) {
+        float e = 0;
+        for (int x = 0; x < hd; ++x) e += q_mean[x] * K[(S + j) * hd + x];
+        exact[j] = e;
+      }
+      const int ks = *runtime::TopKIndices(approx.data(), nc, s.top_k, sel.data());
+      (void)runtime::TopKIndices(exact.data(), nc, s.top_k, best.data());
+      int hit = 0;
+      for (int a = 0, b = 0; a < ks && b < ks;) {  // both ascending
+        if (sel[a] == best[b]) ++hit, ++a, ++b;
+        else if (sel[a] < best[b]) ++a;
+        else ++b;
+      }
+      recall[g] += ks > 0 ? static_cast<double>(hit) / ks : 1.0;
+      rows_full.resize(p + 1);
+      std::iota(rows_full.begin(), rows_full.end(), 0);
+      auto kept = [&](const std::vector<int32_t>& picked, std::vector<int>& rows) {
+        rows.clear();
+        for (int j = 0; j < S; ++j) rows.push_back(j);
+        for (int a = 0; a < ks; ++a) rows.push_back(S + picked[a]);
+        for (int j = recent_lo; j <= p; ++j) rows.push_back(j);  // recent prompt + generated
+      };
+      kept(sel, rows_sparse);
+      kept(best, rows_oracle);
+      for (int a = 0; a < G; ++a) {
+        const int h = g * G + a;
+        double* o_f = &full[(static_cast<size_t>(i) * nh + h) * hd];
+        AttendRows(qrow(i, h), K, V, rows_full, hd, scale, w, o_f);
+        AttendRows(qrow(i, h), K, V, rows_sparse, hd, scale, w, o_s.data());
+        AttendRows(qrow(i, h), K, V, rows_oracle, hd, scale, w, o_o.data());
+        sparse_err[g] += RelativeError(o_s.data(), o_f, hd);
+        oracle_err[g] += RelativeError(o_o.data(), o_f, hd);
+      }
+    }
+  }
+  const double per_head_rows = static_cast<double>(Q) * nh;
+  out.sparse_error = std::accumulate(sparse_err.begin(), sparse_err.end(), 0.0) / per_head_rows;
+  out.sparse_oracle_error =
+      std::accumulate(oracle_err.begin(), oracle_err.end(), 0.0) / per_head_rows;
+  out.index_recall = std::accumulate(recall.begin(), recall.end(), 0.0) / (static_cast<double>(Q) * nkv);
+
+  // Quantization: the runtime's own store, packed with the prompt, then each
+  // step appended and attended as a quant layer's decode does.
+  const runtime::QuantShape shape{
+      .n_kv_heads = nkv,
+      .head_dim = hd,
+      .capacity = n,
+      .params = {.bits = s.quant_bits, .group = s.quant_group, .residual = s.quant_residual}};
+  if (auto st = shape.Validate(); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("settings: quantization: ", st.message()));
+  }
+  runtime::QuantKvCpu store(shape);
+  store.Pack(tap.k, tap.v, tap.kv_head_stride, 0, P);
+  std::vector<float> k_row(static_cast<size_t>(nkv) * hd), v_row(k_row.size());
+  std::vector<double> quant_err(nh, 0);
+  for (int i = 0; i < Q; ++i) {
+    const int p = P + i;
+    for (int g = 0; g < nkv; ++g) {
+      std::copy_n(kbase(g) + static_cast<int64_t>(p) * hd, hd, &k_row[g * hd]);
+      std::copy_n(vbase(g) + static_cast<int64_t>(p) * hd, hd, &v_row[g * hd]);
+    }
+    store.Append(p, k_row.data(), v_row.data());
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int h = 0; h < nh; ++h) {
+      std::vector<float> scores(p + 1), o(hd);
+      store.AttendHead(qrow(i, h), h / G, p + 1, static_cast<float>(scale), scores.data(), o.data());
+      std::vector<double> od(o.begin(), o.end());
+      quant_err[h] += RelativeError(od.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
+    }
+  }
+  out.quant_error = std::accumulate(quant_err.begin(), quant_err.end(), 0.0) / per_head_rows;
+  return out;
+}
+
+runtime::KvPlan DecidePlan(const std::vector<LayerScores>& scores, const PlanSettings& s) {
+  runtime::KvPlan plan;
+  const int n = static_cast<int>(scores.size());
+  std::vector<int> quant;
+  for (int l = 0; l < n; ++l) {
+    if (RoundScore(scores[l].dense_preference) > s.threshold) quant.push_back(l);
+  }
+  if (s.max_quant_layers >= 0 && static_cast<int>(quant.size()) > s.max_quant_layers) {
+    std::stable_sort(quant.begin(), quant.end(), [&](int a, int b) {
+      return RoundScore(scores[a].dense_preference) > RoundScore(scores[b].dense_preference);
+    });
+    quant.resize(s.max_quant_layers);
+  }
+  plan.layers.resize(n);
+  for (int l = 0; l < n; ++l) {
+    runtime::LayerKvPolicy& p = plan.layers[l];
+    if (std::find(quant.begin(), quant.end(), l) != quant.end()) {
+      p.kind = runtime::KvPolicyKind::kQuant;
+      p.quant = {.bits = s.quant_bits, .group = s.quant_group, .residual = s.quant_residual};
+    } else {
+      p.kind = runtime::KvPolicyKind::kSparse;
+      p.sparse.sink = s.sink;
+      p.sparse.recent = s.recent;
+      p.sparse.top_k = s.top_k;
+      p.sparse.channels = s.channels;
+      p.sparse.index = s.index;
+    }
+    p.dense_preference = RoundScore(scores[l].dense_preference);
+    p.sparse_error = RoundScore(scores[l].sparse_error);
+    p.quant_error = RoundScore(scores[l].quant_error);
+  }
+  return plan;
+}
+
+}  // namespace tailorkv::profiler

@@ -1,0 +1,96 @@
+// Layer identification: what the profiler measures on one layer of a model
+// from a full-attention prefill of calibration text (a Backend::LayerTap),
+// and the plan it decides from those measurements.
+//
+// Per layer, with n keys and the last Q = query_rows queries (post-RoPE):
+//   dense preference  TailorKV's score, as its reference computes it: per
+//       query head and row, fp32 softmax of q.k / sqrt(head_dim) over all n
+//       keys (no causal mask), the mass outside the row's top floor(0.05 n)
+//       probabilities; the mean over rows, then over heads. > threshold
+//       (0.2) means quantization-friendly.
+//   measured errors   the runtime's own policies replayed on this layer: the
+//       first P = n - Q tokens are the prompt, the last Q are decode steps
+//       (generated tokens, each attending over the prompt and the generated
+//       tokens before it and itself). Per step and query head, the relative
+//       L2 error ||o - o_full|| / ||o_full|| of the attention output against
+//       full-precision causal attention, averaged over steps and heads:
+//         quant_error   QuantKvCpu (runtime/quant_kv.h) packed with the
+//                       prompt, each step appended, its fused decode attention;
+//         sparse_error  sink + recent prompt rows + the Top-K prompt rows the
+//                       plan's index picks + the generated rows (as the CPU
+//                       backend's sparse layer): "faithful" picks channels per
+//                       step from the real query; "gpu" fixes them from the
+//                       first step's query (the runtime fixes them from the
+//                       last prompt token's, which the tap does not hold) and,
+//                       unlike the runtime, scores with the real query, not the
+//                       speculative one;
+//         sparse_oracle_error  the same with the exact Top-K (full q.k of the
+//                       group-mean query), so budget and index are told apart;
+//         index_recall  |index's Top-K ∩ exact Top-K| / K, averaged.
+// Everything is computed on the CPU in a fixed order (parallel only across
+// independent heads), so the same tap gives the same numbers.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/llama_weights.h"
+#include "runtime/backend.h"
+#include "runtime/kv_plan.h"
+
+namespace tailorkv::profiler {
+
+// What the profiler plans with (proto ProfileSettings; defaults are
+// TailorKV's LongBench settings).
+struct PlanSettings {
+  int quant_bits = 1;
+  int quant_group = 64;
+  int quant_residual = 128;
+  int sink = 8;
+  int recent = 56;
+  int top_k = 128;
+  int channels = 8;
+  std::string index = "gpu";
+  double threshold = 0.2;
+  int query_rows = 32;
+  int max_quant_layers = -1;  // < 0: no limit
+};
+
+// InvalidArgument naming the field ("settings.top_k: ...") when a setting is
+// out of range for this model, or when `calibration_tokens` cannot measure
+// it: the calibration must exceed query_rows plus the sparse layers' budget
+// (sink + recent + top_k), or Top-K would select everything and measure
+// nothing.
+absl::Status ValidatePlanSettings(const PlanSettings& s, const model::ModelConfig& config,
+                                  int calibration_tokens);
+
+struct LayerScores {
+  int layer = 0;
+  double dense_preference = 0;
+  std::vector<double> head_preference;  // per query head
+  double sparse_error = 0;
+  double sparse_oracle_error = 0;
+  double quant_error = 0;
+  double index_recall = 0;
+};
+
+// Measures one layer (see above). The tap must hold the last
+// settings.query_rows queries of a full-attention prefill (first_query +
+// n_queries == n_keys); settings must be valid for this calibration.
+absl::StatusOr<LayerScores> ScoreLayer(const runtime::Backend::LayerTap& tap,
+                                       const model::ModelConfig& config,
+                                       const PlanSettings& settings, int threads);
+
+// The plan TailorKV's rule gives: a layer whose dense preference exceeds the
+// threshold is quantized (settings' bits, group, residual), every other one
+// sparse (sink, recent, top_k, channels, index); with max_quant_layers >= 0
+// only that many of the highest scores are quantized (ties: lower layer).
+// Each layer carries its scores (rounded to 6 significant digits, so a plan
+// does not change with the last bits of a float sum).
+runtime::KvPlan DecidePlan(const std::vector<LayerScores>& scores, const PlanSettings& settings);
+
+// Rounds to 6 significant digits (what plans record).
+double RoundScore(double x);
+
+}  // namespace tailorkv::profiler
