@@ -21,6 +21,7 @@ int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec) {
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
+  if (spec.add_flags) spec.add_flags(app);
   CLI11_PARSE(app, argc, argv);
 
   if (absl::Status s = ConfigureLogging(log_level); !s.ok()) {
@@ -31,9 +32,16 @@ int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec) {
     spdlog::error("invalid configuration: {}", s.ToString());
     return 2;
   }
+  std::vector<ServiceEntry> services = spec.services;
+  if (spec.init) {
+    if (absl::Status s = spec.init(services); !s.ok()) {
+      spdlog::error("invalid configuration: {}", s.ToString());
+      return 2;
+    }
+  }
   spdlog::info("{} starting: {}", spec.name, server_options.ToString());
   TerminationSignals signals;
-  auto server = GrpcServer::Start(server_options, spec.services);
+  auto server = GrpcServer::Start(server_options, services);
   if (!server.ok()) {
     spdlog::error("cannot start the server: {}", server.status().ToString());
     return 1;

@@ -5,10 +5,16 @@
 // configuration and its own main().
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "common/grpc_server.h"
+
+namespace CLI {
+class App;
+}
 
 namespace tailorkv::common {
 
@@ -17,6 +23,12 @@ struct ServiceMainSpec {
   std::string description;     // --help headline
   std::string default_listen;  // host:port
   std::vector<ServiceEntry> services;  // must outlive the call
+  // Optional: the process's own flags, parsed with the common ones.
+  std::function<void(CLI::App&)> add_flags;
+  // Optional: runs after parsing and logging set-up, before serving (builds
+  // what the flags configure, may add services that outlive the call); a
+  // non-OK status is logged and exits 2.
+  std::function<absl::Status(std::vector<ServiceEntry>&)> init;
 };
 
 // Returns the process exit code: 0 after a clean drain, 1 when the server
