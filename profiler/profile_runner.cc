@@ -268,12 +268,9 @@ absl::StatusOr<ProfileOutcome> RunProfile(const RunnerOptions& o, const ProfileS
   ASSIGN_OR_RETURN(
       out.plot_png,
       RenderLayerErrorPlot(
-          points, {.title = absl::StrCat(spec.model, ": ", spec.settings.quant_bits,
-                                         "-bit quantization vs Top-", spec.settings.top_k,
-                                         " (budget ",
-                                         spec.settings.sink + spec.settings.recent +
-                                             spec.settings.top_k,
-                                         ", ", spec.settings.index, " index), ", n, " tokens"),
+          points, {.title = absl::StrCat(fs::path(spec.model).stem().string(), ": ",
+                                         spec.settings.quant_bits, "-bit vs top-",
+                                         spec.settings.top_k, ", ", n, " tok"),
                    .threshold = spec.settings.threshold}));
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   RETURN_IF_ERROR(progress({.stage = "done", .done = 1, .total = 1}));

@@ -13,7 +13,7 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTAILORKV_CUDA=ON \
   -DTAILORKV_CUDA_ARCHS=90a >/dev/null
 targets=(tkv_cuda_test tkv_llama_bench gpu-worker tailorkv-cli)
 # Optional programs, bundled when this tree has them.
-for t in tkv_attention_bench tkv_quant_attention_bench tkv_accuracy; do
+for t in tkv_attention_bench tkv_quant_attention_bench tkv_accuracy tkv-profile tkv_cuda_tap_test; do
   ninja -C "$build" -t targets all | grep -q "^$t:" && targets+=("$t")
 done
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
@@ -30,5 +30,11 @@ cat > "$bundle/CTestTestfile.cmake" <<'CT'
 add_test(cuda_kernels_and_backend "bin/tkv_cuda_test" "--gtest_output=json:gtest_gpu.json")
 set_tests_properties(cuda_kernels_and_backend PROPERTIES LABELS gpu TIMEOUT 900)
 CT
+if [ -x "$bundle/bin/tkv_cuda_tap_test" ]; then
+  cat >> "$bundle/CTestTestfile.cmake" <<'CT'
+add_test(cuda_taps "bin/tkv_cuda_tap_test" "--gtest_output=json:gtest_gpu_taps.json")
+set_tests_properties(cuda_taps PROPERTIES LABELS gpu TIMEOUT 300)
+CT
+fi
 cp scripts/gpu_run.sh bench/torch_baseline.py "$bundle/"
 du -sh "$bundle" "$bundle"/bin/* "$bundle/lib" | sed 's/^/[gpu_bundle] /'
