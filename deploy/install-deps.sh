@@ -7,6 +7,7 @@ PKGS=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev libboost-dev libgtest-dev libgmock-dev
   libopenblas-dev libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libicu-dev libssl-dev
+  zlib1g-dev
 )
 missing=()
 for p in "${PKGS[@]}"; do
