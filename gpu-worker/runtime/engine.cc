@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "absl/strings/str_format.h"
+#include "common/sha256.h"
 #include "common/status_macros.h"
 #include "model/gguf_file.h"
 #include "runtime/cpu_backend.h"
@@ -34,6 +36,47 @@ size_t HeldBackForStops(std::string_view text, const std::vector<std::string>& s
   }
   return hold;
 }
+
+// Hashes the model file on its own thread while the weights load (both read
+// the whole file; an 8B GGUF takes seconds). Destroying the task before
+// Get() cancels the hash at the next 4 MiB block: Create failed early.
+class DigestTask {
+ public:
+  explicit DigestTask(std::string path) : path_(std::move(path)), thread_([this] { Run(); }) {}
+  ~DigestTask() {
+    cancel_.store(true);
+    if (thread_.joinable()) thread_.join();
+  }
+  DigestTask(const DigestTask&) = delete;
+  DigestTask& operator=(const DigestTask&) = delete;
+
+  absl::StatusOr<std::string> Get() {
+    if (thread_.joinable()) thread_.join();
+    return result_;
+  }
+
+ private:
+  void Run() {
+    const auto t0 = Clock::now();
+    int logged_tenths = 0;
+    result_ = common::Sha256File(path_, [&](int64_t done, int64_t total) -> absl::Status {
+      if (cancel_.load()) return absl::CancelledError("model digest: cancelled");
+      // Progress only where it takes long enough to wonder (>= 1 GiB).
+      const int tenths = total > 0 ? static_cast<int>(done * 10 / total) : 10;
+      if (total >= (int64_t{1} << 30) && tenths > logged_tenths && tenths < 10) {
+        logged_tenths = tenths;
+        spdlog::info("model digest: {}% of {:.1f} GiB", tenths * 10, total / 1073741824.0);
+      }
+      return absl::OkStatus();
+    });
+    if (result_.ok()) spdlog::info("model digest {} in {:.0f} ms", *result_, MsSince(t0));
+  }
+
+  const std::string path_;
+  std::atomic<bool> cancel_{false};
+  absl::StatusOr<std::string> result_ = absl::UnknownError("model digest: not computed");
+  std::thread thread_;  // last: starts once the members above exist
+};
 
 // Position of the earliest stop string in `text`, or npos.
 size_t FindStop(std::string_view text, const std::vector<std::string>& stops) {
@@ -113,6 +156,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 
   auto engine = std::unique_ptr<Engine>(new Engine());
   const auto t0 = Clock::now();
+  std::unique_ptr<DigestTask> digest;
+  if (!is_dir) digest = std::make_unique<DigestTask>(options.model_path);
   spdlog::info("loading model {}", options.model_path);
   model::ModelWeights weights;
   std::unique_ptr<model::GgufFile> tokenizer_file;
@@ -143,7 +188,20 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         "prefill_chunk must be >= 0 (0 = the backend's choice), got %d", options.prefill_chunk));
   }
   // The plan is checked before the backend takes the weights: a typo fails fast.
-  ASSIGN_OR_RETURN(engine->kv_plan_, ParseKvPlanSpec(options.kv_plan, weights.config));
+  KvPlan plan;
+  if (!options.kv_plan_source) {
+    ASSIGN_OR_RETURN(plan, ParseKvPlanSpec(options.kv_plan, weights.config));
+  }
+  if (digest != nullptr) {
+    ASSIGN_OR_RETURN(engine->model_digest_, digest->Get());
+  } else {
+    spdlog::info("no model digest: {} is a directory (plans naming a model cannot be used)",
+                 options.model_path);
+  }
+  if (options.kv_plan_source) {
+    ASSIGN_OR_RETURN(plan, options.kv_plan_source(weights.config, engine->model_digest_));
+  }
+  RETURN_IF_ERROR(CheckPlanModel(plan, engine->model_digest_));
   if (options.backend != "cpu" && options.cuda_factory) {
     auto gpu = options.cuda_factory(weights);
     if (gpu.ok()) {
@@ -164,31 +222,52 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                               : engine->backend_->preferred_prefill_chunk();
   // The CPU backend keeps K/V in fp32; the GPU backends in bf16.
   engine->kv_elem_bytes_ = engine->backend_->name() == "cpu" ? 4 : 2;
-  RETURN_IF_ERROR(engine->ProbeKvPlan());
+  RETURN_IF_ERROR(engine->ProbeKvPlan(plan));
+  {
+    absl::MutexLock lock(&engine->plan_mu_);
+    engine->kv_plan_ = std::make_shared<const KvPlan>(std::move(plan));
+  }
   spdlog::info("model loaded in {:.0f} ms: {} layers, hidden {}, backend {}", MsSince(t0),
                engine->config().n_layers, engine->config().hidden, engine->backend_name());
   int64_t per_sequence = 0;
   for (const LayerKvBytes& b : engine->KvBytesPerSequence()) per_sequence += b.total();
-  spdlog::info("kv plan '{}': {}; {:.1f} MiB of KV per {}-token sequence", engine->kv_plan_.name,
-               engine->kv_plan_.Summary(), per_sequence / 1048576.0, engine->max_context_);
+  const KvPlan& p = *engine->plan_snapshot();
+  spdlog::info("kv plan '{}': {}; {:.1f} MiB of KV per {}-token sequence", p.name, p.Summary(),
+               per_sequence / 1048576.0, engine->max_context_);
   return engine;
 }
 
-absl::Status Engine::ProbeKvPlan() {
+std::shared_ptr<const KvPlan> Engine::plan_snapshot() const {
+  absl::MutexLock lock(&plan_mu_);
+  return kv_plan_;
+}
+
+KvPlan Engine::kv_plan() const { return *plan_snapshot(); }
+
+absl::Status Engine::SetKvPlan(KvPlan plan) {
+  RETURN_IF_ERROR(plan.Validate(config()));
+  RETURN_IF_ERROR(CheckPlanModel(plan, model_digest_));
+  absl::MutexLock lock(&mu_);  // the backend is single-threaded; also waits out a generation
+  RETURN_IF_ERROR(ProbeKvPlan(plan));
+  absl::MutexLock plan_lock(&plan_mu_);
+  kv_plan_ = std::make_shared<const KvPlan>(std::move(plan));
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ProbeKvPlan(const KvPlan& plan) {
   // A one-token sequence proves the backend can run the plan before any
   // request arrives, and is cheap whatever the plan.
-  auto probe = backend_->NewSequence(1, kv_plan_);
+  auto probe = backend_->NewSequence(1, plan);
   if (!probe.ok()) {
     return absl::Status(
         probe.status().code(),
-        absl::StrFormat("kv plan '%s' (%s): the %s backend cannot run it: %s", kv_plan_.name,
-                        kv_plan_.Summary(), backend_->name(), probe.status().message()));
+        absl::StrFormat("kv plan '%s' (%s): the %s backend cannot run it: %s", plan.name,
+                        plan.Summary(), backend_->name(), probe.status().message()));
   }
   // The estimate must describe what the backend allocates; a mismatch is a
   // bug in one of them, worth a warning rather than a refusal to serve.
   const std::vector<LayerKvBytes> held = (*probe)->kv_bytes();
-  const std::vector<LayerKvBytes> estimate =
-      EstimateKvBytes(kv_plan_, config(), 1, kv_elem_bytes_);
+  const std::vector<LayerKvBytes> estimate = EstimateKvBytes(plan, config(), 1, kv_elem_bytes_);
   for (size_t i = 0; i < held.size() && i < estimate.size(); ++i) {
     if (held[i].device_bytes != estimate[i].device_bytes ||
         held[i].host_bytes != estimate[i].host_bytes) {
@@ -202,15 +281,19 @@ absl::Status Engine::ProbeKvPlan() {
 }
 
 std::vector<LayerKvBytes> Engine::KvBytesPerSequence() const {
-  return EstimateKvBytes(kv_plan_, config(), max_context_, kv_elem_bytes_);
+  return EstimateKvBytes(*plan_snapshot(), config(), max_context_, kv_elem_bytes_);
 }
 
 KvUsage Engine::KvInUse() const {
-  absl::MutexLock lock(&kv_mu_);
-  KvUsage u = kv_in_use_;
+  KvUsage u;
+  {
+    absl::MutexLock lock(&kv_mu_);
+    u = kv_in_use_;
+  }
   if (u.layers.empty()) {
-    u.layers.resize(kv_plan_.layers.size());
-    for (size_t i = 0; i < u.layers.size(); ++i) u.layers[i].kind = kv_plan_.layers[i].kind;
+    const std::shared_ptr<const KvPlan> plan = plan_snapshot();
+    u.layers.resize(plan->layers.size());
+    for (size_t i = 0; i < u.layers.size(); ++i) u.layers[i].kind = plan->layers[i].kind;
   }
   return u;
 }
@@ -248,7 +331,8 @@ absl::StatusOr<GenerationResult> Engine::Generate(
   result.prompt_tokens = n_prompt;
   // The cache holds the prompt and every generated token but the last, which
   // is never fed back.
-  ASSIGN_OR_RETURN(auto seq, backend_->NewSequence(n_prompt + request.max_tokens, kv_plan_));
+  ASSIGN_OR_RETURN(auto seq,
+                   backend_->NewSequence(n_prompt + request.max_tokens, *plan_snapshot()));
   LiveSequence live(*this, *seq);
   Sampler sampler(request.sampling);
   tokenizer::StreamingDetokenizer detok(*tokenizer_);

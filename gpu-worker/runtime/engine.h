@@ -26,6 +26,12 @@ namespace tailorkv::runtime {
 using BackendFactory =
     std::function<absl::StatusOr<std::unique_ptr<Backend>>(const model::ModelWeights&)>;
 
+// Supplies the plan in place of EngineOptions::kv_plan (e.g. from the
+// profiler): called with the loaded model's config and digest
+// (Engine::model_digest()).
+using KvPlanSource = std::function<absl::StatusOr<KvPlan>(const model::ModelConfig& config,
+                                                          const std::string& model_digest)>;
+
 struct EngineOptions {
   std::string model_path;       // a .gguf file or a safetensors directory
   std::string tokenizer_gguf;   // GGUF file to take the tokenizer from; default: model_path
@@ -40,8 +46,12 @@ struct EngineOptions {
   // How every sequence keeps its KV cache: a ParseKvPlanSpec spec ("dense",
   // "quant:1", "window:4:1020", "tailorkv:1:2", ...) or "@plan.json". Parsed
   // against the loaded model; Create fails with the parser's message when it
-  // is bad, and with Unimplemented when the backend cannot run the plan.
+  // is bad, with FailedPrecondition when it names another model
+  // (CheckPlanModel), and with Unimplemented when the backend cannot run it.
   std::string kv_plan = "dense";
+  // When set, replaces kv_plan: called once in Create after the weights
+  // load, before the backend takes them; its error fails Create unchanged.
+  KvPlanSource kv_plan_source;
 };
 
 // KV memory held by the sequences alive right now.
@@ -89,10 +99,19 @@ class Engine {
   const tokenizer::ChatTemplate& chat_template() const { return chat_template_; }
   std::string_view backend_name() const { return backend_->name(); }
   int max_context() const { return max_context_; }
+  // "sha256:<hex>" of the model file (common/sha256.h), hashed at Create on
+  // a thread of its own while the weights load; "" for a safetensors
+  // directory. Plans that name a model are checked against it.
+  const std::string& model_digest() const { return model_digest_; }
 
-  // The plan every sequence is made with (validated for this model and
-  // backend at Create).
-  const KvPlan& kv_plan() const { return kv_plan_; }
+  // The plan that sequences starting now are made with (validated for this
+  // model and backend). A copy: SetKvPlan may replace it at any time.
+  KvPlan kv_plan() const;
+  // Replaces the plan for generations that start after it returns (a
+  // running one keeps its own; this waits for it). The plan is checked
+  // first as at Create (Validate, CheckPlanModel, a one-token sequence on
+  // the backend); on any error the current plan stays. Thread-safe.
+  absl::Status SetKvPlan(KvPlan plan);
   // Bytes of one full-precision KV element on this backend: 4 (fp32) on the
   // CPU, 2 (bf16) on the GPU.
   int kv_elem_bytes() const { return kv_elem_bytes_; }
@@ -117,18 +136,23 @@ class Engine {
  private:
   Engine() = default;
   class LiveSequence;  // adds a sequence's KV to kv_in_use_ for its lifetime
-  // Makes a capacity-1 sequence with kv_plan_: fails when the backend cannot
-  // run the plan.
-  absl::Status ProbeKvPlan();
+  // Makes a capacity-1 sequence with `plan`: fails when the backend cannot
+  // run it. Callers hold mu_ (or own the engine alone, in Create).
+  absl::Status ProbeKvPlan(const KvPlan& plan);
+  std::shared_ptr<const KvPlan> plan_snapshot() const;
 
-  absl::Mutex mu_;  // serializes generations on the single backend
+  absl::Mutex mu_;  // serializes generations (and plan probes) on the single backend
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
   tokenizer::ChatTemplate chat_template_;
   int max_context_ = 0;
   int prefill_chunk_ = 1024;
-  KvPlan kv_plan_;
+  std::string model_digest_;
   int kv_elem_bytes_ = 4;
+
+  // Its own mutex: readers (GetModelInfo) must not wait for a generation.
+  mutable absl::Mutex plan_mu_;
+  std::shared_ptr<const KvPlan> kv_plan_ ABSL_GUARDED_BY(plan_mu_);
 
   mutable absl::Mutex kv_mu_;  // separate from mu_: GetLoad must not wait for a generation
   KvUsage kv_in_use_ ABSL_GUARDED_BY(kv_mu_);

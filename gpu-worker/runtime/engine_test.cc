@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "common/sha256.h"
+
 #include <filesystem>
 #include <fstream>
 
@@ -272,6 +274,86 @@ TEST(EngineKvPlan, QuantPlanGeneratesAndCountsItsBytes) {
     EXPECT_EQ(during.layers[i].device_bytes, expected[i].device_bytes) << i;
   }
   EXPECT_EQ(during.layers[0].kind, KvPolicyKind::kQuant);
+}
+
+// The engine hashes its model file; a plan naming another model is refused
+// at Create and at SetKvPlan, and SetKvPlan swaps only plans it can run.
+TEST(EngineDigest, ChecksPlansAgainstTheModelFilesDigestAndSwapsGoodOnes) {
+  ASSERT_TRUE(std::filesystem::exists(kModel)) << kModel << " is missing: run scripts/fetch_model.sh";
+  const auto digest = common::Sha256File(kModel);
+  ASSERT_TRUE(digest.ok()) << digest.status();
+  model::ModelConfig shape;  // SmolLM2-135M's, as plans record it
+  shape.n_layers = 30;
+  shape.n_kv_heads = 3;
+  shape.head_dim = 64;
+  KvPlan foreign = KvPlan::Dense(30);
+  foreign.name = "foreign";
+  foreign.model_digest = common::Sha256Tag("another model");
+  const std::string foreign_file = WritePlanFile("foreign.json", KvPlanToJson(foreign, shape));
+  auto refused = Engine::Create(
+      {.model_path = kModel, .backend = "cpu", .threads = 2, .kv_plan = "@" + foreign_file});
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  EXPECT_EQ(refused.status().message(), "kv plan \"foreign\" was made for model " +
+                                            foreign.model_digest + ", this model is " + *digest);
+  std::filesystem::remove(foreign_file);
+
+  KvPlan own = KvPlan::Dense(30);
+  own.name = "own";
+  own.model_digest = *digest;
+  own.layers[1].kind = KvPolicyKind::kWindow;
+  own.layers[1].window = {.sink = 4, .recent = 28};
+  int source_calls = 0;
+  auto e = Engine::Create({.model_path = kModel,
+                           .backend = "cpu",
+                           .threads = 2,
+                           .max_context = 512,
+                           .kv_plan = "quant:3",  // ignored: the source decides
+                           .kv_plan_source = [&](const model::ModelConfig& config,
+                                                 const std::string& model_digest) {
+                             ++source_calls;
+                             EXPECT_EQ(config.n_layers, 30);
+                             EXPECT_EQ(model_digest, *digest);
+                             return absl::StatusOr<KvPlan>(own);
+                           }});
+  ASSERT_TRUE(e.ok()) << e.status();
+  Engine& engine = **e;
+  EXPECT_EQ(source_calls, 1);
+  EXPECT_EQ(engine.model_digest(), *digest);
+  EXPECT_EQ(engine.kv_plan(), own);
+
+  KvPlan too_short = KvPlan::Dense(29);
+  EXPECT_EQ(engine.SetKvPlan(too_short).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine.SetKvPlan(foreign).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(engine.kv_plan(), own);
+
+  KvPlan next = KvPlan::Dense(30);
+  next.name = "next";
+  next.layers[0].kind = KvPolicyKind::kQuant;
+  ASSERT_TRUE(engine.SetKvPlan(next).ok());
+  EXPECT_EQ(engine.kv_plan(), next);
+  GenerationRequest r;
+  r.prompt_tokens = *engine.tokenizer().Encode("Plans change between requests", false, false);
+  r.max_tokens = 3;
+  r.ignore_eos = true;
+  KvUsage during;
+  auto res = engine.Generate(r, [&](const StreamChunk&) {
+    during = engine.KvInUse();
+    return true;
+  });
+  ASSERT_TRUE(res.ok()) << res.status();
+  ASSERT_EQ(during.layers.size(), 30u);
+  EXPECT_EQ(during.layers[0].kind, KvPolicyKind::kQuant);
+  EXPECT_EQ(during.layers[1].kind, KvPolicyKind::kDense) << "the old plan's window layer is gone";
+
+  // The source's error fails Create unchanged.
+  auto failed = Engine::Create({.model_path = kModel,
+                                .backend = "cpu",
+                                .threads = 2,
+                                .kv_plan_source = [](const model::ModelConfig&, const std::string&) {
+                                  return absl::StatusOr<KvPlan>(absl::UnavailableError("no plan"));
+                                }});
+  EXPECT_EQ(failed.status(), absl::UnavailableError("no plan"));
 }
 
 TEST(EngineCreate, RejectsUnknownBackendAndMissingFile) {

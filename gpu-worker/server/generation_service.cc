@@ -278,6 +278,7 @@ grpc::Status GenerationService::GetModelInfo(grpc::ServerContext* context,
   response->set_trained_context(config.max_context);
   response->set_backend(std::string(engine_.backend_name()));
   response->set_model_path(options_.model_path);
+  response->set_model_digest(engine_.model_digest());
   response->set_chat_template(ChatTemplateName(engine_.chat_template().family()));
   FillKvPlan(engine_.kv_plan(), response->mutable_kv_plan());
   FillKvMemory(engine_.KvBytesPerSequence(), 1, engine_.max_context(),

@@ -1,8 +1,14 @@
 // gpu-worker: loads a model and serves tailorkv.v1.Generation (plus health
-// and reflection) until SIGTERM/SIGINT, then drains.
+// and reflection) until SIGTERM/SIGINT, then drains. SIGHUP reloads the
+// layer plan from its source (server/plan_source.h).
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <thread>
 
 #include <CLI/CLI.hpp>
 
@@ -16,15 +22,19 @@
 #include "cuda/cuda_backend.h"
 #endif
 #include "server/generation_service.h"
+#include "server/plan_source.h"
 
 namespace {
 
 using tailorkv::common::ServerOptions;
 using tailorkv::runtime::EngineOptions;
 using tailorkv::worker::GenerationServiceOptions;
+using tailorkv::worker::PlanSource;
+using tailorkv::worker::PlanSourceOptions;
 
 struct WorkerConfig {
   EngineOptions engine;
+  PlanSourceOptions plan;
   ServerOptions server;
   GenerationServiceOptions service;
   std::string log_level = "info";
@@ -38,9 +48,7 @@ struct WorkerConfig {
     if (engine.threads < 0) {
       return absl::InvalidArgumentError(absl::StrCat("threads: must be >= 0, got ", engine.threads));
     }
-    if (engine.kv_plan.empty()) {
-      return absl::InvalidArgumentError("kv-plan: must not be empty (\"dense\" keeps every layer dense)");
-    }
+    if (absl::Status s = plan.Validate(); !s.ok()) return s;
     if (engine.max_context < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("max-context: must be >= 0, got ", engine.max_context));
@@ -51,18 +59,60 @@ struct WorkerConfig {
 
   std::string ToString() const {
     return absl::StrFormat(
-        "model=%s backend=%s threads=%d max_context=%d kv_plan=%s max_queue=%d "
-        "default_max_tokens=%d log_level=%s %s",
-        engine.model_path, engine.backend, engine.threads, engine.max_context, engine.kv_plan,
-        service.max_queue,
+        "model=%s backend=%s threads=%d max_context=%d kv_plan=%s profiler=%s "
+        "profiler_timeout_ms=%d plan_cache=%s max_queue=%d default_max_tokens=%d log_level=%s %s",
+        engine.model_path, engine.backend, engine.threads, engine.max_context, plan.kv_plan,
+        plan.profiler_address, plan.profiler_timeout_ms, plan.plan_cache, service.max_queue,
         service.limits.default_max_tokens, log_level, server.ToString());
   }
+};
+
+// SIGHUP re-resolves the plan (PlanSource::Reload) for requests that start
+// afterwards. SIGHUP is blocked in every thread (main blocks it before any
+// thread starts; threads inherit the mask) and taken here with
+// sigtimedwait, so nothing runs in signal context.
+class ReloadOnSighup {
+ public:
+  static void BlockInThisThread() {
+    sigset_t set = HupSet();
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  }
+  ReloadOnSighup(PlanSource& source, tailorkv::runtime::Engine& engine)
+      : thread_([this, &source, &engine] { Run(source, engine); }) {}
+  ~ReloadOnSighup() {
+    stop_.store(true);
+    thread_.join();
+  }
+  ReloadOnSighup(const ReloadOnSighup&) = delete;
+  ReloadOnSighup& operator=(const ReloadOnSighup&) = delete;
+
+ private:
+  static sigset_t HupSet() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGHUP);
+    return set;
+  }
+  void Run(PlanSource& source, tailorkv::runtime::Engine& engine) {
+    const sigset_t set = HupSet();
+    const timespec poll{0, 200'000'000};  // how soon the destructor is noticed
+    while (!stop_.load()) {
+      if (sigtimedwait(&set, nullptr, &poll) != SIGHUP) continue;
+      spdlog::info("SIGHUP: reloading the kv plan ({})", source.options().kv_plan);
+      if (absl::Status s = source.Reload(engine); !s.ok()) {
+        spdlog::error("kv plan reload failed, the current plan stays: {}", s.ToString());
+      }
+    }
+  }
+  std::atomic<bool> stop_{false};
+  std::thread thread_;  // last: starts once stop_ exists
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
   tailorkv::EnsurePassiveOpenMpWait(argv);
+  ReloadOnSighup::BlockInThisThread();  // before any thread exists
   WorkerConfig config;
   CLI::App app{"tailorkv gpu-worker: serves tailorkv.v1.Generation over gRPC"};
   app.add_option("--model", config.engine.model_path, "model file (.gguf) or safetensors directory")
@@ -75,7 +125,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-context", config.engine.max_context,
                  "tokens per sequence (0 = the model's trained context)")
       ->capture_default_str();
-  app.add_option("--kv-plan", config.engine.kv_plan,
+  app.add_option("--kv-plan", config.plan.kv_plan,
                  "how each layer keeps its KV cache: dense, quant:BITS[:GROUP[:RESIDUAL]] "
                  "(every layer quantized), window:SINK:RECENT (every layer windowed), "
                  "tailorkv:BITS[:LAYERS] (the first LAYERS layers quantized, default 1), "
@@ -83,8 +133,18 @@ int main(int argc, char** argv) {
                  "faithful; fp8: host tier in FP8), "
                  "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8] (layer 0 quantized, the rest "
                  "sparse), or "
-                 "@plan.json (a profiler plan; format in gpu-worker/runtime/kv_plan.h)")
+                 "@plan.json (a plan file; format in gpu-worker/runtime/kv_plan.h), or profiler "
+                 "(the newest plan for this model from --profiler). A plan naming another "
+                 "model's digest is refused (exit 2); SIGHUP reloads the plan from its source")
       ->capture_default_str();
+  app.add_option("--profiler", config.plan.profiler_address,
+                 "host:port of the profiler service, for --kv-plan profiler");
+  app.add_option("--profiler-timeout-ms", config.plan.profiler_timeout_ms,
+                 "deadline of the profiler's GetPlan call")
+      ->capture_default_str();
+  app.add_option("--plan-cache", config.plan.plan_cache,
+                 "file that keeps the last plan accepted from the profiler (written atomically); "
+                 "used when the profiler is unreachable, has no plan or sends an invalid one");
   app.add_option("--max-queue", config.service.max_queue,
                  "requests that may wait for the engine; more get RESOURCE_EXHAUSTED")
       ->capture_default_str();
@@ -98,6 +158,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   config.service.model_path = config.engine.model_path;
+  config.engine.kv_plan = config.plan.kv_plan;  // for the record: the source below decides
 
   if (absl::Status s = tailorkv::common::ConfigureLogging(config.log_level); !s.ok()) {
     std::fprintf(stderr, "gpu-worker: %s\n", std::string(s.message()).c_str());
@@ -118,19 +179,33 @@ int main(int argc, char** argv) {
     return tailorkv::cuda::CreateCudaBackend(w, {});
   };
 #endif
+  PlanSource plan_source(config.plan);
+  config.engine.kv_plan_source = plan_source.AsEngineSource();
   auto engine = tailorkv::runtime::Engine::Create(config.engine);
   if (!engine.ok()) {
-    // A bad --kv-plan lands here too: the plan is checked against the loaded model.
+    // A bad --kv-plan lands here too: the plan is checked against the loaded
+    // model. A plan for another model, or none from the profiler and its
+    // cache, is a configuration error (2); a spec that does not parse keeps 1.
+    const absl::Status plan_error = plan_source.last_error();
+    if (!plan_error.ok() &&
+        (config.plan.from_profiler() || absl::IsFailedPrecondition(plan_error))) {
+      spdlog::error("no usable kv plan: {}", plan_error.ToString());
+      return 2;
+    }
     spdlog::error("cannot start the engine: {}", engine.status().ToString());
     return 1;
+  }
+  if (absl::Status s = plan_source.CommitToCache(); !s.ok()) {
+    spdlog::warn("kv plan in use but not cached: {}", s.ToString());
   }
   const auto& mc = (*engine)->config();
   spdlog::info(
       "model loaded in {:.1f} s: {} '{}', {} layers, hidden {}, {} heads ({} kv), vocab {}, "
-      "context {}, backend {}, kv plan '{}' ({})",
+      "context {}, backend {}, digest {}, kv plan '{}' ({})",
       std::chrono::duration<double>(std::chrono::steady_clock::now() - load_start).count(),
       mc.arch, mc.name, mc.n_layers, mc.hidden, mc.n_heads, mc.n_kv_heads, mc.vocab,
-      (*engine)->max_context(), (*engine)->backend_name(), (*engine)->kv_plan().name,
+      (*engine)->max_context(), (*engine)->backend_name(), (*engine)->model_digest(),
+      (*engine)->kv_plan().name,
       (*engine)->kv_plan().Summary());
 
   tailorkv::worker::GenerationService service(**engine, config.service);
@@ -141,11 +216,13 @@ int main(int argc, char** argv) {
     return 1;
   }
   (*server)->AddDrainHook([&service] { service.BeginDrain(); });
+  auto reload = std::make_unique<ReloadOnSighup>(plan_source, **engine);
   spdlog::info("ready on {}", (*server)->address());
 
   const int signo = signals.Wait();
   spdlog::info("received signal {}, draining", signo);
   (*server)->Drain();
+  reload.reset();
   server->reset();
   engine->reset();
   spdlog::info("gpu-worker stopped");

@@ -1,12 +1,22 @@
 // The gpu-worker binary refuses a bad --kv-plan at startup: non-zero exit
-// and the parser's message, no crash.
+// and the parser's message, no crash. Plans for another model and a
+// profiler that gives no plan (without a usable cache) exit 2; with the
+// cache it serves, and SIGHUP keeps the plan when the profiler still fails.
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/sha256.h"
 
 namespace {
 
@@ -31,13 +41,14 @@ Exit RunWorker(const std::string& args) {
   return result;
 }
 
+struct Case {
+  std::string flag;
+  int code;
+  std::string message;
+};
+
 TEST(WorkerMainTest, BadKvPlanExitsNonZeroWithTheMessage) {
   ASSERT_TRUE(std::filesystem::exists(kModelFile)) << kModelFile << " is missing";
-  struct Case {
-    std::string flag;
-    int code;
-    std::string message;
-  };
   const Case cases[] = {
       {"--kv-plan quant:3", 1,
        "kv plan spec \"quant:3\": layers[0].bits: must be 1, 2 or 4, got 3"},
@@ -55,8 +66,153 @@ TEST(WorkerMainTest, BadKvPlanExitsNonZeroWithTheMessage) {
 TEST(WorkerMainTest, HelpDocumentsKvPlan) {
   const Exit e = RunWorker("--help");
   EXPECT_EQ(e.code, 0) << e.output;
-  EXPECT_NE(e.output.find("--kv-plan"), std::string::npos) << e.output;
-  EXPECT_NE(e.output.find("tailorkv:BITS[:LAYERS]"), std::string::npos) << e.output;
+  for (const char* text : {"--kv-plan", "tailorkv:BITS[:LAYERS]", "--profiler ",
+                           "--profiler-timeout-ms", "--plan-cache", "SIGHUP"}) {
+    EXPECT_NE(e.output.find(text), std::string::npos) << text << "\n" << e.output;
+  }
+}
+
+// A version-1 plan for SmolLM2-135M's shape: layer 0 `policy0`, the rest
+// dense, naming `digest` (none when empty).
+std::string PlanJson(const std::string& digest, const std::string& policy0) {
+  std::string layers = absl::StrCat("{\"layer\": 0, \"policy\": \"", policy0, "\"}");
+  for (int l = 1; l < 30; ++l) absl::StrAppend(&layers, ", {\"layer\": ", l, ", \"policy\": \"dense\"}");
+  const std::string digest_field = digest.empty() ? "" : absl::StrCat(", \"digest\": \"", digest, "\"");
+  return absl::StrCat(R"({"format": "tailorkv.kv_plan", "version": 1, "name": "handmade",
+      "model": {"n_layers": 30, "n_kv_heads": 3, "head_dim": 64)", digest_field, "}, \"layers\": [",
+                      layers, "]}");
+}
+
+std::string TempPath(const std::string& name) {
+  return (std::filesystem::temp_directory_path() /
+          absl::StrCat("worker_main_test_", ::getpid(), "_", name))
+      .string();
+}
+
+// A port on 127.0.0.1 that nothing listens on, for "the profiler is down".
+constexpr char kDeadProfiler[] = "127.0.0.1:1";
+
+TEST(WorkerMainTest, PlansForAnotherModelAndMissingProfilerPlansExit2) {
+  ASSERT_TRUE(std::filesystem::exists(kModelFile)) << kModelFile << " is missing";
+  const std::string other = tailorkv::common::Sha256Tag("another model");
+  const std::string foreign = TempPath("foreign.json");
+  std::ofstream(foreign) << PlanJson(other, "quant");
+  Exit e = RunWorker("--kv-plan @" + foreign);
+  EXPECT_EQ(e.code, 2) << e.output;
+  EXPECT_NE(e.output.find("FAILED_PRECONDITION: kv plan \"handmade\" was made for model " +
+                          other + ", this model is sha256:"),
+            std::string::npos)
+      << e.output;
+  std::filesystem::remove(foreign);
+
+  e = RunWorker(absl::StrCat("--kv-plan profiler --profiler ", kDeadProfiler,
+                             " --profiler-timeout-ms 2000 --plan-cache ", TempPath("absent.json")));
+  EXPECT_EQ(e.code, 2) << e.output;
+  EXPECT_NE(e.output.find(absl::StrCat("no usable kv plan: UNAVAILABLE: profiler ", kDeadProfiler,
+                                       ": GetPlan: ")),
+            std::string::npos)
+      << e.output;
+  EXPECT_NE(e.output.find(absl::StrCat("; plan cache ", TempPath("absent.json"),
+                                       " not used: cannot open it")),
+            std::string::npos)
+      << e.output;
+
+  const Case flag_cases[] = {
+      {"--kv-plan profiler", 2, "profiler: required with --kv-plan profiler"},
+      {"--profiler 127.0.0.1:5", 2, "profiler: used only with --kv-plan profiler"},
+      {"--kv-plan dense --plan-cache /tmp/x.json", 2, "plan-cache: used only with --kv-plan profiler"},
+  };
+  for (const Case& tc : flag_cases) {
+    e = RunWorker(tc.flag);
+    EXPECT_EQ(e.code, tc.code) << tc.flag << "\n" << e.output;
+    EXPECT_NE(e.output.find(tc.message), std::string::npos) << tc.flag << "\n" << e.output;
+  }
+}
+
+// The worker as a child process whose output is read as it comes.
+class Child {
+ public:
+  explicit Child(const std::string& args) {
+    int fds[2];
+    if (::pipe(fds) != 0) return;
+    const std::string command = absl::StrCat("exec ", TAILORKV_WORKER_BINARY, " --model ",
+                                             kModelFile, " --backend cpu --threads 2 --listen "
+                                             "127.0.0.1:0 ", args, " 2>&1");
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::dup2(fds[1], 1);
+      ::close(fds[0]);
+      ::close(fds[1]);
+      ::execl("/bin/sh", "sh", "-c", command.c_str(), nullptr);
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    fd_ = fds[0];
+  }
+  ~Child() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+
+  // Reads output until `text` appears after `from` (true), EOF or `seconds` pass.
+  bool WaitFor(const std::string& text, size_t from = 0, int seconds = 120) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+    while (output_.find(text, from) == std::string::npos) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      std::array<char, 4096> buf;
+      const ssize_t n = ::read(fd_, buf.data(), buf.size());
+      if (n <= 0) return output_.find(text, from) != std::string::npos;
+      output_.append(buf.data(), static_cast<size_t>(n));
+    }
+    return true;
+  }
+  void Signal(int signo) { ::kill(pid_, signo); }
+  // Waits for the exit; its code, or -1 when killed by a signal.
+  int Wait() {
+    WaitFor("\x01never printed\x01", 0, 60);  // drains the output to EOF
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  const std::string& output() const { return output_; }
+
+ private:
+  pid_t pid_ = -1;
+  int fd_ = -1;
+  std::string output_;
+};
+
+TEST(WorkerMainTest, ServesTheCachedPlanWhenTheProfilerIsDownAndKeepsItOnSighup) {
+  ASSERT_TRUE(std::filesystem::exists(kModelFile)) << kModelFile << " is missing";
+  const auto digest = tailorkv::common::Sha256File(kModelFile);
+  ASSERT_TRUE(digest.ok()) << digest.status();
+  const std::string cache = TempPath("cache.json");
+  std::ofstream(cache) << PlanJson(*digest, "quant");
+  Child worker(absl::StrCat("--kv-plan profiler --profiler ", kDeadProfiler,
+                            " --profiler-timeout-ms 2000 --plan-cache ", cache));
+  ASSERT_TRUE(worker.WaitFor("ready on")) << worker.output();
+  EXPECT_NE(worker.output().find("using the last good plan, cached in " + cache +
+                                 ": 'handmade' (quant(1b g64 r128) x1, dense x29)"),
+            std::string::npos)
+      << worker.output();
+  EXPECT_NE(worker.output().find("digest " + *digest), std::string::npos) << worker.output();
+  const size_t before_hup = worker.output().size();
+  worker.Signal(SIGHUP);
+  ASSERT_TRUE(worker.WaitFor("kv plan reload failed, the current plan stays: UNAVAILABLE",
+                             before_hup))
+      << worker.output();
+  worker.Signal(SIGTERM);
+  EXPECT_EQ(worker.Wait(), 0) << worker.output();
+  EXPECT_NE(worker.output().find("gpu-worker stopped"), std::string::npos) << worker.output();
+  std::filesystem::remove(cache);
 }
 
 }  // namespace
