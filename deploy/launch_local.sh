@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Starts the tailorkv cluster as plain processes on loopback (profiler,
 # kv-host, gpu-worker), waits until each reports SERVING over grpc.health.v1,
-# streams one generation through tailorkv-cli, then stops everything with
-# SIGTERM (a trap makes sure nothing is left running on any exit).
+# has the profiler measure the model and store its layer plan (tkv-profile,
+# progress shown), starts the worker with that plan fetched from the
+# profiler, streams one generation through tailorkv-cli, then stops
+# everything with SIGTERM (a trap makes sure nothing is left running on any
+# exit).
 #
 # Usage: deploy/launch_local.sh [MODEL] [BUILD_DIR] [PROMPT] [--raw] [--max-tokens N]
-#                               [--backend auto|cpu|cuda] [--keep-running]
+#                               [--backend auto|cpu|cuda] [--plan dense|profiler]
+#                               [--calibration-tokens N] [--keep-running]
+#   --plan     profiler (default): profile, then serve the profiler's plan;
+#              dense: skip profiling, every layer dense
+#   --calibration-tokens  calibration tokens profiled (default 1024)
 #   MODEL      default models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_model.sh)
 #   BUILD_DIR  default build
 #   PROMPT     default "What is the capital of France? Answer in one sentence."
@@ -23,6 +30,8 @@ chat_flag=--chat
 max_tokens=64
 backend=auto
 keep_running=0
+plan=profiler
+calibration_tokens=1024
 while (($#)); do
   case "$1" in
     --raw) chat_flag=--raw ;;
@@ -30,7 +39,9 @@ while (($#)); do
     --max-tokens) max_tokens="$2"; shift ;;
     --backend) backend="$2"; shift ;;
     --keep-running) keep_running=1 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --plan) plan="$2"; shift ;;
+    --calibration-tokens) calibration_tokens="$2"; shift ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "launch_local.sh: unknown option $1" >&2; exit 2 ;;
     *) positional+=("$1") ;;
   esac
@@ -47,7 +58,8 @@ profiler_port="${TAILORKV_PROFILER_PORT:-50071}"
 die() { echo "launch_local.sh: $*" >&2; exit 1; }
 
 [[ -f "$model" || -d "$model" ]] || die "model '$model' not found (run scripts/fetch_model.sh)"
-for bin in gpu-worker/server/gpu-worker kv-host/kv-host profiler/profiler services/cli/tailorkv-cli; do
+[[ "$plan" == dense || "$plan" == profiler ]] || die "--plan must be dense or profiler, got '$plan'"
+for bin in gpu-worker/server/gpu-worker kv-host/kv-host profiler/profiler profiler/tkv-profile services/cli/tailorkv-cli; do
   [[ -x "$build_dir/$bin" ]] || die "$build_dir/$bin not built (cmake -S . -B $build_dir -G Ninja && ninja -C $build_dir)"
 done
 cli="$build_dir/services/cli/tailorkv-cli"
@@ -105,13 +117,24 @@ wait_serving() {
   echo "$name SERVING on $addr" >&2
 }
 
-start profiler "$build_dir/profiler/profiler" --listen "127.0.0.1:$profiler_port"
+model_dir="$(cd "$(dirname "$model")" && pwd)"
+start profiler "$build_dir/profiler/profiler" --listen "127.0.0.1:$profiler_port" \
+  --models-dir "$model_dir" --plans-dir "$build_dir/launch-plans" --backend "$backend"
 start kv-host "$build_dir/kv-host/kv-host" --listen "127.0.0.1:$kvhost_port"
-start gpu-worker "$build_dir/gpu-worker/server/gpu-worker" --model "$model" \
-  --listen "127.0.0.1:$worker_port" --backend "$backend"
-
 wait_serving profiler "127.0.0.1:$profiler_port" tailorkv.v1.Profiler 30 "${pids[0]}"
 wait_serving kv-host "127.0.0.1:$kvhost_port" tailorkv.v1.KvHost 30 "${pids[1]}"
+
+plan_flags=(--kv-plan dense)
+if [[ "$plan" == profiler ]]; then
+  echo "--- profiling $(basename "$model") on the profiler ($calibration_tokens calibration tokens)" >&2
+  "$build_dir/profiler/tkv-profile" run --server "127.0.0.1:$profiler_port" \
+    --model "$(basename "$model")" --calibration profiler/data/calibration.txt \
+    --max-tokens "$calibration_tokens" --out "$build_dir/launch-plans/latest" >&2
+  plan_flags=(--kv-plan profiler --profiler "127.0.0.1:$profiler_port"
+              --plan-cache "$build_dir/launch-plans/worker-plan-cache.json")
+fi
+start gpu-worker "$build_dir/gpu-worker/server/gpu-worker" --model "$model" \
+  --listen "127.0.0.1:$worker_port" --backend "$backend" "${plan_flags[@]}"
 wait_serving gpu-worker "127.0.0.1:$worker_port" tailorkv.v1.Generation 300 "${pids[2]}"
 
 "$cli" info --server "127.0.0.1:$worker_port" >&2
