@@ -28,10 +28,8 @@
 #include "nlohmann/json.hpp"
 #include "profiler/profile_runner.h"
 #include "profiler/profiler_service.h"
+#include "profiler/cuda_factories.h"
 #include "tailorkv/v1/profiler.grpc.pb.h"
-#ifdef TAILORKV_HAVE_CUDA
-#include "cuda/cuda_backend.h"
-#endif
 
 namespace tp = tailorkv::profiler;
 namespace v1 = tailorkv::v1;
@@ -299,14 +297,7 @@ int main(int argc, char** argv) {
     } else {
       spec.model = model;
     }
-#ifdef TAILORKV_HAVE_CUDA
-    options.cuda_factory = [](const tailorkv::model::ModelWeights& w) {
-      return tailorkv::cuda::CreateCudaBackend(w, {});
-    };
-    options.random_factory = [](const tailorkv::model::ModelConfig& c, uint64_t seed) {
-      return tailorkv::cuda::CreateCudaBackendWithRandomWeights(c, seed, {});
-    };
-#endif
+    tp::AddCudaFactories(options);
     auto out = tp::RunProfile(options, spec, [&](const tp::Progress& p) {
       bar.Show(p.stage, p.done, p.total);
       return absl::OkStatus();

@@ -9,10 +9,8 @@
 #include "common/service_main.h"
 #include "profiler/plan_store.h"
 #include "profiler/profiler_service.h"
+#include "profiler/cuda_factories.h"
 #include "spdlog/spdlog.h"
-#ifdef TAILORKV_HAVE_CUDA
-#include "cuda/cuda_backend.h"
-#endif
 
 int main(int argc, char** argv) {
   namespace tp = tailorkv::profiler;
@@ -20,14 +18,7 @@ int main(int argc, char** argv) {
   std::string plans_dir = "plans";
   std::unique_ptr<tp::PlanStore> store;
   std::unique_ptr<tp::ProfilerService> service;
-#ifdef TAILORKV_HAVE_CUDA
-  runner.cuda_factory = [](const tailorkv::model::ModelWeights& w) {
-    return tailorkv::cuda::CreateCudaBackend(w, {});
-  };
-  runner.random_factory = [](const tailorkv::model::ModelConfig& c, uint64_t seed) {
-    return tailorkv::cuda::CreateCudaBackendWithRandomWeights(c, seed, {});
-  };
-#endif
+  tp::AddCudaFactories(runner);
   return tailorkv::common::RunServiceMain(
       argc, argv,
       {.name = "profiler",

@@ -3,28 +3,17 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "common/sha256.h"
 #include "nlohmann/json.hpp"
+#include "profiler/test_support.h"
 
 namespace tailorkv::profiler {
 namespace {
 
-constexpr char kModel[] = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-std::string ModelDir() {
-  const char* env = std::getenv("TAILORKV_MODEL_DIR");
-  return env != nullptr ? env : TAILORKV_MODEL_DIR;
-}
-
-std::string Prose(size_t bytes) {
-  std::ifstream in(std::string(TAILORKV_SOURCE_DIR) + "/eval/data/prose.txt");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str().substr(0, bytes);
-}
+using testing::kModel;
+using testing::ModelDir;
+using testing::Prose;
 
 class ProfileRunnerTest : public ::testing::Test {
  protected:

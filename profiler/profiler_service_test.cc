@@ -6,30 +6,22 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 
+#include <unistd.h>
+
 #include <filesystem>
-#include <fstream>
-#include <sstream>
+#include <string>
 #include <thread>
 
 #include "common/grpc_server.h"
+#include "profiler/test_support.h"
 #include "runtime/kv_plan.h"
 
 namespace tailorkv::profiler {
 namespace {
 
-constexpr char kModel[] = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-std::string ModelDir() {
-  const char* env = std::getenv("TAILORKV_MODEL_DIR");
-  return env != nullptr ? env : TAILORKV_MODEL_DIR;
-}
-
-std::string Prose(size_t bytes) {
-  std::ifstream in(std::string(TAILORKV_SOURCE_DIR) + "/eval/data/prose.txt");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str().substr(0, bytes);
-}
+using testing::kModel;
+using testing::ModelDir;
+using testing::Prose;
 
 class ProfilerServiceTest : public ::testing::Test {
  protected:
@@ -37,7 +29,11 @@ class ProfilerServiceTest : public ::testing::Test {
     if (!std::filesystem::exists(ModelDir() + "/" + kModel)) {
       GTEST_SKIP() << ModelDir() << "/" << kModel << " is missing (scripts/fetch_model.sh)";
     }
-    dir_ = std::filesystem::path(::testing::TempDir()) / "profiler_service_test";
+    // One directory per test and process: ctest runs the tests in parallel.
+    dir_ = std::filesystem::path(::testing::TempDir()) /
+           (std::string("profiler_service_test_") +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name() + "_" +
+            std::to_string(::getpid()));
     std::filesystem::remove_all(dir_);
     store_ = *PlanStore::Open(dir_.string());
     RunnerOptions options{.models_dir = ModelDir(), .backend = "cpu", .threads = 2};

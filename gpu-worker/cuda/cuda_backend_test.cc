@@ -24,19 +24,6 @@ namespace {
 
 using model::ModelWeights;
 
-// The GPU holds bf16 weights: give the CPU reference the same rounded values
-// so the comparison measures the kernels, not the weight format.
-void RoundWeightsToBf16(ModelWeights& w) {
-  auto round = [](model::Tensor& t) {
-    for (float& v : t.data) v = model::Bf16ToFloat(model::FloatToBf16(v));
-  };
-  round(w.tok_embd);
-  round(w.output);
-  for (auto& L : w.layers) {
-    for (auto* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) round(*t);
-  }
-}
-
 std::string ModelPath() {
   // The GPU machine runs the bundle from another directory than the build's.
   const char* dir = std::getenv("TAILORKV_MODEL_DIR");
@@ -96,7 +83,7 @@ ModelWeights TinyHeadDim64Model(uint32_t seed) {
 // eager, the rest replaying a captured graph.
 TEST_F(CudaBackendTest, TinyModelPrefillAndDecodeMatchCpu) {
   ModelWeights w = TinyHeadDim64Model(5);
-  RoundWeightsToBf16(w);
+  runtime::testing::RoundWeightsToBf16(w);
   ASSERT_TRUE(w.config.Validate().ok()) << w.config.Validate();
   auto gpu = CreateCudaBackend(w, {.max_prefill_chunk = 32});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
@@ -200,7 +187,7 @@ TEST_F(CudaBackendTest, LosslessQuantAndWindowPlansEqualDense) {
 // the window, 5% for quant, and top-1 agreement on most steps.
 TEST_F(CudaBackendTest, TinyModelLossyPlansMatchCpu) {
   ModelWeights w = TinyHeadDim64Model(9);
-  RoundWeightsToBf16(w);
+  runtime::testing::RoundWeightsToBf16(w);
   auto gpu = CreateCudaBackend(w, {.max_prefill_chunk = 32});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu = runtime::CreateCpuBackend(w, {.threads = 4});
@@ -298,7 +285,7 @@ TEST_F(CudaBackendTest, KvBytesPerPolicy) {
 // top-1 agreement on most steps.
 TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
   ModelWeights w = TinyHeadDim64Model(11);
-  RoundWeightsToBf16(w);
+  runtime::testing::RoundWeightsToBf16(w);
   auto gpu = CreateCudaBackend(w, {.max_prefill_chunk = 32});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu = runtime::CreateCpuBackend(w, {.threads = 4});

@@ -45,15 +45,7 @@ ModelWeights TapModel() {
   shape.max_context = 256;
   shape.weight_scale = 0.08f;
   ModelWeights w = runtime::testing::TinyModel(31, model::RopeStyle::kHalves, false, shape);
-  // The GPU holds bf16 weights: the CPU reference gets the same values.
-  auto round = [](model::Tensor& t) {
-    for (float& v : t.data) v = model::Bf16ToFloat(model::FloatToBf16(v));
-  };
-  round(w.tok_embd);
-  round(w.output);
-  for (auto& L : w.layers) {
-    for (auto* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) round(*t);
-  }
+  runtime::testing::RoundWeightsToBf16(w);
   return w;
 }
 

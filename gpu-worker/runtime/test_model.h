@@ -3,6 +3,7 @@
 
 #include <random>
 
+#include "model/ggml_types.h"
 #include "model/llama_weights.h"
 
 namespace tailorkv::runtime::testing {
@@ -70,6 +71,19 @@ inline model::ModelWeights TinyModel(uint32_t seed, model::RopeStyle style, bool
     w.layers.push_back(std::move(L));
   }
   return w;
+}
+
+// The GPU holds bf16 weights: give a CPU reference the same rounded values
+// so a comparison measures the kernels, not the weight format.
+inline void RoundWeightsToBf16(model::ModelWeights& w) {
+  auto round = [](model::Tensor& t) {
+    for (float& v : t.data) v = model::Bf16ToFloat(model::FloatToBf16(v));
+  };
+  round(w.tok_embd);
+  round(w.output);
+  for (auto& L : w.layers) {
+    for (auto* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) round(*t);
+  }
 }
 
 }  // namespace tailorkv::runtime::testing
