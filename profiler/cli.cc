@@ -98,11 +98,15 @@ int Fail(const std::string& what) {
 
 void PrintLayers(const std::string& plan_json) {
   const auto doc = nlohmann::json::parse(plan_json);
-  std::printf("%5s  %-7s %10s %12s %12s\n", "layer", "policy", "dense_pref", "sparse_err",
-              "quant_err");
+  std::printf("%5s  %-7s %5s %10s %12s %12s\n", "layer", "policy", "width", "dense_pref",
+              "sparse_err", "quant_err");
   for (const auto& l : doc["layers"]) {
-    std::printf("%5d  %-7s %10.4f %12.4g %12.4g\n", l.value("layer", 0),
-                l.value("policy", "").c_str(), l.value("dense_preference", -1.0),
+    // Bits of a quantized layer, critical channels of a sparse one.
+    const std::string width = l.contains("bits")       ? absl::StrCat(l.value("bits", 0), "b")
+                              : l.contains("channels") ? absl::StrCat("d", l.value("channels", 0))
+                                                       : "";
+    std::printf("%5d  %-7s %5s %10.4f %12.4g %12.4g\n", l.value("layer", 0),
+                l.value("policy", "").c_str(), width.c_str(), l.value("dense_preference", -1.0),
                 l.value("sparse_error", -1.0), l.value("quant_error", -1.0));
   }
 }
@@ -170,6 +174,11 @@ int main(int argc, char** argv) {
   run->add_option("--query-rows", s.query_rows)->capture_default_str();
   run->add_option("--max-quant-layers", s.max_quant_layers, "at most this many quantized layers")
       ->each([&](const std::string&) { max_quant_set = true; });
+  run->add_option("--max-quant-error", s.max_quant_error,
+                  "per layer: fewest bits (of bits, 2, 4) with at most this measured error");
+  run->add_option("--min-index-recall", s.min_index_recall,
+                  "per layer: fewest channels (of channels x 1, 2, 4, ...) with this recall");
+  run->add_option("--max-channels", s.max_channels, "with --min-index-recall (0 = 4 x channels)");
   run->add_option("--out", out_dir, "write plan.json and plan.png here");
   run->add_option("--server", server, "a profiler service (host:port) to run it");
   run->add_option("--backend", backend, "local: auto, cpu or cuda")->capture_default_str();
@@ -270,6 +279,9 @@ int main(int argc, char** argv) {
     rs->set_threshold(s.threshold);
     rs->set_query_rows(s.query_rows);
     if (max_quant_set) rs->set_max_quant_layers(s.max_quant_layers);
+    if (s.max_quant_error >= 0) rs->set_max_quant_error(s.max_quant_error);
+    if (s.min_index_recall >= 0) rs->set_min_index_recall(s.min_index_recall);
+    if (s.max_channels > 0) rs->set_max_channels(s.max_channels);
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(timeout_s));
     auto reader = v1::Profiler::NewStub(Channel(server))->Profile(&ctx, req);

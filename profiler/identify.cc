@@ -80,6 +80,23 @@ double MassOutsideTop(const float* q, const float* k, int n, int hd, double scal
 
 }  // namespace
 
+std::vector<int> ChannelCandidates(const PlanSettings& s, int head_dim) {
+  std::vector<int> out = {std::min(s.channels, head_dim)};
+  if (s.min_index_recall < 0) return out;
+  const int most = std::min(head_dim, s.max_channels > 0 ? s.max_channels : 4 * s.channels);
+  for (int d = 2 * s.channels; d <= most; d *= 2) out.push_back(d);
+  return out;
+}
+
+std::vector<int> BitCandidates(const PlanSettings& s) {
+  std::vector<int> out = {s.quant_bits};
+  if (s.max_quant_error < 0) return out;
+  for (int b : {2, 4}) {
+    if (b > s.quant_bits) out.push_back(b);
+  }
+  return out;
+}
+
 double RoundScore(double x) {
   if (!std::isfinite(x) || x == 0) return x;
   char buf[32];
@@ -127,6 +144,15 @@ absl::Status ValidatePlanSettings(const PlanSettings& s, const model::ModelConfi
                                                          " layers (unset: no limit), got ",
                                                          s.max_quant_layers));
   }
+  if (s.min_index_recall > 1) {
+    return SettingError("min_index_recall",
+                        absl::StrCat("must be in [0, 1] (unset: keep channels), got ",
+                                     s.min_index_recall));
+  }
+  if (s.max_channels < 0 || s.max_channels > c.head_dim) {
+    return SettingError("max_channels", absl::StrCat("must be in [0, head_dim ", c.head_dim,
+                                                     "] (0 = 4 x channels), got ", s.max_channels));
+  }
   const int64_t budget = static_cast<int64_t>(s.sink) + s.recent + s.top_k;
   if (budget + s.query_rows >= calibration_tokens) {
     return SettingError(
@@ -170,13 +196,17 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
   out.dense_preference =
       std::accumulate(out.head_preference.begin(), out.head_preference.end(), 0.0) / nh;
 
-  // Full-precision outputs, and the sparse policy, per KV head.
+  // Full-precision outputs, and the sparse policy at each candidate d_s, per
+  // KV head. Top-d channel sets are nested, so one ranking serves every d.
+  const std::vector<int> ds = ChannelCandidates(s, hd);
+  const std::vector<int> bits = BitCandidates(s);
+  const int nd = static_cast<int>(ds.size()), dmax = ds.back();
   std::vector<double> full(static_cast<size_t>(Q) * nh * hd);
-  std::vector<double> sparse_err(nkv, 0), oracle_err(nkv, 0), recall(nkv, 0);
+  std::vector<double> sparse_err(static_cast<size_t>(nkv) * nd, 0), recall(sparse_err.size(), 0),
+      oracle_err(nkv, 0);
   const int S = std::min(s.sink, P);
   const int recent_lo = std::max(S, P - s.recent);
   const int nc = recent_lo - S;  // candidates [S, recent_lo)
-  const int d = std::min(s.channels, hd);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int g = 0; g < nkv; ++g) {
     const float* K = kbase(g);
@@ -185,12 +215,12 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
     for (int j = 0; j < P; ++j) {
       for (int x = 0; x < hd; ++x) max_abs[x] = std::max(max_abs[x], std::fabs(K[j * hd + x]));
     }
-    std::vector<float> q_mean(hd), q_ch(d), cand(static_cast<size_t>(nc) * d), approx(nc),
+    std::vector<float> q_mean(hd), q_ch(dmax), cand(static_cast<size_t>(nc) * dmax), approx(nc),
         exact(nc);
-    std::vector<int32_t> chans(d), sel(std::min(s.top_k, nc)), best(sel.size());
+    std::vector<int32_t> ranked(hd), chans(dmax), sel(std::min(s.top_k, nc)), best(sel.size());
     std::vector<int> rows_full, rows_sparse, rows_oracle;
     std::vector<double> w, o_s(hd), o_o(hd);
-    bool fixed = false;
+    std::vector<int32_t> fixed_chans;  // index "gpu": from the first step
     for (int i = 0; i < Q; ++i) {
       const int p = P + i;
       std::fill(q_mean.begin(), q_mean.end(), 0.0f);
@@ -198,29 +228,12 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
         for (int x = 0; x < hd; ++x) q_mean[x] += qrow(i, g * G + a)[x];
       }
       for (float& x : q_mean) x /= static_cast<float>(G);
-      if (!fixed || s.index == "faithful") {
-        (void)runtime::ChooseChannels(q_mean.data(), max_abs.data(), hd, d, chans.data());
-        for (int j = 0; j < nc; ++j) {
-          for (int x = 0; x < d; ++x) cand[j * d + x] = K[(S + j) * hd + chans[x]];
-        }
-        fixed = true;
-      }
-      for (int x = 0; x < d; ++x) q_ch[x] = q_mean[chans[x]];
-      runtime::ScoreOnChannels(q_ch.data(), d, cand.data(), nc, approx.data());
       for (int j = 0; j < nc; ++j) {
         float e = 0;
         for (int x = 0; x < hd; ++x) e += q_mean[x] * K[(S + j) * hd + x];
         exact[j] = e;
       }
-      const int ks = *runtime::TopKIndices(approx.data(), nc, s.top_k, sel.data());
-      (void)runtime::TopKIndices(exact.data(), nc, s.top_k, best.data());
-      int hit = 0;
-      for (int a = 0, b = 0; a < ks && b < ks;) {  // both ascending
-        if (sel[a] == best[b]) ++hit, ++a, ++b;
-        else if (sel[a] < best[b]) ++a;
-        else ++b;
-      }
-      recall[g] += ks > 0 ? static_cast<double>(hit) / ks : 1.0;
+      const int ks = *runtime::TopKIndices(exact.data(), nc, s.top_k, best.data());
       rows_full.resize(p + 1);
       std::iota(rows_full.begin(), rows_full.end(), 0);
       auto kept = [&](const std::vector<int32_t>& picked, std::vector<int>& rows) {
@@ -229,55 +242,101 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
         for (int a = 0; a < ks; ++a) rows.push_back(S + picked[a]);
         for (int j = recent_lo; j <= p; ++j) rows.push_back(j);  // recent prompt + generated
       };
-      kept(sel, rows_sparse);
       kept(best, rows_oracle);
       for (int a = 0; a < G; ++a) {
         const int h = g * G + a;
         double* o_f = &full[(static_cast<size_t>(i) * nh + h) * hd];
         AttendRows(qrow(i, h), K, V, rows_full, hd, scale, w, o_f);
-        AttendRows(qrow(i, h), K, V, rows_sparse, hd, scale, w, o_s.data());
         AttendRows(qrow(i, h), K, V, rows_oracle, hd, scale, w, o_o.data());
-        sparse_err[g] += RelativeError(o_s.data(), o_f, hd);
         oracle_err[g] += RelativeError(o_o.data(), o_f, hd);
+      }
+      // Channels by |q_mean| x max|K|, best first (TopKIndices' ranking).
+      std::vector<float> channel_score(hd);
+      for (int x = 0; x < hd; ++x) channel_score[x] = std::fabs(q_mean[x]) * max_abs[x];
+      if (fixed_chans.empty() || s.index == "faithful") {
+        std::iota(ranked.begin(), ranked.end(), 0);
+        std::stable_sort(ranked.begin(), ranked.end(), [&](int a, int b) {
+          return runtime::TopKKey(channel_score[a]) > runtime::TopKKey(channel_score[b]);
+        });
+        fixed_chans.assign(ranked.begin(), ranked.begin() + dmax);
+      }
+      for (int c = 0; c < nd; ++c) {
+        const int d = ds[c];
+        chans.assign(fixed_chans.begin(), fixed_chans.begin() + d);
+        std::sort(chans.begin(), chans.end());  // as ChooseChannels writes them
+        for (int j = 0; j < nc; ++j) {
+          for (int x = 0; x < d; ++x) cand[j * d + x] = K[(S + j) * hd + chans[x]];
+        }
+        for (int x = 0; x < d; ++x) q_ch[x] = q_mean[chans[x]];
+        runtime::ScoreOnChannels(q_ch.data(), d, cand.data(), nc, approx.data());
+        (void)runtime::TopKIndices(approx.data(), nc, s.top_k, sel.data());
+        int hit = 0;
+        for (int a = 0, b = 0; a < ks && b < ks;) {  // both ascending
+          if (sel[a] == best[b]) ++hit, ++a, ++b;
+          else if (sel[a] < best[b]) ++a;
+          else ++b;
+        }
+        recall[g * nd + c] += ks > 0 ? static_cast<double>(hit) / ks : 1.0;
+        kept(sel, rows_sparse);
+        for (int a = 0; a < G; ++a) {
+          const int h = g * G + a;
+          AttendRows(qrow(i, h), K, V, rows_sparse, hd, scale, w, o_s.data());
+          sparse_err[g * nd + c] +=
+              RelativeError(o_s.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
+        }
       }
     }
   }
   const double per_head_rows = static_cast<double>(Q) * nh;
-  out.sparse_error = std::accumulate(sparse_err.begin(), sparse_err.end(), 0.0) / per_head_rows;
   out.sparse_oracle_error =
       std::accumulate(oracle_err.begin(), oracle_err.end(), 0.0) / per_head_rows;
-  out.index_recall = std::accumulate(recall.begin(), recall.end(), 0.0) / (static_cast<double>(Q) * nkv);
+  for (int c = 0; c < nd; ++c) {
+    double e = 0, r = 0;
+    for (int g = 0; g < nkv; ++g) e += sparse_err[g * nd + c], r += recall[g * nd + c];
+    out.by_channels.push_back(
+        {.channels = ds[c], .sparse_error = e / per_head_rows, .recall = r / (Q * nkv)});
+  }
+  out.sparse_error = out.by_channels[0].sparse_error;
+  out.index_recall = out.by_channels[0].recall;
 
-  // Quantization: the runtime's own store, packed with the prompt, then each
-  // step appended and attended as a quant layer's decode does.
-  const runtime::QuantShape shape{
-      .n_kv_heads = nkv,
-      .head_dim = hd,
-      .capacity = n,
-      .params = {.bits = s.quant_bits, .group = s.quant_group, .residual = s.quant_residual}};
-  if (auto st = shape.Validate(); !st.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("settings: quantization: ", st.message()));
-  }
-  runtime::QuantKvCpu store(shape);
-  store.Pack(tap.k, tap.v, tap.kv_head_stride, 0, P);
-  std::vector<float> k_row(static_cast<size_t>(nkv) * hd), v_row(k_row.size());
-  std::vector<double> quant_err(nh, 0);
-  for (int i = 0; i < Q; ++i) {
-    const int p = P + i;
-    for (int g = 0; g < nkv; ++g) {
-      std::copy_n(kbase(g) + static_cast<int64_t>(p) * hd, hd, &k_row[g * hd]);
-      std::copy_n(vbase(g) + static_cast<int64_t>(p) * hd, hd, &v_row[g * hd]);
+  // Quantization at each candidate width: the runtime's own store, packed
+  // with the prompt, then each step appended and attended as a quant layer's
+  // decode does.
+  for (int b : bits) {
+    const runtime::QuantShape shape{
+        .n_kv_heads = nkv,
+        .head_dim = hd,
+        .capacity = n,
+        .params = {.bits = b, .group = s.quant_group, .residual = s.quant_residual}};
+    if (auto st = shape.Validate(); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("settings: quantization: ", st.message()));
     }
-    store.Append(p, k_row.data(), v_row.data());
+    runtime::QuantKvCpu store(shape);
+    store.Pack(tap.k, tap.v, tap.kv_head_stride, 0, P);
+    std::vector<float> k_row(static_cast<size_t>(nkv) * hd), v_row(k_row.size());
+    std::vector<double> quant_err(nh, 0);
+    for (int i = 0; i < Q; ++i) {
+      const int p = P + i;
+      for (int g = 0; g < nkv; ++g) {
+        std::copy_n(kbase(g) + static_cast<int64_t>(p) * hd, hd, &k_row[g * hd]);
+        std::copy_n(vbase(g) + static_cast<int64_t>(p) * hd, hd, &v_row[g * hd]);
+      }
+      store.Append(p, k_row.data(), v_row.data());
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int h = 0; h < nh; ++h) {
-      std::vector<float> scores(p + 1), o(hd);
-      store.AttendHead(qrow(i, h), h / G, p + 1, static_cast<float>(scale), scores.data(), o.data());
-      std::vector<double> od(o.begin(), o.end());
-      quant_err[h] += RelativeError(od.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
+      for (int h = 0; h < nh; ++h) {
+        std::vector<float> scores(p + 1), o(hd);
+        store.AttendHead(qrow(i, h), h / G, p + 1, static_cast<float>(scale), scores.data(),
+                         o.data());
+        std::vector<double> od(o.begin(), o.end());
+        quant_err[h] +=
+            RelativeError(od.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
+      }
     }
+    out.by_bits.push_back(
+        {.bits = b,
+         .quant_error = std::accumulate(quant_err.begin(), quant_err.end(), 0.0) / per_head_rows});
   }
-  out.quant_error = std::accumulate(quant_err.begin(), quant_err.end(), 0.0) / per_head_rows;
+  out.quant_error = out.by_bits[0].quant_error;
   return out;
 }
 
@@ -297,20 +356,41 @@ runtime::KvPlan DecidePlan(const std::vector<LayerScores>& scores, const PlanSet
   plan.layers.resize(n);
   for (int l = 0; l < n; ++l) {
     runtime::LayerKvPolicy& p = plan.layers[l];
+    const LayerScores& sc = scores[l];
+    // The fewest bits that meet max_quant_error, the fewest channels that
+    // meet min_index_recall (the last candidate when none does).
+    LayerScores::ByBits b = sc.by_bits.empty() ? LayerScores::ByBits{s.quant_bits, sc.quant_error}
+                                               : sc.by_bits.back();
+    for (const auto& c : sc.by_bits) {
+      if (c.quant_error <= s.max_quant_error || s.max_quant_error < 0) {
+        b = c;
+        break;
+      }
+    }
+    LayerScores::ByChannels d =
+        sc.by_channels.empty()
+            ? LayerScores::ByChannels{s.channels, sc.sparse_error, sc.index_recall}
+            : sc.by_channels.back();
+    for (const auto& c : sc.by_channels) {
+      if (c.recall >= s.min_index_recall || s.min_index_recall < 0) {
+        d = c;
+        break;
+      }
+    }
     if (std::find(quant.begin(), quant.end(), l) != quant.end()) {
       p.kind = runtime::KvPolicyKind::kQuant;
-      p.quant = {.bits = s.quant_bits, .group = s.quant_group, .residual = s.quant_residual};
+      p.quant = {.bits = b.bits, .group = s.quant_group, .residual = s.quant_residual};
     } else {
       p.kind = runtime::KvPolicyKind::kSparse;
       p.sparse.sink = s.sink;
       p.sparse.recent = s.recent;
       p.sparse.top_k = s.top_k;
-      p.sparse.channels = s.channels;
+      p.sparse.channels = d.channels;
       p.sparse.index = s.index;
     }
-    p.dense_preference = RoundScore(scores[l].dense_preference);
-    p.sparse_error = RoundScore(scores[l].sparse_error);
-    p.quant_error = RoundScore(scores[l].quant_error);
+    p.dense_preference = RoundScore(sc.dense_preference);
+    p.sparse_error = RoundScore(d.sparse_error);
+    p.quant_error = RoundScore(b.quant_error);
   }
   return plan;
 }

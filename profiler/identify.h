@@ -55,7 +55,19 @@ struct PlanSettings {
   double threshold = 0.2;
   int query_rows = 32;
   int max_quant_layers = -1;  // < 0: no limit
+  // Per-layer choices (both off when < 0): a quantized layer gets the fewest
+  // bits of {quant_bits, 2, 4} (>= quant_bits) whose measured error is at
+  // most max_quant_error; a sparse layer the fewest channels of {channels,
+  // 2x, 4x, ... <= max_channels (0 = 4 x channels)} whose index recall is at
+  // least min_index_recall. The last candidate when none qualifies.
+  double max_quant_error = -1;
+  double min_index_recall = -1;
+  int max_channels = 0;
 };
+
+// The candidate widths a profile measures under these settings.
+std::vector<int> ChannelCandidates(const PlanSettings& s, int head_dim);
+std::vector<int> BitCandidates(const PlanSettings& s);
 
 // InvalidArgument naming the field ("settings.top_k: ...") when a setting is
 // out of range for this model, or when `calibration_tokens` cannot measure
@@ -71,8 +83,19 @@ struct LayerScores {
   std::vector<double> head_preference;  // per query head
   double sparse_error = 0;
   double sparse_oracle_error = 0;
-  double quant_error = 0;
-  double index_recall = 0;
+  double quant_error = 0;   // at settings.quant_bits
+  double index_recall = 0;  // at settings.channels
+  struct ByChannels {
+    int channels = 0;
+    double sparse_error = 0;
+    double recall = 0;
+  };
+  struct ByBits {
+    int bits = 0;
+    double quant_error = 0;
+  };
+  std::vector<ByChannels> by_channels;  // ChannelCandidates order
+  std::vector<ByBits> by_bits;          // BitCandidates order
 };
 
 // Measures one layer (see above). The tap must hold the last
@@ -86,6 +109,8 @@ absl::StatusOr<LayerScores> ScoreLayer(const runtime::Backend::LayerTap& tap,
 // threshold is quantized (settings' bits, group, residual), every other one
 // sparse (sink, recent, top_k, channels, index); with max_quant_layers >= 0
 // only that many of the highest scores are quantized (ties: lower layer).
+// Bits and channels per layer as PlanSettings says (max_quant_error,
+// min_index_recall); the errors recorded are those at the chosen widths.
 // Each layer carries its scores (rounded to 6 significant digits, so a plan
 // does not change with the last bits of a float sum).
 runtime::KvPlan DecidePlan(const std::vector<LayerScores>& scores, const PlanSettings& settings);

@@ -64,7 +64,7 @@ Layer MakeLayer(const model::ModelConfig& c, int n, int Q, bool peaked, uint32_t
   if (peaked) {  // 20 needles per KV head, outside the sink and recent windows
     for (int g = 0; g < c.n_kv_heads; ++g) {
       for (int t = 0; t < 20; ++t) {
-        const int j = 40 + t * 17;
+        const int j = 40 + t * ((n - Q - 80) / 20);  // spread over the prompt, inside it
         for (int d = 0; d < hd; ++d) L.k[(static_cast<size_t>(g) * n + j) * hd + d] = dir[d];
       }
     }
@@ -174,6 +174,52 @@ TEST(ScoreLayer, SameInputSameNumbersWhateverTheThreads) {
   }
 }
 
+// Per-layer widths: every candidate is measured; all channels give the exact
+// ranking; more bits lose less; the plan takes the fewest that qualify.
+TEST(ScoreLayer, MeasuresEveryCandidateWidthAndThePlanPicksTheFewest) {
+  const auto c = Shape();
+  PlanSettings s = Small();
+  s.min_index_recall = 0.999;
+  s.max_channels = 64;
+  s.max_quant_error = 1e9;  // any: the fewest bits
+  EXPECT_EQ(ChannelCandidates(s, c.head_dim), (std::vector<int>{8, 16, 32, 64}));
+  EXPECT_EQ(BitCandidates(s), (std::vector<int>{1, 2, 4}));
+  const Layer L = MakeLayer(c, 480, s.query_rows, true, 8);
+  auto r = ScoreLayer(L.Tap(c), c, s, 2);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->by_channels.size(), 4u);
+  ASSERT_EQ(r->by_bits.size(), 3u);
+  EXPECT_EQ(r->by_channels[3].recall, 1.0);
+  EXPECT_EQ(r->by_channels[3].sparse_error, r->sparse_oracle_error);
+  EXPECT_EQ(r->by_channels[0].sparse_error, r->sparse_error);
+  EXPECT_GT(r->by_bits[0].quant_error, r->by_bits[1].quant_error);
+  EXPECT_GT(r->by_bits[1].quant_error, r->by_bits[2].quant_error);
+  EXPECT_EQ(r->by_bits[0].quant_error, r->quant_error);
+  // The default settings measure one width each and give the same numbers.
+  auto plain = ScoreLayer(L.Tap(c), c, Small(), 2);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(plain->by_channels.size(), 1u);
+  EXPECT_EQ(plain->sparse_error, r->sparse_error);
+  EXPECT_EQ(plain->quant_error, r->quant_error);
+
+  int first_full = 0;  // the fewest channels with recall >= 0.999
+  while (r->by_channels[first_full].recall < 0.999) ++first_full;
+  LayerScores sparse = *r, dense = *r;
+  sparse.dense_preference = 0.01;
+  dense.dense_preference = 0.9;
+  s.max_quant_error = (r->by_bits[1].quant_error + r->by_bits[0].quant_error) / 2;
+  auto plan = DecidePlan({sparse, dense}, s);
+  EXPECT_EQ(plan.layers[0].sparse.channels, r->by_channels[first_full].channels);
+  EXPECT_EQ(plan.layers[0].sparse_error, RoundScore(r->by_channels[first_full].sparse_error));
+  EXPECT_EQ(plan.layers[1].quant.bits, 2);
+  EXPECT_EQ(plan.layers[1].quant_error, RoundScore(r->by_bits[1].quant_error));
+  s.max_quant_error = 0;  // nothing qualifies: the widest
+  s.min_index_recall = 1.1;
+  plan = DecidePlan({sparse, dense}, s);
+  EXPECT_EQ(plan.layers[0].sparse.channels, 64);
+  EXPECT_EQ(plan.layers[1].quant.bits, 4);
+}
+
 TEST(DecidePlan, MaxQuantLayersKeepsTheHighestScores) {
   std::vector<LayerScores> scores(5);
   const double pref[] = {0.9, 0.3, 0.1, 0.5, 0.3};
@@ -216,6 +262,8 @@ TEST(ValidatePlanSettings, NamesTheField) {
       {[](PlanSettings& s) { s.threshold = 1.5; }, 4096, "settings.threshold"},
       {[](PlanSettings& s) { s.query_rows = 0; }, 4096, "settings.query_rows"},
       {[](PlanSettings& s) { s.max_quant_layers = 4; }, 4096, "settings.max_quant_layers"},
+      {[](PlanSettings& s) { s.min_index_recall = 2; }, 4096, "settings.min_index_recall"},
+      {[](PlanSettings& s) { s.max_channels = 65; }, 4096, "settings.max_channels"},
       // Budget 192 + 32 query rows does not fit 224 tokens.
       {[](PlanSettings&) {}, 224, "settings.top_k: the sparse budget"},
       {[](PlanSettings& s) { s.top_k = 5000; }, 4096, "settings.top_k"},

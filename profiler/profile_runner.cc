@@ -112,7 +112,8 @@ nlohmann::ordered_json SettingsJson(const PlanSettings& s) {
           {"recent", s.recent}, {"top_k", s.top_k},
           {"channels", s.channels}, {"index", s.index},
           {"threshold", s.threshold}, {"query_rows", s.query_rows},
-          {"max_quant_layers", s.max_quant_layers}};
+          {"max_quant_layers", s.max_quant_layers}, {"max_quant_error", s.max_quant_error},
+          {"min_index_recall", s.min_index_recall}, {"max_channels", s.max_channels}};
 }
 
 }  // namespace
@@ -227,13 +228,25 @@ absl::StatusOr<ProfileOutcome> RunProfile(const RunnerOptions& o, const ProfileS
   for (const LayerScores& s : out.scores) {
     nlohmann::ordered_json heads = nlohmann::ordered_json::array();
     for (double h : s.head_preference) heads.push_back(RoundScore(h));
-    const bool quant = out.plan.layers[s.layer].kind == runtime::KvPolicyKind::kQuant;
+    const runtime::LayerKvPolicy& chosen = out.plan.layers[s.layer];
+    const bool quant = chosen.kind == runtime::KvPolicyKind::kQuant;
+    nlohmann::ordered_json by_channels = nlohmann::ordered_json::array(),
+                           by_bits = nlohmann::ordered_json::array();
+    for (const auto& c : s.by_channels) {
+      by_channels.push_back({{"channels", c.channels},
+                             {"sparse_error", RoundScore(c.sparse_error)},
+                             {"index_recall", RoundScore(c.recall)}});
+    }
+    for (const auto& b : s.by_bits) {
+      by_bits.push_back({{"bits", b.bits}, {"quant_error", RoundScore(b.quant_error)}});
+    }
     layers.push_back({{"layer", s.layer},
                       {"head_preference", heads},
                       {"sparse_oracle_error", RoundScore(s.sparse_oracle_error)},
-                      {"index_recall", RoundScore(s.index_recall)},
+                      {"by_channels", by_channels},
+                      {"by_bits", by_bits},
                       // Does the measured error agree with the score's choice?
-                      {"errors_agree", quant == (s.quant_error < s.sparse_error)}});
+                      {"errors_agree", quant == (chosen.quant_error < chosen.sparse_error)}});
   }
   nlohmann::ordered_json calibration = {
       {"tokens_given", out.tokens_given},

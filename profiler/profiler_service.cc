@@ -51,6 +51,21 @@ absl::StatusOr<ProfileSpec> SpecFromRequest(const v1::ProfileRequest& r) {
   if (s.has_index()) p.index = s.index();
   if (s.has_threshold()) p.threshold = s.threshold();
   if (s.has_query_rows()) p.query_rows = s.query_rows();
+  if (s.has_max_quant_error()) {
+    if (!(s.max_quant_error() >= 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "settings.max_quant_error: must be >= 0, got ", s.max_quant_error()));
+    }
+    p.max_quant_error = s.max_quant_error();
+  }
+  if (s.has_min_index_recall()) {
+    if (!(s.min_index_recall() >= 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "settings.min_index_recall: must be >= 0, got ", s.min_index_recall()));
+    }
+    p.min_index_recall = s.min_index_recall();
+  }
+  if (s.has_max_channels()) p.max_channels = s.max_channels();
   if (s.has_max_quant_layers()) {
     if (s.max_quant_layers() < 0) return Negative("settings.max_quant_layers", s.max_quant_layers());
     p.max_quant_layers = s.max_quant_layers();
