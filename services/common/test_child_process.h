@@ -1,0 +1,77 @@
+// Tests that run a service binary as a child process (real process, real
+// signals): its combined stdout/stderr read as it comes, SIGKILLed and
+// reaped on destruction so nothing outlives a failed test.
+#pragma once
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <string>
+
+namespace tailorkv::common::testing {
+
+class ChildProcess {
+ public:
+  // Runs `command` with /bin/sh -c (prefix it with "exec " so signals reach
+  // the binary itself).
+  explicit ChildProcess(const std::string& command) {
+    int fds[2];
+    if (::pipe(fds) != 0) return;
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::dup2(fds[1], 1);
+      ::dup2(fds[1], 2);
+      ::close(fds[0]);
+      ::close(fds[1]);
+      ::execl("/bin/sh", "sh", "-c", command.c_str(), nullptr);
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    fd_ = fds[0];
+  }
+  ~ChildProcess() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    if (fd_ >= 0) ::close(fd_);
+  }
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+
+  // Reads output until `text` appears after `from` (true), EOF or `seconds` pass.
+  bool WaitFor(const std::string& text, size_t from = 0, int seconds = 120) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+    while (output_.find(text, from) == std::string::npos) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      std::array<char, 4096> buf;
+      const ssize_t n = ::read(fd_, buf.data(), buf.size());
+      if (n <= 0) return output_.find(text, from) != std::string::npos;
+      output_.append(buf.data(), static_cast<size_t>(n));
+    }
+    return true;
+  }
+  void Signal(int signo) { ::kill(pid_, signo); }
+  // Waits for the exit; its code, or -1 when killed by a signal.
+  int Wait() {
+    WaitFor("\x01never printed\x01", 0, 60);  // drains the output to EOF
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  const std::string& output() const { return output_; }
+
+ private:
+  pid_t pid_ = -1;
+  int fd_ = -1;
+  std::string output_;
+};
+
+}  // namespace tailorkv::common::testing
