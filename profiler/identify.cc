@@ -197,7 +197,7 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
       std::accumulate(out.head_preference.begin(), out.head_preference.end(), 0.0) / nh;
 
   // Full-precision outputs, and the sparse policy at each candidate d_s, per
-  // KV head. Top-d channel sets are nested, so one ranking serves every d.
+  // KV head.
   const std::vector<int> ds = ChannelCandidates(s, hd);
   const std::vector<int> bits = BitCandidates(s);
   const int nd = static_cast<int>(ds.size()), dmax = ds.back();
@@ -217,10 +217,12 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
     }
     std::vector<float> q_mean(hd), q_ch(dmax), cand(static_cast<size_t>(nc) * dmax), approx(nc),
         exact(nc);
-    std::vector<int32_t> ranked(hd), chans(dmax), sel(std::min(s.top_k, nc)), best(sel.size());
+    std::vector<int32_t> sel(std::min(s.top_k, nc)), best(sel.size());
     std::vector<int> rows_full, rows_sparse, rows_oracle;
     std::vector<double> w, o_s(hd), o_o(hd);
-    std::vector<int32_t> fixed_chans;  // index "gpu": from the first step
+    // Per candidate d: the channels (index "gpu": fixed at the first step).
+    std::vector<std::vector<int32_t>> chans(nd);
+    bool chosen = false;
     for (int i = 0; i < Q; ++i) {
       const int p = P + i;
       std::fill(q_mean.begin(), q_mean.end(), 0.0f);
@@ -250,24 +252,20 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
         AttendRows(qrow(i, h), K, V, rows_oracle, hd, scale, w, o_o.data());
         oracle_err[g] += RelativeError(o_o.data(), o_f, hd);
       }
-      // Channels by |q_mean| x max|K|, best first (TopKIndices' ranking).
-      std::vector<float> channel_score(hd);
-      for (int x = 0; x < hd; ++x) channel_score[x] = std::fabs(q_mean[x]) * max_abs[x];
-      if (fixed_chans.empty() || s.index == "faithful") {
-        std::iota(ranked.begin(), ranked.end(), 0);
-        std::stable_sort(ranked.begin(), ranked.end(), [&](int a, int b) {
-          return runtime::TopKKey(channel_score[a]) > runtime::TopKKey(channel_score[b]);
-        });
-        fixed_chans.assign(ranked.begin(), ranked.begin() + dmax);
+      if (!chosen || s.index == "faithful") {
+        for (int c = 0; c < nd; ++c) {
+          chans[c].resize(ds[c]);
+          (void)runtime::ChooseChannels(q_mean.data(), max_abs.data(), hd, ds[c], chans[c].data());
+        }
+        chosen = true;
       }
       for (int c = 0; c < nd; ++c) {
         const int d = ds[c];
-        chans.assign(fixed_chans.begin(), fixed_chans.begin() + d);
-        std::sort(chans.begin(), chans.end());  // as ChooseChannels writes them
+        const std::vector<int32_t>& ch = chans[c];
         for (int j = 0; j < nc; ++j) {
-          for (int x = 0; x < d; ++x) cand[j * d + x] = K[(S + j) * hd + chans[x]];
+          for (int x = 0; x < d; ++x) cand[j * d + x] = K[(S + j) * hd + ch[x]];
         }
-        for (int x = 0; x < d; ++x) q_ch[x] = q_mean[chans[x]];
+        for (int x = 0; x < d; ++x) q_ch[x] = q_mean[ch[x]];
         runtime::ScoreOnChannels(q_ch.data(), d, cand.data(), nc, approx.data());
         (void)runtime::TopKIndices(approx.data(), nc, s.top_k, sel.data());
         int hit = 0;

@@ -16,7 +16,6 @@
 #include "model/shapes.h"
 #include "nlohmann/json.hpp"
 #include "profiler/plot.h"
-#include "runtime/cpu_backend.h"
 #include "spdlog/spdlog.h"
 #include "tokenizer/tokenizer.h"
 
@@ -89,20 +88,8 @@ absl::StatusOr<Loaded> LoadModel(const RunnerOptions& o, const ProfileSpec& spec
   ASSIGN_OR_RETURN(auto tok_spec, tokenizer::TokenizerSpecFromGguf(*file));
   ASSIGN_OR_RETURN(out.tokenizer, tokenizer::Tokenizer::Create(std::move(tok_spec)));
   out.config = weights.config;
-  if (o.backend != "cpu" && o.cuda_factory) {
-    auto gpu = o.cuda_factory(weights);
-    if (gpu.ok()) {
-      out.backend = *std::move(gpu);
-    } else if (o.backend == "cuda" || !absl::IsUnavailable(gpu.status())) {
-      return gpu.status();
-    }
-  } else if (o.backend == "cuda") {
-    return absl::FailedPreconditionError("backend \"cuda\": this profiler has no CUDA backend");
-  }
-  if (out.backend == nullptr) {
-    ASSIGN_OR_RETURN(out.backend,
-                     runtime::CreateCpuBackend(std::move(weights), {.threads = o.threads}));
-  }
+  ASSIGN_OR_RETURN(out.backend, runtime::CreateBackend(std::move(weights), o.backend,
+                                                       o.cuda_factory, o.threads));
   return out;
 }
 

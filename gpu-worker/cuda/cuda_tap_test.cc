@@ -49,13 +49,7 @@ ModelWeights TapModel() {
   return w;
 }
 
-std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = tok(rng);
-  return t;
-}
+using runtime::testing::RandomTokens;
 
 // One layer's tap, copied out: q [n_queries][n_heads][head_dim], k and v
 // packed [n_kv_heads][n_keys][head_dim] whatever the backend's stride.

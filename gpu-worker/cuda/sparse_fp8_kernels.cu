@@ -105,12 +105,10 @@ struct HostChunk<16> {
 };
 
 // Grid sizing and argument checks: sparse_launch_checks.h.
-using sparse_launch::Aligned16;
 using sparse_launch::Bad;
+using sparse_launch::CheckGatherKvRows;
+using sparse_launch::CheckHostRowsCopy;
 using sparse_launch::CheckPtr;
-using sparse_launch::CheckRange;
-using sparse_launch::CheckShape;
-using sparse_launch::CheckStride;
 int StrideBlocks(int64_t total, int unroll) {
   return sparse_launch::StrideBlocks(total, unroll, kThreads);
 }
@@ -264,15 +262,11 @@ absl::Status LaunchStoreHostRowsFp8(const bf16* k, const bf16* v, int64_t head_s
                                     int n, int n_kv, int head_dim, uint8_t* host,
                                     int64_t host_rows, cudaStream_t stream) {
   constexpr const char* kFn = "LaunchStoreHostRowsFp8";
-  if (absl::Status s = CheckShape(kFn, n_kv, head_dim); !s.ok()) return s;
-  if (absl::Status s = CheckRange(kFn, first, n); !s.ok()) return s;
-  const int64_t end = static_cast<int64_t>(first) + n;
-  if (host_rows < end) return Bad(kFn, "host_rows = ", host_rows, " < first + n = ", end);
-  if (absl::Status s = CheckStride(kFn, "head_stride", head_stride, end, head_dim); !s.ok()) return s;
-  if (n == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(kFn, "k", k); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "v", v); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "host", host); !s.ok()) return s;
+  if (absl::Status s = CheckHostRowsCopy(kFn, /*store=*/true, first, n, n_kv, head_dim,
+                                         head_stride, host_rows, host, k, v);
+      !s.ok() || n == 0) {
+    return s;
+  }
   auto* dk = reinterpret_cast<uint4*>(const_cast<bf16*>(k));
   auto* dv = reinterpret_cast<uint4*>(const_cast<bf16*>(v));
   if (head_dim % 16 == 0) {
@@ -294,15 +288,11 @@ absl::Status LaunchLoadHostRowsFp8(const uint8_t* host, int64_t host_rows, int f
                                    int n_kv, int head_dim, bf16* k, bf16* v, int64_t head_stride,
                                    cudaStream_t stream) {
   constexpr const char* kFn = "LaunchLoadHostRowsFp8";
-  if (absl::Status s = CheckShape(kFn, n_kv, head_dim); !s.ok()) return s;
-  if (absl::Status s = CheckRange(kFn, first, n); !s.ok()) return s;
-  const int64_t end = static_cast<int64_t>(first) + n;
-  if (host_rows < end) return Bad(kFn, "host_rows = ", host_rows, " < first + n = ", end);
-  if (absl::Status s = CheckStride(kFn, "head_stride", head_stride, end, head_dim); !s.ok()) return s;
-  if (n == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(kFn, "host", host); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "k", k); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "v", v); !s.ok()) return s;
+  if (absl::Status s = CheckHostRowsCopy(kFn, /*store=*/false, first, n, n_kv, head_dim,
+                                         head_stride, host_rows, host, k, v);
+      !s.ok() || n == 0) {
+    return s;
+  }
   auto* dk = reinterpret_cast<uint4*>(k);
   auto* dv = reinterpret_cast<uint4*>(v);
   if (head_dim % 16 == 0) {
@@ -327,21 +317,11 @@ absl::Status LaunchGatherKvRowsFp8(const uint8_t* host, int64_t host_rows, int64
                                    bf16* dst_k, bf16* dst_v, int64_t dst_head_stride,
                                    int dst_first, cudaStream_t stream) {
   constexpr const char* kFn = "LaunchGatherKvRowsFp8";
-  if (absl::Status s = CheckShape(kFn, n_kv, head_dim); !s.ok()) return s;
-  if (host_rows < 0) return Bad(kFn, "host_rows = ", host_rows, " < 0");
-  if (src_first < 0) return Bad(kFn, "src_first = ", src_first, " < 0");
-  if (count < 0) return Bad(kFn, "count = ", count, " < 0");
-  if (dst_first < 0) return Bad(kFn, "dst_first = ", dst_first, " < 0");
-  if (absl::Status s = CheckStride(kFn, "dst_head_stride", dst_head_stride,
-                                   static_cast<int64_t>(dst_first) + count, head_dim);
-      !s.ok()) {
+  if (absl::Status s = CheckGatherKvRows(kFn, host_rows, src_first, count, n_kv, head_dim,
+                                         dst_head_stride, dst_first, host, idx, dst_k, dst_v);
+      !s.ok() || count == 0) {
     return s;
   }
-  if (count == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(kFn, "host", host); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "idx", idx, /*need_align16=*/false); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "dst_k", dst_k); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "dst_v", dst_v); !s.ok()) return s;
   auto* dk = reinterpret_cast<uint4*>(dst_k);
   auto* dv = reinterpret_cast<uint4*>(dst_v);
   if (head_dim % 16 == 0) {

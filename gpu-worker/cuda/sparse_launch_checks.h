@@ -62,4 +62,49 @@ inline absl::Status CheckRange(const char* fn, int first, int n) {
   return absl::OkStatus();
 }
 
+// The whole check of a copy of rows [first, first + n) between a K/V pair
+// (head_stride) and a host tier of host_rows rows (LaunchStoreHostRows,
+// LaunchLoadHostRows and their FP8 twins). Pointers are checked only when
+// there is something to copy, source first (`store`: k, v, then host).
+inline absl::Status CheckHostRowsCopy(const char* fn, bool store, int first, int n, int n_kv,
+                                      int head_dim, int64_t head_stride, int64_t host_rows,
+                                      const void* host, const void* k, const void* v) {
+  if (absl::Status s = CheckShape(fn, n_kv, head_dim); !s.ok()) return s;
+  if (absl::Status s = CheckRange(fn, first, n); !s.ok()) return s;
+  const int64_t end = static_cast<int64_t>(first) + n;
+  if (host_rows < end) return Bad(fn, "host_rows = ", host_rows, " < first + n = ", end);
+  if (absl::Status s = CheckStride(fn, "head_stride", head_stride, end, head_dim); !s.ok()) return s;
+  if (n == 0) return absl::OkStatus();
+  if (!store) {
+    if (absl::Status s = CheckPtr(fn, "host", host); !s.ok()) return s;
+  }
+  if (absl::Status s = CheckPtr(fn, "k", k); !s.ok()) return s;
+  if (absl::Status s = CheckPtr(fn, "v", v); !s.ok()) return s;
+  if (store) return CheckPtr(fn, "host", host);
+  return absl::OkStatus();
+}
+
+// The whole check of a gather of `count` host rows (LaunchGatherKvRows and
+// its FP8 twin); pointers only when count > 0.
+inline absl::Status CheckGatherKvRows(const char* fn, int64_t host_rows, int64_t src_first,
+                                      int count, int n_kv, int head_dim, int64_t dst_head_stride,
+                                      int dst_first, const void* host, const void* idx,
+                                      const void* dst_k, const void* dst_v) {
+  if (absl::Status s = CheckShape(fn, n_kv, head_dim); !s.ok()) return s;
+  if (host_rows < 0) return Bad(fn, "host_rows = ", host_rows, " < 0");
+  if (src_first < 0) return Bad(fn, "src_first = ", src_first, " < 0");
+  if (count < 0) return Bad(fn, "count = ", count, " < 0");
+  if (dst_first < 0) return Bad(fn, "dst_first = ", dst_first, " < 0");
+  if (absl::Status s = CheckStride(fn, "dst_head_stride", dst_head_stride,
+                                   static_cast<int64_t>(dst_first) + count, head_dim);
+      !s.ok()) {
+    return s;
+  }
+  if (count == 0) return absl::OkStatus();
+  if (absl::Status s = CheckPtr(fn, "host", host); !s.ok()) return s;
+  if (absl::Status s = CheckPtr(fn, "idx", idx, /*need_align16=*/false); !s.ok()) return s;
+  if (absl::Status s = CheckPtr(fn, "dst_k", dst_k); !s.ok()) return s;
+  return CheckPtr(fn, "dst_v", dst_v);
+}
+
 }  // namespace tailorkv::cuda::sparse_launch

@@ -22,8 +22,9 @@ constexpr int kTilePitch = kTileTokens + 2;  // bf16; odd word pitch (33): confl
 constexpr int kMaxAbsRowsPerLane = 16;
 
 // Grid sizing and argument checks: sparse_launch_checks.h.
-using sparse_launch::Aligned16;
 using sparse_launch::Bad;
+using sparse_launch::CheckGatherKvRows;
+using sparse_launch::CheckHostRowsCopy;
 using sparse_launch::CheckPtr;
 using sparse_launch::CheckRange;
 using sparse_launch::CheckShape;
@@ -262,15 +263,11 @@ absl::Status LaunchStoreHostRows(const __nv_bfloat16* k, const __nv_bfloat16* v,
                                  int64_t head_stride, int first, int n, int n_kv, int head_dim,
                                  __nv_bfloat16* host, int64_t host_rows, cudaStream_t stream) {
   constexpr const char* kFn = "LaunchStoreHostRows";
-  if (absl::Status s = CheckShape(kFn, n_kv, head_dim); !s.ok()) return s;
-  if (absl::Status s = CheckRange(kFn, first, n); !s.ok()) return s;
-  const int64_t end = static_cast<int64_t>(first) + n;
-  if (host_rows < end) return Bad(kFn, "host_rows = ", host_rows, " < first + n = ", end);
-  if (absl::Status s = CheckStride(kFn, "head_stride", head_stride, end, head_dim); !s.ok()) return s;
-  if (n == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(kFn, "k", k); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "v", v); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "host", host); !s.ok()) return s;
+  if (absl::Status s = CheckHostRowsCopy(kFn, /*store=*/true, first, n, n_kv, head_dim,
+                                         head_stride, host_rows, host, k, v);
+      !s.ok() || n == 0) {
+    return s;
+  }
   const int cpr = head_dim / 8;
   const int64_t total = static_cast<int64_t>(n_kv) * n * 2 * cpr;
   HostRowsKernel<true, kStoreUnroll><<<StrideBlocks(total, kStoreUnroll), kThreads, 0, stream>>>(
@@ -285,15 +282,11 @@ absl::Status LaunchLoadHostRows(const __nv_bfloat16* host, int64_t host_rows, in
                                 int n_kv, int head_dim, __nv_bfloat16* k, __nv_bfloat16* v,
                                 int64_t head_stride, cudaStream_t stream) {
   constexpr const char* kFn = "LaunchLoadHostRows";
-  if (absl::Status s = CheckShape(kFn, n_kv, head_dim); !s.ok()) return s;
-  if (absl::Status s = CheckRange(kFn, first, n); !s.ok()) return s;
-  const int64_t end = static_cast<int64_t>(first) + n;
-  if (host_rows < end) return Bad(kFn, "host_rows = ", host_rows, " < first + n = ", end);
-  if (absl::Status s = CheckStride(kFn, "head_stride", head_stride, end, head_dim); !s.ok()) return s;
-  if (n == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(kFn, "host", host); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "k", k); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "v", v); !s.ok()) return s;
+  if (absl::Status s = CheckHostRowsCopy(kFn, /*store=*/false, first, n, n_kv, head_dim,
+                                         head_stride, host_rows, host, k, v);
+      !s.ok() || n == 0) {
+    return s;
+  }
   const int cpr = head_dim / 8;
   const int64_t total = static_cast<int64_t>(n_kv) * n * 2 * cpr;
   HostRowsKernel<false, kLoadUnroll><<<StrideBlocks(total, kLoadUnroll), kThreads, 0, stream>>>(
@@ -333,21 +326,11 @@ absl::Status LaunchGatherKvRows(const __nv_bfloat16* host, int64_t host_rows, in
                                 __nv_bfloat16* dst_k, __nv_bfloat16* dst_v, int64_t dst_head_stride,
                                 int dst_first, cudaStream_t stream) {
   constexpr const char* kFn = "LaunchGatherKvRows";
-  if (absl::Status s = CheckShape(kFn, n_kv, head_dim); !s.ok()) return s;
-  if (host_rows < 0) return Bad(kFn, "host_rows = ", host_rows, " < 0");
-  if (src_first < 0) return Bad(kFn, "src_first = ", src_first, " < 0");
-  if (count < 0) return Bad(kFn, "count = ", count, " < 0");
-  if (dst_first < 0) return Bad(kFn, "dst_first = ", dst_first, " < 0");
-  if (absl::Status s = CheckStride(kFn, "dst_head_stride", dst_head_stride,
-                                   static_cast<int64_t>(dst_first) + count, head_dim);
-      !s.ok()) {
+  if (absl::Status s = CheckGatherKvRows(kFn, host_rows, src_first, count, n_kv, head_dim,
+                                         dst_head_stride, dst_first, host, idx, dst_k, dst_v);
+      !s.ok() || count == 0) {
     return s;
   }
-  if (count == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(kFn, "host", host); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "idx", idx, /*need_align16=*/false); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "dst_k", dst_k); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "dst_v", dst_v); !s.ok()) return s;
   const int cpr = head_dim / 8;
   const int64_t total = static_cast<int64_t>(n_kv) * count * 2 * cpr;
   GatherKvKernel<<<StrideBlocks(total, kLoadUnroll), kThreads, 0, stream>>>(

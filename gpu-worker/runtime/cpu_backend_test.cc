@@ -92,13 +92,7 @@ std::vector<float> ReferenceLogits(const ModelWeights& w, const std::vector<int3
   return logits;
 }
 
-std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> d(0, vocab - 1);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = d(rng);
-  return t;
-}
+using testing::RandomTokens;
 
 float MaxAbsDiff(const float* a, const float* b, size_t n, size_t* where) {
   float m = 0;

@@ -137,6 +137,26 @@ const char* FinishReasonName(FinishReason r) {
   return "unknown";
 }
 
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weights,
+                                                       std::string_view choice,
+                                                       const BackendFactory& cuda_factory,
+                                                       int threads) {
+  if (choice == "cuda" && !cuda_factory) {
+    return absl::UnavailableError("backend 'cuda': this build has no CUDA backend");
+  }
+  if (choice != "cpu" && cuda_factory) {
+    auto gpu = cuda_factory(weights);
+    if (gpu.ok()) return gpu;
+    if (choice == "cuda" || !absl::IsUnavailable(gpu.status())) {
+      return gpu.status();  // asked for CUDA, or a device exists but failed
+    }
+    spdlog::info("no CUDA device ({}); using the CPU backend", std::string(gpu.status().message()));
+  }
+  CpuBackendOptions cpu;
+  cpu.threads = threads;
+  return CreateCpuBackend(std::move(weights), cpu);
+}
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
   if (options.backend != "auto" && options.backend != "cpu" && options.backend != "cuda") {
     return absl::InvalidArgumentError(
@@ -202,21 +222,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     ASSIGN_OR_RETURN(plan, options.kv_plan_source(weights.config, engine->model_digest_));
   }
   RETURN_IF_ERROR(CheckPlanModel(plan, engine->model_digest_));
-  if (options.backend != "cpu" && options.cuda_factory) {
-    auto gpu = options.cuda_factory(weights);
-    if (gpu.ok()) {
-      engine->backend_ = *std::move(gpu);
-    } else if (options.backend == "cuda" || !absl::IsUnavailable(gpu.status())) {
-      return gpu.status();  // asked for CUDA, or a device exists but failed
-    } else {
-      spdlog::info("no CUDA device ({}); using the CPU backend", std::string(gpu.status().message()));
-    }
-  }
-  if (engine->backend_ == nullptr) {
-    CpuBackendOptions cpu;
-    cpu.threads = options.threads;
-    ASSIGN_OR_RETURN(engine->backend_, CreateCpuBackend(std::move(weights), cpu));
-  }
+  ASSIGN_OR_RETURN(engine->backend_, CreateBackend(std::move(weights), options.backend,
+                                                   options.cuda_factory, options.threads));
   engine->prefill_chunk_ = options.prefill_chunk > 0
                               ? options.prefill_chunk
                               : engine->backend_->preferred_prefill_chunk();

@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -25,6 +26,15 @@ namespace tailorkv::runtime {
 // the CUDA backend pass tailorkv::cuda's factory here.
 using BackendFactory =
     std::function<absl::StatusOr<std::unique_ptr<Backend>>(const model::ModelWeights&)>;
+
+// The backend a choice names: "cuda" (cuda_factory's, its error returned),
+// "cpu", or "auto" (CUDA when cuda_factory makes one, the CPU backend when
+// it answers Unavailable, i.e. no device; any other failure is returned).
+// Without a cuda_factory, "cuda" is Unavailable. `threads`: CPU threads.
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weights,
+                                                       std::string_view choice,
+                                                       const BackendFactory& cuda_factory,
+                                                       int threads);
 
 // Supplies the plan in place of EngineOptions::kv_plan (e.g. from the
 // profiler): called with the loaded model's config and digest

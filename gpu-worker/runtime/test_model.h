@@ -1,7 +1,9 @@
 // A small random Llama-shaped model for backend tests (no file needed).
 #pragma once
 
+#include <cstdint>
 #include <random>
+#include <vector>
 
 #include "model/ggml_types.h"
 #include "model/llama_weights.h"
@@ -84,6 +86,15 @@ inline void RoundWeightsToBf16(model::ModelWeights& w) {
   for (auto& L : w.layers) {
     for (auto* t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) round(*t);
   }
+}
+
+// n token ids uniform in [0, vocab), seeded.
+inline std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> d(0, vocab - 1);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = d(rng);
+  return t;
 }
 
 }  // namespace tailorkv::runtime::testing
