@@ -11,7 +11,11 @@
 // backend, so the figures sit side by side); sparse plans also report their
 // host tier and the bytes that cross PCIe per token (computed from the
 // shapes: the gathered rows, plus for index "faithful" the chosen channels
-// of every candidate key).
+// of every candidate key). Prefill (time to the first token's logits of a
+// real forward pass over random tokens, and the peak GPU memory while its
+// sequence lives) runs under each plan too, dense first.
+//
+//   tkv_llama_bench --plans dense,hybrid:2:128:8:56:32:gpu --contexts "" --prefill 32768,131072
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
@@ -58,7 +62,7 @@ int main(int argc, char** argv) {
   int prefill_chunk = tailorkv::cuda::CudaBackendOptions{}.max_prefill_chunk;
   std::string out_path;
   std::vector<std::string> plan_specs = {"dense"};
-  bool sparse_overlap = true, sparse_priority = true, custom_gemv = true;
+  bool sparse_overlap = true, sparse_priority = true, custom_gemv = true, prefill_prefetch = true;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
   app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
@@ -74,13 +78,17 @@ int main(int argc, char** argv) {
                  "index gpu: select on a side stream overlapping the previous layer");
   app.add_option("--sparse-priority", sparse_priority, "that side stream at the most urgent priority");
   app.add_option("--custom-gemv", custom_gemv, "decode products through our GEMV (false: cuBLAS)");
+  app.add_option("--prefill-prefetch", prefill_prefetch,
+                 "sparse prefill: load each layer's history by DMA while earlier layers compute");
   CLI11_PARSE(app, argc, argv);
-  // --prefill "" (no prefill runs) parses as one 0.
+  // --prefill "" / --contexts "" (none) parse as one 0.
   prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
+  contexts.erase(std::remove(contexts.begin(), contexts.end(), 0), contexts.end());
 
   auto config = tailorkv::model::Llama31_8BShape();
   config.n_layers = layers;
   for (int ctx : contexts) config.max_context = std::max(config.max_context, ctx + steps + 64);
+  for (int n : prefills) config.max_context = std::max(config.max_context, n + 64);
   std::vector<tailorkv::runtime::KvPlan> plans;
   for (const std::string& spec : plan_specs) {
     auto plan = tailorkv::runtime::ParseKvPlanSpec(spec, config);
@@ -94,12 +102,14 @@ int main(int argc, char** argv) {
   opts.sparse_overlap = sparse_overlap;
   opts.sparse_side_priority = sparse_priority;
   opts.custom_gemv = custom_gemv;
+  opts.prefill_prefetch = prefill_prefetch;
   auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
   if (!backend.ok()) return Fail(backend.status(), "backend");
   const size_t weights_used = DeviceUsedBytes();
   nlohmann::json out = {{"model", config.name}, {"layers", layers}, {"graphs", graphs},
                         {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
                         {"sparse_priority", sparse_priority}, {"custom_gemv", custom_gemv},
+                        {"prefill_prefetch", prefill_prefetch},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
@@ -170,30 +180,40 @@ int main(int argc, char** argv) {
                              {"hbm_bytes_per_token", bytes}, {"hbm_floor_ms", floor_ms},
                              {"kv_cache_gb", tailorkv::cuda::SequenceDeviceBytes(**seq) / 1e9}});
   }
-  std::printf("%-10s %12s %14s %14s\n", "prefill", "seconds", "tokens/s", "peak GPU GB");
+  std::printf("%-10s %-28s %12s %14s %14s %10s\n", "prefill", "plan", "seconds", "tokens/s",
+              "peak GPU GB", "vs dense");
   for (int n : prefills) {
     std::vector<int32_t> ids(n);
     for (auto& t : ids) t = tok(rng);
-    // A short warm-up pass loads the prefill kernels; long runs repeat less.
-    const int reps = n <= 32768 ? 3 : 1;
-    std::vector<double> secs;
-    double peak = 0;  // while the sequence (its KV cache) is alive
-    for (int r = -1; r < reps; ++r) {
-      const int len = r < 0 ? std::min(n, 512) : n;
-      auto seq = (*backend)->NewSequence(len);
-      if (!seq.ok()) return Fail(seq.status(), "sequence");
-      const auto t0 = Clock::now();
-      if (auto s = (*backend)->Forward(**seq, absl::MakeConstSpan(ids).subspan(0, len), false,
-                                       &logits);
-          !s.ok()) {
-        return Fail(s, "prefill");
+    double dense_sec = 0;
+    for (const auto& plan : plans) {
+      // A short warm-up pass loads the prefill kernels; long runs repeat less.
+      const int reps = n <= 32768 ? 3 : 1;
+      std::vector<double> secs;
+      double peak = 0;  // while the sequence (its KV cache) is alive
+      for (int r = -1; r < reps; ++r) {
+        const int len = r < 0 ? std::min(n, 512) : n;
+        // Room for one decode step, as a real request has.
+        auto seq = (*backend)->NewSequence(len + 1, plan);
+        if (!seq.ok()) return Fail(seq.status(), "sequence");
+        const auto t0 = Clock::now();
+        if (auto s = (*backend)->Forward(**seq, absl::MakeConstSpan(ids).subspan(0, len), false,
+                                         &logits, tailorkv::runtime::Backend::Mode::kPrefill);
+            !s.ok()) {
+          return Fail(s, "prefill");
+        }
+        if (r >= 0) secs.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        peak = std::max(peak, (DeviceUsedBytes() - base_used) / 1e9);
       }
-      if (r >= 0) secs.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-      peak = std::max(peak, (DeviceUsedBytes() - base_used) / 1e9);
+      const double sec = Median(secs);
+      if (plan.all_dense() && dense_sec == 0) dense_sec = sec;
+      const double ratio = dense_sec > 0 ? sec / dense_sec : 0;
+      std::printf("%-10d %-28s %12.3f %14.0f %14.2f %9.3fx\n", n, plan.name.c_str(), sec, n / sec,
+                  peak, ratio);
+      out["prefill"].push_back({{"tokens", n}, {"plan", plan.name}, {"plan_summary", plan.Summary()},
+                                {"seconds", sec}, {"runs", secs.size()}, {"peak_gpu_gb", peak},
+                                {"vs_dense", ratio}});
     }
-    const double sec = Median(secs);
-    std::printf("%-10d %12.3f %14.0f %14.2f\n", n, sec, n / sec, peak);
-    out["prefill"].push_back({{"tokens", n}, {"seconds", sec}, {"peak_gpu_gb", peak}});
   }
   out["weights_gpu_gb"] = (weights_used - base_used) / 1e9;
   if (!out_path.empty()) std::ofstream(out_path) << out.dump(2) << "\n";

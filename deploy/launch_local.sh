@@ -12,7 +12,7 @@
 #                               [--calibration-tokens N] [--keep-running]
 #   --plan     profiler (default): profile, then serve the profiler's plan;
 #              dense: skip profiling, every layer dense
-#   --calibration-tokens  calibration tokens profiled (default 1024)
+#   --calibration-tokens  calibration tokens profiled (default 4096, the profiler's own)
 #   MODEL      default models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_model.sh)
 #   BUILD_DIR  default build
 #   PROMPT     default "What is the capital of France? Answer in one sentence."
@@ -31,7 +31,7 @@ max_tokens=64
 backend=auto
 keep_running=0
 plan=profiler
-calibration_tokens=1024
+calibration_tokens=4096
 while (($#)); do
   case "$1" in
     --raw) chat_flag=--raw ;;

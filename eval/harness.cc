@@ -377,8 +377,8 @@ absl::StatusOr<json> Runner::RunAgreement(const PlanToRun& plan, bool reference)
   const int vocab = config_.vocab;
   ASSIGN_OR_RETURN(auto seq, model_.backend->NewSequence(P + T, plan.plan));
   std::vector<float> logits;
-  RETURN_IF_ERROR(model_.backend->Forward(
-      *seq, absl::MakeConstSpan(agreement_tokens_.data(), P), false, &logits));
+  RETURN_IF_ERROR(model_.backend->Forward(*seq, absl::MakeConstSpan(agreement_tokens_.data(), P),
+                                          false, &logits, runtime::Backend::Mode::kPrefill));
   std::vector<int32_t> argmax(T);
   double nll = 0;
   int top1_true = 0;
@@ -386,8 +386,8 @@ absl::StatusOr<json> Runner::RunAgreement(const PlanToRun& plan, bool reference)
   int nonfinite = 0;
   const int report_every = std::max(1, T / 4);
   for (int i = 0; i < T; ++i) {
-    RETURN_IF_ERROR(model_.backend->Forward(
-        *seq, absl::MakeConstSpan(&agreement_tokens_[P + i], 1), false, &logits));
+    RETURN_IF_ERROR(model_.backend->Forward(*seq, absl::MakeConstSpan(&agreement_tokens_[P + i], 1),
+                                            false, &logits, runtime::Backend::Mode::kDecode));
     if (static_cast<int>(logits.size()) < vocab) {
       return absl::InternalError("backend returned fewer logits than the vocabulary");
     }
@@ -570,7 +570,7 @@ absl::StatusOr<Completion> GreedyComplete(runtime::Backend& backend,
   ASSIGN_OR_RETURN(auto seq,
                    backend.NewSequence(static_cast<int>(prompt.size()) + max_new, plan));
   std::vector<float> logits;
-  RETURN_IF_ERROR(backend.Forward(*seq, prompt, false, &logits));
+  RETURN_IF_ERROR(backend.Forward(*seq, prompt, false, &logits, runtime::Backend::Mode::kPrefill));
   Completion out;
   while (true) {
     if (static_cast<int>(logits.size()) < vocab) {
@@ -582,7 +582,7 @@ absl::StatusOr<Completion> GreedyComplete(runtime::Backend& backend,
     out.text = tokenizer.Decode(out.tokens);
     if (static_cast<int>(out.tokens.size()) >= max_new || (stop && stop(out.text))) break;
     RETURN_IF_ERROR(backend.Forward(*seq, absl::MakeConstSpan(&out.tokens.back(), 1), false,
-                                    &logits));
+                                    &logits, runtime::Backend::Mode::kDecode));
   }
   return out;
 }

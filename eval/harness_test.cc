@@ -148,9 +148,10 @@ class RefusesSparse final : public runtime::Backend {
     }
     return inner_.NewSequence(capacity, plan);
   }
+  using runtime::Backend::Forward;
   absl::Status Forward(runtime::SequenceState& seq, absl::Span<const int32_t> tokens,
-                       bool all_logits, std::vector<float>* logits) override {
-    return inner_.Forward(seq, tokens, all_logits, logits);
+                       bool all_logits, std::vector<float>* logits, Mode mode) override {
+    return inner_.Forward(seq, tokens, all_logits, logits, mode);
   }
   int preferred_prefill_chunk() const override { return inner_.preferred_prefill_chunk(); }
 

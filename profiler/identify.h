@@ -41,16 +41,19 @@
 
 namespace tailorkv::profiler {
 
-// What the profiler plans with (proto ProfileSettings; defaults are
-// TailorKV's LongBench settings).
+// What the profiler plans with (proto ProfileSettings). Defaults are
+// TailorKV's LongBench budget (8 sink + 56 recent + Top-128) with 2-bit
+// quantized layers and 32 critical channels: with TailorKV-1's 1 bit and 8
+// channels the plan forgets facts that dense recalls (docs/results.md,
+// "Retrieval").
 struct PlanSettings {
-  int quant_bits = 1;
+  int quant_bits = 2;
   int quant_group = 64;
   int quant_residual = 128;
   int sink = 8;
   int recent = 56;
   int top_k = 128;
-  int channels = 8;
+  int channels = 32;
   std::string index = "gpu";
   double threshold = 0.2;
   int query_rows = 32;

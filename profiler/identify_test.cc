@@ -72,8 +72,12 @@ Layer MakeLayer(const model::ModelConfig& c, int n, int Q, bool peaked, uint32_t
   return L;
 }
 
+// A small budget for short synthetic taps, at TailorKV-1's widths (1 bit,
+// 8 channels) so that the width candidates have room above them.
 PlanSettings Small() {
   PlanSettings s;
+  s.quant_bits = 1;
+  s.channels = 8;
   s.sink = 4;
   s.recent = 16;
   s.top_k = 24;

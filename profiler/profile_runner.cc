@@ -194,7 +194,7 @@ absl::StatusOr<ProfileOutcome> RunProfile(const RunnerOptions& o, const ProfileS
     const int len = (head - at) % chunk == 0 ? chunk : (head - at) % chunk;
     RETURN_IF_ERROR(progress({.stage = "prefill", .done = at, .total = n}));
     RETURN_IF_ERROR(m.backend->Forward(*seq, absl::MakeConstSpan(tokens).subspan(at, len), false,
-                                       &logits));
+                                       &logits, runtime::Backend::Mode::kPrefill));
     at += len;
   }
   RETURN_IF_ERROR(progress({.stage = "prefill", .done = head, .total = n}));

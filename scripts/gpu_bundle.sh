@@ -4,12 +4,15 @@
 # need (gRPC, protobuf, abseil, ...; not libc/libstdc++/CUDA, which the GPU
 # machine has) into .bundle/, ready to be carried to the GPU machine and run
 # there by scripts/gpu_run.sh.
-# Usage: scripts/gpu_bundle.sh            Env: BUILD_DIR (default build-gpu)
+# Usage: scripts/gpu_bundle.sh
+# Env: BUILD_DIR (default build-gpu), BUILD_TYPE (default Release; pass the
+# type an existing tree has, e.g. BUILD_DIR=build BUILD_TYPE=RelWithDebInfo,
+# to reuse the test build instead of compiling a second tree)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build="${BUILD_DIR:-build-gpu}"
 bundle=.bundle
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTAILORKV_CUDA=ON \
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-Release}" -DTAILORKV_CUDA=ON \
   -DTAILORKV_CUDA_ARCHS=90a >/dev/null
 targets=(tkv_cuda_test tkv_llama_bench gpu-worker tailorkv-cli)
 # Optional programs, bundled when this tree has them.
@@ -19,6 +22,8 @@ done
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
 rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/lib"
 for t in "${targets[@]}"; do find "$build" -name "$t" -type f -perm -u+x -exec cp {} "$bundle/bin/" \; ; done
+# Debug info (RelWithDebInfo trees) only makes the bundle larger to carry.
+strip --strip-debug "$bundle"/bin/*
 # Shared libraries the GPU machine lacks: everything ldd resolves outside the
 # C/C++ runtime and CUDA (the GPU machine provides those).
 for bin in "$bundle"/bin/*; do

@@ -78,6 +78,7 @@ struct SparseKv {
   bool gpu_index = false;
   kvhost::HostSlice host_slice, kt_slice;
   void* host = nullptr;           // [n_kv][capacity][2 head_dim], bf16 or FP8 (host_bits)
+  const std::byte* host_cpu = nullptr;  // the same rows at their host address (DMA source)
   __nv_bfloat16* kt = nullptr;    // [n_kv][head_dim][capacity] (faithful)
   DeviceBuffer max_abs;           // [n_kv][head_dim] f32
   DeviceBuffer last_q_mean;       // [n_kv][head_dim] f32 (gpu index)
@@ -90,6 +91,9 @@ struct SparseKv {
   int prompt = -1, sink = 0, recent = 0, candidates = 0, selected = 0, tier_rows = 0;
   DeviceBuffer tier;              // K | V, each [n_kv][tier_rows][head_dim] bf16
   CudaEvent selected_ready;       // side stream: the selection is in the tier
+  // Prefill: the chunk start whose history [0, start) the copy stream is
+  // loading into the scratch (history_ready marks its end); -1 = none.
+  int history_prefetched_for = -1;
   int kept() const { return sink + recent; }
   bool prompt_ended() const { return prompt >= 0; }
 };
@@ -295,6 +299,7 @@ class CudaBackend final : public runtime::Backend {
     // Work in flight may still read the pinned buffers.
     if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
     if (side_.get() != nullptr) cudaStreamSynchronize(side_.get());
+    if (copy_.get() != nullptr) cudaStreamSynchronize(copy_.get());
     if (step_host_ != nullptr) cudaFreeHost(step_host_);
     if (logits_host_ != nullptr) cudaFreeHost(logits_host_);
   }
@@ -305,8 +310,9 @@ class CudaBackend final : public runtime::Backend {
   using runtime::Backend::NewSequence;
   absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity,
                                                              const runtime::KvPlan& plan) override;
+  using runtime::Backend::Forward;
   absl::Status Forward(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
-                       std::vector<float>* logits) override;
+                       std::vector<float>* logits, Mode mode) override;
   absl::Status ForwardObserved(SequenceState& state, absl::Span<const int32_t> tokens,
                                int tap_queries, const LayerObserver& observer) override;
 
@@ -363,7 +369,15 @@ class CudaBackend final : public runtime::Backend {
   // state, the end of its prompt (tier, kept rows, index) and a decode
   // step's selection (speculative on the side stream for index "gpu").
   absl::StatusOr<kvhost::HostKvStore*> HostStore();
-  absl::StatusOr<kvhost::HostSlice> HostAlloc(uint64_t bytes, void** device_ptr);
+  absl::StatusOr<kvhost::HostSlice> HostAlloc(uint64_t bytes, void** device_ptr,
+                                              const std::byte** host_ptr = nullptr);
+  // Prefill of a chunk at `start` > 0: when the first non-dense layer after
+  // `after` (-1: from layer 0) is sparse with a bf16 host tier, its history
+  // [0, start) is copied from the host tier into the scratch on the copy
+  // stream (DMA, no SMs), once the main stream's work enqueued so far (the
+  // scratch's previous reader) is done; that layer's attention waits for it.
+  // So the host re-read overlaps the layers in between instead of stalling.
+  absl::Status PrefetchSparseHistory(CudaSequence& seq, int after, int start);
   absl::Status NewSparseLayer(CudaSequence& seq, int l, const runtime::SparseParams& p);
   absl::Status EndSparsePrompt(CudaSequence& seq);
   absl::Status EnqueueSpeculativeSelection(CudaSequence& seq, int target, const __nv_bfloat16* x);
@@ -377,6 +391,8 @@ class CudaBackend final : public runtime::Backend {
   int qkv_rows_ = 0;  // (n_heads + 2 n_kv) * head_dim
   CudaStream stream_;
   CudaStream side_;                 // sparse selection ahead of the main stream
+  CudaStream copy_;                 // prefill: sparse history host -> scratch (DMA)
+  CudaEvent scratch_free_, history_ready_;  // PrefetchSparseHistory's two ends
   std::vector<CudaEvent> spec_ready_;  // per layer: its speculative query is written
   std::unique_ptr<kvhost::InProcessStore> host_store_;
   CublasHandle cublas_;
@@ -434,6 +450,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
     ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create());
     b->spec_ready_.push_back(std::move(e));
   }
+  ASSIGN_OR_RETURN(b->copy_, CudaStream::Create());
+  ASSIGN_OR_RETURN(b->scratch_free_, CudaEvent::Create());
+  ASSIGN_OR_RETURN(b->history_ready_, CudaEvent::Create());
   ASSIGN_OR_RETURN(b->cublas_, CublasHandle::Create());
   ASSIGN_OR_RETURN(b->cublas_workspace_, b->Alloc(kCublasWorkspaceBytes));
   CUBLAS_RETURN_IF_ERROR(cublasSetStream(b->cublas_.get(), b->stream_.get()));
@@ -690,7 +709,8 @@ absl::StatusOr<kvhost::HostKvStore*> CudaBackend::HostStore() {
   return host_store_.get();
 }
 
-absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(uint64_t bytes, void** device_ptr) {
+absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(uint64_t bytes, void** device_ptr,
+                                                          const std::byte** host_ptr) {
   ASSIGN_OR_RETURN(kvhost::HostKvStore * store, HostStore());
   constexpr uint64_t kAlign = 4096;
   auto slice = store->Allocate(bytes, kAlign, "cuda-backend");
@@ -714,6 +734,7 @@ absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(uint64_t bytes, void** 
   void* dev = nullptr;
   CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&dev, data.data(), 0));
   *device_ptr = dev;
+  if (host_ptr != nullptr) *host_ptr = data.data();
   return *slice;
 }
 
@@ -728,7 +749,7 @@ absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime
   const uint64_t values = 2ull * c.n_kv_heads * cap * c.head_dim;
   const uint64_t rows_bytes = values * (p.host_bits == 8 ? 1 : sizeof(bf16));
   // Registered before any failure below can return, so the destructor frees it.
-  ASSIGN_OR_RETURN(sp->host_slice, HostAlloc(rows_bytes, &dev));
+  ASSIGN_OR_RETURN(sp->host_slice, HostAlloc(rows_bytes, &dev, &sp->host_cpu));
   sp->host = dev;
   seq.sparse[l] = std::move(sp);
   SparseKv& s = *seq.sparse[l];
@@ -789,6 +810,7 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
   float* x = x_.as<float>();
   bf16* xn = xn_.as<bf16>();
   RETURN_IF_ERROR(LaunchEmbedding(tok_embd_.as<bf16>(), c.vocab, d_ids, n, c.hidden, x, s));
+  if (!decode) RETURN_IF_ERROR(PrefetchSparseHistory(seq, -1, start));
   for (int l = 0; l < c.n_layers; ++l) {
     const DeviceLayer& L = layers_[l];
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.attn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
@@ -800,6 +822,9 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
     }
     RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
     RETURN_IF_ERROR(EnqueueAttention(seq, l, n, start, decode));
+    if (!decode && seq.layer(l).kind != runtime::KvPolicyKind::kDense) {
+      RETURN_IF_ERROR(PrefetchSparseHistory(seq, l, start));
+    }
     if (tap != nullptr) RETURN_IF_ERROR(TapLayer(seq, l, n, *tap));
     RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true));
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.ffn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
@@ -911,6 +936,42 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::PrefetchSparseHistory(CudaSequence& seq, int after, int start) {
+  if (after < 0) {
+    // A new chunk: nothing is in flight for it (a failed call may have left a mark).
+    for (auto& sp : seq.sparse) {
+      if (sp != nullptr) sp->history_prefetched_for = -1;
+    }
+  }
+  if (!options_.prefill_prefetch || start == 0) return absl::OkStatus();
+  int next = after + 1;
+  while (next < config_.n_layers && seq.layer(next).kind == runtime::KvPolicyKind::kDense) ++next;
+  if (next == config_.n_layers || seq.sparse[next] == nullptr) return absl::OkStatus();
+  SparseKv& sp = *seq.sparse[next];
+  // FP8 rows need a kernel to widen them, which would take SMs from the
+  // layers it overlaps: those load in line.
+  if (sp.prompt_ended() || sp.params.host_bits != 16 || sp.host_cpu == nullptr) {
+    return absl::OkStatus();
+  }
+  const ModelConfig& c = config_;
+  const size_t hd = c.head_dim, cap = seq.capacity();
+  const size_t row = hd * sizeof(bf16);  // one K (or V) row; a host row is K | V
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(scratch_free_.get(), stream_.get()));
+  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(copy_.get(), scratch_free_.get(), 0));
+  for (int h = 0; h < c.n_kv_heads; ++h) {
+    const std::byte* src = sp.host_cpu + h * cap * 2 * row;
+    bf16* dk = seq.scratch_k() + h * cap * hd;
+    bf16* dv = seq.scratch_v() + h * cap * hd;
+    CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(dk, row, src, 2 * row, row, start,
+                                           cudaMemcpyHostToDevice, copy_.get()));
+    CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(dv, row, src + row, 2 * row, row, start,
+                                           cudaMemcpyHostToDevice, copy_.get()));
+  }
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(history_ready_.get(), copy_.get()));
+  sp.history_prefetched_for = start;
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, const float* q_chan,
                                            cudaStream_t s) {
   const ModelConfig& c = config_;
@@ -984,7 +1045,10 @@ absl::Status CudaBackend::EnqueueSparseAttention(CudaSequence& seq, int l, int n
     // Plain causal attention over the prompt so far (runtime/cpu_backend.h):
     // history from the host tier, the chunk from the scratch; then the chunk
     // joins the host tier, max|K| and (index "gpu") the last query.
-    if (start > 0) {
+    if (sp.history_prefetched_for == start) {
+      CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s, history_ready_.get(), 0));
+      sp.history_prefetched_for = -1;
+    } else if (start > 0) {
       RETURN_IF_ERROR(LoadHost(sp, cap, 0, start, c.n_kv_heads, hd, sk, sv, head_stride, s));
     }
     RETURN_IF_ERROR(LaunchPrefillAttention(q, sk, sv, n, start, shape, out, s));
@@ -1079,15 +1143,15 @@ absl::Status CudaBackend::DecodeStep(CudaSequence& seq, int32_t token,
 }
 
 absl::Status CudaBackend::Forward(SequenceState& state, absl::Span<const int32_t> tokens,
-                                  bool all_logits, std::vector<float>* logits) {
+                                  bool all_logits, std::vector<float>* logits, Mode mode) {
   auto* seq = dynamic_cast<CudaSequence*>(&state);
   if (seq == nullptr || seq->owner() != this) {
     return absl::InvalidArgumentError("sequence was not made by this CUDA backend");
   }
-  RETURN_IF_ERROR(runtime::ValidateForwardInput(config_, state, tokens));
+  RETURN_IF_ERROR(runtime::ValidateForwardInput(config_, state, tokens, mode));
   // The device is per host thread, and callers may come from any thread.
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
-  if (tokens.size() == 1 && seq->length() > 0) return DecodeStep(*seq, tokens[0], logits);
+  if (IsDecode(state, tokens, mode)) return DecodeStep(*seq, tokens[0], logits);
   return Prefill(*seq, tokens, all_logits, logits, nullptr);
 }
 

@@ -61,6 +61,10 @@ struct CudaBackendOptions {
   // 1.10-1.24x cuBLAS's n = 1 GEMM on the H100) instead of cuBLAS.
   bool custom_gemv = true;
   bool sparse_side_priority = true;
+  // Prefill chunks after the first: a sparse layer's history (bf16 host
+  // tier) is copied back into the scratch by DMA on a copy stream while the
+  // layers before it compute (false: in line, for measuring the overlap).
+  bool prefill_prefetch = true;
 };
 
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the

@@ -231,6 +231,70 @@ TEST_F(CudaBackendTest, TinyModelLossyPlansMatchCpu) {
   }
 }
 
+// A prompt of 2 x 32 + 1 tokens sent as three Forward calls (32, 32, 1) in
+// Mode::kPrefill: the one-token call is prompt (the prefill path, quant
+// pack and sparse host tier), not a decode step, on both backends. Each
+// layer keeps KV another way (quant with a short residual, window that
+// evicts, sparse), the decode steps after it agree with the CPU backend,
+// and the sparse layer's tier counts the whole prompt.
+TEST_F(CudaBackendTest, OneTokenLastPrefillChunkIsPromptAndMatchesCpu) {
+  ModelWeights w = TinyHeadDim64Model(13);
+  runtime::testing::RoundWeightsToBf16(w);
+  ASSERT_GE(w.config.n_layers, 2);
+  auto gpu = CreateCudaBackend(w, {.max_prefill_chunk = 32});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto cpu = runtime::CreateCpuBackend(w, {.threads = 4});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  using Mode = runtime::Backend::Mode;
+  const int L = w.config.n_layers, cap = 100, prompt_len = 65;
+  std::mt19937 rng(37);
+  std::uniform_int_distribution<int32_t> tok(0, w.config.vocab - 1);
+  std::vector<int32_t> prompt(prompt_len);
+  for (auto& t : prompt) t = tok(rng);
+  const auto tokens = absl::MakeConstSpan(prompt);
+  for (const char* spec : {"quant:4:32:32", "window:4:20", "sparse:6:2:4:8:gpu"}) {
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto gs = *(*gpu)->NewSequence(cap, *plan);
+    auto cs = *(*cpu)->NewSequence(cap, *plan);
+    std::vector<float> gl, cl;
+    for (int at = 0; at < prompt_len; at += 32) {
+      const int n = std::min(32, prompt_len - at);
+      ASSERT_TRUE((*gpu)->Forward(*gs, tokens.subspan(at, n), false, &gl, Mode::kPrefill).ok());
+      ASSERT_TRUE((*cpu)->Forward(*cs, tokens.subspan(at, n), false, &cl, Mode::kPrefill).ok());
+    }
+    Compare p = CompareLogits(gl, cl, w.config.vocab);
+    EXPECT_LE(p.max_abs_diff, 0.05f * p.max_abs_ref) << spec << ": last prompt token";
+    int agree = 0;
+    float worst = 0;
+    const int steps = 16;
+    for (int i = 0; i < steps; ++i) {
+      const int32_t t = tok(rng);
+      ASSERT_TRUE((*gpu)->Forward(*gs, {&t, 1}, false, &gl, Mode::kDecode).ok());
+      ASSERT_TRUE((*cpu)->Forward(*cs, {&t, 1}, false, &cl, Mode::kDecode).ok());
+      Compare d = CompareLogits(gl, cl, w.config.vocab);
+      for (float x : gl) ASSERT_TRUE(std::isfinite(x)) << spec << " step " << i;
+      worst = std::max(worst, d.max_abs_diff / d.max_abs_ref);
+      agree += d.top1_agree;
+    }
+    std::printf("%s, prompt 32+32+1: GPU vs CPU worst max|diff|/max|ref| %.4f, top-1 %d/%d\n", spec,
+                worst, agree, steps);
+    EXPECT_LE(worst, 0.1f) << spec;
+    EXPECT_GE(agree, steps - 3) << spec;
+    if (plan->layers[0].kind == runtime::KvPolicyKind::kSparse) {
+      // Generated rows reserved for capacity - 65: the prompt ended at 65.
+      const auto est = runtime::EstimateKvBytes(*plan, w.config, cap, 2);
+      const int64_t gen_rows = 2LL * w.config.n_kv_heads * (cap - prompt_len) * w.config.head_dim * 2;
+      for (int l = 0; l < L; ++l) {
+        const int top_k = std::min(plan->layers[l].sparse.top_k,
+                                   prompt_len - plan->layers[l].sparse.sink - plan->layers[l].sparse.recent);
+        const int64_t sel_rows = 2LL * w.config.n_kv_heads * top_k * w.config.head_dim * 2;
+        EXPECT_EQ(gs->kv_bytes()[l].device_bytes, est[l].device_bytes + sel_rows + gen_rows) << l;
+      }
+    }
+  }
+}
+
 // kv_bytes per SEMANTICS.
 TEST_F(CudaBackendTest, KvBytesPerPolicy) {
   ModelWeights w = TinyHeadDim64Model(8);

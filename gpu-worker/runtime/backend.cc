@@ -5,9 +5,14 @@
 namespace tailorkv::runtime {
 
 absl::Status ValidateForwardInput(const model::ModelConfig& config, const SequenceState& seq,
-                                  absl::Span<const int32_t> tokens) {
+                                  absl::Span<const int32_t> tokens, Backend::Mode mode) {
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return absl::InvalidArgumentError("tokens must not be empty");
+  if (mode == Backend::Mode::kDecode && (n != 1 || seq.length() == 0)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "mode: a decode step takes one token after the prompt, got %d tokens at length %d", n,
+        seq.length()));
+  }
   if (n > seq.capacity() - seq.length()) {
     return absl::InvalidArgumentError(
         absl::StrFormat("tokens: %d more tokens overflow the sequence (%d of %d used)", n,

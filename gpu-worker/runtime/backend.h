@@ -53,21 +53,37 @@ class Backend {
     return NewSequence(capacity, KvPlan::Dense(config().n_layers));
   }
 
+  // What a Forward call is: a prefill chunk (part of the prompt) or a decode
+  // step (one token after the prompt). kAuto infers it from the call (one
+  // token with length() > 0 is a decode step), which misreads a prompt whose
+  // last chunk holds one token: callers that split a prompt pass kPrefill.
+  enum class Mode { kAuto, kPrefill, kDecode };
+
   // Runs `tokens` at positions [seq.length(), seq.length() + n), appending
   // their K/V to `seq`. Writes logits row-major into `logits`: n x vocab when
   // `all_logits`, else only the last token's vocab entries.
-  // Non-dense layers: n == 1 with length() > 0 is a decode step (quant:
-  // append as QuantKvCpu::Append, then fused attention over codes +
-  // residual; window: attend over the sink and the recent ring). Anything
-  // else is a prefill chunk: its queries attend causally over [history as
-  // stored (quant: dequantized + exact residual; window: the kept tokens in
-  // position order) | the chunk in full precision], then the store is
-  // updated (quant: Pack). So a one-shot prefill attends in full precision;
-  // later chunks of a chunked prefill see the compressed history.
-  // InvalidArgument for empty input, ids outside the vocabulary, or
-  // overflowing the sequence's capacity (then `seq` is unchanged).
+  // Non-dense layers: a decode step (quant: append as QuantKvCpu::Append,
+  // then fused attention over codes + residual; window: attend over the
+  // sink and the recent ring; sparse: ends the prompt at its first step,
+  // then Top-K). A prefill chunk (any n, one token too) has its queries
+  // attend causally over [history as stored (quant: dequantized + exact
+  // residual; window: the kept tokens in position order) | the chunk in
+  // full precision], then the store is updated (quant: Pack). So a one-shot
+  // prefill attends in full precision; later chunks of a chunked prefill see
+  // the compressed history. InvalidArgument for empty input, ids outside the
+  // vocabulary, overflowing the sequence's capacity, or kDecode with n != 1
+  // or an empty sequence (then `seq` is unchanged).
   virtual absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens,
-                               bool all_logits, std::vector<float>* logits) = 0;
+                               bool all_logits, std::vector<float>* logits, Mode mode) = 0;
+  absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens, bool all_logits,
+                       std::vector<float>* logits) {
+    return Forward(seq, tokens, all_logits, logits, Mode::kAuto);
+  }
+  // kAuto resolved for `seq` before the call: true for a decode step.
+  static bool IsDecode(const SequenceState& seq, absl::Span<const int32_t> tokens, Mode mode) {
+    return mode == Mode::kDecode ||
+           (mode == Mode::kAuto && tokens.size() == 1 && seq.length() > 0);
+  }
 
   // Forward() that also shows the caller, once per layer right after that
   // layer's attention, its post-RoPE queries of the last `tap_queries` tokens
@@ -100,7 +116,8 @@ class Backend {
 // The checks every Backend::Forward makes before touching `seq`: non-empty
 // input, ids inside the vocabulary, room left in the sequence.
 absl::Status ValidateForwardInput(const model::ModelConfig& config, const SequenceState& seq,
-                                  absl::Span<const int32_t> tokens);
+                                  absl::Span<const int32_t> tokens,
+                                  Backend::Mode mode = Backend::Mode::kAuto);
 // ValidateForwardInput plus ForwardObserved's own checks (tap_queries in
 // range, every layer dense).
 absl::Status ValidateObservedForward(const model::ModelConfig& config, const SequenceState& seq,

@@ -258,28 +258,30 @@ class CpuBackend final : public Backend {
     return std::make_unique<CpuSequence>(w_.config, capacity, plan);
   }
 
+  using Backend::Forward;
   absl::Status Forward(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
-                       std::vector<float>* logits) override {
-    return Run(state, tokens, all_logits, logits, 0, nullptr);
+                       std::vector<float>* logits, Mode mode) override {
+    return Run(state, tokens, all_logits, logits, mode, 0, nullptr);
   }
   absl::Status ForwardObserved(SequenceState& state, absl::Span<const int32_t> tokens,
                                int tap_queries, const LayerObserver& observer) override {
     if (auto st = ValidateObservedForward(w_.config, state, tokens, tap_queries); !st.ok()) {
       return st;
     }
-    return Run(state, tokens, false, nullptr, tap_queries, &observer);
+    return Run(state, tokens, false, nullptr, Mode::kPrefill, tap_queries, &observer);
   }
 
  private:
   // Forward(); with an observer, calls it after every layer's attention and
   // computes no logits.
   absl::Status Run(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
-                   std::vector<float>* logits, int tap_queries, const LayerObserver* observer);
+                   std::vector<float>* logits, Mode mode, int tap_queries,
+                   const LayerObserver* observer);
   // Attention of the n chunk queries against a layer as its policy says
   // (runtime/backend.h); non-dense layers read the chunk's K/V from k_/v_.
   // spec_x: a decode step's speculative input for sparse layers with index
   // "gpu" (the previous layer's normalized input; layer 0's own).
-  void LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start,
+  void LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start, bool decode,
                       const float* spec_x, float* out);
   // Causal attention over a view: query i sees rows [0, offset + i + 1).
   void Attention(const KvView& kv, const float* q, int n, int offset, float* out);
@@ -307,11 +309,12 @@ class CpuBackend final : public Backend {
 };
 
 absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tokens,
-                             bool all_logits, std::vector<float>* logits, int tap_queries,
-                             const LayerObserver* observer) {
+                             bool all_logits, std::vector<float>* logits, Mode mode,
+                             int tap_queries, const LayerObserver* observer) {
   auto* seq = dynamic_cast<CpuSequence*>(&state);
   if (seq == nullptr) return absl::InvalidArgumentError("sequence was not made by the CPU backend");
-  if (auto st = ValidateForwardInput(w_.config, state, tokens); !st.ok()) return st;
+  if (auto st = ValidateForwardInput(w_.config, state, tokens, mode); !st.ok()) return st;
+  const bool decode = IsDecode(state, tokens, mode);
   const ModelConfig& c = w_.config;
   const int n = static_cast<int>(tokens.size());
   const int start = seq->length();
@@ -341,7 +344,7 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
       ref::RmsNorm(&x_[static_cast<size_t>(i) * H], L.attn_norm.data.data(), H, c.rms_eps,
                    &xn_[static_cast<size_t>(i) * H]);
     }
-    if (n == 1) {
+    if (decode) {
       xn_prev_.swap(xn_cur_);
       xn_cur_.assign(xn_.begin(), xn_.begin() + H);
       if (l == 0) xn_prev_ = xn_cur_;
@@ -361,7 +364,8 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
                     sizeof(float) * hd);
       }
     }
-    LayerAttention(*seq, l, q_.data(), n, start, n == 1 ? xn_prev_.data() : nullptr, attn_.data());
+    LayerAttention(*seq, l, q_.data(), n, start, decode, decode ? xn_prev_.data() : nullptr,
+                   attn_.data());
     if (observer != nullptr) {
       const KvView kv = seq->dense_view(l);
       const LayerTap tap{.layer = l,
@@ -418,7 +422,7 @@ void CpuBackend::CopyChunk(float* k, float* v, int64_t head_stride, int first, i
 }
 
 void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start,
-                                const float* spec_x, float* out) {
+                                bool decode, const float* spec_x, float* out) {
   const ModelConfig& c = w_.config;
   const int hd = c.head_dim, nkv = c.n_kv_heads, nh = c.n_heads;
   switch (seq.kind(layer)) {
@@ -428,7 +432,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
     case KvPolicyKind::kQuant: {
       QuantKvCpu& store = *seq.quant(layer);
       const int R = store.shape().params.residual;
-      if (n == 1 && start > 0) {
+      if (decode) {
         // Decode: k_/v_ hold [kv_head][head_dim], Append's layout.
         store.Append(start, k_.data(), v_.data());
         const int len = start + 1;
@@ -479,7 +483,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
           }
         }
       };
-      if (n == 1 && start > 0) {
+      if (decode) {
         store_rows(start, 1);
         // Every stored row is a kept token; order does not change attention.
         const int kept = std::min(start + 1, w.rows);
@@ -507,7 +511,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
     }
     case KvPolicyKind::kSparse: {
       SparseLayer& sp = *seq.sparse(layer);
-      if (n == 1 && start > 0) {
+      if (decode) {
         if (!sp.prompt_ended()) EndSparsePrompt(sp, start, seq.capacity());
         SparseDecode(sp, layer, q, start, spec_x, out);
       } else {

@@ -1,5 +1,6 @@
 #include "runtime/cpu_backend.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -1014,6 +1015,83 @@ TEST(CpuBackendSparse, KvBytesAndTruncate) {
   EXPECT_EQ(seq->length(), prompt + 2);
   ASSERT_TRUE(backend->Forward(*seq, absl::MakeConstSpan(more).first(cap - prompt - 2), false, &logits).ok());
   EXPECT_EQ(seq->length(), cap);
+}
+
+// A prompt of k * chunk + 1 tokens prefilled in chunks ends with a one-token
+// chunk: with Mode::kPrefill it is prompt, not a decode step, so the prompt
+// ends where it really ends and the decode that follows is the one a
+// one-call prefill gives. With kAuto it would be read as a decode step (the
+// prompt ends one token early), which the byte count shows.
+TEST(CpuBackendSparse, OneTokenLastPrefillChunkIsPromptNotADecodeStep) {
+  const auto w = PolicyModel(57, /*n_layers=*/3);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 1});
+  KvPlan plan = KvPlan::Dense(3);
+  plan.name = "sparse";
+  plan.layers[1] = Sparse(4, 8, 6, 3);
+  plan.layers[2] = Sparse(2, 8, 5, 4);
+  plan.layers[2].sparse.index = "gpu";
+  const int cap = 90, chunk = 35, prompt = 2 * chunk + 1, steps = 3;
+  const auto tokens = RandomTokens(prompt + steps, c.vocab, 58);
+  const auto all = absl::MakeConstSpan(tokens);
+  const int64_t nkv = c.n_kv_heads, hd = c.head_dim;
+  using Mode = Backend::Mode;
+
+  auto one_call = *backend->NewSequence(cap, plan);
+  auto chunked = *backend->NewSequence(cap, plan);
+  auto inferred = *backend->NewSequence(cap, plan);
+  const int64_t before = chunked->kv_bytes()[1].device_bytes;
+  std::vector<float> want, got, guessed;
+  ASSERT_TRUE(backend->Forward(*one_call, all.first(prompt), false, &want, Mode::kPrefill).ok());
+  for (int at = 0; at < prompt; at += chunk) {
+    const int n = std::min(chunk, prompt - at);
+    ASSERT_TRUE(backend->Forward(*chunked, all.subspan(at, n), false, &got, Mode::kPrefill).ok());
+    ASSERT_TRUE(backend->Forward(*inferred, all.subspan(at, n), false, &guessed).ok());
+  }
+  EXPECT_EQ(chunked->kv_bytes()[1].device_bytes, before) << "the prompt has not ended yet";
+  EXPECT_GT(inferred->kv_bytes()[1].device_bytes, before) << "kAuto read the last chunk as a step";
+  for (int s = 0; s < steps; ++s) {
+    const auto token = all.subspan(prompt + s, 1);
+    ASSERT_TRUE(backend->Forward(*one_call, token, false, &want, Mode::kDecode).ok());
+    ASSERT_TRUE(backend->Forward(*chunked, token, false, &got, Mode::kDecode).ok());
+    ASSERT_EQ(got.size(), want.size());
+    size_t where = 0;
+    // Same prompt end, same selections: only the prefill's chunking differs
+    // (GEMM blocking), so the logits agree to fp32 rounding.
+    EXPECT_LT(MaxAbsDiff(got.data(), want.data(), want.size(), &where), 1e-4f) << "step " << s;
+    for (int l : {1, 2}) {
+      EXPECT_EQ(CpuSparseLastSelection(*chunked, l), CpuSparseLastSelection(*one_call, l))
+          << "step " << s << " layer " << l;
+    }
+  }
+  EXPECT_EQ(CpuSparseChannels(*chunked, 2), CpuSparseChannels(*one_call, 2));
+  // Generated rows reserved for capacity - prompt, the whole prompt counted.
+  for (int l : {1, 2}) {
+    EXPECT_EQ(chunked->kv_bytes()[l].device_bytes, one_call->kv_bytes()[l].device_bytes) << l;
+  }
+  EXPECT_EQ(chunked->kv_bytes()[1].device_bytes, before + 2 * nkv * (cap - prompt) * hd * 4);
+  EXPECT_EQ(inferred->kv_bytes()[1].device_bytes, before + 2 * nkv * (cap - prompt + 1) * hd * 4);
+}
+
+TEST(CpuBackend, DecodeModeTakesOneTokenAfterThePrompt) {
+  const auto w = PolicyModel(59, /*n_layers=*/2);
+  auto backend = *CreateCpuBackend(w, {.threads = 1});
+  auto seq = *backend->NewSequence(16);
+  const auto tokens = RandomTokens(4, w.config.vocab, 60);
+  std::vector<float> logits;
+  const auto st = backend->Forward(*seq, absl::MakeConstSpan(tokens).first(1), false, &logits,
+                                   Backend::Mode::kDecode);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("mode"));
+  EXPECT_EQ(seq->length(), 0);
+  ASSERT_TRUE(backend->Forward(*seq, absl::MakeConstSpan(tokens).first(2), false, &logits).ok());
+  EXPECT_EQ(backend->Forward(*seq, absl::MakeConstSpan(tokens).subspan(2, 2), false, &logits,
+                             Backend::Mode::kDecode).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(seq->length(), 2);
+  EXPECT_TRUE(backend->Forward(*seq, absl::MakeConstSpan(tokens).subspan(2, 1), false, &logits,
+                               Backend::Mode::kDecode).ok());
+  EXPECT_EQ(seq->length(), 3);
 }
 
 TEST(CpuReference, LlamaThreeScalingKeepsHighFrequenciesAndSlowsLowOnes) {

@@ -356,14 +356,17 @@ absl::StatusOr<GenerationResult> Engine::Generate(
       return result;
     }
     const int n = std::min(prefill_chunk_, n_prompt - done);
-    RETURN_IF_ERROR(backend_->Forward(*seq, prompt.subspan(done, n), false, &logits));
+    // A prompt's last chunk may be one token: still prefill, not a decode step.
+    RETURN_IF_ERROR(
+        backend_->Forward(*seq, prompt.subspan(done, n), false, &logits, Backend::Mode::kPrefill));
     done += n;
   }
   result.finish_reason = FinishReason::kLength;
   bool done = false;
   for (int step = 0; step < request.max_tokens && !done; ++step) {
     if (step > 0) {
-      RETURN_IF_ERROR(backend_->Forward(*seq, absl::MakeConstSpan(&history.back(), 1), false, &logits));
+      RETURN_IF_ERROR(backend_->Forward(*seq, absl::MakeConstSpan(&history.back(), 1), false,
+                                        &logits, Backend::Mode::kDecode));
       if (step == 1) live.Refresh(*seq);
     }
     const int32_t token = sampler.Sample(absl::MakeSpan(logits.data(), vocab), history);
