@@ -42,17 +42,19 @@
 namespace tailorkv::profiler {
 
 // What the profiler plans with (proto ProfileSettings). Defaults are
-// TailorKV's LongBench budget (8 sink + 56 recent + Top-128) with 2-bit
-// quantized layers and 32 critical channels: with TailorKV-1's 1 bit and 8
-// channels the plan forgets facts that dense recalls (docs/results.md,
-// "Retrieval").
+// TailorKV's long-context budget (its RULER / InfiniteBench setting: 64 sink
+// + 64 recent + Top-896) with 2-bit quantized layers and 32 critical
+// channels. Measured on SmolLM2 (docs/results.md, "Retrieval and speed per
+// plan"): TailorKV-1's LongBench plan (1 bit, 192 tokens, 8 channels)
+// forgets 27 of 48 facts that dense keeps, 192 tokens at 32 channels 3 of
+// 48, this budget none.
 struct PlanSettings {
   int quant_bits = 2;
   int quant_group = 64;
   int quant_residual = 128;
-  int sink = 8;
-  int recent = 56;
-  int top_k = 128;
+  int sink = 64;
+  int recent = 64;
+  int top_k = 896;
   int channels = 32;
   std::string index = "gpu";
   double threshold = 0.2;

@@ -268,11 +268,11 @@ TEST(ValidatePlanSettings, NamesTheField) {
       {[](PlanSettings& s) { s.max_quant_layers = 4; }, 4096, "settings.max_quant_layers"},
       {[](PlanSettings& s) { s.min_index_recall = 2; }, 4096, "settings.min_index_recall"},
       {[](PlanSettings& s) { s.max_channels = 65; }, 4096, "settings.max_channels"},
-      // Budget 192 + 32 query rows does not fit 224 tokens.
-      {[](PlanSettings&) {}, 224, "settings.top_k: the sparse budget"},
+      // The default budget 1,024 + 32 query rows does not fit 1,056 tokens.
+      {[](PlanSettings&) {}, 1056, "settings.top_k: the sparse budget"},
       {[](PlanSettings& s) { s.top_k = 5000; }, 4096, "settings.top_k"},
   };
-  ASSERT_TRUE(ValidatePlanSettings(PlanSettings{}, c, 225).ok());
+  ASSERT_TRUE(ValidatePlanSettings(PlanSettings{}, c, 1057).ok());
   for (const Case& tc : cases) {
     PlanSettings s;
     tc.edit(s);

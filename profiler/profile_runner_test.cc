@@ -30,6 +30,8 @@ class ProfileRunnerTest : public ::testing::Test {
     spec.model = kModel;
     spec.calibration_text = Prose(6000);  // ~1,300 tokens
     spec.max_calibration_tokens = 600;
+    spec.settings.sink = 8;  // a budget that 600 tokens can measure
+    spec.settings.recent = 56;
     spec.settings.top_k = 64;
     return spec;
   }

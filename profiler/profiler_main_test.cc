@@ -42,6 +42,10 @@ v1::ProfileRequest Request(int tokens) {
   r.set_model(testing::kModel);
   r.set_calibration_text(testing::Prose(30000));
   r.set_max_calibration_tokens(tokens);
+  // A budget that a short calibration can measure (the default is 1,024 tokens).
+  r.mutable_settings()->set_sink(8);
+  r.mutable_settings()->set_recent(56);
+  r.mutable_settings()->set_top_k(64);
   return r;
 }
 
