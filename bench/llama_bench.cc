@@ -63,6 +63,8 @@ int main(int argc, char** argv) {
   std::string out_path;
   std::vector<std::string> plan_specs = {"dense"};
   bool sparse_overlap = true, sparse_priority = true, custom_gemv = true, prefill_prefetch = true;
+  bool row_reuse = true;
+  std::string decode_tokens = "random";
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
   app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
@@ -80,6 +82,12 @@ int main(int argc, char** argv) {
   app.add_option("--custom-gemv", custom_gemv, "decode products through our GEMV (false: cuBLAS)");
   app.add_option("--prefill-prefetch", prefill_prefetch,
                  "sparse prefill: load each layer's history by DMA while earlier layers compute");
+  app.add_option("--row-reuse", row_reuse,
+                 "sparse decode: copy rows selected again on the device instead of fetching them");
+  app.add_option("--decode-tokens", decode_tokens,
+                 "decode inputs: random (a new random token each step: random weights then "
+                 "reselect few rows) or repeat (one token: consecutive queries stay close)")
+      ->check(CLI::IsMember({"random", "repeat"}));
   CLI11_PARSE(app, argc, argv);
   // --prefill "" / --contexts "" (none) parse as one 0.
   prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
@@ -103,13 +111,15 @@ int main(int argc, char** argv) {
   opts.sparse_side_priority = sparse_priority;
   opts.custom_gemv = custom_gemv;
   opts.prefill_prefetch = prefill_prefetch;
+  opts.sparse_row_reuse = row_reuse;
   auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
   if (!backend.ok()) return Fail(backend.status(), "backend");
   const size_t weights_used = DeviceUsedBytes();
   nlohmann::json out = {{"model", config.name}, {"layers", layers}, {"graphs", graphs},
                         {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
                         {"sparse_priority", sparse_priority}, {"custom_gemv", custom_gemv},
-                        {"prefill_prefetch", prefill_prefetch},
+                        {"prefill_prefetch", prefill_prefetch}, {"row_reuse", row_reuse},
+                        {"decode_tokens", decode_tokens},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
@@ -129,8 +139,9 @@ int main(int argc, char** argv) {
       return Fail(s, "fill");
     }
     std::vector<double> ms;
+    const int32_t repeated = tok(rng);
     for (int i = 0; i < steps + 4; ++i) {
-      const int32_t t = tok(rng);
+      const int32_t t = decode_tokens == "repeat" ? repeated : tok(rng);
       const auto t0 = Clock::now();
       if (auto s = (*backend)->Forward(**seq, {&t, 1}, false, &logits); !s.ok()) {
         return Fail(s, "decode");
@@ -140,12 +151,15 @@ int main(int argc, char** argv) {
     }
     const double med = Median(ms);
     const double peak = (DeviceUsedBytes() - base_used) / 1e9;
-    double host_bytes = 0, pcie_bytes = 0;
+    // PCIe bytes of a step: the selected rows (before row reuse) and, for
+    // index "faithful", the chosen channels of every candidate key.
+    double host_bytes = 0, pcie_bytes = 0, gather_bytes = 0;
     for (const auto& b : (*seq)->kv_bytes()) host_bytes += static_cast<double>(b.host_bytes);
     for (const auto& l : plan.layers) {
       if (l.kind != tailorkv::runtime::KvPolicyKind::kSparse) continue;
       const int cand = std::max(ctx - l.sparse.sink - l.sparse.recent, 0);
       const double sel = std::min(l.sparse.top_k, cand);
+      gather_bytes += config.n_kv_heads * sel * 2.0 * config.head_dim * (l.sparse.host_bits / 8.0);
       pcie_bytes += config.n_kv_heads * sel * 2.0 * config.head_dim * (l.sparse.host_bits / 8.0);
       if (l.sparse.index == "faithful") {
         pcie_bytes += static_cast<double>(config.n_kv_heads) * l.sparse.channels * cand * 2.0;
@@ -169,16 +183,24 @@ int main(int argc, char** argv) {
     const double bytes = 2.0 * (layers * layer_weights + static_cast<double>(config.vocab) * config.hidden) +
                          kv_read;
     const double floor_ms = std::max(bytes / 3.0e12, pcie_bytes / 50e9) * 1e3;
-    std::printf("%-10d %-28s %10.3f %10.1f %12.2f %10.2f %12.2f   floor %.2f ms (%.0f%% of floor)\n", ctx,
-                plan.name.c_str(), med, 1000.0 / med, peak, host_bytes / 1e9, pcie_bytes / 1e6, floor_ms,
-                100.0 * floor_ms / med);
+    const auto reuse = tailorkv::cuda::SequenceSparseReuse(**seq);
+    const double reused = reuse.selected_rows > 0
+                              ? static_cast<double>(reuse.reused_rows) / reuse.selected_rows
+                              : 0.0;
+    const double pcie_fetched = pcie_bytes - reused * gather_bytes;
+    std::printf("%-10d %-28s %10.3f %10.1f %12.2f %10.2f %12.2f   floor %.2f ms (%.0f%% of floor)"
+                ", rows reused %.1f%%\n",
+                ctx, plan.name.c_str(), med, 1000.0 / med, peak, host_bytes / 1e9, pcie_bytes / 1e6,
+                floor_ms, 100.0 * floor_ms / med, 100.0 * reused);
     out["decode"].push_back({{"context", ctx}, {"plan", plan.name}, {"plan_summary", plan.Summary()},
                              {"host_kv_gb", host_bytes / 1e9}, {"pcie_bytes_per_token", pcie_bytes},
+                             {"pcie_bytes_fetched_per_token", pcie_fetched},
                              {"ms_per_token_median", med},
                              {"ms_min", *std::min_element(ms.begin(), ms.end())},
                              {"steps", ms.size()}, {"peak_gpu_gb", peak},
                              {"hbm_bytes_per_token", bytes}, {"hbm_floor_ms", floor_ms},
-                             {"kv_cache_gb", tailorkv::cuda::SequenceDeviceBytes(**seq) / 1e9}});
+                             {"kv_cache_gb", tailorkv::cuda::SequenceDeviceBytes(**seq) / 1e9},
+                             {"rows_reused", reused}});
   }
   std::printf("%-10s %-28s %12s %14s %14s %10s\n", "prefill", "plan", "seconds", "tokens/s",
               "peak GPU GB", "vs dense");

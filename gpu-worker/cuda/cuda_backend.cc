@@ -86,6 +86,8 @@ struct SparseKv {
   DeviceBuffer q_chan;            // [n_kv][channels] f32: the query on the channels
   DeviceBuffer index;             // [n_kv][capacity][channels] bf16 (gpu index)
   DeviceBuffer sel;               // [n_kv][top_k] int32
+  DeviceBuffer prev_sel;          // [n_kv][selected] int32: last step's (-1 before the first)
+  DeviceBuffer miss;              // [n_kv][selected] int32: this step's rows still to fetch
   DeviceBuffer len;               // int32: rows of the tier attended this step
   // From the end of the prompt.
   int prompt = -1, sink = 0, recent = 0, candidates = 0, selected = 0, tier_rows = 0;
@@ -236,12 +238,14 @@ class CudaSequence final : public SequenceState {
   int32_t* window_len() const { return window_len_.as<int32_t>(); }
   int64_t device_bytes() const {
     int64_t b = scratch_.size() + attn_workspace_.size() + quant_workspace_.size() + window_len_.size() +
-                scores.size() + topk_ws.size() + q_mean.size();
+                scores.size() + topk_ws.size() + q_mean.size() + reuse_stage.size() +
+                reuse_count.size();
     for (const LayerKv& L : layers_) b += L.mem.size();
     for (const auto& sp : sparse) {
       if (sp == nullptr) continue;
       b += sp->max_abs.size() + sp->last_q_mean.size() + sp->chans.size() + sp->q_chan.size() +
-           sp->index.size() + sp->sel.size() + sp->len.size() + sp->tier.size();
+           sp->index.size() + sp->sel.size() + sp->len.size() + sp->tier.size() +
+           sp->prev_sel.size() + sp->miss.size();
     }
     return b;
   }
@@ -265,6 +269,12 @@ class CudaSequence final : public SequenceState {
   kvhost::HostKvStore* host_store = nullptr;
   DeviceBuffer scores;        // [n_kv][capacity] f32
   DeviceBuffer topk_ws;
+  // Row reuse (CudaBackendOptions::sparse_row_reuse): last step's selected
+  // rows of the layer being selected, K | V each [n_kv][max selected][hd],
+  // and the rows reused so far (u64), with the steps that selected.
+  DeviceBuffer reuse_stage, reuse_count;
+  int reuse_stage_rows = 0;
+  int64_t selecting_steps = 0;
   DeviceBuffer q_mean;        // [n_kv][head_dim] f32 (faithful)
   bool any_sparse() const {
     for (const auto& sp : sparse) {
@@ -932,6 +942,23 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
                                            sp.chans.as<int32_t>(), nullptr, s));
       RETURN_IF_ERROR(BuildIndex(sp, cap, P, c.n_kv_heads, hd, cap, s));
     }
+    if (options_.sparse_row_reuse && sp.selected > 0) {
+      const size_t slots = static_cast<size_t>(c.n_kv_heads) * sp.selected;
+      ASSIGN_OR_RETURN(sp.prev_sel, DeviceBuffer::Allocate(slots * sizeof(int32_t)));
+      ASSIGN_OR_RETURN(sp.miss, DeviceBuffer::Allocate(slots * sizeof(int32_t)));
+      // Nothing selected yet: every row of the first step is fetched.
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sp.prev_sel.get(), 0xFF, sp.prev_sel.size(), s));
+      if (sp.selected > seq.reuse_stage_rows) {
+        seq.reuse_stage = DeviceBuffer();
+        ASSIGN_OR_RETURN(seq.reuse_stage,
+                         DeviceBuffer::Allocate(2 * slots * hd * sizeof(bf16)));
+        seq.reuse_stage_rows = sp.selected;
+      }
+    }
+  }
+  if (options_.sparse_row_reuse && seq.reuse_count.get() == nullptr) {
+    ASSIGN_OR_RETURN(seq.reuse_count, DeviceBuffer::Allocate(sizeof(unsigned long long)));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(seq.reuse_count.get(), 0, seq.reuse_count.size(), s));
   }
   return absl::OkStatus();
 }
@@ -991,8 +1018,31 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
                              seq.topk_ws.size(), s));
   bf16* tk = sp.tier.as<bf16>();
   bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * c.head_dim;
-  return GatherHost(sp, cap, sp.sink, sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads, c.head_dim,
-                    tk, tv, static_cast<int64_t>(sp.tier_rows) * c.head_dim, sp.kept(), s);
+  const int64_t tier_stride = static_cast<int64_t>(sp.tier_rows) * c.head_dim;
+  if (sp.prev_sel.get() == nullptr) {
+    return GatherHost(sp, cap, sp.sink, sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads,
+                      c.head_dim, tk, tv, tier_stride, sp.kept(), s);
+  }
+  // Row reuse: last step's selected rows out of the tier, those selected
+  // again copied back to their new slots, only the others fetched from the
+  // host; the tier ends up exactly as a full gather leaves it.
+  const size_t hd = c.head_dim, n = static_cast<size_t>(sp.selected);
+  const size_t width = n * hd * sizeof(bf16), pitch = sp.tier_rows * hd * sizeof(bf16);
+  bf16* stage_k = seq.reuse_stage.as<bf16>();
+  bf16* stage_v = stage_k + static_cast<size_t>(c.n_kv_heads) * n * hd;
+  CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(stage_k, width, tk + sp.kept() * hd, pitch, width,
+                                         c.n_kv_heads, cudaMemcpyDeviceToDevice, s));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(stage_v, width, tv + sp.kept() * hd, pitch, width,
+                                         c.n_kv_heads, cudaMemcpyDeviceToDevice, s));
+  RETURN_IF_ERROR(LaunchReuseSelectedRows(
+      sp.prev_sel.as<int32_t>(), sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads, c.head_dim,
+      stage_k, stage_v, static_cast<int64_t>(n * hd), tk, tv, tier_stride, sp.kept(),
+      sp.miss.as<int32_t>(), seq.reuse_count.as<unsigned long long>(), s));
+  RETURN_IF_ERROR(GatherHost(sp, cap, sp.sink, sp.miss.as<int32_t>(), sp.selected, c.n_kv_heads,
+                             c.head_dim, tk, tv, tier_stride, sp.kept(), s));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sp.prev_sel.get(), sp.sel.get(), sp.prev_sel.size(),
+                                       cudaMemcpyDeviceToDevice, s));
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int target,
@@ -1139,6 +1189,7 @@ absl::Status CudaBackend::DecodeStep(CudaSequence& seq, int32_t token,
   logits->resize(config_.vocab);
   RETURN_IF_ERROR(CopyLogitsOut(1, logits->data()));
   seq.set_length(pos + 1);
+  ++seq.selecting_steps;
   return absl::OkStatus();
 }
 
@@ -1347,6 +1398,25 @@ absl::Status FillSequenceWithRandomKv(runtime::SequenceState& seq, int length, u
 int64_t BackendDeviceBytes(const runtime::Backend& backend) {
   auto* b = dynamic_cast<const CudaBackend*>(&backend);
   return b == nullptr ? 0 : b->device_bytes();
+}
+
+SparseReuseStats SequenceSparseReuse(const runtime::SequenceState& seq) {
+  SparseReuseStats out;
+  auto* s = dynamic_cast<const CudaSequence*>(&seq);
+  if (s == nullptr || s->reuse_count.get() == nullptr) return out;
+  unsigned long long reused = 0;
+  if (cudaMemcpy(&reused, s->reuse_count.get(), sizeof(reused), cudaMemcpyDeviceToHost) !=
+      cudaSuccess) {
+    return out;
+  }
+  const int n_kv = static_cast<const CudaBackend*>(s->owner())->config().n_kv_heads;
+  int64_t per_step = 0;
+  for (const auto& sp : s->sparse) {
+    if (sp != nullptr) per_step += static_cast<int64_t>(sp->selected) * n_kv;
+  }
+  out.reused_rows = static_cast<int64_t>(reused);
+  out.selected_rows = per_step * s->selecting_steps;
+  return out;
 }
 
 int64_t SequenceDeviceBytes(const runtime::SequenceState& seq) {

@@ -295,6 +295,49 @@ TEST_F(CudaBackendTest, OneTokenLastPrefillChunkIsPromptAndMatchesCpu) {
   }
 }
 
+// Row reuse only moves bytes: with it on, the tier holds exactly what a full
+// gather leaves, so every decode step's logits are bit-identical to those
+// with it off (both indexes, bf16 and FP8 host tiers, prompt chunks of 32 so
+// decode graphs replay); and it does reuse rows.
+TEST_F(CudaBackendTest, SparseRowReuseGivesBitIdenticalLogits) {
+  ModelWeights w = TinyHeadDim64Model(17);
+  runtime::testing::RoundWeightsToBf16(w);
+  auto on = CreateCudaBackend(w, {.max_prefill_chunk = 32});
+  auto off = CreateCudaBackend(w, {.max_prefill_chunk = 32, .sparse_row_reuse = false});
+  ASSERT_TRUE(on.ok() && off.ok());
+  std::mt19937 rng(41);
+  std::uniform_int_distribution<int32_t> tok(0, w.config.vocab - 1);
+  std::vector<int32_t> prompt(150), steps(24);
+  for (auto& t : prompt) t = tok(rng);
+  for (auto& t : steps) t = tok(rng);
+  for (const char* spec : {"sparse:24:4:8:8:gpu", "sparse:17:2:6:8:faithful", "sparse:24:4:8:8:gpu:fp8"}) {
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto a = *(*on)->NewSequence(200, *plan);
+    auto b = *(*off)->NewSequence(200, *plan);
+    auto b2 = *(*off)->NewSequence(200, *plan);  // the run is deterministic at all
+    std::vector<float> la, lb, lb2;
+    ASSERT_TRUE((*on)->Forward(*a, prompt, false, &la).ok());
+    ASSERT_TRUE((*off)->Forward(*b, prompt, false, &lb).ok());
+    ASSERT_TRUE((*off)->Forward(*b2, prompt, false, &lb2).ok());
+    for (size_t i = 0; i < steps.size(); ++i) {
+      ASSERT_TRUE((*on)->Forward(*a, {&steps[i], 1}, false, &la).ok());
+      ASSERT_TRUE((*off)->Forward(*b, {&steps[i], 1}, false, &lb).ok());
+      ASSERT_TRUE((*off)->Forward(*b2, {&steps[i], 1}, false, &lb2).ok());
+      ASSERT_EQ(lb, lb2) << spec << ": the same run twice differs at step " << i;
+      ASSERT_EQ(la, lb) << spec << ": decode step " << i;
+    }
+    const SparseReuseStats with = SequenceSparseReuse(*a), without = SequenceSparseReuse(*b);
+    std::printf("%s: %lld of %lld selected rows reused\n", spec,
+                static_cast<long long>(with.reused_rows), static_cast<long long>(with.selected_rows));
+    EXPECT_GT(with.reused_rows, 0) << spec;
+    EXPECT_LT(with.reused_rows, with.selected_rows) << spec;
+    EXPECT_EQ(with.selected_rows, 24LL * w.config.n_layers * w.config.n_kv_heads *
+                                      plan->layers[0].sparse.top_k) << spec;
+    EXPECT_EQ(without.reused_rows, 0) << spec;
+  }
+}
+
 // kv_bytes per SEMANTICS.
 TEST_F(CudaBackendTest, KvBytesPerPolicy) {
   ModelWeights w = TinyHeadDim64Model(8);

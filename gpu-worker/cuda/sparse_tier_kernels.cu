@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cuda_check.h"
@@ -179,6 +180,52 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One warp per selected slot (h, i): every lane runs the same binary search
+// over prev's row (broadcast loads; -1 ranks above every position, so the
+// row is non-decreasing), then the lanes copy the K and V halves of a hit.
+__global__ void __launch_bounds__(kThreads)
+    ReuseRowsKernel(const int32_t* __restrict__ prev, const int32_t* __restrict__ next, int count,
+                    int64_t total, int cpr, const uint4* __restrict__ old_k,
+                    const uint4* __restrict__ old_v, int64_t old_head_stride16,
+                    uint4* __restrict__ dst_k, uint4* __restrict__ dst_v,
+                    int64_t dst_head_stride16, int dst_first, int32_t* __restrict__ miss,
+                    unsigned long long* reused) {
+  const int lane = threadIdx.x & 31;
+  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  unsigned long long hits = 0;
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; r < total;
+       r += nwarps) {
+    const int64_t h = r / count;
+    const int64_t i = r - h * count;
+    const int32_t p = next[r];
+    int j = -1;
+    if (p >= 0) {
+      const int32_t* row = prev + h * count;
+      int lo = 0, hi = count;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        const int32_t x = row[mid];
+        if (x >= 0 && x < p) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      if (lo < count && row[lo] == p) j = lo;
+    }
+    if (lane == 0) miss[r] = (p >= 0 && j < 0) ? p : -1;
+    if (j < 0) continue;
+    const int64_t src = h * old_head_stride16 + static_cast<int64_t>(j) * cpr;
+    const int64_t dst = h * dst_head_stride16 + (dst_first + i) * cpr;
+    for (int c = lane; c < cpr; c += 32) {
+      dst_k[dst + c] = old_k[src + c];
+      dst_v[dst + c] = old_v[src + c];
+    }
+    ++hits;
+  }
+  if (reused != nullptr && lane == 0 && hits > 0) atomicAdd(reused, hits);
+}
+
 // Block (slice of rows, head). Thread = one 8-channel chunk and one row
 // lane (lanes = kThreads / cpr rows at a time, or 1 lane looping over chunks
 // when cpr > kThreads); it keeps the max in registers (fmaxf drops NaN, so
@@ -338,6 +385,48 @@ absl::Status LaunchGatherKvRows(const __nv_bfloat16* host, int64_t host_rows, in
       reinterpret_cast<uint4*>(dst_k), reinterpret_cast<uint4*>(dst_v), dst_head_stride / 8,
       dst_first);
   CUDA_RETURN_IF_LAUNCH_FAILED("GatherKvKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchReuseSelectedRows(const int32_t* prev, const int32_t* next, int count, int n_kv,
+                                     int head_dim, const __nv_bfloat16* old_k,
+                                     const __nv_bfloat16* old_v, int64_t old_head_stride,
+                                     __nv_bfloat16* dst_k, __nv_bfloat16* dst_v,
+                                     int64_t dst_head_stride, int dst_first, int32_t* miss,
+                                     unsigned long long* reused, cudaStream_t stream) {
+  constexpr const char* kFn = "LaunchReuseSelectedRows";
+  if (absl::Status s = CheckShape(kFn, n_kv, head_dim); !s.ok()) return s;
+  if (count < 0) return Bad(kFn, "count = ", count, " < 0");
+  if (dst_first < 0) return Bad(kFn, "dst_first = ", dst_first, " < 0");
+  if (absl::Status s = CheckStride(kFn, "old_head_stride", old_head_stride, count, head_dim);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = CheckStride(kFn, "dst_head_stride", dst_head_stride,
+                                   static_cast<int64_t>(dst_first) + count, head_dim);
+      !s.ok()) {
+    return s;
+  }
+  if (count == 0) return absl::OkStatus();
+  for (const auto& [p, field] : {std::pair<const void*, const char*>{prev, "prev"}, {next, "next"},
+                                 {miss, "miss"}}) {
+    if (absl::Status s = CheckPtr(kFn, field, p, /*need_align16=*/false); !s.ok()) return s;
+  }
+  for (const auto& [p, field] : {std::pair<const void*, const char*>{old_k, "old_k"},
+                                 {old_v, "old_v"}, {dst_k, "dst_k"}, {dst_v, "dst_v"}}) {
+    if (absl::Status s = CheckPtr(kFn, field, p); !s.ok()) return s;
+  }
+  const int cpr = head_dim / 8;
+  const int64_t total = static_cast<int64_t>(n_kv) * count;
+  const int64_t warps_per_block = kThreads / 32;
+  const int blocks = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>((total + warps_per_block - 1) / warps_per_block,
+                           static_cast<int64_t>(DeviceSmCount()) * 8)));
+  ReuseRowsKernel<<<blocks, kThreads, 0, stream>>>(
+      prev, next, count, total, cpr, reinterpret_cast<const uint4*>(old_k),
+      reinterpret_cast<const uint4*>(old_v), old_head_stride / 8, reinterpret_cast<uint4*>(dst_k),
+      reinterpret_cast<uint4*>(dst_v), dst_head_stride / 8, dst_first, miss, reused);
+  CUDA_RETURN_IF_LAUNCH_FAILED("ReuseRowsKernel");
   return absl::OkStatus();
 }
 

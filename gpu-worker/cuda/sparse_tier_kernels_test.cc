@@ -26,6 +26,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/test_host_mapped.h"
 #include "cuda/test_rng.h"
+#include "runtime/sparse_reference.h"
 
 namespace tailorkv::cuda {
 namespace {
@@ -587,6 +588,117 @@ void ExpectBad(const absl::Status& s, const std::string& want) {
       << "message '" << s.message() << "' does not contain '" << want << "'";
 }
 
+// Row reuse: LaunchReuseSelectedRows then LaunchGatherKvRows over its misses
+// fills the destination exactly as one gather of the new selection does,
+// the rows selected again come from the old rows (their host rows are
+// poisoned before the gather, so a row read from the host would show), the
+// miss list and the count match runtime::ReuseSelectedRows. Cases: -1 tails
+// in prev and next, odd counts, head_dim 64 / 128, a decode-sized 8 x 896.
+TEST_F(SparseTierKernelsTest, ReuseThenGatherMissesEqualsAFullGather) {
+  struct Case {
+    int n_kv, count, hd, host_rows, prev_empty, next_empty;
+  };
+  const Case cases[] = {{3, 7, 64, 40, 0, 0}, {2, 33, 128, 70, 3, 2}, {8, 896, 128, 5000, 0, 0},
+                        {1, 5, 64, 9, 5, 0}};
+  uint32_t seed = 71;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "n_kv " << c.n_kv << " count " << c.count << " hd " << c.hd);
+    Rng rng(seed++);
+    const int hd = c.hd, dst_first = 5;
+    const int64_t row = 2 * hd;  // host row: K | V
+    Bits host = RandBits(static_cast<size_t>(c.n_kv) * c.host_rows * row, rng);
+    std::vector<int32_t> prev(static_cast<size_t>(c.n_kv) * c.count),
+        next(prev.size());
+    auto draw = [&](int from, int to) {
+      return std::min(to - 1, from + static_cast<int>(rng.Uniform(0.0f, 1.0f) * (to - from)));
+    };
+    for (int h = 0; h < c.n_kv; ++h) {
+      std::vector<int32_t> pos(c.host_rows);
+      for (int p = 0; p < c.host_rows; ++p) pos[p] = p;
+      for (int i = 0; i < c.host_rows; ++i) std::swap(pos[i], pos[draw(i, c.host_rows)]);
+      // prev: the first `count` of a shuffle; next keeps ~60% of them.
+      std::vector<int32_t> a(pos.begin(), pos.begin() + c.count), b;
+      int fresh = c.count;
+      for (int32_t p : a) b.push_back(rng.Uniform(0.0f, 1.0f) < 0.6f ? p : pos[fresh++ % c.host_rows]);
+      std::sort(a.begin(), a.end());
+      std::sort(b.begin(), b.end());
+      b.erase(std::unique(b.begin(), b.end()), b.end());
+      while (static_cast<int>(b.size()) < c.count) b.push_back(-1);
+      for (int i = 0; i < c.prev_empty; ++i) a[c.count - 1 - i] = -1;
+      for (int i = 0; i < c.next_empty; ++i) b[c.count - 1 - i] = -1;
+      std::copy(a.begin(), a.end(), prev.begin() + static_cast<int64_t>(h) * c.count);
+      std::copy(b.begin(), b.end(), next.begin() + static_cast<int64_t>(h) * c.count);
+    }
+    // Old rows: what the tier held for prev (random where prev is empty).
+    const int64_t old_hs = static_cast<int64_t>(c.count) * hd;
+    Bits old_k = RandBits(c.n_kv * old_hs, rng), old_v = RandBits(c.n_kv * old_hs, rng);
+    for (int h = 0; h < c.n_kv; ++h) {
+      for (int j = 0; j < c.count; ++j) {
+        const int32_t p = prev[h * c.count + j];
+        if (p < 0) continue;
+        const uint16_t* src = &host[(static_cast<int64_t>(h) * c.host_rows + p) * row];
+        std::copy_n(src, hd, &old_k[h * old_hs + static_cast<int64_t>(j) * hd]);
+        std::copy_n(src + hd, hd, &old_v[h * old_hs + static_cast<int64_t>(j) * hd]);
+      }
+    }
+    // Expected: one gather of next from the clean host rows.
+    const int64_t dst_hs = static_cast<int64_t>(dst_first + c.count + 3) * hd;
+    const Bits poison(static_cast<size_t>(c.n_kv) * dst_hs, kPoison);
+    Bits want_k = poison, want_v = poison;
+    for (int h = 0; h < c.n_kv; ++h) {
+      for (int i = 0; i < c.count; ++i) {
+        const int32_t p = next[h * c.count + i];
+        if (p < 0) continue;
+        const uint16_t* src = &host[(static_cast<int64_t>(h) * c.host_rows + p) * row];
+        std::copy_n(src, hd, &want_k[h * dst_hs + static_cast<int64_t>(dst_first + i) * hd]);
+        std::copy_n(src + hd, hd, &want_v[h * dst_hs + static_cast<int64_t>(dst_first + i) * hd]);
+      }
+    }
+    // Reference miss list and count; then poison the host rows of the hits.
+    std::vector<int32_t> want_miss(next.size());
+    int want_reused = 0;
+    for (int h = 0; h < c.n_kv; ++h) {
+      Bits scratch(static_cast<size_t>(c.count) * hd);
+      auto n = runtime::ReuseSelectedRows(&prev[h * c.count], &next[h * c.count], c.count,
+                                          &old_k[h * old_hs], hd * 2, scratch.data(),
+                                          &want_miss[h * c.count]);
+      ASSERT_TRUE(n.ok()) << n.status();
+      want_reused += *n;
+      for (int i = 0; i < c.count; ++i) {
+        const int32_t p = next[h * c.count + i];
+        if (p >= 0 && want_miss[h * c.count + i] < 0) {
+          std::fill_n(&host[(static_cast<int64_t>(h) * c.host_rows + p) * row], row, kPoison);
+        }
+      }
+    }
+    if (c.prev_empty < c.count) {
+      ASSERT_GT(want_reused, 0) << "the case must reuse something";
+    }
+    absl::StatusOr<DeviceBuffer> d_host = Upload(host), d_prev = Upload(prev), d_next = Upload(next),
+                                 d_old_k = Upload(old_k), d_old_v = Upload(old_v),
+                                 dk = Upload(poison), dv = Upload(poison),
+                                 d_miss = Upload(std::vector<int32_t>(next.size(), 12345)),
+                                 d_count = Upload(std::vector<unsigned long long>(1, 0));
+    ASSERT_TRUE(d_host.ok() && d_prev.ok() && d_next.ok() && d_old_k.ok() && d_old_v.ok() &&
+                dk.ok() && dv.ok() && d_miss.ok() && d_count.ok());
+    absl::Status st = LaunchReuseSelectedRows(
+        d_prev->as<int32_t>(), d_next->as<int32_t>(), c.count, c.n_kv, hd, Bf(*d_old_k),
+        Bf(*d_old_v), old_hs, Bf(*dk), Bf(*dv), dst_hs, dst_first, d_miss->as<int32_t>(),
+        d_count->as<unsigned long long>(), nullptr);
+    ASSERT_TRUE(st.ok()) << st;
+    st = LaunchGatherKvRows(Bf(*d_host), c.host_rows, 0, d_miss->as<int32_t>(), c.count, c.n_kv, hd,
+                            Bf(*dk), Bf(*dv), dst_hs, dst_first, nullptr);
+    ASSERT_TRUE(st.ok()) << st;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto miss = Download<int32_t>(*d_miss, next.size());
+    EXPECT_EQ(miss, want_miss);
+    EXPECT_EQ(Download<unsigned long long>(*d_count, 1)[0], static_cast<unsigned long long>(want_reused));
+    const Bits got_k = Download<uint16_t>(*dk, poison.size()), got_v = Download<uint16_t>(*dv, poison.size());
+    ExpectSame(got_k.data(), want_k.data(), want_k.size(), "dst_k");
+    ExpectSame(got_v.data(), want_v.data(), want_v.size(), "dst_v");
+  }
+}
+
 // Every check runs before any CUDA call, so no device is needed; the
 // pointers are never dereferenced.
 TEST(SparseTierKernelsArgs, BadArgumentsNameTheField) {
@@ -646,6 +758,27 @@ TEST(SparseTierKernelsArgs, BadArgumentsNameTheField) {
   ExpectBad(LaunchGatherKvRows(p, 64, 0, idx, 4, 2, 128, p, nullptr, hs, 0, nullptr), "LaunchGatherKvRows: dst_v is null");
   ExpectBad(LaunchGatherKvRows(odd, 64, 0, idx, 4, 2, 128, p, p, hs, 0, nullptr), "LaunchGatherKvRows: host is not 16-byte");
   EXPECT_TRUE(LaunchGatherKvRows(nullptr, 64, 0, nullptr, 0, 2, 128, nullptr, nullptr, hs, 0, nullptr).ok());
+
+  // LaunchReuseSelectedRows(prev, next, count, n_kv, head_dim, old_k, old_v, old_head_stride,
+  //                         dst_k, dst_v, dst_head_stride, dst_first, miss, reused, stream)
+  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, -1, 2, 128, p, p, hs, p, p, hs, 0, idx + 8, nullptr, nullptr),
+            "LaunchReuseSelectedRows: count");
+  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 0, 128, p, p, hs, p, p, hs, 0, idx + 8, nullptr, nullptr),
+            "LaunchReuseSelectedRows: n_kv");
+  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, p, p, 100, p, p, hs, 0, idx + 8, nullptr, nullptr),
+            "LaunchReuseSelectedRows: old_head_stride");
+  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, p, p, hs, p, p, hs, 61, idx + 8, nullptr, nullptr),
+            "LaunchReuseSelectedRows: dst_head_stride");
+  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, p, p, hs, p, p, hs, -1, idx + 8, nullptr, nullptr),
+            "LaunchReuseSelectedRows: dst_first");
+  ExpectBad(LaunchReuseSelectedRows(nullptr, idx + 4, 4, 2, 128, p, p, hs, p, p, hs, 0, idx + 8, nullptr, nullptr),
+            "LaunchReuseSelectedRows: prev is null");
+  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, p, p, hs, p, p, hs, 0, nullptr, nullptr, nullptr),
+            "LaunchReuseSelectedRows: miss is null");
+  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, odd, p, hs, p, p, hs, 0, idx + 8, nullptr, nullptr),
+            "LaunchReuseSelectedRows: old_k is not 16-byte");
+  EXPECT_TRUE(LaunchReuseSelectedRows(nullptr, nullptr, 0, 2, 128, nullptr, nullptr, hs, nullptr, nullptr, hs, 0,
+                                      nullptr, nullptr, nullptr).ok());
 
   // LaunchMaxAbsUpdate(k, head_stride, first, n, n_kv, head_dim, max_abs, stream)
   ExpectBad(LaunchMaxAbsUpdate(p, hs, 0, 4, 2, 128, nullptr, nullptr), "LaunchMaxAbsUpdate: max_abs is null");

@@ -56,6 +56,37 @@ absl::Status GatherRows(const void* src, int64_t src_rows, int64_t row_bytes, co
   return absl::OkStatus();
 }
 
+absl::StatusOr<int> ReuseSelectedRows(const int32_t* prev, const int32_t* next, int count,
+                                      const void* old_rows, int64_t row_bytes, void* dst,
+                                      int32_t* miss) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("ReuseSelectedRows: count = ", count, " < 0"));
+  if (row_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("ReuseSelectedRows: row_bytes = ", row_bytes, " < 0"));
+  }
+  if (count == 0) return 0;
+  for (const auto& [p, name] : {std::pair<const void*, const char*>{prev, "prev"}, {next, "next"},
+                                {old_rows, "old_rows"}, {dst, "dst"}, {miss, "miss"}}) {
+    if (p == nullptr) return absl::InvalidArgumentError(absl::StrCat("ReuseSelectedRows: ", name, " is null"));
+  }
+  const auto* old = static_cast<const unsigned char*>(old_rows);
+  auto* d = static_cast<unsigned char*>(dst);
+  int reused = 0;
+  for (int i = 0; i < count; ++i) {
+    miss[i] = -1;
+    if (next[i] < 0) continue;
+    int j = 0;
+    while (j < count && prev[j] != next[i]) ++j;  // linear: the reference, not the fast path
+    if (j == count) {
+      miss[i] = next[i];
+      continue;
+    }
+    std::memcpy(d + static_cast<int64_t>(i) * row_bytes, old + static_cast<int64_t>(j) * row_bytes,
+                static_cast<size_t>(row_bytes));
+    ++reused;
+  }
+  return reused;
+}
+
 }  // namespace tailorkv::runtime
 
 namespace tailorkv::runtime {

@@ -41,6 +41,22 @@ absl::StatusOr<int> TopKIndices(const float* scores, int n, int k, int32_t* out)
 absl::Status GatherRows(const void* src, int64_t src_rows, int64_t row_bytes, const int32_t* idx,
                         int count, void* dst);
 
+// Row reuse between consecutive decode steps of one KV head (the CUDA
+// backend's device tier keeps last step's selected rows; a position selected
+// again is copied on the device instead of crossing PCIe again). `prev` and
+// `next` are last and this step's selections (count entries each: entries
+// >= 0 ascending, then any -1 = empty slots, as LaunchTopK writes them);
+// `old_rows` holds row j for prev[j]
+// (row_bytes each). For each i with next[i] >= 0: when next[i] == prev[j]
+// for some j, dst row i = old_rows row j and miss[i] = -1; otherwise dst row
+// i is left untouched and miss[i] = next[i] (what the host gather must
+// still fetch). Entries with next[i] < 0 give miss[i] = -1. Returns the
+// number of rows reused. Errors name the field: negative sizes, null
+// pointers (count > 0).
+absl::StatusOr<int> ReuseSelectedRows(const int32_t* prev, const int32_t* next, int count,
+                                      const void* old_rows, int64_t row_bytes, void* dst,
+                                      int32_t* miss);
+
 }  // namespace tailorkv::runtime
 
 namespace tailorkv::runtime {

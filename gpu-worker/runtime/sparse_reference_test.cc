@@ -230,5 +230,40 @@ TEST(SpeculativeQueryMeanTest, MatchesFullProjectionRopeAndMean) {
   }
 }
 
+// Rows selected again come from the old rows, the others are left for the
+// host gather (miss); empty slots (-1) reuse nothing and miss nothing.
+TEST(ReuseSelectedRowsTest, CopiesRowsSelectedAgainAndListsTheRest) {
+  const int count = 6;
+  const int64_t row = 3;  // bytes
+  const std::vector<int32_t> prev = {2, 5, 9, 11, -1, -1};
+  const std::vector<int32_t> next = {1, 5, 9, 12, 40, -1};
+  std::vector<unsigned char> old(count * row), dst(count * row, 0xEE);
+  for (int j = 0; j < count; ++j) {
+    for (int b = 0; b < row; ++b) old[j * row + b] = static_cast<unsigned char>(10 * j + b);
+  }
+  std::vector<int32_t> miss(count, 77);
+  auto n = ReuseSelectedRows(prev.data(), next.data(), count, old.data(), row, dst.data(), miss.data());
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(*n, 2);
+  EXPECT_EQ(miss, (std::vector<int32_t>{1, -1, -1, 12, 40, -1}));
+  for (int b = 0; b < row; ++b) {
+    EXPECT_EQ(dst[1 * row + b], old[1 * row + b]);  // 5 was prev[1]
+    EXPECT_EQ(dst[2 * row + b], old[2 * row + b]);  // 9 was prev[2]
+    for (int i : {0, 3, 4, 5}) EXPECT_EQ(dst[i * row + b], 0xEE) << "row " << i << " untouched";
+  }
+  // Nothing before (all -1): everything is a miss.
+  const std::vector<int32_t> none(count, -1);
+  n = ReuseSelectedRows(none.data(), next.data(), count, old.data(), row, dst.data(), miss.data());
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 0);
+  EXPECT_EQ(miss, (std::vector<int32_t>{1, 5, 9, 12, 40, -1}));
+  EXPECT_EQ(ReuseSelectedRows(prev.data(), next.data(), -1, old.data(), row, dst.data(), miss.data())
+                .status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ReuseSelectedRows(prev.data(), nullptr, count, old.data(), row, dst.data(), miss.data())
+                .status().message(),
+            "ReuseSelectedRows: next is null");
+}
+
 }  // namespace
 }  // namespace tailorkv::runtime
