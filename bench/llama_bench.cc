@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
   std::string out_path;
   std::vector<std::string> plan_specs = {"dense"};
   bool sparse_overlap = true, sparse_priority = true, custom_gemv = true, prefill_prefetch = true;
-  bool row_reuse = true;
+  bool row_reuse = tailorkv::cuda::CudaBackendOptions{}.sparse_row_reuse;
   std::string decode_tokens = "random";
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');

@@ -68,8 +68,9 @@ struct CudaBackendOptions {
   // Sparse decode: a row selected again at the next step is copied on the
   // device from where the tier already holds it instead of crossing PCIe
   // again (the tier's contents are the same either way). SmolLM2 reselects
-  // 83% of Top-896 rows from one step to the next (tkv_selection_locality).
-  bool sparse_row_reuse = true;
+  // 81% of Top-896 rows from one step to the next (tkv_selection_locality).
+  // Off by default until its GPU tests and timing have run on a GPU.
+  bool sparse_row_reuse = false;
 };
 
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the

@@ -302,7 +302,7 @@ TEST_F(CudaBackendTest, OneTokenLastPrefillChunkIsPromptAndMatchesCpu) {
 TEST_F(CudaBackendTest, SparseRowReuseGivesBitIdenticalLogits) {
   ModelWeights w = TinyHeadDim64Model(17);
   runtime::testing::RoundWeightsToBf16(w);
-  auto on = CreateCudaBackend(w, {.max_prefill_chunk = 32});
+  auto on = CreateCudaBackend(w, {.max_prefill_chunk = 32, .sparse_row_reuse = true});
   auto off = CreateCudaBackend(w, {.max_prefill_chunk = 32, .sparse_row_reuse = false});
   ASSERT_TRUE(on.ok() && off.ok());
   std::mt19937 rng(41);
