@@ -98,14 +98,15 @@ int Fail(const std::string& what) {
 
 void PrintLayers(const std::string& plan_json) {
   const auto doc = nlohmann::json::parse(plan_json);
-  std::printf("%5s  %-7s %5s %10s %12s %12s\n", "layer", "policy", "width", "dense_pref",
+  std::printf("%5s  %-7s %10s %10s %12s %12s\n", "layer", "policy", "width", "dense_pref",
               "sparse_err", "quant_err");
   for (const auto& l : doc["layers"]) {
-    // Bits of a quantized layer, critical channels of a sparse one.
-    const std::string width = l.contains("bits")       ? absl::StrCat(l.value("bits", 0), "b")
-                              : l.contains("channels") ? absl::StrCat("d", l.value("channels", 0))
-                                                       : "";
-    std::printf("%5d  %-7s %5s %10.4f %12.4g %12.4g\n", l.value("layer", 0),
+    // Bits of a quantized layer, critical channels and Top-K of a sparse one.
+    const std::string width =
+        l.contains("bits")       ? absl::StrCat(l.value("bits", 0), "b")
+        : l.contains("channels") ? absl::StrCat("d", l.value("channels", 0), " k", l.value("top_k", 0))
+                                 : "";
+    std::printf("%5d  %-7s %10s %10.4f %12.4g %12.4g\n", l.value("layer", 0),
                 l.value("policy", "").c_str(), width.c_str(), l.value("dense_preference", -1.0),
                 l.value("sparse_error", -1.0), l.value("quant_error", -1.0));
   }
@@ -179,6 +180,10 @@ int main(int argc, char** argv) {
   run->add_option("--min-index-recall", s.min_index_recall,
                   "per layer: fewest channels (of channels x 1, 2, 4, ...) with this recall");
   run->add_option("--max-channels", s.max_channels, "with --min-index-recall (0 = 4 x channels)");
+  run->add_option("--max-sparse-error", s.max_sparse_error,
+                  "per layer: fewest Top-K tokens (of top_k x 1/4 .. 4) with at most this "
+                  "measured attention-output error");
+  run->add_option("--max-top-k", s.max_top_k, "with --max-sparse-error (0 = 4 x top_k)");
   run->add_option("--out", out_dir, "write plan.json and plan.png here");
   run->add_option("--server", server, "a profiler service (host:port) to run it");
   run->add_option("--backend", backend, "local: auto, cpu or cuda")->capture_default_str();
@@ -282,6 +287,8 @@ int main(int argc, char** argv) {
     if (s.max_quant_error >= 0) rs->set_max_quant_error(s.max_quant_error);
     if (s.min_index_recall >= 0) rs->set_min_index_recall(s.min_index_recall);
     if (s.max_channels > 0) rs->set_max_channels(s.max_channels);
+    if (s.max_sparse_error >= 0) rs->set_max_sparse_error(s.max_sparse_error);
+    if (s.max_top_k > 0) rs->set_max_top_k(s.max_top_k);
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(timeout_s));
     auto reader = v1::Profiler::NewStub(Channel(server))->Profile(&ctx, req);

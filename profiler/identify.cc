@@ -97,6 +97,19 @@ std::vector<int> BitCandidates(const PlanSettings& s) {
   return out;
 }
 
+std::vector<int> TopKCandidates(const PlanSettings& s, int calibration_tokens) {
+  if (s.max_sparse_error < 0) return {s.top_k};
+  const int most = s.max_top_k > 0 ? s.max_top_k : 4 * s.top_k;
+  std::vector<int> out;
+  for (int k : {s.top_k / 4, s.top_k / 2, s.top_k, 2 * s.top_k, 4 * s.top_k, 8 * s.top_k}) {
+    const int64_t budget = static_cast<int64_t>(s.sink) + s.recent + k;
+    if (k < 1 || k > most || budget + s.query_rows >= calibration_tokens) continue;
+    if (out.empty() || out.back() != k) out.push_back(k);
+  }
+  if (out.empty()) out.push_back(s.top_k);  // ValidatePlanSettings checked that it fits
+  return out;
+}
+
 double RoundScore(double x) {
   if (!std::isfinite(x) || x == 0) return x;
   char buf[32];
@@ -148,6 +161,15 @@ absl::Status ValidatePlanSettings(const PlanSettings& s, const model::ModelConfi
     return SettingError("min_index_recall",
                         absl::StrCat("must be in [0, 1] (unset: keep channels), got ",
                                      s.min_index_recall));
+  }
+  if (s.max_sparse_error > 1e6) {
+    return SettingError("max_sparse_error",
+                        absl::StrCat("must be a relative error in [0, 1e6] (unset: keep top_k), got ",
+                                     s.max_sparse_error));
+  }
+  if (s.max_top_k < 0) {
+    return SettingError("max_top_k",
+                        absl::StrCat("must be >= 0 (0 = 4 x top_k), got ", s.max_top_k));
   }
   if (s.max_channels < 0 || s.max_channels > c.head_dim) {
     return SettingError("max_channels", absl::StrCat("must be in [0, head_dim ", c.head_dim,
@@ -204,6 +226,11 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
   std::vector<double> full(static_cast<size_t>(Q) * nh * hd);
   std::vector<double> sparse_err(static_cast<size_t>(nkv) * nd, 0), recall(sparse_err.size(), 0),
       oracle_err(nkv, 0);
+  // Per-layer budgets: each candidate Top-K with the index at ds[0] and exact.
+  const std::vector<int> kb = TopKCandidates(s, n);
+  const int nb = static_cast<int>(kb.size());
+  const bool sweep = s.max_sparse_error >= 0;
+  std::vector<double> budget_err(static_cast<size_t>(nkv) * nb, 0), budget_oracle(budget_err.size(), 0);
   const int S = std::min(s.sink, P);
   const int recent_lo = std::max(S, P - s.recent);
   const int nc = recent_lo - S;  // candidates [S, recent_lo)
@@ -275,6 +302,27 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
           else ++b;
         }
         recall[g * nd + c] += ks > 0 ? static_cast<double>(hit) / ks : 1.0;
+        if (c == 0 && sweep) {
+          // The same scores under each candidate budget, index and exact.
+          std::vector<int32_t> picked(std::min(kb.back(), nc));
+          std::vector<int> rows;
+          for (int bi = 0; bi < nb; ++bi) {
+            for (int which = 0; which < 2; ++which) {
+              const int m = *runtime::TopKIndices(which == 0 ? approx.data() : exact.data(), nc,
+                                                  kb[bi], picked.data());
+              rows.clear();
+              for (int j = 0; j < S; ++j) rows.push_back(j);
+              for (int a = 0; a < m; ++a) rows.push_back(S + picked[a]);
+              for (int j = recent_lo; j <= p; ++j) rows.push_back(j);
+              for (int a = 0; a < G; ++a) {
+                const int h = g * G + a;
+                AttendRows(qrow(i, h), K, V, rows, hd, scale, w, o_s.data());
+                (which == 0 ? budget_err : budget_oracle)[g * nb + bi] +=
+                    RelativeError(o_s.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
+              }
+            }
+          }
+        }
         kept(sel, rows_sparse);
         for (int a = 0; a < G; ++a) {
           const int h = g * G + a;
@@ -296,6 +344,15 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
   }
   out.sparse_error = out.by_channels[0].sparse_error;
   out.index_recall = out.by_channels[0].recall;
+  if (sweep) {
+    for (int bi = 0; bi < nb; ++bi) {
+      double e = 0, o = 0;
+      for (int g = 0; g < nkv; ++g) e += budget_err[g * nb + bi], o += budget_oracle[g * nb + bi];
+      out.by_top_k.push_back({.top_k = kb[bi],
+                              .sparse_error = e / per_head_rows,
+                              .oracle_error = o / per_head_rows});
+    }
+  }
 
   // Quantization at each candidate width: the runtime's own store, packed
   // with the prompt, then each step appended and attended as a quant layer's
@@ -375,6 +432,21 @@ runtime::KvPlan DecidePlan(const std::vector<LayerScores>& scores, const PlanSet
         break;
       }
     }
+    // The fewest Top-K tokens that meet max_sparse_error (the largest when
+    // none does).
+    int top_k = s.top_k;
+    double sparse_error = d.sparse_error;
+    if (s.max_sparse_error >= 0 && !sc.by_top_k.empty()) {
+      const LayerScores::ByTopK* k = &sc.by_top_k.back();
+      for (const auto& c : sc.by_top_k) {
+        if (c.sparse_error <= s.max_sparse_error) {
+          k = &c;
+          break;
+        }
+      }
+      top_k = k->top_k;
+      sparse_error = k->sparse_error;
+    }
     if (std::find(quant.begin(), quant.end(), l) != quant.end()) {
       p.kind = runtime::KvPolicyKind::kQuant;
       p.quant = {.bits = b.bits, .group = s.quant_group, .residual = s.quant_residual};
@@ -382,12 +454,12 @@ runtime::KvPlan DecidePlan(const std::vector<LayerScores>& scores, const PlanSet
       p.kind = runtime::KvPolicyKind::kSparse;
       p.sparse.sink = s.sink;
       p.sparse.recent = s.recent;
-      p.sparse.top_k = s.top_k;
+      p.sparse.top_k = top_k;
       p.sparse.channels = d.channels;
       p.sparse.index = s.index;
     }
     p.dense_preference = RoundScore(sc.dense_preference);
-    p.sparse_error = RoundScore(d.sparse_error);
+    p.sparse_error = RoundScore(sparse_error);
     p.quant_error = RoundScore(b.quant_error);
   }
   return plan;

@@ -68,11 +68,21 @@ struct PlanSettings {
   double max_quant_error = -1;
   double min_index_recall = -1;
   int max_channels = 0;
+  // Per-layer budgets (off when < 0): a sparse layer gets the fewest Top-K
+  // tokens of {top_k / 4, top_k / 2, top_k, 2 top_k, 4 top_k, ... <=
+  // max_top_k (0 = 4 x top_k)} whose measured attention-output error (at
+  // `channels`, the first channel candidate) is at most max_sparse_error;
+  // the largest candidate when none qualifies. Candidates the calibration
+  // cannot measure (budget + query_rows >= its tokens) are left out.
+  double max_sparse_error = -1;
+  int max_top_k = 0;
 };
 
 // The candidate widths a profile measures under these settings.
 std::vector<int> ChannelCandidates(const PlanSettings& s, int head_dim);
 std::vector<int> BitCandidates(const PlanSettings& s);
+// Ascending; {top_k} when per-layer budgets are off.
+std::vector<int> TopKCandidates(const PlanSettings& s, int calibration_tokens);
 
 // InvalidArgument naming the field ("settings.top_k: ...") when a setting is
 // out of range for this model, or when `calibration_tokens` cannot measure
@@ -99,8 +109,14 @@ struct LayerScores {
     int bits = 0;
     double quant_error = 0;
   };
+  struct ByTopK {
+    int top_k = 0;
+    double sparse_error = 0;  // the index at settings.channels
+    double oracle_error = 0;  // the exact Top-K
+  };
   std::vector<ByChannels> by_channels;  // ChannelCandidates order
   std::vector<ByBits> by_bits;          // BitCandidates order
+  std::vector<ByTopK> by_top_k;         // TopKCandidates order
 };
 
 // Measures one layer (see above). The tap must hold the last
@@ -114,8 +130,10 @@ absl::StatusOr<LayerScores> ScoreLayer(const runtime::Backend::LayerTap& tap,
 // threshold is quantized (settings' bits, group, residual), every other one
 // sparse (sink, recent, top_k, channels, index); with max_quant_layers >= 0
 // only that many of the highest scores are quantized (ties: lower layer).
-// Bits and channels per layer as PlanSettings says (max_quant_error,
-// min_index_recall); the errors recorded are those at the chosen widths.
+// Bits, channels and Top-K per layer as PlanSettings says
+// (max_quant_error, min_index_recall, max_sparse_error); the errors recorded
+// are those at the chosen widths (a chosen budget's error is at
+// settings.channels).
 // Each layer carries its scores (rounded to 6 significant digits, so a plan
 // does not change with the last bits of a float sum).
 runtime::KvPlan DecidePlan(const std::vector<LayerScores>& scores, const PlanSettings& settings);

@@ -224,6 +224,51 @@ TEST(ScoreLayer, MeasuresEveryCandidateWidthAndThePlanPicksTheFewest) {
   EXPECT_EQ(plan.layers[1].quant.bits, 4);
 }
 
+// Per-layer budgets: the candidates are top_k x 1/4 .. 4 that the
+// calibration can measure; each is measured with the index and exactly
+// (the one at top_k equals the plain measurement); the plan takes the fewest
+// tokens within max_sparse_error, the most when none qualifies.
+TEST(ScoreLayer, MeasuresEveryCandidateBudgetAndThePlanPicksTheFewest) {
+  const auto c = Shape();
+  PlanSettings s = Small();  // sink 4 + recent 16, top_k 24, 8 query rows
+  EXPECT_EQ(TopKCandidates(s, 480), (std::vector<int>{24}));
+  s.max_sparse_error = 1e6;  // any: the fewest tokens
+  EXPECT_EQ(TopKCandidates(s, 480), (std::vector<int>{6, 12, 24, 48, 96}));
+  EXPECT_EQ(TopKCandidates(s, 100), (std::vector<int>{6, 12, 24, 48}));  // 20 + 96 + 8 >= 100
+  s.max_top_k = 30;
+  EXPECT_EQ(TopKCandidates(s, 480), (std::vector<int>{6, 12, 24}));
+  s.max_top_k = 0;
+  const Layer L = MakeLayer(c, 480, s.query_rows, true, 8);
+  auto r = ScoreLayer(L.Tap(c), c, s, 2);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->by_top_k.size(), 5u);
+  EXPECT_EQ(r->by_top_k[2].top_k, 24);
+  EXPECT_EQ(r->by_top_k[2].sparse_error, r->sparse_error);
+  EXPECT_EQ(r->by_top_k[2].oracle_error, r->sparse_oracle_error);
+  for (const auto& k : r->by_top_k) {
+    EXPECT_TRUE(std::isfinite(k.sparse_error) && k.sparse_error >= 0) << k.top_k;
+    EXPECT_LE(k.oracle_error, k.sparse_error + 1e-9) << k.top_k << ": exact Top-K loses least";
+  }
+  EXPECT_LT(r->by_top_k[4].sparse_error, r->by_top_k[0].sparse_error);
+  auto plain = ScoreLayer(L.Tap(c), c, Small(), 2);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_TRUE(plain->by_top_k.empty());
+  EXPECT_EQ(plain->sparse_error, r->sparse_error);
+
+  LayerScores sparse = *r;
+  sparse.dense_preference = 0.01;
+  int fewest = 0;  // the first candidate within a target between two candidates
+  s.max_sparse_error = (r->by_top_k[2].sparse_error + r->by_top_k[1].sparse_error) / 2;
+  while (r->by_top_k[fewest].sparse_error > s.max_sparse_error) ++fewest;
+  auto plan = DecidePlan({sparse}, s);
+  EXPECT_EQ(plan.layers[0].sparse.top_k, r->by_top_k[fewest].top_k);
+  EXPECT_EQ(plan.layers[0].sparse_error, RoundScore(r->by_top_k[fewest].sparse_error));
+  s.max_sparse_error = 0;  // nothing qualifies: the most tokens
+  EXPECT_EQ(DecidePlan({sparse}, s).layers[0].sparse.top_k, 96);
+  s.max_sparse_error = -1;  // off: the setting's top_k
+  EXPECT_EQ(DecidePlan({sparse}, s).layers[0].sparse.top_k, 24);
+}
+
 TEST(DecidePlan, MaxQuantLayersKeepsTheHighestScores) {
   std::vector<LayerScores> scores(5);
   const double pref[] = {0.9, 0.3, 0.1, 0.5, 0.3};
@@ -268,6 +313,8 @@ TEST(ValidatePlanSettings, NamesTheField) {
       {[](PlanSettings& s) { s.max_quant_layers = 4; }, 4096, "settings.max_quant_layers"},
       {[](PlanSettings& s) { s.min_index_recall = 2; }, 4096, "settings.min_index_recall"},
       {[](PlanSettings& s) { s.max_channels = 65; }, 4096, "settings.max_channels"},
+      {[](PlanSettings& s) { s.max_sparse_error = 1e7; }, 4096, "settings.max_sparse_error"},
+      {[](PlanSettings& s) { s.max_top_k = -1; }, 4096, "settings.max_top_k"},
       // The default budget 1,024 + 32 query rows does not fit 1,056 tokens.
       {[](PlanSettings&) {}, 1056, "settings.top_k: the sparse budget"},
       {[](PlanSettings& s) { s.top_k = 5000; }, 4096, "settings.top_k"},

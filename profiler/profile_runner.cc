@@ -100,7 +100,8 @@ nlohmann::ordered_json SettingsJson(const PlanSettings& s) {
           {"channels", s.channels}, {"index", s.index},
           {"threshold", s.threshold}, {"query_rows", s.query_rows},
           {"max_quant_layers", s.max_quant_layers}, {"max_quant_error", s.max_quant_error},
-          {"min_index_recall", s.min_index_recall}, {"max_channels", s.max_channels}};
+          {"min_index_recall", s.min_index_recall}, {"max_channels", s.max_channels},
+          {"max_sparse_error", s.max_sparse_error}, {"max_top_k", s.max_top_k}};
 }
 
 }  // namespace
@@ -227,11 +228,18 @@ absl::StatusOr<ProfileOutcome> RunProfile(const RunnerOptions& o, const ProfileS
     for (const auto& b : s.by_bits) {
       by_bits.push_back({{"bits", b.bits}, {"quant_error", RoundScore(b.quant_error)}});
     }
+    nlohmann::ordered_json by_top_k = nlohmann::ordered_json::array();
+    for (const auto& k : s.by_top_k) {
+      by_top_k.push_back({{"top_k", k.top_k},
+                          {"sparse_error", RoundScore(k.sparse_error)},
+                          {"oracle_error", RoundScore(k.oracle_error)}});
+    }
     layers.push_back({{"layer", s.layer},
                       {"head_preference", heads},
                       {"sparse_oracle_error", RoundScore(s.sparse_oracle_error)},
                       {"by_channels", by_channels},
                       {"by_bits", by_bits},
+                      {"by_top_k", by_top_k},
                       // Does the measured error agree with the score's choice?
                       {"errors_agree", quant == (chosen.quant_error < chosen.sparse_error)}});
   }

@@ -66,6 +66,14 @@ absl::StatusOr<ProfileSpec> SpecFromRequest(const v1::ProfileRequest& r) {
     p.min_index_recall = s.min_index_recall();
   }
   if (s.has_max_channels()) p.max_channels = s.max_channels();
+  if (s.has_max_sparse_error()) {
+    if (!(s.max_sparse_error() >= 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "settings.max_sparse_error: must be >= 0, got ", s.max_sparse_error()));
+    }
+    p.max_sparse_error = s.max_sparse_error();
+  }
+  if (s.has_max_top_k()) p.max_top_k = s.max_top_k();
   if (s.has_max_quant_layers()) {
     if (s.max_quant_layers() < 0) return Negative("settings.max_quant_layers", s.max_quant_layers());
     p.max_quant_layers = s.max_quant_layers();
