@@ -12,7 +12,12 @@
 // non-dense layer also holds one layer's worth of full-precision K|V scratch
 // (not counted as KV): prefill chunks write their K/V there, attend over
 // [history as stored | chunk], then pack / store; decode steps write the new
-// token there before appending it. Sparse layers: Unimplemented.
+// token there before appending it. Sparse layers (runtime/cpu_backend.h has
+// the semantics): host tier in registered host memory, device tier of kept,
+// selected and generated rows; a prefill chunk's history comes back from
+// the host tier by DMA on a copy stream (prefill_prefetch), a decode step
+// selects (on a side stream for index "gpu") and gathers its Top-K rows
+// (reusing rows selected the step before with sparse_row_reuse).
 //
 // Prefill runs in chunks of at most `max_prefill_chunk` tokens with the
 // flash-attention kernel. Decode (one token) is captured as a CUDA graph the
