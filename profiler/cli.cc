@@ -184,6 +184,9 @@ int main(int argc, char** argv) {
                   "per layer: fewest Top-K tokens (of top_k x 1/4 .. 4) with at most this "
                   "measured attention-output error");
   run->add_option("--max-top-k", s.max_top_k, "with --max-sparse-error (0 = 4 x top_k)");
+  run->add_flag("--index-study", s.index_study,
+                "local: also measure the index stored as bf16, FP8 and 4-bit codes (recorded "
+                "in the profile; the plan does not change)");
   run->add_option("--out", out_dir, "write plan.json and plan.png here");
   run->add_option("--server", server, "a profiler service (host:port) to run it");
   run->add_option("--backend", backend, "local: auto, cpu or cuda")->capture_default_str();
@@ -266,6 +269,10 @@ int main(int argc, char** argv) {
 
   ProgressBar bar;
   std::string plan_json, png;
+  if (!server.empty() && s.index_study) {
+    std::fprintf(stderr, "tkv-profile: --index-study runs locally only (leave out --server)\n");
+    return 2;
+  }
   if (!server.empty()) {
     v1::ProfileRequest req;
     req.set_model(model);

@@ -5,11 +5,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "runtime/fp8_reference.h"
 #include "runtime/quant_kv.h"
 #include "runtime/sparse_reference.h"
 
@@ -17,6 +20,17 @@ namespace tailorkv::profiler {
 namespace {
 
 using runtime::Backend;
+
+// fp32 rounded to the nearest bf16 (ties to even), as the GPU stores it.
+float RoundToBf16(float x) {
+  if (!std::isfinite(x)) return x;
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  b &= 0xFFFF0000u;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
 
 absl::Status SettingError(const char* field, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("settings.", field, ": ", what));
@@ -231,6 +245,10 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
   const int nb = static_cast<int>(kb.size());
   const bool sweep = s.max_sparse_error >= 0;
   std::vector<double> budget_err(static_cast<size_t>(nkv) * nb, 0), budget_oracle(budget_err.size(), 0);
+  // Index formats (index_study): bf16, fp8, int4 at ds[0] channels, int4 of all.
+  constexpr int kFormats = 4;
+  std::vector<double> format_err(static_cast<size_t>(nkv) * kFormats, 0),
+      format_recall(format_err.size(), 0);
   const int S = std::min(s.sink, P);
   const int recent_lo = std::max(S, P - s.recent);
   const int nc = recent_lo - S;  // candidates [S, recent_lo)
@@ -302,6 +320,52 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
           else ++b;
         }
         recall[g * nd + c] += ks > 0 ? static_cast<double>(hit) / ks : 1.0;
+        if (c == 0 && s.index_study) {
+          // The same index with its entries rounded to each format, then
+          // scored and selected as the runtime does.
+          std::vector<float> qv(hd), rows(static_cast<size_t>(nc) * hd), sc(nc);
+          std::vector<int32_t> picked(sel.size());
+          std::vector<int> kept_rows;
+          for (int f = 0; f < kFormats; ++f) {
+            const int dd = f == 3 ? hd : d;
+            for (int j = 0; j < nc; ++j) {
+              float* row = &rows[static_cast<size_t>(j) * dd];
+              for (int x = 0; x < dd; ++x) row[x] = K[(S + j) * hd + (f == 3 ? x : ch[x])];
+              if (f == 0) {
+                for (int x = 0; x < dd; ++x) row[x] = RoundToBf16(row[x]);
+              } else if (f == 1) {
+                for (int x = 0; x < dd; ++x) row[x] = runtime::Fp8E4M3ToFloat(runtime::FloatToFp8E4M3(row[x]));
+              } else {
+                float m = 0;
+                for (int x = 0; x < dd; ++x) m = std::max(m, std::fabs(row[x]));
+                const float scale = RoundToBf16(m / 7.0f);
+                for (int x = 0; x < dd; ++x) {
+                  row[x] = scale > 0 ? std::clamp(std::nearbyint(row[x] / scale), -7.0f, 7.0f) * scale : 0.0f;
+                }
+              }
+            }
+            for (int x = 0; x < dd; ++x) qv[x] = q_mean[f == 3 ? x : ch[x]];
+            runtime::ScoreOnChannels(qv.data(), dd, rows.data(), nc, sc.data());
+            const int m = *runtime::TopKIndices(sc.data(), nc, s.top_k, picked.data());
+            int hit = 0;
+            for (int a = 0, b = 0; a < m && b < ks;) {
+              if (picked[a] == best[b]) ++hit, ++a, ++b;
+              else if (picked[a] < best[b]) ++a;
+              else ++b;
+            }
+            format_recall[g * kFormats + f] += ks > 0 ? static_cast<double>(hit) / ks : 1.0;
+            kept_rows.clear();
+            for (int j = 0; j < S; ++j) kept_rows.push_back(j);
+            for (int a = 0; a < m; ++a) kept_rows.push_back(S + picked[a]);
+            for (int j = recent_lo; j <= p; ++j) kept_rows.push_back(j);
+            for (int a = 0; a < G; ++a) {
+              const int h = g * G + a;
+              AttendRows(qrow(i, h), K, V, kept_rows, hd, scale, w, o_s.data());
+              format_err[g * kFormats + f] +=
+                  RelativeError(o_s.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
+            }
+          }
+        }
         if (c == 0 && sweep) {
           // The same scores under each candidate budget, index and exact.
           std::vector<int32_t> picked(std::min(kb.back(), nc));
@@ -344,6 +408,20 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
   }
   out.sparse_error = out.by_channels[0].sparse_error;
   out.index_recall = out.by_channels[0].recall;
+  if (s.index_study) {
+    const char* names[kFormats] = {"bf16", "fp8", "int4", "int4-all"};
+    const int d0 = ds[0];
+    const double bytes[kFormats] = {2.0 * d0, 1.0 * d0, 0.5 * d0 + 2, 0.5 * hd + 2};
+    for (int f = 0; f < kFormats; ++f) {
+      double e = 0, r = 0;
+      for (int g = 0; g < nkv; ++g) e += format_err[g * kFormats + f], r += format_recall[g * kFormats + f];
+      out.by_index_format.push_back({.format = names[f],
+                                     .channels = f == 3 ? hd : d0,
+                                     .bytes_per_token = bytes[f],
+                                     .recall = r / (Q * nkv),
+                                     .sparse_error = e / per_head_rows});
+    }
+  }
   if (sweep) {
     for (int bi = 0; bi < nb; ++bi) {
       double e = 0, o = 0;

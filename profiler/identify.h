@@ -76,6 +76,11 @@ struct PlanSettings {
   // cannot measure (budget + query_rows >= its tokens) are left out.
   double max_sparse_error = -1;
   int max_top_k = 0;
+  // A measurement only (the plan does not change): the index at `channels`
+  // and top_k with its entries stored as bf16 (the runtime's), FP8 E4M3, or
+  // 4-bit codes with one scale per token and head (symmetric, max |x| / 7),
+  // and 4-bit codes of every channel; recorded as by_index_format.
+  bool index_study = false;
 };
 
 // The candidate widths a profile measures under these settings.
@@ -117,6 +122,14 @@ struct LayerScores {
   std::vector<ByChannels> by_channels;  // ChannelCandidates order
   std::vector<ByBits> by_bits;          // BitCandidates order
   std::vector<ByTopK> by_top_k;         // TopKCandidates order
+  struct ByIndexFormat {
+    std::string format;   // "bf16", "fp8", "int4", "int4-all"
+    int channels = 0;
+    double bytes_per_token = 0;  // per KV head, scales included
+    double recall = 0;
+    double sparse_error = 0;
+  };
+  std::vector<ByIndexFormat> by_index_format;  // with PlanSettings::index_study
 };
 
 // Measures one layer (see above). The tap must hold the last

@@ -269,6 +269,37 @@ TEST(ScoreLayer, MeasuresEveryCandidateBudgetAndThePlanPicksTheFewest) {
   EXPECT_EQ(DecidePlan({sparse}, s).layers[0].sparse.top_k, 24);
 }
 
+// The index-format study measures four stored forms of the index and
+// changes nothing else: same scores, same plan.
+TEST(ScoreLayer, IndexStudyMeasuresFourFormatsAndChangesNothingElse) {
+  const auto c = Shape();
+  PlanSettings s = Small();
+  const Layer L = MakeLayer(c, 480, s.query_rows, true, 8);
+  auto plain = ScoreLayer(L.Tap(c), c, s, 2);
+  s.index_study = true;
+  auto study = ScoreLayer(L.Tap(c), c, s, 2);
+  ASSERT_TRUE(plain.ok() && study.ok()) << study.status();
+  EXPECT_TRUE(plain->by_index_format.empty());
+  ASSERT_EQ(study->by_index_format.size(), 4u);
+  const char* names[] = {"bf16", "fp8", "int4", "int4-all"};
+  const double bytes[] = {2.0 * s.channels, 1.0 * s.channels, 0.5 * s.channels + 2, 0.5 * c.head_dim + 2};
+  for (int f = 0; f < 4; ++f) {
+    const auto& m = study->by_index_format[f];
+    EXPECT_EQ(m.format, names[f]);
+    EXPECT_EQ(m.channels, f == 3 ? c.head_dim : s.channels);
+    EXPECT_EQ(m.bytes_per_token, bytes[f]);
+    EXPECT_GE(m.recall, 0.0);
+    EXPECT_LE(m.recall, 1.0);
+    EXPECT_GE(m.sparse_error + 1e-9, study->sparse_oracle_error) << m.format;
+  }
+  // All channels at 4 bits rank nearly as the exact scores do on this layer.
+  EXPECT_GT(study->by_index_format[3].recall, 0.9);
+  EXPECT_EQ(study->sparse_error, plain->sparse_error);
+  EXPECT_EQ(study->index_recall, plain->index_recall);
+  s.index_study = false;
+  EXPECT_EQ(DecidePlan({*study}, s), DecidePlan({*plain}, s));
+}
+
 TEST(DecidePlan, MaxQuantLayersKeepsTheHighestScores) {
   std::vector<LayerScores> scores(5);
   const double pref[] = {0.9, 0.3, 0.1, 0.5, 0.3};

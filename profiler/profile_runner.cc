@@ -101,7 +101,8 @@ nlohmann::ordered_json SettingsJson(const PlanSettings& s) {
           {"threshold", s.threshold}, {"query_rows", s.query_rows},
           {"max_quant_layers", s.max_quant_layers}, {"max_quant_error", s.max_quant_error},
           {"min_index_recall", s.min_index_recall}, {"max_channels", s.max_channels},
-          {"max_sparse_error", s.max_sparse_error}, {"max_top_k", s.max_top_k}};
+          {"max_sparse_error", s.max_sparse_error}, {"max_top_k", s.max_top_k},
+          {"index_study", s.index_study}};
 }
 
 }  // namespace
@@ -228,6 +229,14 @@ absl::StatusOr<ProfileOutcome> RunProfile(const RunnerOptions& o, const ProfileS
     for (const auto& b : s.by_bits) {
       by_bits.push_back({{"bits", b.bits}, {"quant_error", RoundScore(b.quant_error)}});
     }
+    nlohmann::ordered_json by_index_format = nlohmann::ordered_json::array();
+    for (const auto& f : s.by_index_format) {
+      by_index_format.push_back({{"format", f.format},
+                                 {"channels", f.channels},
+                                 {"bytes_per_token", f.bytes_per_token},
+                                 {"index_recall", RoundScore(f.recall)},
+                                 {"sparse_error", RoundScore(f.sparse_error)}});
+    }
     nlohmann::ordered_json by_top_k = nlohmann::ordered_json::array();
     for (const auto& k : s.by_top_k) {
       by_top_k.push_back({{"top_k", k.top_k},
@@ -240,6 +249,7 @@ absl::StatusOr<ProfileOutcome> RunProfile(const RunnerOptions& o, const ProfileS
                       {"by_channels", by_channels},
                       {"by_bits", by_bits},
                       {"by_top_k", by_top_k},
+                      {"by_index_format", by_index_format},
                       // Does the measured error agree with the score's choice?
                       {"errors_agree", quant == (chosen.quant_error < chosen.sparse_error)}});
   }
