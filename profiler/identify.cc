@@ -264,7 +264,7 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
         exact(nc);
     std::vector<int32_t> sel(std::min(s.top_k, nc)), best(sel.size());
     std::vector<int> rows_full, rows_sparse, rows_oracle;
-    std::vector<double> w, o_s(hd), o_o(hd);
+    std::vector<double> w, o_s(hd);
     // Per candidate d: the channels (index "gpu": fixed at the first step).
     std::vector<std::vector<int32_t>> chans(nd);
     bool chosen = false;
@@ -283,20 +283,34 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
       const int ks = *runtime::TopKIndices(exact.data(), nc, s.top_k, best.data());
       rows_full.resize(p + 1);
       std::iota(rows_full.begin(), rows_full.end(), 0);
-      auto kept = [&](const std::vector<int32_t>& picked, std::vector<int>& rows) {
+      // The rows a step attends with `m` picked candidates: sink, picked,
+      // recent prompt and generated.
+      auto kept_m = [&](const int32_t* picked, int m, std::vector<int>& rows) {
         rows.clear();
         for (int j = 0; j < S; ++j) rows.push_back(j);
-        for (int a = 0; a < ks; ++a) rows.push_back(S + picked[a]);
-        for (int j = recent_lo; j <= p; ++j) rows.push_back(j);  // recent prompt + generated
+        for (int a = 0; a < m; ++a) rows.push_back(S + picked[a]);
+        for (int j = recent_lo; j <= p; ++j) rows.push_back(j);
+      };
+      auto kept = [&](const std::vector<int32_t>& picked, std::vector<int>& rows) {
+        kept_m(picked.data(), ks, rows);
+      };
+      // Summed relative error of the group's query heads attending `rows`.
+      auto group_error = [&](const std::vector<int>& rows) {
+        double e = 0;
+        for (int a = 0; a < G; ++a) {
+          const int h = g * G + a;
+          AttendRows(qrow(i, h), K, V, rows, hd, scale, w, o_s.data());
+          e += RelativeError(o_s.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
+        }
+        return e;
       };
       kept(best, rows_oracle);
       for (int a = 0; a < G; ++a) {
         const int h = g * G + a;
-        double* o_f = &full[(static_cast<size_t>(i) * nh + h) * hd];
-        AttendRows(qrow(i, h), K, V, rows_full, hd, scale, w, o_f);
-        AttendRows(qrow(i, h), K, V, rows_oracle, hd, scale, w, o_o.data());
-        oracle_err[g] += RelativeError(o_o.data(), o_f, hd);
+        AttendRows(qrow(i, h), K, V, rows_full, hd, scale, w,
+                   &full[(static_cast<size_t>(i) * nh + h) * hd]);
       }
+      oracle_err[g] += group_error(rows_oracle);
       if (!chosen || s.index == "faithful") {
         for (int c = 0; c < nd; ++c) {
           chans[c].resize(ds[c]);
@@ -354,16 +368,8 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
               else ++b;
             }
             format_recall[g * kFormats + f] += ks > 0 ? static_cast<double>(hit) / ks : 1.0;
-            kept_rows.clear();
-            for (int j = 0; j < S; ++j) kept_rows.push_back(j);
-            for (int a = 0; a < m; ++a) kept_rows.push_back(S + picked[a]);
-            for (int j = recent_lo; j <= p; ++j) kept_rows.push_back(j);
-            for (int a = 0; a < G; ++a) {
-              const int h = g * G + a;
-              AttendRows(qrow(i, h), K, V, kept_rows, hd, scale, w, o_s.data());
-              format_err[g * kFormats + f] +=
-                  RelativeError(o_s.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
-            }
+            kept_m(picked.data(), m, kept_rows);
+            format_err[g * kFormats + f] += group_error(kept_rows);
           }
         }
         if (c == 0 && sweep) {
@@ -374,26 +380,13 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
             for (int which = 0; which < 2; ++which) {
               const int m = *runtime::TopKIndices(which == 0 ? approx.data() : exact.data(), nc,
                                                   kb[bi], picked.data());
-              rows.clear();
-              for (int j = 0; j < S; ++j) rows.push_back(j);
-              for (int a = 0; a < m; ++a) rows.push_back(S + picked[a]);
-              for (int j = recent_lo; j <= p; ++j) rows.push_back(j);
-              for (int a = 0; a < G; ++a) {
-                const int h = g * G + a;
-                AttendRows(qrow(i, h), K, V, rows, hd, scale, w, o_s.data());
-                (which == 0 ? budget_err : budget_oracle)[g * nb + bi] +=
-                    RelativeError(o_s.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
-              }
+              kept_m(picked.data(), m, rows);
+              (which == 0 ? budget_err : budget_oracle)[g * nb + bi] += group_error(rows);
             }
           }
         }
         kept(sel, rows_sparse);
-        for (int a = 0; a < G; ++a) {
-          const int h = g * G + a;
-          AttendRows(qrow(i, h), K, V, rows_sparse, hd, scale, w, o_s.data());
-          sparse_err[g * nd + c] +=
-              RelativeError(o_s.data(), &full[(static_cast<size_t>(i) * nh + h) * hd], hd);
-        }
+        sparse_err[g * nd + c] += group_error(rows_sparse);
       }
     }
   }
