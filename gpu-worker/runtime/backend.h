@@ -114,7 +114,8 @@ class Backend {
 };
 
 // The checks every Backend::Forward makes before touching `seq`: non-empty
-// input, ids inside the vocabulary, room left in the sequence.
+// input, ids inside the vocabulary, room left in the sequence, and for
+// kDecode one token after the prompt.
 absl::Status ValidateForwardInput(const model::ModelConfig& config, const SequenceState& seq,
                                   absl::Span<const int32_t> tokens,
                                   Backend::Mode mode = Backend::Mode::kAuto);
