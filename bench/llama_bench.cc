@@ -159,8 +159,9 @@ int main(int argc, char** argv) {
       if (l.kind != tailorkv::runtime::KvPolicyKind::kSparse) continue;
       const int cand = std::max(ctx - l.sparse.sink - l.sparse.recent, 0);
       const double sel = std::min(l.sparse.top_k, cand);
-      gather_bytes += config.n_kv_heads * sel * 2.0 * config.head_dim * (l.sparse.host_bits / 8.0);
-      pcie_bytes += config.n_kv_heads * sel * 2.0 * config.head_dim * (l.sparse.host_bits / 8.0);
+      const double rows = config.n_kv_heads * sel * 2.0 * config.head_dim * (l.sparse.host_bits / 8.0);
+      gather_bytes += rows;
+      pcie_bytes += rows;
       if (l.sparse.index == "faithful") {
         pcie_bytes += static_cast<double>(config.n_kv_heads) * l.sparse.channels * cand * 2.0;
       }

@@ -265,6 +265,11 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
     std::vector<int32_t> sel(std::min(s.top_k, nc)), best(sel.size());
     std::vector<int> rows_full, rows_sparse, rows_oracle;
     std::vector<double> w, o_s(hd);
+    // Budget and format measurements (reused across query rows).
+    std::vector<int32_t> picked(std::max(sel.size(), static_cast<size_t>(std::min(kb.back(), nc))));
+    std::vector<int> picked_rows;
+    std::vector<float> fmt_q(s.index_study ? hd : 0), fmt_scores(s.index_study ? nc : 0),
+        fmt_rows(s.index_study ? static_cast<size_t>(nc) * hd : 0);
     // Per candidate d: the channels (index "gpu": fixed at the first step).
     std::vector<std::vector<int32_t>> chans(nd);
     bool chosen = false;
@@ -337,13 +342,10 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
         if (c == 0 && s.index_study) {
           // The same index with its entries rounded to each format, then
           // scored and selected as the runtime does.
-          std::vector<float> qv(hd), rows(static_cast<size_t>(nc) * hd), sc(nc);
-          std::vector<int32_t> picked(sel.size());
-          std::vector<int> kept_rows;
           for (int f = 0; f < kFormats; ++f) {
             const int dd = f == 3 ? hd : d;
             for (int j = 0; j < nc; ++j) {
-              float* row = &rows[static_cast<size_t>(j) * dd];
+              float* row = &fmt_rows[static_cast<size_t>(j) * dd];
               for (int x = 0; x < dd; ++x) row[x] = K[(S + j) * hd + (f == 3 ? x : ch[x])];
               if (f == 0) {
                 for (int x = 0; x < dd; ++x) row[x] = RoundToBf16(row[x]);
@@ -358,9 +360,9 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
                 }
               }
             }
-            for (int x = 0; x < dd; ++x) qv[x] = q_mean[f == 3 ? x : ch[x]];
-            runtime::ScoreOnChannels(qv.data(), dd, rows.data(), nc, sc.data());
-            const int m = *runtime::TopKIndices(sc.data(), nc, s.top_k, picked.data());
+            for (int x = 0; x < dd; ++x) fmt_q[x] = q_mean[f == 3 ? x : ch[x]];
+            runtime::ScoreOnChannels(fmt_q.data(), dd, fmt_rows.data(), nc, fmt_scores.data());
+            const int m = *runtime::TopKIndices(fmt_scores.data(), nc, s.top_k, picked.data());
             int hit = 0;
             for (int a = 0, b = 0; a < m && b < ks;) {
               if (picked[a] == best[b]) ++hit, ++a, ++b;
@@ -368,20 +370,18 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
               else ++b;
             }
             format_recall[g * kFormats + f] += ks > 0 ? static_cast<double>(hit) / ks : 1.0;
-            kept_m(picked.data(), m, kept_rows);
-            format_err[g * kFormats + f] += group_error(kept_rows);
+            kept_m(picked.data(), m, picked_rows);
+            format_err[g * kFormats + f] += group_error(picked_rows);
           }
         }
         if (c == 0 && sweep) {
           // The same scores under each candidate budget, index and exact.
-          std::vector<int32_t> picked(std::min(kb.back(), nc));
-          std::vector<int> rows;
           for (int bi = 0; bi < nb; ++bi) {
             for (int which = 0; which < 2; ++which) {
               const int m = *runtime::TopKIndices(which == 0 ? approx.data() : exact.data(), nc,
                                                   kb[bi], picked.data());
-              kept_m(picked.data(), m, rows);
-              (which == 0 ? budget_err : budget_oracle)[g * nb + bi] += group_error(rows);
+              kept_m(picked.data(), m, picked_rows);
+              (which == 0 ? budget_err : budget_oracle)[g * nb + bi] += group_error(picked_rows);
             }
           }
         }

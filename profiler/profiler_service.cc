@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
+#include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "spdlog/spdlog.h"
 
@@ -23,6 +24,15 @@ class BusyGuard {
  private:
   std::atomic<bool>& flag_;
 };
+
+// An optional threshold of the settings: >= 0 (NaN is refused too).
+absl::Status NonNegative(const char* field, double v, double* out) {
+  if (!(v >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("settings.", field, ": must be >= 0, got ", v));
+  }
+  *out = v;
+  return absl::OkStatus();
+}
 
 absl::Status Negative(const char* field, int64_t v) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": must be >= 0, got ", v));
@@ -52,26 +62,14 @@ absl::StatusOr<ProfileSpec> SpecFromRequest(const v1::ProfileRequest& r) {
   if (s.has_threshold()) p.threshold = s.threshold();
   if (s.has_query_rows()) p.query_rows = s.query_rows();
   if (s.has_max_quant_error()) {
-    if (!(s.max_quant_error() >= 0)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "settings.max_quant_error: must be >= 0, got ", s.max_quant_error()));
-    }
-    p.max_quant_error = s.max_quant_error();
+    RETURN_IF_ERROR(NonNegative("max_quant_error", s.max_quant_error(), &p.max_quant_error));
   }
   if (s.has_min_index_recall()) {
-    if (!(s.min_index_recall() >= 0)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "settings.min_index_recall: must be >= 0, got ", s.min_index_recall()));
-    }
-    p.min_index_recall = s.min_index_recall();
+    RETURN_IF_ERROR(NonNegative("min_index_recall", s.min_index_recall(), &p.min_index_recall));
   }
   if (s.has_max_channels()) p.max_channels = s.max_channels();
   if (s.has_max_sparse_error()) {
-    if (!(s.max_sparse_error() >= 0)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "settings.max_sparse_error: must be >= 0, got ", s.max_sparse_error()));
-    }
-    p.max_sparse_error = s.max_sparse_error();
+    RETURN_IF_ERROR(NonNegative("max_sparse_error", s.max_sparse_error(), &p.max_sparse_error));
   }
   if (s.has_max_top_k()) p.max_top_k = s.max_top_k();
   if (s.has_max_quant_layers()) {
