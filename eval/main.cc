@@ -40,6 +40,8 @@ struct CliConfig {
   std::vector<std::string> prompt_files;
   std::string out = "results/accuracy.json";
   std::string log_level = "warn";
+  // CUDA backend options (cuda_backend.h) the plans run under.
+  bool cuda_row_reuse = true;  // CudaBackendOptions::sparse_row_reuse's default
   HarnessOptions harness;
 };
 
@@ -113,7 +115,11 @@ absl::Status Run(CliConfig& cfg) {
   eo.backend = cfg.backend;
   eo.threads = cfg.threads;
 #ifdef TAILORKV_HAVE_CUDA
-  eo.cuda_factory = [](const model::ModelWeights& w) { return cuda::CreateCudaBackend(w, {}); };
+  cuda::CudaBackendOptions cuda_options;
+  cuda_options.sparse_row_reuse = cfg.cuda_row_reuse;
+  eo.cuda_factory = [cuda_options](const model::ModelWeights& w) {
+    return cuda::CreateCudaBackend(w, cuda_options);
+  };
 #endif
   std::fprintf(stderr, "loading %s (backend %s)\n", cfg.model.c_str(), cfg.backend.c_str());
   ASSIGN_OR_RETURN(auto engine, runtime::Engine::Create(eo));
@@ -173,6 +179,9 @@ absl::Status Run(CliConfig& cfg) {
   };
   ASSIGN_OR_RETURN(nlohmann::json report, RunHarness(model, h));
   RETURN_IF_ERROR(partial_write);
+  if (engine->backend_name() == "cuda") {
+    report["settings"]["cuda_row_reuse"] = cfg.cuda_row_reuse;
+  }
 
   std::fputs(RenderMarkdown(report).c_str(), stdout);
   std::fflush(stdout);
@@ -243,6 +252,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--out", cfg.out, "JSON report path")->capture_default_str();
   app.add_option("--log-level", cfg.log_level, "library log level (stderr)")->capture_default_str();
+  app.add_option("--cuda-row-reuse", cfg.cuda_row_reuse,
+                 "CUDA backend: sparse rows selected again are copied on the device")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   if (absl::Status st = tailorkv::common::ConfigureLogging(cfg.log_level); !st.ok()) {

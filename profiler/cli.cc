@@ -170,6 +170,11 @@ int main(int argc, char** argv) {
   run->add_option("--top-k", s.top_k)->capture_default_str();
   run->add_option("--channels", s.channels, "critical channels d_s")->capture_default_str();
   run->add_option("--index", s.index, "gpu or faithful")->capture_default_str();
+  run->add_option("--index-bits", s.index_bits, "index gpu: 8 (FP8 entries) or 16 (bf16)")
+      ->capture_default_str();
+  run->add_option("--query", s.query,
+                  "index gpu: the query that scores it: previous, after-attention or real")
+      ->capture_default_str();
   run->add_option("--threshold", s.threshold, "dense preference above it: quantize")
       ->capture_default_str();
   run->add_option("--query-rows", s.query_rows)->capture_default_str();

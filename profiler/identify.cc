@@ -160,6 +160,13 @@ absl::Status ValidatePlanSettings(const PlanSettings& s, const model::ModelConfi
     return SettingError("index", absl::StrCat("must be \"gpu\" or \"faithful\", got \"", s.index,
                                               "\""));
   }
+  if (s.index_bits != 16 && s.index_bits != 8) {
+    return SettingError("index_bits", absl::StrCat("must be 16 or 8, got ", s.index_bits));
+  }
+  if (s.query != "previous" && s.query != "after-attention" && s.query != "real") {
+    return SettingError("query", absl::StrCat("must be \"previous\", \"after-attention\" or \"real\", got \"",
+                                              s.query, "\""));
+  }
   if (!(s.threshold >= 0 && s.threshold <= 1)) {
     return SettingError("threshold", absl::StrCat("must be in [0, 1], got ", s.threshold));
   }
@@ -326,8 +333,13 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
       for (int c = 0; c < nd; ++c) {
         const int d = ds[c];
         const std::vector<int32_t>& ch = chans[c];
+        // The index as the plan stores it (FP8 entries for index_bits 8).
+        const bool fp8 = s.index == "gpu" && s.index_bits == 8;
         for (int j = 0; j < nc; ++j) {
-          for (int x = 0; x < d; ++x) cand[j * d + x] = K[(S + j) * hd + ch[x]];
+          for (int x = 0; x < d; ++x) {
+            const float k = K[(S + j) * hd + ch[x]];
+            cand[j * d + x] = fp8 ? runtime::Fp8E4M3ToFloat(runtime::FloatToFp8E4M3(k)) : k;
+          }
         }
         for (int x = 0; x < d; ++x) q_ch[x] = q_mean[ch[x]];
         runtime::ScoreOnChannels(q_ch.data(), d, cand.data(), nc, approx.data());
@@ -528,6 +540,11 @@ runtime::KvPlan DecidePlan(const std::vector<LayerScores>& scores, const PlanSet
       p.sparse.top_k = top_k;
       p.sparse.channels = d.channels;
       p.sparse.index = s.index;
+      // The index's entry format and query are index "gpu"'s alone.
+      if (s.index == "gpu") {
+        p.sparse.index_bits = s.index_bits;
+        p.sparse.query = s.query;
+      }
     }
     p.dense_preference = RoundScore(sc.dense_preference);
     p.sparse_error = RoundScore(sparse_error);

@@ -57,6 +57,10 @@ struct PlanSettings {
   int top_k = 896;
   int channels = 32;
   std::string index = "gpu";
+  // Index "gpu" only: bits per index entry (8: FP8, half the GPU memory of
+  // 16) and the query that scores it (runtime/kv_plan.h SparseParams).
+  int index_bits = 8;
+  std::string query = "after-attention";
   double threshold = 0.2;
   int query_rows = 32;
   int max_quant_layers = -1;  // < 0: no limit

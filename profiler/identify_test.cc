@@ -82,6 +82,7 @@ PlanSettings Small() {
   s.recent = 16;
   s.top_k = 24;
   s.query_rows = 8;
+  s.index_bits = 16;  // exact index entries: all channels rank exactly
   return s;
 }
 
@@ -156,9 +157,42 @@ TEST(ScoreLayer, MeasuredErrorsSeparateSparseAndDenseLayers) {
   EXPECT_EQ(plan.layers[1].quant.bits, 1);
   EXPECT_EQ(plan.layers[0].sparse.top_k, 24);
   EXPECT_EQ(plan.layers[0].sparse.index, "gpu");
+  EXPECT_EQ(plan.layers[0].sparse.index_bits, s.index_bits);
+  EXPECT_EQ(plan.layers[0].sparse.query, s.query);
   EXPECT_EQ(plan.layers[1].dense_preference, RoundScore(b->dense_preference));
   EXPECT_EQ(plan.layers[0].sparse_error, RoundScore(a->sparse_error));
   EXPECT_TRUE(plan.Validate(c).ok()) << plan.Validate(c);
+  // The defaults: FP8 index entries scored with the query after the
+  // previous layer's attention; index "faithful" keeps neither.
+  EXPECT_EQ(PlanSettings{}.index_bits, 8);
+  EXPECT_EQ(PlanSettings{}.query, "after-attention");
+  PlanSettings faithful = s;
+  faithful.index = "faithful";
+  auto fplan = DecidePlan({*a, *b, *a}, faithful);
+  EXPECT_EQ(fplan.layers[0].sparse.index_bits, 16);
+  EXPECT_EQ(fplan.layers[0].sparse.query, "previous");
+  EXPECT_TRUE(fplan.Validate(c).ok()) << fplan.Validate(c);
+}
+
+// The replay scores the index as the plan stores it: FP8 entries change
+// the measured recall of a layer whose keys straddle FP8 codes.
+TEST(ScoreLayer, Fp8IndexEntriesAreWhatTheReplayScores) {
+  const auto c = Shape();
+  const Layer L = MakeLayer(c, 333, 8, true, 5);
+  PlanSettings s = Small();
+  s.index = "gpu";
+  s.index_bits = 16;
+  auto b16 = ScoreLayer(L.Tap(c), c, s, 1);
+  s.index_bits = 8;
+  auto b8 = ScoreLayer(L.Tap(c), c, s, 1);
+  ASSERT_TRUE(b16.ok() && b8.ok());
+  EXPECT_NE(b16->index_recall, b8->index_recall);
+  EXPECT_GT(b8->index_recall, 0.5);
+  s.index_bits = 12;
+  EXPECT_EQ(ScoreLayer(L.Tap(c), c, s, 1).status().code(), absl::StatusCode::kInvalidArgument);
+  s.index_bits = 8;
+  s.query = "soon";
+  EXPECT_EQ(ScoreLayer(L.Tap(c), c, s, 1).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(ScoreLayer, SameInputSameNumbersWhateverTheThreads) {

@@ -98,6 +98,7 @@ nlohmann::ordered_json SettingsJson(const PlanSettings& s) {
           {"quant_residual", s.quant_residual}, {"sink", s.sink},
           {"recent", s.recent}, {"top_k", s.top_k},
           {"channels", s.channels}, {"index", s.index},
+          {"index_bits", s.index_bits}, {"query", s.query},
           {"threshold", s.threshold}, {"query_rows", s.query_rows},
           {"max_quant_layers", s.max_quant_layers}, {"max_quant_error", s.max_quant_error},
           {"min_index_recall", s.min_index_recall}, {"max_channels", s.max_channels},

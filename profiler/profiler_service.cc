@@ -59,6 +59,8 @@ absl::StatusOr<ProfileSpec> SpecFromRequest(const v1::ProfileRequest& r) {
   if (s.has_top_k()) p.top_k = s.top_k();
   if (s.has_channels()) p.channels = s.channels();
   if (s.has_index()) p.index = s.index();
+  if (s.has_index_bits()) p.index_bits = s.index_bits();
+  if (s.has_query()) p.query = s.query();
   if (s.has_threshold()) p.threshold = s.threshold();
   if (s.has_query_rows()) p.query_rows = s.query_rows();
   if (s.has_max_quant_error()) {

@@ -12,7 +12,9 @@
 # Usage: scripts/gpu_plans_run.sh [model_dir] [what: all|accuracy|decode|prefill]
 # Env: PLANS (comma-separated specs for accuracy and decode, dense implied;
 # default: the lists behind docs/results/plans-h100-2026-12-06), DEFAULT_PLAN
-# (prefill), OUT (results folder).
+# (prefill), OUT (results folder), ACC_FLAGS / BENCH_FLAGS (extra flags for
+# tkv_accuracy / tkv_llama_bench, e.g. "--cuda-sparse-query after-attention",
+# "--row-reuse true --decode-tokens repeat").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 model_dir="${1:-$PWD/models}"
@@ -35,12 +37,12 @@ if [ "$what" = all ] || [ "$what" = accuracy ]; then
     --filler eval/data/prose.txt --plan "dense,$accuracy_plans" \
     --lengths 1024,2048,4096,8000 --depths 0,0.25,0.5,0.75,1 --trials 5 --seed 20251122 \
     --agreement-prefix 7168 --agreement-tokens 512 --kv-capacity 8192 \
-    --prompt-file eval/data/retrieval_facts.jsonl \
+    --prompt-file eval/data/retrieval_facts.jsonl ${ACC_FLAGS:-} \
     --out "$out/accuracy_plans.json" > "$out/accuracy_plans.md" 2> "$out/accuracy_plans.log" || rc=1
   tail -n 40 "$out/accuracy_plans.md"
 fi
 if [ "$what" = all ] || [ "$what" = decode ]; then
-  "$bin/tkv_llama_bench" --plans "dense,$decode_plans" --contexts 32768,131072 --prefill "" \
+  "$bin/tkv_llama_bench" --plans "dense,$decode_plans" --contexts 32768,131072 --prefill "" ${BENCH_FLAGS:-} \
     --out "$out/decode_plans.json" 2>&1 | tee "$out/decode_plans.log" || rc=1
 fi
 if [ "$what" = all ] || [ "$what" = prefill ]; then

@@ -84,7 +84,7 @@ struct SparseKv {
   DeviceBuffer last_q_mean;       // [n_kv][head_dim] f32 (gpu index)
   DeviceBuffer chans;             // [n_kv][channels] int32
   DeviceBuffer q_chan;            // [n_kv][channels] f32: the query on the channels
-  DeviceBuffer index;             // [n_kv][capacity][channels] bf16 (gpu index)
+  DeviceBuffer index;             // [n_kv][capacity][channels] bf16 or fp8 codes (gpu index)
   DeviceBuffer sel;               // [n_kv][top_k] int32
   DeviceBuffer prev_sel;          // [n_kv][selected] int32: last step's (-1 before the first)
   DeviceBuffer miss;              // [n_kv][selected] int32: this step's rows still to fetch
@@ -132,6 +132,17 @@ absl::Status GatherHost(const SparseKv& sp, int64_t host_rows, int64_t src_first
 }
 absl::Status BuildIndex(const SparseKv& sp, int64_t host_rows, int rows, int n_kv, int hd,
                         int64_t index_rows, cudaStream_t s) {
+  if (sp.params.index_bits == 8) {
+    uint8_t* index = sp.index.as<uint8_t>();
+    if (sp.params.host_bits == 8) {
+      return LaunchBuildFp8ChannelIndexFromFp8(static_cast<const uint8_t*>(sp.host), host_rows, rows,
+                                               sp.chans.as<int32_t>(), sp.params.channels, n_kv, hd,
+                                               index, index_rows, s);
+    }
+    return LaunchBuildFp8ChannelIndex(static_cast<const bf16*>(sp.host), host_rows, rows,
+                                      sp.chans.as<int32_t>(), sp.params.channels, n_kv, hd, index,
+                                      index_rows, s);
+  }
   if (sp.params.host_bits == 8) {
     return LaunchBuildChannelIndexFp8(static_cast<const uint8_t*>(sp.host), host_rows, rows,
                                       sp.chans.as<int32_t>(), sp.params.channels, n_kv, hd,
@@ -409,6 +420,14 @@ class CudaBackend final : public runtime::Backend {
   DeviceBuffer cublas_workspace_;
   // Weights.
   DeviceBuffer tok_embd_, output_norm_, output_, inv_freq_;
+  // Input embeddings of an untied model with options.host_embeddings: in
+  // pinned host memory, read by the embedding lookup over PCIe.
+  PinnedHostBuffer tok_embd_host_;
+  // The table the embedding lookup reads (tok_embd_ or tok_embd_host_).
+  const bf16* embd_table() const {
+    return tok_embd_host_.size() > 0 ? tok_embd_host_dev_ : tok_embd_.as<bf16>();
+  }
+  bf16* tok_embd_host_dev_ = nullptr;  // tok_embd_host_ as the device sees it
   std::vector<DeviceLayer> layers_;
   // Activations for up to options_.max_prefill_chunk tokens.
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, h_, logits_;
@@ -438,6 +457,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   if (c.head_dim != 64 && c.head_dim != 128) {
     return absl::InvalidArgumentError(
         absl::StrFormat("head_dim %d: the CUDA kernels support 64 and 128", c.head_dim));
+  }
+  if (options.max_mlp_rows < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("max_mlp_rows must be >= 1, got %d", options.max_mlp_rows));
   }
   if (options.max_prefill_chunk < 1) {
     return absl::InvalidArgumentError(absl::StrFormat("max_prefill_chunk must be >= 1, got %d",
@@ -470,7 +493,14 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
       cublasSetWorkspace(b->cublas_.get(), b->cublas_workspace_.get(), kCublasWorkspaceBytes));
 
   const size_t H = c.hidden, V = c.vocab, F = c.ffn, hd = c.head_dim;
-  ASSIGN_OR_RETURN(b->tok_embd_, b->Alloc(V * H * sizeof(bf16)));
+  if (options.host_embeddings && !c.tied_embeddings) {
+    ASSIGN_OR_RETURN(b->tok_embd_host_, PinnedHostBuffer::Allocate(V * H * sizeof(bf16)));
+    void* dev = nullptr;
+    CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&dev, b->tok_embd_host_.as<void>(), 0));
+    b->tok_embd_host_dev_ = static_cast<bf16*>(dev);
+  } else {
+    ASSIGN_OR_RETURN(b->tok_embd_, b->Alloc(V * H * sizeof(bf16)));
+  }
   ASSIGN_OR_RETURN(b->output_norm_, b->Alloc(H * sizeof(float)));
   if (!c.tied_embeddings) {
     ASSIGN_OR_RETURN(b->output_, b->Alloc(V * H * sizeof(bf16)));
@@ -490,12 +520,13 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   }
   const size_t T = options.max_prefill_chunk;
   ASSIGN_OR_RETURN(b->x_, b->Alloc(T * H * sizeof(float)));
-  ASSIGN_OR_RETURN(b->xn_, b->Alloc(T * std::max(H, F) * sizeof(bf16)));
+  ASSIGN_OR_RETURN(b->xn_, b->Alloc(T * H * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->qkv_, b->Alloc(T * b->qkv_rows_ * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->q_, b->Alloc(T * c.n_heads * hd * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->attn_, b->Alloc(T * c.n_heads * hd * sizeof(bf16)));
-  ASSIGN_OR_RETURN(b->gate_up_, b->Alloc(T * 2 * F * sizeof(bf16)));
-  ASSIGN_OR_RETURN(b->h_, b->Alloc(T * F * sizeof(bf16)));
+  const size_t mlp_rows = std::min<size_t>(T, options.max_mlp_rows);
+  ASSIGN_OR_RETURN(b->gate_up_, b->Alloc(mlp_rows * 2 * F * sizeof(bf16)));
+  ASSIGN_OR_RETURN(b->h_, b->Alloc(mlp_rows * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->logits_, b->Alloc(kLogitRows * V * sizeof(float)));
   ASSIGN_OR_RETURN(b->spec_x_, b->Alloc(static_cast<size_t>(c.n_layers) * H * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->step_, b->Alloc((T + 2) * sizeof(int32_t)));
@@ -531,7 +562,15 @@ absl::Status CudaBackend::UploadWeights(const model::ModelWeights& w) {
     return absl::InvalidArgumentError(absl::StrFormat("weights have %d layers, config says %d",
                                                       w.layers.size(), config_.n_layers));
   }
-  RETURN_IF_ERROR(UploadBf16({&w.tok_embd}, tok_embd_));
+  if (tok_embd_host_.size() > 0) {
+    if (w.tok_embd.data.size() * sizeof(bf16) != tok_embd_host_.size()) {
+      return absl::InvalidArgumentError("token embeddings do not match their host buffer");
+    }
+    uint16_t* dst = tok_embd_host_.as<uint16_t>();
+    for (size_t i = 0; i < w.tok_embd.data.size(); ++i) dst[i] = model::FloatToBf16(w.tok_embd.data[i]);
+  } else {
+    RETURN_IF_ERROR(UploadBf16({&w.tok_embd}, tok_embd_));
+  }
   RETURN_IF_ERROR(UploadF32(w.output_norm, output_norm_));
   if (!config_.tied_embeddings) RETURN_IF_ERROR(UploadBf16({&w.output}, output_));
   for (int l = 0; l < config_.n_layers; ++l) {
@@ -558,7 +597,13 @@ absl::Status CudaBackend::RandomizeWeights(uint64_t seed) {
   // Scales keep activations O(1) through 32 random layers (values do not
   // change speed, but NaN or Inf would make a benchmark meaningless).
   const float in_scale = 1.0f / std::sqrt(static_cast<float>(config_.hidden));
-  RETURN_IF_ERROR(bf(tok_embd_, 1.0f));
+  if (tok_embd_host_.size() > 0) {
+    // Written by the GPU straight into the mapped host table.
+    RETURN_IF_ERROR(LaunchFillRandomBf16(tok_embd_host_dev_, tok_embd_host_.size() / sizeof(bf16),
+                                         seed++, 1.0f, 0.0f, s));
+  } else {
+    RETURN_IF_ERROR(bf(tok_embd_, 1.0f));
+  }
   RETURN_IF_ERROR(norm(output_norm_));
   if (!config_.tied_embeddings) RETURN_IF_ERROR(bf(output_, in_scale));
   for (DeviceLayer& L : layers_) {
@@ -779,7 +824,7 @@ absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime
   if (s.gpu_index) {
     ASSIGN_OR_RETURN(s.last_q_mean, DeviceBuffer::Allocate(heads_dim * sizeof(float)));
     CUDA_RETURN_IF_ERROR(cudaMemset(s.last_q_mean.get(), 0, s.last_q_mean.size()));
-    ASSIGN_OR_RETURN(s.index, DeviceBuffer::Allocate(d * cap * sizeof(bf16)));
+    ASSIGN_OR_RETURN(s.index, DeviceBuffer::Allocate(d * cap * (p.index_bits == 8 ? 1 : sizeof(bf16))));
   }
   ASSIGN_OR_RETURN(s.selected_ready, CudaEvent::Create());
   return absl::OkStatus();
@@ -819,16 +864,24 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
   const int q_dim = c.n_heads * c.head_dim;
   float* x = x_.as<float>();
   bf16* xn = xn_.as<bf16>();
-  RETURN_IF_ERROR(LaunchEmbedding(tok_embd_.as<bf16>(), c.vocab, d_ids, n, c.hidden, x, s));
+  RETURN_IF_ERROR(LaunchEmbedding(embd_table(), c.vocab, d_ids, n, c.hidden, x, s));
   if (!decode) RETURN_IF_ERROR(PrefetchSparseHistory(seq, -1, start));
   for (int l = 0; l < c.n_layers; ++l) {
     const DeviceLayer& L = layers_[l];
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.attn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
+    // Index "gpu", query "previous" / "after-attention": layer l + 1's
+    // selection starts from this layer's input / from the stream after this
+    // layer's attention, and runs on the side stream meanwhile (layer 0's
+    // from its own input; query "real" selects in line).
+    const std::string* next_query =
+        (decode && l + 1 < c.n_layers && seq.sparse[l + 1] != nullptr && seq.sparse[l + 1]->gpu_index)
+            ? &seq.sparse[l + 1]->params.query
+            : nullptr;
     if (decode) {
-      // Index "gpu": layer l + 1's selection starts from this layer's input
-      // (layer 0's from its own) and runs on the side stream meanwhile.
       if (l == 0) RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, 0, xn));
-      if (l + 1 < c.n_layers) RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn));
+      if (next_query != nullptr && *next_query == "previous") {
+        RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn));
+      }
     }
     RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
     RETURN_IF_ERROR(EnqueueAttention(seq, l, n, start, decode));
@@ -837,10 +890,23 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
     }
     if (tap != nullptr) RETURN_IF_ERROR(TapLayer(seq, l, n, *tap));
     RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true));
+    if (next_query != nullptr && *next_query == "after-attention") {
+      // Layer l + 1's own norm over the stream as it stands now (xn is free
+      // until the FFN norm below overwrites it).
+      RETURN_IF_ERROR(LaunchRmsNorm(x, layers_[l + 1].attn_norm.as<float>(), 1, c.hidden,
+                                    c.rms_eps, xn, s));
+      RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn));
+    }
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.ffn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
-    RETURN_IF_ERROR(Gemm(xn, n, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden, gate_up_.as<bf16>()));
-    RETURN_IF_ERROR(LaunchSwiGlu(gate_up_.as<bf16>(), n, c.ffn, h_.as<bf16>(), s));
-    RETURN_IF_ERROR(Gemm(h_.as<bf16>(), n, L.w_down.as<bf16>(), c.hidden, c.ffn, x, true));
+    // The MLP in row blocks (options_.max_mlp_rows): its intermediates
+    // (3 x ffn values a row) are the largest activations.
+    for (int r = 0; r < n; r += options_.max_mlp_rows) {
+      const int m = std::min(options_.max_mlp_rows, n - r);
+      const int64_t at = static_cast<int64_t>(r) * c.hidden;
+      RETURN_IF_ERROR(Gemm(xn + at, m, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden, gate_up_.as<bf16>()));
+      RETURN_IF_ERROR(LaunchSwiGlu(gate_up_.as<bf16>(), m, c.ffn, h_.as<bf16>(), s));
+      RETURN_IF_ERROR(Gemm(h_.as<bf16>(), m, L.w_down.as<bf16>(), c.hidden, c.ffn, x + at, true));
+    }
   }
   return absl::OkStatus();
 }
@@ -1004,7 +1070,11 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
   const ModelConfig& c = config_;
   const int cap = seq.capacity();
   if (sp.selected == 0) return absl::OkStatus();
-  if (sp.gpu_index) {
+  if (sp.gpu_index && sp.params.index_bits == 8) {
+    RETURN_IF_ERROR(LaunchScoreFp8ChannelIndex(q_chan, sp.index.as<uint8_t>(), cap,
+                                               sp.params.channels, c.n_kv_heads, sp.sink,
+                                               sp.candidates, seq.scores.as<float>(), cap, s));
+  } else if (sp.gpu_index) {
     RETURN_IF_ERROR(LaunchScoreChannelIndex(q_chan, sp.index.as<bf16>(), cap, sp.params.channels,
                                             c.n_kv_heads, sp.sink, sp.candidates,
                                             seq.scores.as<float>(), cap, s));
@@ -1049,6 +1119,7 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
                                                       const bf16* x) {
   if (seq.sparse[target] == nullptr || !seq.sparse[target]->gpu_index) return absl::OkStatus();
   SparseKv& sp = *seq.sparse[target];
+  if (sp.params.query == "real") return absl::OkStatus();  // selected in line
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
   // The main stream keeps a copy of `x` (8 KB: cheaper than running the
@@ -1122,7 +1193,11 @@ absl::Status CudaBackend::EnqueueSparseAttention(CudaSequence& seq, int l, int n
                                           sp.kept() + sp.selected - sp.prompt, c.n_kv_heads, hd, tk,
                                           tv, static_cast<int64_t>(sp.tier_rows) * hd,
                                           sp.len.as<int32_t>(), s));
-  if (sp.gpu_index) {
+  if (sp.gpu_index && sp.params.query == "real") {
+    RETURN_IF_ERROR(LaunchGroupMeanOnChannels(q, c.n_heads, c.n_kv_heads, hd, sp.chans.as<int32_t>(),
+                                              sp.params.channels, sp.q_chan.as<float>(), s));
+    RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), s));
+  } else if (sp.gpu_index) {
     // Selected on the side stream (EnqueueSpeculativeSelection).
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(s, sp.selected_ready.get(), 0));
   } else {

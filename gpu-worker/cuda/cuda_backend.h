@@ -54,6 +54,10 @@ struct CudaBackendOptions {
   // H100, 128k-token prefill: 15.70 s at 4096, 15.62 s at 8192, 15.59 s at
   // 16384 (+1.3 GB more activations than 8192).
   int max_prefill_chunk = 8192;
+  // Rows per MLP pass within a prefill chunk: the MLP's intermediates (3 x
+  // ffn bf16 values a row: 86 KB at 8B) are the largest activations, and
+  // GEMMs of 2,048 rows already run at full speed. >= 1.
+  int max_mlp_rows = 2048;
   // Most bytes of host memory the sparse layers' host tier may hold (pinned
   // and registered with the GPU); 0 = 80% of physical memory.
   uint64_t host_kv_budget_bytes = 0;
@@ -72,11 +76,18 @@ struct CudaBackendOptions {
   bool prefill_prefetch = true;
   // Sparse decode: a row selected again at the next step is copied on the
   // device from where the tier already holds it instead of crossing PCIe
-  // again (the tier's contents are the same either way). SmolLM2 reselects
-  // 81% of Top-896 rows from one step to the next (tkv_selection_locality).
-  // Off by default until its GPU tests and timing have run on a GPU.
-  bool sparse_row_reuse = false;
+  // again (the tier's contents are the same either way, so are the logits).
+  // SmolLM2 reselects 81% of Top-896 rows from one step to the next
+  // (tkv_selection_locality); 8B shape at 128k, H100: 9.83 -> 8.20 ms a
+  // token with 75% of rows reused (docs/results.md).
+  bool sparse_row_reuse = true;
+  // Untied models (Llama-3.1-8B): the input embedding table (1.05 GB at
+  // 8B) stays in pinned host memory and the lookup reads only the rows of
+  // the step's tokens over PCIe (8 KB a token), as llama.cpp keeps it on
+  // the CPU. Tied models keep their one table on the GPU (it is the head).
+  bool host_embeddings = true;
 };
+
 
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the
 // kernels do not support (head_dim other than 64/128).

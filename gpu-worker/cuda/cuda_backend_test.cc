@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <random>
 
 #include "cuda/cuda_check.h"
+#include "cuda/sparse_index_kernels.cuh"  // kSparseMaxChannels
 #include "model/ggml_types.h"
 #include "model/gguf_file.h"
 #include "runtime/cpu_backend.h"
@@ -122,6 +124,61 @@ TEST_F(CudaBackendTest, TinyModelPrefillAndDecodeMatchCpu) {
   ASSERT_TRUE((*cpu)->Forward(*cs, {&t, 1}, false, &cl).ok());
   Compare d = CompareLogits(gl, cl, w.config.vocab);
   EXPECT_LE(d.max_abs_diff, 0.03f * d.max_abs_ref) << "after truncate";
+}
+
+// An untied model (its own output head, as Llama-3.1-8B): input embeddings
+// read from pinned host memory give the same logits as from the GPU, bit for
+// bit; both match the CPU; MLP row blocks of 7 (5 blocks in a 32-row chunk)
+// match the CPU too.
+TEST_F(CudaBackendTest, UntiedModelHostEmbeddingsAndMlpBlocksMatchCpu) {
+  runtime::testing::TinyShape shape;
+  shape.n_heads = 3;
+  shape.n_kv_heads = 1;
+  shape.head_dim = 64;
+  shape.hidden = 192;
+  shape.ffn = 200;
+  shape.vocab = 257;
+  shape.max_context = 256;
+  shape.weight_scale = 0.08f;
+  ModelWeights w = runtime::testing::TinyModel(21, model::RopeStyle::kHalves, false, shape);
+  runtime::testing::RoundWeightsToBf16(w);
+  auto host = CreateCudaBackend(w, {.max_prefill_chunk = 32, .host_embeddings = true});
+  ASSERT_TRUE(host.ok()) << host.status();
+  auto dev = CreateCudaBackend(w, {.max_prefill_chunk = 32, .host_embeddings = false});
+  ASSERT_TRUE(dev.ok()) << dev.status();
+  auto blocks = CreateCudaBackend(w, {.max_prefill_chunk = 32, .max_mlp_rows = 7});
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  auto cpu = runtime::CreateCpuBackend(w, {.threads = 4});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  // The host table is not device memory.
+  EXPECT_LT(BackendDeviceBytes(**host) + static_cast<int64_t>(w.config.vocab) * w.config.hidden,
+            BackendDeviceBytes(**dev));
+  std::mt19937 rng(23);
+  std::uniform_int_distribution<int32_t> tok(0, w.config.vocab - 1);
+  std::vector<int32_t> prompt(45);
+  for (auto& t : prompt) t = tok(rng);
+  auto hs = *(*host)->NewSequence(64);
+  auto ds = *(*dev)->NewSequence(64);
+  auto bs = *(*blocks)->NewSequence(64);
+  auto cs = *(*cpu)->NewSequence(64);
+  std::vector<float> hl(3, -1.0f), dl, bl, cl;
+  for (int step = 0; step < 6; ++step) {
+    std::vector<int32_t> in = prompt;
+    if (step > 0) in = {tok(rng)};
+    const bool all = step == 0;
+    ASSERT_TRUE((*host)->Forward(*hs, in, all, &hl).ok());
+    ASSERT_TRUE((*dev)->Forward(*ds, in, all, &dl).ok());
+    ASSERT_TRUE((*blocks)->Forward(*bs, in, all, &bl).ok());
+    ASSERT_TRUE((*cpu)->Forward(*cs, in, all, &cl).ok());
+    ASSERT_EQ(hl.size(), dl.size());
+    EXPECT_EQ(std::memcmp(hl.data(), dl.data(), hl.size() * sizeof(float)), 0) << "step " << step;
+    for (const auto* got : {&hl, &bl}) {
+      Compare c = CompareLogits(*got, cl, w.config.vocab);
+      EXPECT_GT(c.max_abs_ref, 0.5f) << "reference logits are trivial";
+      EXPECT_LE(c.max_abs_diff, 0.03f * c.max_abs_ref) << "step " << step;
+      EXPECT_GE(c.top1_agree, c.rows - 2) << "step " << step;
+    }
+  }
 }
 
 // A plan whose non-dense layers keep everything in full precision (a quant
@@ -377,10 +434,12 @@ TEST_F(CudaBackendTest, KvBytesPerPolicy) {
     sparse.layers[1].sparse.index = "faithful";
     EXPECT_EQ((*gpu)->NewSequence(100, sparse).status().code(), absl::StatusCode::kUnimplemented);
   }
+  // Every channel of head_dim 64 is within the kernels' kSparseMaxChannels.
   runtime::KvPlan wide = runtime::KvPlan::Dense(c.n_layers);
   wide.layers[0].kind = runtime::KvPolicyKind::kSparse;
-  wide.layers[0].sparse.channels = 64;
-  EXPECT_EQ((*gpu)->NewSequence(100, wide).status().code(), absl::StatusCode::kUnimplemented);
+  wide.layers[0].sparse.channels = c.head_dim;
+  EXPECT_EQ((*gpu)->NewSequence(100, wide).status().code(),
+            c.head_dim <= kSparseMaxChannels ? absl::StatusCode::kOk : absl::StatusCode::kUnimplemented);
 }
 
 // Sparse layers on the GPU. Top-K covering every candidate: the prefill
@@ -411,7 +470,8 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
     ASSERT_TRUE((*gpu)->Forward(*ds, {&t, 1}, false, &l).ok());
     dense_decode.push_back(l);
   }
-  for (const char* spec : {"sparse:39:2:4:8:gpu", "sparse:500:2:4:32:faithful", "sparse:1:1:44:8:gpu"}) {
+  for (const char* spec : {"sparse:39:2:4:8:gpu", "sparse:500:2:4:32:faithful", "sparse:1:1:44:8:gpu",
+                           "sparse:39:2:4:8:gpu:i8:late", "sparse:39:2:4:8:gpu:real"}) {
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto seq = (*gpu)->NewSequence(80, *plan);
@@ -432,7 +492,9 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
   // rounds bf16 (GPU) and fp32 (CPU) inputs that straddle a code boundary to
   // codes 6% apart.
   const std::pair<const char*, float> lossy[] = {
-      {"sparse:6:2:4:8:gpu", 0.1f}, {"sparse:6:2:4:8:faithful", 0.2f}, {"sparse:6:2:4:8:gpu:fp8", 0.35f}};
+      {"sparse:6:2:4:8:gpu", 0.1f},      {"sparse:6:2:4:8:faithful", 0.2f},
+      {"sparse:6:2:4:8:gpu:fp8", 0.35f}, {"sparse:6:2:4:8:gpu:i8", 0.35f},
+      {"sparse:6:2:4:8:gpu:late", 0.1f}, {"sparse:6:2:4:8:gpu:real", 0.1f}};
   for (const auto& [spec, bound] : lossy) {
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
@@ -614,7 +676,8 @@ TEST_F(CudaBackendTest, SmolLM2SparsePlansMatchCpuBackend) {
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   auto cpu = runtime::CreateCpuBackend(*weights, {.threads = 8});
   ASSERT_TRUE(cpu.ok());
-  for (const char* spec : {"hybrid:2:128:8:56:gpu", "hybrid:2:128:8:56:faithful"}) {
+  for (const char* spec : {"hybrid:2:128:8:56:gpu", "hybrid:2:128:8:56:faithful",
+                           "hybrid:2:128:8:56:32:gpu:late:i8"}) {
     auto plan = runtime::ParseKvPlanSpec(spec, weights->config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto gs = (*gpu)->NewSequence(700, *plan);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cuda_check.h"
@@ -228,9 +229,11 @@ __global__ void __launch_bounds__(kThreads)
 // of kBuildTile host rows, KV head); the K halves of the tile's rows read
 // whole (16-byte loads), staged in shared memory, the chosen channels
 // decoded and written out.
+// Out = bf16 (decoded) or uint8_t (the codes as they are: an FP8 index).
+template <typename Out>
 __global__ void __launch_bounds__(kThreads) BuildIndexFp8Kernel(
     const uint4* __restrict__ host, int64_t host_rows, int rows, const int32_t* __restrict__ chans,
-    int d, int head_dim, bf16* __restrict__ index, int64_t index_rows) {
+    int d, int head_dim, Out* __restrict__ index, int64_t index_rows) {
   __shared__ uint4 tile[kBuildTile * 128 / 16];
   __shared__ int ch[kSparseMaxChannels];
   const int h = blockIdx.y;
@@ -246,14 +249,88 @@ __global__ void __launch_bounds__(kThreads) BuildIndexFp8Kernel(
   }
   __syncthreads();
   const uint8_t* sh = reinterpret_cast<const uint8_t*>(tile);
-  uint16_t* dst = reinterpret_cast<uint16_t*>(index) + (static_cast<int64_t>(h) * index_rows + p0) * d;
+  const int64_t base = (static_cast<int64_t>(h) * index_rows + p0) * d;
   for (int t = threadIdx.x; t < nrows * d; t += kThreads) {
     const int r = t / d, j = t - r * d;
     const int c = ch[j];
     // A channel outside [0, head_dim) (a caller bug the device cannot
     // report) yields NaN, which scores NaN and so ranks lowest.
-    dst[t] = static_cast<uint16_t>((c >= 0 && c < head_dim) ? Fp8ToBf16(sh[r * head_dim + c]) : 0x7FC0u);
+    const bool ok = c >= 0 && c < head_dim;
+    if constexpr (std::is_same_v<Out, uint8_t>) {
+      index[base + t] = static_cast<uint8_t>(ok ? sh[r * head_dim + c] : 0x7Fu);
+    } else {
+      reinterpret_cast<uint16_t*>(index)[base + t] =
+          static_cast<uint16_t>(ok ? Fp8ToBf16(sh[r * head_dim + c]) : 0x7FC0u);
+    }
   }
+}
+
+// LaunchBuildChannelIndex's gather from bf16 host rows, writing FP8 codes:
+// block per (tile of kBuildTile rows, KV head), the tile's K halves read
+// whole (16-byte loads) into shared memory, the chosen channels encoded.
+__global__ void __launch_bounds__(kThreads) BuildFp8IndexKernel(
+    const uint4* __restrict__ host, int64_t host_rows, int rows, const int32_t* __restrict__ chans,
+    int d, int head_dim, uint8_t* __restrict__ index, int64_t index_rows) {
+  __shared__ uint4 tile[kBuildTile * 128 / 8];
+  __shared__ int ch[kSparseMaxChannels];
+  const int h = blockIdx.y;
+  const int p0 = blockIdx.x * kBuildTile;
+  const int nrows = min(kBuildTile, rows - p0);
+  const int chunks = head_dim / 8;   // 16-byte chunks of a bf16 K half
+  const int64_t row16 = 2 * chunks;  // of a host row (K then V)
+  if (threadIdx.x < d) ch[threadIdx.x] = chans[static_cast<int64_t>(h) * d + threadIdx.x];
+  const uint4* src = host + (static_cast<int64_t>(h) * host_rows + p0) * row16;
+  for (int t = threadIdx.x; t < nrows * chunks; t += kThreads) {
+    const int r = t / chunks, q = t - r * chunks;
+    tile[t] = src[r * row16 + q];
+  }
+  __syncthreads();
+  const uint16_t* sh = reinterpret_cast<const uint16_t*>(tile);
+  uint8_t* dst = index + (static_cast<int64_t>(h) * index_rows + p0) * d;
+  for (int t = threadIdx.x; t < nrows * d; t += kThreads) {
+    const int r = t / d, j = t - r * d;
+    const int c = ch[j];
+    dst[t] = static_cast<uint8_t>((c >= 0 && c < head_dim) ? Bf16ToFp8(sh[r * head_dim + c]) : 0x7Fu);
+  }
+}
+
+// FP8 index scores: thread per (token, KV head), ScoreIndexKernel's
+// arithmetic on the decoded codes. kChunks > 0: d == 16 * kChunks and
+// 16-byte aligned rows; kChunks == 0: any d, byte loads.
+template <int kChunks>
+__global__ void __launch_bounds__(kThreads) ScoreFp8IndexKernel(
+    const float* __restrict__ q_chan, const uint8_t* __restrict__ index, int64_t index_rows, int d,
+    int first, int n, float* __restrict__ scores, int64_t score_stride) {
+  __shared__ float q[kSparseMaxChannels];
+  const int h = blockIdx.y;
+  if (threadIdx.x < d) q[threadIdx.x] = q_chan[static_cast<int64_t>(h) * d + threadIdx.x];
+  __syncthreads();
+  const int i = blockIdx.x * kThreads + threadIdx.x;
+  if (i >= n) return;
+  const int64_t row = static_cast<int64_t>(h) * index_rows + first + i;
+  auto val = [](uint32_t code) { return __uint_as_float(Fp8ToBf16(code) << 16); };
+  float dot = 0.0f;
+  if constexpr (kChunks > 0) {
+    const uint4* r16 = reinterpret_cast<const uint4*>(index + row * d);
+    uint4 v[kChunks];
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) v[u] = __ldg(&r16[u]);
+#pragma unroll
+    for (int u = 0; u < kChunks; ++u) {
+      const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          dot = __fadd_rn(dot, __fmul_rn(q[16 * u + 4 * e + b], val((w[e] >> (8 * b)) & 0xFFu)));
+        }
+      }
+    }
+  } else {
+    const uint8_t* r = index + row * d;
+    for (int j = 0; j < d; ++j) dot = __fadd_rn(dot, __fmul_rn(q[j], val(__ldg(&r[j]))));
+  }
+  scores[static_cast<int64_t>(h) * score_stride + i] = dot;
 }
 
 }  // namespace
@@ -357,9 +434,97 @@ absl::Status LaunchBuildChannelIndexFp8(const uint8_t* host, int64_t host_rows, 
   if (absl::Status s = CheckPtr(kFn, "chans", chans, /*need_align16=*/false); !s.ok()) return s;
   if (absl::Status s = CheckPtr(kFn, "index", index, /*need_align16=*/false); !s.ok()) return s;
   const dim3 grid((rows + kBuildTile - 1) / kBuildTile, n_kv);
-  BuildIndexFp8Kernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const uint4*>(host), host_rows,
-                                                     rows, chans, d, head_dim, index, index_rows);
+  BuildIndexFp8Kernel<bf16><<<grid, kThreads, 0, stream>>>(
+      reinterpret_cast<const uint4*>(host), host_rows, rows, chans, d, head_dim, index, index_rows);
   CUDA_RETURN_IF_LAUNCH_FAILED("BuildIndexFp8Kernel");
+  return absl::OkStatus();
+}
+
+namespace {
+
+// The FP8-index builders' checks (LaunchBuildChannelIndex's).
+absl::Status CheckBuild(const char* fn, const void* host, int64_t host_rows, int rows,
+                        const int32_t* chans, int d, int n_kv, int head_dim, const void* index,
+                        int64_t index_rows) {
+  if (n_kv < 1 || n_kv > 65535) return Bad(fn, "n_kv = ", n_kv, " outside [1, 65535]");
+  if (head_dim != 64 && head_dim != 128) return Bad(fn, "head_dim = ", head_dim, " is not 64 or 128");
+  const int d_hi = std::min(head_dim, kSparseMaxChannels);
+  if (d < 1 || d > d_hi) return Bad(fn, "d = ", d, " outside [1, ", d_hi, "]");
+  if (rows < 0) return Bad(fn, "rows = ", rows, " < 0");
+  if (rows > host_rows) return Bad(fn, "rows = ", rows, " > host_rows = ", host_rows);
+  if (rows > index_rows) return Bad(fn, "rows = ", rows, " > index_rows = ", index_rows);
+  if (rows == 0) return absl::OkStatus();
+  if (absl::Status s = CheckPtr(fn, "host", host); !s.ok()) return s;
+  if (absl::Status s = CheckPtr(fn, "chans", chans, /*need_align16=*/false); !s.ok()) return s;
+  return CheckPtr(fn, "index", index, /*need_align16=*/false);
+}
+
+}  // namespace
+
+absl::Status LaunchBuildFp8ChannelIndex(const bf16* host, int64_t host_rows, int rows,
+                                        const int32_t* chans, int d, int n_kv, int head_dim,
+                                        uint8_t* index, int64_t index_rows, cudaStream_t stream) {
+  constexpr const char* kFn = "LaunchBuildFp8ChannelIndex";
+  if (absl::Status s = CheckBuild(kFn, host, host_rows, rows, chans, d, n_kv, head_dim, index, index_rows);
+      !s.ok() || rows == 0) {
+    return s;
+  }
+  const dim3 grid((rows + kBuildTile - 1) / kBuildTile, n_kv);
+  BuildFp8IndexKernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const uint4*>(host), host_rows,
+                                                     rows, chans, d, head_dim, index, index_rows);
+  CUDA_RETURN_IF_LAUNCH_FAILED("BuildFp8IndexKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchBuildFp8ChannelIndexFromFp8(const uint8_t* host, int64_t host_rows, int rows,
+                                               const int32_t* chans, int d, int n_kv, int head_dim,
+                                               uint8_t* index, int64_t index_rows,
+                                               cudaStream_t stream) {
+  constexpr const char* kFn = "LaunchBuildFp8ChannelIndexFromFp8";
+  if (absl::Status s = CheckBuild(kFn, host, host_rows, rows, chans, d, n_kv, head_dim, index, index_rows);
+      !s.ok() || rows == 0) {
+    return s;
+  }
+  const dim3 grid((rows + kBuildTile - 1) / kBuildTile, n_kv);
+  BuildIndexFp8Kernel<uint8_t><<<grid, kThreads, 0, stream>>>(
+      reinterpret_cast<const uint4*>(host), host_rows, rows, chans, d, head_dim, index, index_rows);
+  CUDA_RETURN_IF_LAUNCH_FAILED("BuildIndexFp8Kernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchScoreFp8ChannelIndex(const float* q_chan, const uint8_t* index,
+                                        int64_t index_rows, int d, int n_kv, int first, int n,
+                                        float* scores, int64_t score_stride, cudaStream_t stream) {
+  constexpr const char* kFn = "LaunchScoreFp8ChannelIndex";
+  if (n_kv < 1 || n_kv > 65535) return Bad(kFn, "n_kv = ", n_kv, " outside [1, 65535]");
+  if (d < 1 || d > kSparseMaxChannels) return Bad(kFn, "d = ", d, " outside [1, ", kSparseMaxChannels, "]");
+  if (first < 0) return Bad(kFn, "first = ", first, " < 0");
+  if (n < 0) return Bad(kFn, "n = ", n, " < 0");
+  if (static_cast<int64_t>(first) + n > index_rows) {
+    return Bad(kFn, "first + n = ", static_cast<int64_t>(first) + n, " > index_rows = ", index_rows);
+  }
+  if (n > score_stride) return Bad(kFn, "n = ", n, " > score_stride = ", score_stride);
+  if (n == 0) return absl::OkStatus();
+  if (absl::Status s = CheckPtr(kFn, "q_chan", q_chan, false); !s.ok()) return s;
+  if (absl::Status s = CheckPtr(kFn, "index", index, false); !s.ok()) return s;
+  if (absl::Status s = CheckPtr(kFn, "scores", scores, false); !s.ok()) return s;
+  const dim3 grid((n + kThreads - 1) / kThreads, n_kv);
+  const bool vec = d % 16 == 0 && reinterpret_cast<uintptr_t>(index) % 16 == 0;
+  switch (vec ? d / 16 : 0) {
+    case 1:
+      ScoreFp8IndexKernel<1><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      break;
+    case 2:
+      ScoreFp8IndexKernel<2><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      break;
+    case 4:
+      ScoreFp8IndexKernel<4><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      break;
+    default:
+      ScoreFp8IndexKernel<0><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      break;
+  }
+  CUDA_RETURN_IF_LAUNCH_FAILED("ScoreFp8IndexKernel");
   return absl::OkStatus();
 }
 

@@ -61,4 +61,26 @@ absl::Status LaunchBuildChannelIndexFp8(const uint8_t* host, int64_t host_rows, 
                                         __nv_bfloat16* index, int64_t index_rows,
                                         cudaStream_t stream);
 
+// FP8 index entries (plan index_bits 8, runtime/kv_plan.h): as
+// LaunchBuildChannelIndex, but each entry is the FP8 E4M3 code of the key
+// (round to nearest even, saturating at 448: runtime/fp8_reference.h's
+// FloatToFp8E4M3 of the bf16 value); a channel outside [0, head_dim) gives
+// the NaN code 0x7F. From bf16 host rows, or from an fp8 host tier (the
+// codes copied as they are). Same argument checks.
+absl::Status LaunchBuildFp8ChannelIndex(const __nv_bfloat16* host, int64_t host_rows, int rows,
+                                        const int32_t* chans, int d, int n_kv, int head_dim,
+                                        uint8_t* index, int64_t index_rows, cudaStream_t stream);
+absl::Status LaunchBuildFp8ChannelIndexFromFp8(const uint8_t* host, int64_t host_rows, int rows,
+                                               const int32_t* chans, int d, int n_kv, int head_dim,
+                                               uint8_t* index, int64_t index_rows,
+                                               cudaStream_t stream);
+
+// LaunchScoreChannelIndex over an FP8 index: scores[h * score_stride + i] =
+// ScoreOnChannels of q_chan[h * d ...] and the decoded codes of index row
+// (first + i) of head h (the same fp32 arithmetic, so bit-exact with the
+// CPU on the decoded values). Same argument checks.
+absl::Status LaunchScoreFp8ChannelIndex(const float* q_chan, const uint8_t* index,
+                                        int64_t index_rows, int d, int n_kv, int first, int n,
+                                        float* scores, int64_t score_stride, cudaStream_t stream);
+
 }  // namespace tailorkv::cuda

@@ -27,6 +27,7 @@
 #include "cuda/test_host_mapped.h"
 #include "cuda/test_rng.h"
 #include "runtime/fp8_reference.h"
+#include "runtime/sparse_reference.h"
 
 namespace tailorkv::cuda {
 namespace {
@@ -479,6 +480,144 @@ TEST_F(SparseFp8KernelsTest, BuildChannelIndexFromMappedFp8Rows) {
   CheckBuildIndex(2, 128, 6, 100, 99, 100, true, 11);
 }
 
+// ------------------------------------------------------------ FP8 index
+
+// Per head, d distinct channels, ascending.
+std::vector<int32_t> RandChans(int n_kv, int head_dim, int d, Rng& rng) {
+  std::vector<int32_t> chans;
+  for (int h = 0; h < n_kv; ++h) {
+    std::vector<int32_t> all(head_dim);
+    for (int c = 0; c < head_dim; ++c) all[c] = c;
+    for (int c = head_dim - 1; c > 0; --c) {
+      std::swap(all[c], all[static_cast<int>(rng.Uniform(0.0f, static_cast<float>(c + 1)))]);
+    }
+    std::sort(all.begin(), all.begin() + d);
+    chans.insert(chans.end(), all.begin(), all.begin() + d);
+  }
+  return chans;
+}
+
+// FP8 index entries from bf16 host rows (every bf16 pattern class: the
+// codes are Bf16BitsToFp8E4M3's) or from an fp8 tier (the codes as stored).
+void CheckBuildFp8Index(int n_kv, int head_dim, int d, int64_t host_rows, int rows,
+                        int64_t index_rows, bool from_fp8, bool bad_channel, uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " head_dim=" << head_dim << " d=" << d
+                                  << " rows=" << rows << (from_fp8 ? " fp8 host" : " bf16 host")
+                                  << (bad_channel ? " bad channel" : ""));
+  Rng rng(seed);
+  const size_t host_elems = static_cast<size_t>(n_kv) * host_rows * 2 * head_dim;
+  HostMapped host(host_elems * (from_fp8 ? 1 : 2));
+  ASSERT_NE(host.device<uint8_t>(), nullptr);
+  const Bytes codes = from_fp8 ? RandCodes(host_elems, rng) : Bytes();
+  const Bits bits = from_fp8 ? Bits() : RandBits(host_elems, rng);
+  if (from_fp8) {
+    std::copy(codes.begin(), codes.end(), host.bytes());
+  } else {
+    std::memcpy(host.bytes(), bits.data(), host_elems * 2);
+  }
+  std::vector<int32_t> chans = RandChans(n_kv, head_dim, d, rng);
+  if (bad_channel) {
+    chans[0] = head_dim;
+    chans.back() = -1;
+  }
+  absl::StatusOr<DeviceBuffer> d_chans = Upload(chans);
+  const size_t index_elems = static_cast<size_t>(n_kv) * index_rows * d;
+  absl::StatusOr<DeviceBuffer> d_index = Upload(Bytes(index_elems, kPoison8));
+  ASSERT_TRUE(d_chans.ok() && d_index.ok());
+  absl::Status st =
+      from_fp8 ? LaunchBuildFp8ChannelIndexFromFp8(host.device<uint8_t>(), host_rows, rows, d_chans->as<int32_t>(),
+                                                   d, n_kv, head_dim, d_index->as<uint8_t>(), index_rows, nullptr)
+               : LaunchBuildFp8ChannelIndex(host.device<__nv_bfloat16>(), host_rows, rows, d_chans->as<int32_t>(),
+                                            d, n_kv, head_dim, d_index->as<uint8_t>(), index_rows, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  Bytes want(index_elems, kPoison8);  // rows past `rows` stay untouched
+  for (int h = 0; h < n_kv; ++h) {
+    for (int p = 0; p < rows; ++p) {
+      for (int j = 0; j < d; ++j) {
+        const int c = chans[h * d + j];
+        const size_t at = (static_cast<size_t>(h) * host_rows + p) * 2 * head_dim + c;
+        uint8_t code = 0x7F;  // NaN for a channel out of range
+        if (c >= 0 && c < head_dim) code = from_fp8 ? codes[at] : Bf16BitsToFp8E4M3(bits[at]);
+        want[(static_cast<size_t>(h) * index_rows + p) * d + j] = code;
+      }
+    }
+  }
+  const Bytes got = Download<uint8_t>(*d_index, index_elems);
+  ExpectSame(got.data(), want.data(), index_elems, "index");
+}
+
+TEST_F(SparseFp8KernelsTest, BuildFp8ChannelIndexBitExact) {
+  uint64_t seed = 700;
+  for (bool from_fp8 : {false, true}) {
+    for (int head_dim : {64, 128}) {
+      for (int d : {1, 7, 16, 32, 64}) {
+        CheckBuildFp8Index(3, head_dim, d, 203, 131, 140, from_fp8, false, ++seed);
+      }
+    }
+    CheckBuildFp8Index(1, 64, 5, 10, 1, 3, from_fp8, false, ++seed);     // a single row
+    CheckBuildFp8Index(2, 128, 6, 100, 99, 100, from_fp8, true, ++seed);  // NaN code for bad channels
+  }
+}
+
+// Scores over an FP8 index are ScoreOnChannels over the decoded codes, bit
+// for bit (fp32 products and sums in channel order); the 16-byte path (d a
+// multiple of 16, aligned rows) and the byte path agree with it.
+void CheckScoreFp8Index(int n_kv, int d, int64_t index_rows, int first, int n, bool misalign,
+                        uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " d=" << d << " first=" << first << " n=" << n
+                                  << (misalign ? " misaligned" : ""));
+  Rng rng(seed);
+  const size_t elems = static_cast<size_t>(n_kv) * index_rows * d;
+  Bytes buf = RandCodes(elems + 1, rng);
+  for (uint8_t& b : buf) {
+    if ((b & 0x7F) == 0x7F) b = static_cast<uint8_t>(b - 1);  // no NaN codes: their bits would not compare
+  }
+  const size_t off = misalign ? 1 : 0;
+  std::vector<float> q(static_cast<size_t>(n_kv) * d);
+  for (float& x : q) x = rng.Uniform(-3.0f, 3.0f);
+  const int64_t stride = n + 5;
+  const float poison = std::numeric_limits<float>::quiet_NaN();
+  absl::StatusOr<DeviceBuffer> d_buf = Upload(buf), d_q = Upload(q),
+                               d_scores = Upload(std::vector<float>(n_kv * stride, poison));
+  ASSERT_TRUE(d_buf.ok() && d_q.ok() && d_scores.ok());
+  absl::Status st = LaunchScoreFp8ChannelIndex(d_q->as<float>(), d_buf->as<uint8_t>() + off, index_rows, d,
+                                               n_kv, first, n, d_scores->as<float>(), stride, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> got = Download<float>(*d_scores, n_kv * stride);
+  std::vector<float> rows(static_cast<size_t>(n) * d), want(n);
+  int bad = 0;
+  for (int h = 0; h < n_kv; ++h) {
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < d; ++j) {
+        rows[static_cast<size_t>(i) * d + j] =
+            runtime::Fp8E4M3ToFloat(buf[off + (static_cast<size_t>(h) * index_rows + first + i) * d + j]);
+      }
+    }
+    runtime::ScoreOnChannels(q.data() + h * d, d, rows.data(), n, want.data());
+    for (int64_t i = 0; i < stride; ++i) {
+      const float g = got[h * stride + i];
+      uint32_t gb, wb;
+      std::memcpy(&gb, &g, 4);
+      if (i < n) {
+        std::memcpy(&wb, &want[i], 4);
+        if (gb != wb && bad++ < 5) ADD_FAILURE() << "head " << h << " token " << i << ": " << g << " vs " << want[i];
+      } else if (!std::isnan(g) && bad++ < 5) {
+        ADD_FAILURE() << "head " << h << " sentinel " << i << " overwritten";
+      }
+    }
+  }
+}
+
+TEST_F(SparseFp8KernelsTest, ScoreFp8ChannelIndexBitExact) {
+  uint64_t seed = 800;
+  for (int d : {1, 7, 16, 24, 32, 48, 64}) CheckScoreFp8Index(3, d, 1000, 37, 901, false, ++seed);
+  CheckScoreFp8Index(3, 32, 300, 0, 300, true, ++seed);     // byte path for a vector width
+  CheckScoreFp8Index(8, 32, 70001, 3, 69997, false, ++seed);  // many blocks
+  CheckScoreFp8Index(1, 7, 5, 4, 1, false, ++seed);           // one token, the last row
+}
+
 // ------------------------------------------------------------ bad arguments
 
 void ExpectBad(const absl::Status& s, const std::string& want) {
@@ -540,7 +679,7 @@ TEST(SparseFp8KernelsArgs, BadArgumentsNameTheField) {
   ExpectBad(LaunchBuildChannelIndexFp8(h8, 64, 8, idx, 4, 0, 128, p, 64, nullptr), "LaunchBuildChannelIndexFp8: n_kv");
   ExpectBad(LaunchBuildChannelIndexFp8(h8, 64, 8, idx, 4, 2, 72, p, 64, nullptr), "LaunchBuildChannelIndexFp8: head_dim");
   ExpectBad(LaunchBuildChannelIndexFp8(h8, 64, 8, idx, 0, 2, 128, p, 64, nullptr), "LaunchBuildChannelIndexFp8: d =");
-  ExpectBad(LaunchBuildChannelIndexFp8(h8, 64, 8, idx, 33, 2, 128, p, 64, nullptr), "LaunchBuildChannelIndexFp8: d =");
+  ExpectBad(LaunchBuildChannelIndexFp8(h8, 64, 8, idx, 65, 2, 128, p, 64, nullptr), "LaunchBuildChannelIndexFp8: d =");
   ExpectBad(LaunchBuildChannelIndexFp8(h8, 64, -1, idx, 4, 2, 128, p, 64, nullptr), "LaunchBuildChannelIndexFp8: rows");
   ExpectBad(LaunchBuildChannelIndexFp8(h8, 64, 65, idx, 4, 2, 128, p, 100, nullptr), "LaunchBuildChannelIndexFp8: rows = 65 > host_rows");
   ExpectBad(LaunchBuildChannelIndexFp8(h8, 100, 65, idx, 4, 2, 128, p, 64, nullptr), "LaunchBuildChannelIndexFp8: rows = 65 > index_rows");
@@ -549,6 +688,24 @@ TEST(SparseFp8KernelsArgs, BadArgumentsNameTheField) {
   ExpectBad(LaunchBuildChannelIndexFp8(h8, 64, 8, idx, 4, 2, 128, nullptr, 64, nullptr), "LaunchBuildChannelIndexFp8: index is null");
   ExpectBad(LaunchBuildChannelIndexFp8(h8odd, 64, 8, idx, 4, 2, 128, p, 64, nullptr), "LaunchBuildChannelIndexFp8: host is not 16-byte");
   EXPECT_TRUE(LaunchBuildChannelIndexFp8(nullptr, 64, 0, nullptr, 4, 2, 128, nullptr, 64, nullptr).ok());
+
+  // The FP8-index builders and scores.
+  uint8_t* i8 = reinterpret_cast<uint8_t*>(uintptr_t{0x1000});
+  const auto* hb = reinterpret_cast<const __nv_bfloat16*>(h8);
+  ExpectBad(LaunchBuildFp8ChannelIndex(hb, 64, 8, idx, 65, 2, 128, i8, 64, nullptr), "LaunchBuildFp8ChannelIndex: d =");
+  ExpectBad(LaunchBuildFp8ChannelIndex(hb, 64, 65, idx, 4, 2, 128, i8, 100, nullptr), "LaunchBuildFp8ChannelIndex: rows = 65 > host_rows");
+  ExpectBad(LaunchBuildFp8ChannelIndex(hb, 64, 8, idx, 4, 2, 128, nullptr, 64, nullptr), "LaunchBuildFp8ChannelIndex: index is null");
+  ExpectBad(LaunchBuildFp8ChannelIndexFromFp8(h8, 64, 8, idx, 4, 2, 72, i8, 64, nullptr), "LaunchBuildFp8ChannelIndexFromFp8: head_dim");
+  ExpectBad(LaunchBuildFp8ChannelIndexFromFp8(nullptr, 64, 8, idx, 4, 2, 128, i8, 64, nullptr), "LaunchBuildFp8ChannelIndexFromFp8: host is null");
+  const float* qf = reinterpret_cast<const float*>(uintptr_t{0x2000});
+  float* sf = reinterpret_cast<float*>(uintptr_t{0x3000});
+  ExpectBad(LaunchScoreFp8ChannelIndex(qf, i8, 100, 65, 2, 0, 10, sf, 10, nullptr), "LaunchScoreFp8ChannelIndex: d =");
+  ExpectBad(LaunchScoreFp8ChannelIndex(qf, i8, 100, 8, 0, 0, 10, sf, 10, nullptr), "LaunchScoreFp8ChannelIndex: n_kv");
+  ExpectBad(LaunchScoreFp8ChannelIndex(qf, i8, 100, 8, 2, 95, 10, sf, 10, nullptr), "first + n = 105 > index_rows = 100");
+  ExpectBad(LaunchScoreFp8ChannelIndex(qf, i8, 100, 8, 2, 0, 11, sf, 10, nullptr), "n = 11 > score_stride");
+  ExpectBad(LaunchScoreFp8ChannelIndex(nullptr, i8, 100, 8, 2, 0, 10, sf, 10, nullptr), "q_chan is null");
+  ExpectBad(LaunchScoreFp8ChannelIndex(qf, nullptr, 100, 8, 2, 0, 10, sf, 10, nullptr), "index is null");
+  EXPECT_TRUE(LaunchScoreFp8ChannelIndex(nullptr, nullptr, 100, 8, 2, 0, 0, nullptr, 10, nullptr).ok());
 }
 
 }  // namespace

@@ -61,6 +61,24 @@ __global__ void GroupMeanKernel(const bf16* __restrict__ q, int group, int head_
   q_mean[static_cast<int64_t>(h) * head_dim + c] = __fdiv_rn(sum, static_cast<float>(group));
 }
 
+__global__ void GroupMeanOnChannelsKernel(const bf16* __restrict__ q, int group, int head_dim,
+                                          const int32_t* __restrict__ chans, int d,
+                                          float* __restrict__ q_chan) {
+  const int h = blockIdx.x;
+  const int j = threadIdx.x;
+  if (j >= d) return;
+  const int c = chans[static_cast<int64_t>(h) * d + j];
+  if (c < 0 || c >= head_dim) {
+    q_chan[static_cast<int64_t>(h) * d + j] = __uint_as_float(0x7FC00000u);  // caller bug: NaN
+    return;
+  }
+  float sum = 0.0f;
+  for (int g = 0; g < group; ++g) {
+    sum = __fadd_rn(sum, Bf(q[(static_cast<int64_t>(h) * group + g) * head_dim + c]));
+  }
+  q_chan[static_cast<int64_t>(h) * d + j] = __fdiv_rn(sum, static_cast<float>(group));
+}
+
 // ---- Channel choice: block per KV head, thread per channel, rank count ----
 __global__ void ChooseChannelsKernel(const float* __restrict__ q_mean,
                                      const float* __restrict__ max_abs, int head_dim, int d,
@@ -299,6 +317,25 @@ absl::Status LaunchGroupMeanQuery(const __nv_bfloat16* q, int n_heads, int n_kv,
   return absl::OkStatus();
 }
 
+absl::Status LaunchGroupMeanOnChannels(const __nv_bfloat16* q, int n_heads, int n_kv,
+                                       int head_dim, const int32_t* chans, int d, float* q_chan,
+                                       cudaStream_t stream) {
+  constexpr const char* fn = "LaunchGroupMeanOnChannels";
+  if (absl::Status s = CheckShape(fn, n_kv, head_dim); !s.ok()) return s;
+  if (absl::Status s = CheckD(fn, d, head_dim); !s.ok()) return s;
+  if (n_heads < 1 || n_heads % n_kv != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(fn, ": n_heads = ", n_heads, " is not a positive multiple of n_kv = ", n_kv));
+  }
+  if (q == nullptr) return Null(fn, "q");
+  if (chans == nullptr) return Null(fn, "chans");
+  if (q_chan == nullptr) return Null(fn, "q_chan");
+  GroupMeanOnChannelsKernel<<<n_kv, kSparseMaxChannels, 0, stream>>>(q, n_heads / n_kv, head_dim,
+                                                                     chans, d, q_chan);
+  CUDA_RETURN_IF_LAUNCH_FAILED("GroupMeanOnChannelsKernel");
+  return absl::OkStatus();
+}
+
 absl::Status LaunchChooseChannels(const float* q_mean, const float* max_abs, int n_kv,
                                   int head_dim, int d, int32_t* chans, float* q_chan,
                                   cudaStream_t stream) {
@@ -412,6 +449,12 @@ absl::Status LaunchScoreChannelIndex(const float* q_chan, const __nv_bfloat16* i
       break;
     case 4:
       ScoreIndexKernel<4><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      break;
+    case 6:
+      ScoreIndexKernel<6><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      break;
+    case 8:
+      ScoreIndexKernel<8><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
       break;
     default:
       ScoreIndexKernel<0><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);

@@ -36,13 +36,20 @@
 
 namespace tailorkv::cuda {
 
-inline constexpr int kSparseMaxChannels = 32;
+inline constexpr int kSparseMaxChannels = 64;
 
 // q_mean[h * head_dim + c] = mean over the G = n_heads / n_kv query heads of
 // KV head h of q[(h G + g) * head_dim + c] (q after RoPE, bf16; fp32 sum in
 // g order, then one division by G).
 absl::Status LaunchGroupMeanQuery(const __nv_bfloat16* q, int n_heads, int n_kv, int head_dim,
                                   float* q_mean, cudaStream_t stream);
+
+// q_chan[h * d + j] = q_mean[h * head_dim + chans[h * d + j]] with q_mean as
+// LaunchGroupMeanQuery computes it (same arithmetic): the real query on the
+// fixed channels of index "gpu" (query "real", runtime/kv_plan.h).
+absl::Status LaunchGroupMeanOnChannels(const __nv_bfloat16* q, int n_heads, int n_kv,
+                                       int head_dim, const int32_t* chans, int d, float* q_chan,
+                                       cudaStream_t stream);
 
 // Per KV head, ChooseChannels(q_mean + h * head_dim, max_abs + h * head_dim,
 // head_dim, d) into chans[h * d ...] (ascending). Also writes, when q_chan

@@ -159,6 +159,42 @@ TEST_F(SparseIndexKernelsTest, GroupMeanQueryIsBitExact) {
   CheckGroupMean(1, 7, 128, 5);
 }
 
+// The real query on fixed channels: the group mean's bits, picked.
+void CheckGroupMeanOnChannels(int n_kv, int group, int head_dim, int d, uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " G=" << group << " head_dim=" << head_dim
+                                  << " d=" << d);
+  Rng rng(seed);
+  const int n_heads = n_kv * group;
+  const std::vector<bf16> q = RandomBf16(static_cast<size_t>(n_heads) * head_dim, rng, -40.0f, 40.0f);
+  const std::vector<int32_t> chans = RandomChans(n_kv, head_dim, d, rng);
+  DeviceBuffer d_q = Upload(q), d_chans = Upload(chans);
+  std::vector<float> poison(static_cast<size_t>(n_kv) * d + 3, FromBits(kPoisonBits));
+  DeviceBuffer d_out = Upload(poison);
+  DeviceBuffer d_mean = Upload(std::vector<float>(static_cast<size_t>(n_kv) * head_dim));
+  ASSERT_TRUE(LaunchGroupMeanOnChannels(d_q.as<bf16>(), n_heads, n_kv, head_dim, d_chans.as<int32_t>(),
+                                        d, d_out.as<float>(), nullptr).ok());
+  ASSERT_TRUE(LaunchGroupMeanQuery(d_q.as<bf16>(), n_heads, n_kv, head_dim, d_mean.as<float>(), nullptr).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> got = Download<float>(d_out, poison.size());
+  const std::vector<float> mean = Download<float>(d_mean, static_cast<size_t>(n_kv) * head_dim);
+  for (int h = 0; h < n_kv; ++h) {
+    for (int j = 0; j < d; ++j) {
+      const float want = mean[static_cast<size_t>(h) * head_dim + chans[h * d + j]];
+      EXPECT_EQ(Bits(got[static_cast<size_t>(h) * d + j]), Bits(want)) << "h " << h << " j " << j;
+    }
+  }
+  for (size_t i = static_cast<size_t>(n_kv) * d; i < got.size(); ++i) {
+    EXPECT_EQ(Bits(got[i]), kPoisonBits) << "sentinel " << i << " overwritten";
+  }
+}
+
+TEST_F(SparseIndexKernelsTest, GroupMeanOnChannelsPicksTheGroupMean) {
+  CheckGroupMeanOnChannels(3, 3, 64, 32, 11);  // G = 3: the division rounds
+  CheckGroupMeanOnChannels(8, 4, 128, 32, 12);
+  CheckGroupMeanOnChannels(2, 1, 64, 64, 13);  // every channel
+  CheckGroupMeanOnChannels(1, 7, 128, 5, 14);
+}
+
 // ---------------------------------------------------------------------------
 // Channel choice
 // ---------------------------------------------------------------------------
@@ -227,7 +263,7 @@ void CheckChooseChannels(int n_kv, int head_dim, int d, ChanDist dist, bool with
 TEST_F(SparseIndexKernelsTest, ChooseChannelsMatchesReference) {
   uint64_t seed = 100;
   for (int head_dim : {64, 128}) {
-    for (int d : {1, 7, 8, 32}) {
+    for (int d : {1, 7, 8, 32, 64}) {
       for (ChanDist dist : {ChanDist::kContinuous, ChanDist::kTies, ChanDist::kNaN}) {
         CheckChooseChannels(3, head_dim, d, dist, true, ++seed);
       }
@@ -298,7 +334,7 @@ void CheckBuildIndex(int n_kv, int head_dim, int d, int64_t host_rows, int rows,
 TEST_F(SparseIndexKernelsTest, BuildChannelIndexFromMappedHostRows) {
   uint64_t seed = 200;
   for (int head_dim : {64, 128}) {
-    for (int d : {1, 7, 8, 32}) CheckBuildIndex(3, head_dim, d, 203, 131, 140, ++seed);
+    for (int d : {1, 7, 8, 32, 48, 64}) CheckBuildIndex(3, head_dim, d, 203, 131, 140, ++seed);
   }
   CheckBuildIndex(2, 128, 8, 64, 64, 64, 9);  // exactly one full tile
   CheckBuildIndex(1, 64, 5, 10, 1, 3, 10);     // a single row
@@ -497,7 +533,7 @@ void CheckScoreIndex(int n_kv, int d, int64_t index_rows, int first, int n, bool
 
 TEST_F(SparseIndexKernelsTest, ScoreChannelIndexIsBitExact) {
   uint64_t seed = 500;
-  for (int d : {1, 7, 8, 16, 24, 32}) CheckScoreIndex(3, d, 1000, 37, 901, false, ++seed);
+  for (int d : {1, 7, 8, 16, 24, 32, 40, 48, 64}) CheckScoreIndex(3, d, 1000, 37, 901, false, ++seed);
   CheckScoreIndex(3, 8, 1000, 37, 901, true, ++seed);   // d = 8 on the 2-byte path
   CheckScoreIndex(3, 32, 300, 0, 300, true, ++seed);    // every row, 2-byte path
   CheckScoreIndex(8, 8, 70001, 3, 69997, false, ++seed);  // many blocks
@@ -543,7 +579,7 @@ void CheckScoreFaithful(int n_kv, int head_dim, int d, int64_t kt_cols, int firs
 TEST_F(SparseIndexKernelsTest, ScoreFaithfulFromMappedHostIsBitExact) {
   uint64_t seed = 600;
   for (int head_dim : {64, 128}) {
-    for (int d : {1, 7, 8, 32}) CheckScoreFaithful(3, head_dim, d, 517, 13, 491, ++seed);
+    for (int d : {1, 7, 8, 32, 64}) CheckScoreFaithful(3, head_dim, d, 517, 13, 491, ++seed);
   }
   CheckScoreFaithful(2, 128, 8, 4099, 0, 4099, ++seed);  // every column, several blocks
   CheckScoreFaithful(1, 64, 3, 9, 8, 1, ++seed);          // one token, the last column
@@ -635,7 +671,7 @@ TEST(SparseIndexKernelsArgsTest, BadArgumentsAreInvalidArgument) {
   ExpectInvalid(LaunchChooseChannels(f, f, -1, 128, 8, io, fo, nullptr), "n_kv");
   ExpectInvalid(LaunchChooseChannels(f, f, 2, 100, 8, io, fo, nullptr), "head_dim");
   ExpectInvalid(LaunchChooseChannels(f, f, 2, 128, 0, io, fo, nullptr), "d = ");
-  ExpectInvalid(LaunchChooseChannels(f, f, 2, 64, 33, io, fo, nullptr), "d = ");
+  ExpectInvalid(LaunchChooseChannels(f, f, 2, 64, 65, io, fo, nullptr), "d = ");
 
   // Index build.
   ExpectInvalid(LaunchBuildChannelIndex(nullptr, 10, 5, ic, 8, 2, 128, bo, 10, nullptr), "host is null");
@@ -644,7 +680,7 @@ TEST(SparseIndexKernelsArgsTest, BadArgumentsAreInvalidArgument) {
   ExpectInvalid(LaunchBuildChannelIndex(bq, 10, -1, ic, 8, 2, 128, bo, 10, nullptr), "rows = -1");
   ExpectInvalid(LaunchBuildChannelIndex(bq, 4, 5, ic, 8, 2, 128, bo, 10, nullptr), "host_rows");
   ExpectInvalid(LaunchBuildChannelIndex(bq, 10, 5, ic, 8, 2, 128, bo, 4, nullptr), "index_rows");
-  ExpectInvalid(LaunchBuildChannelIndex(bq, 10, 5, ic, 33, 2, 128, bo, 10, nullptr), "d = ");
+  ExpectInvalid(LaunchBuildChannelIndex(bq, 10, 5, ic, 65, 2, 128, bo, 10, nullptr), "d = ");
   ExpectInvalid(LaunchBuildChannelIndex(bq, 10, 5, ic, 8, 0, 128, bo, 10, nullptr), "n_kv");
   ExpectInvalid(LaunchBuildChannelIndex(bq, 10, 5, ic, 8, 2, 32, bo, 10, nullptr), "head_dim");
   ExpectInvalid(LaunchBuildChannelIndex(bq + 1, 10, 5, ic, 8, 2, 128, bo, 10, nullptr), "aligned");
@@ -676,7 +712,7 @@ TEST(SparseIndexKernelsArgsTest, BadArgumentsAreInvalidArgument) {
   ExpectInvalid(score(f, nullptr, 100, 8, 2, 0, 10, fo, 10), "index is null");
   ExpectInvalid(score(f, bq, 100, 8, 2, 0, 10, nullptr, 10), "scores");
   ExpectInvalid(score(f, bq, 100, 0, 2, 0, 10, fo, 10), "d = ");
-  ExpectInvalid(score(f, bq, 100, 33, 2, 0, 10, fo, 10), "d = ");
+  ExpectInvalid(score(f, bq, 100, 65, 2, 0, 10, fo, 10), "d = ");
   ExpectInvalid(score(f, bq, 100, 8, 0, 0, 10, fo, 10), "n_kv");
   ExpectInvalid(score(f, bq, 100, 8, 2, -1, 10, fo, 10), "first");
   ExpectInvalid(score(f, bq, 100, 8, 2, 0, -1, fo, 10), "n = -1");

@@ -280,7 +280,9 @@ class CpuBackend final : public Backend {
   // Attention of the n chunk queries against a layer as its policy says
   // (runtime/backend.h); non-dense layers read the chunk's K/V from k_/v_.
   // spec_x: a decode step's speculative input for sparse layers with index
-  // "gpu" (the previous layer's normalized input; layer 0's own).
+  // "gpu": by the layer's query (kv_plan.h), the previous layer's normalized
+  // input or the stream after its attention normalized by this layer's norm
+  // (layer 0: its own input); unused for query "real".
   void LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start, bool decode,
                       const float* spec_x, float* out);
   // Causal attention over a view: query i sees rows [0, offset + i + 1).
@@ -304,8 +306,9 @@ class CpuBackend final : public Backend {
   // Full-precision [history | chunk] K/V of a non-dense layer's prefill chunk.
   std::vector<float> chunk_k_, chunk_v_;
   // A decode step's normalized attention input of the current and the
-  // previous layer (speculative queries of index "gpu").
-  std::vector<float> xn_cur_, xn_prev_;
+  // previous layer, and the previous layer's stream after its attention
+  // under this layer's norm (speculative queries of index "gpu").
+  std::vector<float> xn_cur_, xn_prev_, xn_late_;
 };
 
 absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tokens,
@@ -364,8 +367,13 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
                     sizeof(float) * hd);
       }
     }
-    LayerAttention(*seq, l, q_.data(), n, start, decode, decode ? xn_prev_.data() : nullptr,
-                   attn_.data());
+    const float* spec_x = nullptr;
+    if (decode) {
+      const SparseLayer* sp = seq->kind(l) == KvPolicyKind::kSparse ? seq->sparse(l) : nullptr;
+      const bool late = l > 0 && sp != nullptr && sp->params.query == "after-attention";
+      spec_x = late ? xn_late_.data() : xn_prev_.data();
+    }
+    LayerAttention(*seq, l, q_.data(), n, start, decode, spec_x, attn_.data());
     if (observer != nullptr) {
       const KvView kv = seq->dense_view(l);
       const LayerTap tap{.layer = l,
@@ -379,6 +387,11 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
       if (auto st = (*observer)(tap); !st.ok()) return st;
     }
     Linear(attn_.data(), n, L.wo, x_.data(), /*accumulate=*/true);
+    if (decode && l + 1 < c.n_layers) {
+      // Query "after-attention" of layer l + 1: its own norm over the stream now.
+      xn_late_.resize(H);
+      ref::RmsNorm(x_.data(), w_.layers[l + 1].attn_norm.data.data(), H, c.rms_eps, xn_late_.data());
+    }
 
 #pragma omp parallel for
     for (int i = 0; i < n; ++i) {
@@ -550,8 +563,12 @@ void CpuBackend::EndSparsePrompt(SparseLayer& sp, int prompt, int capacity) {
     int32_t* ch = &sp.chans[static_cast<size_t>(h) * d];
     (void)ChooseChannels(&sp.last_q_mean[static_cast<size_t>(h) * hd], mx, hd, d, ch);
     float* idx = sp.index.data() + h * sp.index_head_stride;
+    const bool fp8 = sp.params.index_bits == 8;
     for (int p = 0; p < prompt; ++p) {
-      for (int j = 0; j < d; ++j) idx[static_cast<int64_t>(p) * d + j] = hk[static_cast<int64_t>(p) * hd + ch[j]];
+      for (int j = 0; j < d; ++j) {
+        const float k = hk[static_cast<int64_t>(p) * hd + ch[j]];
+        idx[static_cast<int64_t>(p) * d + j] = fp8 ? Fp8E4M3ToFloat(FloatToFp8E4M3(k)) : k;
+      }
     }
   }
 }
@@ -638,7 +655,18 @@ void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int st
   sp.last_selection.resize(nkv);
   const int d_s = sp.params.channels;
   std::vector<float> q_spec;
-  if (sp.gpu_index) {
+  if (sp.gpu_index && sp.params.query == "real") {
+    // The real query's group mean on the fixed channels.
+    q_spec.assign(static_cast<size_t>(nkv) * d_s, 0.0f);
+    for (int h = 0; h < nkv; ++h) {
+      for (int j = 0; j < d_s; ++j) {
+        const int ch = sp.chans[static_cast<size_t>(h) * d_s + j];
+        float sum = 0.0f;
+        for (int g = 0; g < group; ++g) sum += q[static_cast<int64_t>(h * group + g) * hd + ch];
+        q_spec[static_cast<size_t>(h) * d_s + j] = sum / static_cast<float>(group);
+      }
+    }
+  } else if (sp.gpu_index) {
     // The speculative query on the fixed channels (cpu_backend.h).
     q_spec.resize(static_cast<size_t>(nkv) * d_s);
     SpeculativeQueryMean(spec_x, w_.layers[layer].wq.data.data(), c.hidden, c.n_heads, nkv, hd,

@@ -16,6 +16,7 @@
 #include <random>
 
 #include "runtime/cpu_reference.h"
+#include "runtime/fp8_reference.h"
 #include "runtime/kv_plan.h"
 #include "runtime/quant_kv.h"
 #include "runtime/test_model.h"
@@ -867,6 +868,81 @@ TEST(CpuBackendSparse, GpuIndexSelectsWithTheSpeculativeQueryOnFixedChannels) {
   EXPECT_EQ(chans[1], expected_chans[1]);
   EXPECT_NE(chans[0], chans[1]) << "heads choose on their own";
   EXPECT_TRUE(CpuSparseChannels(*seq5, 1).empty());
+}
+
+// Index "gpu" of layer 1 (after a dense layer 0), every channel kept, so the
+// index scores are exact for its query:
+//   query "real" selects what the faithful index (real query, every channel)
+//   selects, step for step, with the same logits;
+//   with layer 0's MLP silenced (its output zero), the stream after layer
+//   0's attention is layer 1's input, so query "after-attention" is the real
+//   query and selects the same; query "previous" (layer 0's input under
+//   layer 0's norm) selects otherwise.
+TEST(CpuBackendSparse, RealAndAfterAttentionQueriesOfASecondLayer) {
+  auto w = PolicyModel(61, /*n_layers=*/2);
+  const auto& c = w.config;
+  const int prompt = 90, generated = 4, len = prompt + generated;
+  const auto tokens = RandomTokens(len, c.vocab, 62);
+  std::vector<int> chunks = {50, 40};
+  chunks.resize(2 + generated, 1);
+  auto run = [&](const ModelWeights& weights, const std::string& index, const std::string& query,
+                 std::vector<std::vector<int>>* sel) {
+    auto backend = *CreateCpuBackend(weights, {.threads = 2});
+    KvPlan plan = KvPlan::Dense(2);
+    plan.layers[1].kind = KvPolicyKind::kSparse;
+    plan.layers[1].sparse = {2, 5, 9, 32, index};
+    plan.layers[1].sparse.query = query;
+    EXPECT_TRUE(plan.Validate(c).ok()) << plan.Validate(c);
+    std::unique_ptr<SequenceState> seq;
+    auto out = RunChunks(*backend, plan, tokens, chunks, &seq);
+    *sel = CpuSparseLastSelection(*seq, 1);
+    EXPECT_EQ(sel->size(), 2u);
+    return out.back();
+  };
+  std::vector<std::vector<int>> real_sel, faithful_sel;
+  const auto real = run(w, "gpu", "real", &real_sel);
+  const auto faithful = run(w, "faithful", "previous", &faithful_sel);
+  EXPECT_EQ(real_sel, faithful_sel);
+  size_t where = 0;
+  EXPECT_LT(MaxAbsDiff(real.data(), faithful.data(), c.vocab, &where), 1e-4f) << where;
+
+  std::fill(w.layers[0].w_down.data.begin(), w.layers[0].w_down.data.end(), 0.0f);
+  std::vector<std::vector<int>> r0, late0, prev0;
+  const auto real_silent = run(w, "gpu", "real", &r0);
+  const auto late_silent = run(w, "gpu", "after-attention", &late0);
+  run(w, "gpu", "previous", &prev0);
+  EXPECT_EQ(late0, r0);
+  EXPECT_LT(MaxAbsDiff(late_silent.data(), real_silent.data(), c.vocab, &where), 1e-4f) << where;
+  EXPECT_NE(prev0, r0) << "the speculation from layer 0's input should select other tokens";
+}
+
+// An FP8 index ranks the prompt keys by their FP8 values: the selection of a
+// one-layer model (whose speculative query is its real query) with every
+// channel is the exact Top-K over the FP8-rounded keys.
+TEST(CpuBackendSparse, Fp8IndexSelectsOnRoundedKeys) {
+  const auto w = PolicyModel(71, /*n_layers=*/1);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const int prompt = 500, generated = 2, len = prompt + generated;
+  const auto tokens = RandomTokens(len, c.vocab, 72);
+  std::vector<int> chunks = {prompt};
+  chunks.resize(1 + generated, 1);
+  LayerKvPolicy l;
+  l.kind = KvPolicyKind::kSparse;
+  l.sparse = {2, 5, 150, 32, "gpu"};
+  l.sparse.index_bits = 8;
+  std::unique_ptr<SequenceState> seq;
+  RunChunks(*backend, KvPlan::Uniform(1, l, "s"), tokens, chunks, &seq);
+  std::vector<std::vector<int>> expected_sel, exact_sel;
+  OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto&, float*) {
+    std::vector<float> rounded = k;
+    for (float& x : rounded) x = Fp8E4M3ToFloat(FloatToFp8E4M3(x));
+    expected_sel = IndependentSelection(q, rounded, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
+    exact_sel = IndependentSelection(q, k, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
+  });
+  EXPECT_EQ(CpuSparseLastSelection(*seq, 0), expected_sel);
+  // The rounding matters at this size (else the test shows nothing).
+  EXPECT_NE(expected_sel, exact_sel);
 }
 
 // A few planted keys dominate on the query's outlier channels: the

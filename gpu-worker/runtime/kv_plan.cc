@@ -85,6 +85,25 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
         return FieldError(LayerField(i, "host_bits"),
                           absl::StrCat("must be 16 or 8, got ", s.host_bits));
       }
+      if (s.index_bits != 16 && s.index_bits != 8) {
+        return FieldError(LayerField(i, "index_bits"),
+                          absl::StrCat("must be 16 or 8, got ", s.index_bits));
+      }
+      if (s.query != "previous" && s.query != "after-attention" && s.query != "real") {
+        return FieldError(LayerField(i, "query"),
+                          absl::StrCat("must be \"previous\", \"after-attention\" or \"real\", got \"",
+                                       s.query, "\""));
+      }
+      if (s.query != "previous" && s.index != "gpu") {
+        return FieldError(LayerField(i, "query"),
+                          absl::StrCat("\"", s.query, "\" needs index \"gpu\" (index \"", s.index,
+                                       "\" scores with the real query)"));
+      }
+      if (s.index_bits == 8 && s.index != "gpu") {
+        return FieldError(LayerField(i, "index_bits"),
+                          absl::StrCat("8 needs index \"gpu\" (index \"", s.index,
+                                       "\" keeps no index on the GPU)"));
+      }
       return absl::OkStatus();
     }
   }
@@ -103,6 +122,10 @@ std::string Describe(const LayerKvPolicy& l) {
     case KvPolicyKind::kSparse:
       return absl::StrCat("sparse(", l.sparse.sink, "+", l.sparse.recent, " k", l.sparse.top_k,
                           " d", l.sparse.channels, " ", l.sparse.index,
+                          l.sparse.index_bits == 8 ? " i8" : "",
+                          l.sparse.query == "after-attention" ? " late"
+                          : l.sparse.query == "real"          ? " real"
+                                                              : "",
                           l.sparse.host_bits == 8 ? " fp8" : "", ")");
   }
   return "unknown";
@@ -193,7 +216,8 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
     allowed.insert(allowed.end(), {"sink", "recent"});
   } else if (*policy == "sparse") {
     l.kind = KvPolicyKind::kSparse;
-    allowed.insert(allowed.end(), {"sink", "recent", "top_k", "channels", "index", "host_bits"});
+    allowed.insert(allowed.end(),
+                   {"sink", "recent", "top_k", "channels", "index", "host_bits", "index_bits", "query"});
   } else {
     return FieldError(
         LayerField(i, "policy"),
@@ -234,11 +258,18 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
       if (st = MaybeInt(entry, "top_k", i, &l.sparse.top_k); !st.ok()) return st;
       if (st = MaybeInt(entry, "channels", i, &l.sparse.channels); !st.ok()) return st;
       if (st = MaybeInt(entry, "host_bits", i, &l.sparse.host_bits); !st.ok()) return st;
+      if (st = MaybeInt(entry, "index_bits", i, &l.sparse.index_bits); !st.ok()) return st;
       auto index_it = entry.find("index");
       if (index_it != entry.end()) {
         auto s = ReadString(*index_it, LayerField(i, "index"));
         if (!s.ok()) return s.status();
         l.sparse.index = *s;
+      }
+      auto query_it = entry.find("query");
+      if (query_it != entry.end()) {
+        auto s = ReadString(*query_it, LayerField(i, "query"));
+        if (!s.ok()) return s.status();
+        l.sparse.query = *s;
       }
       break;
     }
@@ -294,8 +325,9 @@ absl::StatusOr<int> SpecInt(const std::string& spec, const std::string& name,
 
 constexpr char kSpecGrammar[] =
     "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS], "
-    "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8], "
-    "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8] (INDEX gpu or faithful) or "
+    "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...], "
+    "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...] (INDEX gpu or faithful; FLAGs "
+    "i8, late or real, fp8) or "
     "@plan.json";
 
 absl::Status SpecError(const std::string& spec, const std::string& what) {
@@ -518,6 +550,8 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
         e["channels"] = l.sparse.channels;
         e["index"] = l.sparse.index;
         e["host_bits"] = l.sparse.host_bits;
+        e["index_bits"] = l.sparse.index_bits;
+        e["query"] = l.sparse.query;
         break;
     }
     if (l.dense_preference >= 0) e["dense_preference"] = l.dense_preference;
@@ -557,16 +591,32 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
   const std::string kind = parts[0];
   // Sparse and hybrid specs may end in the selection index's name and
   // "fp8" (the host tier's format), in that order.
-  std::string index = "faithful";
-  int host_bits = 16;
-  if ((kind == "sparse" || kind == "hybrid") && parts.size() > 1 && parts.back() == "fp8") {
-    host_bits = 8;
-    parts.pop_back();
-  }
-  if ((kind == "sparse" || kind == "hybrid") && parts.size() > 1 &&
-      (parts.back() == "gpu" || parts.back() == "faithful")) {
-    index = parts.back();
-    parts.pop_back();
+  std::string index = "faithful", query = "previous";
+  int host_bits = 16, index_bits = 16;
+  if (kind == "sparse" || kind == "hybrid") {
+    // Trailing flags, each at most once, then the index's name.
+    std::vector<std::string> seen;
+    while (parts.size() > 1) {
+      const std::string& f = parts.back();
+      if (f != "fp8" && f != "i8" && f != "late" && f != "real") break;
+      if (std::find(seen.begin(), seen.end(), f) != seen.end()) {
+        return SpecError(spec, absl::StrCat("flag \"", f, "\" given twice"));
+      }
+      if ((f == "late" && std::find(seen.begin(), seen.end(), "real") != seen.end()) ||
+          (f == "real" && std::find(seen.begin(), seen.end(), "late") != seen.end())) {
+        return SpecError(spec, "flags \"late\" and \"real\" exclude each other");
+      }
+      if (f == "fp8") host_bits = 8;
+      if (f == "i8") index_bits = 8;
+      if (f == "late") query = "after-attention";
+      if (f == "real") query = "real";
+      seen.push_back(f);
+      parts.pop_back();
+    }
+    if (parts.size() > 1 && (parts.back() == "gpu" || parts.back() == "faithful")) {
+      index = parts.back();
+      parts.pop_back();
+    }
   }
   const int n_args = static_cast<int>(parts.size()) - 1;
   KvPlan plan;
@@ -630,6 +680,8 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     if (!l.ok()) return l.status();
     l->sparse.index = index;
     l->sparse.host_bits = host_bits;
+    l->sparse.index_bits = index_bits;
+    l->sparse.query = query;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
   } else if (kind == "hybrid") {
     if (n_args != 2 && n_args != 4 && n_args != 5) {
@@ -641,6 +693,8 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     if (!l.ok()) return l.status();
     l->sparse.index = index;
     l->sparse.host_bits = host_bits;
+    l->sparse.index_bits = index_bits;
+    l->sparse.query = query;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
     // TailorKV's plan: layer 0 quantization-friendly, the rest sparse.
     if (!plan.layers.empty()) {
@@ -691,7 +745,8 @@ std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::Model
         b.device_bytes = 2 * row * kept + static_cast<int64_t>(config.n_kv_heads) *
                                               config.head_dim * elem_bytes;
         if (s.index == "gpu") {
-          b.device_bytes += static_cast<int64_t>(config.n_kv_heads) * elem_bytes *
+          b.device_bytes += static_cast<int64_t>(config.n_kv_heads) *
+                            (s.index_bits == 8 ? 1 : elem_bytes) *
                             static_cast<int64_t>(s.channels) * cap;
         }
         break;

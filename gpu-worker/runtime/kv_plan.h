@@ -80,6 +80,22 @@ struct SparseParams {
   // (FP8 E4M3, runtime/fp8_reference.h: half the host memory and PCIe bytes;
   // the CPU backend keeps the rounded values in fp32).
   int host_bits = 16;
+  // Bits per entry of index "gpu": 16 (bf16) or 8 (FP8 E4M3, half the
+  // index's GPU memory and read time; the CPU backend keeps the rounded
+  // values). Index "faithful" has no index: 16 only.
+  int index_bits = 16;
+  // The query that scores index "gpu" at a decode step:
+  //   "previous"        TailorKV's speculation: the layer's Wq on the
+  //                     previous layer's normalized input (the selection
+  //                     overlaps the whole previous layer on the GPU);
+  //   "after-attention" the layer's own RMSNorm and Wq on the residual stream
+  //                     after the previous layer's attention (only that
+  //                     layer's MLP is missing; the selection overlaps it);
+  //   "real"            the real query (nothing overlaps the selection).
+  // Layer 0, having no previous layer, speculates from its own input under
+  // "previous" and "after-attention".
+  // Index "faithful" always uses the real query: "previous" only.
+  std::string query = "previous";
   bool operator==(const SparseParams&) const = default;
 };
 
@@ -142,10 +158,13 @@ absl::Status CheckPlanModel(const KvPlan& plan, std::string_view model_digest);
 //   "quant:BITS[:GROUP[:RESIDUAL]]"          every layer quantized (KIVI-style)
 //   "window:SINK:RECENT"                     every layer windowed (StreamingLLM-style)
 //   "tailorkv:BITS[:LAYERS]"                 layers 0..LAYERS-1 (default 1) quantized, others dense
-//   "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8]"
+//   "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...]"
 //                                            every layer sparse; INDEX "gpu" or "faithful"
-//                                            (the default); fp8: host tier in FP8
-//   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8]"
+//                                            (the default); FLAGs, each at most once, in
+//                                            any order: i8 (index "gpu" entries in FP8),
+//                                            late / real (query "after-attention" /
+//                                            "real"), fp8 (host tier in FP8)
+//   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...]"
 //                                            TailorKV's plan: layer 0 quant BITS (group 64,
 //                                            residual 128), every other layer sparse as above
 //   "@path/to/plan.json"                     a plan file

@@ -175,6 +175,18 @@ TEST(KvPlanTest, ValidateNamesLayerAndField) {
          l.sparse.index = "cpu";
        },
        "layers[3].index: must be \"gpu\" or \"faithful\", got \"cpu\""},
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.index = "gpu";
+         l.sparse.index_bits = 4;
+       },
+       "layers[3].index_bits: must be 16 or 8, got 4"},
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.index = "gpu";
+         l.sparse.query = "next";
+       },
+       "layers[3].query: must be \"previous\", \"after-attention\" or \"real\", got \"next\""},
       {[](LayerKvPolicy& l) { l.kind = static_cast<KvPolicyKind>(9); },
        "layers[3].policy: unknown policy kind 9"},
   };
@@ -476,7 +488,11 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
         SparseCase{"sparse:17:3:5:faithful", {3, 5, 17, 8, "faithful"}},
         SparseCase{"sparse:896:64:64:12:gpu", {64, 64, 896, 12, "gpu"}},
         SparseCase{"sparse:128:gpu:fp8", {8, 56, 128, 8, "gpu", 8}},
-        SparseCase{"sparse:128:fp8", {8, 56, 128, 8, "faithful", 8}}}) {
+        SparseCase{"sparse:128:fp8", {8, 56, 128, 8, "faithful", 8}},
+        SparseCase{"sparse:128:gpu:i8", {8, 56, 128, 8, "gpu", 16, 8}},
+        SparseCase{"sparse:128:gpu:late", {8, 56, 128, 8, "gpu", 16, 16, "after-attention"}},
+        SparseCase{"sparse:896:64:64:32:gpu:fp8:real:i8", {64, 64, 896, 32, "gpu", 8, 8, "real"}},
+        SparseCase{"sparse:896:64:64:32:gpu:i8:late", {64, 64, 896, 32, "gpu", 16, 8, "after-attention"}}}) {
     auto plan = ParseKvPlanSpec(tc.spec, c);
     ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
     EXPECT_EQ(plan->name, tc.spec);
@@ -516,6 +532,19 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
   auto round_trip = ParseKvPlanJson(KvPlanToJson(*fp8, c), c);
   ASSERT_TRUE(round_trip.ok()) << round_trip.status();
   EXPECT_EQ(*round_trip, *fp8);
+  // Flags: FP8 index entries (one byte each) and the query, in the summary
+  // and the JSON form.
+  auto late = ParseKvPlanSpec("hybrid:2:896:64:64:32:gpu:late:i8", c);
+  ASSERT_TRUE(late.ok()) << late.status();
+  EXPECT_EQ(late->Summary(), "quant(2b g64 r128) x1, sparse(64+64 k896 d32 gpu i8 late) x4");
+  const auto bl = EstimateKvBytes(*late, c, 1000, 2);
+  const auto bl16 = EstimateKvBytes(*ParseKvPlanSpec("hybrid:2:896:64:64:32:gpu", c), c, 1000, 2);
+  EXPECT_EQ(bl16[1].device_bytes - bl[1].device_bytes, int64_t{c.n_kv_heads} * 32 * 1000);
+  auto late_trip = ParseKvPlanJson(KvPlanToJson(*late, c), c);
+  ASSERT_TRUE(late_trip.ok()) << late_trip.status();
+  EXPECT_EQ(*late_trip, *late);
+  EXPECT_THAT(KvPlanToJson(*late, c), HasSubstr("\"index_bits\":8"));
+  EXPECT_THAT(KvPlanToJson(*late, c), HasSubstr("\"query\":\"after-attention\""));
   // A one-layer model keeps only the quantized layer.
   auto hybrid_one = ParseKvPlanSpec("hybrid:1:8", Config(1));
   ASSERT_TRUE(hybrid_one.ok()) << hybrid_one.status();
@@ -533,8 +562,14 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
       {"Dense",
        "kv plan spec \"Dense\": unknown kind \"Dense\"; expected dense, "
        "quant:BITS[:GROUP[:RESIDUAL]], "
-       "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8], "
-       "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:fp8] (INDEX gpu or faithful) or @plan.json"},
+       "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...], "
+       "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...] (INDEX gpu or faithful; FLAGs "
+       "i8, late or real, fp8) or @plan.json"},
+      {"sparse:128:gpu:i8:i8", "kv plan spec \"sparse:128:gpu:i8:i8\": flag \"i8\" given twice"},
+      {"sparse:128:gpu:late:real", "flags \"late\" and \"real\" exclude each other"},
+      {"sparse:128:i8", "layers[0].index_bits: 8 needs index \"gpu\" (index \"faithful\" keeps no index on the GPU)"},
+      {"sparse:128:faithful:late",
+       "layers[0].query: \"after-attention\" needs index \"gpu\" (index \"faithful\" scores with the real query)"},
       {"kivi:1", "unknown kind \"kivi\""},
       {"dense:1", "kv plan spec \"dense:1\": dense takes no parameters"},
       {"quant", "kv plan spec \"quant\": expected quant:BITS[:GROUP[:RESIDUAL]]"},
