@@ -66,6 +66,7 @@ int main(int argc, char** argv) {
   bool row_reuse = tailorkv::cuda::CudaBackendOptions{}.sparse_row_reuse;
   std::string decode_tokens = "random";
   bool host_embeddings = tailorkv::cuda::CudaBackendOptions{}.host_embeddings;
+  bool late_prefetch = tailorkv::cuda::CudaBackendOptions{}.sparse_late_prefetch;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
   app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
@@ -89,6 +90,9 @@ int main(int argc, char** argv) {
                  "decode inputs: random (a new random token each step: random weights then "
                  "reselect few rows) or repeat (one token: consecutive queries stay close)")
       ->check(CLI::IsMember({"random", "repeat"}));
+  app.add_option("--late-prefetch", late_prefetch,
+                 "query after-attention: a first selection from the previous layer's input "
+                 "gathers rows ahead");
   app.add_option("--host-embeddings", host_embeddings,
                  "input embedding table in pinned host memory (false: on the GPU)");
   CLI11_PARSE(app, argc, argv);
@@ -117,6 +121,7 @@ int main(int argc, char** argv) {
   opts.prefill_prefetch = prefill_prefetch;
   opts.sparse_row_reuse = row_reuse;
   opts.host_embeddings = host_embeddings;
+  opts.sparse_late_prefetch = late_prefetch;
   auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
   if (!backend.ok()) return Fail(backend.status(), "backend");
   const size_t weights_used = DeviceUsedBytes();
@@ -124,7 +129,7 @@ int main(int argc, char** argv) {
                         {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
                         {"sparse_priority", sparse_priority}, {"custom_gemv", custom_gemv},
                         {"prefill_prefetch", prefill_prefetch}, {"row_reuse", row_reuse},
-                        {"decode_tokens", decode_tokens},                         {"host_embeddings", host_embeddings},
+                        {"decode_tokens", decode_tokens},                         {"host_embeddings", host_embeddings}, {"late_prefetch", late_prefetch},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);

@@ -401,9 +401,15 @@ class CudaBackend final : public runtime::Backend {
   absl::Status PrefetchSparseHistory(CudaSequence& seq, int after, int start);
   absl::Status NewSparseLayer(CudaSequence& seq, int l, const runtime::SparseParams& p);
   absl::Status EndSparsePrompt(CudaSequence& seq);
-  absl::Status EnqueueSpeculativeSelection(CudaSequence& seq, int target, const __nv_bfloat16* x);
+  // Layer `target`'s selection from the speculative input x on the side
+  // stream. prefetch: a first pass for a layer with query "after-attention"
+  // (from the previous layer's input), only so that the final pass finds
+  // most rows on the device already (row reuse); it signals nothing.
+  absl::Status EnqueueSpeculativeSelection(CudaSequence& seq, int target, const __nv_bfloat16* x,
+                                           bool prefetch = false);
+  // count_reuse: add the rows reused to the sequence's statistics.
   absl::Status EnqueueSelection(CudaSequence& seq, SparseKv& sp, const float* q_chan,
-                                cudaStream_t s);
+                                cudaStream_t s, bool count_reuse = true);
   absl::Status EnqueueSparseAttention(CudaSequence& seq, int l, int n, int start, bool decode);
 
   ModelConfig config_;
@@ -431,7 +437,7 @@ class CudaBackend final : public runtime::Backend {
   std::vector<DeviceLayer> layers_;
   // Activations for up to options_.max_prefill_chunk tokens.
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, h_, logits_;
-  DeviceBuffer spec_x_;  // [n_layers][hidden] bf16: each sparse layer's speculative input
+  DeviceBuffer spec_x_;  // [2][n_layers][hidden] bf16: sparse layers' speculative inputs (final, prefetch)
   // Step parameters: [0] position of the first token, [1] cache length after
   // this step, [2..] token ids. Written from pinned host memory before a run.
   DeviceBuffer step_;
@@ -528,7 +534,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   ASSIGN_OR_RETURN(b->gate_up_, b->Alloc(mlp_rows * 2 * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->h_, b->Alloc(mlp_rows * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->logits_, b->Alloc(kLogitRows * V * sizeof(float)));
-  ASSIGN_OR_RETURN(b->spec_x_, b->Alloc(static_cast<size_t>(c.n_layers) * H * sizeof(bf16)));
+  ASSIGN_OR_RETURN(b->spec_x_, b->Alloc(2 * static_cast<size_t>(c.n_layers) * H * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->step_, b->Alloc((T + 2) * sizeof(int32_t)));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->step_host_, (T + 2) * sizeof(int32_t)));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->logits_host_, kLogitRows * V * sizeof(float)));
@@ -882,6 +888,14 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
       if (next_query != nullptr && *next_query == "previous") {
         RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn));
       }
+      // Query "after-attention" with row reuse: a first selection from this
+      // layer's input fetches most of the rows the final one will pick, so
+      // that only its misses cross PCIe once it starts, after this layer's
+      // attention, with only the MLP left to overlap it.
+      if (next_query != nullptr && *next_query == "after-attention" && options_.sparse_row_reuse &&
+          options_.sparse_late_prefetch && options_.sparse_overlap) {
+        RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn, /*prefetch=*/true));
+      }
     }
     RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
     RETURN_IF_ERROR(EnqueueAttention(seq, l, n, start, decode));
@@ -1066,7 +1080,7 @@ absl::Status CudaBackend::PrefetchSparseHistory(CudaSequence& seq, int after, in
 }
 
 absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, const float* q_chan,
-                                           cudaStream_t s) {
+                                           cudaStream_t s, bool count_reuse) {
   const ModelConfig& c = config_;
   const int cap = seq.capacity();
   if (sp.selected == 0) return absl::OkStatus();
@@ -1107,7 +1121,7 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
   RETURN_IF_ERROR(LaunchReuseSelectedRows(
       sp.prev_sel.as<int32_t>(), sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads, c.head_dim,
       stage_k, stage_v, static_cast<int64_t>(n * hd), tk, tv, tier_stride, sp.kept(),
-      sp.miss.as<int32_t>(), seq.reuse_count.as<unsigned long long>(), s));
+      sp.miss.as<int32_t>(), count_reuse ? seq.reuse_count.as<unsigned long long>() : nullptr, s));
   RETURN_IF_ERROR(GatherHost(sp, cap, sp.sink, sp.miss.as<int32_t>(), sp.selected, c.n_kv_heads,
                              c.head_dim, tk, tv, tier_stride, sp.kept(), s));
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sp.prev_sel.get(), sp.sel.get(), sp.prev_sel.size(),
@@ -1116,7 +1130,7 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
 }
 
 absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int target,
-                                                      const bf16* x) {
+                                                      const bf16* x, bool prefetch) {
   if (seq.sparse[target] == nullptr || !seq.sparse[target]->gpu_index) return absl::OkStatus();
   SparseKv& sp = *seq.sparse[target];
   if (sp.params.query == "real") return absl::OkStatus();  // selected in line
@@ -1125,7 +1139,8 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
   // The main stream keeps a copy of `x` (8 KB: cheaper than running the
   // speculative query there), since the layer overwrites it; the side
   // stream does the rest.
-  bf16* spec_x = spec_x_.as<bf16>() + static_cast<int64_t>(target) * c.hidden;
+  // Two inputs per layer: the prefetch's must survive until its query ran.
+  bf16* spec_x = spec_x_.as<bf16>() + (static_cast<int64_t>(prefetch ? c.n_layers : 0) + target) * c.hidden;
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(spec_x, x, c.hidden * sizeof(bf16), cudaMemcpyDeviceToDevice, s));
   cudaStream_t side = options_.sparse_overlap ? side_.get() : s;
   if (options_.sparse_overlap) {
@@ -1136,8 +1151,8 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
       spec_x, layers_[target].w_qkv.as<bf16>(), c.hidden, c.n_heads, c.n_kv_heads, c.head_dim,
       sp.chans.as<int32_t>(), sp.params.channels, step_.as<int32_t>(), inv_freq_.as<float>(),
       c.rope_style == model::RopeStyle::kAdjacentPairs, sp.q_chan.as<float>(), side));
-  RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side));
-  CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side));
+  RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side, !prefetch));
+  if (!prefetch) CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side));
   return absl::OkStatus();
 }
 

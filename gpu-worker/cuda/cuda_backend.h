@@ -81,6 +81,14 @@ struct CudaBackendOptions {
   // (tkv_selection_locality); 8B shape at 128k, H100: 9.83 -> 8.20 ms a
   // token with 75% of rows reused (docs/results.md).
   bool sparse_row_reuse = true;
+  // Sparse layers with query "after-attention" and row reuse: a first
+  // selection from the previous layer's input (TailorKV's speculation,
+  // overlapping that whole layer) gathers rows ahead, so the final
+  // selection, which can start only after the previous layer's attention,
+  // finds most of its rows on the device (the logits do not change).
+  // Off until its GPU test and timing have run (written 2026-12-07, when no
+  // GPU could be had for the rest of the session).
+  bool sparse_late_prefetch = false;
   // Untied models (Llama-3.1-8B): the input embedding table (1.05 GB at
   // 8B) stays in pinned host memory and the lookup reads only the rows of
   // the step's tokens over PCIe (8 KB a token), as llama.cpp keeps it on
