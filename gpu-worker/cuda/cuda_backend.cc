@@ -697,6 +697,11 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
         L.kv_bytes = est.device_bytes;
         L.kv_bytes_kept = 2 * static_cast<int64_t>(c.n_kv_heads) * c.head_dim * 2 *
                           std::min<int64_t>(capacity, static_cast<int64_t>(p.sparse.sink) + p.sparse.recent);
+        if (p.sparse.group_score != "mean") {
+          return absl::UnimplementedError(absl::StrFormat(
+              "layer %d: sparse group_score \"%s\": the CUDA kernels score the group mean only", l,
+              p.sparse.group_score));
+        }
         if (p.sparse.channels > kSparseMaxChannels) {
           return absl::UnimplementedError(absl::StrFormat(
               "layer %d: sparse channels %d: the CUDA kernels take at most %d", l, p.sparse.channels,

@@ -444,6 +444,12 @@ TEST_F(CudaBackendTest, KvBytesPerPolicy) {
     sparse.layers[1].sparse.index = "faithful";
     EXPECT_EQ((*gpu)->NewSequence(100, sparse).status().code(), absl::StatusCode::kUnimplemented);
   }
+  // Group score "max" has no CUDA kernels yet: refused, not run as "mean".
+  runtime::KvPlan gmax = runtime::KvPlan::Dense(c.n_layers);
+  gmax.layers[0].kind = runtime::KvPolicyKind::kSparse;
+  gmax.layers[0].sparse.index = "gpu";
+  gmax.layers[0].sparse.group_score = "max";
+  EXPECT_EQ((*gpu)->NewSequence(100, gmax).status().code(), absl::StatusCode::kUnimplemented);
   // Every channel of head_dim 64 is within the kernels' kSparseMaxChannels.
   runtime::KvPlan wide = runtime::KvPlan::Dense(c.n_layers);
   wide.layers[0].kind = runtime::KvPolicyKind::kSparse;

@@ -655,7 +655,23 @@ void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int st
   sp.last_selection.resize(nkv);
   const int d_s = sp.params.channels;
   std::vector<float> q_spec;
-  if (sp.gpu_index && sp.params.query == "real") {
+  const bool group_max = sp.gpu_index && sp.params.group_score == "max";
+  if (group_max) {
+    // Every query head's own query on its KV head's channels.
+    q_spec.resize(static_cast<size_t>(c.n_heads) * d_s);
+    if (sp.params.query == "real") {
+      for (int qh = 0; qh < c.n_heads; ++qh) {
+        for (int j = 0; j < d_s; ++j) {
+          const int ch = sp.chans[static_cast<size_t>(qh / group) * d_s + j];
+          q_spec[static_cast<size_t>(qh) * d_s + j] = q[static_cast<int64_t>(qh) * hd + ch];
+        }
+      }
+    } else {
+      SpeculativeQueryHeads(spec_x, w_.layers[layer].wq.data.data(), c.hidden, c.n_heads, nkv, hd,
+                            sp.chans.data(), d_s, start, inv_freq_.data(),
+                            c.rope_style == model::RopeStyle::kAdjacentPairs, q_spec.data());
+    }
+  } else if (sp.gpu_index && sp.params.query == "real") {
     // The real query's group mean on the fixed channels.
     q_spec.assign(static_cast<size_t>(nkv) * d_s, 0.0f);
     for (int h = 0; h < nkv; ++h) {
@@ -679,9 +695,19 @@ void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int st
     if (sp.gpu_index) {
       const int n_cand = std::max(end - first, 0);
       std::vector<float> approx(n_cand);
-      ScoreOnChannels(&q_spec[static_cast<size_t>(h) * d_s], d_s,
-                      sp.index.data() + h * sp.index_head_stride + static_cast<int64_t>(first) * d_s,
-                      n_cand, approx.data());
+      const float* rows = sp.index.data() + h * sp.index_head_stride + static_cast<int64_t>(first) * d_s;
+      if (group_max) {
+        std::vector<float> mine(n_cand);
+        for (int g = 0; g < group; ++g) {
+          ScoreOnChannels(&q_spec[static_cast<size_t>(h * group + g) * d_s], d_s, rows, n_cand,
+                          g == 0 ? approx.data() : mine.data());
+          if (g > 0) {
+            for (int i = 0; i < n_cand; ++i) approx[i] = std::max(approx[i], mine[i]);
+          }
+        }
+      } else {
+        ScoreOnChannels(&q_spec[static_cast<size_t>(h) * d_s], d_s, rows, n_cand, approx.data());
+      }
       std::vector<int32_t> picked(selected);
       (void)TopKIndices(approx.data(), n_cand, selected, picked.data());
       sel.assign(picked.begin(), picked.end());

@@ -945,6 +945,47 @@ TEST(CpuBackendSparse, Fp8IndexSelectsOnRoundedKeys) {
   EXPECT_NE(expected_sel, exact_sel);
 }
 
+// Group score "max": a one-layer model (its speculative query is its real
+// query) with every channel selects per KV head the Top-K of max over its
+// query heads of q_h . k, not of the group mean's score; the two differ here.
+TEST(CpuBackendSparse, GroupMaxScoresEachHeadsOwnQuery) {
+  const auto w = PolicyModel(81, /*n_layers=*/1);
+  const auto& c = w.config;
+  const int group = c.n_heads / c.n_kv_heads;
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const int prompt = 200, generated = 2, len = prompt + generated;
+  const auto tokens = RandomTokens(len, c.vocab, 82);
+  std::vector<int> chunks = {prompt};
+  chunks.resize(1 + generated, 1);
+  LayerKvPolicy l;
+  l.kind = KvPolicyKind::kSparse;
+  l.sparse = {2, 5, 20, 32, "gpu"};
+  l.sparse.group_score = "max";
+  std::unique_ptr<SequenceState> seq;
+  RunChunks(*backend, KvPlan::Uniform(1, l, "s"), tokens, chunks, &seq);
+  std::vector<std::vector<int>> want(c.n_kv_heads), mean_sel;
+  OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto&, float*) {
+    for (int g = 0; g < c.n_kv_heads; ++g) {
+      std::vector<std::pair<double, int>> cand;
+      for (int p = 2; p < prompt - 5; ++p) {
+        double best = -1e300;
+        for (int h = g * group; h < (g + 1) * group; ++h) {
+          double s = 0;
+          for (int d = 0; d < 32; ++d) s += static_cast<double>(q[h * 32 + d]) * k[(static_cast<size_t>(g) * len + p) * 32 + d];
+          best = std::max(best, s);
+        }
+        cand.push_back({-best, p});
+      }
+      std::sort(cand.begin(), cand.end());
+      for (int i = 0; i < 20; ++i) want[g].push_back(cand[i].second);
+      std::sort(want[g].begin(), want[g].end());
+    }
+    mean_sel = IndependentSelection(q, k, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
+  });
+  EXPECT_EQ(CpuSparseLastSelection(*seq, 0), want);
+  EXPECT_NE(want, mean_sel) << "the group mean would select the same: the test shows nothing";
+}
+
 // A few planted keys dominate on the query's outlier channels: the
 // selection picks exactly them, whatever the other channels hold.
 TEST(CpuBackendSparse, SelectionPicksPlantedKeys) {

@@ -99,6 +99,14 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
                           absl::StrCat("\"", s.query, "\" needs index \"gpu\" (index \"", s.index,
                                        "\" scores with the real query)"));
       }
+      if (s.group_score != "mean" && s.group_score != "max") {
+        return FieldError(LayerField(i, "group_score"),
+                          absl::StrCat("must be \"mean\" or \"max\", got \"", s.group_score, "\""));
+      }
+      if (s.group_score == "max" && s.index != "gpu") {
+        return FieldError(LayerField(i, "group_score"),
+                          absl::StrCat("\"max\" needs index \"gpu\", got \"", s.index, "\""));
+      }
       if (s.index_bits == 8 && s.index != "gpu") {
         return FieldError(LayerField(i, "index_bits"),
                           absl::StrCat("8 needs index \"gpu\" (index \"", s.index,
@@ -126,6 +134,7 @@ std::string Describe(const LayerKvPolicy& l) {
                           l.sparse.query == "after-attention" ? " late"
                           : l.sparse.query == "real"          ? " real"
                                                               : "",
+                          l.sparse.group_score == "max" ? " gmax" : "",
                           l.sparse.host_bits == 8 ? " fp8" : "", ")");
   }
   return "unknown";
@@ -217,7 +226,8 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
   } else if (*policy == "sparse") {
     l.kind = KvPolicyKind::kSparse;
     allowed.insert(allowed.end(),
-                   {"sink", "recent", "top_k", "channels", "index", "host_bits", "index_bits", "query"});
+                   {"sink", "recent", "top_k", "channels", "index", "host_bits", "index_bits", "query",
+                    "group_score"});
   } else {
     return FieldError(
         LayerField(i, "policy"),
@@ -264,6 +274,12 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
         auto s = ReadString(*index_it, LayerField(i, "index"));
         if (!s.ok()) return s.status();
         l.sparse.index = *s;
+      }
+      auto group_it = entry.find("group_score");
+      if (group_it != entry.end()) {
+        auto s = ReadString(*group_it, LayerField(i, "group_score"));
+        if (!s.ok()) return s.status();
+        l.sparse.group_score = *s;
       }
       auto query_it = entry.find("query");
       if (query_it != entry.end()) {
@@ -327,7 +343,7 @@ constexpr char kSpecGrammar[] =
     "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS], "
     "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...], "
     "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...] (INDEX gpu or faithful; FLAGs "
-    "i8, late or real, fp8) or "
+    "i8, late or real, gmax, fp8) or "
     "@plan.json";
 
 absl::Status SpecError(const std::string& spec, const std::string& what) {
@@ -552,6 +568,7 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
         e["host_bits"] = l.sparse.host_bits;
         e["index_bits"] = l.sparse.index_bits;
         e["query"] = l.sparse.query;
+        e["group_score"] = l.sparse.group_score;
         break;
     }
     if (l.dense_preference >= 0) e["dense_preference"] = l.dense_preference;
@@ -591,14 +608,14 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
   const std::string kind = parts[0];
   // Sparse and hybrid specs may end in the selection index's name and
   // "fp8" (the host tier's format), in that order.
-  std::string index = "faithful", query = "previous";
+  std::string index = "faithful", query = "previous", group_score = "mean";
   int host_bits = 16, index_bits = 16;
   if (kind == "sparse" || kind == "hybrid") {
     // Trailing flags, each at most once, then the index's name.
     std::vector<std::string> seen;
     while (parts.size() > 1) {
       const std::string& f = parts.back();
-      if (f != "fp8" && f != "i8" && f != "late" && f != "real") break;
+      if (f != "fp8" && f != "i8" && f != "late" && f != "real" && f != "gmax") break;
       if (std::find(seen.begin(), seen.end(), f) != seen.end()) {
         return SpecError(spec, absl::StrCat("flag \"", f, "\" given twice"));
       }
@@ -610,6 +627,7 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
       if (f == "i8") index_bits = 8;
       if (f == "late") query = "after-attention";
       if (f == "real") query = "real";
+      if (f == "gmax") group_score = "max";
       seen.push_back(f);
       parts.pop_back();
     }
@@ -682,6 +700,7 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     l->sparse.host_bits = host_bits;
     l->sparse.index_bits = index_bits;
     l->sparse.query = query;
+    l->sparse.group_score = group_score;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
   } else if (kind == "hybrid") {
     if (n_args != 2 && n_args != 4 && n_args != 5) {
@@ -695,6 +714,7 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     l->sparse.host_bits = host_bits;
     l->sparse.index_bits = index_bits;
     l->sparse.query = query;
+    l->sparse.group_score = group_score;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
     // TailorKV's plan: layer 0 quantization-friendly, the rest sparse.
     if (!plan.layers.empty()) {

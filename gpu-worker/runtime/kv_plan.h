@@ -96,6 +96,11 @@ struct SparseParams {
   // "previous" and "after-attention".
   // Index "faithful" always uses the real query: "previous" only.
   std::string query = "previous";
+  // How index "gpu" scores a token for a KV head shared by G query heads:
+  // "mean", the group-mean query's score (TailorKV's), or "max", the
+  // largest of the G heads' own scores (a token one head needs is kept even
+  // when the others ignore it). "max" runs on the CPU backend only so far.
+  std::string group_score = "mean";
   bool operator==(const SparseParams&) const = default;
 };
 
@@ -163,7 +168,8 @@ absl::Status CheckPlanModel(const KvPlan& plan, std::string_view model_digest);
 //                                            (the default); FLAGs, each at most once, in
 //                                            any order: i8 (index "gpu" entries in FP8),
 //                                            late / real (query "after-attention" /
-//                                            "real"), fp8 (host tier in FP8)
+//                                            "real"), gmax (group_score "max"), fp8
+//                                            (host tier in FP8)
 //   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...]"
 //                                            TailorKV's plan: layer 0 quant BITS (group 64,
 //                                            residual 128), every other layer sparse as above

@@ -187,6 +187,12 @@ TEST(KvPlanTest, ValidateNamesLayerAndField) {
          l.sparse.query = "next";
        },
        "layers[3].query: must be \"previous\", \"after-attention\" or \"real\", got \"next\""},
+      {[](LayerKvPolicy& l) {
+         l.kind = KvPolicyKind::kSparse;
+         l.sparse.index = "gpu";
+         l.sparse.group_score = "min";
+       },
+       "layers[3].group_score: must be \"mean\" or \"max\", got \"min\""},
       {[](LayerKvPolicy& l) { l.kind = static_cast<KvPolicyKind>(9); },
        "layers[3].policy: unknown policy kind 9"},
   };
@@ -492,7 +498,8 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
         SparseCase{"sparse:128:gpu:i8", {8, 56, 128, 8, "gpu", 16, 8}},
         SparseCase{"sparse:128:gpu:late", {8, 56, 128, 8, "gpu", 16, 16, "after-attention"}},
         SparseCase{"sparse:896:64:64:32:gpu:fp8:real:i8", {64, 64, 896, 32, "gpu", 8, 8, "real"}},
-        SparseCase{"sparse:896:64:64:32:gpu:i8:late", {64, 64, 896, 32, "gpu", 16, 8, "after-attention"}}}) {
+        SparseCase{"sparse:896:64:64:32:gpu:i8:late", {64, 64, 896, 32, "gpu", 16, 8, "after-attention"}},
+        SparseCase{"sparse:896:64:64:32:gpu:late:gmax", {64, 64, 896, 32, "gpu", 16, 16, "after-attention", "max"}}}) {
     auto plan = ParseKvPlanSpec(tc.spec, c);
     ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
     EXPECT_EQ(plan->name, tc.spec);
@@ -564,8 +571,9 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
        "quant:BITS[:GROUP[:RESIDUAL]], "
        "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...], "
        "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...] (INDEX gpu or faithful; FLAGs "
-       "i8, late or real, fp8) or @plan.json"},
+       "i8, late or real, gmax, fp8) or @plan.json"},
       {"sparse:128:gpu:i8:i8", "kv plan spec \"sparse:128:gpu:i8:i8\": flag \"i8\" given twice"},
+      {"sparse:128:faithful:gmax", "layers[0].group_score: \"max\" needs index \"gpu\", got \"faithful\""},
       {"sparse:128:gpu:late:real", "flags \"late\" and \"real\" exclude each other"},
       {"sparse:128:i8", "layers[0].index_bits: 8 needs index \"gpu\" (index \"faithful\" keeps no index on the GPU)"},
       {"sparse:128:faithful:late",

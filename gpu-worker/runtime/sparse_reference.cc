@@ -139,4 +139,31 @@ void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_hea
   }
 }
 
+void SpeculativeQueryHeads(const float* x, const float* wq, int hidden, int n_heads, int n_kv_heads,
+                           int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
+                           bool adjacent_pairs, float* out) {
+  const int group = n_heads / n_kv_heads;
+  const int half = head_dim / 2;
+  auto dot_row = [&](int64_t row) {
+    const float* w = wq + row * hidden;
+    float s = 0.0f;
+    for (int i = 0; i < hidden; ++i) s += w[i] * x[i];
+    return s;
+  };
+  for (int q = 0; q < n_heads; ++q) {
+    const int h = q / group;
+    for (int j = 0; j < d; ++j) {
+      const int c = chans[h * d + j];
+      const int i = adjacent_pairs ? c / 2 : c % half;
+      const int a = adjacent_pairs ? 2 * i : i;
+      const int b = adjacent_pairs ? 2 * i + 1 : i + half;
+      const float angle = static_cast<float>(pos) * inv_freq[i];
+      const float cs = std::cos(angle), sn = std::sin(angle);
+      const int64_t base = static_cast<int64_t>(q) * head_dim;
+      const float x0 = dot_row(base + a), x1 = dot_row(base + b);
+      out[static_cast<int64_t>(q) * d + j] = c == a ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+    }
+  }
+}
+
 }  // namespace tailorkv::runtime

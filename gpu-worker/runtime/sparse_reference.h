@@ -90,4 +90,12 @@ void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_hea
                           int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
                           bool adjacent_pairs, float* out);
 
+// The same speculative query per query head instead of its group mean:
+// out[q * d + j] for query head q (KV head q / G) and j < d, the channel
+// chans[(q / G) * d + j] of RoPE(Wq x) for head q (SpeculativeQueryMean's
+// arithmetic before the mean).
+void SpeculativeQueryHeads(const float* x, const float* wq, int hidden, int n_heads, int n_kv_heads,
+                           int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
+                           bool adjacent_pairs, float* out);
+
 }  // namespace tailorkv::runtime
