@@ -160,8 +160,8 @@ absl::Status ValidatePlanSettings(const PlanSettings& s, const model::ModelConfi
     return SettingError("index", absl::StrCat("must be \"gpu\" or \"faithful\", got \"", s.index,
                                               "\""));
   }
-  if (s.index_bits != 16 && s.index_bits != 8) {
-    return SettingError("index_bits", absl::StrCat("must be 16 or 8, got ", s.index_bits));
+  if (s.index_bits != 16 && s.index_bits != 8 && s.index_bits != 4) {
+    return SettingError("index_bits", absl::StrCat("must be 16, 8 or 4, got ", s.index_bits));
   }
   if (s.query != "previous" && s.query != "after-attention" && s.query != "real") {
     return SettingError("query", absl::StrCat("must be \"previous\", \"after-attention\" or \"real\", got \"",
@@ -252,8 +252,13 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
   const int nb = static_cast<int>(kb.size());
   const bool sweep = s.max_sparse_error >= 0;
   std::vector<double> budget_err(static_cast<size_t>(nkv) * nb, 0), budget_oracle(budget_err.size(), 0);
-  // Index formats (index_study): bf16, fp8, int4 at ds[0] channels, int4 of all.
-  constexpr int kFormats = 4;
+  // Index formats (index_study): bf16, fp8, int4 at ds[0] channels; int4
+  // of all channels; 2-bit codes of all channels, per token (asymmetric,
+  // min and step per token) or KIVI's way for keys (per channel, groups of
+  // 64 tokens); 4-bit codes of all channels KIVI's way; 4-bit codes of the
+  // ds[0] channels KIVI's way.
+  constexpr int kFormats = 8;
+  constexpr int kKiviGroup = 64;
   std::vector<double> format_err(static_cast<size_t>(nkv) * kFormats, 0),
       format_recall(format_err.size(), 0);
   const int S = std::min(s.sink, P);
@@ -333,12 +338,20 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
       for (int c = 0; c < nd; ++c) {
         const int d = ds[c];
         const std::vector<int32_t>& ch = chans[c];
-        // The index as the plan stores it (FP8 entries for index_bits 8).
+        // The index as the plan stores it (FP8 entries for index_bits 8,
+        // 4-bit blocks of kIndexBlock absolute positions for 4).
         const bool fp8 = s.index == "gpu" && s.index_bits == 8;
         for (int j = 0; j < nc; ++j) {
           for (int x = 0; x < d; ++x) {
             const float k = K[(S + j) * hd + ch[x]];
             cand[j * d + x] = fp8 ? runtime::Fp8E4M3ToFloat(runtime::FloatToFp8E4M3(k)) : k;
+          }
+        }
+        if (s.index == "gpu" && s.index_bits == 4) {
+          for (int j0 = 0; j0 < nc;) {
+            const int n = std::min(nc - j0, runtime::kIndexBlock - (S + j0) % runtime::kIndexBlock);
+            for (int x = 0; x < d; ++x) runtime::RoundIndexBlock4(&cand[static_cast<size_t>(j0) * d + x], n, d);
+            j0 += n;
           }
         }
         for (int x = 0; x < d; ++x) q_ch[x] = q_mean[ch[x]];
@@ -355,11 +368,22 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
           // The same index with its entries rounded to each format, then
           // scored and selected as the runtime does.
           for (int f = 0; f < kFormats; ++f) {
-            const int dd = f == 3 ? hd : d;
+            const bool all = f >= 3 && f <= 6;
+            const int dd = all ? hd : d;
             for (int j = 0; j < nc; ++j) {
               float* row = &fmt_rows[static_cast<size_t>(j) * dd];
-              for (int x = 0; x < dd; ++x) row[x] = K[(S + j) * hd + (f == 3 ? x : ch[x])];
-              if (f == 0) {
+              for (int x = 0; x < dd; ++x) row[x] = K[(S + j) * hd + (all ? x : ch[x])];
+              if (f == 4) {
+                // Per token: z = min, step = (max - min) / 3, codes 0..3.
+                float lo = row[0], hi = row[0];
+                for (int x = 0; x < dd; ++x) lo = std::min(lo, row[x]), hi = std::max(hi, row[x]);
+                const float z = RoundToBf16(lo), st = RoundToBf16((hi - lo) / 3.0f);
+                for (int x = 0; x < dd; ++x) {
+                  row[x] = st > 0 ? z + std::clamp(std::nearbyint((row[x] - z) / st), 0.0f, 3.0f) * st : z;
+                }
+              } else if (f >= 5) {
+                continue;  // per channel over token groups: below, once all rows are in
+              } else if (f == 0) {
                 for (int x = 0; x < dd; ++x) row[x] = RoundToBf16(row[x]);
               } else if (f == 1) {
                 for (int x = 0; x < dd; ++x) row[x] = runtime::Fp8E4M3ToFloat(runtime::FloatToFp8E4M3(row[x]));
@@ -372,7 +396,28 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
                 }
               }
             }
-            for (int x = 0; x < dd; ++x) fmt_q[x] = q_mean[f == 3 ? x : ch[x]];
+            if (f >= 5) {
+              // KIVI keys: per channel, groups of kKiviGroup positions
+              // (absolute, as a cache packs them), asymmetric, 2 or 4 bits.
+              const float levels = f == 5 ? 3.0f : 15.0f;  // 6, 7: 4 bits
+              for (int j0 = 0; j0 < nc;) {
+                const int gend = std::min(nc, j0 + kKiviGroup - (S + j0) % kKiviGroup);
+                for (int x = 0; x < dd; ++x) {
+                  float lo = fmt_rows[static_cast<size_t>(j0) * dd + x], hi = lo;
+                  for (int j = j0; j < gend; ++j) {
+                    const float v = fmt_rows[static_cast<size_t>(j) * dd + x];
+                    lo = std::min(lo, v), hi = std::max(hi, v);
+                  }
+                  const float z = RoundToBf16(lo), st = RoundToBf16((hi - lo) / levels);
+                  for (int j = j0; j < gend; ++j) {
+                    float& v = fmt_rows[static_cast<size_t>(j) * dd + x];
+                    v = st > 0 ? z + std::clamp(std::nearbyint((v - z) / st), 0.0f, levels) * st : z;
+                  }
+                }
+                j0 = gend;
+              }
+            }
+            for (int x = 0; x < dd; ++x) fmt_q[x] = q_mean[all ? x : ch[x]];
             runtime::ScoreOnChannels(fmt_q.data(), dd, fmt_rows.data(), nc, fmt_scores.data());
             const int m = *runtime::TopKIndices(fmt_scores.data(), nc, s.top_k, picked.data());
             int hit = 0;
@@ -414,14 +459,19 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
   out.sparse_error = out.by_channels[0].sparse_error;
   out.index_recall = out.by_channels[0].recall;
   if (s.index_study) {
-    const char* names[kFormats] = {"bf16", "fp8", "int4", "int4-all"};
+    const char* names[kFormats] = {"bf16",     "fp8",           "int4",          "int4-all",
+                                   "int2-all", "int2-all-kivi", "int4-all-kivi", "int4-kivi"};
     const int d0 = ds[0];
-    const double bytes[kFormats] = {2.0 * d0, 1.0 * d0, 0.5 * d0 + 2, 0.5 * hd + 2};
+    // Per token and KV head; the KIVI formats' fp16 zero and step per
+    // channel per 64 tokens add hd * 4 / 64 bytes.
+    const double bytes[kFormats] = {2.0 * d0,       1.0 * d0,          0.5 * d0 + 2,
+                                    0.5 * hd + 2,   0.25 * hd + 4,     0.25 * hd + hd / 16.0,
+                                    0.5 * hd + hd / 16.0, 0.5 * d0 + d0 / 16.0};
     for (int f = 0; f < kFormats; ++f) {
       double e = 0, r = 0;
       for (int g = 0; g < nkv; ++g) e += format_err[g * kFormats + f], r += format_recall[g * kFormats + f];
       out.by_index_format.push_back({.format = names[f],
-                                     .channels = f == 3 ? hd : d0,
+                                     .channels = f >= 3 && f <= 6 ? hd : d0,
                                      .bytes_per_token = bytes[f],
                                      .recall = r / (Q * nkv),
                                      .sparse_error = e / per_head_rows});

@@ -303,9 +303,9 @@ TEST(ScoreLayer, MeasuresEveryCandidateBudgetAndThePlanPicksTheFewest) {
   EXPECT_EQ(DecidePlan({sparse}, s).layers[0].sparse.top_k, 24);
 }
 
-// The index-format study measures four stored forms of the index and
+// The index-format study measures eight stored forms of the index and
 // changes nothing else: same scores, same plan.
-TEST(ScoreLayer, IndexStudyMeasuresFourFormatsAndChangesNothingElse) {
+TEST(ScoreLayer, IndexStudyMeasuresEveryFormatAndChangesNothingElse) {
   const auto c = Shape();
   PlanSettings s = Small();
   const Layer L = MakeLayer(c, 480, s.query_rows, true, 8);
@@ -314,20 +314,29 @@ TEST(ScoreLayer, IndexStudyMeasuresFourFormatsAndChangesNothingElse) {
   auto study = ScoreLayer(L.Tap(c), c, s, 2);
   ASSERT_TRUE(plain.ok() && study.ok()) << study.status();
   EXPECT_TRUE(plain->by_index_format.empty());
-  ASSERT_EQ(study->by_index_format.size(), 4u);
-  const char* names[] = {"bf16", "fp8", "int4", "int4-all"};
-  const double bytes[] = {2.0 * s.channels, 1.0 * s.channels, 0.5 * s.channels + 2, 0.5 * c.head_dim + 2};
-  for (int f = 0; f < 4; ++f) {
+  ASSERT_EQ(study->by_index_format.size(), 8u);
+  const char* names[] = {"bf16",     "fp8",           "int4",          "int4-all",
+                         "int2-all", "int2-all-kivi", "int4-all-kivi", "int4-kivi"};
+  const double hd = c.head_dim;
+  const double bytes[] = {2.0 * s.channels, 1.0 * s.channels, 0.5 * s.channels + 2, 0.5 * hd + 2,
+                          0.25 * hd + 4,    0.25 * hd + hd / 16, 0.5 * hd + hd / 16,
+                          0.5 * s.channels + s.channels / 16.0};
+  for (int f = 0; f < 8; ++f) {
     const auto& m = study->by_index_format[f];
     EXPECT_EQ(m.format, names[f]);
-    EXPECT_EQ(m.channels, f == 3 ? c.head_dim : s.channels);
+    EXPECT_EQ(m.channels, f >= 3 && f <= 6 ? c.head_dim : s.channels);
     EXPECT_EQ(m.bytes_per_token, bytes[f]);
     EXPECT_GE(m.recall, 0.0);
     EXPECT_LE(m.recall, 1.0);
-    EXPECT_GE(m.sparse_error + 1e-9, study->sparse_oracle_error) << m.format;
+    // The exact group-mean Top-K is not the least-error set for every head,
+    // so a rounded index can land a hair below it, never far.
+    EXPECT_GE(m.sparse_error, 0.95 * study->sparse_oracle_error) << m.format;
   }
   // All channels at 4 bits rank nearly as the exact scores do on this layer.
   EXPECT_GT(study->by_index_format[3].recall, 0.9);
+  EXPECT_GT(study->by_index_format[6].recall, 0.9);
+  // Fewer bits rank worse than more bits of the same layout.
+  EXPECT_LT(study->by_index_format[5].recall, study->by_index_format[6].recall);
   EXPECT_EQ(study->sparse_error, plain->sparse_error);
   EXPECT_EQ(study->index_recall, plain->index_recall);
   s.index_study = false;

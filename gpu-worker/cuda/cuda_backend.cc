@@ -20,6 +20,7 @@
 #include "cuda/random_fill.cuh"
 #include "cuda/sparse_fp8_kernels.cuh"
 #include "cuda/sparse_index_kernels.cuh"
+#include "cuda/sparse_int4_index_kernels.cuh"
 #include "cuda/sparse_kernels.cuh"
 #include "cuda/sparse_tier_kernels.cuh"
 #include "cuda/window_kernels.cuh"
@@ -84,7 +85,8 @@ struct SparseKv {
   DeviceBuffer last_q_mean;       // [n_kv][head_dim] f32 (gpu index)
   DeviceBuffer chans;             // [n_kv][channels] int32
   DeviceBuffer q_chan;            // [n_kv][channels] f32: the query on the channels
-  DeviceBuffer index;             // [n_kv][capacity][channels] bf16 or fp8 codes (gpu index)
+  DeviceBuffer index;             // [n_kv][capacity][channels] bf16 or fp8 codes, or 4-bit codes (gpu index)
+  DeviceBuffer index_params;      // 4-bit index: zero and step per block and channel (sparse_int4_index_kernels.cuh)
   DeviceBuffer sel;               // [n_kv][top_k] int32
   DeviceBuffer prev_sel;          // [n_kv][selected] int32: last step's (-1 before the first)
   DeviceBuffer miss;              // [n_kv][selected] int32: this step's rows still to fetch
@@ -132,6 +134,13 @@ absl::Status GatherHost(const SparseKv& sp, int64_t host_rows, int64_t src_first
 }
 absl::Status BuildIndex(const SparseKv& sp, int64_t host_rows, int rows, int n_kv, int hd,
                         int64_t index_rows, cudaStream_t s) {
+  if (sp.params.index_bits == 4) {
+    // host_bits 8 with index_bits 4 is refused when the sequence is made.
+    return LaunchBuildInt4ChannelIndex(static_cast<const bf16*>(sp.host), host_rows, rows,
+                                       sp.chans.as<int32_t>(), sp.params.channels, n_kv, hd,
+                                       sp.index.as<uint8_t>(), sp.index_params.as<bf16>(),
+                                       index_rows, s);
+  }
   if (sp.params.index_bits == 8) {
     uint8_t* index = sp.index.as<uint8_t>();
     if (sp.params.host_bits == 8) {
@@ -255,7 +264,7 @@ class CudaSequence final : public SequenceState {
     for (const auto& sp : sparse) {
       if (sp == nullptr) continue;
       b += sp->max_abs.size() + sp->last_q_mean.size() + sp->chans.size() + sp->q_chan.size() +
-           sp->index.size() + sp->sel.size() + sp->len.size() + sp->tier.size() +
+           sp->index.size() + sp->index_params.size() + sp->sel.size() + sp->len.size() + sp->tier.size() +
            sp->prev_sel.size() + sp->miss.size();
     }
     return b;
@@ -697,6 +706,12 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
         L.kv_bytes = est.device_bytes;
         L.kv_bytes_kept = 2 * static_cast<int64_t>(c.n_kv_heads) * c.head_dim * 2 *
                           std::min<int64_t>(capacity, static_cast<int64_t>(p.sparse.sink) + p.sparse.recent);
+        if (p.sparse.index_bits == 4 && p.sparse.host_bits == 8) {
+          return absl::UnimplementedError(absl::StrFormat(
+              "layer %d: sparse index_bits 4 with host_bits 8: no CUDA kernel builds a 4-bit index "
+              "from an FP8 host tier",
+              l));
+        }
         if (p.sparse.group_score != "mean") {
           return absl::UnimplementedError(absl::StrFormat(
               "layer %d: sparse group_score \"%s\": the CUDA kernels score the group mean only", l,
@@ -835,7 +850,13 @@ absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime
   if (s.gpu_index) {
     ASSIGN_OR_RETURN(s.last_q_mean, DeviceBuffer::Allocate(heads_dim * sizeof(float)));
     CUDA_RETURN_IF_ERROR(cudaMemset(s.last_q_mean.get(), 0, s.last_q_mean.size()));
-    ASSIGN_OR_RETURN(s.index, DeviceBuffer::Allocate(d * cap * (p.index_bits == 8 ? 1 : sizeof(bf16))));
+    if (p.index_bits == 4) {
+      ASSIGN_OR_RETURN(s.index, DeviceBuffer::Allocate(Int4IndexCodeBytes(c.n_kv_heads, cap, p.channels)));
+      ASSIGN_OR_RETURN(s.index_params,
+                       DeviceBuffer::Allocate(Int4IndexParamBytes(c.n_kv_heads, cap, p.channels)));
+    } else {
+      ASSIGN_OR_RETURN(s.index, DeviceBuffer::Allocate(d * cap * (p.index_bits == 8 ? 1 : sizeof(bf16))));
+    }
   }
   ASSIGN_OR_RETURN(s.selected_ready, CudaEvent::Create());
   return absl::OkStatus();
@@ -1089,7 +1110,11 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
   const ModelConfig& c = config_;
   const int cap = seq.capacity();
   if (sp.selected == 0) return absl::OkStatus();
-  if (sp.gpu_index && sp.params.index_bits == 8) {
+  if (sp.gpu_index && sp.params.index_bits == 4) {
+    RETURN_IF_ERROR(LaunchScoreInt4ChannelIndex(q_chan, sp.index.as<uint8_t>(), sp.index_params.as<bf16>(),
+                                                cap, sp.params.channels, c.n_kv_heads, sp.sink,
+                                                sp.candidates, seq.scores.as<float>(), cap, s));
+  } else if (sp.gpu_index && sp.params.index_bits == 8) {
     RETURN_IF_ERROR(LaunchScoreFp8ChannelIndex(q_chan, sp.index.as<uint8_t>(), cap,
                                                sp.params.channels, c.n_kv_heads, sp.sink,
                                                sp.candidates, seq.scores.as<float>(), cap, s));

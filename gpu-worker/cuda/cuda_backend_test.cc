@@ -487,7 +487,8 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
     dense_decode.push_back(l);
   }
   for (const char* spec : {"sparse:39:2:4:8:gpu", "sparse:500:2:4:32:faithful", "sparse:1:1:44:8:gpu",
-                           "sparse:39:2:4:8:gpu:i8:late", "sparse:39:2:4:8:gpu:real"}) {
+                           "sparse:39:2:4:8:gpu:i8:late", "sparse:39:2:4:8:gpu:real",
+                           "sparse:39:2:4:8:gpu:i4:late"}) {
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto seq = (*gpu)->NewSequence(80, *plan);
@@ -510,7 +511,8 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
   const std::pair<const char*, float> lossy[] = {
       {"sparse:6:2:4:8:gpu", 0.1f},      {"sparse:6:2:4:8:faithful", 0.2f},
       {"sparse:6:2:4:8:gpu:fp8", 0.35f}, {"sparse:6:2:4:8:gpu:i8", 0.35f},
-      {"sparse:6:2:4:8:gpu:late", 0.1f}, {"sparse:6:2:4:8:gpu:real", 0.1f}};
+      {"sparse:6:2:4:8:gpu:late", 0.1f}, {"sparse:6:2:4:8:gpu:real", 0.1f},
+      {"sparse:6:2:4:8:gpu:i4", 0.35f}};
   for (const auto& [spec, bound] : lossy) {
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
@@ -693,7 +695,7 @@ TEST_F(CudaBackendTest, SmolLM2SparsePlansMatchCpuBackend) {
   auto cpu = runtime::CreateCpuBackend(*weights, {.threads = 8});
   ASSERT_TRUE(cpu.ok());
   for (const char* spec : {"hybrid:2:128:8:56:gpu", "hybrid:2:128:8:56:faithful",
-                           "hybrid:2:128:8:56:32:gpu:late:i8"}) {
+                           "hybrid:2:128:8:56:32:gpu:late:i8", "hybrid:2:128:8:56:32:gpu:late:i4"}) {
     auto plan = runtime::ParseKvPlanSpec(spec, weights->config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto gs = (*gpu)->NewSequence(700, *plan);

@@ -570,6 +570,13 @@ void CpuBackend::EndSparsePrompt(SparseLayer& sp, int prompt, int capacity) {
         idx[static_cast<int64_t>(p) * d + j] = fp8 ? Fp8E4M3ToFloat(FloatToFp8E4M3(k)) : k;
       }
     }
+    if (sp.params.index_bits == 4) {
+      // KIVI's key quantization: per channel, blocks of kIndexBlock positions.
+      for (int b = 0; b < prompt; b += kIndexBlock) {
+        const int n = std::min(kIndexBlock, prompt - b);
+        for (int j = 0; j < d; ++j) RoundIndexBlock4(idx + static_cast<int64_t>(b) * d + j, n, d);
+      }
+    }
   }
 }
 

@@ -17,6 +17,7 @@
 
 #include "runtime/cpu_reference.h"
 #include "runtime/fp8_reference.h"
+#include "runtime/sparse_reference.h"
 #include "runtime/kv_plan.h"
 #include "runtime/quant_kv.h"
 #include "runtime/test_model.h"
@@ -943,6 +944,40 @@ TEST(CpuBackendSparse, Fp8IndexSelectsOnRoundedKeys) {
   EXPECT_EQ(CpuSparseLastSelection(*seq, 0), expected_sel);
   // The rounding matters at this size (else the test shows nothing).
   EXPECT_NE(expected_sel, exact_sel);
+}
+
+// A 4-bit index ranks the prompt keys by their block-rounded values: the
+// selection of a one-layer model with every channel is the exact Top-K over
+// keys rounded per channel over blocks of 64 positions (RoundIndexBlock4).
+TEST(CpuBackendSparse, FourBitIndexSelectsOnBlockRoundedKeys) {
+  const auto w = PolicyModel(91, /*n_layers=*/1);
+  const auto& c = w.config;
+  auto backend = *CreateCpuBackend(w, {.threads = 2});
+  const int prompt = 300, generated = 2, len = prompt + generated;  // a partial last block
+  const auto tokens = RandomTokens(len, c.vocab, 92);
+  std::vector<int> chunks = {prompt};
+  chunks.resize(1 + generated, 1);
+  LayerKvPolicy l;
+  l.kind = KvPolicyKind::kSparse;
+  l.sparse = {2, 5, 40, 32, "gpu"};
+  l.sparse.index_bits = 4;
+  std::unique_ptr<SequenceState> seq;
+  RunChunks(*backend, KvPlan::Uniform(1, l, "s"), tokens, chunks, &seq);
+  std::vector<std::vector<int>> expected_sel, exact_sel;
+  OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto&, float*) {
+    std::vector<float> rounded = k;  // [kv][len][32]
+    for (int g = 0; g < c.n_kv_heads; ++g) {
+      float* base = &rounded[static_cast<size_t>(g) * len * 32];
+      for (int b = 0; b < prompt; b += kIndexBlock) {
+        const int n = std::min(kIndexBlock, prompt - b);
+        for (int x = 0; x < 32; ++x) RoundIndexBlock4(base + static_cast<size_t>(b) * 32 + x, n, 32);
+      }
+    }
+    expected_sel = IndependentSelection(q, rounded, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
+    exact_sel = IndependentSelection(q, k, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
+  });
+  EXPECT_EQ(CpuSparseLastSelection(*seq, 0), expected_sel);
+  EXPECT_NE(expected_sel, exact_sel) << "the rounding changes nothing here: the test shows nothing";
 }
 
 // Group score "max": a one-layer model (its speculative query is its real

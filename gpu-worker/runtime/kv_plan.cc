@@ -85,9 +85,9 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
         return FieldError(LayerField(i, "host_bits"),
                           absl::StrCat("must be 16 or 8, got ", s.host_bits));
       }
-      if (s.index_bits != 16 && s.index_bits != 8) {
+      if (s.index_bits != 16 && s.index_bits != 8 && s.index_bits != 4) {
         return FieldError(LayerField(i, "index_bits"),
-                          absl::StrCat("must be 16 or 8, got ", s.index_bits));
+                          absl::StrCat("must be 16, 8 or 4, got ", s.index_bits));
       }
       if (s.query != "previous" && s.query != "after-attention" && s.query != "real") {
         return FieldError(LayerField(i, "query"),
@@ -107,9 +107,9 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
         return FieldError(LayerField(i, "group_score"),
                           absl::StrCat("\"max\" needs index \"gpu\", got \"", s.index, "\""));
       }
-      if (s.index_bits == 8 && s.index != "gpu") {
+      if (s.index_bits != 16 && s.index != "gpu") {
         return FieldError(LayerField(i, "index_bits"),
-                          absl::StrCat("8 needs index \"gpu\" (index \"", s.index,
+                          absl::StrCat(s.index_bits, " needs index \"gpu\" (index \"", s.index,
                                        "\" keeps no index on the GPU)"));
       }
       return absl::OkStatus();
@@ -130,7 +130,9 @@ std::string Describe(const LayerKvPolicy& l) {
     case KvPolicyKind::kSparse:
       return absl::StrCat("sparse(", l.sparse.sink, "+", l.sparse.recent, " k", l.sparse.top_k,
                           " d", l.sparse.channels, " ", l.sparse.index,
-                          l.sparse.index_bits == 8 ? " i8" : "",
+                          l.sparse.index_bits == 8   ? " i8"
+                          : l.sparse.index_bits == 4 ? " i4"
+                                                     : "",
                           l.sparse.query == "after-attention" ? " late"
                           : l.sparse.query == "real"          ? " real"
                                                               : "",
@@ -343,7 +345,7 @@ constexpr char kSpecGrammar[] =
     "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS], "
     "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...], "
     "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...] (INDEX gpu or faithful; FLAGs "
-    "i8, late or real, gmax, fp8) or "
+    "i8 or i4, late or real, gmax, fp8) or "
     "@plan.json";
 
 absl::Status SpecError(const std::string& spec, const std::string& what) {
@@ -615,16 +617,20 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     std::vector<std::string> seen;
     while (parts.size() > 1) {
       const std::string& f = parts.back();
-      if (f != "fp8" && f != "i8" && f != "late" && f != "real" && f != "gmax") break;
+      if (f != "fp8" && f != "i8" && f != "i4" && f != "late" && f != "real" && f != "gmax") break;
       if (std::find(seen.begin(), seen.end(), f) != seen.end()) {
         return SpecError(spec, absl::StrCat("flag \"", f, "\" given twice"));
       }
-      if ((f == "late" && std::find(seen.begin(), seen.end(), "real") != seen.end()) ||
-          (f == "real" && std::find(seen.begin(), seen.end(), "late") != seen.end())) {
+      auto has = [&](const char* g) { return std::find(seen.begin(), seen.end(), g) != seen.end(); };
+      if ((f == "late" && has("real")) || (f == "real" && has("late"))) {
         return SpecError(spec, "flags \"late\" and \"real\" exclude each other");
+      }
+      if ((f == "i8" && has("i4")) || (f == "i4" && has("i8"))) {
+        return SpecError(spec, "flags \"i8\" and \"i4\" exclude each other");
       }
       if (f == "fp8") host_bits = 8;
       if (f == "i8") index_bits = 8;
+      if (f == "i4") index_bits = 4;
       if (f == "late") query = "after-attention";
       if (f == "real") query = "real";
       if (f == "gmax") group_score = "max";
@@ -765,9 +771,15 @@ std::vector<LayerKvBytes> EstimateKvBytes(const KvPlan& plan, const model::Model
         b.device_bytes = 2 * row * kept + static_cast<int64_t>(config.n_kv_heads) *
                                               config.head_dim * elem_bytes;
         if (s.index == "gpu") {
-          b.device_bytes += static_cast<int64_t>(config.n_kv_heads) *
-                            (s.index_bits == 8 ? 1 : elem_bytes) *
-                            static_cast<int64_t>(s.channels) * cap;
+          const int64_t entries = static_cast<int64_t>(config.n_kv_heads) * s.channels * cap;
+          if (s.index_bits == 4) {
+            // Two codes a byte, plus a bf16 zero and step per channel and block.
+            const int64_t blocks = (cap + kIndexBlock - 1) / kIndexBlock;
+            b.device_bytes += static_cast<int64_t>(config.n_kv_heads) * cap * ((s.channels + 1) / 2) +
+                              static_cast<int64_t>(config.n_kv_heads) * s.channels * blocks * 4;
+          } else {
+            b.device_bytes += entries * (s.index_bits == 8 ? 1 : elem_bytes);
+          }
         }
         break;
       }

@@ -70,6 +70,9 @@ struct WindowParams {
   bool operator==(const WindowParams&) const = default;
 };
 
+// Positions per quantization block of a 4-bit index (SparseParams).
+inline constexpr int kIndexBlock = 64;
+
 struct SparseParams {
   int sink = 8;        // >= 0
   int recent = 56;     // >= 1
@@ -80,9 +83,15 @@ struct SparseParams {
   // (FP8 E4M3, runtime/fp8_reference.h: half the host memory and PCIe bytes;
   // the CPU backend keeps the rounded values in fp32).
   int host_bits = 16;
-  // Bits per entry of index "gpu": 16 (bf16) or 8 (FP8 E4M3, half the
-  // index's GPU memory and read time; the CPU backend keeps the rounded
-  // values). Index "faithful" has no index: 16 only.
+  // Bits per entry of index "gpu": 16 (bf16); 8 (FP8 E4M3, half the index's
+  // GPU memory and read time); or 4: KIVI's key quantization, per channel
+  // over blocks of kIndexBlock positions (block b holds positions [64 b,
+  // 64 b + 64) of the prompt): z = bf16(min), step = bf16((max - z) / 15),
+  // entry = z + clamp(round_half_even((k - z) / step), 0, 15) * step (z when
+  // step is 0); a quarter of bf16's bytes plus 4 bytes a channel and block.
+  // The CPU backend keeps the rounded values. Index "faithful" has no index:
+  // 16 only. The CUDA kernels for 4 (sparse_int4_index_kernels.cuh) take a
+  // bf16 host tier only.
   int index_bits = 16;
   // The query that scores index "gpu" at a decode step:
   //   "previous"        TailorKV's speculation: the layer's Wq on the
@@ -166,7 +175,8 @@ absl::Status CheckPlanModel(const KvPlan& plan, std::string_view model_digest);
 //   "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...]"
 //                                            every layer sparse; INDEX "gpu" or "faithful"
 //                                            (the default); FLAGs, each at most once, in
-//                                            any order: i8 (index "gpu" entries in FP8),
+//                                            any order: i8 / i4 (index "gpu" entries
+//                                            in FP8 / 4-bit KIVI codes),
 //                                            late / real (query "after-attention" /
 //                                            "real"), gmax (group_score "max"), fp8
 //                                            (host tier in FP8)

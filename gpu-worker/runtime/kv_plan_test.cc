@@ -178,9 +178,9 @@ TEST(KvPlanTest, ValidateNamesLayerAndField) {
       {[](LayerKvPolicy& l) {
          l.kind = KvPolicyKind::kSparse;
          l.sparse.index = "gpu";
-         l.sparse.index_bits = 4;
+         l.sparse.index_bits = 5;
        },
-       "layers[3].index_bits: must be 16 or 8, got 4"},
+       "layers[3].index_bits: must be 16, 8 or 4, got 5"},
       {[](LayerKvPolicy& l) {
          l.kind = KvPolicyKind::kSparse;
          l.sparse.index = "gpu";
@@ -499,7 +499,8 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
         SparseCase{"sparse:128:gpu:late", {8, 56, 128, 8, "gpu", 16, 16, "after-attention"}},
         SparseCase{"sparse:896:64:64:32:gpu:fp8:real:i8", {64, 64, 896, 32, "gpu", 8, 8, "real"}},
         SparseCase{"sparse:896:64:64:32:gpu:i8:late", {64, 64, 896, 32, "gpu", 16, 8, "after-attention"}},
-        SparseCase{"sparse:896:64:64:32:gpu:late:gmax", {64, 64, 896, 32, "gpu", 16, 16, "after-attention", "max"}}}) {
+        SparseCase{"sparse:896:64:64:32:gpu:late:gmax", {64, 64, 896, 32, "gpu", 16, 16, "after-attention", "max"}},
+        SparseCase{"sparse:896:64:64:32:gpu:i4:late", {64, 64, 896, 32, "gpu", 16, 4, "after-attention"}}}) {
     auto plan = ParseKvPlanSpec(tc.spec, c);
     ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
     EXPECT_EQ(plan->name, tc.spec);
@@ -552,6 +553,14 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
   EXPECT_EQ(*late_trip, *late);
   EXPECT_THAT(KvPlanToJson(*late, c), HasSubstr("\"index_bits\":8"));
   EXPECT_THAT(KvPlanToJson(*late, c), HasSubstr("\"query\":\"after-attention\""));
+  // 4-bit entries: half a byte each plus a bf16 zero and step per channel
+  // and block of 64 positions (1000 positions: 16 blocks).
+  auto i4 = ParseKvPlanSpec("hybrid:2:896:64:64:32:gpu:late:i4", c);
+  ASSERT_TRUE(i4.ok()) << i4.status();
+  EXPECT_EQ(i4->Summary(), "quant(2b g64 r128) x1, sparse(64+64 k896 d32 gpu i4 late) x4");
+  const auto b4 = EstimateKvBytes(*i4, c, 1000, 2);
+  EXPECT_EQ(b4[1].device_bytes - (bl16[1].device_bytes - int64_t{c.n_kv_heads} * 32 * 1000 * 2),
+            int64_t{c.n_kv_heads} * 32 * (1000 / 2 + 16 * 4));
   // A one-layer model keeps only the quantized layer.
   auto hybrid_one = ParseKvPlanSpec("hybrid:1:8", Config(1));
   ASSERT_TRUE(hybrid_one.ok()) << hybrid_one.status();
@@ -571,10 +580,12 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
        "quant:BITS[:GROUP[:RESIDUAL]], "
        "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...], "
        "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...] (INDEX gpu or faithful; FLAGs "
-       "i8, late or real, gmax, fp8) or @plan.json"},
+       "i8 or i4, late or real, gmax, fp8) or @plan.json"},
       {"sparse:128:gpu:i8:i8", "kv plan spec \"sparse:128:gpu:i8:i8\": flag \"i8\" given twice"},
       {"sparse:128:faithful:gmax", "layers[0].group_score: \"max\" needs index \"gpu\", got \"faithful\""},
       {"sparse:128:gpu:late:real", "flags \"late\" and \"real\" exclude each other"},
+      {"sparse:128:gpu:i4:i8", "flags \"i8\" and \"i4\" exclude each other"},
+      {"sparse:128:faithful:i4", "layers[0].index_bits: 4 needs index \"gpu\""},
       {"sparse:128:i8", "layers[0].index_bits: 8 needs index \"gpu\" (index \"faithful\" keeps no index on the GPU)"},
       {"sparse:128:faithful:late",
        "layers[0].query: \"after-attention\" needs index \"gpu\" (index \"faithful\" scores with the real query)"},

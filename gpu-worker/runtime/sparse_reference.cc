@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "model/ggml_types.h"
 
 namespace tailorkv::runtime {
 
@@ -136,6 +137,26 @@ void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_hea
       }
       out[h * d + j] = sum / static_cast<float>(group);
     }
+  }
+}
+
+void RoundIndexBlock4(float* v, int n, int64_t stride) {
+  if (n <= 0) return;
+  float lo = INFINITY, hi = -INFINITY;
+  for (int i = 0; i < n; ++i) {
+    const float x = v[i * stride];
+    if (std::isnan(x)) continue;
+    lo = std::min(lo, x);
+    hi = std::max(hi, x);
+  }
+  if (!(lo <= hi)) return;  // all NaN
+  const float z = model::Bf16ToFloat(model::FloatToBf16(lo));
+  const float step = model::Bf16ToFloat(model::FloatToBf16((hi - z) / 15.0f));
+  const bool flat = !(step > 0.0f) || !std::isfinite(step);
+  for (int i = 0; i < n; ++i) {
+    float& x = v[i * stride];
+    if (std::isnan(x)) continue;
+    x = flat ? z : z + std::clamp(std::nearbyint((x - z) / step), 0.0f, 15.0f) * step;
   }
 }
 

@@ -90,6 +90,13 @@ void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_hea
                           int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
                           bool adjacent_pairs, float* out);
 
+// A 4-bit index's rounding of one channel over one block of positions
+// (SparseParams::index_bits 4, KIVI's key quantization): for the n values
+// v[i * stride], z = bf16(min), step = bf16((max - z) / 15), and each value
+// becomes z + clamp(round_half_even((v - z) / step), 0, 15) * step (z when
+// step is 0 or not finite). NaN values stay NaN.
+void RoundIndexBlock4(float* v, int n, int64_t stride);
+
 // The same speculative query per query head instead of its group mean:
 // out[q * d + j] for query head q (KV head q / G) and j < d, the channel
 // chans[(q / G) * d + j] of RoPE(Wq x) for head q (SpeculativeQueryMean's

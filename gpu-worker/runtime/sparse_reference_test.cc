@@ -267,3 +267,37 @@ TEST(ReuseSelectedRowsTest, CopiesRowsSelectedAgainAndListsTheRest) {
 
 }  // namespace
 }  // namespace tailorkv::runtime
+
+namespace tailorkv::runtime {
+namespace {
+
+// A block of a 4-bit index: 16 levels from bf16(min) in steps of
+// bf16(range / 15), strided; a flat block keeps its value; NaN stays NaN.
+TEST(IndexBlock4Test, RoundsToSixteenLevelsOfTheBlock) {
+  // Column 0 of a 3-wide row-major block: 0, 1.5, 3, ..., the max 15 * 1.5.
+  std::vector<float> v(3 * 16, -99.0f);
+  for (int i = 0; i < 16; ++i) v[i * 3] = 1.5f * i + (i % 2 == 0 ? 0.2f : -0.2f);
+  v[0] = 0.0f;
+  v[15 * 3] = 22.5f;
+  RoundIndexBlock4(v.data(), 16, 3);
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(v[i * 3], 1.5f * i) << i;  // each to its own level
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(v[i * 3 + 1], -99.0f) << "other columns untouched";
+  // Half-way values round to even codes: step 1 (bf16 exact), 0.5 -> 0, 1.5 -> 2.
+  std::vector<float> h = {0.0f, 0.5f, 1.5f, 15.0f};
+  RoundIndexBlock4(h.data(), 4, 1);
+  EXPECT_EQ(h, (std::vector<float>{0.0f, 0.0f, 2.0f, 15.0f}));
+  // bf16 zero and step: min 0.1 -> 0.10009765625; step of (1.1 - z) / 15.
+  std::vector<float> r = {0.1f, 1.1f};
+  RoundIndexBlock4(r.data(), 2, 1);
+  EXPECT_EQ(r[0], 0.10009765625f);
+  EXPECT_NEAR(r[1], 1.1f, 0.01f);
+  std::vector<float> flat = {2.5f, 2.5f, std::numeric_limits<float>::quiet_NaN()};
+  RoundIndexBlock4(flat.data(), 3, 1);
+  EXPECT_EQ(flat[0], 2.5f);
+  EXPECT_EQ(flat[1], 2.5f);
+  EXPECT_TRUE(std::isnan(flat[2]));
+  RoundIndexBlock4(nullptr, 0, 1);  // empty: nothing to do
+}
+
+}  // namespace
+}  // namespace tailorkv::runtime
