@@ -6,7 +6,9 @@
 //   "gpu"      static critical channels: per KV head, `d` channels chosen
 //              once when the prompt ends; those channels of every prompt key
 //              kept in device memory ([n_kv][index_rows][d] bf16, 2d bytes a
-//              token), scored each step with the speculative query
+//              token; FP8 codes in sparse_fp8_kernels.cuh, 4-bit codes in
+//              sparse_int4_index_kernels.cuh), scored each step with the
+//              speculative (or, by the plan's query, the real) query
 //              (LaunchSpeculativeQuery), so nothing but the selected rows
 //              crosses PCIe;
 //   "faithful" TailorKV's: channels chosen per step from the real query,
