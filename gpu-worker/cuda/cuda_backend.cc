@@ -712,6 +712,10 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
               "from an FP8 host tier",
               l));
         }
+        if (p.sparse.refine > 0) {
+          return absl::UnimplementedError(absl::StrFormat(
+              "layer %d: sparse refine %d: no CUDA path yet (CPU backend only)", l, p.sparse.refine));
+        }
         if (p.sparse.group_score != "mean") {
           return absl::UnimplementedError(absl::StrFormat(
               "layer %d: sparse group_score \"%s\": the CUDA kernels score the group mean only", l,

@@ -283,8 +283,9 @@ class CpuBackend final : public Backend {
   // "gpu": by the layer's query (kv_plan.h), the previous layer's normalized
   // input or the stream after its attention normalized by this layer's norm
   // (layer 0: its own input); unused for query "real".
+  // prev_x: the previous layer's normalized input (refine's first pass).
   void LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start, bool decode,
-                      const float* spec_x, float* out);
+                      const float* spec_x, const float* prev_x, float* out);
   // Causal attention over a view: query i sees rows [0, offset + i + 1).
   void Attention(const KvView& kv, const float* q, int n, int offset, float* out);
   // Copies chunk row i of every KV head (k_, v_) into rows `first` + i of a
@@ -293,7 +294,7 @@ class CpuBackend final : public Backend {
   // A sparse layer's prefill chunk and decode step (cpu_backend.h).
   void SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out);
   void SparseDecode(SparseLayer& sp, int layer, const float* q, int start, const float* spec_x,
-                    float* out);
+                    const float* prev_x, float* out);
   // Ends the prompt of a sparse layer at P tokens: max|K|, kept rows,
   // generated rows reserved for the rest of the capacity.
   void EndSparsePrompt(SparseLayer& sp, int prompt, int capacity);
@@ -373,7 +374,8 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
       const bool late = l > 0 && sp != nullptr && sp->params.query == "after-attention";
       spec_x = late ? xn_late_.data() : xn_prev_.data();
     }
-    LayerAttention(*seq, l, q_.data(), n, start, decode, spec_x, attn_.data());
+    LayerAttention(*seq, l, q_.data(), n, start, decode, spec_x, decode ? xn_prev_.data() : nullptr,
+                   attn_.data());
     if (observer != nullptr) {
       const KvView kv = seq->dense_view(l);
       const LayerTap tap{.layer = l,
@@ -435,7 +437,7 @@ void CpuBackend::CopyChunk(float* k, float* v, int64_t head_stride, int first, i
 }
 
 void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start,
-                                bool decode, const float* spec_x, float* out) {
+                                bool decode, const float* spec_x, const float* prev_x, float* out) {
   const ModelConfig& c = w_.config;
   const int hd = c.head_dim, nkv = c.n_kv_heads, nh = c.n_heads;
   switch (seq.kind(layer)) {
@@ -526,7 +528,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
       SparseLayer& sp = *seq.sparse(layer);
       if (decode) {
         if (!sp.prompt_ended()) EndSparsePrompt(sp, start, seq.capacity());
-        SparseDecode(sp, layer, q, start, spec_x, out);
+        SparseDecode(sp, layer, q, start, spec_x, prev_x, out);
       } else {
         SparsePrefill(sp, q, n, start, out);
       }
@@ -645,7 +647,7 @@ void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start
 }
 
 void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int start,
-                              const float* spec_x, float* out) {
+                              const float* spec_x, const float* prev_x, float* out) {
   const ModelConfig& c = w_.config;
   const int hd = c.head_dim, nkv = c.n_kv_heads, group = c.n_heads / c.n_kv_heads;
   const int64_t kept_rows = static_cast<int64_t>(sp.kept_cap) * hd;
@@ -696,6 +698,14 @@ void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int st
                          sp.chans.data(), d_s, start, inv_freq_.data(),
                          c.rope_style == model::RopeStyle::kAdjacentPairs, q_spec.data());
   }
+  // Refine: the candidates of TailorKV's speculative query come first.
+  std::vector<float> q_prev;
+  if (sp.gpu_index && sp.params.refine > 0) {
+    q_prev.resize(static_cast<size_t>(nkv) * d_s);
+    SpeculativeQueryMean(prev_x, w_.layers[layer].wq.data.data(), c.hidden, c.n_heads, nkv, hd,
+                         sp.chans.data(), d_s, start, inv_freq_.data(),
+                         c.rope_style == model::RopeStyle::kAdjacentPairs, q_prev.data());
+  }
 #pragma omp parallel for
   for (int h = 0; h < nkv; ++h) {
     std::vector<int>& sel = sp.last_selection[h];
@@ -716,7 +726,22 @@ void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int st
         ScoreOnChannels(&q_spec[static_cast<size_t>(h) * d_s], d_s, rows, n_cand, approx.data());
       }
       std::vector<int32_t> picked(selected);
-      (void)TopKIndices(approx.data(), n_cand, selected, picked.data());
+      if (!q_prev.empty()) {
+        // Top-(refine x top_k) by the previous layer's speculation, then the
+        // Top-K of those by this layer's query (both ascending: the mapping
+        // keeps the order).
+        std::vector<float> prev_scores(n_cand);
+        ScoreOnChannels(&q_prev[static_cast<size_t>(h) * d_s], d_s, rows, n_cand, prev_scores.data());
+        const int n_pool = std::min<int64_t>(n_cand, static_cast<int64_t>(sp.params.refine) * sp.params.top_k);
+        std::vector<int32_t> pool(n_pool);
+        (void)TopKIndices(prev_scores.data(), n_cand, n_pool, pool.data());
+        std::vector<float> pooled(n_pool);
+        for (int i = 0; i < n_pool; ++i) pooled[i] = approx[pool[i]];
+        (void)TopKIndices(pooled.data(), n_pool, selected, picked.data());
+        for (int32_t& p : picked) p = pool[p];
+      } else {
+        (void)TopKIndices(approx.data(), n_cand, selected, picked.data());
+      }
       sel.assign(picked.begin(), picked.end());
       for (int& p : sel) p += first;
     } else {

@@ -917,6 +917,39 @@ TEST(CpuBackendSparse, RealAndAfterAttentionQueriesOfASecondLayer) {
   EXPECT_NE(prev0, r0) << "the speculation from layer 0's input should select other tokens";
 }
 
+// Refine: the later query's Top-K among the Top-(refine x K) of TailorKV's
+// speculation. A pool covering every candidate changes nothing (the same
+// selection as without refine); a pool of exactly K leaves nothing to
+// choose (the speculation's own selection, query "previous").
+TEST(CpuBackendSparse, RefinePicksAmongTheSpeculationsCandidates) {
+  const auto w = PolicyModel(101, /*n_layers=*/2);
+  const auto& c = w.config;
+  const int prompt = 150, generated = 3, len = prompt + generated;
+  const auto tokens = RandomTokens(len, c.vocab, 102);
+  std::vector<int> chunks = {prompt};
+  chunks.resize(1 + generated, 1);
+  auto selection = [&](const std::string& query, int refine) {
+    auto backend = *CreateCpuBackend(w, {.threads = 2});
+    KvPlan plan = KvPlan::Dense(2);
+    plan.layers[1].kind = KvPolicyKind::kSparse;
+    plan.layers[1].sparse = {2, 5, 9, 8, "gpu"};
+    plan.layers[1].sparse.query = query;
+    plan.layers[1].sparse.refine = refine;
+    EXPECT_TRUE(plan.Validate(c).ok()) << plan.Validate(c);
+    std::unique_ptr<SequenceState> seq;
+    RunChunks(*backend, plan, tokens, chunks, &seq);
+    return CpuSparseLastSelection(*seq, 1);
+  };
+  const auto late = selection("after-attention", 0);
+  const auto previous = selection("previous", 0);
+  ASSERT_NE(late, previous) << "the two queries select alike here: the test shows nothing";
+  EXPECT_EQ(selection("after-attention", 16), late);     // 16 x 9 > 143 candidates
+  EXPECT_EQ(selection("after-attention", 1), previous);  // the pool is the selection
+  const auto two = selection("after-attention", 2);
+  EXPECT_EQ(two.size(), 2u);
+  for (const auto& s : two) EXPECT_EQ(s.size(), 9u);
+}
+
 // An FP8 index ranks the prompt keys by their FP8 values: the selection of a
 // one-layer model (whose speculative query is its real query) with every
 // channel is the exact Top-K over the FP8-rounded keys.

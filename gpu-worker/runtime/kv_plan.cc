@@ -99,6 +99,13 @@ absl::Status ValidateLayer(int i, const LayerKvPolicy& l, const model::ModelConf
                           absl::StrCat("\"", s.query, "\" needs index \"gpu\" (index \"", s.index,
                                        "\" scores with the real query)"));
       }
+      if (s.refine < 0 || s.refine > 16) {
+        return FieldError(LayerField(i, "refine"), absl::StrCat("must be in [0, 16], got ", s.refine));
+      }
+      if (s.refine > 0 && (s.index != "gpu" || s.query == "previous")) {
+        return FieldError(LayerField(i, "refine"),
+                          "needs index \"gpu\" with query \"after-attention\" or \"real\"");
+      }
       if (s.group_score != "mean" && s.group_score != "max") {
         return FieldError(LayerField(i, "group_score"),
                           absl::StrCat("must be \"mean\" or \"max\", got \"", s.group_score, "\""));
@@ -137,6 +144,7 @@ std::string Describe(const LayerKvPolicy& l) {
                           : l.sparse.query == "real"          ? " real"
                                                               : "",
                           l.sparse.group_score == "max" ? " gmax" : "",
+                          l.sparse.refine > 0 ? absl::StrCat(" refine", l.sparse.refine) : "",
                           l.sparse.host_bits == 8 ? " fp8" : "", ")");
   }
   return "unknown";
@@ -229,7 +237,7 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
     l.kind = KvPolicyKind::kSparse;
     allowed.insert(allowed.end(),
                    {"sink", "recent", "top_k", "channels", "index", "host_bits", "index_bits", "query",
-                    "group_score"});
+                    "group_score", "refine"});
   } else {
     return FieldError(
         LayerField(i, "policy"),
@@ -271,6 +279,7 @@ absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
       if (st = MaybeInt(entry, "channels", i, &l.sparse.channels); !st.ok()) return st;
       if (st = MaybeInt(entry, "host_bits", i, &l.sparse.host_bits); !st.ok()) return st;
       if (st = MaybeInt(entry, "index_bits", i, &l.sparse.index_bits); !st.ok()) return st;
+      if (st = MaybeInt(entry, "refine", i, &l.sparse.refine); !st.ok()) return st;
       auto index_it = entry.find("index");
       if (index_it != entry.end()) {
         auto s = ReadString(*index_it, LayerField(i, "index"));
@@ -345,7 +354,7 @@ constexpr char kSpecGrammar[] =
     "dense, quant:BITS[:GROUP[:RESIDUAL]], window:SINK:RECENT, tailorkv:BITS[:LAYERS], "
     "sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...], "
     "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...] (INDEX gpu or faithful; FLAGs "
-    "i8 or i4, late or real, gmax, fp8) or "
+    "i8 or i4, late or real, gmax, refineN, fp8) or "
     "@plan.json";
 
 absl::Status SpecError(const std::string& spec, const std::string& what) {
@@ -571,6 +580,7 @@ std::string KvPlanToJson(const KvPlan& plan, const model::ModelConfig& config) {
         e["index_bits"] = l.sparse.index_bits;
         e["query"] = l.sparse.query;
         e["group_score"] = l.sparse.group_score;
+        e["refine"] = l.sparse.refine;
         break;
     }
     if (l.dense_preference >= 0) e["dense_preference"] = l.dense_preference;
@@ -611,13 +621,23 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
   // Sparse and hybrid specs may end in the selection index's name and
   // "fp8" (the host tier's format), in that order.
   std::string index = "faithful", query = "previous", group_score = "mean";
+  int refine = 0;
   int host_bits = 16, index_bits = 16;
   if (kind == "sparse" || kind == "hybrid") {
     // Trailing flags, each at most once, then the index's name.
     std::vector<std::string> seen;
     while (parts.size() > 1) {
       const std::string& f = parts.back();
-      if (f != "fp8" && f != "i8" && f != "i4" && f != "late" && f != "real" && f != "gmax") break;
+      const bool is_refine = f.size() > 6 && f.compare(0, 6, "refine") == 0 &&
+                             std::all_of(f.begin() + 6, f.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+      if (f != "fp8" && f != "i8" && f != "i4" && f != "late" && f != "real" && f != "gmax" && !is_refine) break;
+      if (is_refine) {
+        if (refine > 0) return SpecError(spec, "flag \"refine\" given twice");
+        refine = f.size() > 8 ? 99 : std::stoi(f.substr(6));  // Validate bounds it
+        if (refine == 0) return SpecError(spec, "flag \"refine0\": leave it out instead");
+        parts.pop_back();
+        continue;
+      }
       if (std::find(seen.begin(), seen.end(), f) != seen.end()) {
         return SpecError(spec, absl::StrCat("flag \"", f, "\" given twice"));
       }
@@ -707,6 +727,7 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     l->sparse.index_bits = index_bits;
     l->sparse.query = query;
     l->sparse.group_score = group_score;
+    l->sparse.refine = refine;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
   } else if (kind == "hybrid") {
     if (n_args != 2 && n_args != 4 && n_args != 5) {
@@ -721,6 +742,7 @@ absl::StatusOr<KvPlan> ParseKvPlanSpec(std::string_view spec_view,
     l->sparse.index_bits = index_bits;
     l->sparse.query = query;
     l->sparse.group_score = group_score;
+    l->sparse.refine = refine;
     plan = KvPlan::Uniform(config.n_layers, *l, spec);
     // TailorKV's plan: layer 0 quantization-friendly, the rest sparse.
     if (!plan.layers.empty()) {

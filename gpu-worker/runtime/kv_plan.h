@@ -110,6 +110,11 @@ struct SparseParams {
   // largest of the G heads' own scores (a token one head needs is kept even
   // when the others ignore it). "max" runs on the CPU backend only so far.
   std::string group_score = "mean";
+  // Query "after-attention" or "real" only: when > 0, the final Top-K is
+  // taken among the Top-(refine x top_k) candidates of TailorKV's
+  // speculative query (the previous layer's input), so the later query
+  // scores only those. 0: among every candidate. CPU backend only so far.
+  int refine = 0;
   bool operator==(const SparseParams&) const = default;
 };
 
@@ -178,8 +183,8 @@ absl::Status CheckPlanModel(const KvPlan& plan, std::string_view model_digest);
 //                                            any order: i8 / i4 (index "gpu" entries
 //                                            in FP8 / 4-bit KIVI codes),
 //                                            late / real (query "after-attention" /
-//                                            "real"), gmax (group_score "max"), fp8
-//                                            (host tier in FP8)
+//                                            "real"), gmax (group_score "max"), refineN
+//                                            (refine N), fp8 (host tier in FP8)
 //   "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...]"
 //                                            TailorKV's plan: layer 0 quant BITS (group 64,
 //                                            residual 128), every other layer sparse as above

@@ -500,7 +500,9 @@ TEST(KvPlanSpecTest, AcceptsTheGrammar) {
         SparseCase{"sparse:896:64:64:32:gpu:fp8:real:i8", {64, 64, 896, 32, "gpu", 8, 8, "real"}},
         SparseCase{"sparse:896:64:64:32:gpu:i8:late", {64, 64, 896, 32, "gpu", 16, 8, "after-attention"}},
         SparseCase{"sparse:896:64:64:32:gpu:late:gmax", {64, 64, 896, 32, "gpu", 16, 16, "after-attention", "max"}},
-        SparseCase{"sparse:896:64:64:32:gpu:i4:late", {64, 64, 896, 32, "gpu", 16, 4, "after-attention"}}}) {
+        SparseCase{"sparse:896:64:64:32:gpu:i4:late", {64, 64, 896, 32, "gpu", 16, 4, "after-attention"}},
+        SparseCase{"sparse:896:64:64:32:gpu:late:i8:refine2",
+                   {64, 64, 896, 32, "gpu", 16, 8, "after-attention", "mean", 2}}}) {
     auto plan = ParseKvPlanSpec(tc.spec, c);
     ASSERT_TRUE(plan.ok()) << tc.spec << ": " << plan.status();
     EXPECT_EQ(plan->name, tc.spec);
@@ -580,11 +582,15 @@ TEST(KvPlanSpecTest, RejectsBadSpecsClearly) {
        "quant:BITS[:GROUP[:RESIDUAL]], "
        "window:SINK:RECENT, tailorkv:BITS[:LAYERS], sparse:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...], "
        "hybrid:BITS:TOPK[:SINK:RECENT[:CHANNELS]][:INDEX][:FLAG...] (INDEX gpu or faithful; FLAGs "
-       "i8 or i4, late or real, gmax, fp8) or @plan.json"},
+       "i8 or i4, late or real, gmax, refineN, fp8) or @plan.json"},
       {"sparse:128:gpu:i8:i8", "kv plan spec \"sparse:128:gpu:i8:i8\": flag \"i8\" given twice"},
       {"sparse:128:faithful:gmax", "layers[0].group_score: \"max\" needs index \"gpu\", got \"faithful\""},
       {"sparse:128:gpu:late:real", "flags \"late\" and \"real\" exclude each other"},
       {"sparse:128:gpu:i4:i8", "flags \"i8\" and \"i4\" exclude each other"},
+      {"sparse:128:gpu:refine2", "layers[0].refine: needs index \"gpu\" with query \"after-attention\" or \"real\""},
+      {"sparse:128:gpu:late:refine0", "flag \"refine0\": leave it out instead"},
+      {"sparse:128:gpu:late:refine17", "layers[0].refine: must be in [0, 16], got 17"},
+      {"sparse:128:gpu:late:refine2:refine3", "flag \"refine\" given twice"},
       {"sparse:128:faithful:i4", "layers[0].index_bits: 4 needs index \"gpu\""},
       {"sparse:128:i8", "layers[0].index_bits: 8 needs index \"gpu\" (index \"faithful\" keeps no index on the GPU)"},
       {"sparse:128:faithful:late",
