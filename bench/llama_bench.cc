@@ -96,7 +96,6 @@ int main(int argc, char** argv) {
   app.add_option("--host-embeddings", host_embeddings,
                  "input embedding table in pinned host memory (false: on the GPU)");
   CLI11_PARSE(app, argc, argv);
-
   // --prefill "" / --contexts "" (none) parse as one 0.
   prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
   contexts.erase(std::remove(contexts.begin(), contexts.end(), 0), contexts.end());
@@ -129,7 +128,8 @@ int main(int argc, char** argv) {
                         {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
                         {"sparse_priority", sparse_priority}, {"custom_gemv", custom_gemv},
                         {"prefill_prefetch", prefill_prefetch}, {"row_reuse", row_reuse},
-                        {"decode_tokens", decode_tokens},                         {"host_embeddings", host_embeddings}, {"late_prefetch", late_prefetch},
+                        {"decode_tokens", decode_tokens}, {"host_embeddings", host_embeddings},
+                        {"late_prefetch", late_prefetch},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);

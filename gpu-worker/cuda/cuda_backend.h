@@ -96,7 +96,6 @@ struct CudaBackendOptions {
   bool host_embeddings = true;
 };
 
-
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the
 // kernels do not support (head_dim other than 64/128).
 absl::StatusOr<std::unique_ptr<runtime::Backend>> CreateCudaBackend(
