@@ -67,8 +67,10 @@ Compare CompareLogits(const std::vector<float>& gpu, const std::vector<float>& c
 }
 
 // A random model with the kernels' head size: 3 query heads of 64 sharing
-// one KV head (GQA group 3), odd vocab and FFN sizes.
-ModelWeights TinyHeadDim64Model(uint32_t seed) {
+// one KV head (GQA group 3), odd vocab and FFN sizes; tied embeddings unless
+// asked otherwise.
+ModelWeights TinyHeadDim64Model(uint32_t seed, bool tied = true,
+                                model::RopeStyle style = model::RopeStyle::kAdjacentPairs) {
   runtime::testing::TinyShape shape;
   shape.n_heads = 3;
   shape.n_kv_heads = 1;
@@ -78,7 +80,7 @@ ModelWeights TinyHeadDim64Model(uint32_t seed) {
   shape.vocab = 257;
   shape.max_context = 256;
   shape.weight_scale = 0.08f;
-  return runtime::testing::TinyModel(seed, model::RopeStyle::kAdjacentPairs, true, shape);
+  return runtime::testing::TinyModel(seed, style, tied, shape);
 }
 
 // Prefill in two chunks (chunk 32 < 45 tokens), then decode steps: the first
@@ -131,16 +133,7 @@ TEST_F(CudaBackendTest, TinyModelPrefillAndDecodeMatchCpu) {
 // bit; both match the CPU; MLP row blocks of 7 (5 blocks in a 32-row chunk)
 // match the CPU too.
 TEST_F(CudaBackendTest, UntiedModelHostEmbeddingsAndMlpBlocksMatchCpu) {
-  runtime::testing::TinyShape shape;
-  shape.n_heads = 3;
-  shape.n_kv_heads = 1;
-  shape.head_dim = 64;
-  shape.hidden = 192;
-  shape.ffn = 200;
-  shape.vocab = 257;
-  shape.max_context = 256;
-  shape.weight_scale = 0.08f;
-  ModelWeights w = runtime::testing::TinyModel(21, model::RopeStyle::kHalves, false, shape);
+  ModelWeights w = TinyHeadDim64Model(21, /*tied=*/false, model::RopeStyle::kHalves);
   runtime::testing::RoundWeightsToBf16(w);
   auto host = CreateCudaBackend(w, {.max_prefill_chunk = 32, .host_embeddings = true});
   ASSERT_TRUE(host.ok()) << host.status();

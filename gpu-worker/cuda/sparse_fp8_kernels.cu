@@ -108,7 +108,10 @@ struct HostChunk<16> {
 // Grid sizing and argument checks: sparse_launch_checks.h.
 using sparse_launch::Bad;
 using sparse_launch::CheckGatherKvRows;
+using sparse_launch::Aligned16;
 using sparse_launch::CheckHostRowsCopy;
+using sparse_launch::CheckIndexBuild;
+using sparse_launch::CheckIndexScore;
 using sparse_launch::CheckPtr;
 int StrideBlocks(int64_t total, int unroll) {
   return sparse_launch::StrideBlocks(total, unroll, kThreads);
@@ -422,17 +425,11 @@ absl::Status LaunchBuildChannelIndexFp8(const uint8_t* host, int64_t host_rows, 
                                         const int32_t* chans, int d, int n_kv, int head_dim,
                                         bf16* index, int64_t index_rows, cudaStream_t stream) {
   constexpr const char* kFn = "LaunchBuildChannelIndexFp8";
-  if (n_kv < 1 || n_kv > 65535) return Bad(kFn, "n_kv = ", n_kv, " outside [1, 65535]");
-  if (head_dim != 64 && head_dim != 128) return Bad(kFn, "head_dim = ", head_dim, " is not 64 or 128");
-  const int d_hi = std::min(head_dim, kSparseMaxChannels);
-  if (d < 1 || d > d_hi) return Bad(kFn, "d = ", d, " outside [1, ", d_hi, "]");
-  if (rows < 0) return Bad(kFn, "rows = ", rows, " < 0");
-  if (rows > host_rows) return Bad(kFn, "rows = ", rows, " > host_rows = ", host_rows);
-  if (rows > index_rows) return Bad(kFn, "rows = ", rows, " > index_rows = ", index_rows);
-  if (rows == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(kFn, "host", host); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "chans", chans, /*need_align16=*/false); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "index", index, /*need_align16=*/false); !s.ok()) return s;
+  if (absl::Status s = CheckIndexBuild(kFn, kSparseMaxChannels, host, host_rows, rows, chans, d,
+                                       n_kv, head_dim, index, index_rows);
+      !s.ok() || rows == 0) {
+    return s;
+  }
   const dim3 grid((rows + kBuildTile - 1) / kBuildTile, n_kv);
   BuildIndexFp8Kernel<bf16><<<grid, kThreads, 0, stream>>>(
       reinterpret_cast<const uint4*>(host), host_rows, rows, chans, d, head_dim, index, index_rows);
@@ -440,32 +437,12 @@ absl::Status LaunchBuildChannelIndexFp8(const uint8_t* host, int64_t host_rows, 
   return absl::OkStatus();
 }
 
-namespace {
-
-// The FP8-index builders' checks (LaunchBuildChannelIndex's).
-absl::Status CheckBuild(const char* fn, const void* host, int64_t host_rows, int rows,
-                        const int32_t* chans, int d, int n_kv, int head_dim, const void* index,
-                        int64_t index_rows) {
-  if (n_kv < 1 || n_kv > 65535) return Bad(fn, "n_kv = ", n_kv, " outside [1, 65535]");
-  if (head_dim != 64 && head_dim != 128) return Bad(fn, "head_dim = ", head_dim, " is not 64 or 128");
-  const int d_hi = std::min(head_dim, kSparseMaxChannels);
-  if (d < 1 || d > d_hi) return Bad(fn, "d = ", d, " outside [1, ", d_hi, "]");
-  if (rows < 0) return Bad(fn, "rows = ", rows, " < 0");
-  if (rows > host_rows) return Bad(fn, "rows = ", rows, " > host_rows = ", host_rows);
-  if (rows > index_rows) return Bad(fn, "rows = ", rows, " > index_rows = ", index_rows);
-  if (rows == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(fn, "host", host); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(fn, "chans", chans, /*need_align16=*/false); !s.ok()) return s;
-  return CheckPtr(fn, "index", index, /*need_align16=*/false);
-}
-
-}  // namespace
-
 absl::Status LaunchBuildFp8ChannelIndex(const bf16* host, int64_t host_rows, int rows,
                                         const int32_t* chans, int d, int n_kv, int head_dim,
                                         uint8_t* index, int64_t index_rows, cudaStream_t stream) {
   constexpr const char* kFn = "LaunchBuildFp8ChannelIndex";
-  if (absl::Status s = CheckBuild(kFn, host, host_rows, rows, chans, d, n_kv, head_dim, index, index_rows);
+  if (absl::Status s = CheckIndexBuild(kFn, kSparseMaxChannels, host, host_rows, rows, chans, d,
+                                       n_kv, head_dim, index, index_rows);
       !s.ok() || rows == 0) {
     return s;
   }
@@ -481,7 +458,8 @@ absl::Status LaunchBuildFp8ChannelIndexFromFp8(const uint8_t* host, int64_t host
                                                uint8_t* index, int64_t index_rows,
                                                cudaStream_t stream) {
   constexpr const char* kFn = "LaunchBuildFp8ChannelIndexFromFp8";
-  if (absl::Status s = CheckBuild(kFn, host, host_rows, rows, chans, d, n_kv, head_dim, index, index_rows);
+  if (absl::Status s = CheckIndexBuild(kFn, kSparseMaxChannels, host, host_rows, rows, chans, d,
+                                       n_kv, head_dim, index, index_rows);
       !s.ok() || rows == 0) {
     return s;
   }
@@ -496,20 +474,15 @@ absl::Status LaunchScoreFp8ChannelIndex(const float* q_chan, const uint8_t* inde
                                         int64_t index_rows, int d, int n_kv, int first, int n,
                                         float* scores, int64_t score_stride, cudaStream_t stream) {
   constexpr const char* kFn = "LaunchScoreFp8ChannelIndex";
-  if (n_kv < 1 || n_kv > 65535) return Bad(kFn, "n_kv = ", n_kv, " outside [1, 65535]");
-  if (d < 1 || d > kSparseMaxChannels) return Bad(kFn, "d = ", d, " outside [1, ", kSparseMaxChannels, "]");
-  if (first < 0) return Bad(kFn, "first = ", first, " < 0");
-  if (n < 0) return Bad(kFn, "n = ", n, " < 0");
-  if (static_cast<int64_t>(first) + n > index_rows) {
-    return Bad(kFn, "first + n = ", static_cast<int64_t>(first) + n, " > index_rows = ", index_rows);
+  if (absl::Status s = CheckIndexScore(kFn, n_kv, d, kSparseMaxChannels, first, n, index_rows, score_stride);
+      !s.ok() || n == 0) {
+    return s;
   }
-  if (n > score_stride) return Bad(kFn, "n = ", n, " > score_stride = ", score_stride);
-  if (n == 0) return absl::OkStatus();
   if (absl::Status s = CheckPtr(kFn, "q_chan", q_chan, false); !s.ok()) return s;
   if (absl::Status s = CheckPtr(kFn, "index", index, false); !s.ok()) return s;
   if (absl::Status s = CheckPtr(kFn, "scores", scores, false); !s.ok()) return s;
   const dim3 grid((n + kThreads - 1) / kThreads, n_kv);
-  const bool vec = d % 16 == 0 && reinterpret_cast<uintptr_t>(index) % 16 == 0;
+  const bool vec = d % 16 == 0 && Aligned16(index);
   switch (vec ? d / 16 : 0) {
     case 1:
       ScoreFp8IndexKernel<1><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);

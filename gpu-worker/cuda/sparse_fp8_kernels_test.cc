@@ -421,6 +421,21 @@ TEST_F(SparseFp8KernelsTest, GatherReplaysFromGraph) {
 
 // ------------------------------------------------------------ channel index
 
+// Per head, d distinct channels, ascending.
+std::vector<int32_t> RandChans(int n_kv, int head_dim, int d, Rng& rng) {
+  std::vector<int32_t> chans;
+  for (int h = 0; h < n_kv; ++h) {
+    std::vector<int32_t> all(head_dim);
+    for (int c = 0; c < head_dim; ++c) all[c] = c;
+    for (int c = head_dim - 1; c > 0; --c) {
+      std::swap(all[c], all[static_cast<int>(rng.Uniform(0.0f, static_cast<float>(c + 1)))]);
+    }
+    std::sort(all.begin(), all.begin() + d);
+    chans.insert(chans.end(), all.begin(), all.begin() + d);
+  }
+  return chans;
+}
+
 void CheckBuildIndex(int n_kv, int head_dim, int d, int64_t host_rows, int rows, int64_t index_rows,
                      bool bad_channel, uint64_t seed) {
   SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " head_dim=" << head_dim << " d=" << d
@@ -432,16 +447,7 @@ void CheckBuildIndex(int n_kv, int head_dim, int d, int64_t host_rows, int rows,
   const Bytes codes = RandCodes(host_bytes, rng);
   std::copy(codes.begin(), codes.end(), host.bytes());
   // Per head, d distinct channels (ascending, as LaunchChooseChannels writes).
-  std::vector<int32_t> chans;
-  for (int h = 0; h < n_kv; ++h) {
-    std::vector<int32_t> all(head_dim);
-    for (int c = 0; c < head_dim; ++c) all[c] = c;
-    for (int c = head_dim - 1; c > 0; --c) {
-      std::swap(all[c], all[static_cast<int>(rng.Uniform(0.0f, static_cast<float>(c + 1)))]);
-    }
-    std::sort(all.begin(), all.begin() + d);
-    chans.insert(chans.end(), all.begin(), all.begin() + d);
-  }
+  std::vector<int32_t> chans = RandChans(n_kv, head_dim, d, rng);
   if (bad_channel) {
     chans[0] = head_dim;
     chans.back() = -1;
@@ -482,20 +488,6 @@ TEST_F(SparseFp8KernelsTest, BuildChannelIndexFromMappedFp8Rows) {
 
 // ------------------------------------------------------------ FP8 index
 
-// Per head, d distinct channels, ascending.
-std::vector<int32_t> RandChans(int n_kv, int head_dim, int d, Rng& rng) {
-  std::vector<int32_t> chans;
-  for (int h = 0; h < n_kv; ++h) {
-    std::vector<int32_t> all(head_dim);
-    for (int c = 0; c < head_dim; ++c) all[c] = c;
-    for (int c = head_dim - 1; c > 0; --c) {
-      std::swap(all[c], all[static_cast<int>(rng.Uniform(0.0f, static_cast<float>(c + 1)))]);
-    }
-    std::sort(all.begin(), all.begin() + d);
-    chans.insert(chans.end(), all.begin(), all.begin() + d);
-  }
-  return chans;
-}
 
 // FP8 index entries from bf16 host rows (every bf16 pattern class: the
 // codes are Bf16BitsToFp8E4M3's) or from an fp8 tier (the codes as stored).

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cuda_check.h"
+#include "cuda/sparse_launch_checks.h"
 
 namespace tailorkv::cuda {
 namespace {
@@ -416,22 +417,11 @@ absl::Status LaunchScoreChannelIndex(const float* q_chan, const __nv_bfloat16* i
                                      int64_t index_rows, int d, int n_kv, int first, int n,
                                      float* scores, int64_t score_stride, cudaStream_t stream) {
   constexpr const char* fn = "LaunchScoreChannelIndex";
-  if (n_kv < 1 || n_kv > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(fn, ": n_kv = ", n_kv, " outside [1, 65535]"));
+  if (absl::Status s = sparse_launch::CheckIndexScore(fn, n_kv, d, kSparseMaxChannels, first, n,
+                                                      index_rows, score_stride);
+      !s.ok() || n == 0) {
+    return s;
   }
-  if (d < 1 || d > kSparseMaxChannels) {
-    return absl::InvalidArgumentError(absl::StrCat(fn, ": d = ", d, " outside [1, ", kSparseMaxChannels, "]"));
-  }
-  if (first < 0) return absl::InvalidArgumentError(absl::StrCat(fn, ": first = ", first, " < 0"));
-  if (n < 0) return absl::InvalidArgumentError(absl::StrCat(fn, ": n = ", n, " < 0"));
-  if (static_cast<int64_t>(first) + n > index_rows) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(fn, ": first + n = ", static_cast<int64_t>(first) + n, " > index_rows = ", index_rows));
-  }
-  if (n > score_stride) {
-    return absl::InvalidArgumentError(absl::StrCat(fn, ": n = ", n, " > score_stride = ", score_stride));
-  }
-  if (n == 0) return absl::OkStatus();
   if (q_chan == nullptr) return Null(fn, "q_chan");
   if (index == nullptr) return Null(fn, "index");
   if (scores == nullptr) return Null(fn, "scores");

@@ -11,8 +11,9 @@ namespace tailorkv::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-using sparse_launch::Aligned16;
 using sparse_launch::Bad;
+using sparse_launch::CheckIndexBuild;
+using sparse_launch::CheckIndexScore;
 using sparse_launch::CheckPtr;
 
 constexpr int kThreads = 256;
@@ -151,17 +152,11 @@ absl::Status LaunchBuildInt4ChannelIndex(const bf16* host, int64_t host_rows, in
                                          uint8_t* codes, bf16* params, int64_t index_rows,
                                          cudaStream_t stream) {
   constexpr const char* kFn = "LaunchBuildInt4ChannelIndex";
-  if (n_kv < 1 || n_kv > 65535) return Bad(kFn, "n_kv = ", n_kv, " outside [1, 65535]");
-  if (head_dim != 64 && head_dim != 128) return Bad(kFn, "head_dim = ", head_dim, " is not 64 or 128");
-  const int d_hi = std::min(head_dim, kSparseMaxChannels);
-  if (d < 1 || d > d_hi) return Bad(kFn, "d = ", d, " outside [1, ", d_hi, "]");
-  if (rows < 0) return Bad(kFn, "rows = ", rows, " < 0");
-  if (rows > host_rows) return Bad(kFn, "rows = ", rows, " > host_rows = ", host_rows);
-  if (rows > index_rows) return Bad(kFn, "rows = ", rows, " > index_rows = ", index_rows);
-  if (rows == 0) return absl::OkStatus();
-  if (absl::Status s = CheckPtr(kFn, "host", host); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "chans", chans, false); !s.ok()) return s;
-  if (absl::Status s = CheckPtr(kFn, "codes", codes, false); !s.ok()) return s;
+  if (absl::Status s = CheckIndexBuild(kFn, kSparseMaxChannels, host, host_rows, rows, chans, d, n_kv,
+                                       head_dim, codes, index_rows, "codes");
+      !s.ok() || rows == 0) {
+    return s;
+  }
   if (absl::Status s = CheckPtr(kFn, "params", params, false); !s.ok()) return s;
   const dim3 grid((rows + kBlock - 1) / kBlock, n_kv);
   BuildInt4IndexKernel<<<grid, kThreads, 0, stream>>>(reinterpret_cast<const uint4*>(host), host_rows,
@@ -176,15 +171,10 @@ absl::Status LaunchScoreInt4ChannelIndex(const float* q_chan, const uint8_t* cod
                                          int first, int n, float* scores, int64_t score_stride,
                                          cudaStream_t stream) {
   constexpr const char* kFn = "LaunchScoreInt4ChannelIndex";
-  if (n_kv < 1 || n_kv > 65535) return Bad(kFn, "n_kv = ", n_kv, " outside [1, 65535]");
-  if (d < 1 || d > kSparseMaxChannels) return Bad(kFn, "d = ", d, " outside [1, ", kSparseMaxChannels, "]");
-  if (first < 0) return Bad(kFn, "first = ", first, " < 0");
-  if (n < 0) return Bad(kFn, "n = ", n, " < 0");
-  if (static_cast<int64_t>(first) + n > index_rows) {
-    return Bad(kFn, "first + n = ", static_cast<int64_t>(first) + n, " > index_rows = ", index_rows);
+  if (absl::Status s = CheckIndexScore(kFn, n_kv, d, kSparseMaxChannels, first, n, index_rows, score_stride);
+      !s.ok() || n == 0) {
+    return s;
   }
-  if (n > score_stride) return Bad(kFn, "n = ", n, " > score_stride = ", score_stride);
-  if (n == 0) return absl::OkStatus();
   if (absl::Status s = CheckPtr(kFn, "q_chan", q_chan, false); !s.ok()) return s;
   if (absl::Status s = CheckPtr(kFn, "codes", codes, false); !s.ok()) return s;
   if (absl::Status s = CheckPtr(kFn, "params", params, false); !s.ok()) return s;

@@ -56,6 +56,42 @@ inline absl::Status CheckPtr(const char* fn, const char* field, const void* p,
   return absl::OkStatus();
 }
 
+// The size checks of a selection-index score launch (every index format):
+// n_kv heads, d channels of at most max_d, positions [first, first + n) of
+// index_rows, n scores a row of score_stride.
+inline absl::Status CheckIndexScore(const char* fn, int n_kv, int d, int max_d, int first, int n,
+                                    int64_t index_rows, int64_t score_stride) {
+  if (n_kv < 1 || n_kv > 65535) return Bad(fn, "n_kv = ", n_kv, " outside [1, 65535]");
+  if (d < 1 || d > max_d) return Bad(fn, "d = ", d, " outside [1, ", max_d, "]");
+  if (first < 0) return Bad(fn, "first = ", first, " < 0");
+  if (n < 0) return Bad(fn, "n = ", n, " < 0");
+  if (static_cast<int64_t>(first) + n > index_rows) {
+    return Bad(fn, "first + n = ", static_cast<int64_t>(first) + n, " > index_rows = ", index_rows);
+  }
+  if (n > score_stride) return Bad(fn, "n = ", n, " > score_stride = ", score_stride);
+  return absl::OkStatus();
+}
+
+// The checks of a selection-index build from a host tier (every index
+// format): shapes, row counts, then (rows > 0) the pointers; host 16-byte
+// aligned; `index_field` names the index in the messages.
+inline absl::Status CheckIndexBuild(const char* fn, int max_d, const void* host, int64_t host_rows,
+                                    int rows, const int32_t* chans, int d, int n_kv, int head_dim,
+                                    const void* index, int64_t index_rows,
+                                    const char* index_field = "index") {
+  if (n_kv < 1 || n_kv > 65535) return Bad(fn, "n_kv = ", n_kv, " outside [1, 65535]");
+  if (head_dim != 64 && head_dim != 128) return Bad(fn, "head_dim = ", head_dim, " is not 64 or 128");
+  const int d_hi = std::min(head_dim, max_d);
+  if (d < 1 || d > d_hi) return Bad(fn, "d = ", d, " outside [1, ", d_hi, "]");
+  if (rows < 0) return Bad(fn, "rows = ", rows, " < 0");
+  if (rows > host_rows) return Bad(fn, "rows = ", rows, " > host_rows = ", host_rows);
+  if (rows > index_rows) return Bad(fn, "rows = ", rows, " > index_rows = ", index_rows);
+  if (rows == 0) return absl::OkStatus();
+  if (absl::Status s = CheckPtr(fn, "host", host); !s.ok()) return s;
+  if (absl::Status s = CheckPtr(fn, "chans", chans, /*need_align16=*/false); !s.ok()) return s;
+  return CheckPtr(fn, index_field, index, /*need_align16=*/false);
+}
+
 inline absl::Status CheckRange(const char* fn, int first, int n) {
   if (first < 0) return Bad(fn, "first = ", first, " < 0");
   if (n < 0) return Bad(fn, "n = ", n, " < 0");

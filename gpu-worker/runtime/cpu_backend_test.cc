@@ -950,67 +950,66 @@ TEST(CpuBackendSparse, RefinePicksAmongTheSpeculationsCandidates) {
   for (const auto& s : two) EXPECT_EQ(s.size(), 9u);
 }
 
-// An FP8 index ranks the prompt keys by their FP8 values: the selection of a
-// one-layer model (whose speculative query is its real query) with every
-// channel is the exact Top-K over the FP8-rounded keys.
-TEST(CpuBackendSparse, Fp8IndexSelectsOnRoundedKeys) {
-  const auto w = PolicyModel(71, /*n_layers=*/1);
+// A one-layer model (whose speculative query is its real query) with an
+// every-channel index "gpu" of `index_bits`: its last decode step's
+// selection, and IndependentSelection's over the keys as `round` leaves them
+// ([kv][len][32], rounded in place) and over the exact keys.
+struct RoundedSelections {
+  std::vector<std::vector<int>> got, rounded, exact;
+};
+RoundedSelections SelectOnRoundedKeys(uint32_t seed, int prompt, int top_k, int index_bits,
+                                      const std::function<void(std::vector<float>&, int)>& round) {
+  const auto w = PolicyModel(seed, /*n_layers=*/1);
   const auto& c = w.config;
   auto backend = *CreateCpuBackend(w, {.threads = 2});
-  const int prompt = 500, generated = 2, len = prompt + generated;
-  const auto tokens = RandomTokens(len, c.vocab, 72);
+  const int generated = 2, len = prompt + generated;
+  const auto tokens = RandomTokens(len, c.vocab, seed + 1);
   std::vector<int> chunks = {prompt};
   chunks.resize(1 + generated, 1);
   LayerKvPolicy l;
   l.kind = KvPolicyKind::kSparse;
-  l.sparse = {2, 5, 150, 32, "gpu"};
-  l.sparse.index_bits = 8;
+  l.sparse = {2, 5, top_k, 32, "gpu"};
+  l.sparse.index_bits = index_bits;
   std::unique_ptr<SequenceState> seq;
   RunChunks(*backend, KvPlan::Uniform(1, l, "s"), tokens, chunks, &seq);
-  std::vector<std::vector<int>> expected_sel, exact_sel;
+  RoundedSelections out;
   OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto&, float*) {
     std::vector<float> rounded = k;
-    for (float& x : rounded) x = Fp8E4M3ToFloat(FloatToFp8E4M3(x));
-    expected_sel = IndependentSelection(q, rounded, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
-    exact_sel = IndependentSelection(q, k, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
+    round(rounded, len);
+    out.rounded = IndependentSelection(q, rounded, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
+    out.exact = IndependentSelection(q, k, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
   });
-  EXPECT_EQ(CpuSparseLastSelection(*seq, 0), expected_sel);
-  // The rounding matters at this size (else the test shows nothing).
-  EXPECT_NE(expected_sel, exact_sel);
+  out.got = CpuSparseLastSelection(*seq, 0);
+  return out;
 }
 
-// A 4-bit index ranks the prompt keys by their block-rounded values: the
-// selection of a one-layer model with every channel is the exact Top-K over
-// keys rounded per channel over blocks of 64 positions (RoundIndexBlock4).
+// An FP8 index ranks the prompt keys by their FP8 values: the selection is
+// the exact Top-K over the FP8-rounded keys.
+TEST(CpuBackendSparse, Fp8IndexSelectsOnRoundedKeys) {
+  const auto r = SelectOnRoundedKeys(71, 500, 150, 8, [](std::vector<float>& k, int) {
+    for (float& x : k) x = Fp8E4M3ToFloat(FloatToFp8E4M3(x));
+  });
+  EXPECT_EQ(r.got, r.rounded);
+  EXPECT_NE(r.rounded, r.exact) << "the rounding changes nothing here: the test shows nothing";
+}
+
+// A 4-bit index ranks the prompt keys by their block-rounded values: keys
+// rounded per channel over blocks of 64 positions (RoundIndexBlock4); 300
+// prompt tokens leave a partial last block.
 TEST(CpuBackendSparse, FourBitIndexSelectsOnBlockRoundedKeys) {
-  const auto w = PolicyModel(91, /*n_layers=*/1);
-  const auto& c = w.config;
-  auto backend = *CreateCpuBackend(w, {.threads = 2});
-  const int prompt = 300, generated = 2, len = prompt + generated;  // a partial last block
-  const auto tokens = RandomTokens(len, c.vocab, 92);
-  std::vector<int> chunks = {prompt};
-  chunks.resize(1 + generated, 1);
-  LayerKvPolicy l;
-  l.kind = KvPolicyKind::kSparse;
-  l.sparse = {2, 5, 40, 32, "gpu"};
-  l.sparse.index_bits = 4;
-  std::unique_ptr<SequenceState> seq;
-  RunChunks(*backend, KvPlan::Uniform(1, l, "s"), tokens, chunks, &seq);
-  std::vector<std::vector<int>> expected_sel, exact_sel;
-  OneLayerLastLogits(w, tokens, [&](const auto& q, const auto& k, const auto&, float*) {
-    std::vector<float> rounded = k;  // [kv][len][32]
-    for (int g = 0; g < c.n_kv_heads; ++g) {
-      float* base = &rounded[static_cast<size_t>(g) * len * 32];
+  constexpr int prompt = 300;
+  const auto r = SelectOnRoundedKeys(91, prompt, 40, 4, [](std::vector<float>& k, int len) {
+    const int n_kv = static_cast<int>(k.size() / (static_cast<size_t>(len) * 32));
+    for (int g = 0; g < n_kv; ++g) {
+      float* base = &k[static_cast<size_t>(g) * len * 32];
       for (int b = 0; b < prompt; b += kIndexBlock) {
         const int n = std::min(kIndexBlock, prompt - b);
         for (int x = 0; x < 32; ++x) RoundIndexBlock4(base + static_cast<size_t>(b) * 32 + x, n, 32);
       }
     }
-    expected_sel = IndependentSelection(q, rounded, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
-    exact_sel = IndependentSelection(q, k, c.n_heads, c.n_kv_heads, 32, len, prompt, l.sparse);
   });
-  EXPECT_EQ(CpuSparseLastSelection(*seq, 0), expected_sel);
-  EXPECT_NE(expected_sel, exact_sel) << "the rounding changes nothing here: the test shows nothing";
+  EXPECT_EQ(r.got, r.rounded);
+  EXPECT_NE(r.rounded, r.exact) << "the rounding changes nothing here: the test shows nothing";
 }
 
 // Group score "max": a one-layer model (its speculative query is its real

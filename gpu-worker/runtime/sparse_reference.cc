@@ -109,10 +109,13 @@ void ScoreOnChannels(const float* q, int d, const float* rows, int n, float* out
   }
 }
 
-void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_heads, int n_kv_heads,
-                          int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
-                          bool adjacent_pairs, float* out) {
-  const int group = n_heads / n_kv_heads;
+namespace {
+
+// Channel c (a chosen channel) of query head q of RoPE(Wq x) at `pos`: the
+// two rows of the pair RoPE rotates together, each an fp32 dot product in
+// input order, then ApplyRope's rotation.
+float RotatedQueryChannel(const float* x, const float* wq, int hidden, int head_dim, int q, int c,
+                          int pos, const float* inv_freq, bool adjacent_pairs) {
   const int half = head_dim / 2;
   auto dot_row = [&](int64_t row) {
     const float* w = wq + row * hidden;
@@ -120,20 +123,28 @@ void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_hea
     for (int i = 0; i < hidden; ++i) s += w[i] * x[i];
     return s;
   };
+  const int i = adjacent_pairs ? c / 2 : c % half;
+  const int a = adjacent_pairs ? 2 * i : i;
+  const int b = adjacent_pairs ? 2 * i + 1 : i + half;
+  const float angle = static_cast<float>(pos) * inv_freq[i];
+  const float cs = std::cos(angle), sn = std::sin(angle);
+  const int64_t base = static_cast<int64_t>(q) * head_dim;
+  const float x0 = dot_row(base + a), x1 = dot_row(base + b);
+  return c == a ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+}
+
+}  // namespace
+
+void SpeculativeQueryMean(const float* x, const float* wq, int hidden, int n_heads, int n_kv_heads,
+                          int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
+                          bool adjacent_pairs, float* out) {
+  const int group = n_heads / n_kv_heads;
   for (int h = 0; h < n_kv_heads; ++h) {
     for (int j = 0; j < d; ++j) {
-      const int c = chans[h * d + j];
-      // The pair (a, b) that RoPE rotates together, and its frequency index.
-      const int i = adjacent_pairs ? c / 2 : c % half;
-      const int a = adjacent_pairs ? 2 * i : i;
-      const int b = adjacent_pairs ? 2 * i + 1 : i + half;
-      const float angle = static_cast<float>(pos) * inv_freq[i];
-      const float cs = std::cos(angle), sn = std::sin(angle);
       float sum = 0.0f;
       for (int g = 0; g < group; ++g) {
-        const int64_t base = static_cast<int64_t>(h * group + g) * head_dim;
-        const float x0 = dot_row(base + a), x1 = dot_row(base + b);
-        sum += c == a ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+        sum += RotatedQueryChannel(x, wq, hidden, head_dim, h * group + g, chans[h * d + j], pos,
+                                   inv_freq, adjacent_pairs);
       }
       out[h * d + j] = sum / static_cast<float>(group);
     }
@@ -164,25 +175,10 @@ void SpeculativeQueryHeads(const float* x, const float* wq, int hidden, int n_he
                            int head_dim, const int32_t* chans, int d, int pos, const float* inv_freq,
                            bool adjacent_pairs, float* out) {
   const int group = n_heads / n_kv_heads;
-  const int half = head_dim / 2;
-  auto dot_row = [&](int64_t row) {
-    const float* w = wq + row * hidden;
-    float s = 0.0f;
-    for (int i = 0; i < hidden; ++i) s += w[i] * x[i];
-    return s;
-  };
   for (int q = 0; q < n_heads; ++q) {
-    const int h = q / group;
     for (int j = 0; j < d; ++j) {
-      const int c = chans[h * d + j];
-      const int i = adjacent_pairs ? c / 2 : c % half;
-      const int a = adjacent_pairs ? 2 * i : i;
-      const int b = adjacent_pairs ? 2 * i + 1 : i + half;
-      const float angle = static_cast<float>(pos) * inv_freq[i];
-      const float cs = std::cos(angle), sn = std::sin(angle);
-      const int64_t base = static_cast<int64_t>(q) * head_dim;
-      const float x0 = dot_row(base + a), x1 = dot_row(base + b);
-      out[static_cast<int64_t>(q) * d + j] = c == a ? x0 * cs - x1 * sn : x0 * sn + x1 * cs;
+      out[static_cast<int64_t>(q) * d + j] = RotatedQueryChannel(
+          x, wq, hidden, head_dim, q, chans[(q / group) * d + j], pos, inv_freq, adjacent_pairs);
     }
   }
 }
