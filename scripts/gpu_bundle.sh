@@ -16,8 +16,11 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-Release}" -DTA
   -DTAILORKV_CUDA_ARCHS=90a >/dev/null
 targets=(tkv_cuda_test tkv_llama_bench gpu-worker tailorkv-cli)
 # Optional programs, bundled when this tree has them.
+# (The list is read whole first: `ninja | grep -q` under pipefail fails
+# whenever grep exits before ninja has written everything.)
+all_targets=$(ninja -C "$build" -t targets all)
 for t in tkv_attention_bench tkv_quant_attention_bench tkv_accuracy tkv-profile tkv_cuda_tap_test; do
-  ninja -C "$build" -t targets all | grep -q "^$t:" && targets+=("$t")
+  grep -q "^$t:" <<<"$all_targets" && targets+=("$t")
 done
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
 rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/lib"

@@ -90,6 +90,11 @@ struct SparseKv {
   DeviceBuffer sel;               // [n_kv][top_k] int32
   DeviceBuffer prev_sel;          // [n_kv][selected] int32: last step's (-1 before the first)
   DeviceBuffer miss;              // [n_kv][selected] int32: this step's rows still to fetch
+  // Plan refine: the Top-n_pool candidates of the speculation from the
+  // previous layer's input, ascending; the final selection's picks in it.
+  int n_pool = 0;
+  DeviceBuffer pool;              // [n_kv][n_pool] int32 (refine)
+  DeviceBuffer pool_pick;         // [n_kv][selected] int32 (refine)
   DeviceBuffer len;               // int32: rows of the tier attended this step
   // From the end of the prompt.
   int prompt = -1, sink = 0, recent = 0, candidates = 0, selected = 0, tier_rows = 0;
@@ -410,15 +415,22 @@ class CudaBackend final : public runtime::Backend {
   absl::Status PrefetchSparseHistory(CudaSequence& seq, int after, int start);
   absl::Status NewSparseLayer(CudaSequence& seq, int l, const runtime::SparseParams& p);
   absl::Status EndSparsePrompt(CudaSequence& seq);
+  // What one selection pass does (query "after-attention" runs two: a first
+  // from the previous layer's input, which overlaps that whole layer, then
+  // the final one after its attention).
+  enum class SelectPass {
+    kFinal,     // score every candidate, Top-K, rows into the tier
+    kRefined,   // the final pass of plan refine: score the pool only
+    kPool,      // refine's first pass: Top-n_pool candidates into sp.pool
+    kPrefetch,  // a first pass that only fetches rows for the final one
+  };
   // Layer `target`'s selection from the speculative input x on the side
-  // stream. prefetch: a first pass for a layer with query "after-attention"
-  // (from the previous layer's input), only so that the final pass finds
-  // most rows on the device already (row reuse); it signals nothing.
+  // stream; kFinal / kRefined signal sp.selected_ready, first passes nothing.
   absl::Status EnqueueSpeculativeSelection(CudaSequence& seq, int target, const __nv_bfloat16* x,
-                                           bool prefetch = false);
+                                           SelectPass pass = SelectPass::kFinal);
   // count_reuse: add the rows reused to the sequence's statistics.
   absl::Status EnqueueSelection(CudaSequence& seq, SparseKv& sp, const float* q_chan,
-                                cudaStream_t s, bool count_reuse = true);
+                                cudaStream_t s, SelectPass pass = SelectPass::kFinal);
   absl::Status EnqueueSparseAttention(CudaSequence& seq, int l, int n, int start, bool decode);
 
   ModelConfig config_;
@@ -712,9 +724,11 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
               "from an FP8 host tier",
               l));
         }
-        if (p.sparse.refine > 0) {
+        if (p.sparse.refine > 0 && p.sparse.query != "after-attention") {
           return absl::UnimplementedError(absl::StrFormat(
-              "layer %d: sparse refine %d: no CUDA path yet (CPU backend only)", l, p.sparse.refine));
+              "layer %d: sparse refine %d with query \"%s\": the CUDA backend refines the "
+              "after-attention query only (the CPU backend runs it)",
+              l, p.sparse.refine, p.sparse.query));
         }
         if (p.sparse.group_score != "mean") {
           return absl::UnimplementedError(absl::StrFormat(
@@ -918,13 +932,20 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
       if (next_query != nullptr && *next_query == "previous") {
         RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn));
       }
-      // Query "after-attention" with row reuse: a first selection from this
-      // layer's input fetches most of the rows the final one will pick, so
-      // that only its misses cross PCIe once it starts, after this layer's
-      // attention, with only the MLP left to overlap it.
-      if (next_query != nullptr && *next_query == "after-attention" && options_.sparse_row_reuse &&
-          options_.sparse_late_prefetch && options_.sparse_overlap) {
-        RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn, /*prefetch=*/true));
+      // Query "after-attention": a first pass from this layer's input,
+      // overlapping the whole layer. Plan refine: its Top-(refine x K) pool,
+      // which the final pass ranks instead of every candidate. Else, with
+      // row reuse (option sparse_late_prefetch): it fetches most of the rows
+      // the final pass will pick, so that only the misses cross PCIe once
+      // that starts, after this layer's attention, with only the MLP left
+      // to overlap it.
+      if (next_query != nullptr && *next_query == "after-attention") {
+        if (seq.sparse[l + 1]->n_pool > 0) {
+          RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn, SelectPass::kPool));
+        } else if (options_.sparse_row_reuse && options_.sparse_late_prefetch &&
+                   options_.sparse_overlap) {
+          RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn, SelectPass::kPrefetch));
+        }
       }
     }
     RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
@@ -939,7 +960,8 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
       // until the FFN norm below overwrites it).
       RETURN_IF_ERROR(LaunchRmsNorm(x, layers_[l + 1].attn_norm.as<float>(), 1, c.hidden,
                                     c.rms_eps, xn, s));
-      RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn));
+      RETURN_IF_ERROR(EnqueueSpeculativeSelection(
+          seq, l + 1, xn, seq.sparse[l + 1]->n_pool > 0 ? SelectPass::kRefined : SelectPass::kFinal));
     }
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.ffn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
     // The MLP in row blocks (options_.max_mlp_rows): its intermediates
@@ -1052,6 +1074,18 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
                                            sp.chans.as<int32_t>(), nullptr, s));
       RETURN_IF_ERROR(BuildIndex(sp, cap, P, c.n_kv_heads, hd, cap, s));
     }
+    // Refine: layer 0 has no previous layer to speculate from (it selects
+    // from its own input, as without refine).
+    sp.n_pool = (sp.gpu_index && sp.params.refine > 0 && l > 0 && sp.selected > 0)
+                    ? static_cast<int>(std::min<int64_t>(
+                          sp.candidates, static_cast<int64_t>(sp.params.refine) * sp.params.top_k))
+                    : 0;
+    if (sp.n_pool > 0) {
+      ASSIGN_OR_RETURN(sp.pool, DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) * sp.n_pool *
+                                                       sizeof(int32_t)));
+      ASSIGN_OR_RETURN(sp.pool_pick, DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) *
+                                                            sp.selected * sizeof(int32_t)));
+    }
     if (options_.sparse_row_reuse && sp.selected > 0) {
       const size_t slots = static_cast<size_t>(c.n_kv_heads) * sp.selected;
       ASSIGN_OR_RETURN(sp.prev_sel, DeviceBuffer::Allocate(slots * sizeof(int32_t)));
@@ -1110,30 +1144,48 @@ absl::Status CudaBackend::PrefetchSparseHistory(CudaSequence& seq, int after, in
 }
 
 absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, const float* q_chan,
-                                           cudaStream_t s, bool count_reuse) {
+                                           cudaStream_t s, SelectPass pass) {
   const ModelConfig& c = config_;
   const int cap = seq.capacity();
   if (sp.selected == 0) return absl::OkStatus();
+  const bool refined = pass == SelectPass::kRefined;
+  if (refined && sp.n_pool == 0) return absl::InternalError("EnqueueSelection: refined pass without a pool");
+  // Every candidate, or (refined) the pool's: n scores a row of `stride`.
+  const int n_scored = refined ? sp.n_pool : sp.candidates;
+  const int64_t stride = refined ? sp.n_pool : cap;
+  const int32_t* pool = refined ? sp.pool.as<int32_t>() : nullptr;
+  float* scores = seq.scores.as<float>();
   if (sp.gpu_index && sp.params.index_bits == 4) {
     RETURN_IF_ERROR(LaunchScoreInt4ChannelIndex(q_chan, sp.index.as<uint8_t>(), sp.index_params.as<bf16>(),
-                                                cap, sp.params.channels, c.n_kv_heads, sp.sink,
-                                                sp.candidates, seq.scores.as<float>(), cap, s));
+                                                cap, sp.params.channels, c.n_kv_heads, sp.sink, n_scored,
+                                                scores, stride, s, pool));
   } else if (sp.gpu_index && sp.params.index_bits == 8) {
     RETURN_IF_ERROR(LaunchScoreFp8ChannelIndex(q_chan, sp.index.as<uint8_t>(), cap,
-                                               sp.params.channels, c.n_kv_heads, sp.sink,
-                                               sp.candidates, seq.scores.as<float>(), cap, s));
+                                               sp.params.channels, c.n_kv_heads, sp.sink, n_scored,
+                                               scores, stride, s, pool));
   } else if (sp.gpu_index) {
     RETURN_IF_ERROR(LaunchScoreChannelIndex(q_chan, sp.index.as<bf16>(), cap, sp.params.channels,
-                                            c.n_kv_heads, sp.sink, sp.candidates,
-                                            seq.scores.as<float>(), cap, s));
+                                            c.n_kv_heads, sp.sink, n_scored, scores, stride, s,
+                                            pool));
   } else {
     RETURN_IF_ERROR(LaunchScoreFaithful(q_chan, sp.chans.as<int32_t>(), sp.params.channels, sp.kt,
                                         cap, c.n_kv_heads, c.head_dim, sp.sink, sp.candidates,
-                                        seq.scores.as<float>(), cap, s));
+                                        scores, cap, s));
   }
-  RETURN_IF_ERROR(LaunchTopK(seq.scores.as<float>(), cap, c.n_kv_heads, sp.candidates, nullptr,
-                             sp.selected, sp.sel.as<int32_t>(), seq.topk_ws.get(),
-                             seq.topk_ws.size(), s));
+  if (pass == SelectPass::kPool) {
+    return LaunchTopK(scores, cap, c.n_kv_heads, sp.candidates, nullptr, sp.n_pool,
+                      sp.pool.as<int32_t>(), seq.topk_ws.get(), seq.topk_ws.size(), s);
+  }
+  if (refined) {
+    RETURN_IF_ERROR(LaunchTopK(scores, stride, c.n_kv_heads, n_scored, nullptr, sp.selected,
+                               sp.pool_pick.as<int32_t>(), seq.topk_ws.get(), seq.topk_ws.size(), s));
+    RETURN_IF_ERROR(LaunchMapThroughPool(sp.pool_pick.as<int32_t>(), sp.selected, pool, sp.n_pool,
+                                         c.n_kv_heads, sp.sel.as<int32_t>(), s));
+  } else {
+    RETURN_IF_ERROR(LaunchTopK(scores, cap, c.n_kv_heads, sp.candidates, nullptr, sp.selected,
+                               sp.sel.as<int32_t>(), seq.topk_ws.get(), seq.topk_ws.size(), s));
+  }
+  const bool count_reuse = pass != SelectPass::kPrefetch;
   bf16* tk = sp.tier.as<bf16>();
   bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * c.head_dim;
   const int64_t tier_stride = static_cast<int64_t>(sp.tier_rows) * c.head_dim;
@@ -1164,7 +1216,7 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
 }
 
 absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int target,
-                                                      const bf16* x, bool prefetch) {
+                                                      const bf16* x, SelectPass pass) {
   if (seq.sparse[target] == nullptr || !seq.sparse[target]->gpu_index) return absl::OkStatus();
   SparseKv& sp = *seq.sparse[target];
   if (sp.params.query == "real") return absl::OkStatus();  // selected in line
@@ -1173,8 +1225,9 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
   // The main stream keeps a copy of `x` (8 KB: cheaper than running the
   // speculative query there), since the layer overwrites it; the side
   // stream does the rest.
-  // Two inputs per layer: the prefetch's must survive until its query ran.
-  bf16* spec_x = spec_x_.as<bf16>() + (static_cast<int64_t>(prefetch ? c.n_layers : 0) + target) * c.hidden;
+  // Two inputs per layer: a first pass's must survive until its query ran.
+  const bool first_pass = pass == SelectPass::kPool || pass == SelectPass::kPrefetch;
+  bf16* spec_x = spec_x_.as<bf16>() + (static_cast<int64_t>(first_pass ? c.n_layers : 0) + target) * c.hidden;
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(spec_x, x, c.hidden * sizeof(bf16), cudaMemcpyDeviceToDevice, s));
   cudaStream_t side = options_.sparse_overlap ? side_.get() : s;
   if (options_.sparse_overlap) {
@@ -1185,8 +1238,8 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
       spec_x, layers_[target].w_qkv.as<bf16>(), c.hidden, c.n_heads, c.n_kv_heads, c.head_dim,
       sp.chans.as<int32_t>(), sp.params.channels, step_.as<int32_t>(), inv_freq_.as<float>(),
       c.rope_style == model::RopeStyle::kAdjacentPairs, sp.q_chan.as<float>(), side));
-  RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side, !prefetch));
-  if (!prefetch) CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side));
+  RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side, pass));
+  if (!first_pass) CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side));
   return absl::OkStatus();
 }
 

@@ -364,7 +364,8 @@ TEST_F(CudaBackendTest, SparseRowReuseGivesBitIdenticalLogits) {
   // Query "after-attention" adds the prefetching first pass (`on` has it):
   // the logits must not change either.
   for (const char* spec : {"sparse:24:4:8:8:gpu", "sparse:17:2:6:8:faithful", "sparse:24:4:8:8:gpu:fp8",
-                           "sparse:24:4:8:8:gpu:late", "sparse:24:4:8:8:gpu:late:i8"}) {
+                           "sparse:24:4:8:8:gpu:late", "sparse:24:4:8:8:gpu:late:i8",
+                           "sparse:24:4:8:8:gpu:late:i8:refine2"}) {
     const bool late = std::string(spec).find(":late") != std::string::npos;
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
@@ -481,7 +482,7 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
   }
   for (const char* spec : {"sparse:39:2:4:8:gpu", "sparse:500:2:4:32:faithful", "sparse:1:1:44:8:gpu",
                            "sparse:39:2:4:8:gpu:i8:late", "sparse:39:2:4:8:gpu:real",
-                           "sparse:39:2:4:8:gpu:i4:late"}) {
+                           "sparse:39:2:4:8:gpu:i4:late", "sparse:39:2:4:8:gpu:i8:late:refine2"}) {
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto seq = (*gpu)->NewSequence(80, *plan);
@@ -505,7 +506,8 @@ TEST_F(CudaBackendTest, SparsePlansEqualDenseWhenCoveringAndMatchCpu) {
       {"sparse:6:2:4:8:gpu", 0.1f},      {"sparse:6:2:4:8:faithful", 0.2f},
       {"sparse:6:2:4:8:gpu:fp8", 0.35f}, {"sparse:6:2:4:8:gpu:i8", 0.35f},
       {"sparse:6:2:4:8:gpu:late", 0.1f}, {"sparse:6:2:4:8:gpu:real", 0.1f},
-      {"sparse:6:2:4:8:gpu:i4", 0.35f}};
+      {"sparse:6:2:4:8:gpu:i4", 0.35f},  {"sparse:6:2:4:8:gpu:late:refine2", 0.1f},
+      {"sparse:6:2:4:8:gpu:late:i4:refine3", 0.35f}};
   for (const auto& [spec, bound] : lossy) {
     auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
@@ -688,7 +690,8 @@ TEST_F(CudaBackendTest, SmolLM2SparsePlansMatchCpuBackend) {
   auto cpu = runtime::CreateCpuBackend(*weights, {.threads = 8});
   ASSERT_TRUE(cpu.ok());
   for (const char* spec : {"hybrid:2:128:8:56:gpu", "hybrid:2:128:8:56:faithful",
-                           "hybrid:2:128:8:56:32:gpu:late:i8", "hybrid:2:128:8:56:32:gpu:late:i4"}) {
+                           "hybrid:2:128:8:56:32:gpu:late:i8", "hybrid:2:128:8:56:32:gpu:late:i4",
+                           "hybrid:2:128:8:56:64:gpu:late:i4:refine4"}) {
     auto plan = runtime::ParseKvPlanSpec(spec, weights->config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto gs = (*gpu)->NewSequence(700, *plan);

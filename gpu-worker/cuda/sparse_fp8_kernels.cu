@@ -303,14 +303,23 @@ __global__ void __launch_bounds__(kThreads) BuildFp8IndexKernel(
 template <int kChunks>
 __global__ void __launch_bounds__(kThreads) ScoreFp8IndexKernel(
     const float* __restrict__ q_chan, const uint8_t* __restrict__ index, int64_t index_rows, int d,
-    int first, int n, float* __restrict__ scores, int64_t score_stride) {
+    int first, int n, const int32_t* __restrict__ pool, float* __restrict__ scores,
+    int64_t score_stride) {
   __shared__ float q[kSparseMaxChannels];
   const int h = blockIdx.y;
   if (threadIdx.x < d) q[threadIdx.x] = q_chan[static_cast<int64_t>(h) * d + threadIdx.x];
   __syncthreads();
   const int i = blockIdx.x * kThreads + threadIdx.x;
   if (i >= n) return;
-  const int64_t row = static_cast<int64_t>(h) * index_rows + first + i;
+  int64_t rel = i;
+  if (pool != nullptr) {
+    rel = pool[static_cast<int64_t>(h) * n + i];
+    if (rel < 0 || rel >= index_rows - first) {
+      scores[static_cast<int64_t>(h) * score_stride + i] = -INFINITY;
+      return;
+    }
+  }
+  const int64_t row = static_cast<int64_t>(h) * index_rows + first + rel;
   auto val = [](uint32_t code) { return __uint_as_float(Fp8ToBf16(code) << 16); };
   float dot = 0.0f;
   if constexpr (kChunks > 0) {
@@ -472,7 +481,8 @@ absl::Status LaunchBuildFp8ChannelIndexFromFp8(const uint8_t* host, int64_t host
 
 absl::Status LaunchScoreFp8ChannelIndex(const float* q_chan, const uint8_t* index,
                                         int64_t index_rows, int d, int n_kv, int first, int n,
-                                        float* scores, int64_t score_stride, cudaStream_t stream) {
+                                        float* scores, int64_t score_stride, cudaStream_t stream,
+                                        const int32_t* pool) {
   constexpr const char* kFn = "LaunchScoreFp8ChannelIndex";
   if (absl::Status s = CheckIndexScore(kFn, n_kv, d, kSparseMaxChannels, first, n, index_rows, score_stride);
       !s.ok() || n == 0) {
@@ -485,16 +495,16 @@ absl::Status LaunchScoreFp8ChannelIndex(const float* q_chan, const uint8_t* inde
   const bool vec = d % 16 == 0 && Aligned16(index);
   switch (vec ? d / 16 : 0) {
     case 1:
-      ScoreFp8IndexKernel<1><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreFp8IndexKernel<1><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     case 2:
-      ScoreFp8IndexKernel<2><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreFp8IndexKernel<2><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     case 4:
-      ScoreFp8IndexKernel<4><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreFp8IndexKernel<4><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     default:
-      ScoreFp8IndexKernel<0><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreFp8IndexKernel<0><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
   }
   CUDA_RETURN_IF_LAUNCH_FAILED("ScoreFp8IndexKernel");

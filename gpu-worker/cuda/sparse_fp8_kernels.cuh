@@ -78,9 +78,11 @@ absl::Status LaunchBuildFp8ChannelIndexFromFp8(const uint8_t* host, int64_t host
 // LaunchScoreChannelIndex over an FP8 index: scores[h * score_stride + i] =
 // ScoreOnChannels of q_chan[h * d ...] and the decoded codes of index row
 // (first + i) of head h (the same fp32 arithmetic, so bit-exact with the
-// CPU on the decoded values). Same argument checks.
+// CPU on the decoded values). pool: as LaunchScoreChannelIndex's. Same
+// argument checks.
 absl::Status LaunchScoreFp8ChannelIndex(const float* q_chan, const uint8_t* index,
                                         int64_t index_rows, int d, int n_kv, int first, int n,
-                                        float* scores, int64_t score_stride, cudaStream_t stream);
+                                        float* scores, int64_t score_stride, cudaStream_t stream,
+                                        const int32_t* pool = nullptr);
 
 }  // namespace tailorkv::cuda

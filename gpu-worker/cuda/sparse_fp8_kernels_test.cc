@@ -34,6 +34,7 @@ namespace {
 
 using runtime::Bf16BitsToFp8E4M3;
 using runtime::Fp8E4M3ToBf16Bits;
+using test_util::RandomPool;
 using test_util::Rng;
 using Bits = std::vector<uint16_t>;  // bf16 bit patterns
 using Bytes = std::vector<uint8_t>;  // fp8 codes
@@ -555,10 +556,12 @@ TEST_F(SparseFp8KernelsTest, BuildFp8ChannelIndexBitExact) {
 // Scores over an FP8 index are ScoreOnChannels over the decoded codes, bit
 // for bit (fp32 products and sums in channel order); the 16-byte path (d a
 // multiple of 16, aligned rows) and the byte path agree with it.
+// pooled: the scores of a refine pool's positions (RandomPool) instead of
+// [first, first + n).
 void CheckScoreFp8Index(int n_kv, int d, int64_t index_rows, int first, int n, bool misalign,
-                        uint64_t seed) {
+                        uint64_t seed, bool pooled = false) {
   SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " d=" << d << " first=" << first << " n=" << n
-                                  << (misalign ? " misaligned" : ""));
+                                  << (misalign ? " misaligned" : "") << (pooled ? " pooled" : ""));
   Rng rng(seed);
   const size_t elems = static_cast<size_t>(n_kv) * index_rows * d;
   Bytes buf = RandCodes(elems + 1, rng);
@@ -570,11 +573,15 @@ void CheckScoreFp8Index(int n_kv, int d, int64_t index_rows, int first, int n, b
   for (float& x : q) x = rng.Uniform(-3.0f, 3.0f);
   const int64_t stride = n + 5;
   const float poison = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<int32_t> pool =
+      pooled ? RandomPool(n_kv, n, static_cast<int>(index_rows - first), rng) : std::vector<int32_t>();
   absl::StatusOr<DeviceBuffer> d_buf = Upload(buf), d_q = Upload(q),
-                               d_scores = Upload(std::vector<float>(n_kv * stride, poison));
-  ASSERT_TRUE(d_buf.ok() && d_q.ok() && d_scores.ok());
+                               d_scores = Upload(std::vector<float>(n_kv * stride, poison)),
+                               d_pool = Upload(pooled ? pool : std::vector<int32_t>(1));
+  ASSERT_TRUE(d_buf.ok() && d_q.ok() && d_scores.ok() && d_pool.ok());
   absl::Status st = LaunchScoreFp8ChannelIndex(d_q->as<float>(), d_buf->as<uint8_t>() + off, index_rows, d,
-                                               n_kv, first, n, d_scores->as<float>(), stride, nullptr);
+                                               n_kv, first, n, d_scores->as<float>(), stride, nullptr,
+                                               pooled ? d_pool->as<int32_t>() : nullptr);
   ASSERT_TRUE(st.ok()) << st;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> got = Download<float>(*d_scores, n_kv * stride);
@@ -582,12 +589,15 @@ void CheckScoreFp8Index(int n_kv, int d, int64_t index_rows, int first, int n, b
   int bad = 0;
   for (int h = 0; h < n_kv; ++h) {
     for (int i = 0; i < n; ++i) {
+      const int64_t p = first + (pooled ? pool[static_cast<size_t>(h) * n + i] : i);
       for (int j = 0; j < d; ++j) {
         rows[static_cast<size_t>(i) * d + j] =
-            runtime::Fp8E4M3ToFloat(buf[off + (static_cast<size_t>(h) * index_rows + first + i) * d + j]);
+            p < index_rows ? runtime::Fp8E4M3ToFloat(buf[off + (static_cast<size_t>(h) * index_rows + p) * d + j])
+                           : 0.0f;
       }
     }
     runtime::ScoreOnChannels(q.data() + h * d, d, rows.data(), n, want.data());
+    if (pooled) want[n - 1] = -INFINITY;  // RandomPool's out-of-range entry
     for (int64_t i = 0; i < stride; ++i) {
       const float g = got[h * stride + i];
       uint32_t gb, wb;
@@ -608,6 +618,10 @@ TEST_F(SparseFp8KernelsTest, ScoreFp8ChannelIndexBitExact) {
   CheckScoreFp8Index(3, 32, 300, 0, 300, true, ++seed);     // byte path for a vector width
   CheckScoreFp8Index(8, 32, 70001, 3, 69997, false, ++seed);  // many blocks
   CheckScoreFp8Index(1, 7, 5, 4, 1, false, ++seed);           // one token, the last row
+  // Refine pools: scattered positions, both load paths.
+  CheckScoreFp8Index(3, 32, 5000, 37, 300, false, ++seed, /*pooled=*/true);
+  CheckScoreFp8Index(3, 7, 5000, 37, 300, false, ++seed, /*pooled=*/true);
+  CheckScoreFp8Index(8, 64, 70001, 3, 3584, false, ++seed, /*pooled=*/true);
 }
 
 // ------------------------------------------------------------ bad arguments

@@ -225,14 +225,23 @@ __global__ void __launch_bounds__(kThreads) SpecQueryKernel(
 template <int kChunks>
 __global__ void __launch_bounds__(kThreads) ScoreIndexKernel(
     const float* __restrict__ q_chan, const bf16* __restrict__ index, int64_t index_rows, int d,
-    int first, int n, float* __restrict__ scores, int64_t score_stride) {
+    int first, int n, const int32_t* __restrict__ pool, float* __restrict__ scores,
+    int64_t score_stride) {
   __shared__ float q[kSparseMaxChannels];
   const int h = blockIdx.y;
   if (threadIdx.x < d) q[threadIdx.x] = q_chan[static_cast<int64_t>(h) * d + threadIdx.x];
   __syncthreads();
   const int i = blockIdx.x * kThreads + threadIdx.x;
   if (i >= n) return;
-  const int64_t row = static_cast<int64_t>(h) * index_rows + first + i;
+  int64_t rel = i;
+  if (pool != nullptr) {
+    rel = pool[static_cast<int64_t>(h) * n + i];
+    if (rel < 0 || rel >= index_rows - first) {
+      scores[static_cast<int64_t>(h) * score_stride + i] = -INFINITY;
+      return;
+    }
+  }
+  const int64_t row = static_cast<int64_t>(h) * index_rows + first + rel;
   float dot = 0.0f;
   if constexpr (kChunks > 0) {
     const uint4* r16 = reinterpret_cast<const uint4*>(index) + row * kChunks;
@@ -415,7 +424,8 @@ absl::Status LaunchSpeculativeQuery(const __nv_bfloat16* x, const __nv_bfloat16*
 
 absl::Status LaunchScoreChannelIndex(const float* q_chan, const __nv_bfloat16* index,
                                      int64_t index_rows, int d, int n_kv, int first, int n,
-                                     float* scores, int64_t score_stride, cudaStream_t stream) {
+                                     float* scores, int64_t score_stride, cudaStream_t stream,
+                                     const int32_t* pool) {
   constexpr const char* fn = "LaunchScoreChannelIndex";
   if (absl::Status s = sparse_launch::CheckIndexScore(fn, n_kv, d, kSparseMaxChannels, first, n,
                                                       index_rows, score_stride);
@@ -429,25 +439,25 @@ absl::Status LaunchScoreChannelIndex(const float* q_chan, const __nv_bfloat16* i
   const bool vec = d % 8 == 0 && Aligned16(index);
   switch (vec ? d / 8 : 0) {
     case 1:
-      ScoreIndexKernel<1><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreIndexKernel<1><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     case 2:
-      ScoreIndexKernel<2><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreIndexKernel<2><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     case 3:
-      ScoreIndexKernel<3><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreIndexKernel<3><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     case 4:
-      ScoreIndexKernel<4><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreIndexKernel<4><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     case 6:
-      ScoreIndexKernel<6><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreIndexKernel<6><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     case 8:
-      ScoreIndexKernel<8><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreIndexKernel<8><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
     default:
-      ScoreIndexKernel<0><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, scores, score_stride);
+      ScoreIndexKernel<0><<<grid, kThreads, 0, stream>>>(q_chan, index, index_rows, d, first, n, pool, scores, score_stride);
       break;
   }
   CUDA_RETURN_IF_LAUNCH_FAILED("ScoreIndexKernel");

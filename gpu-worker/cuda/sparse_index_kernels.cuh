@@ -82,9 +82,13 @@ absl::Status LaunchSpeculativeQuery(const __nv_bfloat16* x, const __nv_bfloat16*
 // The "gpu" index's scores: scores[h * score_stride + i] =
 // ScoreOnChannels(q_chan + h * d, index row (first + i) of head h), i < n
 // (first + n <= index_rows, n <= score_stride).
+// pool (plan refine): null, or [n_kv][n] int32 positions relative to first;
+// then score i is of index row first + pool[h * n + i] instead, and an entry
+// outside [0, index_rows - first) scores -infinity.
 absl::Status LaunchScoreChannelIndex(const float* q_chan, const __nv_bfloat16* index,
                                      int64_t index_rows, int d, int n_kv, int first, int n,
-                                     float* scores, int64_t score_stride, cudaStream_t stream);
+                                     float* scores, int64_t score_stride, cudaStream_t stream,
+                                     const int32_t* pool = nullptr);
 
 // The faithful index's scores: scores[h * score_stride + i] = sum over j of
 // q_chan[h * d + j] * kt[(h * head_dim + chans[h * d + j]) * kt_cols + first

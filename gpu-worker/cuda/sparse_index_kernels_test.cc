@@ -35,6 +35,7 @@ namespace tailorkv::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using test_util::RandomPool;
 using test_util::Rng;
 
 constexpr uint32_t kPoisonBits = 0x7BADBEEFu;  // a float pattern no kernel writes
@@ -499,10 +500,12 @@ void ExpectScores(const std::vector<float>& got, const std::vector<float>& want,
   }
 }
 
+// pooled: the scores of a refine pool's positions (RandomPool) instead of
+// [first, first + n).
 void CheckScoreIndex(int n_kv, int d, int64_t index_rows, int first, int n, bool misalign,
-                     uint64_t seed) {
+                     uint64_t seed, bool pooled = false) {
   SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " d=" << d << " first=" << first << " n=" << n
-                                  << " misaligned=" << misalign);
+                                  << " misaligned=" << misalign << (pooled ? " pooled" : ""));
   Rng rng(seed);
   const size_t elems = static_cast<size_t>(n_kv) * index_rows * d;
   // One leading element when misaligned: the rows are then not 16-byte
@@ -511,22 +514,28 @@ void CheckScoreIndex(int n_kv, int d, int64_t index_rows, int first, int n, bool
   const size_t off = misalign ? 1 : 0;
   const std::vector<float> q = RandomQChan(n_kv * d, rng);
   const int64_t stride = n + 5;
+  const std::vector<int32_t> pool =
+      pooled ? RandomPool(n_kv, n, static_cast<int>(index_rows - first), rng) : std::vector<int32_t>();
   DeviceBuffer d_buf = Upload(buf), d_q = Upload(q),
-               d_scores = Upload(std::vector<float>(n_kv * stride, FromBits(kPoisonBits)));
+               d_scores = Upload(std::vector<float>(n_kv * stride, FromBits(kPoisonBits))),
+               d_pool = Upload(pooled ? pool : std::vector<int32_t>(1));
   absl::Status st = LaunchScoreChannelIndex(d_q.as<float>(), d_buf.as<bf16>() + off, index_rows, d, n_kv,
-                                            first, n, d_scores.as<float>(), stride, nullptr);
+                                            first, n, d_scores.as<float>(), stride, nullptr,
+                                            pooled ? d_pool.as<int32_t>() : nullptr);
   ASSERT_TRUE(st.ok()) << st;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> got = Download<float>(d_scores, n_kv * stride);
   std::vector<float> want(static_cast<size_t>(n_kv) * n), rows(static_cast<size_t>(n) * d);
   for (int h = 0; h < n_kv; ++h) {
     for (int i = 0; i < n; ++i) {
+      const int64_t p = first + (pooled ? pool[static_cast<size_t>(h) * n + i] : i);
       for (int j = 0; j < d; ++j) {
         rows[static_cast<size_t>(i) * d + j] =
-            ToF(buf[off + (static_cast<size_t>(h) * index_rows + first + i) * d + j]);
+            p < index_rows ? ToF(buf[off + (static_cast<size_t>(h) * index_rows + p) * d + j]) : 0.0f;
       }
     }
     runtime::ScoreOnChannels(q.data() + h * d, d, rows.data(), n, want.data() + static_cast<size_t>(h) * n);
+    if (pooled) want[static_cast<size_t>(h) * n + n - 1] = -INFINITY;  // RandomPool's out-of-range entry
   }
   ExpectScores(got, want, n_kv, n, stride);
 }
@@ -538,6 +547,10 @@ TEST_F(SparseIndexKernelsTest, ScoreChannelIndexIsBitExact) {
   CheckScoreIndex(3, 32, 300, 0, 300, true, ++seed);    // every row, 2-byte path
   CheckScoreIndex(8, 8, 70001, 3, 69997, false, ++seed);  // many blocks
   CheckScoreIndex(1, 7, 5, 4, 1, false, ++seed);          // one token, the last row
+  // Refine pools: scattered positions, both load paths.
+  CheckScoreIndex(3, 32, 5000, 37, 300, false, ++seed, /*pooled=*/true);
+  CheckScoreIndex(3, 7, 5000, 37, 300, false, ++seed, /*pooled=*/true);
+  CheckScoreIndex(8, 64, 70001, 3, 3584, false, ++seed, /*pooled=*/true);
 }
 
 void CheckScoreFaithful(int n_kv, int head_dim, int d, int64_t kt_cols, int first, int n,

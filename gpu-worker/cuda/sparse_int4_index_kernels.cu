@@ -95,32 +95,47 @@ __global__ void __launch_bounds__(kThreads) BuildInt4IndexKernel(
   }
 }
 
-// Thread per (position, KV head); the zero and step of the index blocks the
-// thread block spans are staged in shared memory.
+// Thread per (position, KV head). Contiguous positions (kPooled false): the
+// zero and step of the index blocks the thread block spans are staged in
+// shared memory. Pooled positions (scattered): each thread reads its block's
+// from global memory (L2).
+template <bool kPooled>
 __global__ void __launch_bounds__(kThreads) ScoreInt4IndexKernel(
     const float* __restrict__ q_chan, const uint8_t* __restrict__ codes, const bf16* __restrict__ params,
-    int64_t index_rows, int d, int first, int n, float* __restrict__ scores, int64_t score_stride) {
+    int64_t index_rows, int d, int first, int n, const int32_t* __restrict__ pool,
+    float* __restrict__ scores, int64_t score_stride) {
   __shared__ float q[kSparseMaxChannels];
-  __shared__ float zs[kSpan][kSparseMaxChannels], ss[kSpan][kSparseMaxChannels];
+  __shared__ float zs[kPooled ? 1 : kSpan][kSparseMaxChannels], ss[kPooled ? 1 : kSpan][kSparseMaxChannels];
   const int h = blockIdx.y;
   const int i0 = blockIdx.x * kThreads;
+  const int64_t n_blocks = (index_rows + kBlock - 1) / kBlock;
   const int64_t pos0 = static_cast<int64_t>(first) + i0;
   const int64_t b0 = pos0 / kBlock;
-  const int64_t last = static_cast<int64_t>(first) + min(n, i0 + kThreads) - 1;
-  const int spans = static_cast<int>(last / kBlock - b0) + 1;
-  const int64_t n_blocks = (index_rows + kBlock - 1) / kBlock;
   if (threadIdx.x < d) q[threadIdx.x] = q_chan[static_cast<int64_t>(h) * d + threadIdx.x];
-  for (int t = threadIdx.x; t < spans * d; t += kThreads) {
-    const int s = t / d, j = t - s * d;
-    const bf16* pr = params + ((static_cast<int64_t>(h) * n_blocks + b0 + s) * d + j) * 2;
-    zs[s][j] = Bf(pr[0]);
-    ss[s][j] = Bf(pr[1]);
+  if constexpr (!kPooled) {
+    const int64_t last = static_cast<int64_t>(first) + min(n, i0 + kThreads) - 1;
+    const int spans = static_cast<int>(last / kBlock - b0) + 1;
+    for (int t = threadIdx.x; t < spans * d; t += kThreads) {
+      const int s = t / d, j = t - s * d;
+      const bf16* pr = params + ((static_cast<int64_t>(h) * n_blocks + b0 + s) * d + j) * 2;
+      zs[s][j] = Bf(pr[0]);
+      ss[s][j] = Bf(pr[1]);
+    }
   }
   __syncthreads();
   const int i = i0 + threadIdx.x;
   if (i >= n) return;
-  const int64_t pos = static_cast<int64_t>(first) + i;
-  const int s = static_cast<int>(pos / kBlock - b0);
+  int64_t pos = static_cast<int64_t>(first) + i;
+  if constexpr (kPooled) {
+    const int64_t rel = pool[static_cast<int64_t>(h) * n + i];
+    if (rel < 0 || rel >= index_rows - first) {
+      scores[static_cast<int64_t>(h) * score_stride + i] = -INFINITY;
+      return;
+    }
+    pos = first + rel;
+  }
+  const bf16* pr = params + (static_cast<int64_t>(h) * n_blocks + pos / kBlock) * d * 2;
+  const int s = kPooled ? 0 : static_cast<int>(pos / kBlock - b0);
   const int cb = (d + 1) / 2;
   const uint8_t* row = codes + (static_cast<int64_t>(h) * index_rows + pos) * cb;
   float dot = 0.0f;
@@ -130,7 +145,9 @@ __global__ void __launch_bounds__(kThreads) ScoreInt4IndexKernel(
       const int j = 2 * jb + e;
       if (j >= d) break;
       const float code = static_cast<float>((byte >> (4 * e)) & 0xFu);
-      const float v = __fadd_rn(zs[s][j], __fmul_rn(code, ss[s][j]));
+      const float z = kPooled ? Bf(pr[2 * j]) : zs[s][j];
+      const float step = kPooled ? Bf(pr[2 * j + 1]) : ss[s][j];
+      const float v = __fadd_rn(z, __fmul_rn(code, step));
       dot = __fadd_rn(dot, __fmul_rn(q[j], v));
     }
   }
@@ -169,7 +186,7 @@ absl::Status LaunchBuildInt4ChannelIndex(const bf16* host, int64_t host_rows, in
 absl::Status LaunchScoreInt4ChannelIndex(const float* q_chan, const uint8_t* codes,
                                          const bf16* params, int64_t index_rows, int d, int n_kv,
                                          int first, int n, float* scores, int64_t score_stride,
-                                         cudaStream_t stream) {
+                                         cudaStream_t stream, const int32_t* pool) {
   constexpr const char* kFn = "LaunchScoreInt4ChannelIndex";
   if (absl::Status s = CheckIndexScore(kFn, n_kv, d, kSparseMaxChannels, first, n, index_rows, score_stride);
       !s.ok() || n == 0) {
@@ -180,8 +197,13 @@ absl::Status LaunchScoreInt4ChannelIndex(const float* q_chan, const uint8_t* cod
   if (absl::Status s = CheckPtr(kFn, "params", params, false); !s.ok()) return s;
   if (absl::Status s = CheckPtr(kFn, "scores", scores, false); !s.ok()) return s;
   const dim3 grid((n + kThreads - 1) / kThreads, n_kv);
-  ScoreInt4IndexKernel<<<grid, kThreads, 0, stream>>>(q_chan, codes, params, index_rows, d, first, n,
-                                                      scores, score_stride);
+  if (pool != nullptr) {
+    ScoreInt4IndexKernel<true><<<grid, kThreads, 0, stream>>>(q_chan, codes, params, index_rows, d,
+                                                              first, n, pool, scores, score_stride);
+  } else {
+    ScoreInt4IndexKernel<false><<<grid, kThreads, 0, stream>>>(q_chan, codes, params, index_rows, d,
+                                                               first, n, nullptr, scores, score_stride);
+  }
   CUDA_RETURN_IF_LAUNCH_FAILED("ScoreInt4IndexKernel");
   return absl::OkStatus();
 }

@@ -39,11 +39,12 @@ absl::Status LaunchBuildInt4ChannelIndex(const __nv_bfloat16* host, int64_t host
 
 // scores[h * score_stride + i] = ScoreOnChannels(q_chan + h * d, d, the
 // decoded entries of position first + i of head h), i < n: fp32 products and
-// sums in channel order, bit-exact with the CPU. Errors as
-// LaunchScoreChannelIndex's.
+// sums in channel order, bit-exact with the CPU. pool: as
+// LaunchScoreChannelIndex's. Errors as LaunchScoreChannelIndex's.
 absl::Status LaunchScoreInt4ChannelIndex(const float* q_chan, const uint8_t* codes,
                                          const __nv_bfloat16* params, int64_t index_rows, int d,
                                          int n_kv, int first, int n, float* scores,
-                                         int64_t score_stride, cudaStream_t stream);
+                                         int64_t score_stride, cudaStream_t stream,
+                                         const int32_t* pool = nullptr);
 
 }  // namespace tailorkv::cuda

@@ -29,6 +29,7 @@ namespace tailorkv::cuda {
 namespace {
 
 using test_util::HostMapped;
+using test_util::RandomPool;
 using test_util::Rng;
 using bf16 = __nv_bfloat16;
 
@@ -152,8 +153,11 @@ TEST_F(SparseInt4IndexTest, BuildMatchesTheReferenceRounding) {
   CheckBuild(1, 64, 5, 10, 1, 3, ++seed);         // a single row
 }
 
-void CheckScore(int n_kv, int d, int64_t index_rows, int first, int n, uint64_t seed) {
-  SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " d=" << d << " first=" << first << " n=" << n);
+// pooled: the scores of a refine pool's positions (RandomPool) instead of
+// [first, first + n).
+void CheckScore(int n_kv, int d, int64_t index_rows, int first, int n, uint64_t seed, bool pooled = false) {
+  SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " d=" << d << " first=" << first << " n=" << n
+                                  << (pooled ? " pooled" : ""));
   Rng rng(seed);
   const size_t code_bytes = Int4IndexCodeBytes(n_kv, index_rows, d);
   const size_t param_elems = Int4IndexParamBytes(n_kv, index_rows, d) / 2;
@@ -167,11 +171,14 @@ void CheckScore(int n_kv, int d, int64_t index_rows, int first, int n, uint64_t 
   std::vector<float> q(static_cast<size_t>(n_kv) * d);
   for (float& x : q) x = rng.Uniform(-2.0f, 2.0f);
   const int64_t stride = n + 3;
+  const std::vector<int32_t> pool =
+      pooled ? RandomPool(n_kv, n, static_cast<int>(index_rows - first), rng) : std::vector<int32_t>();
   DeviceBuffer d_codes = Upload(codes), d_params = Upload(params), d_q = Upload(q),
-               d_scores = Upload(std::vector<float>(n_kv * stride, std::nanf("")));
+               d_scores = Upload(std::vector<float>(n_kv * stride, std::nanf(""))),
+               d_pool = Upload(pooled ? pool : std::vector<int32_t>(1));
   absl::Status st = LaunchScoreInt4ChannelIndex(d_q.as<float>(), d_codes.as<uint8_t>(), d_params.as<bf16>(),
                                                 index_rows, d, n_kv, first, n, d_scores.as<float>(), stride,
-                                                nullptr);
+                                                nullptr, pooled ? d_pool.as<int32_t>() : nullptr);
   ASSERT_TRUE(st.ok()) << st;
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const auto got = Download<float>(d_scores, n_kv * stride);
@@ -179,9 +186,13 @@ void CheckScore(int n_kv, int d, int64_t index_rows, int first, int n, uint64_t 
   int bad = 0;
   for (int h = 0; h < n_kv; ++h) {
     for (int i = 0; i < n; ++i) {
-      for (int j = 0; j < d; ++j) rows[static_cast<size_t>(i) * d + j] = Decode(codes, params, index_rows, d, h, first + i, j);
+      const int64_t p = first + (pooled ? pool[static_cast<size_t>(h) * n + i] : i);
+      for (int j = 0; j < d; ++j) {
+        rows[static_cast<size_t>(i) * d + j] = p < index_rows ? Decode(codes, params, index_rows, d, h, p, j) : 0.0f;
+      }
     }
     runtime::ScoreOnChannels(q.data() + h * d, d, rows.data(), n, want.data());
+    if (pooled) want[n - 1] = -INFINITY;  // RandomPool's out-of-range entry
     for (int64_t i = 0; i < stride; ++i) {
       const float g = got[h * stride + i];
       if (i < n) {
@@ -198,6 +209,10 @@ TEST_F(SparseInt4IndexTest, ScoresMatchScoreOnChannelsOfTheDecodedEntries) {
   for (int d : {1, 7, 16, 32, 33, 64}) CheckScore(3, d, 1000, 37, 901, ++seed);
   CheckScore(8, 32, 70001, 3, 69997, ++seed);  // many blocks
   CheckScore(1, 7, 5, 4, 1, ++seed);           // one position, the last row
+  // Refine pools: scattered positions over many index blocks.
+  for (int d : {7, 32, 64}) CheckScore(3, d, 5000, 37, 300, ++seed, /*pooled=*/true);
+  CheckScore(8, 64, 70001, 3, 3584, ++seed, /*pooled=*/true);
+  CheckScore(2, 16, 40, 3, 38, ++seed, /*pooled=*/true);  // every position, then the bad entry
 }
 
 void ExpectBad(const absl::Status& s, const std::string& want) {

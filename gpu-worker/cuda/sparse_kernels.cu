@@ -547,6 +547,17 @@ __global__ void __launch_bounds__(kThreads) GatherKernel(const uint4* __restrict
   }
 }
 
+__global__ void __launch_bounds__(kThreads) MapThroughPoolKernel(const int32_t* __restrict__ idx, int k,
+                                                                 const int32_t* __restrict__ pool,
+                                                                 int n_pool, int64_t total,
+                                                                 int32_t* __restrict__ out) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= total) return;
+  const int64_t r = t / k;
+  const int32_t j = idx[t];
+  out[t] = (j >= 0 && j < n_pool) ? pool[r * n_pool + j] : -1;
+}
+
 size_t RadixWorkspaceBytes(int rows, int n_max) {
   const int bpr = BlocksPerRow(rows, std::max(n_max, 0));
   return Align16(sizeof(RowState) * rows) + Align16(sizeof(uint32_t) * rows * kPasses * kBins) +
@@ -689,6 +700,23 @@ absl::Status LaunchTopK(const float* scores, int64_t row_stride, int rows, int n
                         size_t workspace_bytes, cudaStream_t stream) {
   return LaunchTopK(scores, row_stride, rows, n_max, n_device, k, out, workspace, workspace_bytes,
                     stream, TopKOptions{});
+}
+
+absl::Status LaunchMapThroughPool(const int32_t* idx, int k, const int32_t* pool, int n_pool,
+                                  int rows, int32_t* out, cudaStream_t stream) {
+  constexpr const char* kFn = "LaunchMapThroughPool: ";
+  if (rows < 1) return absl::InvalidArgumentError(absl::StrCat(kFn, "rows = ", rows, " < 1"));
+  if (k < 0) return absl::InvalidArgumentError(absl::StrCat(kFn, "k = ", k, " < 0"));
+  if (n_pool < 0) return absl::InvalidArgumentError(absl::StrCat(kFn, "n_pool = ", n_pool, " < 0"));
+  if (k == 0) return absl::OkStatus();
+  if (idx == nullptr) return absl::InvalidArgumentError(absl::StrCat(kFn, "idx is null"));
+  if (pool == nullptr && n_pool > 0) return absl::InvalidArgumentError(absl::StrCat(kFn, "pool is null"));
+  if (out == nullptr) return absl::InvalidArgumentError(absl::StrCat(kFn, "out is null"));
+  const int64_t total = static_cast<int64_t>(rows) * k;
+  MapThroughPoolKernel<<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      idx, k, pool, n_pool, total, out);
+  CUDA_RETURN_IF_LAUNCH_FAILED("MapThroughPoolKernel");
+  return absl::OkStatus();
 }
 
 absl::Status LaunchGatherRows(const void* src, int64_t src_head_stride, int64_t src_rows,

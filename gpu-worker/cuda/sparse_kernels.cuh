@@ -69,6 +69,13 @@ absl::Status LaunchTopK(const float* scores, int64_t row_stride, int rows, int n
                         const int32_t* n_device, int k, int32_t* out, void* workspace,
                         size_t workspace_bytes, cudaStream_t stream, const TopKOptions& options);
 
+// runtime::MapThroughPool on the device (plan refine: a Top-K over a pool
+// of candidates back to their indices): out[r * k + i] = pool[r * n_pool +
+// idx[r * k + i]], -1 where idx is outside [0, n_pool). out must not alias
+// idx or pool. Errors: rows < 1, k < 0, n_pool < 0, null pointers (k > 0).
+absl::Status LaunchMapThroughPool(const int32_t* idx, int k, const int32_t* pool, int n_pool,
+                                  int rows, int32_t* out, cudaStream_t stream);
+
 // Zero-copy gather: for head h < heads and i < count,
 //   dst[(h * count + i) * row_bytes ...] = src row idx[h * count + i] of head h,
 // src row j of head h being src + h * src_head_stride + j * row_bytes.

@@ -418,6 +418,50 @@ void CheckGather(int64_t row_bytes, int heads, uint32_t seed) {
   for (int b = 0; b < 64; ++b) ASSERT_EQ(got[dst_bytes + b], 0xA5) << "wrote past the end";
 }
 
+// Refine's map back through the pool equals the reference, with TopK's -1
+// tail and out-of-range picks; nothing past rows x k is written.
+TEST_F(SparseKernelsTest, MapThroughPoolMatchesReference) {
+  std::mt19937 rng(77);
+  const int rows = 8, k = 897, n_pool = 3589;
+  std::vector<int32_t> pool(static_cast<size_t>(rows) * n_pool), idx(static_cast<size_t>(rows) * k);
+  for (auto& p : pool) p = static_cast<int32_t>(rng() % 131072);
+  for (auto& i : idx) i = static_cast<int32_t>(rng() % (n_pool + 2)) - 1;  // -1 .. n_pool
+  std::vector<int32_t> want(idx.size());
+  runtime::MapThroughPool(idx.data(), k, pool.data(), n_pool, rows, want.data());
+  absl::StatusOr<DeviceBuffer> d_pool = DeviceBuffer::Allocate(pool.size() * 4),
+                               d_idx = DeviceBuffer::Allocate(idx.size() * 4),
+                               d_out = DeviceBuffer::Allocate((idx.size() + 7) * 4);
+  ASSERT_TRUE(d_pool.ok() && d_idx.ok() && d_out.ok());
+  ASSERT_EQ(cudaMemcpy(d_pool->get(), pool.data(), pool.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_idx->get(), idx.data(), idx.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  std::vector<int32_t> got(idx.size() + 7, kPoison);
+  ASSERT_EQ(cudaMemcpy(d_out->get(), got.data(), got.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  absl::Status st = LaunchMapThroughPool(d_idx->as<int32_t>(), k, d_pool->as<int32_t>(), n_pool, rows,
+                                         d_out->as<int32_t>(), nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(got.data(), d_out->get(), got.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin()));
+  for (size_t i = idx.size(); i < got.size(); ++i) EXPECT_EQ(got[i], kPoison) << "past the end, " << i;
+  EXPECT_GT(std::count(want.begin(), want.end(), -1), 0);  // the -1 paths ran
+}
+
+// Runs without a GPU: every check comes before a launch.
+TEST(SparseKernelsArgs, MapThroughPoolBadInputNamesTheField) {
+  int32_t buf[4] = {};
+  auto bad = [](const absl::Status& s, const std::string& want) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find(want), std::string::npos) << s;
+  };
+  bad(LaunchMapThroughPool(buf, 2, buf, 2, 0, buf, nullptr), "LaunchMapThroughPool: rows = 0");
+  bad(LaunchMapThroughPool(buf, -1, buf, 2, 1, buf, nullptr), "k = -1");
+  bad(LaunchMapThroughPool(buf, 2, buf, -2, 1, buf, nullptr), "n_pool = -2");
+  bad(LaunchMapThroughPool(nullptr, 2, buf, 2, 1, buf, nullptr), "idx is null");
+  bad(LaunchMapThroughPool(buf, 2, nullptr, 2, 1, buf, nullptr), "pool is null");
+  bad(LaunchMapThroughPool(buf, 2, buf, 2, 1, nullptr, nullptr), "out is null");
+  EXPECT_TRUE(LaunchMapThroughPool(nullptr, 0, nullptr, 0, 1, nullptr, nullptr).ok());
+}
+
 TEST_F(SparseKernelsTest, GatherBitExactFromMappedHostMemory) {
   CheckGather(256, 1, 1);
   CheckGather(2048, 1, 2);

@@ -2,7 +2,9 @@
 // deterministic, the same sequence on every machine.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace tailorkv::cuda::test_util {
 
@@ -22,5 +24,24 @@ class Rng {
  private:
   uint64_t state_;
 };
+
+// A refine pool for the score kernels' `pool` argument: per head of n_kv, n
+// entries; ascending distinct positions in [0, limit) except the last entry
+// of each head, which is `limit` (out of range: it must score -infinity).
+// Needs 1 <= n <= limit + 1.
+inline std::vector<int32_t> RandomPool(int n_kv, int n, int limit, Rng& rng) {
+  std::vector<int32_t> pool;
+  for (int h = 0; h < n_kv; ++h) {
+    // Every position with probability ~(n - 1) / limit, trimmed or padded.
+    std::vector<int32_t> rows;
+    for (int p = 0; p < limit && static_cast<int>(rows.size()) < n - 1; ++p) {
+      const int left = limit - p, need = n - 1 - static_cast<int>(rows.size());
+      if (left <= need || rng.Uniform(0.0f, 1.0f) * left < need) rows.push_back(p);
+    }
+    rows.push_back(limit);
+    pool.insert(pool.end(), rows.begin(), rows.end());
+  }
+  return pool;
+}
 
 }  // namespace tailorkv::cuda::test_util

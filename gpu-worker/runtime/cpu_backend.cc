@@ -737,8 +737,9 @@ void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int st
         (void)TopKIndices(prev_scores.data(), n_cand, n_pool, pool.data());
         std::vector<float> pooled(n_pool);
         for (int i = 0; i < n_pool; ++i) pooled[i] = approx[pool[i]];
-        (void)TopKIndices(pooled.data(), n_pool, selected, picked.data());
-        for (int32_t& p : picked) p = pool[p];
+        std::vector<int32_t> in_pool(selected);
+        (void)TopKIndices(pooled.data(), n_pool, selected, in_pool.data());
+        MapThroughPool(in_pool.data(), selected, pool.data(), n_pool, 1, picked.data());
       } else {
         (void)TopKIndices(approx.data(), n_cand, selected, picked.data());
       }

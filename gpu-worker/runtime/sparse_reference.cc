@@ -10,6 +10,15 @@
 
 namespace tailorkv::runtime {
 
+void MapThroughPool(const int32_t* idx, int k, const int32_t* pool, int n_pool, int rows, int32_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t j = idx[r * k + i];
+      out[r * k + i] = (j >= 0 && j < n_pool) ? pool[r * n_pool + j] : -1;
+    }
+  }
+}
+
 absl::StatusOr<int> TopKIndices(const float* scores, int n, int k, int32_t* out) {
   if (n < 0) return absl::InvalidArgumentError(absl::StrCat("TopKIndices: n = ", n, " < 0"));
   if (k < 0) return absl::InvalidArgumentError(absl::StrCat("TopKIndices: k = ", k, " < 0"));

@@ -34,6 +34,12 @@ inline uint32_t TopKKey(float x) {
 // k < 0, null scores (n > 0) or null out (k > 0 and n > 0).
 absl::StatusOr<int> TopKIndices(const float* scores, int n, int k, int32_t* out);
 
+// Plan refine: a Top-K taken over a pool of candidates, mapped back to the
+// candidates' own indices, per row r < rows: out[r * k + i] = pool[r * n_pool
+// + idx[r * k + i]], or -1 where that idx entry is outside [0, n_pool) (the
+// -1 TopK writes past min(k, n)). Ascending pools keep ascending output.
+void MapThroughPool(const int32_t* idx, int k, const int32_t* pool, int n_pool, int rows, int32_t* out);
+
 // dst row i = src row idx[i] (row_bytes bytes each, byte copies), for i in
 // [0, count). Every index must lie in [0, src_rows); duplicates are fine.
 // Errors name the field: negative sizes, null pointers, an index out of

@@ -120,6 +120,25 @@ TEST(SparseTopKTest, EmptyAndBadInput) {
   EXPECT_FALSE(TopKIndices(&one, 1, 1, nullptr).ok());
 }
 
+// Refine: a Top-K over a pool maps back to the pool's entries; entries
+// outside the pool (TopK's -1 tail, anything out of range) become -1.
+TEST(MapThroughPoolTest, MapsEachRowThroughItsOwnPool) {
+  const int32_t pool[2 * 5] = {3, 8, 9, 40, 41,  //
+                               0, 2, 4, 6, 1000};
+  const int32_t idx[2 * 3] = {0, 2, 4,  //
+                              1, 5, -1};
+  int32_t out[2 * 3] = {kPoison, kPoison, kPoison, kPoison, kPoison, kPoison};
+  MapThroughPool(idx, 3, pool, 5, 2, out);
+  EXPECT_EQ(std::vector<int32_t>(out, out + 6), (std::vector<int32_t>{3, 9, 41, 2, -1, -1}));
+  // The CPU backend's refine: Top-2 of the pooled scores, back to positions.
+  const float pooled[5] = {0.5f, 3.0f, -1.0f, 2.0f, 2.0f};
+  int32_t in_pool[2], picked[2];
+  ASSERT_EQ(*TopKIndices(pooled, 5, 2, in_pool), 2);
+  MapThroughPool(in_pool, 2, pool, 5, 1, picked);
+  EXPECT_EQ(picked[0], 8);   // pool slot 1 (score 3)
+  EXPECT_EQ(picked[1], 40);  // slot 3: the tie with slot 4 goes to the smaller index
+}
+
 TEST(SparseGatherTest, BitExactWithDuplicates) {
   std::mt19937 rng(7);
   for (int64_t row_bytes : {1, 16, 256, 2048, 2051}) {
