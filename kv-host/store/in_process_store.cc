@@ -117,6 +117,30 @@ absl::StatusOr<ArenaId> InProcessStore::CreateArena(uint64_t bytes, std::string_
   return InsertArenaLocked(id, *std::move(arena));
 }
 
+std::vector<ArenaId> InProcessStore::RetireEmptyArenas(uint64_t keep_empty_bytes) {
+  std::vector<ArenaId> ids;
+  std::vector<std::unique_ptr<Arena>> gone;
+  {
+    absl::MutexLock lock(&mu_);
+    uint64_t kept = 0;
+    for (auto it = arenas_.begin(); it != arenas_.end();) {
+      Arena& a = *it->second;
+      const uint64_t bytes = a.memory.size();
+      if (!a.slices.empty() || kept + bytes <= keep_empty_bytes) {
+        if (a.slices.empty()) kept += bytes;
+        ++it;
+        continue;
+      }
+      reserved_bytes_ -= bytes;
+      ids.push_back(it->first);
+      gone.push_back(std::move(it->second));
+      it = arenas_.erase(it);
+    }
+  }
+  gone.clear();  // unregister, unmap, close: outside the lock
+  return ids;
+}
+
 bool InProcessStore::AllocateInLocked(ArenaId id, Arena& arena, uint64_t bytes,
                                       uint64_t alignment, std::string_view owner,
                                       HostSlice* out) {

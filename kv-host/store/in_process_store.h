@@ -10,10 +10,11 @@
 // O(log slices), FreeOwner O(slices); KV slices are large and few (per
 // layer and chunk), so the lists stay short.
 //
-// Arenas live until the store is destroyed (they are few and large; giving
-// one back would need every peer that mapped it to unmap it first). The
-// destructor unregisters, unmaps and closes each arena; live slices are
-// simply dropped with them.
+// Arenas live until RetireEmptyArenas gives back empty ones or the store is
+// destroyed (a peer that mapped an arena must unmap it too before its memory
+// returns to the OS: kv-host tells its worker which ones). The destructor
+// unregisters, unmaps and closes each arena; live slices are simply dropped
+// with them.
 //
 // Thread-safety: all methods are thread-safe. Arena creation (memfd_create,
 // page population, the register_fn) runs outside the lock with its bytes
@@ -27,6 +28,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -71,6 +73,12 @@ class InProcessStore final : public HostKvStore {
   absl::StatusOr<int> ArenaFd(ArenaId arena) const override;
   absl::StatusOr<uint64_t> ArenaBytes(ArenaId arena) const override;
   HostKvStoreStats Stats() const override;
+
+  // Gives back arenas that hold no slice, keeping the oldest of them up to
+  // `keep_empty_bytes` in all for later requests; returns the ids given
+  // back (unregistered, unmapped and closed before this returns: their
+  // memory goes back to the OS once no other process maps them).
+  std::vector<ArenaId> RetireEmptyArenas(uint64_t keep_empty_bytes);
 
   // Walks every arena and checks the accounting from scratch: free blocks
   // and live slices tile each arena exactly (no gap, no overlap), no two

@@ -417,6 +417,45 @@ TEST(InProcessStoreTest, FreeOwnerFreesOnlyThatOwner) {
   EXPECT_TRUE(store->CheckInvariants().ok()) << store->CheckInvariants();
 }
 
+// Empty arenas go back (their fds closed) beyond the kept reserve; arenas
+// with a live slice stay, and so does their data; the budget is free again.
+TEST(InProcessStoreTest, RetireEmptyArenasKeepsTheReserveAndLiveOnes) {
+  auto store = MakeStore(8 * kPage, 2 * kPage);
+  ASSERT_NE(store, nullptr);
+  const int fds_before = CountOpenFds();
+  std::vector<HostSlice> slices;
+  for (int i = 0; i < 4; ++i) {
+    auto s = store->Allocate(2 * kPage, 64, i == 2 ? "live" : "burst");  // one arena each
+    ASSERT_TRUE(s.ok()) << s.status();
+    slices.push_back(*s);
+  }
+  EXPECT_EQ(store->Stats().arena_count, 4u);
+  EXPECT_EQ(CountOpenFds(), fds_before + 4);
+  Stamp(*store->Data(slices[2]), 9);
+  EXPECT_TRUE(store->RetireEmptyArenas(0).empty());  // nothing empty yet
+  store->FreeOwner("burst");
+  const std::vector<ArenaId> gone = store->RetireEmptyArenas(2 * kPage);  // keep one empty arena
+  EXPECT_EQ(gone, (std::vector<ArenaId>{slices[1].arena, slices[3].arena}));
+  HostKvStoreStats st = store->Stats();
+  EXPECT_EQ(st.arena_count, 2u);
+  EXPECT_EQ(st.reserved_bytes, 4 * kPage);
+  EXPECT_EQ(CountOpenFds(), fds_before + 2);
+  EXPECT_EQ(FirstUnstamped(*store->Data(slices[2]), 9), -1);
+  EXPECT_EQ(store->ArenaFd(slices[1].arena).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(store->CheckInvariants().ok()) << store->CheckInvariants();
+  // The budget given back serves new arenas.
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(store->Allocate(2 * kPage, 64, "again").ok());
+  EXPECT_EQ(store->RetireEmptyArenas(0).size(), 0u);
+  store->FreeOwner("again");
+  store->FreeOwner("live");
+  EXPECT_EQ(store->RetireEmptyArenas(0).size(), 3u);  // the kept one was reused, one new
+  st = store->Stats();
+  EXPECT_EQ(st.arena_count, 0u);
+  EXPECT_EQ(st.reserved_bytes, 0u);
+  EXPECT_EQ(CountOpenFds(), fds_before);
+  EXPECT_TRUE(store->CheckInvariants().ok()) << store->CheckInvariants();
+}
+
 TEST(InProcessStoreTest, ArenaFdMapsTheSameBytesASecondTime) {
   auto store = MakeStore(8 * kPage, 4 * kPage);
   ASSERT_NE(store, nullptr);
