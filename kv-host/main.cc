@@ -1,14 +1,89 @@
-// kv-host: serves tailorkv.v1.KvHost (placeholder RPCs for now), health and
-// reflection until SIGTERM/SIGINT, then drains.
+// kv-host: owns the host memory of the sparse layers' KV (memfd arenas) and
+// hands it to co-located workers (tailorkv.v1.KvHost + the fd channel; see
+// daemon/kv_host_daemon.h), with health and reflection, until SIGTERM/SIGINT.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <memory>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "common/service_main.h"
-#include "kv_host_placeholder_service.h"
+#include "daemon/budget.h"
+#include "daemon/kv_host_daemon.h"
+#include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
-  tailorkv::kvhost::KvHostPlaceholderService service;
+  using namespace tailorkv::kvhost;
+  std::string budget = "0.5", quota, arena = "256M", warm = "256M", fd_socket, listen;
+  std::vector<int> allow_uids;
+  bool huge_pages = true, populate = false;
+  std::unique_ptr<KvHostDaemon> daemon;
   return tailorkv::common::RunServiceMain(
       argc, argv,
       {.name = "kv-host",
-       .description = "tailorkv kv-host: host memory for offloaded KV",
+       .description = "tailorkv kv-host: host memory for the sparse layers' KV, shared with co-located workers",
        .default_listen = "127.0.0.1:50061",
-       .services = {{tailorkv::v1::KvHost::service_full_name(), &service}}});
+       .services = {},
+       .add_flags =
+           [&](CLI::App& app) {
+             app.add_option("--budget", budget,
+                            "host bytes for KV arenas: a size (48G) or a fraction of the memory limit "
+                            "(cgroup memory.max, else RAM)")
+                 ->capture_default_str();
+             app.add_option("--worker-quota", quota, "the most one worker may hold (size or fraction of the budget; default: the budget)");
+             app.add_option("--arena-bytes", arena, "arena size (larger slices get their own arena)")->capture_default_str();
+             app.add_option("--warm-bytes", warm, "empty arena bytes each worker keeps when its sessions close")
+                 ->capture_default_str();
+             app.add_option("--fd-socket", fd_socket,
+                            "UNIX socket for the fd channel (default: the --listen unix path + \".fd\", or "
+                            "/tmp/tailorkv-kv-host-<uid>.fd)");
+             app.add_option("--allow-uid", allow_uids, "uids besides kv-host's own that may attach");
+             app.add_flag("--huge-pages,!--no-huge-pages", huge_pages, "transparent huge pages for arenas")
+                 ->capture_default_str();
+             app.add_flag("--populate", populate, "pre-fault arena pages at creation");
+           },
+       .init =
+           [&](const tailorkv::common::ServerOptions& server,
+               std::vector<tailorkv::common::ServiceEntry>& services) -> absl::Status {
+             listen = server.listen_address;
+             auto limit = DetectMemoryLimit();
+             if (!limit.ok()) return limit.status();
+             KvHostDaemonOptions o;
+             auto b = ParseBudget(budget, limit->bytes);
+             if (!b.ok()) return b.status();
+             o.budget_bytes = *b;
+             o.budget_source = absl::StrContains(budget, ".")
+                                   ? absl::StrCat(budget, " of ", limit->bytes, " bytes (", limit->source, ")")
+                                   : absl::StrCat("--budget ", budget);
+             if (!quota.empty()) {
+               auto q = ParseBudget(quota, o.budget_bytes);
+               if (!q.ok()) return absl::InvalidArgumentError(absl::StrCat("--worker-quota: ", q.status().message()));
+               o.worker_quota_bytes = *q;
+             }
+             auto a = ParseBudget(arena, o.budget_bytes);
+             if (!a.ok()) return absl::InvalidArgumentError(absl::StrCat("--arena-bytes: ", a.status().message()));
+             o.arena_bytes = *a;
+             auto w = ParseBudget(warm, o.budget_bytes);
+             if (!w.ok()) return absl::InvalidArgumentError(absl::StrCat("--warm-bytes: ", w.status().message()));
+             o.warm_bytes = *w;
+             if (fd_socket.empty()) {
+               fd_socket = absl::StartsWith(listen, "unix:")
+                               ? absl::StrCat(listen.substr(listen.rfind(':') + 1), ".fd")
+                               : absl::StrCat("/tmp/tailorkv-kv-host-", getuid(), ".fd");
+               while (absl::StartsWith(fd_socket, "//")) fd_socket.erase(0, 1);
+             }
+             o.fd_socket_path = fd_socket;
+             for (int u : allow_uids) o.allowed_uids.push_back(static_cast<uid_t>(u));
+             o.arena.huge_pages = huge_pages;
+             o.arena.populate = populate;
+             auto d = KvHostDaemon::Start(std::move(o));
+             if (!d.ok()) return d.status();
+             daemon = std::move(*d);
+             spdlog::info("kv-host: budget {} bytes ({}), fd channel at {}", daemon->Stats().budget_bytes(),
+                          daemon->Stats().budget_source(), fd_socket);
+             services.push_back({tailorkv::v1::KvHost::service_full_name(), daemon.get()});
+             return absl::OkStatus();
+           }});
 }

@@ -40,7 +40,8 @@ int main(int argc, char** argv) {
                  ->capture_default_str();
            },
        .init =
-           [&](std::vector<tailorkv::common::ServiceEntry>& services) -> absl::Status {
+           [&](const tailorkv::common::ServerOptions&,
+               std::vector<tailorkv::common::ServiceEntry>& services) -> absl::Status {
              auto opened = tp::PlanStore::Open(plans_dir);
              if (!opened.ok()) return opened.status();
              store = *std::move(opened);

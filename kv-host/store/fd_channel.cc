@@ -6,6 +6,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -31,22 +32,24 @@ absl::StatusOr<sockaddr_un> Address(const std::string& path) {
   return addr;
 }
 
-// Waits until `sock` is ready for `events` or the timeout passes.
+// Waits until `sock` is ready for `events` or the timeout passes (a zero
+// timeout still looks once).
 absl::Status WaitFor(int sock, short events, absl::Duration timeout, absl::string_view what) {
-  const absl::Time deadline = timeout == absl::InfiniteDuration() ? absl::InfiniteFuture() : absl::Now() + timeout;
+  const bool forever = timeout == absl::InfiniteDuration();
+  const absl::Time deadline = forever ? absl::InfiniteFuture() : absl::Now() + timeout;
   while (true) {
     int ms = -1;
-    if (deadline != absl::InfiniteFuture()) {
-      const absl::Duration left = deadline - absl::Now();
-      if (left <= absl::ZeroDuration()) {
-        return absl::DeadlineExceededError(absl::StrCat(what, ": no progress within ", absl::FormatDuration(timeout)));
-      }
-      ms = static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, 1 << 30));
+    if (!forever) {
+      ms = static_cast<int>(std::clamp<int64_t>(absl::ToInt64Milliseconds(deadline - absl::Now()) + 1, 0, 1 << 30));
+      if (timeout == absl::ZeroDuration()) ms = 0;
     }
     pollfd p{.fd = sock, .events = events, .revents = 0};
     const int r = poll(&p, 1, ms);
     if (r > 0) return absl::OkStatus();  // ready, or an error/hang-up the call itself reports
     if (r < 0 && errno != EINTR) return Errno(absl::StrCat(what, ": poll"), errno);
+    if (r == 0 && !forever && absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(what, ": no progress within ", absl::FormatDuration(timeout)));
+    }
   }
 }
 

@@ -27,6 +27,7 @@
 #include <map>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -85,6 +86,23 @@ class HostKvStore {
   // room and a new one would exceed the budget. Nothing is held on error.
   virtual absl::StatusOr<HostSlice> Allocate(uint64_t bytes, uint64_t alignment,
                                              std::string_view owner) = 0;
+
+  // Allocate for each size, all or nothing (on error nothing is held).
+  // A remote store makes it one round trip: a sequence asks for all its
+  // layers at once.
+  virtual absl::StatusOr<std::vector<HostSlice>> AllocateMany(absl::Span<const uint64_t> sizes,
+                                                              uint64_t alignment, std::string_view owner) {
+    std::vector<HostSlice> out;
+    for (uint64_t bytes : sizes) {
+      absl::StatusOr<HostSlice> s = Allocate(bytes, alignment, owner);
+      if (!s.ok()) {
+        for (const HostSlice& got : out) (void)Free(got);
+        return s.status();
+      }
+      out.push_back(*s);
+    }
+    return out;
+  }
 
   // Returns a slice handed out by Allocate and not yet freed (exactly as
   // given: same arena, offset and length). InvalidArgument naming "slice"

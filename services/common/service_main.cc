@@ -34,7 +34,7 @@ int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec) {
   }
   std::vector<ServiceEntry> services = spec.services;
   if (spec.init) {
-    if (absl::Status s = spec.init(services); !s.ok()) {
+    if (absl::Status s = spec.init(server_options, services); !s.ok()) {
       spdlog::error("invalid configuration: {}", s.ToString());
       return 2;
     }

@@ -26,9 +26,10 @@ struct ServiceMainSpec {
   // Optional: the process's own flags, parsed with the common ones.
   std::function<void(CLI::App&)> add_flags;
   // Optional: runs after parsing and logging set-up, before serving (builds
-  // what the flags configure, may add services that outlive the call); a
-  // non-OK status is logged and exits 2.
-  std::function<absl::Status(std::vector<ServiceEntry>&)> init;
+  // what the flags configure, may add services that outlive the call; sees
+  // the server's options, e.g. the --listen address); a non-OK status is
+  // logged and exits 2.
+  std::function<absl::Status(const ServerOptions&, std::vector<ServiceEntry>&)> init;
 };
 
 // Returns the process exit code: 0 after a clean drain, 1 when the server

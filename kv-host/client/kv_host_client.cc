@@ -1,0 +1,289 @@
+#include "client/kv_host_client.h"
+
+#include <sys/socket.h>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+#include "store/fd_channel.h"
+#include "tailorkv/v1/kv_host.grpc.pb.h"
+
+namespace tailorkv::kvhost {
+
+struct KvHostClientStore::Impl {
+  std::unique_ptr<v1::KvHost::Stub> stub;
+  ScopedFd conn;  // the fd channel
+  std::string key;
+};
+
+namespace {
+
+absl::Status FromGrpc(const grpc::Status& s, std::string_view what) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat("kv-host ", absl::string_view(what.data(), what.size()), ": ", s.error_message()));
+}
+
+std::string Text(std::string_view s) { return std::string(s); }
+
+}  // namespace
+
+KvHostClientStore::KvHostClientStore(KvHostClientOptions options)
+    : options_(std::move(options)), impl_(std::make_unique<Impl>()) {}
+
+absl::StatusOr<std::unique_ptr<KvHostClientStore>> KvHostClientStore::Connect(KvHostClientOptions options) {
+  if (static_cast<bool>(options.register_fn) != static_cast<bool>(options.unregister_fn)) {
+    return absl::InvalidArgumentError("register_fn / unregister_fn: both or neither");
+  }
+  std::unique_ptr<KvHostClientStore> c(new KvHostClientStore(std::move(options)));
+  Impl& impl = *c->impl_;
+  impl.stub = v1::KvHost::NewStub(grpc::CreateChannel(c->options_.target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + c->options_.rpc_timeout));
+  ctx.set_wait_for_ready(false);
+  v1::AttachRequest req;
+  req.set_worker_id(c->options_.worker_id);
+  v1::AttachResponse resp;
+  if (grpc::Status s = impl.stub->Attach(&ctx, req, &resp); !s.ok()) {
+    return FromGrpc(s, absl::StrCat("at ", c->options_.target, ": Attach"));
+  }
+  auto conn = ConnectSeqpacket(resp.fd_socket_path());
+  if (!conn.ok()) return conn.status();
+  v1::FdHello hello;
+  hello.set_attach_id(resp.attach_id());
+  hello.set_nonce(resp.nonce());
+  if (absl::Status s = SendFdMessage(conn->get(), hello.SerializeAsString(), {}); !s.ok()) return s;
+  auto welcome = ReceiveFdMessage(conn->get(), c->options_.rpc_timeout);
+  if (!welcome.ok()) {
+    return absl::Status(welcome.status().code(),
+                        absl::StrCat("kv-host refused the fd channel (see its log): ", welcome.status().message()));
+  }
+  v1::FdWelcome w;
+  if (!w.ParseFromString(welcome->payload) || w.worker_key().empty()) {
+    return absl::DataLossError("kv-host fd channel: not an FdWelcome");
+  }
+  impl.key = w.worker_key();
+  impl.conn = std::move(*conn);
+  c->receiver_ = std::thread([p = c.get()] { p->ReceiveLoop(); });
+  return c;
+}
+
+KvHostClientStore::~KvHostClientStore() {
+  if (impl_->conn.valid()) shutdown(impl_->conn.get(), SHUT_RDWR);  // wakes the receiver
+  if (receiver_.joinable()) receiver_.join();
+  std::map<ArenaId, Arena> arenas;
+  {
+    absl::MutexLock lock(&mu_);
+    arenas.swap(arenas_);
+  }
+  for (auto& [id, a] : arenas) DropArena(a);
+}
+
+void KvHostClientStore::DropArena(Arena& a) {
+  if (a.registered && options_.unregister_fn) {
+    if (absl::Status s = options_.unregister_fn(a.mapping.data(), a.mapping.size()); !s.ok()) {
+      spdlog::warn("kv-host client: unregistering an arena: {}", s.ToString());
+    }
+  }
+  a.mapping.reset();
+  a.fd.reset();
+}
+
+void KvHostClientStore::ReceiveLoop() {
+  while (true) {
+    auto m = ReceiveFdMessage(impl_->conn.get(), absl::InfiniteDuration());
+    absl::Status why;
+    if (m.ok()) {
+      v1::FdArena msg;
+      if (!msg.ParseFromString(m->payload) || m->fds.size() != 1 || msg.bytes() == 0) {
+        why = absl::DataLossError("kv-host sent a message that is not one arena");
+      } else {
+        Arena a;
+        a.fd = std::move(m->fds[0]);
+        auto map = SharedMapping::Map(a.fd.get(), msg.bytes(), /*writable=*/true, /*populate=*/false);
+        if (map.ok()) {
+          a.mapping = std::move(*map);
+          if (options_.register_fn) {
+            absl::Status r = options_.register_fn(a.mapping.data(), a.mapping.size());
+            if (!r.ok()) why = absl::Status(r.code(), absl::StrCat("registering arena ", msg.arena_id(), ": ", r.message()));
+            a.registered = r.ok();
+          }
+        } else {
+          why = map.status();
+        }
+        if (why.ok()) {
+          absl::MutexLock lock(&mu_);
+          arenas_[msg.arena_id()] = std::move(a);
+          arrived_.SignalAll();
+          continue;
+        }
+        DropArena(a);
+      }
+    } else {
+      why = m.status();
+    }
+    // The channel is gone (or spoke nonsense): no more arenas; what is mapped stays.
+    absl::MutexLock lock(&mu_);
+    lost_ = absl::UnavailableError(absl::StrCat("kv-host fd channel closed: ", why.message()));
+    arrived_.SignalAll();
+    spdlog::warn("kv-host client: {}", std::string(lost_.message()));
+    return;
+  }
+}
+
+absl::Status KvHostClientStore::Health() const {
+  absl::MutexLock lock(&mu_);
+  return lost_;
+}
+
+absl::StatusOr<ArenaId> KvHostClientStore::CreateArena(uint64_t, std::string_view) {
+  return absl::UnimplementedError("kv-host client: arenas are made by kv-host (Allocate asks for slices)");
+}
+
+absl::StatusOr<HostSlice> KvHostClientStore::Allocate(uint64_t bytes, uint64_t alignment, std::string_view owner) {
+  const uint64_t sizes[] = {bytes};
+  auto many = AllocateMany(sizes, alignment, owner);
+  if (!many.ok()) return many.status();
+  return (*many)[0];
+}
+
+absl::StatusOr<std::vector<HostSlice>> KvHostClientStore::AllocateMany(absl::Span<const uint64_t> sizes,
+                                                                       uint64_t alignment, std::string_view owner) {
+  if (sizes.empty()) return std::vector<HostSlice>();
+  if (absl::Status h = Health(); !h.ok()) return h;
+  v1::ReserveRequest req;
+  req.set_worker_key(impl_->key);
+  req.set_session_id(Text(owner));
+  for (uint64_t b : sizes) req.add_sizes(b);
+  req.set_alignment(alignment);
+  v1::ReserveResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  if (grpc::Status s = impl_->stub->Reserve(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "Reserve");
+  if (resp.slices_size() != static_cast<int>(sizes.size())) {
+    return absl::DataLossError(absl::StrCat("kv-host Reserve: ", resp.slices_size(), " slices for ", sizes.size(), " sizes"));
+  }
+  absl::MutexLock lock(&mu_);
+  // The daemon sent new arenas before replying; the receiver may still be mapping them.
+  const absl::Time deadline = absl::Now() + options_.arena_timeout;
+  auto mapped = [&] {
+    for (uint32_t id : resp.new_arena_ids()) {
+      if (arenas_.count(id) == 0) return false;
+    }
+    return true;
+  };
+  while (!mapped() && lost_.ok()) {
+    if (arrived_.WaitWithDeadline(&mu_, deadline)) break;
+  }
+  std::vector<HostSlice> out;
+  for (const v1::Slice& s : resp.slices()) {
+    auto a = arenas_.find(s.arena_id());
+    if (a == arenas_.end() || s.offset() + s.length() > a->second.mapping.size() || s.length() != sizes[out.size()]) {
+      return absl::DataLossError(absl::StrCat("kv-host Reserve: slice in arena ", s.arena_id(),
+                                              " is not inside an arena mapped here",
+                                              lost_.ok() ? "" : absl::StrCat(" (", lost_.message(), ")")));
+    }
+    HostSlice h{.arena = s.arena_id(), .offset = s.offset(), .length = s.length()};
+    live_[{h.arena, h.offset}] = Live{.slice_id = s.slice_id(), .length = h.length, .owner = Text(owner)};
+    out.push_back(h);
+  }
+  return out;
+}
+
+absl::Status KvHostClientStore::Free(const HostSlice& slice) {
+  uint64_t id;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = live_.find({slice.arena, slice.offset});
+    if (it == live_.end()) return absl::InvalidArgumentError("slice: not live");
+    id = it->second.slice_id;
+    live_.erase(it);
+    if (!lost_.ok()) return absl::OkStatus();  // nobody to tell
+  }
+  v1::ReleaseRequest req;
+  req.set_worker_key(impl_->key);
+  req.set_slice_id(id);
+  v1::ReleaseResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  if (grpc::Status s = impl_->stub->Release(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "Release");
+  return absl::OkStatus();
+}
+
+uint64_t KvHostClientStore::FreeOwner(std::string_view owner) {
+  uint64_t local = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = live_.begin(); it != live_.end();) {
+      if (it->second.owner != owner) {
+        ++it;
+        continue;
+      }
+      it = live_.erase(it);
+      ++local;
+    }
+    if (local == 0 || !lost_.ok()) return 0;
+  }
+  v1::CloseSessionRequest req;
+  req.set_worker_key(impl_->key);
+  req.set_session_id(Text(owner));
+  v1::CloseSessionResponse resp;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  if (grpc::Status s = impl_->stub->CloseSession(&ctx, req, &resp); !s.ok()) {
+    spdlog::warn("kv-host client: {}", FromGrpc(s, "CloseSession").ToString());
+    return 0;
+  }
+  std::vector<Arena> gone;
+  {
+    absl::MutexLock lock(&mu_);
+    for (uint32_t id : resp.retired_arena_ids()) {
+      auto it = arenas_.find(id);
+      if (it == arenas_.end()) continue;
+      gone.push_back(std::move(it->second));
+      arenas_.erase(it);
+    }
+  }
+  for (Arena& a : gone) DropArena(a);
+  return static_cast<uint64_t>(resp.freed_bytes());
+}
+
+absl::StatusOr<absl::Span<std::byte>> KvHostClientStore::Data(const HostSlice& slice) {
+  absl::MutexLock lock(&mu_);
+  if (live_.count({slice.arena, slice.offset}) == 0) return absl::InvalidArgumentError("slice: not live");
+  auto a = arenas_.find(slice.arena);
+  if (a == arenas_.end() || slice.offset + slice.length > a->second.mapping.size()) {
+    return absl::InvalidArgumentError("slice: not inside a mapped arena");
+  }
+  return absl::Span<std::byte>(a->second.mapping.data() + slice.offset, slice.length);
+}
+
+absl::StatusOr<int> KvHostClientStore::ArenaFd(ArenaId arena) const {
+  absl::MutexLock lock(&mu_);
+  auto a = arenas_.find(arena);
+  if (a == arenas_.end()) return absl::NotFoundError(absl::StrCat("arena: ", arena, " is not mapped here"));
+  return a->second.fd.get();
+}
+
+absl::StatusOr<uint64_t> KvHostClientStore::ArenaBytes(ArenaId arena) const {
+  absl::MutexLock lock(&mu_);
+  auto a = arenas_.find(arena);
+  if (a == arenas_.end()) return absl::NotFoundError(absl::StrCat("arena: ", arena, " is not mapped here"));
+  return a->second.mapping.size();
+}
+
+HostKvStoreStats KvHostClientStore::Stats() const {
+  absl::MutexLock lock(&mu_);
+  HostKvStoreStats st;
+  for (const auto& [id, a] : arenas_) st.reserved_bytes += a.mapping.size();
+  st.arena_count = arenas_.size();
+  st.slice_count = live_.size();
+  for (const auto& [at, l] : live_) {
+    st.allocated_bytes += l.length;
+    st.owner_bytes[l.owner] += l.length;
+  }
+  st.free_bytes = st.reserved_bytes - st.allocated_bytes;
+  return st;
+}
+
+}  // namespace tailorkv::kvhost
