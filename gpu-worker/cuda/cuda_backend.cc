@@ -5,11 +5,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
+#include <deque>
 #include <cstring>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "cuda/attention_kernels.cuh"
@@ -31,6 +34,9 @@
 
 namespace tailorkv::cuda {
 namespace {
+
+// Host tiers start on a page: the zero-copy gathers read 16-byte rows.
+constexpr uint64_t kHostAlign = 4096;
 
 using bf16 = __nv_bfloat16;
 using model::ModelConfig;
@@ -281,17 +287,15 @@ class CudaSequence final : public SequenceState {
     // Kernels in flight may still read the host tier: wait, then give it back.
     if (host_store != nullptr) {
       cudaDeviceSynchronize();
-      for (const auto& sp : sparse) {
-        if (sp == nullptr) continue;
-        if (sp->host_slice.arena != kvhost::kInvalidArena) (void)host_store->Free(sp->host_slice);
-        if (sp->kt_slice.arena != kvhost::kInvalidArena) (void)host_store->Free(sp->kt_slice);
-      }
+      host_store->FreeOwner(host_session);
     }
   }
   // Sparse layers (null elsewhere), and what they share: the store their
   // host tiers live in, the scores and the Top-K workspace of the selection.
   std::vector<std::unique_ptr<SparseKv>> sparse;
   kvhost::HostKvStore* host_store = nullptr;
+  std::string host_session;                     // the store's owner tag for this sequence
+  std::deque<kvhost::HostSlice> host_prealloc;  // taken in order by HostAlloc
   DeviceBuffer scores;        // [n_kv][capacity] f32
   DeviceBuffer topk_ws;
   // Row reuse (CudaBackendOptions::sparse_row_reuse): last step's selected
@@ -404,7 +408,9 @@ class CudaBackend final : public runtime::Backend {
   // state, the end of its prompt (tier, kept rows, index) and a decode
   // step's selection (speculative on the side stream for index "gpu").
   absl::StatusOr<kvhost::HostKvStore*> HostStore();
-  absl::StatusOr<kvhost::HostSlice> HostAlloc(uint64_t bytes, void** device_ptr,
+  // One host tier of `seq`: from seq.host_prealloc when NewSequence asked
+  // the store for all of them at once, else from the store directly.
+  absl::StatusOr<kvhost::HostSlice> HostAlloc(CudaSequence& seq, uint64_t bytes, void** device_ptr,
                                               const std::byte** host_ptr = nullptr);
   // Prefill of a chunk at `start` > 0: when the first non-dense layer after
   // `after` (-1: from layer 0) is sparse with a bf16 host tier, its history
@@ -763,6 +769,29 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
   auto seq = std::make_unique<CudaSequence>(this, plan, capacity, std::move(layers),
                                             std::move(scratch), dense_elems, std::move(ws),
                                             std::move(qws), std::move(wlen));
+  static std::atomic<uint64_t> next_session{0};
+  seq->host_session = absl::StrCat("cuda-", getpid(), "-", next_session.fetch_add(1));
+  if (options_.host_store != nullptr) {
+    // Every sparse layer's host tiers in one request (NewSparseLayer's sizes
+    // and order): one round trip to kv-host per sequence.
+    std::vector<uint64_t> sizes;
+    for (int l = 0; l < c.n_layers; ++l) {
+      if (plan.layers[l].kind != runtime::KvPolicyKind::kSparse) continue;
+      const runtime::SparseParams& p = plan.layers[l].sparse;
+      const uint64_t values = 2ull * c.n_kv_heads * capacity * c.head_dim;
+      sizes.push_back(values * (p.host_bits == 8 ? 1 : sizeof(bf16)));
+      if (p.index != "gpu") sizes.push_back(values / 2 * sizeof(bf16));
+    }
+    if (!sizes.empty()) {
+      seq->host_store = options_.host_store;
+      auto slices = options_.host_store->AllocateMany(sizes, kHostAlign, seq->host_session);
+      if (!slices.ok()) {
+        return absl::Status(slices.status().code(),
+                            absl::StrCat("host KV for the sparse layers: ", slices.status().message()));
+      }
+      seq->host_prealloc.assign(slices->begin(), slices->end());
+    }
+  }
   for (int l = 0; l < c.n_layers; ++l) {
     if (plan.layers[l].kind == runtime::KvPolicyKind::kSparse) {
       RETURN_IF_ERROR(NewSparseLayer(*seq, l, plan.layers[l].sparse));
@@ -779,6 +808,7 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
 }
 
 absl::StatusOr<kvhost::HostKvStore*> CudaBackend::HostStore() {
+  if (options_.host_store != nullptr) return options_.host_store;
   if (host_store_ != nullptr) return host_store_.get();
   kvhost::InProcessStoreOptions o;
   uint64_t budget = options_.host_kv_budget_bytes;
@@ -794,26 +824,25 @@ absl::StatusOr<kvhost::HostKvStore*> CudaBackend::HostStore() {
   o.grow_on_demand = false;
   o.arena_name_prefix = "tkv-sparse-kv";
   const int device = options_.device;
-  o.register_fn = [device](void* base, size_t bytes) -> absl::Status {
-    CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
-    CUDA_RETURN_IF_ERROR(
-        cudaHostRegister(base, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable));
-    return absl::OkStatus();
-  };
-  o.unregister_fn = [](void* base, size_t) -> absl::Status {
-    CUDA_RETURN_IF_ERROR(cudaHostUnregister(base));
-    return absl::OkStatus();
-  };
+  o.register_fn = [device](void* base, size_t bytes) { return RegisterHostMemory(base, bytes, device); };
+  o.unregister_fn = [](void* base, size_t) { return UnregisterHostMemory(base); };
   ASSIGN_OR_RETURN(host_store_, kvhost::InProcessStore::Create(std::move(o)));
   return host_store_.get();
 }
 
-absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(uint64_t bytes, void** device_ptr,
-                                                          const std::byte** host_ptr) {
+absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(CudaSequence& seq, uint64_t bytes,
+                                                          void** device_ptr, const std::byte** host_ptr) {
   ASSIGN_OR_RETURN(kvhost::HostKvStore * store, HostStore());
-  constexpr uint64_t kAlign = 4096;
-  auto slice = store->Allocate(bytes, kAlign, "cuda-backend");
-  if (!slice.ok()) {
+  absl::StatusOr<kvhost::HostSlice> slice;
+  if (!seq.host_prealloc.empty()) {
+    // NewSequence asked for every host tier at once (one round trip to kv-host).
+    slice = seq.host_prealloc.front();
+    seq.host_prealloc.pop_front();
+    if (slice->length != bytes) return absl::InternalError("HostAlloc: preallocated slice of another size");
+  } else {
+    slice = store->Allocate(bytes, kHostAlign, seq.host_session);
+  }
+  if (!slice.ok() && store == host_store_.get()) {
     // No arena has room: one sized to the request (at least 1 GiB, so that
     // small sequences share arenas; freed slices are reused by later ones).
     const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
@@ -826,8 +855,11 @@ absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(uint64_t bytes, void** 
       return absl::ResourceExhaustedError(absl::StrFormat(
           "host KV store: cannot hold %d more bytes for a sparse layer: %s", bytes, id.status().message()));
     }
-    slice = store->Allocate(bytes, kAlign, "cuda-backend");
-    RETURN_IF_ERROR(slice.status());
+    slice = store->Allocate(bytes, kHostAlign, seq.host_session);
+  }
+  if (!slice.ok()) {
+    return absl::Status(slice.status().code(),
+                        absl::StrCat("host KV for a sparse layer: ", slice.status().message()));
   }
   ASSIGN_OR_RETURN(absl::Span<std::byte> data, store->Data(*slice));
   void* dev = nullptr;
@@ -848,12 +880,12 @@ absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime
   const uint64_t values = 2ull * c.n_kv_heads * cap * c.head_dim;
   const uint64_t rows_bytes = values * (p.host_bits == 8 ? 1 : sizeof(bf16));
   // Registered before any failure below can return, so the destructor frees it.
-  ASSIGN_OR_RETURN(sp->host_slice, HostAlloc(rows_bytes, &dev, &sp->host_cpu));
+  ASSIGN_OR_RETURN(sp->host_slice, HostAlloc(seq, rows_bytes, &dev, &sp->host_cpu));
   sp->host = dev;
   seq.sparse[l] = std::move(sp);
   SparseKv& s = *seq.sparse[l];
   if (!s.gpu_index) {
-    ASSIGN_OR_RETURN(s.kt_slice, HostAlloc(values / 2 * sizeof(bf16), &dev));
+    ASSIGN_OR_RETURN(s.kt_slice, HostAlloc(seq, values / 2 * sizeof(bf16), &dev));
     s.kt = static_cast<bf16*>(dev);
   }
   const size_t heads_dim = static_cast<size_t>(c.n_kv_heads) * c.head_dim;
@@ -1563,6 +1595,17 @@ absl::StatusOr<std::unique_ptr<runtime::Backend>> CreateCudaBackendWithRandomWei
   ASSIGN_OR_RETURN(auto backend, CudaBackend::Allocate(config, options));
   RETURN_IF_ERROR(backend->RandomizeWeights(seed));
   return std::unique_ptr<runtime::Backend>(std::move(backend));
+}
+
+absl::Status RegisterHostMemory(void* base, size_t bytes, int device) {
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  CUDA_RETURN_IF_ERROR(cudaHostRegister(base, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable));
+  return absl::OkStatus();
+}
+
+absl::Status UnregisterHostMemory(void* base) {
+  CUDA_RETURN_IF_ERROR(cudaHostUnregister(base));
+  return absl::OkStatus();
 }
 
 absl::Status FillSequenceWithRandomKv(runtime::SequenceState& seq, int length, uint64_t seed) {

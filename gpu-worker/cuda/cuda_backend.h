@@ -44,6 +44,7 @@
 
 #include "absl/status/statusor.h"
 #include "runtime/backend.h"
+#include "store/host_kv_store.h"
 
 namespace tailorkv::cuda {
 
@@ -61,6 +62,12 @@ struct CudaBackendOptions {
   // Most bytes of host memory the sparse layers' host tier may hold (pinned
   // and registered with the GPU); 0 = 80% of physical memory.
   uint64_t host_kv_budget_bytes = 0;
+  // Where the sparse layers' host tiers live: null = a store of the
+  // backend's own (InProcessStore, host_kv_budget_bytes); else this one,
+  // e.g. kv-host's arenas through kvhost::KvHostClientStore, whose arenas
+  // must be registered with this device (RegisterHostMemory below). One
+  // session per sequence, freed with it. Not owned; must outlive the backend.
+  kvhost::HostKvStore* host_store = nullptr;
   // Sparse layers with index "gpu": run the speculative selection (query,
   // scores, Top-K, gather) on a side stream overlapping the previous layer
   // (false: in line on the main stream, for measuring what the overlap buys),
@@ -105,6 +112,12 @@ absl::StatusOr<std::unique_ptr<runtime::Backend>> CreateCudaBackend(
 // (benchmarks of large shapes: no host copy of the weights exists).
 absl::StatusOr<std::unique_ptr<runtime::Backend>> CreateCudaBackendWithRandomWeights(
     const model::ModelConfig& config, uint64_t seed, const CudaBackendOptions& options);
+
+// Registers host memory with `device` (mapped: kernels read it in place)
+// and unregisters it: the register / unregister hooks for a HostKvStore
+// whose arenas a CUDA backend reads (kvhost::KvHostClientStore).
+absl::Status RegisterHostMemory(void* base, size_t bytes, int device);
+absl::Status UnregisterHostMemory(void* base);
 
 // Benchmarks: makes `seq` (from a CUDA backend) hold `length` tokens of
 // random K/V without running a prefill.

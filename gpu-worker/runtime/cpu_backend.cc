@@ -3,12 +3,16 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "runtime/cpu_reference.h"
 #include "runtime/quant_kv.h"
@@ -51,25 +55,37 @@ struct WindowStore {
 
 // The host tier of a sparse layer: K and V of `rows` positions per KV head,
 // row p of head h at h * head_stride + p * head_dim (the dense layout, so
-// prefill attends over it directly). Plain memory on the CPU backend; a
-// host-memory store (kv-host/store) can stand behind the same calls.
+// prefill attends over it directly). Its own memory, or (CpuBackendOptions::
+// host_store, e.g. kv-host's arenas) a slice of SparseHostBytes that the
+// sequence holds: K then V, zeroed here.
+int64_t SparseHostBytes(int n_kv_heads, int head_dim, int rows) {
+  return 2 * static_cast<int64_t>(n_kv_heads) * rows * head_dim * static_cast<int64_t>(sizeof(float));
+}
 class SparseHostStore {
  public:
   SparseHostStore() = default;
-  SparseHostStore(int n_kv_heads, int head_dim, int rows)
-      : head_stride_(static_cast<int64_t>(rows) * head_dim),
-        k_(head_stride_ * n_kv_heads, 0.0f),
-        v_(k_.size(), 0.0f) {}
-  float* k(int head) { return k_.data() + head * head_stride_; }
-  float* v(int head) { return v_.data() + head * head_stride_; }
-  const float* k(int head) const { return k_.data() + head * head_stride_; }
-  const float* v(int head) const { return v_.data() + head * head_stride_; }
+  SparseHostStore(int n_kv_heads, int head_dim, int rows, absl::Span<std::byte> external = {})
+      : head_stride_(static_cast<int64_t>(rows) * head_dim), values_(head_stride_ * n_kv_heads) {
+    if (external.empty()) {
+      own_.assign(2 * values_, 0.0f);
+      base_ = own_.data();
+    } else {
+      base_ = reinterpret_cast<float*>(external.data());
+      std::fill(base_, base_ + 2 * values_, 0.0f);
+    }
+  }
+  float* k(int head) { return base_ + head * head_stride_; }
+  float* v(int head) { return base_ + values_ + head * head_stride_; }
+  const float* k(int head) const { return base_ + head * head_stride_; }
+  const float* v(int head) const { return base_ + values_ + head * head_stride_; }
   int64_t head_stride() const { return head_stride_; }
-  int64_t bytes() const { return static_cast<int64_t>(k_.size() + v_.size()) * sizeof(float); }
+  int64_t bytes() const { return 2 * values_ * static_cast<int64_t>(sizeof(float)); }
 
  private:
   int64_t head_stride_ = 0;
-  std::vector<float> k_, v_;
+  int64_t values_ = 0;  // of K (and of V)
+  std::vector<float> own_;
+  float* base_ = nullptr;
 };
 
 // A sparse layer (semantics in cpu_backend.h). Device rows per KV head:
@@ -109,8 +125,15 @@ struct SparseLayer {
 // WindowStore.
 class CpuSequence final : public SequenceState {
  public:
-  CpuSequence(const ModelConfig& c, int capacity, KvPlan plan)
-      : plan_(std::move(plan)),
+  // host: the sparse layers' host tiers in layer order (SparseHostBytes
+  // each), held in `store` under `session` (freed with the sequence); empty:
+  // plain memory.
+  CpuSequence(const ModelConfig& c, int capacity, KvPlan plan,
+              std::vector<absl::Span<std::byte>> host = {}, kvhost::HostKvStore* store = nullptr,
+              std::string session = "")
+      : store_(store),
+        session_(std::move(session)),
+        plan_(std::move(plan)),
         capacity_(capacity),
         head_stride_(static_cast<int64_t>(capacity) * c.head_dim),
         layer_stride_(head_stride_ * c.n_kv_heads),
@@ -119,6 +142,7 @@ class CpuSequence final : public SequenceState {
         window_(c.n_layers),
         sparse_(c.n_layers) {
     int64_t dense = 0;
+    size_t next_host = 0;
     for (int l = 0; l < c.n_layers; ++l) {
       const LayerKvPolicy& p = plan_.layers[l];
       if (p.kind == KvPolicyKind::kDense) {
@@ -138,7 +162,8 @@ class CpuSequence final : public SequenceState {
       } else if (p.kind == KvPolicyKind::kSparse) {
         auto sp = std::make_unique<SparseLayer>();
         sp->params = p.sparse;
-        sp->host = SparseHostStore(c.n_kv_heads, c.head_dim, capacity);
+        sp->host = SparseHostStore(c.n_kv_heads, c.head_dim, capacity,
+                                   host.empty() ? absl::Span<std::byte>() : host[next_host++]);
         sp->kept_cap = static_cast<int>(
             std::min<int64_t>(capacity, static_cast<int64_t>(p.sparse.sink) + p.sparse.recent));
         sp->head_stride = static_cast<int64_t>(sp->kept_cap) * c.head_dim;
@@ -158,6 +183,12 @@ class CpuSequence final : public SequenceState {
     k_.resize(dense);
     v_.resize(dense);
   }
+
+  ~CpuSequence() override {
+    if (store_ != nullptr) store_->FreeOwner(session_);
+  }
+  CpuSequence(const CpuSequence&) = delete;
+  CpuSequence& operator=(const CpuSequence&) = delete;
 
   int length() const override { return length_; }
   int capacity() const override { return capacity_; }
@@ -200,6 +231,8 @@ class CpuSequence final : public SequenceState {
   void set_length(int n) { length_ = n; }
 
  private:
+  kvhost::HostKvStore* store_;
+  std::string session_;
   KvPlan plan_;
   int capacity_;
   int length_ = 0;
@@ -228,6 +261,8 @@ class CpuBackend final : public Backend {
  public:
   CpuBackend(ModelWeights w, int threads)
       : w_(std::move(w)), threads_(threads), inv_freq_(ref::RopeInvFreq(w_.config)) {}
+  CpuBackend(ModelWeights w, int threads, kvhost::HostKvStore* host_store)
+      : w_(std::move(w)), threads_(threads), host_store_(host_store), inv_freq_(ref::RopeInvFreq(w_.config)) {}
 
   std::string_view name() const override { return "cpu"; }
   const ModelConfig& config() const override { return w_.config; }
@@ -255,7 +290,35 @@ class CpuBackend final : public Backend {
             p.window.recent));
       }
     }
-    return std::make_unique<CpuSequence>(w_.config, capacity, plan);
+    const bool any_sparse = std::any_of(plan.layers.begin(), plan.layers.end(), [](const LayerKvPolicy& p) {
+      return p.kind == KvPolicyKind::kSparse;
+    });
+    if (host_store_ == nullptr || !any_sparse) {
+      return std::make_unique<CpuSequence>(w_.config, capacity, plan);
+    }
+    // Every sparse layer's host tier in one request to the store.
+    std::vector<uint64_t> sizes;
+    for (const LayerKvPolicy& p : plan.layers) {
+      if (p.kind == KvPolicyKind::kSparse) {
+        sizes.push_back(static_cast<uint64_t>(SparseHostBytes(w_.config.n_kv_heads, w_.config.head_dim, capacity)));
+      }
+    }
+    const std::string session = absl::StrCat("cpu-", getpid(), "-", next_session_.fetch_add(1));
+    auto slices = host_store_->AllocateMany(sizes, 64, session);
+    if (!slices.ok()) {
+      return absl::Status(slices.status().code(),
+                          absl::StrCat("host KV for the sparse layers: ", slices.status().message()));
+    }
+    std::vector<absl::Span<std::byte>> host;
+    for (const kvhost::HostSlice& sl : *slices) {
+      auto data = host_store_->Data(sl);
+      if (!data.ok()) {
+        host_store_->FreeOwner(session);
+        return data.status();
+      }
+      host.push_back(*data);
+    }
+    return std::make_unique<CpuSequence>(w_.config, capacity, plan, std::move(host), host_store_, session);
   }
 
   using Backend::Forward;
@@ -301,6 +364,8 @@ class CpuBackend final : public Backend {
 
   ModelWeights w_;
   int threads_;
+  kvhost::HostKvStore* host_store_ = nullptr;  // not owned; null: plain memory
+  std::atomic<uint64_t> next_session_{0};
   std::vector<float> inv_freq_;
   // Scratch reused across calls (resized, never shrunk).
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, scores_;
@@ -913,7 +978,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights we
   const int threads = options.threads > 0
                           ? options.threads
                           : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  return std::unique_ptr<Backend>(new CpuBackend(std::move(weights), threads));
+  return std::unique_ptr<Backend>(new CpuBackend(std::move(weights), threads, options.host_store));
 }
 
 }  // namespace tailorkv::runtime

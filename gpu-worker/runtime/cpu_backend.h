@@ -62,11 +62,17 @@
 #include "absl/status/statusor.h"
 #include "runtime/backend.h"
 #include "runtime/quant_kv.h"
+#include "store/host_kv_store.h"
 
 namespace tailorkv::runtime {
 
 struct CpuBackendOptions {
   int threads = 0;  // 0 = all cores
+  // Where the sparse layers' host tiers live: null = the sequence's own
+  // memory; else this store (e.g. kv-host's arenas through
+  // kvhost::KvHostClientStore), one session per sequence, freed with it.
+  // Not owned; must outlive the backend.
+  kvhost::HostKvStore* host_store = nullptr;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights weights,

@@ -140,7 +140,7 @@ const char* FinishReasonName(FinishReason r) {
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weights,
                                                        std::string_view choice,
                                                        const BackendFactory& cuda_factory,
-                                                       int threads) {
+                                                       int threads, kvhost::HostKvStore* host_store) {
   if (choice == "cuda" && !cuda_factory) {
     return absl::UnavailableError("backend 'cuda': this build has no CUDA backend");
   }
@@ -154,6 +154,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weigh
   }
   CpuBackendOptions cpu;
   cpu.threads = threads;
+  cpu.host_store = host_store;
   return CreateCpuBackend(std::move(weights), cpu);
 }
 
@@ -223,7 +224,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   }
   RETURN_IF_ERROR(CheckPlanModel(plan, engine->model_digest_));
   ASSIGN_OR_RETURN(engine->backend_, CreateBackend(std::move(weights), options.backend,
-                                                   options.cuda_factory, options.threads));
+                                                   options.cuda_factory, options.threads, options.host_store));
   engine->prefill_chunk_ = options.prefill_chunk > 0
                               ? options.prefill_chunk
                               : engine->backend_->preferred_prefill_chunk();

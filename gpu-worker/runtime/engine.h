@@ -18,6 +18,7 @@
 #include "runtime/sampler.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
+#include "store/host_kv_store.h"
 
 namespace tailorkv::runtime {
 
@@ -30,11 +31,14 @@ using BackendFactory =
 // The backend a choice names: "cuda" (cuda_factory's, its error returned),
 // "cpu", or "auto" (CUDA when cuda_factory makes one, the CPU backend when
 // it answers Unavailable, i.e. no device; any other failure is returned).
-// Without a cuda_factory, "cuda" is Unavailable. `threads`: CPU threads.
+// Without a cuda_factory, "cuda" is Unavailable. `threads`: CPU threads;
+// `host_store`: the CPU backend's CpuBackendOptions::host_store (the CUDA
+// factory takes its own).
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weights,
                                                        std::string_view choice,
                                                        const BackendFactory& cuda_factory,
-                                                       int threads);
+                                                       int threads,
+                                                       kvhost::HostKvStore* host_store = nullptr);
 
 // Supplies the plan in place of EngineOptions::kv_plan (e.g. from the
 // profiler): called with the loaded model's config and digest
@@ -48,6 +52,10 @@ struct EngineOptions {
   std::string backend = "auto"; // "auto" (CUDA when a device exists), "cpu", "cuda"
   BackendFactory cuda_factory;  // empty: this binary has no CUDA backend
   int threads = 0;              // CPU threads; 0 = all cores
+  // The sparse layers' host tiers on the CPU backend (CpuBackendOptions::
+  // host_store): null = in the process; e.g. kv-host's client store. Not
+  // owned. (The CUDA backend gets its store from cuda_factory.)
+  kvhost::HostKvStore* host_store = nullptr;
   int max_context = 0;          // 0 = the model's trained context
   // Prompts are prefilled this many tokens at a time, so a cancelled request
   // stops within one chunk rather than after the whole prompt. 0 = the

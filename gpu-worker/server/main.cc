@@ -12,7 +12,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include <unistd.h>
+
 #include "absl/strings/str_cat.h"
+#include "client/kv_host_client.h"
 #include "absl/strings/str_format.h"
 #include "common/grpc_server.h"
 #include "common/logging.h"
@@ -38,8 +41,19 @@ struct WorkerConfig {
   ServerOptions server;
   GenerationServiceOptions service;
   std::string log_level = "info";
+  // "in-process", or kv-host's control plane (a gRPC target).
+  std::string kv_host = "in-process";
+  int kv_host_timeout_ms = 30'000;
 
   absl::Status Validate() const {
+    if (kv_host != "in-process" && kv_host.find(':') == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "kv-host: want in-process or kv-host's address (unix:///path/kv-host.sock or host:port), got '", kv_host,
+          "'"));
+    }
+    if (kv_host_timeout_ms <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("kv-host-timeout-ms: must be > 0, got ", kv_host_timeout_ms));
+    }
     if (engine.model_path.empty()) return absl::InvalidArgumentError("model: required");
     if (engine.backend != "auto" && engine.backend != "cpu" && engine.backend != "cuda") {
       return absl::InvalidArgumentError(
@@ -60,10 +74,10 @@ struct WorkerConfig {
   std::string ToString() const {
     return absl::StrFormat(
         "model=%s backend=%s threads=%d max_context=%d kv_plan=%s profiler=%s "
-        "profiler_timeout_ms=%d plan_cache=%s max_queue=%d default_max_tokens=%d log_level=%s %s",
+        "profiler_timeout_ms=%d plan_cache=%s max_queue=%d default_max_tokens=%d log_level=%s kv_host=%s %s",
         engine.model_path, engine.backend, engine.threads, engine.max_context, plan.kv_plan,
         plan.profiler_address, plan.profiler_timeout_ms, plan.plan_cache, service.max_queue,
-        service.limits.default_max_tokens, log_level, server.ToString());
+        service.limits.default_max_tokens, log_level, kv_host, server.ToString());
   }
 };
 
@@ -156,6 +170,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--log-level", config.log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
+  app.add_option("--kv-host", config.kv_host,
+                 "where the sparse layers' host KV lives: in-process, or the kv-host daemon's control "
+                 "plane (unix:///path/kv-host.sock; the daemon must run on this machine: arenas are "
+                 "shared memory)")
+      ->capture_default_str();
+  app.add_option("--kv-host-timeout-ms", config.kv_host_timeout_ms,
+                 "how long to keep trying to attach to kv-host at start")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   config.service.model_path = config.engine.model_path;
   config.engine.kv_plan = config.plan.kv_plan;  // for the record: the source below decides
@@ -172,11 +194,49 @@ int main(int argc, char** argv) {
   // From here on SIGTERM/SIGINT are caught, also while the model loads.
   tailorkv::common::TerminationSignals signals;
 
+  // kv-host: attach before the model loads (a missing daemon fails fast).
+  // Arenas arrive later, once the backend exists: they are registered with
+  // the GPU when the backend is CUDA.
+  std::atomic<int> cuda_device{-1};
+  std::unique_ptr<tailorkv::kvhost::KvHostClientStore> kv_host;
+  if (config.kv_host != "in-process") {
+    tailorkv::kvhost::KvHostClientOptions ko;
+    ko.target = config.kv_host;
+    ko.worker_id = absl::StrCat("gpu-worker-", getpid());
+#ifdef TAILORKV_HAVE_CUDA
+    ko.register_fn = [&cuda_device](void* base, size_t bytes) -> absl::Status {
+      const int d = cuda_device.load();
+      return d < 0 ? absl::OkStatus() : tailorkv::cuda::RegisterHostMemory(base, bytes, d);
+    };
+    ko.unregister_fn = [&cuda_device](void* base, size_t) -> absl::Status {
+      return cuda_device.load() < 0 ? absl::OkStatus() : tailorkv::cuda::UnregisterHostMemory(base);
+    };
+#endif
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(config.kv_host_timeout_ms);
+    while (true) {
+      auto c = tailorkv::kvhost::KvHostClientStore::Connect(ko);
+      if (c.ok()) {
+        kv_host = std::move(*c);
+        break;
+      }
+      if (!absl::IsUnavailable(c.status()) || std::chrono::steady_clock::now() > until) {
+        spdlog::error("cannot attach to kv-host at {}: {}", config.kv_host, c.status().ToString());
+        return 1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    spdlog::info("attached to kv-host at {}: the sparse layers' host KV lives there", config.kv_host);
+    config.engine.host_store = kv_host.get();
+  }
   spdlog::info("loading model {} (backend {})", config.engine.model_path, config.engine.backend);
   const auto load_start = std::chrono::steady_clock::now();
 #ifdef TAILORKV_HAVE_CUDA
-  config.engine.cuda_factory = [](const tailorkv::model::ModelWeights& w) {
-    return tailorkv::cuda::CreateCudaBackend(w, {});
+  config.engine.cuda_factory = [&kv_host, &cuda_device](const tailorkv::model::ModelWeights& w) {
+    tailorkv::cuda::CudaBackendOptions o;
+    o.host_store = kv_host.get();
+    auto b = tailorkv::cuda::CreateCudaBackend(w, o);
+    if (b.ok()) cuda_device.store(o.device);
+    return b;
   };
 #endif
   PlanSource plan_source(config.plan);
@@ -225,6 +285,7 @@ int main(int argc, char** argv) {
   reload.reset();
   server->reset();
   engine->reset();
+  kv_host.reset();  // after the engine: its sequences hold kv-host's memory
   spdlog::info("gpu-worker stopped");
   spdlog::shutdown();
   return 0;

@@ -80,8 +80,12 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(const ServerOption
         absl::StrCat("cannot listen on ", options.listen_address,
                      " (address in use, or not a local address?)"));
   }
-  const size_t colon = options.listen_address.rfind(':');
-  self->address_ = absl::StrCat(options.listen_address.substr(0, colon), ":", self->port_);
+  if (options.listen_address.rfind("unix:", 0) == 0) {
+    self->address_ = options.listen_address;  // no port to report
+  } else {
+    const size_t colon = options.listen_address.rfind(':');
+    self->address_ = absl::StrCat(options.listen_address.substr(0, colon), ":", self->port_);
+  }
 
   grpc::HealthCheckServiceInterface* health = self->server_->GetHealthCheckService();
   health->SetServingStatus("", true);
