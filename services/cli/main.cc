@@ -10,6 +10,8 @@
 //   tailorkv-cli abort --server ADDR --request-id ID
 //   tailorkv-cli health --server ADDR [--service NAME] [--wait-seconds N]
 //       exit 0 when SERVING (a grpc_health_probe replacement).
+//   tailorkv-cli kv-host stats --server ADDR   kv-host's budget and bytes
+//       per worker and session
 //
 // Exit codes: 0 success; 1 the RPC failed (the gRPC status code and message
 // are printed); 2 bad command line; 3 health check answered but not SERVING.
@@ -28,6 +30,7 @@
 #include "absl/time/clock.h"
 #include "common/health_client.h"
 #include "tailorkv/v1/generation.grpc.pb.h"
+#include "tailorkv/v1/kv_host.grpc.pb.h"
 
 namespace {
 
@@ -232,6 +235,28 @@ int RunAbort(const std::string& server, double timeout_s, const std::string& req
   return 0;
 }
 
+int RunKvHostStats(const std::string& server, double timeout_s) {
+  auto stub = v1::KvHost::NewStub(Connect(server));
+  grpc::ClientContext context;
+  SetDeadline(context, timeout_s);
+  v1::KvHostStats st;
+  const grpc::Status status = stub->GetStats(&context, v1::GetStatsRequest(), &st);
+  if (!status.ok()) return Fail("GetStats", server, status);
+  std::printf("budget:   %s (%s)%s\n", Bytes(st.budget_bytes()).c_str(), st.budget_source().c_str(),
+              st.draining() ? ", draining" : "");
+  std::printf("used:     %s in %d arenas, %d workers attached\n", Bytes(st.used_bytes()).c_str(), st.arenas(),
+              st.attached_workers());
+  for (const v1::WorkerStats& w : st.workers()) {
+    std::printf("worker %s (pid %u): %s of arenas, %s reserved, %d sessions\n", w.worker_id().c_str(), w.pid(),
+                Bytes(w.arena_bytes()).c_str(), Bytes(w.reserved_bytes()).c_str(), w.sessions_size());
+    for (const v1::SessionStats& s : w.sessions()) {
+      std::printf("  session %-28s %s in %d slices\n", s.session_id().c_str(), Bytes(s.reserved_bytes()).c_str(),
+                  s.slices());
+    }
+  }
+  return 0;
+}
+
 int RunHealth(const std::string& server, const std::string& service, double wait_seconds) {
   auto status = tailorkv::common::WaitForServing(Connect(server), service,
                                                  absl::Seconds(std::max(0.0, wait_seconds)));
@@ -298,6 +323,11 @@ int main(int argc, char** argv) {
   health->add_option("--service", health_service, "service name ('' = the whole server)");
   health->add_option("--wait-seconds", wait_seconds, "retry until SERVING for this long");
 
+  CLI::App* kvhost = app.add_subcommand("kv-host", "the kv-host daemon");
+  CLI::App* kvhost_stats = kvhost->add_subcommand("stats", "budget, bytes used, per worker and per session");
+  kvhost->require_subcommand(1);
+  kvhost_stats->add_option("--server", server, "kv-host's control plane (unix:///path/kv-host.sock or host:port)");
+
   CLI11_PARSE(app, argc, argv);
 
   if (*generate) return RunGenerate(server, timeout_s, gen);
@@ -305,5 +335,6 @@ int main(int argc, char** argv) {
   if (*load) return RunLoad(server, timeout_s, per_layer);
   if (*abort) return RunAbort(server, timeout_s, abort_id);
   if (*health) return RunHealth(server, health_service, wait_seconds);
+  if (*kvhost_stats) return RunKvHostStats(server, timeout_s);
   return 2;
 }

@@ -1,0 +1,143 @@
+// kv-host and the gpu-worker as separate processes (real binaries, CPU
+// backend, SmolLM2): greedy generations whose sparse layers' host KV lives
+// in kv-host's arenas equal those of a worker that keeps it in-process; the
+// sessions close with the requests; a worker killed with SIGKILL is freed
+// by kv-host within a second; a worker pointed at a missing kv-host exits 1
+// saying so.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <regex>
+#include <string>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/test_child_process.h"
+
+namespace {
+
+using tailorkv::common::testing::ChildProcess;
+
+constexpr char kModelFile[] = TAILORKV_MODEL_DIR "/SmolLM2-135M-Instruct.Q4_1.gguf";
+// Sparse layers that select (Top-128 of prompts longer than 8 + 56 + 128).
+constexpr char kPlan[] = "hybrid:2:128:8:56:32:gpu:late:i8";
+
+struct ShellRun {
+  int code = -1;
+  std::string out;
+};
+
+ShellRun Shell(const std::string& command) {
+  ShellRun r;
+  FILE* p = popen((command + " 2>&1").c_str(), "r");
+  if (p == nullptr) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  const int st = pclose(p);
+  if (WIFEXITED(st)) r.code = WEXITSTATUS(st);
+  return r;
+}
+
+std::string Port(const std::string& log) {
+  std::smatch m;
+  static const std::regex re("ready on 127\\.0\\.0\\.1:([0-9]+)");
+  return std::regex_search(log, m, re) ? m[1].str() : "";
+}
+
+std::string Cli(const std::string& args) { return absl::StrCat(TAILORKV_CLI_BINARY, " ", args); }
+
+// A fact hidden in ~700 tokens of prose, completed raw.
+std::string FactPrompt() {
+  std::string p;
+  for (int i = 0; i < 24; ++i) {
+    absl::StrAppend(&p, "The river bent past the old mill, and the town grew quiet as evening came. ");
+    if (i == 9) absl::StrAppend(&p, "The code for the blue door is 4817. ");
+  }
+  return p + "Question: what is the code for the blue door? Answer: The code for the blue door is";
+}
+
+class KvHostProcessesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(std::filesystem::exists(kModelFile)) << kModelFile << " is missing: scripts/fetch_model.sh";
+    dir_ = std::filesystem::temp_directory_path() / absl::StrCat("kvh-proc-", getpid());
+    std::filesystem::create_directories(dir_);
+    sock_ = (dir_ / "kv-host.sock").string();
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string Worker(const std::string& kv_host) const {
+    return absl::StrCat("exec ", TAILORKV_WORKER_BINARY, " --model ", kModelFile,
+                        " --backend cpu --threads 1 --listen 127.0.0.1:0 --max-context 2048 --kv-plan ", kPlan,
+                        " --kv-host ", kv_host);
+  }
+  std::filesystem::path dir_;
+  std::string sock_;
+};
+
+TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorkersAreFreed) {
+  ChildProcess kvh(absl::StrCat("exec ", TAILORKV_KV_HOST_BINARY, " --listen unix:", sock_, " --budget 1G"));
+  ASSERT_TRUE(kvh.WaitFor("ready on", 0, 30)) << kvh.output();
+  ChildProcess remote(Worker("unix://" + sock_));
+  ChildProcess local(Worker("in-process"));
+  ASSERT_TRUE(remote.WaitFor("ready on", 0, 120)) << remote.output();
+  ASSERT_TRUE(local.WaitFor("ready on", 0, 120)) << local.output();
+  EXPECT_NE(remote.output().find("attached to kv-host at unix://" + sock_), std::string::npos) << remote.output();
+  const std::string rport = Port(remote.output()), lport = Port(local.output());
+  ASSERT_FALSE(rport.empty() || lport.empty()) << remote.output() << local.output();
+
+  const std::string prompts[] = {FactPrompt(), "Write one sentence about the sea."};
+  for (const std::string& prompt : prompts) {
+    const std::string flags = absl::StrCat(" --max-tokens 24 --temperature 0 --prompt '", prompt, "'");
+    const bool raw = prompt.size() > 200;
+    const ShellRun a = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", rport, raw ? " --raw" : "", flags)));
+    const ShellRun b = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", lport, raw ? " --raw" : "", flags)));
+    ASSERT_EQ(a.code, 0) << a.out;
+    ASSERT_EQ(b.code, 0) << b.out;
+    // Text and token counts; the timing fields differ.
+    const auto text = [](const std::string& s) { return s.substr(0, s.find("[finish=")); };
+    const auto usage = [](const std::string& s) {
+      std::smatch m;
+      static const std::regex re("prompt_tokens=([0-9]+) completion_tokens=([0-9]+)");
+      return std::regex_search(s, m, re) ? m[0].str() : "";
+    };
+    EXPECT_EQ(text(a.out), text(b.out));
+    EXPECT_EQ(usage(a.out), usage(b.out));
+    EXPECT_FALSE(usage(a.out).empty()) << a.out;
+    if (raw) EXPECT_NE(a.out.find("4817"), std::string::npos) << a.out;
+  }
+  // The requests' sessions are closed; the worker and its warm arena remain.
+  ShellRun st = Shell(Cli("kv-host stats --server unix://" + sock_));
+  ASSERT_EQ(st.code, 0) << st.out;
+  EXPECT_NE(st.out.find("1 workers attached"), std::string::npos) << st.out;
+  EXPECT_NE(st.out.find("0 sessions"), std::string::npos) << st.out;
+
+  // SIGKILL the worker: kv-host frees what it held within a second.
+  remote.Signal(SIGKILL);
+  remote.Wait();
+  const auto t0 = std::chrono::steady_clock::now();
+  bool freed = false;
+  while (!freed && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3)) {
+    st = Shell(Cli("kv-host stats --server unix://" + sock_));
+    freed = st.out.find("used:     0 B in 0 arenas, 0 workers attached") != std::string::npos;
+    if (!freed) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(freed) << st.out;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1) + std::chrono::milliseconds(500)) << st.out;
+  EXPECT_TRUE(kvh.WaitFor("detached (receive: peer closed)", 0, 5)) << kvh.output();
+  kvh.Signal(SIGTERM);
+  EXPECT_EQ(kvh.Wait(), 0) << kvh.output();
+}
+
+TEST_F(KvHostProcessesTest, MissingKvHostIsAClearStartupError) {
+  ChildProcess w(Worker("unix://" + sock_) + " --kv-host-timeout-ms 600");
+  EXPECT_EQ(w.Wait(), 1) << w.output();
+  EXPECT_NE(w.output().find("cannot attach to kv-host at unix://" + sock_), std::string::npos) << w.output();
+}
+
+}  // namespace
