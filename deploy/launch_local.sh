@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Starts the tailorkv cluster as plain processes on loopback (profiler,
-# kv-host, gpu-worker), waits until each reports SERVING over grpc.health.v1,
+# kv-host, gpu-worker; the worker keeps its sparse layers' host KV in
+# kv-host's shared-memory arenas, attached over kv-host's UNIX socket),
+# waits until each reports SERVING over grpc.health.v1,
 # has the profiler measure the model and store its layer plan (tkv-profile,
 # progress shown), starts the worker with that plan fetched from the
 # profiler, streams one generation through tailorkv-cli, then stops
@@ -18,8 +20,9 @@
 #   PROMPT     default "What is the capital of France? Answer in one sentence."
 #   --raw      send the prompt as plain text instead of a chat turn (chat is the default)
 #   --keep-running  leave the cluster up after the generation until Ctrl-C
-# Ports: TAILORKV_WORKER_PORT (50051), TAILORKV_KVHOST_PORT (50061),
-#        TAILORKV_PROFILER_PORT (50071). Logs go to $BUILD_DIR/launch-logs/.
+# Ports: TAILORKV_WORKER_PORT (50051), TAILORKV_PROFILER_PORT (50071);
+#        kv-host on the UNIX socket $BUILD_DIR/launch-logs/kv-host.sock
+#        (its fd channel beside it, .fd). Logs go to $BUILD_DIR/launch-logs/.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,7 +55,6 @@ build_dir="${positional[1]:-build}"
 prompt="${positional[2]:-What is the capital of France? Answer in one sentence.}"
 
 worker_port="${TAILORKV_WORKER_PORT:-50051}"
-kvhost_port="${TAILORKV_KVHOST_PORT:-50061}"
 profiler_port="${TAILORKV_PROFILER_PORT:-50071}"
 
 die() { echo "launch_local.sh: $*" >&2; exit 1; }
@@ -120,9 +122,10 @@ wait_serving() {
 model_dir="$(cd "$(dirname "$model")" && pwd)"
 start profiler "$build_dir/profiler/profiler" --listen "127.0.0.1:$profiler_port" \
   --models-dir "$model_dir" --plans-dir "$build_dir/launch-plans" --backend "$backend"
-start kv-host "$build_dir/kv-host/kv-host" --listen "127.0.0.1:$kvhost_port"
+kvhost_sock="$(cd "$log_dir" && pwd)/kv-host.sock"
+start kv-host "$build_dir/kv-host/kv-host" --listen "unix:$kvhost_sock" --budget 0.25
 wait_serving profiler "127.0.0.1:$profiler_port" tailorkv.v1.Profiler 30 "${pids[0]}"
-wait_serving kv-host "127.0.0.1:$kvhost_port" tailorkv.v1.KvHost 30 "${pids[1]}"
+wait_serving kv-host "unix://$kvhost_sock" tailorkv.v1.KvHost 30 "${pids[1]}"
 
 plan_flags=(--kv-plan dense)
 if [[ "$plan" == profiler ]]; then
@@ -134,13 +137,15 @@ if [[ "$plan" == profiler ]]; then
               --plan-cache "$build_dir/launch-plans/worker-plan-cache.json")
 fi
 start gpu-worker "$build_dir/gpu-worker/server/gpu-worker" --model "$model" \
-  --listen "127.0.0.1:$worker_port" --backend "$backend" "${plan_flags[@]}"
+  --listen "127.0.0.1:$worker_port" --backend "$backend" --kv-host "unix://$kvhost_sock" "${plan_flags[@]}"
 wait_serving gpu-worker "127.0.0.1:$worker_port" tailorkv.v1.Generation 300 "${pids[2]}"
 
 "$cli" info --server "127.0.0.1:$worker_port" >&2
 echo "--- prompt: $prompt" >&2
 "$cli" generate --server "127.0.0.1:$worker_port" "$chat_flag" --max-tokens "$max_tokens" \
   --prompt "$prompt"
+echo "--- kv-host after the request (its session closed; the worker's warm arena stays)" >&2
+"$cli" kv-host stats --server "unix://$kvhost_sock" >&2
 
 if ((keep_running)); then
   echo "cluster running (worker 127.0.0.1:$worker_port); Ctrl-C stops it" >&2

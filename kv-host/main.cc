@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   std::string budget = "0.5", quota, arena = "256M", warm = "256M", fd_socket, listen;
   std::vector<int> allow_uids;
   bool huge_pages = true, populate = false;
+  int drain_grace_ms = 0;
   std::unique_ptr<KvHostDaemon> daemon;
   return tailorkv::common::RunServiceMain(
       argc, argv,
@@ -48,6 +49,7 @@ int main(int argc, char** argv) {
            [&](const tailorkv::common::ServerOptions& server,
                std::vector<tailorkv::common::ServiceEntry>& services) -> absl::Status {
              listen = server.listen_address;
+             drain_grace_ms = server.drain_grace_ms;
              auto limit = DetectMemoryLimit();
              if (!limit.ok()) return limit.status();
              KvHostDaemonOptions o;
@@ -85,5 +87,19 @@ int main(int argc, char** argv) {
                           daemon->Stats().budget_source(), fd_socket);
              services.push_back({tailorkv::v1::KvHost::service_full_name(), daemon.get()});
              return absl::OkStatus();
-           }});
+           },
+       // SIGTERM: no new workers or sessions; the open sessions get the drain
+       // grace to close (their workers' requests finish) while RPCs are served.
+       .before_drain =
+           [&] {
+             daemon->BeginDrain();
+             const absl::Time until = absl::Now() + absl::Milliseconds(drain_grace_ms);
+             int open = daemon->OpenSessions();
+             while (open > 0 && absl::Now() < until) {
+               absl::SleepFor(absl::Milliseconds(20));
+               open = daemon->OpenSessions();
+             }
+             if (open > 0) spdlog::warn("kv-host: stopping with {} sessions still open", open);
+           },
+       .after_drain = [&] { daemon.reset(); }});
 }

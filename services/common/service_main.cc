@@ -49,7 +49,9 @@ int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec) {
   spdlog::info("ready on {}", (*server)->address());
   const int signo = signals.Wait();
   spdlog::info("received signal {}, draining", signo);
+  if (spec.before_drain) spec.before_drain();
   (*server)->Drain();
+  if (spec.after_drain) spec.after_drain();
   spdlog::info("{} stopped", spec.name);
   spdlog::shutdown();
   return 0;

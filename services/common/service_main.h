@@ -30,6 +30,12 @@ struct ServiceMainSpec {
   // the server's options, e.g. the --listen address); a non-OK status is
   // logged and exits 2.
   std::function<absl::Status(const ServerOptions&, std::vector<ServiceEntry>&)> init;
+  // Optional: after the stop signal, while the server still serves (e.g.
+  // refuse new work, wait for what runs to finish).
+  std::function<void()> before_drain;
+  // Optional: after the server drained, before logging shuts down (e.g.
+  // destroy what init built, which may still log).
+  std::function<void()> after_drain;
 };
 
 // Returns the process exit code: 0 after a clean drain, 1 when the server
