@@ -21,7 +21,7 @@
 #   --raw      send the prompt as plain text instead of a chat turn (chat is the default)
 #   --keep-running  leave the cluster up after the generation until Ctrl-C
 # Ports: TAILORKV_WORKER_PORT (50051), TAILORKV_PROFILER_PORT (50071);
-#        kv-host on the UNIX socket $BUILD_DIR/launch-logs/kv-host.sock
+#        kv-host on a UNIX socket in a fresh /tmp/tailorkv-kvhost.* folder
 #        (its fd channel beside it, .fd). Logs go to $BUILD_DIR/launch-logs/.
 set -euo pipefail
 
@@ -92,6 +92,7 @@ stop_all() {
     fi
     wait "${pids[i]}" 2>/dev/null || true
   done
+  [[ -n "${kvhost_dir:-}" ]] && rm -rf "$kvhost_dir"
   exit "$status"
 }
 trap stop_all EXIT
@@ -122,7 +123,9 @@ wait_serving() {
 model_dir="$(cd "$(dirname "$model")" && pwd)"
 start profiler "$build_dir/profiler/profiler" --listen "127.0.0.1:$profiler_port" \
   --models-dir "$model_dir" --plans-dir "$build_dir/launch-plans" --backend "$backend"
-kvhost_sock="$(cd "$log_dir" && pwd)/kv-host.sock"
+# A short path: a UNIX socket's path must fit 107 bytes (with ".fd" added).
+kvhost_dir="$(mktemp -d /tmp/tailorkv-kvhost.XXXXXX)"
+kvhost_sock="$kvhost_dir/kv-host.sock"
 start kv-host "$build_dir/kv-host/kv-host" --listen "unix:$kvhost_sock" --budget 0.25
 wait_serving profiler "127.0.0.1:$profiler_port" tailorkv.v1.Profiler 30 "${pids[0]}"
 wait_serving kv-host "unix://$kvhost_sock" tailorkv.v1.KvHost 30 "${pids[1]}"
