@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <regex>
 #include <string>
 #include <thread>
@@ -132,6 +133,39 @@ TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorke
   EXPECT_TRUE(kvh.WaitFor("detached (receive: peer closed)", 0, 5)) << kvh.output();
   kvh.Signal(SIGTERM);
   EXPECT_EQ(kvh.Wait(), 0) << kvh.output();
+}
+
+// kv-host killed (SIGKILL) in the middle of a generation: the worker keeps
+// the arenas it mapped, so the request finishes with the same tokens as an
+// uninterrupted run; a new request that needs the host tier ends with
+// UNAVAILABLE saying why (no hang).
+TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
+  auto kvh = std::make_unique<ChildProcess>(
+      absl::StrCat("exec ", TAILORKV_KV_HOST_BINARY, " --listen unix:", sock_, " --budget 1G"));
+  ASSERT_TRUE(kvh->WaitFor("ready on", 0, 30)) << kvh->output();
+  ChildProcess remote(Worker("unix://" + sock_));
+  ChildProcess local(Worker("in-process"));
+  ASSERT_TRUE(remote.WaitFor("ready on", 0, 120)) << remote.output();
+  ASSERT_TRUE(local.WaitFor("ready on", 0, 120)) << local.output();
+  const std::string rport = Port(remote.output()), lport = Port(local.output());
+  const std::string flags = absl::StrCat(" --raw --max-tokens 160 --temperature 0 --stop '\x01' --prompt '",
+                                         FactPrompt(), "'");
+  const ShellRun want = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", lport, flags)));
+  ASSERT_EQ(want.code, 0) << want.out;
+  ChildProcess gen(Cli(absl::StrCat("generate --server 127.0.0.1:", rport, flags)));
+  // Once the first tokens stream, kv-host dies.
+  ASSERT_TRUE(gen.WaitFor(" 4817", 0, 60)) << gen.output();
+  ASSERT_EQ(gen.output().find("[finish="), std::string::npos) << "finished before kv-host died: " << gen.output();
+  kvh->Signal(SIGKILL);
+  kvh->Wait();
+  EXPECT_EQ(gen.Wait(), 0) << gen.output();
+  const auto text = [](const std::string& s) { return s.substr(0, s.find("[finish=")); };
+  EXPECT_EQ(text(gen.output()), text(want.out));
+  EXPECT_TRUE(remote.WaitFor("kv-host fd channel closed", 0, 5)) << remote.output();
+  const ShellRun after = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", rport, flags)));
+  EXPECT_NE(after.code, 0) << after.out;
+  EXPECT_NE(after.out.find("UNAVAILABLE"), std::string::npos) << after.out;
+  EXPECT_NE(after.out.find("kv-host"), std::string::npos) << after.out;
 }
 
 TEST_F(KvHostProcessesTest, MissingKvHostIsAClearStartupError) {
