@@ -26,6 +26,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "client/kv_host_client.h"
 #include "cuda/cuda_backend.h"
 #include "model/llama_weights.h"
 #include "model/shapes.h"
@@ -67,6 +68,7 @@ int main(int argc, char** argv) {
   std::string decode_tokens = "random";
   bool host_embeddings = tailorkv::cuda::CudaBackendOptions{}.host_embeddings;
   bool late_prefetch = tailorkv::cuda::CudaBackendOptions{}.sparse_late_prefetch;
+  std::string kv_host = "in-process";
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
   app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
@@ -95,6 +97,10 @@ int main(int argc, char** argv) {
                  "gathers rows ahead");
   app.add_option("--host-embeddings", host_embeddings,
                  "input embedding table in pinned host memory (false: on the GPU)");
+  app.add_option("--kv-host", kv_host,
+                 "the sparse layers' host tier: in-process, or a running kv-host daemon "
+                 "(unix:///path/kv-host.sock): its arenas, registered with the GPU")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   // --prefill "" / --contexts "" (none) parse as one 0.
   prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
@@ -121,6 +127,20 @@ int main(int argc, char** argv) {
   opts.sparse_row_reuse = row_reuse;
   opts.host_embeddings = host_embeddings;
   opts.sparse_late_prefetch = late_prefetch;
+  std::unique_ptr<tailorkv::kvhost::KvHostClientStore> kv_host_store;
+  if (kv_host != "in-process") {
+    tailorkv::kvhost::KvHostClientOptions ko;
+    ko.target = kv_host;
+    ko.worker_id = "tkv_llama_bench";
+    ko.register_fn = [&opts](void* base, size_t bytes) {
+      return tailorkv::cuda::RegisterHostMemory(base, bytes, opts.device);
+    };
+    ko.unregister_fn = [](void* base, size_t) { return tailorkv::cuda::UnregisterHostMemory(base); };
+    auto c = tailorkv::kvhost::KvHostClientStore::Connect(ko);
+    if (!c.ok()) return Fail(c.status(), "kv-host");
+    kv_host_store = std::move(*c);
+    opts.host_store = kv_host_store.get();
+  }
   auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
   if (!backend.ok()) return Fail(backend.status(), "backend");
   const size_t weights_used = DeviceUsedBytes();
@@ -128,6 +148,7 @@ int main(int argc, char** argv) {
                         {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
                         {"sparse_priority", sparse_priority}, {"custom_gemv", custom_gemv},
                         {"prefill_prefetch", prefill_prefetch}, {"row_reuse", row_reuse},
+                        {"kv_host", kv_host},
                         {"decode_tokens", decode_tokens}, {"host_embeddings", host_embeddings},
                         {"late_prefetch", late_prefetch},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};

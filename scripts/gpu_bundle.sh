@@ -14,7 +14,7 @@ build="${BUILD_DIR:-build-gpu}"
 bundle=.bundle
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-Release}" -DTAILORKV_CUDA=ON \
   -DTAILORKV_CUDA_ARCHS=90a >/dev/null
-targets=(tkv_cuda_test tkv_llama_bench gpu-worker tailorkv-cli)
+targets=(tkv_cuda_test tkv_llama_bench gpu-worker tailorkv-cli kv-host)
 # Optional programs, bundled when this tree has them.
 # (The list is read whole first: `ninja | grep -q` under pipefail fails
 # whenever grep exits before ninja has written everything.)
