@@ -21,7 +21,7 @@ for _ in $(seq 1 100); do [ -S "$dir/kv.sock.fd" ] && break; sleep 0.1; done
 rc=0
 for store in in-process "unix://$dir/kv.sock"; do
   name=$([ "$store" = in-process ] && echo in_process || echo kv_host)
-  "$bin/tkv_llama_bench" --plans "dense,$plans" --contexts "$contexts" --prefill "" --decode-tokens repeat \
+  "$bin/tkv_llama_bench" --plans "$plans" --contexts "$contexts" --prefill "" --decode-tokens repeat \
     --kv-host "$store" --out "$out/decode_$name.json" 2>&1 | tee "$out/decode_$name.log" || rc=1
 done
 "$bin/tailorkv-cli" kv-host stats --server "unix://$dir/kv.sock" | tee "$out/kv_host_stats.txt"
