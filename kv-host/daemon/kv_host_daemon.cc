@@ -262,7 +262,7 @@ absl::Status KvHostDaemon::GrowLocked(Worker& w, uint64_t size) {
   if (st.reserved_bytes + bytes > options_.worker_quota_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "worker quota: ", size, " bytes need a new arena of ", bytes, " bytes; worker \"", w.id, "\" holds ",
-        st.reserved_bytes, " of its ", options_.worker_quota_bytes, " bytes (--worker-quota)"));
+        st.reserved_bytes, " of its ", options_.worker_quota_bytes, " bytes (--worker-quota; default: the whole --budget)"));
   }
   uint64_t used = used_bytes_.load();
   do {
