@@ -137,13 +137,15 @@ TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorke
 
 // kv-host killed (SIGKILL) in the middle of a generation: the worker keeps
 // the arenas it mapped, so the request finishes with the same tokens as an
-// uninterrupted run; a new request that needs the host tier ends with
-// UNAVAILABLE saying why (no hang).
+// uninterrupted run; a new request that needs the host tier waits up to
+// --kv-host-timeout-ms for kv-host, then ends UNAVAILABLE saying why; once
+// kv-host is restarted, the worker attaches again, hands over its arenas and
+// serves.
 TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
   auto kvh = std::make_unique<ChildProcess>(
       absl::StrCat("exec ", TAILORKV_KV_HOST_BINARY, " --listen unix:", sock_, " --budget 1G"));
   ASSERT_TRUE(kvh->WaitFor("ready on", 0, 30)) << kvh->output();
-  ChildProcess remote(Worker("unix://" + sock_));
+  ChildProcess remote(Worker("unix://" + sock_) + " --kv-host-timeout-ms 1500");
   ChildProcess local(Worker("in-process"));
   ASSERT_TRUE(remote.WaitFor("ready on", 0, 120)) << remote.output();
   ASSERT_TRUE(local.WaitFor("ready on", 0, 120)) << local.output();
@@ -165,7 +167,19 @@ TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
   const ShellRun after = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", rport, flags)));
   EXPECT_NE(after.code, 0) << after.out;
   EXPECT_NE(after.out.find("UNAVAILABLE"), std::string::npos) << after.out;
-  EXPECT_NE(after.out.find("kv-host"), std::string::npos) << after.out;
+  EXPECT_NE(after.out.find("kv-host not back within 1.5s"), std::string::npos) << after.out;
+  // The supervisor restarts kv-host: the next request re-attaches (handing
+  // over the live arenas) and generates the same text.
+  kvh = std::make_unique<ChildProcess>(
+      absl::StrCat("exec ", TAILORKV_KV_HOST_BINARY, " --listen unix:", sock_, " --budget 1G"));
+  ASSERT_TRUE(kvh->WaitFor("ready on", 0, 30)) << kvh->output();
+  const ShellRun back = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", rport, flags)));
+  ASSERT_EQ(back.code, 0) << back.out << remote.output();
+  EXPECT_EQ(text(back.out), text(want.out));
+  EXPECT_TRUE(kvh->WaitFor("adopted", 0, 5)) << kvh->output();
+  const ShellRun st = Shell(Cli("kv-host stats --server unix://" + sock_));
+  EXPECT_NE(st.out.find("1 workers attached"), std::string::npos) << st.out;
+  EXPECT_NE(st.out.find("0 sessions"), std::string::npos) << st.out;
 }
 
 TEST_F(KvHostProcessesTest, MissingKvHostIsAClearStartupError) {

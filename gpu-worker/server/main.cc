@@ -176,7 +176,8 @@ int main(int argc, char** argv) {
                  "shared memory)")
       ->capture_default_str();
   app.add_option("--kv-host-timeout-ms", config.kv_host_timeout_ms,
-                 "how long to keep trying to attach to kv-host at start")
+                 "how long to keep trying to attach to kv-host: at start, and when a request needs "
+                 "it after kv-host went away (then UNAVAILABLE)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   config.service.model_path = config.engine.model_path;
@@ -203,6 +204,7 @@ int main(int argc, char** argv) {
     tailorkv::kvhost::KvHostClientOptions ko;
     ko.target = config.kv_host;
     ko.worker_id = absl::StrCat("gpu-worker-", getpid());
+    ko.reattach_timeout = absl::Milliseconds(config.kv_host_timeout_ms);
 #ifdef TAILORKV_HAVE_CUDA
     ko.register_fn = [&cuda_device](void* base, size_t bytes) -> absl::Status {
       const int d = cuda_device.load();

@@ -36,24 +36,51 @@ absl::StatusOr<std::unique_ptr<KvHostClientStore>> KvHostClientStore::Connect(Kv
     return absl::InvalidArgumentError("register_fn / unregister_fn: both or neither");
   }
   std::unique_ptr<KvHostClientStore> c(new KvHostClientStore(std::move(options)));
-  Impl& impl = *c->impl_;
-  impl.stub = v1::KvHost::NewStub(grpc::CreateChannel(c->options_.target, grpc::InsecureChannelCredentials()));
+  c->impl_->stub = v1::KvHost::NewStub(grpc::CreateChannel(c->options_.target, grpc::InsecureChannelCredentials()));
+  if (absl::Status s = c->AttachOnce(/*adopt=*/false); !s.ok()) return s;
+  return c;
+}
+
+absl::Status KvHostClientStore::AttachOnce(bool adopt) {
+  Impl& impl = *impl_;
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + c->options_.rpc_timeout));
-  ctx.set_wait_for_ready(false);
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
   v1::AttachRequest req;
-  req.set_worker_id(c->options_.worker_id);
+  req.set_worker_id(options_.worker_id);
   v1::AttachResponse resp;
   if (grpc::Status s = impl.stub->Attach(&ctx, req, &resp); !s.ok()) {
-    return FromGrpc(s, absl::StrCat("at ", c->options_.target, ": Attach"));
+    return FromGrpc(s, absl::StrCat("at ", options_.target, ": Attach"));
   }
   auto conn = ConnectSeqpacket(resp.fd_socket_path());
   if (!conn.ok()) return conn.status();
-  v1::FdHello hello;
+  v1::FdAdopt hello;
   hello.set_attach_id(resp.attach_id());
   hello.set_nonce(resp.nonce());
-  if (absl::Status s = SendFdMessage(conn->get(), hello.SerializeAsString(), {}); !s.ok()) return s;
-  auto welcome = ReceiveFdMessage(conn->get(), c->options_.rpc_timeout);
+  std::vector<int> fds;
+  if (adopt) {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, a] : arenas_) {
+      v1::FdArena* fa = hello.add_arenas();
+      fa->set_arena_id(id);
+      fa->set_bytes(a.mapping.size());
+      fds.push_back(a.fd.get());
+    }
+    std::map<std::string, v1::SessionSlices*> by_owner;
+    for (const auto& [at, l] : live_) {
+      v1::SessionSlices*& ss = by_owner[l.owner];
+      if (ss == nullptr) {
+        ss = hello.add_sessions();
+        ss->set_session_id(l.owner);
+      }
+      v1::Slice* sl = ss->add_slices();
+      sl->set_slice_id(l.slice_id);
+      sl->set_arena_id(at.first);
+      sl->set_offset(at.second);
+      sl->set_length(l.length);
+    }
+  }
+  if (absl::Status s = SendFdMessage(conn->get(), hello.SerializeAsString(), fds); !s.ok()) return s;
+  auto welcome = ReceiveFdMessage(conn->get(), options_.rpc_timeout);
   if (!welcome.ok()) {
     return absl::Status(welcome.status().code(),
                         absl::StrCat("kv-host refused the fd channel (see its log): ", welcome.status().message()));
@@ -62,10 +89,43 @@ absl::StatusOr<std::unique_ptr<KvHostClientStore>> KvHostClientStore::Connect(Kv
   if (!w.ParseFromString(welcome->payload) || w.worker_key().empty()) {
     return absl::DataLossError("kv-host fd channel: not an FdWelcome");
   }
-  impl.key = w.worker_key();
-  impl.conn = std::move(*conn);
-  c->receiver_ = std::thread([p = c.get()] { p->ReceiveLoop(); });
-  return c;
+  {
+    absl::MutexLock lock(&mu_);
+    impl.key = w.worker_key();
+    impl.conn = std::move(*conn);
+    lost_ = absl::OkStatus();
+  }
+  receiver_ = std::thread([this] { ReceiveLoop(); });
+  return absl::OkStatus();
+}
+
+absl::Status KvHostClientStore::Reattach() {
+  absl::MutexLock once(&reattach_mu_);
+  absl::Status why;
+  {
+    absl::MutexLock lock(&mu_);
+    if (lost_.ok()) return absl::OkStatus();  // another thread did it
+    why = lost_;
+  }
+  if (receiver_.joinable()) receiver_.join();  // it ended at the loss
+  const absl::Time deadline = absl::Now() + options_.reattach_timeout;
+  absl::Status last;
+  while (true) {
+    last = AttachOnce(/*adopt=*/true);
+    if (last.ok()) {
+      spdlog::info("kv-host client: attached again to {}; live arenas handed over", options_.target);
+      return last;
+    }
+    if (absl::Now() >= deadline) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  return absl::UnavailableError(absl::StrCat(why.message(), "; kv-host not back within ",
+                                             absl::FormatDuration(options_.reattach_timeout), ": ", last.message()));
+}
+
+std::string KvHostClientStore::Key() const {
+  absl::MutexLock lock(&mu_);
+  return impl_->key;
 }
 
 KvHostClientStore::~KvHostClientStore() {
@@ -150,9 +210,11 @@ absl::StatusOr<HostSlice> KvHostClientStore::Allocate(uint64_t bytes, uint64_t a
 absl::StatusOr<std::vector<HostSlice>> KvHostClientStore::AllocateMany(absl::Span<const uint64_t> sizes,
                                                                        uint64_t alignment, std::string_view owner) {
   if (sizes.empty()) return std::vector<HostSlice>();
-  if (absl::Status h = Health(); !h.ok()) return h;
+  if (absl::Status h = Health(); !h.ok()) {
+    if (absl::Status r = Reattach(); !r.ok()) return r;
+  }
   v1::ReserveRequest req;
-  req.set_worker_key(impl_->key);
+  req.set_worker_key(Key());
   req.set_session_id(Text(owner));
   for (uint64_t b : sizes) req.add_sizes(b);
   req.set_alignment(alignment);
@@ -201,7 +263,7 @@ absl::Status KvHostClientStore::Free(const HostSlice& slice) {
     if (!lost_.ok()) return absl::OkStatus();  // nobody to tell
   }
   v1::ReleaseRequest req;
-  req.set_worker_key(impl_->key);
+  req.set_worker_key(Key());
   req.set_slice_id(id);
   v1::ReleaseResponse resp;
   grpc::ClientContext ctx;
@@ -225,7 +287,7 @@ uint64_t KvHostClientStore::FreeOwner(std::string_view owner) {
     if (local == 0 || !lost_.ok()) return 0;
   }
   v1::CloseSessionRequest req;
-  req.set_worker_key(impl_->key);
+  req.set_worker_key(Key());
   req.set_session_id(Text(owner));
   v1::CloseSessionResponse resp;
   grpc::ClientContext ctx;

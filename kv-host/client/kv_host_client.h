@@ -13,8 +13,10 @@
 //
 // When the daemon goes away (the fd channel closes), what is mapped stays
 // readable and writable here (a memfd lives while anyone maps it), so work
-// in flight finishes; new allocations fail with Unavailable naming the
-// cause. Thread-safe.
+// in flight finishes. The next allocation attaches again (for up to
+// reattach_timeout) and hands the new daemon every live arena and slice
+// (FdAdopt), so its accounting continues; if kv-host does not come back,
+// the allocation fails with Unavailable naming the cause. Thread-safe.
 #pragma once
 
 #include <atomic>
@@ -42,6 +44,10 @@ struct KvHostClientOptions {
   absl::Duration rpc_timeout = absl::Seconds(10);
   // How long an allocation waits for a new arena's fd to arrive and map.
   absl::Duration arena_timeout = absl::Seconds(10);
+  // After kv-host went away, how long an allocation keeps trying to attach
+  // to it again (a supervisor restarts it), handing it the live arenas and
+  // slices (FdAdopt), before failing with Unavailable.
+  absl::Duration reattach_timeout = absl::Seconds(10);
 };
 
 class KvHostClientStore final : public HostKvStore {
@@ -85,12 +91,19 @@ class KvHostClientStore final : public HostKvStore {
 
   explicit KvHostClientStore(KvHostClientOptions options);
   void ReceiveLoop();
+  // Attach + fd channel; with `adopt`, FdAdopt carrying every live arena and
+  // slice instead of FdHello. Starts the receiver.
+  absl::Status AttachOnce(bool adopt);
+  // Re-attaches after a loss, retrying until the deadline.
+  absl::Status Reattach();
+  std::string Key() const;
   // Unregisters and unmaps (outside mu_).
   void DropArena(Arena& arena);
 
   const KvHostClientOptions options_;
   std::unique_ptr<Impl> impl_;  // gRPC stub, fd channel
   std::thread receiver_;
+  absl::Mutex reattach_mu_;  // one re-attach at a time; before mu_
   mutable absl::Mutex mu_;
   absl::CondVar arrived_;
   std::map<ArenaId, Arena> arenas_ ABSL_GUARDED_BY(mu_);

@@ -109,9 +109,13 @@ grpc::Status KvHostDaemon::Attach(grpc::ServerContext*, const v1::AttachRequest*
 absl::StatusOr<std::shared_ptr<KvHostDaemon::Worker>> KvHostDaemon::Authenticate(ScopedFd conn) {
   auto msg = ReceiveFdMessage(conn.get(), absl::ZeroDuration());
   if (!msg.ok()) return msg.status();
-  if (!msg->fds.empty()) return absl::InvalidArgumentError("hello: carries descriptors");
-  v1::FdHello hello;
-  if (!hello.ParseFromString(msg->payload)) return absl::InvalidArgumentError("hello: not an FdHello");
+  // FdAdopt extends FdHello (same first fields): a plain hello has no arenas.
+  v1::FdAdopt hello;
+  if (!hello.ParseFromString(msg->payload)) return absl::InvalidArgumentError("hello: not an FdHello or FdAdopt");
+  if (msg->fds.size() != static_cast<size_t>(hello.arenas_size())) {
+    return absl::InvalidArgumentError(absl::StrCat("hello: ", msg->fds.size(), " descriptors for ",
+                                                   hello.arenas_size(), " arenas"));
+  }
   auto cred = PeerCredentialsOf(conn.get());
   if (!cred.ok()) return cred.status();
   const bool uid_ok = cred->uid == getuid() ||
@@ -148,6 +152,13 @@ absl::StatusOr<std::shared_ptr<KvHostDaemon::Worker>> KvHostDaemon::Authenticate
     if (!store.ok()) return store.status();
     absl::MutexLock wl(&w->mu);
     w->store = std::move(*store);
+    if (hello.arenas_size() > 0) {
+      if (absl::Status s = AdoptLocked(*w, hello, msg->fds); !s.ok()) {
+        // Nothing adopted: the budget back, the store (and its fds) dropped.
+        used_bytes_.fetch_sub(w->store->Stats().reserved_bytes);
+        return s;
+      }
+    }
     v1::FdWelcome welcome;
     welcome.set_worker_key(w->key);
     if (absl::Status s = SendFdMessage(conn.get(), welcome.SerializeAsString(), {}, options_.send_timeout); !s.ok()) {
@@ -158,6 +169,49 @@ absl::StatusOr<std::shared_ptr<KvHostDaemon::Worker>> KvHostDaemon::Authenticate
   }
   spdlog::info("kv-host: worker \"{}\" attached (pid {}, uid {})", w->id, w->cred.pid, w->cred.uid);
   return w;
+}
+
+absl::Status KvHostDaemon::AdoptLocked(Worker& w, const v1::FdAdopt& adopt, std::vector<ScopedFd>& fds) {
+  uint64_t total = 0;
+  for (int i = 0; i < adopt.arenas_size(); ++i) total += adopt.arenas(i).bytes();
+  if (total > options_.worker_quota_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("adopt: ", total, " bytes of arenas exceed the worker quota ",
+                                                     options_.worker_quota_bytes));
+  }
+  for (int i = 0; i < adopt.arenas_size(); ++i) {
+    const v1::FdArena& a = adopt.arenas(i);
+    auto memory = MemfdArena::Adopt(std::move(fds[i]), a.bytes());
+    if (!memory.ok()) return absl::InvalidArgumentError(absl::StrCat("adopt: arena ", a.arena_id(), ": ", memory.status().message()));
+    uint64_t used = used_bytes_.load();
+    do {
+      if (used + a.bytes() > options_.budget_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat("adopt: budget: ", used, " + ", a.bytes(), " bytes exceed ",
+                                                         options_.budget_bytes));
+      }
+    } while (!used_bytes_.compare_exchange_weak(used, used + a.bytes()));
+    if (absl::Status s = w.store->AdoptArena(a.arena_id(), *std::move(memory), "tkv-kvhost-adopted"); !s.ok()) {
+      used_bytes_.fetch_sub(a.bytes());
+      return s;
+    }
+    w.arenas.insert(a.arena_id());
+  }
+  for (const v1::SessionSlices& ss : adopt.sessions()) {
+    if (!ValidId(ss.session_id())) return absl::InvalidArgumentError("adopt: a session_id is not printable ASCII");
+    std::set<uint64_t>& ids = w.sessions[ss.session_id()];
+    for (const v1::Slice& sl : ss.slices()) {
+      const HostSlice h{.arena = sl.arena_id(), .offset = sl.offset(), .length = sl.length()};
+      if (sl.slice_id() == 0 || w.slices.count(sl.slice_id()) != 0) {
+        return absl::InvalidArgumentError(absl::StrCat("adopt: slice_id ", sl.slice_id(), " repeated or 0"));
+      }
+      if (absl::Status s = w.store->Claim(h, ss.session_id()); !s.ok()) return s;
+      w.slices[sl.slice_id()] = h;
+      ids.insert(sl.slice_id());
+      w.next_slice_id = std::max(w.next_slice_id, sl.slice_id() + 1);
+    }
+  }
+  spdlog::info("kv-host: adopted {} arenas ({} bytes) and {} sessions from worker \"{}\"", adopt.arenas_size(), total,
+               adopt.sessions_size(), w.id);
+  return absl::OkStatus();
 }
 
 void KvHostDaemon::FdLoop() {

@@ -107,6 +107,10 @@ class KvHostDaemon final : public v1::KvHost::Service {
   // FdHello on a new connection: the worker on success, else why not.
   absl::StatusOr<std::shared_ptr<Worker>> Authenticate(ScopedFd conn);
   void Detach(const std::shared_ptr<Worker>& w, const std::string& why);
+  // FdAdopt: the worker's live arenas (fds in order) and slices, after a
+  // restart of kv-host. Fails whole (the caller drops what was adopted).
+  absl::Status AdoptLocked(Worker& w, const v1::FdAdopt& adopt, std::vector<ScopedFd>& fds)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(w.mu);
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& key) const;
   // Grows `w` by an arena that fits `size` (within quota and budget) and
   // sends it to the worker.

@@ -333,8 +333,10 @@ TEST(WorkerChild, HoldsArenasUntilKilled) {
 // the worker learns within a second; new allocations fail, saying why.
 TEST_F(KvHostDaemonTest, DaemonLossKeepsMappingsAndFailsNewAllocations) {
   Start({});
-  auto c = Client();
-  ASSERT_NE(c, nullptr);
+  auto connected = KvHostClientStore::Connect(
+      {.target = Target(), .worker_id = "w1", .reattach_timeout = absl::Milliseconds(300)});
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  auto c = std::move(*connected);
   auto s = c->Allocate(5 * kPage, 64, "live");
   ASSERT_TRUE(s.ok()) << s.status();
   std::memset(c->Data(*s)->data(), 0x3C, s->length);
@@ -348,10 +350,57 @@ TEST_F(KvHostDaemonTest, DaemonLossKeepsMappingsAndFailsNewAllocations) {
   ASSERT_TRUE(data.ok());
   for (std::byte b : *data) ASSERT_EQ(b, std::byte{0x3C});
   std::memset(data->data(), 0x7E, data->size());
+  const absl::Time t1 = absl::Now();
   auto more = c->Allocate(kPage, 64, "new");
   EXPECT_EQ(more.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_NE(more.status().message().find("kv-host"), std::string::npos) << more.status();
+  EXPECT_NE(more.status().message().find("kv-host not back within"), std::string::npos) << more.status();
+  EXPECT_LT(absl::Now() - t1, absl::Seconds(2));  // the re-attach deadline, not a hang
   EXPECT_EQ(c->FreeOwner("live"), 0u);  // nobody to tell; no hang
+}
+
+}  // namespace
+}  // namespace tailorkv::kvhost
+
+namespace tailorkv::kvhost {
+namespace {
+
+// kv-host restarts: the worker's next allocation attaches again and hands
+// over its live arenas and slices; the new daemon accounts them as before,
+// the bytes are untouched, and closing the adopted session frees them.
+TEST_F(KvHostDaemonTest, RestartedDaemonAdoptsLiveArenasAndSessions) {
+  Start({.arena_bytes = 8 * kPage, .warm_bytes = 0});
+  auto c = Client();
+  ASSERT_NE(c, nullptr);
+  const uint64_t sizes[] = {3 * kPage, 100, 12 * kPage};
+  auto live = c->AllocateMany(sizes, 64, "live");
+  ASSERT_TRUE(live.ok()) << live.status();
+  for (size_t i = 0; i < 3; ++i) std::memset(c->Data((*live)[i])->data(), 0x40 + static_cast<int>(i), sizes[i]);
+  ASSERT_TRUE(c->Allocate(kPage, 64, "gone-before-restart").ok());
+  server_.reset();
+  daemon_.reset();
+  const absl::Time t0 = absl::Now();
+  while (c->Health().ok() && absl::Now() - t0 < absl::Seconds(2)) absl::SleepFor(absl::Milliseconds(5));
+  ASSERT_FALSE(c->Health().ok());
+  EXPECT_EQ(c->FreeOwner("gone-before-restart"), 0u);  // while down: dropped here only
+  Start({.arena_bytes = 8 * kPage, .warm_bytes = 0});  // the supervisor's restart
+  auto fresh = c->Allocate(2 * kPage, 64, "after");
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_TRUE(c->Health().ok());
+  const v1::KvHostStats st = daemon_->Stats();
+  ASSERT_EQ(st.workers_size(), 1);
+  ASSERT_EQ(st.workers(0).sessions_size(), 2) << st.DebugString();
+  EXPECT_EQ(st.workers(0).reserved_bytes(), static_cast<int64_t>(3 * kPage + 100 + 12 * kPage + 2 * kPage));
+  // "after" fits in the adopted 8-page arena (the slice freed while down was not handed over).
+  EXPECT_EQ(st.used_bytes(), static_cast<int64_t>(8 * kPage + 12 * kPage)) << st.DebugString();
+  for (size_t i = 0; i < 3; ++i) {
+    auto data = c->Data((*live)[i]);
+    ASSERT_TRUE(data.ok());
+    for (std::byte b : *data) ASSERT_EQ(b, std::byte(0x40 + i));
+  }
+  EXPECT_EQ(c->FreeOwner("live"), sizes[0] + sizes[1] + sizes[2]);
+  EXPECT_EQ(c->FreeOwner("after"), 2 * kPage);
+  EXPECT_EQ(daemon_->Stats().used_bytes(), 0);  // warm 0: every arena back
+  EXPECT_EQ(c->Stats().reserved_bytes, 0u);
 }
 
 }  // namespace

@@ -117,6 +117,58 @@ absl::StatusOr<ArenaId> InProcessStore::CreateArena(uint64_t bytes, std::string_
   return InsertArenaLocked(id, *std::move(arena));
 }
 
+absl::Status InProcessStore::AdoptArena(ArenaId id, MemfdArena memory, std::string name) {
+  const uint64_t bytes = memory.size();
+  if (id == kInvalidArena || bytes == 0) return absl::InvalidArgumentError("arena: id 0 or an empty arena");
+  auto arena = std::make_unique<Arena>();
+  arena->memory = std::move(memory);
+  arena->name = std::move(name);
+  arena->free_blocks.emplace(0, bytes);
+  arena->free_bytes = bytes;
+  absl::MutexLock lock(&mu_);
+  if (arenas_.count(id) != 0) return absl::InvalidArgumentError(absl::StrCat("arena: id ", id, " is in use"));
+  const uint64_t held = reserved_bytes_ + pending_bytes_;
+  if (bytes > options_.budget_bytes || held > options_.budget_bytes - bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("budget: adopting arena ", id, " of ", bytes, " bytes; ", held,
+                                                     " bytes already reserved and the budget is ",
+                                                     options_.budget_bytes, " bytes"));
+  }
+  reserved_bytes_ += bytes;
+  arenas_.emplace(id, std::move(arena));
+  next_arena_id_ = std::max(next_arena_id_, id + 1);
+  return absl::OkStatus();
+}
+
+absl::Status InProcessStore::Claim(const HostSlice& slice, std::string_view owner) {
+  absl::MutexLock lock(&mu_);
+  auto a = arenas_.find(slice.arena);
+  if (a == arenas_.end() || slice.length == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("slice: ", SliceText(slice), " is in no arena"));
+  }
+  Arena& arena = *a->second;
+  // The free block that starts at or before the slice must cover it.
+  auto it = arena.free_blocks.upper_bound(slice.offset);
+  if (it == arena.free_blocks.begin()) {
+    return absl::InvalidArgumentError(absl::StrCat("slice: ", SliceText(slice), " overlaps a live slice"));
+  }
+  --it;
+  const uint64_t start = it->first, end = start + it->second;
+  if (slice.offset + slice.length < slice.offset || slice.offset + slice.length > end) {
+    return absl::InvalidArgumentError(absl::StrCat("slice: ", SliceText(slice), " is not in free space"));
+  }
+  arena.free_blocks.erase(it);
+  if (slice.offset > start) arena.free_blocks.emplace(start, slice.offset - start);
+  if (slice.offset + slice.length < end) {
+    arena.free_blocks.emplace(slice.offset + slice.length, end - slice.offset - slice.length);
+  }
+  arena.slices.emplace(slice.offset, Slice{slice.length, std::string(owner)});
+  arena.free_bytes -= slice.length;
+  allocated_bytes_ += slice.length;
+  ++slice_count_;
+  owner_bytes_[std::string(owner)] += slice.length;
+  return absl::OkStatus();
+}
+
 std::vector<ArenaId> InProcessStore::RetireEmptyArenas(uint64_t keep_empty_bytes) {
   std::vector<ArenaId> ids;
   std::vector<std::unique_ptr<Arena>> gone;

@@ -74,6 +74,16 @@ class InProcessStore final : public HostKvStore {
   absl::StatusOr<uint64_t> ArenaBytes(ArenaId arena) const override;
   HostKvStoreStats Stats() const override;
 
+  // Adoption (kv-host restarted, its worker hands its arenas back): takes
+  // `memory` as arena `id` (nonzero, unused), counted against the budget,
+  // not registered. InvalidArgument naming "arena" for a used id;
+  // ResourceExhausted naming the budget.
+  absl::Status AdoptArena(ArenaId id, MemfdArena memory, std::string name);
+  // Marks `slice` (as handed out before the restart) live for `owner`.
+  // InvalidArgument naming "slice" unless it lies in free space of an
+  // arena; the store is unchanged then.
+  absl::Status Claim(const HostSlice& slice, std::string_view owner);
+
   // Gives back arenas that hold no slice, keeping the oldest of them up to
   // `keep_empty_bytes` in all for later requests; returns the ids given
   // back (unregistered, unmapped and closed before this returns: their

@@ -456,6 +456,50 @@ TEST(InProcessStoreTest, RetireEmptyArenasKeepsTheReserveAndLiveOnes) {
   EXPECT_TRUE(store->CheckInvariants().ok()) << store->CheckInvariants();
 }
 
+// A restarted kv-host adopts a worker's arenas and live slices: same bytes,
+// same ids, exact accounting; overlapping or stray claims and unsealed or
+// wrongly sized fds are refused.
+TEST(InProcessStoreTest, AdoptedArenasAndClaimedSlicesKeepTheirBytes) {
+  auto before = MakeStore(8 * kPage, 4 * kPage);
+  ASSERT_NE(before, nullptr);
+  auto a = before->Allocate(kPage + 10, 64, "s1");
+  auto b = before->Allocate(2 * kPage, 64, "s2");
+  ASSERT_TRUE(a.ok() && b.ok());
+  Stamp(*before->Data(*a), 1);
+  Stamp(*before->Data(*b), 2);
+  auto after = MakeStore(8 * kPage, 4 * kPage, /*grow=*/false);
+  ASSERT_NE(after, nullptr);
+  ScopedFd dup(fcntl(*before->ArenaFd(a->arena), F_DUPFD_CLOEXEC, 0));
+  auto memory = MemfdArena::Adopt(std::move(dup), 4 * kPage);
+  ASSERT_TRUE(memory.ok()) << memory.status();
+  ASSERT_TRUE(after->AdoptArena(a->arena, *std::move(memory), "adopted").ok());
+  ASSERT_TRUE(after->Claim(*a, "s1").ok());
+  ASSERT_TRUE(after->Claim(*b, "s2").ok());
+  EXPECT_EQ(FirstUnstamped(*after->Data(*a), 1), -1);
+  EXPECT_EQ(FirstUnstamped(*after->Data(*b), 2), -1);
+  EXPECT_EQ(after->Claim(*a, "again").code(), absl::StatusCode::kInvalidArgument);  // live already
+  EXPECT_EQ(after->Claim(HostSlice{a->arena, 4 * kPage - 8, 16}, "x").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(after->Claim(HostSlice{99, 0, 16}, "x").code(), absl::StatusCode::kInvalidArgument);
+  HostKvStoreStats st = after->Stats();
+  EXPECT_EQ(st.allocated_bytes, kPage + 10 + 2 * kPage);
+  EXPECT_EQ(st.owner_bytes.at("s2"), 2 * kPage);
+  EXPECT_TRUE(after->CheckInvariants().ok()) << after->CheckInvariants();
+  // New slices land in the free space left around the claimed ones.
+  auto c = after->Allocate(kPage / 2, 64, "s3");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->arena, a->arena);
+  EXPECT_EQ(after->FreeOwner("s1"), kPage + 10);
+  EXPECT_TRUE(after->CheckInvariants().ok()) << after->CheckInvariants();
+  // The id is taken; a wrong size or an unsealed file is not adopted.
+  ScopedFd dup2(fcntl(*before->ArenaFd(a->arena), F_DUPFD_CLOEXEC, 0));
+  EXPECT_EQ(MemfdArena::Adopt(std::move(dup2), 2 * kPage).status().code(), absl::StatusCode::kInvalidArgument);
+  ScopedFd plain(memfd_create("unsealed", MFD_CLOEXEC));
+  ASSERT_EQ(ftruncate(plain.get(), static_cast<off_t>(kPage)), 0);
+  auto unsealed = MemfdArena::Adopt(std::move(plain), kPage);
+  EXPECT_EQ(unsealed.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(unsealed.status().message().find("sealed"), std::string::npos);
+}
+
 TEST(InProcessStoreTest, ArenaFdMapsTheSameBytesASecondTime) {
   auto store = MakeStore(8 * kPage, 4 * kPage);
   ASSERT_NE(store, nullptr);

@@ -138,6 +138,24 @@ absl::StatusOr<MemfdArena> MemfdArena::Create(std::string_view name, size_t byte
   return MemfdArena(std::move(fd), *std::move(mapping));
 }
 
+absl::StatusOr<MemfdArena> MemfdArena::Adopt(ScopedFd fd, size_t bytes) {
+  if (bytes == 0 || bytes % PageSize() != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("bytes: ", bytes, " is not a positive multiple of the page size"));
+  }
+  struct stat st{};
+  if (!fd.valid() || fstat(fd.get(), &st) != 0) return absl::InvalidArgumentError("fd: not an open file");
+  if (static_cast<uint64_t>(st.st_size) != bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("fd: ", st.st_size, " bytes long, expected ", bytes));
+  }
+  const int seals = fcntl(fd.get(), F_GET_SEALS);
+  if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW)) {
+    return absl::InvalidArgumentError("fd: not a memfd sealed against shrinking and growing");
+  }
+  auto mapping = SharedMapping::Map(fd.get(), bytes, /*writable=*/true, /*populate=*/false);
+  if (!mapping.ok()) return mapping.status();
+  return MemfdArena(std::move(fd), *std::move(mapping));
+}
+
 MemfdArena::MemfdArena(MemfdArena&& other) noexcept
     : fd_(std::move(other.fd_)),
       mapping_(std::move(other.mapping_)),

@@ -93,6 +93,13 @@ class MemfdArena {
   static absl::StatusOr<MemfdArena> Create(std::string_view name, size_t bytes,
                                            const MemfdArenaOptions& options);
 
+  // Takes over an arena made elsewhere (another process handed its fd back):
+  // maps it read-write. InvalidArgument naming "fd" when the file is not
+  // exactly `bytes` long or not sealed against shrinking and growing (a
+  // holder could otherwise cause SIGBUS here), "bytes" when not a positive
+  // page multiple.
+  static absl::StatusOr<MemfdArena> Adopt(ScopedFd fd, size_t bytes);
+
   MemfdArena() = default;
   MemfdArena(MemfdArena&& other) noexcept;
   MemfdArena& operator=(MemfdArena&& other) noexcept;
