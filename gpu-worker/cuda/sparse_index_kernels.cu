@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cuda_check.h"
+#include "cuda/sparse_pool.cuh"
 #include "cuda/sparse_launch_checks.h"
 
 namespace tailorkv::cuda {
@@ -233,15 +234,12 @@ __global__ void __launch_bounds__(kThreads) ScoreIndexKernel(
   __syncthreads();
   const int i = blockIdx.x * kThreads + threadIdx.x;
   if (i >= n) return;
-  int64_t rel = i;
-  if (pool != nullptr) {
-    rel = pool[static_cast<int64_t>(h) * n + i];
-    if (rel < 0 || rel >= index_rows - first) {
-      scores[static_cast<int64_t>(h) * score_stride + i] = -INFINITY;
-      return;
-    }
+  const int64_t pos = ScoredPosition(pool, h, n, i, index_rows, first);
+  if (pos < 0) {
+    scores[static_cast<int64_t>(h) * score_stride + i] = -INFINITY;
+    return;
   }
-  const int64_t row = static_cast<int64_t>(h) * index_rows + first + rel;
+  const int64_t row = static_cast<int64_t>(h) * index_rows + pos;
   float dot = 0.0f;
   if constexpr (kChunks > 0) {
     const uint4* r16 = reinterpret_cast<const uint4*>(index) + row * kChunks;

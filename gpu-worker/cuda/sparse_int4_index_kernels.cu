@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "cuda/cuda_check.h"
+#include "cuda/sparse_pool.cuh"
 #include "cuda/sparse_index_kernels.cuh"  // kSparseMaxChannels
 #include "cuda/sparse_launch_checks.h"
 #include "runtime/kv_plan.h"              // kIndexBlock
@@ -125,14 +126,10 @@ __global__ void __launch_bounds__(kThreads) ScoreInt4IndexKernel(
   __syncthreads();
   const int i = i0 + threadIdx.x;
   if (i >= n) return;
-  int64_t pos = static_cast<int64_t>(first) + i;
-  if constexpr (kPooled) {
-    const int64_t rel = pool[static_cast<int64_t>(h) * n + i];
-    if (rel < 0 || rel >= index_rows - first) {
-      scores[static_cast<int64_t>(h) * score_stride + i] = -INFINITY;
-      return;
-    }
-    pos = first + rel;
+  const int64_t pos = ScoredPosition(kPooled ? pool : nullptr, h, n, i, index_rows, first);
+  if (pos < 0) {
+    scores[static_cast<int64_t>(h) * score_stride + i] = -INFINITY;
+    return;
   }
   const bf16* pr = params + (static_cast<int64_t>(h) * n_blocks + pos / kBlock) * d * 2;
   const int s = kPooled ? 0 : static_cast<int>(pos / kBlock - b0);
