@@ -11,6 +11,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <regex>
@@ -72,9 +73,13 @@ class KvHostProcessesTest : public ::testing::Test {
     sock_ = (dir_ / "kv-host.sock").string();
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
+  // TKV_TEST_BACKEND=cuda runs the same checks with the CUDA backend (the
+  // GPU machine); CI runs cpu.
   std::string Worker(const std::string& kv_host) const {
-    return absl::StrCat("exec ", TAILORKV_WORKER_BINARY, " --model ", kModelFile,
-                        " --backend cpu --threads 1 --listen 127.0.0.1:0 --max-context 2048 --kv-plan ", kPlan,
+    const char* backend = std::getenv("TKV_TEST_BACKEND");
+    return absl::StrCat("exec ", TAILORKV_WORKER_BINARY, " --model ", kModelFile, " --backend ",
+                        backend != nullptr ? backend : "cpu",
+                        " --threads 1 --listen 127.0.0.1:0 --max-context 2048 --kv-plan ", kPlan,
                         " --kv-host ", kv_host);
   }
   std::filesystem::path dir_;
