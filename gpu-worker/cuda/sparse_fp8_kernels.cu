@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cuda_check.h"
-#include "cuda/sparse_pool.cuh"
+#include "cuda/sparse_index_device.cuh"
 #include "cuda/sparse_launch_checks.h"
 #include "cuda/sparse_index_kernels.cuh"  // kSparseMaxChannels
 
@@ -244,13 +244,8 @@ __global__ void __launch_bounds__(kThreads) BuildIndexFp8Kernel(
   const int p0 = blockIdx.x * kBuildTile;
   const int nrows = min(kBuildTile, rows - p0);
   const int chunks = head_dim / 16;   // 16-byte chunks of a K half
-  const int64_t row16 = 2 * chunks;   // of a host row (K then V)
   if (threadIdx.x < d) ch[threadIdx.x] = chans[static_cast<int64_t>(h) * d + threadIdx.x];
-  const uint4* src = host + (static_cast<int64_t>(h) * host_rows + p0) * row16;
-  for (int t = threadIdx.x; t < nrows * chunks; t += kThreads) {
-    const int r = t / chunks, q = t - r * chunks;
-    tile[t] = src[r * row16 + q];
-  }
+  StageKHalves(host, host_rows, h, p0, nrows, chunks, kThreads, tile);
   __syncthreads();
   const uint8_t* sh = reinterpret_cast<const uint8_t*>(tile);
   const int64_t base = (static_cast<int64_t>(h) * index_rows + p0) * d;
@@ -281,13 +276,8 @@ __global__ void __launch_bounds__(kThreads) BuildFp8IndexKernel(
   const int p0 = blockIdx.x * kBuildTile;
   const int nrows = min(kBuildTile, rows - p0);
   const int chunks = head_dim / 8;   // 16-byte chunks of a bf16 K half
-  const int64_t row16 = 2 * chunks;  // of a host row (K then V)
   if (threadIdx.x < d) ch[threadIdx.x] = chans[static_cast<int64_t>(h) * d + threadIdx.x];
-  const uint4* src = host + (static_cast<int64_t>(h) * host_rows + p0) * row16;
-  for (int t = threadIdx.x; t < nrows * chunks; t += kThreads) {
-    const int r = t / chunks, q = t - r * chunks;
-    tile[t] = src[r * row16 + q];
-  }
+  StageKHalves(host, host_rows, h, p0, nrows, chunks, kThreads, tile);
   __syncthreads();
   const uint16_t* sh = reinterpret_cast<const uint16_t*>(tile);
   uint8_t* dst = index + (static_cast<int64_t>(h) * index_rows + p0) * d;

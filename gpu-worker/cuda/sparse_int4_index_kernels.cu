@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "cuda/cuda_check.h"
-#include "cuda/sparse_pool.cuh"
+#include "cuda/sparse_index_device.cuh"
 #include "cuda/sparse_index_kernels.cuh"  // kSparseMaxChannels
 #include "cuda/sparse_launch_checks.h"
 #include "runtime/kv_plan.h"              // kIndexBlock
@@ -46,13 +46,8 @@ __global__ void __launch_bounds__(kThreads) BuildInt4IndexKernel(
   const int p0 = b * kBlock;
   const int nrows = min(kBlock, rows - p0);
   const int chunks = head_dim / 8;   // 16-byte chunks of a K half
-  const int64_t row16 = 2 * chunks;  // of a host row (K then V)
   if (threadIdx.x < d) ch[threadIdx.x] = chans[static_cast<int64_t>(h) * d + threadIdx.x];
-  const uint4* src = host + (static_cast<int64_t>(h) * host_rows + p0) * row16;
-  for (int t = threadIdx.x; t < nrows * chunks; t += kThreads) {
-    const int r = t / chunks, q = t - r * chunks;
-    tile[t] = src[r * row16 + q];
-  }
+  StageKHalves(host, host_rows, h, p0, nrows, chunks, kThreads, tile);
   __syncthreads();
   const bf16* sh = reinterpret_cast<const bf16*>(tile);
   const int64_t n_blocks = (index_rows + kBlock - 1) / kBlock;

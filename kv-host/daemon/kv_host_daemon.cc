@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
+#include "common/status_macros.h"
 #include "spdlog/spdlog.h"
 
 namespace tailorkv::kvhost {
@@ -182,13 +183,7 @@ absl::Status KvHostDaemon::AdoptLocked(Worker& w, const v1::FdAdopt& adopt, std:
     const v1::FdArena& a = adopt.arenas(i);
     auto memory = MemfdArena::Adopt(std::move(fds[i]), a.bytes());
     if (!memory.ok()) return absl::InvalidArgumentError(absl::StrCat("adopt: arena ", a.arena_id(), ": ", memory.status().message()));
-    uint64_t used = used_bytes_.load();
-    do {
-      if (used + a.bytes() > options_.budget_bytes) {
-        return absl::ResourceExhaustedError(absl::StrCat("adopt: budget: ", used, " + ", a.bytes(), " bytes exceed ",
-                                                         options_.budget_bytes));
-      }
-    } while (!used_bytes_.compare_exchange_weak(used, used + a.bytes()));
+    RETURN_IF_ERROR(TakeBudget(a.bytes(), absl::StrCat("adopting arena ", a.arena_id())));
     if (absl::Status s = w.store->AdoptArena(a.arena_id(), *std::move(memory), "tkv-kvhost-adopted"); !s.ok()) {
       used_bytes_.fetch_sub(a.bytes());
       return s;
@@ -221,11 +216,7 @@ void KvHostDaemon::FdLoop() {
     fds.push_back({.fd = wake_.get(), .events = POLLIN, .revents = 0});
     fds.push_back({.fd = listener_.get(), .events = POLLIN, .revents = 0});
     for (const Hello& h : hellos) fds.push_back({.fd = h.conn.get(), .events = POLLIN, .revents = 0});
-    std::vector<std::shared_ptr<Worker>> watched;
-    {
-      absl::MutexLock lock(&mu_);
-      for (auto& [key, w] : workers_) watched.push_back(w);
-    }
+    const std::vector<std::shared_ptr<Worker>> watched = Workers();
     for (const auto& w : watched) {
       absl::MutexLock wl(&w->mu);
       // Only hang-ups matter on an attached connection (POLLIN: EOF or a
@@ -303,6 +294,24 @@ void KvHostDaemon::Detach(const std::shared_ptr<Worker>& w, const std::string& w
                      w->cred.pid, why, bytes, sessions);
 }
 
+std::vector<std::shared_ptr<KvHostDaemon::Worker>> KvHostDaemon::Workers() const {
+  std::vector<std::shared_ptr<Worker>> out;
+  absl::MutexLock lock(&mu_);
+  for (const auto& [key, w] : workers_) out.push_back(w);
+  return out;
+}
+
+absl::Status KvHostDaemon::TakeBudget(uint64_t bytes, const std::string& what) {
+  uint64_t used = used_bytes_.load();
+  do {
+    if (used + bytes > options_.budget_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat("budget: ", what, " needs ", bytes, " bytes; kv-host holds ",
+                                                       used, " of its ", options_.budget_bytes, " bytes (--budget)"));
+    }
+  } while (!used_bytes_.compare_exchange_weak(used, used + bytes));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::shared_ptr<KvHostDaemon::Worker>> KvHostDaemon::FindWorker(const std::string& key) const {
   absl::MutexLock lock(&mu_);
   auto it = workers_.find(key);
@@ -318,14 +327,7 @@ absl::Status KvHostDaemon::GrowLocked(Worker& w, uint64_t size) {
         "worker quota: ", size, " bytes need a new arena of ", bytes, " bytes; worker \"", w.id, "\" holds ",
         st.reserved_bytes, " of its ", options_.worker_quota_bytes, " bytes (--worker-quota; default: the whole --budget)"));
   }
-  uint64_t used = used_bytes_.load();
-  do {
-    if (used + bytes > options_.budget_bytes) {
-      return absl::ResourceExhaustedError(absl::StrCat("budget: ", size, " bytes need a new arena of ", bytes,
-                                                       " bytes; kv-host holds ", used, " of its ",
-                                                       options_.budget_bytes, " bytes (--budget)"));
-    }
-  } while (!used_bytes_.compare_exchange_weak(used, used + bytes));
+  RETURN_IF_ERROR(TakeBudget(bytes, absl::StrCat("a slice of ", size, " bytes (a new arena)")));
   auto id = w.store->CreateArena(bytes, "tkv-kvhost");
   if (!id.ok()) {
     used_bytes_.fetch_sub(bytes);
@@ -452,11 +454,7 @@ v1::KvHostStats KvHostDaemon::Stats() const {
   out.set_budget_bytes(static_cast<int64_t>(options_.budget_bytes));
   out.set_budget_source(options_.budget_source);
   out.set_draining(draining_.load());
-  std::vector<std::shared_ptr<Worker>> workers;
-  {
-    absl::MutexLock lock(&mu_);
-    for (auto& [key, w] : workers_) workers.push_back(w);
-  }
+  const std::vector<std::shared_ptr<Worker>> workers = Workers();
   int arenas = 0;
   for (const auto& w : workers) {
     absl::MutexLock wl(&w->mu);
@@ -489,11 +487,7 @@ grpc::Status KvHostDaemon::GetStats(grpc::ServerContext*, const v1::GetStatsRequ
 }
 
 int KvHostDaemon::OpenSessions() const {
-  std::vector<std::shared_ptr<Worker>> workers;
-  {
-    absl::MutexLock lock(&mu_);
-    for (auto& [key, w] : workers_) workers.push_back(w);
-  }
+  const std::vector<std::shared_ptr<Worker>> workers = Workers();
   int n = 0;
   for (const auto& w : workers) {
     absl::MutexLock wl(&w->mu);

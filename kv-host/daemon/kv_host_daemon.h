@@ -112,6 +112,11 @@ class KvHostDaemon final : public v1::KvHost::Service {
   absl::Status AdoptLocked(Worker& w, const v1::FdAdopt& adopt, std::vector<ScopedFd>& fds)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(w.mu);
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& key) const;
+  // The attached workers now (each then read under its own lock).
+  std::vector<std::shared_ptr<Worker>> Workers() const;
+  // Takes `bytes` of the shared budget (compare and swap), or
+  // ResourceExhausted naming the budget and `what` needs them.
+  absl::Status TakeBudget(uint64_t bytes, const std::string& what);
   // Grows `w` by an arena that fits `size` (within quota and budget) and
   // sends it to the worker.
   absl::Status GrowLocked(Worker& w, uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w.mu);
@@ -132,7 +137,6 @@ class KvHostDaemon final : public v1::KvHost::Service {
   uint64_t next_attach_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<uint64_t, PendingAttach> pending_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::shared_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);  // by key
-  uint64_t next_worker_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace tailorkv::kvhost
