@@ -25,7 +25,17 @@ namespace {
 
 using tailorkv::common::testing::ChildProcess;
 
-constexpr char kModelFile[] = TAILORKV_MODEL_DIR "/SmolLM2-135M-Instruct.Q4_1.gguf";
+// The binaries and model are those of this build tree unless the environment
+// names others (TKV_BIN_DIR, TAILORKV_MODEL_DIR: the GPU machine's bundle).
+std::string FromEnv(const char* var, const std::string& leaf, const std::string& built) {
+  const char* dir = std::getenv(var);
+  return dir != nullptr && *dir != '\0' ? absl::StrCat(dir, "/", leaf) : built;
+}
+const std::string kModelFile = FromEnv("TAILORKV_MODEL_DIR", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                       TAILORKV_MODEL_DIR "/SmolLM2-135M-Instruct.Q4_1.gguf");
+const std::string kWorkerBinary = FromEnv("TKV_BIN_DIR", "gpu-worker", TAILORKV_WORKER_BINARY);
+const std::string kKvHostBinary = FromEnv("TKV_BIN_DIR", "kv-host", TAILORKV_KV_HOST_BINARY);
+const std::string kCliBinary = FromEnv("TKV_BIN_DIR", "tailorkv-cli", TAILORKV_CLI_BINARY);
 // Sparse layers that select (Top-128 of prompts longer than 8 + 56 + 128).
 constexpr char kPlan[] = "hybrid:2:128:8:56:32:gpu:late:i8";
 
@@ -52,7 +62,7 @@ std::string Port(const std::string& log) {
   return std::regex_search(log, m, re) ? m[1].str() : "";
 }
 
-std::string Cli(const std::string& args) { return absl::StrCat(TAILORKV_CLI_BINARY, " ", args); }
+std::string Cli(const std::string& args) { return absl::StrCat(kCliBinary, " ", args); }
 
 // A fact hidden in ~700 tokens of prose, completed raw.
 std::string FactPrompt() {
@@ -77,7 +87,7 @@ class KvHostProcessesTest : public ::testing::Test {
   // GPU machine); CI runs cpu.
   std::string Worker(const std::string& kv_host) const {
     const char* backend = std::getenv("TKV_TEST_BACKEND");
-    return absl::StrCat("exec ", TAILORKV_WORKER_BINARY, " --model ", kModelFile, " --backend ",
+    return absl::StrCat("exec ", kWorkerBinary, " --model ", kModelFile, " --backend ",
                         backend != nullptr ? backend : "cpu",
                         " --threads 1 --listen 127.0.0.1:0 --max-context 2048 --kv-plan ", kPlan,
                         " --kv-host ", kv_host);
@@ -87,7 +97,7 @@ class KvHostProcessesTest : public ::testing::Test {
 };
 
 TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorkersAreFreed) {
-  ChildProcess kvh(absl::StrCat("exec ", TAILORKV_KV_HOST_BINARY, " --listen unix:", sock_, " --budget 1G"));
+  ChildProcess kvh(absl::StrCat("exec ", kKvHostBinary, " --listen unix:", sock_, " --budget 1G"));
   ASSERT_TRUE(kvh.WaitFor("ready on", 0, 30)) << kvh.output();
   ChildProcess remote(Worker("unix://" + sock_));
   ChildProcess local(Worker("in-process"));
@@ -115,7 +125,9 @@ TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorke
     EXPECT_EQ(text(a.out), text(b.out));
     EXPECT_EQ(usage(a.out), usage(b.out));
     EXPECT_FALSE(usage(a.out).empty()) << a.out;
-    if (raw) EXPECT_NE(a.out.find("4817"), std::string::npos) << a.out;
+    if (raw) {
+      EXPECT_NE(a.out.find("4817"), std::string::npos) << a.out;
+    }
   }
   // The requests' sessions are closed; the worker and its warm arena remain.
   ShellRun st = Shell(Cli("kv-host stats --server unix://" + sock_));
@@ -148,7 +160,7 @@ TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorke
 // serves.
 TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
   auto kvh = std::make_unique<ChildProcess>(
-      absl::StrCat("exec ", TAILORKV_KV_HOST_BINARY, " --listen unix:", sock_, " --budget 1G"));
+      absl::StrCat("exec ", kKvHostBinary, " --listen unix:", sock_, " --budget 1G"));
   ASSERT_TRUE(kvh->WaitFor("ready on", 0, 30)) << kvh->output();
   ChildProcess remote(Worker("unix://" + sock_) + " --kv-host-timeout-ms 1500");
   ChildProcess local(Worker("in-process"));
@@ -176,7 +188,7 @@ TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
   // The supervisor restarts kv-host: the next request re-attaches (handing
   // over the live arenas) and generates the same text.
   kvh = std::make_unique<ChildProcess>(
-      absl::StrCat("exec ", TAILORKV_KV_HOST_BINARY, " --listen unix:", sock_, " --budget 1G"));
+      absl::StrCat("exec ", kKvHostBinary, " --listen unix:", sock_, " --budget 1G"));
   ASSERT_TRUE(kvh->WaitFor("ready on", 0, 30)) << kvh->output();
   const ShellRun back = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", rport, flags)));
   ASSERT_EQ(back.code, 0) << back.out << remote.output();
