@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
                  ->capture_default_str();
              app.add_option("--worker-quota", quota, "the most one worker may hold (size or fraction of the budget; default: the budget)");
              app.add_option("--arena-bytes", arena, "arena size (larger slices get their own arena)")->capture_default_str();
-             app.add_option("--warm-bytes", warm, "empty arena bytes each worker keeps when its sessions close")
+             app.add_option("--warm-bytes", warm, "empty arena bytes each worker keeps when its sessions close (0: none)")
                  ->capture_default_str();
              app.add_option("--fd-socket", fd_socket,
                             "UNIX socket for the fd channel (default: the --listen unix path + \".fd\", or "
@@ -67,7 +67,8 @@ int main(int argc, char** argv) {
              auto a = ParseBudget(arena, o.budget_bytes);
              if (!a.ok()) return absl::InvalidArgumentError(absl::StrCat("--arena-bytes: ", a.status().message()));
              o.arena_bytes = *a;
-             auto w = ParseBudget(warm, o.budget_bytes);
+             // 0: retire every empty arena at once.
+             auto w = warm == "0" ? absl::StatusOr<uint64_t>(0) : ParseBudget(warm, o.budget_bytes);
              if (!w.ok()) return absl::InvalidArgumentError(absl::StrCat("--warm-bytes: ", w.status().message()));
              o.warm_bytes = *w;
              if (fd_socket.empty()) {

@@ -175,8 +175,18 @@ TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
   // Once the first tokens stream, kv-host dies.
   ASSERT_TRUE(gen.WaitFor(" 4817", 0, 60)) << gen.output();
   ASSERT_EQ(gen.output().find("[finish="), std::string::npos) << "finished before kv-host died: " << gen.output();
+  const std::string health = Cli(absl::StrCat("health --server 127.0.0.1:", rport, " --service tailorkv.v1.Generation"));
+  ASSERT_EQ(Shell(health).code, 0);
   kvh->Signal(SIGKILL);
   kvh->Wait();
+  // The worker notices within a second: its Generation health goes NOT_SERVING (exit 3).
+  const auto killed = std::chrono::steady_clock::now();
+  int code = 0;
+  while (code != 3 && std::chrono::steady_clock::now() - killed < std::chrono::seconds(3)) {
+    code = Shell(health).code;
+  }
+  EXPECT_EQ(code, 3);
+  EXPECT_LT(std::chrono::steady_clock::now() - killed, std::chrono::seconds(1));
   EXPECT_EQ(gen.Wait(), 0) << gen.output();
   const auto text = [](const std::string& s) { return s.substr(0, s.find("[finish=")); };
   EXPECT_EQ(text(gen.output()), text(want.out));
@@ -185,11 +195,15 @@ TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
   EXPECT_NE(after.code, 0) << after.out;
   EXPECT_NE(after.out.find("UNAVAILABLE"), std::string::npos) << after.out;
   EXPECT_NE(after.out.find("kv-host not back within 1.5s"), std::string::npos) << after.out;
-  // The supervisor restarts kv-host: the next request re-attaches (handing
-  // over the live arenas) and generates the same text.
+  // The supervisor restarts kv-host: the worker re-attaches by itself
+  // (handing over its live arenas), is SERVING again before any request,
+  // and generates the same text.
   kvh = std::make_unique<ChildProcess>(
       absl::StrCat("exec ", kKvHostBinary, " --listen unix:", sock_, " --budget 1G"));
   ASSERT_TRUE(kvh->WaitFor("ready on", 0, 30)) << kvh->output();
+  EXPECT_EQ(Shell(health + " --wait-seconds 5").code, 0) << remote.output();
+  EXPECT_TRUE(kvh->WaitFor("adopted", 0, 5)) << kvh->output();
+  EXPECT_TRUE(remote.WaitFor("kv-host is back: health of tailorkv.v1.Generation SERVING", 0, 5)) << remote.output();
   const ShellRun back = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", rport, flags)));
   ASSERT_EQ(back.code, 0) << back.out << remote.output();
   EXPECT_EQ(text(back.out), text(want.out));
@@ -197,6 +211,64 @@ TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
   const ShellRun st = Shell(Cli("kv-host stats --server unix://" + sock_));
   EXPECT_NE(st.out.find("1 workers attached"), std::string::npos) << st.out;
   EXPECT_NE(st.out.find("0 sessions"), std::string::npos) << st.out;
+}
+
+// A worker whose plan has no sparse layers needs no host tier: it keeps
+// serving, and stays SERVING, while kv-host is away.
+TEST_F(KvHostProcessesTest, QuantOnlyPlanKeepsServingWithoutKvHost) {
+  auto kvh = std::make_unique<ChildProcess>(
+      absl::StrCat("exec ", kKvHostBinary, " --listen unix:", sock_, " --budget 1G"));
+  ASSERT_TRUE(kvh->WaitFor("ready on", 0, 30)) << kvh->output();
+  std::string cmd = Worker("unix://" + sock_);
+  cmd.replace(cmd.find(kPlan), std::string(kPlan).size(), "quant:2");
+  ChildProcess w(cmd + " --kv-host-timeout-ms 500");
+  ASSERT_TRUE(w.WaitFor("ready on", 0, 120)) << w.output();
+  const std::string port = Port(w.output());
+  const std::string gen =
+      Cli(absl::StrCat("generate --server 127.0.0.1:", port, " --max-tokens 12 --temperature 0 --prompt 'Hi'"));
+  const ShellRun before = Shell(gen);
+  ASSERT_EQ(before.code, 0) << before.out;
+  kvh->Signal(SIGKILL);
+  kvh->Wait();
+  ASSERT_TRUE(w.WaitFor("kv-host fd channel closed", 0, 5)) << w.output();
+  const ShellRun after = Shell(gen);
+  EXPECT_EQ(after.code, 0) << after.out;
+  const auto text = [](const std::string& s) { return s.substr(0, s.find("[finish=")); };
+  EXPECT_EQ(text(after.out), text(before.out));
+  EXPECT_EQ(Shell(Cli(absl::StrCat("health --server 127.0.0.1:", port, " --service tailorkv.v1.Generation"))).code, 0);
+  EXPECT_EQ(w.output().find("NOT_SERVING"), std::string::npos) << w.output();
+}
+
+// kv-host's budget fits one worker's arena: a second worker's request ends
+// RESOURCE_EXHAUSTED naming the budget, while the first one's generation
+// runs on untouched (same tokens as before); once that session closes and
+// its arena is retired (--warm-bytes 0), the second worker is served.
+TEST_F(KvHostProcessesTest, ExhaustedBudgetRefusesCleanlyAndSparesOthers) {
+  ChildProcess kvh(absl::StrCat("exec ", kKvHostBinary, " --listen unix:", sock_,
+                                " --budget 40M --arena-bytes 24M --warm-bytes 0"));
+  ASSERT_TRUE(kvh.WaitFor("ready on", 0, 30)) << kvh.output();
+  ChildProcess a(Worker("unix://" + sock_));
+  ChildProcess b(Worker("unix://" + sock_));
+  ASSERT_TRUE(a.WaitFor("ready on", 0, 120)) << a.output();
+  ASSERT_TRUE(b.WaitFor("ready on", 0, 120)) << b.output();
+  const std::string aport = Port(a.output()), bport = Port(b.output());
+  const std::string flags = absl::StrCat(" --raw --max-tokens 120 --temperature 0 --stop '\x01' --prompt '",
+                                         FactPrompt(), "'");
+  const ShellRun want = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", aport, flags)));
+  ASSERT_EQ(want.code, 0) << want.out;
+  ChildProcess running(Cli(absl::StrCat("generate --server 127.0.0.1:", aport, flags)));
+  ASSERT_TRUE(running.WaitFor(" 4817", 0, 60)) << running.output();
+  const ShellRun refused = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", bport, flags)));
+  EXPECT_EQ(refused.code, 1) << refused.out;
+  EXPECT_NE(refused.out.find("RESOURCE_EXHAUSTED"), std::string::npos) << refused.out;
+  EXPECT_NE(refused.out.find("budget"), std::string::npos) << refused.out;
+  ASSERT_EQ(running.output().find("[finish="), std::string::npos) << "finished too early: " << running.output();
+  EXPECT_EQ(running.Wait(), 0) << running.output();
+  const auto text = [](const std::string& s) { return s.substr(0, s.find("[finish=")); };
+  EXPECT_EQ(text(running.output()), text(want.out));
+  const ShellRun served = Shell(Cli(absl::StrCat("generate --server 127.0.0.1:", bport, flags)));
+  EXPECT_EQ(served.code, 0) << served.out;
+  EXPECT_EQ(text(served.out), text(want.out));
 }
 
 TEST_F(KvHostProcessesTest, MissingKvHostIsAClearStartupError) {

@@ -113,7 +113,8 @@ struct SparseParams {
   // Query "after-attention" or "real" only: when > 0, the final Top-K is
   // taken among the Top-(refine x top_k) candidates of TailorKV's
   // speculative query (the previous layer's input), so the later query
-  // scores only those. 0: among every candidate. CPU backend only so far.
+  // scores only those. 0: among every candidate. The CUDA backend refuses
+  // it with query "real" (the pool comes from the previous layer's input).
   int refine = 0;
   bool operator==(const SparseParams&) const = default;
 };

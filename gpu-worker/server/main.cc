@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "client/kv_host_client.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "common/grpc_server.h"
 #include "common/logging.h"
 #include "common/openmp_env.h"
@@ -28,6 +29,41 @@
 #include "server/plan_source.h"
 
 namespace {
+
+// kv-host's loss and return flip the health of the Generation service
+// while the plan has sparse layers (their requests cannot be served
+// without it); dense and quant-only plans stay SERVING. The client reports
+// from its own threads, possibly before the server exists.
+class KvHostHealthLink {
+ public:
+  void Report(bool attached) {
+    absl::MutexLock lock(&mu_);
+    attached_ = attached;
+    if (apply_) apply_(attached);
+  }
+  // `apply` runs now with the current state, then on every report, until Stop.
+  void Start(std::function<void(bool)> apply) {
+    absl::MutexLock lock(&mu_);
+    apply_ = std::move(apply);
+    if (!attached_) apply_(false);
+  }
+  void Stop() {
+    absl::MutexLock lock(&mu_);
+    apply_ = nullptr;
+  }
+
+ private:
+  absl::Mutex mu_;
+  bool attached_ ABSL_GUARDED_BY(mu_) = true;
+  std::function<void(bool)> apply_ ABSL_GUARDED_BY(mu_);
+};
+
+bool NeedsHostTier(const tailorkv::runtime::KvPlan& plan) {
+  for (const auto& l : plan.layers) {
+    if (l.kind == tailorkv::runtime::KvPolicyKind::kSparse) return true;
+  }
+  return false;
+}
 
 using tailorkv::common::ServerOptions;
 using tailorkv::runtime::EngineOptions;
@@ -200,11 +236,13 @@ int main(int argc, char** argv) {
   // the GPU when the backend is CUDA.
   std::atomic<int> cuda_device{-1};
   std::unique_ptr<tailorkv::kvhost::KvHostClientStore> kv_host;
+  KvHostHealthLink kv_host_health;
   if (config.kv_host != "in-process") {
     tailorkv::kvhost::KvHostClientOptions ko;
     ko.target = config.kv_host;
     ko.worker_id = absl::StrCat("gpu-worker-", getpid());
     ko.reattach_timeout = absl::Milliseconds(config.kv_host_timeout_ms);
+    ko.on_attach_change = [&kv_host_health](bool attached) { kv_host_health.Report(attached); };
 #ifdef TAILORKV_HAVE_CUDA
     ko.register_fn = [&cuda_device](void* base, size_t bytes) -> absl::Status {
       const int d = cuda_device.load();
@@ -278,12 +316,22 @@ int main(int argc, char** argv) {
     return 1;
   }
   (*server)->AddDrainHook([&service] { service.BeginDrain(); });
+  if (kv_host != nullptr) {
+    kv_host_health.Start([&server, &engine](bool attached) {
+      const bool needs = NeedsHostTier((*engine)->kv_plan());
+      const std::string name = tailorkv::v1::Generation::service_full_name();
+      (*server)->SetServing(name, attached || !needs);
+      if (needs && attached) spdlog::info("kv-host is back: health of {} SERVING", name);
+      if (needs && !attached) spdlog::warn("kv-host is away: health of {} NOT_SERVING until it is back", name);
+    });
+  }
   auto reload = std::make_unique<ReloadOnSighup>(plan_source, **engine);
   spdlog::info("ready on {}", (*server)->address());
 
   const int signo = signals.Wait();
   spdlog::info("received signal {}, draining", signo);
   (*server)->Drain();
+  kv_host_health.Stop();
   reload.reset();
   server->reset();
   engine->reset();

@@ -36,8 +36,16 @@ absl::StatusOr<std::unique_ptr<KvHostClientStore>> KvHostClientStore::Connect(Kv
     return absl::InvalidArgumentError("register_fn / unregister_fn: both or neither");
   }
   std::unique_ptr<KvHostClientStore> c(new KvHostClientStore(std::move(options)));
-  c->impl_->stub = v1::KvHost::NewStub(grpc::CreateChannel(c->options_.target, grpc::InsecureChannelCredentials()));
+  // A local daemon: reconnect quickly once it is back (gRPC's default
+  // backoff grows to minutes while it is away).
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 500);
+  c->impl_->stub = v1::KvHost::NewStub(
+      grpc::CreateCustomChannel(c->options_.target, grpc::InsecureChannelCredentials(), args));
   if (absl::Status s = c->AttachOnce(/*adopt=*/false); !s.ok()) return s;
+  c->reattacher_ = std::thread([p = c.get()] { p->ReattachLoop(); });
   return c;
 }
 
@@ -94,33 +102,52 @@ absl::Status KvHostClientStore::AttachOnce(bool adopt) {
     impl.key = w.worker_key();
     impl.conn = std::move(*conn);
     lost_ = absl::OkStatus();
+    changed_.SignalAll();
   }
   receiver_ = std::thread([this] { ReceiveLoop(); });
   return absl::OkStatus();
 }
 
-absl::Status KvHostClientStore::Reattach() {
+absl::Status KvHostClientStore::TryReattach() {
   absl::MutexLock once(&reattach_mu_);
-  absl::Status why;
   {
     absl::MutexLock lock(&mu_);
-    if (lost_.ok()) return absl::OkStatus();  // another thread did it
-    why = lost_;
+    if (lost_.ok()) return absl::OkStatus();
   }
   if (receiver_.joinable()) receiver_.join();  // it ended at the loss
-  const absl::Time deadline = absl::Now() + options_.reattach_timeout;
-  absl::Status last;
+  return AttachOnce(/*adopt=*/true);
+}
+
+void KvHostClientStore::ReattachLoop() {
   while (true) {
-    last = AttachOnce(/*adopt=*/true);
-    if (last.ok()) {
-      spdlog::info("kv-host client: attached again to {}; live arenas handed over", options_.target);
-      return last;
+    {
+      absl::MutexLock lock(&mu_);
+      while (lost_.ok() && !stopping_) changed_.Wait(&mu_);
+      if (stopping_) return;
     }
-    if (absl::Now() >= deadline) break;
-    absl::SleepFor(absl::Milliseconds(100));
+    const absl::Status s = TryReattach();
+    if (s.ok()) {
+      spdlog::info("kv-host client: attached again to {}; live arenas handed over", options_.target);
+      if (options_.on_attach_change) options_.on_attach_change(true);
+      continue;
+    }
+    absl::MutexLock lock(&mu_);
+    last_attach_error_ = s;
+    if (!stopping_) changed_.WaitWithTimeout(&mu_, options_.reattach_interval);
   }
+}
+
+absl::Status KvHostClientStore::Reattach() {
+  const absl::Time deadline = absl::Now() + options_.reattach_timeout;
+  absl::MutexLock lock(&mu_);
+  const absl::Status why = lost_;
+  while (!lost_.ok() && !stopping_) {
+    if (changed_.WaitWithDeadline(&mu_, deadline)) break;  // timed out
+  }
+  if (lost_.ok()) return absl::OkStatus();
   return absl::UnavailableError(absl::StrCat(why.message(), "; kv-host not back within ",
-                                             absl::FormatDuration(options_.reattach_timeout), ": ", last.message()));
+                                             absl::FormatDuration(options_.reattach_timeout),
+                                             last_attach_error_.ok() ? "" : ": ", last_attach_error_.message()));
 }
 
 std::string KvHostClientStore::Key() const {
@@ -129,6 +156,12 @@ std::string KvHostClientStore::Key() const {
 }
 
 KvHostClientStore::~KvHostClientStore() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    changed_.SignalAll();
+  }
+  if (reattacher_.joinable()) reattacher_.join();
   if (impl_->conn.valid()) shutdown(impl_->conn.get(), SHUT_RDWR);  // wakes the receiver
   if (receiver_.joinable()) receiver_.join();
   std::map<ArenaId, Arena> arenas;
@@ -183,10 +216,16 @@ void KvHostClientStore::ReceiveLoop() {
       why = m.status();
     }
     // The channel is gone (or spoke nonsense): no more arenas; what is mapped stays.
-    absl::MutexLock lock(&mu_);
-    lost_ = absl::UnavailableError(absl::StrCat("kv-host fd channel closed: ", why.message()));
-    arrived_.SignalAll();
-    spdlog::warn("kv-host client: {}", std::string(lost_.message()));
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;  // our own shutdown
+      lost_ = absl::UnavailableError(absl::StrCat("kv-host fd channel closed: ", why.message()));
+      last_attach_error_ = absl::OkStatus();
+      arrived_.SignalAll();
+      changed_.SignalAll();
+      spdlog::warn("kv-host client: {}", std::string(lost_.message()));
+    }
+    if (options_.on_attach_change) options_.on_attach_change(false);
     return;
   }
 }

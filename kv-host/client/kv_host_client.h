@@ -13,13 +13,16 @@
 //
 // When the daemon goes away (the fd channel closes), what is mapped stays
 // readable and writable here (a memfd lives while anyone maps it), so work
-// in flight finishes. The next allocation attaches again (for up to
-// reattach_timeout) and hands the new daemon every live arena and slice
-// (FdAdopt), so its accounting continues; if kv-host does not come back,
-// the allocation fails with Unavailable naming the cause. Thread-safe.
+// in flight finishes. A background thread then tries to attach again every
+// reattach_interval and hands the new daemon every live arena and slice
+// (FdAdopt), so its accounting continues; on_attach_change reports the loss
+// and the return (the worker flips its health). An allocation meanwhile
+// waits up to reattach_timeout for the return, then fails with Unavailable
+// naming the cause. Thread-safe.
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -48,6 +51,11 @@ struct KvHostClientOptions {
   // to it again (a supervisor restarts it), handing it the live arenas and
   // slices (FdAdopt), before failing with Unavailable.
   absl::Duration reattach_timeout = absl::Seconds(10);
+  // How often the background thread tries to attach again after a loss.
+  absl::Duration reattach_interval = absl::Milliseconds(200);
+  // Optional: called with false when the daemon is lost and with true when
+  // attached again, from the client's own threads (never under its locks).
+  std::function<void(bool attached)> on_attach_change;
 };
 
 class KvHostClientStore final : public HostKvStore {
@@ -94,21 +102,29 @@ class KvHostClientStore final : public HostKvStore {
   // Attach + fd channel; with `adopt`, FdAdopt carrying every live arena and
   // slice instead of FdHello. Starts the receiver.
   absl::Status AttachOnce(bool adopt);
-  // Re-attaches after a loss, retrying until the deadline.
+  // One re-attach attempt after a loss (OK at once when attached).
+  absl::Status TryReattach();
+  // Waits up to reattach_timeout for the daemon to be back (trying too).
   absl::Status Reattach();
+  // The background re-attacher (started at Connect).
+  void ReattachLoop();
   std::string Key() const;
   // Unregisters and unmaps (outside mu_).
   void DropArena(Arena& arena);
 
   const KvHostClientOptions options_;
   std::unique_ptr<Impl> impl_;  // gRPC stub, fd channel
-  std::thread receiver_;
+  std::thread receiver_;     // joined only under reattach_mu_ (or at destruction)
+  std::thread reattacher_;
   absl::Mutex reattach_mu_;  // one re-attach at a time; before mu_
   mutable absl::Mutex mu_;
   absl::CondVar arrived_;
   std::map<ArenaId, Arena> arenas_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<ArenaId, uint64_t>, Live> live_ ABSL_GUARDED_BY(mu_);  // by (arena, offset)
   absl::Status lost_ ABSL_GUARDED_BY(mu_);  // why the daemon is gone; OK while attached
+  absl::Status last_attach_error_ ABSL_GUARDED_BY(mu_);  // of the latest re-attach attempt
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  absl::CondVar changed_;  // lost_ or stopping_ changed
 };
 
 }  // namespace tailorkv::kvhost

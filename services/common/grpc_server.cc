@@ -101,6 +101,12 @@ void GrpcServer::AddDrainHook(std::function<void()> hook) {
   drain_hooks_.push_back(std::move(hook));
 }
 
+void GrpcServer::SetServing(const std::string& service, bool serving) {
+  absl::MutexLock lock(&health_mu_);
+  if (draining_ || server_ == nullptr) return;
+  server_->GetHealthCheckService()->SetServingStatus(service, serving);
+}
+
 void GrpcServer::Drain() {
   absl::MutexLock lock(&drain_mu_);
   if (drained_ || server_ == nullptr) return;
@@ -108,7 +114,11 @@ void GrpcServer::Drain() {
   auto log = NamedLogger("server");
   log->info("draining: health NOT_SERVING, {} ms for in-flight calls", options_.drain_grace_ms);
   for (auto& hook : drain_hooks_) hook();
-  server_->GetHealthCheckService()->SetServingStatus(false);
+  {
+    absl::MutexLock health(&health_mu_);
+    draining_ = true;
+    server_->GetHealthCheckService()->SetServingStatus(false);
+  }
   const auto deadline =
       std::chrono::system_clock::now() + std::chrono::milliseconds(options_.drain_grace_ms);
   server_->Shutdown(deadline);

@@ -68,6 +68,11 @@ class GrpcServer {
   // Called first by Drain(), in order. Not thread-safe against Drain().
   void AddDrainHook(std::function<void()> hook);
 
+  // Health of one service (e.g. NOT_SERVING while a dependency is away).
+  // Ignored once a drain has begun: everything is NOT_SERVING from then on.
+  // Thread-safe.
+  void SetServing(const std::string& service, bool serving);
+
   // See the class comment. Returns once every call has ended.
   void Drain();
 
@@ -81,6 +86,8 @@ class GrpcServer {
   std::vector<std::function<void()>> drain_hooks_;
   absl::Mutex drain_mu_;
   bool drained_ ABSL_GUARDED_BY(drain_mu_) = false;
+  absl::Mutex health_mu_;  // not held while draining waits for calls
+  bool draining_ ABSL_GUARDED_BY(health_mu_) = false;
 };
 
 // Catches SIGTERM and SIGINT from construction on (construct it early in
