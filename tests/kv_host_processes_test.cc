@@ -62,6 +62,17 @@ std::string Port(const std::string& log) {
   return std::regex_search(log, m, re) ? m[1].str() : "";
 }
 
+// Open descriptors of a process (arenas' memfds, sockets).
+int OpenFds(pid_t pid) {
+  std::error_code ec;
+  int n = 0;
+  for (std::filesystem::directory_iterator it(absl::StrCat("/proc/", pid, "/fd"), ec), end; !ec && it != end;
+       it.increment(ec)) {
+    ++n;
+  }
+  return n;
+}
+
 std::string Cli(const std::string& args) { return absl::StrCat(kCliBinary, " ", args); }
 
 // A fact hidden in ~700 tokens of prose, completed raw.
@@ -99,6 +110,8 @@ class KvHostProcessesTest : public ::testing::Test {
 TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorkersAreFreed) {
   ChildProcess kvh(absl::StrCat("exec ", kKvHostBinary, " --listen unix:", sock_, " --budget 1G"));
   ASSERT_TRUE(kvh.WaitFor("ready on", 0, 30)) << kvh.output();
+  const int idle_fds = OpenFds(kvh.pid());
+  ASSERT_GT(idle_fds, 3);
   ChildProcess remote(Worker("unix://" + sock_));
   ChildProcess local(Worker("in-process"));
   ASSERT_TRUE(remote.WaitFor("ready on", 0, 120)) << remote.output();
@@ -134,6 +147,7 @@ TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorke
   ASSERT_EQ(st.code, 0) << st.out;
   EXPECT_NE(st.out.find("1 workers attached"), std::string::npos) << st.out;
   EXPECT_NE(st.out.find("0 sessions"), std::string::npos) << st.out;
+  EXPECT_GE(OpenFds(kvh.pid()), idle_fds + 2);  // at least its warm arena's memfd and its fd channel
 
   // SIGKILL the worker: kv-host frees what it held within a second.
   remote.Signal(SIGKILL);
@@ -148,6 +162,14 @@ TEST_F(KvHostProcessesTest, GenerationsThroughKvHostEqualInProcessAndKilledWorke
   EXPECT_TRUE(freed) << st.out;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(1) + std::chrono::milliseconds(500)) << st.out;
   EXPECT_TRUE(kvh.WaitFor("detached (receive: peer closed)", 0, 5)) << kvh.output();
+  // No descriptor outlives the worker: its arenas' memfds, its fd channel
+  // and its gRPC connection are closed (the CLI's connections close too).
+  int fds = OpenFds(kvh.pid());
+  for (int i = 0; i < 100 && fds != idle_fds; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    fds = OpenFds(kvh.pid());
+  }
+  EXPECT_EQ(fds, idle_fds);
   kvh.Signal(SIGTERM);
   EXPECT_EQ(kvh.Wait(), 0) << kvh.output();
 }

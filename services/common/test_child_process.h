@@ -43,6 +43,8 @@ class ChildProcess {
   ChildProcess(const ChildProcess&) = delete;
   ChildProcess& operator=(const ChildProcess&) = delete;
 
+  pid_t pid() const { return pid_; }  // -1 once waited for
+
   // Reads output until `text` appears after `from` (true), EOF or `seconds` pass.
   bool WaitFor(const std::string& text, size_t from = 0, int seconds = 120) {
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
