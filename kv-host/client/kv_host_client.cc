@@ -61,33 +61,55 @@ absl::Status KvHostClientStore::AttachOnce(bool adopt) {
   }
   auto conn = ConnectSeqpacket(resp.fd_socket_path());
   if (!conn.ok()) return conn.status();
+  // FdHello, or with `adopt` FdAdopt and as many FdAdoptPart as the live
+  // arenas and slices need (each datagram within the fd channel's limits).
   v1::FdAdopt hello;
   hello.set_attach_id(resp.attach_id());
   hello.set_nonce(resp.nonce());
-  std::vector<int> fds;
+  std::vector<v1::FdAdoptPart> parts;
+  std::vector<std::vector<int>> part_fds(1);
   if (adopt) {
+    constexpr int kSlicesPerPart = 1024;  // ~40 bytes each: well within 64 KiB
     absl::MutexLock lock(&mu_);
+    auto current_arenas = [&]() { return parts.empty() ? hello.mutable_arenas() : parts.back().mutable_arenas(); };
     for (const auto& [id, a] : arenas_) {
-      v1::FdArena* fa = hello.add_arenas();
+      if (part_fds.back().size() == static_cast<size_t>(kFdMessageMaxFds)) {
+        parts.emplace_back();
+        part_fds.emplace_back();
+      }
+      v1::FdArena* fa = current_arenas()->Add();
       fa->set_arena_id(id);
       fa->set_bytes(a.mapping.size());
-      fds.push_back(a.fd.get());
+      part_fds.back().push_back(a.fd.get());
     }
-    std::map<std::string, v1::SessionSlices*> by_owner;
+    int in_part = kSlicesPerPart;  // slices start in a part of their own
+    std::string owner;
+    v1::SessionSlices* ss = nullptr;
     for (const auto& [at, l] : live_) {
-      v1::SessionSlices*& ss = by_owner[l.owner];
-      if (ss == nullptr) {
-        ss = hello.add_sessions();
+      if (in_part == kSlicesPerPart) {
+        parts.emplace_back();
+        part_fds.emplace_back();
+        in_part = 0;
+        ss = nullptr;
+      }
+      if (ss == nullptr || l.owner != owner) {
+        ss = parts.back().add_sessions();
         ss->set_session_id(l.owner);
+        owner = l.owner;
       }
       v1::Slice* sl = ss->add_slices();
       sl->set_slice_id(l.slice_id);
       sl->set_arena_id(at.first);
       sl->set_offset(at.second);
       sl->set_length(l.length);
+      ++in_part;
     }
+    hello.set_more_parts(static_cast<uint32_t>(parts.size()));
   }
-  if (absl::Status s = SendFdMessage(conn->get(), hello.SerializeAsString(), fds); !s.ok()) return s;
+  if (absl::Status s = SendFdMessage(conn->get(), hello.SerializeAsString(), part_fds[0]); !s.ok()) return s;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    if (absl::Status s = SendFdMessage(conn->get(), parts[i].SerializeAsString(), part_fds[i + 1]); !s.ok()) return s;
+  }
   auto welcome = ReceiveFdMessage(conn->get(), options_.rpc_timeout);
   if (!welcome.ok()) {
     return absl::Status(welcome.status().code(),

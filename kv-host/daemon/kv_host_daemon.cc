@@ -21,6 +21,7 @@ using common::ToGrpcStatus;
 
 constexpr size_t kMaxIdBytes = 128;
 constexpr int kMaxSizes = 4096;
+constexpr uint32_t kMaxAdoptParts = 4096;
 
 grpc::Status Bad(const std::string& msg) { return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, msg); }
 
@@ -117,6 +118,21 @@ absl::StatusOr<std::shared_ptr<KvHostDaemon::Worker>> KvHostDaemon::Authenticate
     return absl::InvalidArgumentError(absl::StrCat("hello: ", msg->fds.size(), " descriptors for ",
                                                    hello.arenas_size(), " arenas"));
   }
+  if (hello.more_parts() > kMaxAdoptParts) {
+    return absl::InvalidArgumentError(absl::StrCat("hello: more_parts ", hello.more_parts(), " > ", kMaxAdoptParts));
+  }
+  // The rest of a large hand-over follows at once (its sender does not wait).
+  for (uint32_t part = 1; part <= hello.more_parts(); ++part) {
+    auto m = ReceiveFdMessage(conn.get(), options_.send_timeout);
+    if (!m.ok()) return absl::Status(m.status().code(), absl::StrCat("adopt part ", part, ": ", m.status().message()));
+    v1::FdAdoptPart p;
+    if (!p.ParseFromString(m->payload) || m->fds.size() != static_cast<size_t>(p.arenas_size())) {
+      return absl::InvalidArgumentError(absl::StrCat("adopt part ", part, ": not an FdAdoptPart with one descriptor per arena"));
+    }
+    hello.mutable_arenas()->MergeFrom(p.arenas());
+    hello.mutable_sessions()->MergeFrom(p.sessions());
+    for (ScopedFd& fd : m->fds) msg->fds.push_back(std::move(fd));
+  }
   auto cred = PeerCredentialsOf(conn.get());
   if (!cred.ok()) return cred.status();
   const bool uid_ok = cred->uid == getuid() ||
@@ -205,7 +221,7 @@ absl::Status KvHostDaemon::AdoptLocked(Worker& w, const v1::FdAdopt& adopt, std:
     }
   }
   spdlog::info("kv-host: adopted {} arenas ({} bytes) and {} sessions from worker \"{}\"", adopt.arenas_size(), total,
-               adopt.sessions_size(), w.id);
+               w.sessions.size(), w.id);
   return absl::OkStatus();
 }
 

@@ -403,5 +403,46 @@ TEST_F(KvHostDaemonTest, RestartedDaemonAdoptsLiveArenasAndSessions) {
   EXPECT_EQ(c->Stats().reserved_bytes, 0u);
 }
 
+// A hand-over larger than one fd-channel datagram (64 descriptors, 64 KiB):
+// 150 arenas and 2,100 slices go over in several parts and are adopted
+// whole, bytes and accounting intact.
+TEST_F(KvHostDaemonTest, LargeHandOverIsAdoptedInParts) {
+  Start({.budget_bytes = 512 * kPage, .arena_bytes = kPage, .warm_bytes = 0});
+  auto c = Client();
+  ASSERT_NE(c, nullptr);
+  const std::vector<uint64_t> big(150, kPage), small(2100, 64);
+  auto b = c->AllocateMany(big, 64, "big");
+  ASSERT_TRUE(b.ok()) << b.status();
+  auto m = c->AllocateMany(small, 64, "small");
+  ASSERT_TRUE(m.ok()) << m.status();
+  for (size_t i = 0; i < b->size(); ++i) std::memset(c->Data((*b)[i])->data(), static_cast<int>(i % 251), kPage);
+  for (size_t i = 0; i < m->size(); ++i) std::memset(c->Data((*m)[i])->data(), static_cast<int>(i % 253), 64);
+  const v1::KvHostStats before = daemon_->Stats();
+  ASSERT_GT(before.workers(0).arenas(), 150);
+  server_.reset();
+  daemon_.reset();
+  const absl::Time t0 = absl::Now();
+  while (c->Health().ok() && absl::Now() - t0 < absl::Seconds(2)) absl::SleepFor(absl::Milliseconds(5));
+  ASSERT_FALSE(c->Health().ok());
+  Start({.budget_bytes = 512 * kPage, .arena_bytes = kPage, .warm_bytes = 0});
+  auto fresh = c->Allocate(kPage, 64, "after");
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  const v1::KvHostStats st = daemon_->Stats();
+  ASSERT_EQ(st.workers_size(), 1);
+  EXPECT_EQ(st.workers(0).sessions_size(), 3) << st.workers(0).DebugString().substr(0, 2000);
+  EXPECT_EQ(st.workers(0).arenas(), before.workers(0).arenas() + 1);
+  EXPECT_EQ(st.workers(0).reserved_bytes(), before.workers(0).reserved_bytes() + static_cast<int64_t>(kPage));
+  for (size_t i = 0; i < b->size(); ++i) {
+    auto d = c->Data((*b)[i]);
+    ASSERT_TRUE(d.ok());
+    ASSERT_EQ((*d)[kPage - 1], std::byte(i % 251));
+  }
+  for (size_t i = 0; i < m->size(); ++i) ASSERT_EQ((*c->Data((*m)[i]))[63], std::byte(i % 253));
+  EXPECT_EQ(c->FreeOwner("big"), 150 * kPage);
+  EXPECT_EQ(c->FreeOwner("small"), 2100u * 64);
+  EXPECT_EQ(c->FreeOwner("after"), kPage);
+  EXPECT_EQ(daemon_->Stats().used_bytes(), 0);
+}
+
 }  // namespace
 }  // namespace tailorkv::kvhost
