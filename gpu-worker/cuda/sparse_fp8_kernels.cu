@@ -472,7 +472,8 @@ absl::Status LaunchScoreFp8ChannelIndex(const float* q_chan, const uint8_t* inde
                                         float* scores, int64_t score_stride, cudaStream_t stream,
                                         const int32_t* pool) {
   constexpr const char* kFn = "LaunchScoreFp8ChannelIndex";
-  if (absl::Status s = CheckIndexScore(kFn, n_kv, d, kSparseMaxChannels, first, n, index_rows, score_stride);
+  if (absl::Status s = CheckIndexScore(kFn, n_kv, d, kSparseMaxChannels, first, n, index_rows, score_stride,
+                                       pool != nullptr);
       !s.ok() || n == 0) {
     return s;
   }

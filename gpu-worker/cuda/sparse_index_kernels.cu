@@ -421,7 +421,7 @@ absl::Status LaunchScoreChannelIndex(const float* q_chan, const __nv_bfloat16* i
                                      const int32_t* pool) {
   constexpr const char* fn = "LaunchScoreChannelIndex";
   if (absl::Status s = sparse_launch::CheckIndexScore(fn, n_kv, d, kSparseMaxChannels, first, n,
-                                                      index_rows, score_stride);
+                                                      index_rows, score_stride, pool != nullptr);
       !s.ok() || n == 0) {
     return s;
   }

@@ -84,7 +84,8 @@ absl::Status LaunchSpeculativeQuery(const __nv_bfloat16* x, const __nv_bfloat16*
 // (first + n <= index_rows, n <= score_stride).
 // pool (plan refine): null, or [n_kv][n] int32 positions relative to first;
 // then score i is of index row first + pool[h * n + i] instead, and an entry
-// outside [0, index_rows - first) scores -infinity.
+// outside [0, index_rows - first) scores -infinity (so n may pass the end:
+// only first <= index_rows is required).
 absl::Status LaunchScoreChannelIndex(const float* q_chan, const __nv_bfloat16* index,
                                      int64_t index_rows, int d, int n_kv, int first, int n,
                                      float* scores, int64_t score_stride, cudaStream_t stream,

@@ -180,7 +180,8 @@ absl::Status LaunchScoreInt4ChannelIndex(const float* q_chan, const uint8_t* cod
                                          int first, int n, float* scores, int64_t score_stride,
                                          cudaStream_t stream, const int32_t* pool) {
   constexpr const char* kFn = "LaunchScoreInt4ChannelIndex";
-  if (absl::Status s = CheckIndexScore(kFn, n_kv, d, kSparseMaxChannels, first, n, index_rows, score_stride);
+  if (absl::Status s = CheckIndexScore(kFn, n_kv, d, kSparseMaxChannels, first, n, index_rows, score_stride,
+                                       pool != nullptr);
       !s.ok() || n == 0) {
     return s;
   }

@@ -245,6 +245,10 @@ TEST(SparseInt4IndexArgs, BadArgumentsNameTheField) {
   ExpectBad(LaunchScoreInt4ChannelIndex(qf, codes, params, 100, 8, 0, 0, 10, sf, 10, nullptr), std::string(S) + "n_kv");
   ExpectBad(LaunchScoreInt4ChannelIndex(qf, codes, params, 100, 8, 2, 95, 10, sf, 10, nullptr), "first + n = 105 > index_rows = 100");
   ExpectBad(LaunchScoreInt4ChannelIndex(qf, codes, params, 100, 8, 2, 0, 11, sf, 10, nullptr), "n = 11 > score_stride");
+  // A pool may name positions past the end (they score -inf), but not start there.
+  const auto* pool = reinterpret_cast<const int32_t*>(buf);
+  ExpectBad(LaunchScoreInt4ChannelIndex(qf, codes, params, 100, 8, 2, 101, 4, sf, 10, nullptr, pool),
+            "first = 101 > index_rows = 100");
   ExpectBad(LaunchScoreInt4ChannelIndex(nullptr, codes, params, 100, 8, 2, 0, 10, sf, 10, nullptr), "q_chan is null");
   ExpectBad(LaunchScoreInt4ChannelIndex(qf, codes, nullptr, 100, 8, 2, 0, 10, sf, 10, nullptr), "params is null");
   EXPECT_TRUE(LaunchScoreInt4ChannelIndex(nullptr, nullptr, nullptr, 100, 8, 2, 0, 0, nullptr, 10, nullptr).ok());

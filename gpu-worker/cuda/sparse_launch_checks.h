@@ -59,13 +59,17 @@ inline absl::Status CheckPtr(const char* fn, const char* field, const void* p,
 // The size checks of a selection-index score launch (every index format):
 // n_kv heads, d channels of at most max_d, positions [first, first + n) of
 // index_rows, n scores a row of score_stride.
+// `pooled`: the n scores are of a refine pool's positions, which the kernel
+// bounds-checks itself (outside the index: -infinity), so n may pass the
+// index's end.
 inline absl::Status CheckIndexScore(const char* fn, int n_kv, int d, int max_d, int first, int n,
-                                    int64_t index_rows, int64_t score_stride) {
+                                    int64_t index_rows, int64_t score_stride, bool pooled) {
   if (n_kv < 1 || n_kv > 65535) return Bad(fn, "n_kv = ", n_kv, " outside [1, 65535]");
   if (d < 1 || d > max_d) return Bad(fn, "d = ", d, " outside [1, ", max_d, "]");
   if (first < 0) return Bad(fn, "first = ", first, " < 0");
   if (n < 0) return Bad(fn, "n = ", n, " < 0");
-  if (static_cast<int64_t>(first) + n > index_rows) {
+  if (first > index_rows) return Bad(fn, "first = ", first, " > index_rows = ", index_rows);
+  if (!pooled && static_cast<int64_t>(first) + n > index_rows) {
     return Bad(fn, "first + n = ", static_cast<int64_t>(first) + n, " > index_rows = ", index_rows);
   }
   if (n > score_stride) return Bad(fn, "n = ", n, " > score_stride = ", score_stride);

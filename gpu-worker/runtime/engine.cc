@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_format.h"
@@ -225,6 +226,24 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   RETURN_IF_ERROR(CheckPlanModel(plan, engine->model_digest_));
   ASSIGN_OR_RETURN(engine->backend_, CreateBackend(std::move(weights), options.backend,
                                                    options.cuda_factory, options.threads, options.host_store));
+  if (options.max_running < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat("max_running must be >= 1, got %d", options.max_running));
+  }
+  if (options.kv_budget_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("kv_budget_bytes must be >= 0 (0 = no limit), got %d", options.kv_budget_bytes));
+  }
+  if (options.stream_buffer_chunks < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("stream_buffer_chunks must be >= 1, got %d", options.stream_buffer_chunks));
+  }
+  if (options.stream_stall_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("stream_stall_timeout must be > 0");
+  }
+  engine->max_running_ = options.max_running;
+  engine->kv_budget_bytes_ = options.kv_budget_bytes;
+  engine->stream_buffer_chunks_ = options.stream_buffer_chunks;
+  engine->stream_stall_timeout_ = options.stream_stall_timeout;
   engine->prefill_chunk_ = options.prefill_chunk > 0
                               ? options.prefill_chunk
                               : engine->backend_->preferred_prefill_chunk();
@@ -242,6 +261,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   const KvPlan& p = *engine->plan_snapshot();
   spdlog::info("kv plan '{}': {}; {:.1f} MiB of KV per {}-token sequence", p.name, p.Summary(),
                per_sequence / 1048576.0, engine->max_context_);
+  spdlog::info("scheduler: up to {} generations at once, KV budget {}", engine->max_running_,
+               engine->kv_budget_bytes_ > 0 ? absl::StrFormat("%.1f MiB", engine->kv_budget_bytes_ / 1048576.0)
+                                            : std::string("unlimited"));
+  Engine* e = engine.get();
+  engine->scheduler_ = std::thread([e] { e->SchedulerLoop(); });
   return engine;
 }
 
@@ -266,6 +290,13 @@ absl::Status Engine::ProbeKvPlan(const KvPlan& plan) {
   // A one-token sequence proves the backend can run the plan before any
   // request arrives, and is cheap whatever the plan.
   auto probe = backend_->NewSequence(1, plan);
+  if (!probe.ok() && absl::IsResourceExhausted(probe.status())) {
+    // The plan runs here; memory (e.g. kv-host's budget, held by other
+    // workers) is short right now: requests wait for it or are refused then.
+    spdlog::warn("kv plan '{}': no memory for a probe sequence now ({}); accepted", plan.name,
+                 probe.status().message());
+    return absl::OkStatus();
+  }
   if (!probe.ok()) {
     return absl::Status(
         probe.status().code(),
@@ -306,6 +337,61 @@ KvUsage Engine::KvInUse() const {
   return u;
 }
 
+// One generation, from submission to its outcome. The scheduler thread owns
+// everything but the outbox and `stop` (the consumer's side).
+struct Engine::Job {
+  Job(const GenerationRequest& r, int outbox_chunks, std::function<void()> wake, const tokenizer::Tokenizer& tok)
+      : request(r), outbox(outbox_chunks, std::move(wake)), sampler(r.sampling), detok(tok), history(r.prompt_tokens) {}
+  const GenerationRequest request;
+  StreamOutbox<StreamChunk, absl::StatusOr<GenerationResult>> outbox;
+  std::atomic<bool> stop{false};  // the consumer's on_chunk said stop
+
+  // Scheduler thread only.
+  int64_t kv_bytes = 0;  // counted in admitted_bytes_ while running
+  std::shared_ptr<const KvPlan> plan;
+  std::unique_ptr<SequenceState> seq;
+  std::unique_ptr<LiveSequence> live;
+  Sampler sampler;
+  tokenizer::StreamingDetokenizer detok;
+  std::vector<int32_t> history;
+  std::vector<float> logits;
+  std::string pending;  // complete UTF-8 not yet streamed (may start a stop string)
+  int prefilled = 0;    // prompt tokens in the cache
+  int step = 0;         // tokens generated
+  bool done = false;
+  GenerationResult result;
+  Clock::time_point t0;
+};
+
+int64_t Engine::JobKvBytes(int capacity, const KvPlan& plan) const {
+  int64_t bytes = 0;
+  for (const LayerKvBytes& b : EstimateKvBytes(plan, config(), capacity, kv_elem_bytes_)) bytes += b.device_bytes;
+  return bytes;
+}
+
+Engine::SchedulerLoad Engine::scheduler_load() const {
+  absl::MutexLock lock(&sched_mu_);
+  return {.running = running_count_,
+          .waiting = static_cast<int>(waiting_.size()),
+          .kv_budget_bytes = kv_budget_bytes_,
+          .kv_admitted_bytes = admitted_bytes_};
+}
+
+void Engine::Wake() {
+  absl::MutexLock lock(&sched_mu_);
+  wake_ = true;
+  sched_cv_.Signal();
+}
+
+Engine::~Engine() {
+  {
+    absl::MutexLock lock(&sched_mu_);
+    stopping_ = true;
+    sched_cv_.Signal();
+  }
+  if (scheduler_.joinable()) scheduler_.join();
+}
+
 absl::StatusOr<GenerationResult> Engine::Generate(
     const GenerationRequest& request, const std::function<bool(const StreamChunk&)>& on_chunk) {
   const int vocab = config().vocab;
@@ -334,76 +420,230 @@ absl::StatusOr<GenerationResult> Engine::Generate(
   }
   RETURN_IF_ERROR(request.sampling.Validate(vocab));
 
-  absl::MutexLock lock(&mu_);
-  GenerationResult result;
-  result.prompt_tokens = n_prompt;
+  auto job = std::make_shared<Job>(request, stream_buffer_chunks_, [this] { Wake(); }, *tokenizer_);
+  job->plan = plan_snapshot();
   // The cache holds the prompt and every generated token but the last, which
   // is never fed back.
-  ASSIGN_OR_RETURN(auto seq,
-                   backend_->NewSequence(n_prompt + request.max_tokens, *plan_snapshot()));
-  LiveSequence live(*this, *seq);
-  Sampler sampler(request.sampling);
-  tokenizer::StreamingDetokenizer detok(*tokenizer_);
-  std::vector<int32_t> history = request.prompt_tokens;
-  std::vector<float> logits;
-  std::string pending;  // complete UTF-8 not yet streamed (may start a stop string)
+  const int capacity = n_prompt + request.max_tokens;
+  job->kv_bytes = JobKvBytes(capacity, *job->plan);
+  if (kv_budget_bytes_ > 0 && job->kv_bytes > kv_budget_bytes_) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "kv budget: this request needs %.1f MiB of KV at its capacity of %d tokens (prompt %d + max_tokens %d) "
+        "under plan '%s', more than the whole KV budget of %.1f MiB: it can never run here; shorten it",
+        job->kv_bytes / 1048576.0, capacity, n_prompt, request.max_tokens, job->plan->name,
+        kv_budget_bytes_ / 1048576.0));
+  }
+  {
+    absl::MutexLock lock(&sched_mu_);
+    if (stopping_) return absl::UnavailableError("engine shutting down");
+    waiting_.push_back(job);
+    wake_ = true;
+    sched_cv_.Signal();
+  }
+  // Chunks go to the caller here, off the scheduler thread.
+  int delivered = 0;  // tokens handed to on_chunk
+  while (std::optional<StreamChunk> chunk = job->outbox.Pop()) {
+    if (job->stop.load()) continue;  // drain what the scheduler made before it saw the stop
+    delivered += static_cast<int>(chunk->token_ids.size());
+    if (!on_chunk(*chunk)) {
+      job->stop.store(true);
+      Wake();
+    }
+  }
+  absl::StatusOr<GenerationResult> outcome = job->outbox.outcome();
+  if (job->stop.load() && outcome.ok()) {
+    // The caller stopped: it is told about (and billed for) what it received.
+    outcome->finish_reason = FinishReason::kCancelled;
+    outcome->completion_tokens = delivered;
+  }
+  return outcome;
+}
 
-  auto t0 = Clock::now();
-  const absl::Span<const int32_t> prompt(request.prompt_tokens);
-  for (int done = 0; done < n_prompt;) {
-    if (request.cancelled && request.cancelled()) {
-      result.finish_reason = FinishReason::kCancelled;
-      result.prefill_ms = MsSince(t0);
-      return result;
+void Engine::Finish(Job& job, absl::StatusOr<GenerationResult> outcome) {
+  job.done = true;
+  job.live.reset();
+  if (job.seq != nullptr) {
+    job.seq.reset();  // frees its KV (and host-tier session) now, not when the caller returns
+    absl::MutexLock lock(&sched_mu_);
+    admitted_bytes_ -= job.kv_bytes;
+    --running_count_;
+  }
+  // Last: the caller may return (and look at the load) as soon as this is set.
+  job.outbox.Finish(std::move(outcome));
+}
+
+void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
+  while (static_cast<int>(running.size()) < max_running_) {
+    std::shared_ptr<Job> job;
+    {
+      absl::MutexLock lock(&sched_mu_);
+      if (waiting_.empty()) return;
+      job = waiting_.front();
+      // Arrival order: the oldest waits for room rather than being overtaken.
+      if (kv_budget_bytes_ > 0 && admitted_bytes_ + job->kv_bytes > kv_budget_bytes_) return;
     }
-    const int n = std::min(prefill_chunk_, n_prompt - done);
+    const int capacity = static_cast<int>(job->request.prompt_tokens.size()) + job->request.max_tokens;
+    absl::StatusOr<std::unique_ptr<SequenceState>> seq = backend_->NewSequence(capacity, *job->plan);
+    if (!seq.ok() && absl::IsResourceExhausted(seq.status()) && !running.empty()) {
+      return;  // e.g. kv-host's budget: wait for a running generation to end
+    }
+    {
+      absl::MutexLock lock(&sched_mu_);
+      waiting_.pop_front();
+      if (seq.ok()) {
+        admitted_bytes_ += job->kv_bytes;
+        ++running_count_;
+      }
+    }
+    if (!seq.ok()) {
+      Finish(*job, seq.status());
+      continue;
+    }
+    job->seq = std::move(*seq);
+    job->live = std::make_unique<LiveSequence>(*this, *job->seq);
+    job->result.prompt_tokens = static_cast<int>(job->request.prompt_tokens.size());
+    job->result.finish_reason = FinishReason::kLength;
+    job->t0 = Clock::now();
+    running.push_back(std::move(job));
+  }
+}
+
+void Engine::EmitToken(Job& job) {
+  const GenerationRequest& request = job.request;
+  const int32_t token = job.sampler.Sample(absl::MakeSpan(job.logits.data(), config().vocab), job.history);
+  if (job.step == 0) {
+    job.result.prefill_ms = MsSince(job.t0);
+    job.t0 = Clock::now();
+  }
+  ++job.step;
+  job.history.push_back(token);
+  ++job.result.completion_tokens;
+  StreamChunk chunk;
+  chunk.token_ids.push_back(token);
+  bool end = false;
+  if (!request.ignore_eos && tokenizer_->IsEndOfGeneration(token)) {
+    job.result.finish_reason = FinishReason::kStop;
+    end = true;
+    job.pending += job.detok.Flush();
+  } else {
+    job.pending += job.detok.Push(token);
+    if (job.step == request.max_tokens) job.pending += job.detok.Flush();
+  }
+  const size_t stop_at = FindStop(job.pending, request.stop);
+  if (stop_at != std::string::npos) {
+    job.pending.resize(stop_at);
+    job.result.finish_reason = FinishReason::kStop;
+    end = true;
+  }
+  const bool last = end || job.step == request.max_tokens;
+  const size_t emit = last ? job.pending.size() : job.pending.size() - HeldBackForStops(job.pending, request.stop);
+  chunk.text = job.pending.substr(0, emit);
+  job.pending.erase(0, emit);
+  job.outbox.Push(std::move(chunk));
+  if (last) {
+    job.result.decode_ms = MsSince(job.t0);
+    Finish(job, job.result);
+  }
+}
+
+bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
+  bool moved = false;
+  const absl::Time now = absl::Now();
+  auto fail = [&](Job& job, const absl::Status& s) {
+    Finish(job, s);
+    moved = true;
+  };
+  // Cancellation, deadlines (through `cancelled`) and stalled readers first.
+  for (const std::shared_ptr<Job>& j : running) {
+    Job& job = *j;
+    if (job.stop.load() || (job.request.cancelled && job.request.cancelled())) {
+      job.result.finish_reason = FinishReason::kCancelled;
+      if (job.step == 0) {
+        job.result.prefill_ms = MsSince(job.t0);
+      } else {
+        job.result.decode_ms = MsSince(job.t0);
+      }
+      Finish(job, job.result);
+      moved = true;
+    } else if (now - job.outbox.full_since() > stream_stall_timeout_) {
+      if (job.request.stalled) job.request.stalled();
+      fail(job, absl::AbortedError(absl::StrFormat(
+                    "stream: the caller took no chunk for %s (%d chunks waiting); generation cut off",
+                    absl::FormatDuration(stream_stall_timeout_), stream_buffer_chunks_)));
+    }
+  }
+  // One decode step for every generation past its prompt whose caller keeps up.
+  for (const std::shared_ptr<Job>& j : running) {
+    Job& job = *j;
+    if (job.done || job.prefilled < static_cast<int>(job.request.prompt_tokens.size()) || job.outbox.full()) continue;
+    absl::Status s = backend_->Forward(*job.seq, absl::MakeConstSpan(&job.history.back(), 1), false, &job.logits,
+                                       Backend::Mode::kDecode);
+    if (!s.ok()) {
+      fail(job, s);
+      continue;
+    }
+    if (job.step == 1) job.live->Refresh(*job.seq);
+    EmitToken(job);
+    moved = true;
+  }
+  // One prefill chunk, for the prompting generation next in turn: the one
+  // that prefilled least recently goes first (rotate after).
+  for (size_t k = 0; k < running.size(); ++k) {
+    Job& job = *running[k];
+    const int n_prompt = static_cast<int>(job.request.prompt_tokens.size());
+    if (job.done || job.prefilled >= n_prompt || job.outbox.full()) continue;
+    const int n = std::min(prefill_chunk_, n_prompt - job.prefilled);
     // A prompt's last chunk may be one token: still prefill, not a decode step.
-    RETURN_IF_ERROR(
-        backend_->Forward(*seq, prompt.subspan(done, n), false, &logits, Backend::Mode::kPrefill));
-    done += n;
-  }
-  result.finish_reason = FinishReason::kLength;
-  bool done = false;
-  for (int step = 0; step < request.max_tokens && !done; ++step) {
-    if (step > 0) {
-      RETURN_IF_ERROR(backend_->Forward(*seq, absl::MakeConstSpan(&history.back(), 1), false,
-                                        &logits, Backend::Mode::kDecode));
-      if (step == 1) live.Refresh(*seq);
-    }
-    const int32_t token = sampler.Sample(absl::MakeSpan(logits.data(), vocab), history);
-    if (step == 0) {
-      result.prefill_ms = MsSince(t0);
-      t0 = Clock::now();
-    }
-    history.push_back(token);
-    ++result.completion_tokens;
-    StreamChunk chunk;
-    chunk.token_ids.push_back(token);
-    if (!request.ignore_eos && tokenizer_->IsEndOfGeneration(token)) {
-      result.finish_reason = FinishReason::kStop;
-      done = true;
-      pending += detok.Flush();
+    absl::Status s = backend_->Forward(*job.seq, absl::MakeConstSpan(job.request.prompt_tokens).subspan(job.prefilled, n),
+                                       false, &job.logits, Backend::Mode::kPrefill);
+    moved = true;
+    if (!s.ok()) {
+      fail(job, s);
     } else {
-      pending += detok.Push(token);
-      if (step + 1 == request.max_tokens) pending += detok.Flush();
+      job.prefilled += n;
+      if (job.prefilled == n_prompt) EmitToken(job);  // the first token comes out of the prefill
     }
-    const size_t stop_at = FindStop(pending, request.stop);
-    if (stop_at != std::string::npos) {
-      pending.resize(stop_at);
-      result.finish_reason = FinishReason::kStop;
-      done = true;
+    std::rotate(running.begin() + k, running.begin() + k + 1, running.end());
+    break;
+  }
+  // Finished generations leave (Finish returned their KV budget).
+  running.erase(std::remove_if(running.begin(), running.end(), [](const auto& j) { return j->done; }),
+                running.end());
+  return moved;
+}
+
+void Engine::SchedulerLoop() {
+  std::vector<std::shared_ptr<Job>> running;
+  while (true) {
+    {
+      absl::MutexLock lock(&sched_mu_);
+      // Sleep when nothing can move: no work, or every running generation
+      // is held back by its caller (a Pop wakes us; the stall bound is
+      // checked at least every 50 ms).
+      while (!stopping_ && !wake_ && waiting_.empty() && running.empty()) sched_cv_.Wait(&sched_mu_);
+      if (stopping_) break;
+      wake_ = false;
     }
-    const bool last = done || step + 1 == request.max_tokens;
-    const size_t emit = last ? pending.size() : pending.size() - HeldBackForStops(pending, request.stop);
-    chunk.text = pending.substr(0, emit);
-    pending.erase(0, emit);
-    if (!on_chunk(chunk)) {
-      result.finish_reason = FinishReason::kCancelled;
-      break;
+    bool moved;
+    {
+      absl::MutexLock lock(&mu_);
+      Admit(running);
+      moved = Iterate(running);
+    }
+    if (!moved && !running.empty()) {
+      absl::MutexLock lock(&sched_mu_);
+      if (!wake_ && !stopping_) sched_cv_.WaitWithTimeout(&sched_mu_, absl::Milliseconds(50));
     }
   }
-  result.decode_ms = MsSince(t0);
-  return result;
+  std::vector<std::shared_ptr<Job>> left = std::move(running);
+  {
+    absl::MutexLock lock(&sched_mu_);
+    for (auto& j : waiting_) left.push_back(j);
+    waiting_.clear();
+  }
+  for (auto& j : left) {
+    if (!j->done) Finish(*j, absl::UnavailableError("engine shutting down"));
+  }
 }
 
 }  // namespace tailorkv::runtime

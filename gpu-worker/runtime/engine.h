@@ -1,21 +1,34 @@
 // Engine: a loaded model (weights on a backend, tokenizer, chat template)
 // that runs generations and streams their text.
 //
-// Thread-safety: Generate() may be called from many threads; generations run
-// one at a time in arrival order (continuous batching is a later issue).
+// Scheduling: Generate() may be called from many threads. One scheduler
+// thread drives the backend (backends are single-threaded) in iterations:
+// each iteration runs one decode step of every running generation, then one
+// prefill chunk of a prompting one (round-robin, so a short prompt's first
+// token does not wait for a long prompt's whole prefill). Up to max_running
+// generations run at once, admitted in arrival order while the KV they need
+// at their capacity fits kv_budget_bytes. Each generation's own Forward
+// calls are the same as when it runs alone (same chunks, same steps), so
+// its tokens are too. Chunks reach the caller through a bounded outbox
+// (stream_outbox.h): a caller that stops reading holds back only its own
+// generation, which is cut off after stream_stall_timeout.
 #pragma once
 
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "runtime/backend.h"
 #include "runtime/sampler.h"
+#include "runtime/stream_outbox.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 #include "store/host_kv_store.h"
@@ -70,6 +83,19 @@ struct EngineOptions {
   // When set, replaces kv_plan: called once in Create after the weights
   // load, before the backend takes them; its error fails Create unchanged.
   KvPlanSource kv_plan_source;
+  // Generations that run at once (interleaved by the scheduler); more wait
+  // in arrival order.
+  int max_running = 4;
+  // KV bytes the running generations may hold on the backend's own memory
+  // (EstimateKvBytes' device tier at each one's capacity: prompt +
+  // max_tokens); 0 = no limit. A generation waits until it fits; one that
+  // could never fit is refused with ResourceExhausted saying so.
+  int64_t kv_budget_bytes = 0;
+  // Chunks a generation may have produced that its caller has not taken.
+  int stream_buffer_chunks = 64;
+  // A generation whose outbox stays full this long is cut off (its caller
+  // stopped reading): it ends Aborted and `GenerationRequest::stalled` runs.
+  absl::Duration stream_stall_timeout = absl::Seconds(10);
 };
 
 // KV memory held by the sequences alive right now.
@@ -89,6 +115,9 @@ struct GenerationRequest {
   // on_chunk's return value): returning true stops the generation, which
   // then ends kCancelled. May be empty.
   std::function<bool()> cancelled;
+  // Called from the scheduler thread when the generation is cut off for a
+  // caller that stopped reading (e.g. to cancel the RPC). May be empty.
+  std::function<void()> stalled;
 };
 
 // One streamed piece: new token ids and the complete UTF-8 text they finished.
@@ -125,8 +154,8 @@ class Engine {
   // The plan that sequences starting now are made with (validated for this
   // model and backend). A copy: SetKvPlan may replace it at any time.
   KvPlan kv_plan() const;
-  // Replaces the plan for generations that start after it returns (a
-  // running one keeps its own; this waits for it). The plan is checked
+  // Replaces the plan for generations submitted after it returns (queued
+  // and running ones keep the plan they were submitted with). The plan is checked
   // first as at Create (Validate, CheckPlanModel, a one-token sequence on
   // the backend); on any error the current plan stays. Thread-safe.
   absl::Status SetKvPlan(KvPlan plan);
@@ -140,13 +169,27 @@ class Engine {
   // Thread-safe; may be called while Generate() runs.
   KvUsage KvInUse() const;
 
-  // Validates `request` (InvalidArgument naming the field), then generates.
-  // `on_chunk` is called from the calling thread; returning false cancels
-  // (the result then says kCancelled). Text in chunks never splits a UTF-8
-  // character and never contains a stop string.
+  // Validates `request` (InvalidArgument naming the field; ResourceExhausted
+  // when its KV at capacity exceeds the whole kv_budget_bytes), then queues
+  // it and streams its chunks. `on_chunk` is called from the calling thread;
+  // returning false cancels (the result then says kCancelled). Text in
+  // chunks never splits a UTF-8 character and never contains a stop string.
   absl::StatusOr<GenerationResult> Generate(
       const GenerationRequest& request,
       const std::function<bool(const StreamChunk&)>& on_chunk);
+
+  // Generations running and waiting in the scheduler now.
+  struct SchedulerLoad {
+    int running = 0;
+    int waiting = 0;
+    int64_t kv_budget_bytes = 0;
+    int64_t kv_admitted_bytes = 0;  // the running generations' estimate
+  };
+  SchedulerLoad scheduler_load() const;
+
+  // Stops the scheduler; generations still queued or running end
+  // Unavailable ("engine shutting down").
+  ~Engine();
 
   // Exposed for tests and benchmarks; not for use while Generate() runs.
   Backend& backend() { return *backend_; }
@@ -154,12 +197,25 @@ class Engine {
  private:
   Engine() = default;
   class LiveSequence;  // adds a sequence's KV to kv_in_use_ for its lifetime
+  struct Job;          // one generation: its request, sequence, decoding state and outbox
+  void SchedulerLoop();
+  // One iteration over the running jobs; false when none could move (all
+  // held back by full outboxes). Runs on the scheduler thread, under mu_.
+  bool Iterate(std::vector<std::shared_ptr<Job>>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Starts what fits, in arrival order. Under mu_.
+  void Admit(std::vector<std::shared_ptr<Job>>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Samples the token the last Forward's logits give, streams it; marks the
+  // job finished when it ends.
+  void EmitToken(Job& job);
+  void Finish(Job& job, absl::StatusOr<GenerationResult> outcome);
+  void Wake();
+  int64_t JobKvBytes(int capacity, const KvPlan& plan) const;
   // Makes a capacity-1 sequence with `plan`: fails when the backend cannot
   // run it. Callers hold mu_ (or own the engine alone, in Create).
   absl::Status ProbeKvPlan(const KvPlan& plan);
   std::shared_ptr<const KvPlan> plan_snapshot() const;
 
-  absl::Mutex mu_;  // serializes generations (and plan probes) on the single backend
+  absl::Mutex mu_;  // the backend is single-threaded: the scheduler's steps and plan probes
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
   tokenizer::ChatTemplate chat_template_;
@@ -174,6 +230,19 @@ class Engine {
 
   mutable absl::Mutex kv_mu_;  // separate from mu_: GetLoad must not wait for a generation
   KvUsage kv_in_use_ ABSL_GUARDED_BY(kv_mu_);
+
+  int max_running_ = 4;
+  int64_t kv_budget_bytes_ = 0;
+  int stream_buffer_chunks_ = 64;
+  absl::Duration stream_stall_timeout_ = absl::Seconds(10);
+  mutable absl::Mutex sched_mu_;
+  absl::CondVar sched_cv_;
+  std::deque<std::shared_ptr<Job>> waiting_ ABSL_GUARDED_BY(sched_mu_);
+  bool wake_ ABSL_GUARDED_BY(sched_mu_) = false;
+  bool stopping_ ABSL_GUARDED_BY(sched_mu_) = false;
+  int running_count_ ABSL_GUARDED_BY(sched_mu_) = 0;
+  int64_t admitted_bytes_ ABSL_GUARDED_BY(sched_mu_) = 0;
+  std::thread scheduler_;  // last: started at the end of Create
 };
 
 }  // namespace tailorkv::runtime

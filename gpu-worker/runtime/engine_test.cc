@@ -155,13 +155,18 @@ TEST_F(EngineTest, DenseByDefaultAndReportsKvBytes) {
   r.max_tokens = 3;
   r.ignore_eos = true;
   const int capacity = static_cast<int>(r.prompt_tokens.size()) + r.max_tokens;
+  // `cancelled` is polled by the scheduler at every iteration while the
+  // generation runs (chunks may reach the caller after it ended).
   std::vector<KvUsage> seen;
-  auto res = engine_->Generate(r, [&](const StreamChunk&) {
+  r.cancelled = [&] {
     seen.push_back(engine_->KvInUse());
-    return true;
-  });
+    return false;
+  };
+  int chunks = 0;
+  auto res = engine_->Generate(r, [&](const StreamChunk&) { return ++chunks > 0; });
   ASSERT_TRUE(res.ok()) << res.status();
-  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_EQ(chunks, 3);
+  ASSERT_GE(seen.size(), 3u);  // the prefill's iteration and two decode steps
   for (const KvUsage& u : seen) {
     EXPECT_EQ(u.sequences, 1);
     EXPECT_EQ(u.capacity_tokens, capacity);
@@ -227,17 +232,21 @@ TEST_F(EngineTest, RejectsBadPlansWithTheParsersMessage) {
   r.ignore_eos = true;
   const int capacity = static_cast<int>(r.prompt_tokens.size()) + r.max_tokens;
   const auto est = EstimateKvBytes(sparse, c, capacity, 4);
+  // Polled by the scheduler before each of its iterations: the prefill's,
+  // then the decode steps of tokens 2, 3 and 4.
   std::vector<int64_t> sparse_device;
-  auto res = (*e)->Generate(r, [&](const StreamChunk&) {
+  r.cancelled = [&] {
     sparse_device.push_back((*e)->KvInUse().layers[2].device_bytes);
-    return true;
-  });
+    return false;
+  };
+  auto res = (*e)->Generate(r, [](const StreamChunk&) { return true; });
   ASSERT_TRUE(res.ok()) << res.status();
   ASSERT_EQ(sparse_device.size(), 4u);
-  EXPECT_EQ(sparse_device[0], est[2].device_bytes) << "after the prefill";
   const int64_t reserved = 2LL * c.n_kv_heads * (capacity - static_cast<int>(r.prompt_tokens.size())) *
                            c.head_dim * 4;
-  for (int i = 1; i < 4; ++i) EXPECT_EQ(sparse_device[i], est[2].device_bytes + reserved) << "step " << i;
+  EXPECT_EQ(sparse_device[0], est[2].device_bytes) << "before the prefill";
+  EXPECT_EQ(sparse_device[1], est[2].device_bytes) << "after the prefill";
+  for (int i = 2; i < 4; ++i) EXPECT_EQ(sparse_device[i], est[2].device_bytes + reserved) << "step " << i;
   EXPECT_EQ((*e)->KvInUse().layers[2].device_bytes, 0);
 }
 
@@ -258,12 +267,12 @@ TEST(EngineKvPlan, QuantPlanGeneratesAndCountsItsBytes) {
   r.ignore_eos = true;
   const int capacity = static_cast<int>(r.prompt_tokens.size()) + r.max_tokens;
   KvUsage during;
-  int chunks = 0;
-  auto res = engine.Generate(r, [&](const StreamChunk&) {
+  r.cancelled = [&] {  // polled by the scheduler while the generation runs
     during = engine.KvInUse();
-    ++chunks;
-    return true;
-  });
+    return false;
+  };
+  int chunks = 0;
+  auto res = engine.Generate(r, [&](const StreamChunk&) { return ++chunks > 0; });
   ASSERT_TRUE(res.ok()) << res.status();
   EXPECT_EQ(res->completion_tokens, 6);
   EXPECT_EQ(chunks, 6);
@@ -337,10 +346,11 @@ TEST(EngineDigest, ChecksPlansAgainstTheModelFilesDigestAndSwapsGoodOnes) {
   r.max_tokens = 3;
   r.ignore_eos = true;
   KvUsage during;
-  auto res = engine.Generate(r, [&](const StreamChunk&) {
+  r.cancelled = [&] {  // polled by the scheduler while the generation runs
     during = engine.KvInUse();
-    return true;
-  });
+    return false;
+  };
+  auto res = engine.Generate(r, [](const StreamChunk&) { return true; });
   ASSERT_TRUE(res.ok()) << res.status();
   ASSERT_EQ(during.layers.size(), 30u);
   EXPECT_EQ(during.layers[0].kind, KvPolicyKind::kQuant);

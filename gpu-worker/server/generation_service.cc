@@ -208,6 +208,8 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
     return true;
   };
   prepared->engine_request.cancelled = [&] { return context->IsCancelled() || abort.aborted(); };
+  // A client that stopped reading: end its call so the blocked Write returns.
+  prepared->engine_request.stalled = [context] { context->TryCancel(); };
   absl::StatusOr<runtime::GenerationResult> result =
       engine_.Generate(prepared->engine_request, on_chunk);
   slot->Release();

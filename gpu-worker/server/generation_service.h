@@ -1,10 +1,10 @@
 // GenerationService: tailorkv.v1.Generation over one runtime::Engine.
 //
 // Each Generate call is validated (RequestValidator), admitted through a
-// bounded AdmissionQueue (RESOURCE_EXHAUSTED when full), then run on the
-// engine from the gRPC handler thread, streaming chunks as the engine
-// produces them. The engine's chunk callback returns false as soon as the
-// call is cancelled, its deadline passes, or Abort names it, so the engine
+// bounded AdmissionQueue (RESOURCE_EXHAUSTED when full), then handed to the
+// engine's scheduler; the gRPC handler thread streams the chunks as they
+// come (a client that stops reading is cut off by the engine). The
+// engine's chunk callback returns false as soon as the call is cancelled, its deadline passes, or Abort names it, so the engine
 // stops within one decode step; the same checks run while the call waits in
 // the queue.
 //
@@ -30,8 +30,9 @@ namespace tailorkv::worker {
 struct GenerationServiceOptions {
   // Requests that may wait while the engine is busy; more get RESOURCE_EXHAUSTED.
   int max_queue = 16;
-  // Generations running at once (the engine runs one at a time today).
-  int max_running = 1;
+  // Generations running at once: the engine's max_running (more wait here,
+  // up to max_queue).
+  int max_running = 4;
   // How often a queued request looks for cancellation, deadline and Abort.
   absl::Duration queue_poll = absl::Milliseconds(20);
   RequestLimits limits;

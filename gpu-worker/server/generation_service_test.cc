@@ -47,6 +47,7 @@ class GenerationServiceTest : public ::testing::Test {
 
     GenerationServiceOptions options;
     options.max_queue = 1;
+    options.max_running = 1;  // the queue tests below want one running, one queued
     options.model_path = kModelFile;
     service_ = std::make_unique<GenerationService>(*engine_, options);
     common::ServerOptions server_options;

@@ -80,8 +80,19 @@ struct WorkerConfig {
   // "in-process", or kv-host's control plane (a gRPC target).
   std::string kv_host = "in-process";
   int kv_host_timeout_ms = 30'000;
+  int kv_budget_mib = 0;
+  int stream_stall_ms = 10'000;
 
   absl::Status Validate() const {
+    if (engine.max_running < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("max-running: must be >= 1, got ", engine.max_running));
+    }
+    if (kv_budget_mib < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("kv-budget-mib: must be >= 0 (0 = no limit), got ", kv_budget_mib));
+    }
+    if (stream_stall_ms <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("stream-stall-ms: must be > 0, got ", stream_stall_ms));
+    }
     if (kv_host != "in-process" && kv_host.find(':') == std::string::npos) {
       return absl::InvalidArgumentError(absl::StrCat(
           "kv-host: want in-process or kv-host's address (unix:///path/kv-host.sock or host:port), got '", kv_host,
@@ -110,10 +121,11 @@ struct WorkerConfig {
   std::string ToString() const {
     return absl::StrFormat(
         "model=%s backend=%s threads=%d max_context=%d kv_plan=%s profiler=%s "
-        "profiler_timeout_ms=%d plan_cache=%s max_queue=%d default_max_tokens=%d log_level=%s kv_host=%s %s",
+        "profiler_timeout_ms=%d plan_cache=%s max_running=%d max_queue=%d kv_budget_mib=%d stream_stall_ms=%d "
+        "default_max_tokens=%d log_level=%s kv_host=%s %s",
         engine.model_path, engine.backend, engine.threads, engine.max_context, plan.kv_plan,
-        plan.profiler_address, plan.profiler_timeout_ms, plan.plan_cache, service.max_queue,
-        service.limits.default_max_tokens, log_level, kv_host, server.ToString());
+        plan.profiler_address, plan.profiler_timeout_ms, plan.plan_cache, engine.max_running, service.max_queue,
+        kv_budget_mib, stream_stall_ms, service.limits.default_max_tokens, log_level, kv_host, server.ToString());
   }
 };
 
@@ -195,6 +207,17 @@ int main(int argc, char** argv) {
   app.add_option("--plan-cache", config.plan.plan_cache,
                  "file that keeps the last plan accepted from the profiler (written atomically); "
                  "used when the profiler is unreachable, has no plan or sends an invalid one");
+  app.add_option("--max-running", config.engine.max_running,
+                 "generations the engine runs at once (interleaved step by step); more wait in the queue")
+      ->capture_default_str();
+  app.add_option("--kv-budget-mib", config.kv_budget_mib,
+                 "KV memory the running generations may hold on the backend (each counted at its capacity, "
+                 "prompt + max_tokens); a request waits until it fits, one that never could is refused "
+                 "(RESOURCE_EXHAUSTED). 0 = no limit")
+      ->capture_default_str();
+  app.add_option("--stream-stall-ms", config.stream_stall_ms,
+                 "a client that reads nothing for this long while its stream buffer is full is cut off")
+      ->capture_default_str();
   app.add_option("--max-queue", config.service.max_queue,
                  "requests that may wait for the engine; more get RESOURCE_EXHAUSTED")
       ->capture_default_str();
@@ -217,6 +240,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   config.service.model_path = config.engine.model_path;
+  config.service.max_running = config.engine.max_running;
+  config.engine.kv_budget_bytes = int64_t{config.kv_budget_mib} << 20;
+  config.engine.stream_stall_timeout = absl::Milliseconds(config.stream_stall_ms);
   config.engine.kv_plan = config.plan.kv_plan;  // for the record: the source below decides
 
   if (absl::Status s = tailorkv::common::ConfigureLogging(config.log_level); !s.ok()) {

@@ -129,10 +129,11 @@ TEST(PlanSourceEngineTest, ServesTheProfilersPlanAndReloadsOnlyGoodOnes) {
   r.prompt_tokens = *e.tokenizer().Encode("Hello", false, false);
   r.max_tokens = 3;
   r.ignore_eos = true;
-  ASSERT_TRUE(e.Generate(r, [&](const runtime::StreamChunk&) {
-                 during = e.KvInUse();
-                 return true;
-               }).ok());
+  r.cancelled = [&] {  // polled by the engine's scheduler while the generation runs
+    during = e.KvInUse();
+    return false;
+  };
+  ASSERT_TRUE(e.Generate(r, [](const runtime::StreamChunk&) { return true; }).ok());
   const auto expected = runtime::EstimateKvBytes(
       second, e.config(), static_cast<int>(r.prompt_tokens.size()) + r.max_tokens, 4);
   ASSERT_EQ(during.layers.size(), 30u);
