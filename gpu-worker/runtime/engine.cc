@@ -294,7 +294,7 @@ absl::Status Engine::ProbeKvPlan(const KvPlan& plan) {
     // The plan runs here; memory (e.g. kv-host's budget, held by other
     // workers) is short right now: requests wait for it or are refused then.
     spdlog::warn("kv plan '{}': no memory for a probe sequence now ({}); accepted", plan.name,
-                 probe.status().message());
+                 std::string(probe.status().message()));
     return absl::OkStatus();
   }
   if (!probe.ok()) {
