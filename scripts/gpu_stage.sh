@@ -3,8 +3,9 @@
 # .git/info/exclude), in parts small enough for the device tool's 64 MiB
 # working-tree limit per call:
 #   .stage/a: the xz-packed bundle (scripts/gpu_bundle.sh) + model part 00
-#   .stage/b: model parts 01..03
-#   .stage/c: model part 04 + assemble.sh
+#   .stage/b: model parts 01..02
+#   .stage/c: model parts 03..04 + assemble.sh
+# (each call carries the working tree too: 3 parts + the repo pass 64 MiB)
 # On the GPU machine, three consecutive calls (the machine stays warm ~30 s):
 #   1. carry .stage/a: mkdir -p /root/m && cp .stage/a/mpart.00 /root/m/ &&
 #      xz -dc .stage/a/bundle.tar.xz | tar -xf - -C /root/
@@ -25,14 +26,14 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 split -b 20000000 -d -a 2 "$model" "$tmp/mpart."
 mv "$tmp/mpart.00" .stage/a/
-mv "$tmp"/mpart.0[123] .stage/b/
-mv "$tmp"/mpart.0[4-9] .stage/c/ 2>/dev/null || true
+mv "$tmp"/mpart.0[12] .stage/b/
+mv "$tmp"/mpart.0[3-9] .stage/c/ 2>/dev/null || true
 sum=$(sha256sum "$model" | cut -d' ' -f1)
 name=$(basename "$model")
 tar -cf - .bundle | xz -T"$(nproc)" -6 > .stage/a/bundle.tar.xz
 cat > .stage/c/assemble.sh <<EOF
 # Sourced on the GPU machine from the repository root (see scripts/gpu_stage.sh).
-cat /root/m/mpart.0[0-3] .stage/c/mpart.* > /root/m/$name
+cat /root/m/mpart.0[0-2] .stage/c/mpart.* > /root/m/$name
 echo "$sum  /root/m/$name" | sha256sum -c - || return 1
 rm -rf .bundle && ln -s /root/.bundle .bundle
 export LD_LIBRARY_PATH=/root/.bundle/lib:/usr/local/cuda/lib64 TAILORKV_MODEL_DIR=/root/m OMP_WAIT_POLICY=passive
