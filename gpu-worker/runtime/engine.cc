@@ -566,6 +566,8 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
       Finish(job, job.result);
       moved = true;
     } else if (now - job.outbox.full_since() > stream_stall_timeout_) {
+      spdlog::warn("generation cut off after {} tokens: its caller took no chunk for {}", job.step,
+                   absl::FormatDuration(stream_stall_timeout_));
       if (job.request.stalled) job.request.stalled();
       fail(job, absl::AbortedError(absl::StrFormat(
                     "stream: the caller took no chunk for %s (%d chunks waiting); generation cut off",

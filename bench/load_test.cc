@@ -1,0 +1,266 @@
+// tkv_load_test: many concurrent clients against a running gpu-worker over
+// gRPC (tailorkv.v1.Generation), greedy, with prompts of mixed lengths.
+//
+// Phases, one after the other on the same worker:
+//   alone    one client, its requests in sequence (the baseline);
+//   together --clients clients at once, each sending --requests requests;
+//   stalled  the same, plus --stalled clients that open a stream and never
+//            read it: every other request must still complete. (The worker
+//            cuts a stalled generation off once its stream buffer stays
+//            full; gRPC's flow-control windows, 64 KiB and up, hold ~2,000
+//            tokens first, so short runs only see it generate.)
+// For each phase: requests completed and failed (with the status), generated
+// tokens, wall time, aggregate tokens/s, and per request the time to first
+// token and the gaps between streamed tokens (p50/p99 over all requests),
+// and the slowest request's completion (starvation shows there).
+// Writes the figures as JSON (--out) and a table to stdout. Exit 0 when every
+// request of every phase completed (stalled clients excepted), else 1.
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "tailorkv/v1/generation.grpc.pb.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace v1 = tailorkv::v1;
+
+double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+
+struct Options {
+  std::string server = "127.0.0.1:50051";
+  int clients = 32;
+  int requests = 1;
+  int max_tokens = 32;
+  int min_words = 8;
+  int max_words = 400;
+  int stalled = 1;
+  int deadline_s = 300;
+  std::string out;
+};
+
+struct RequestStats {
+  bool ok = false;
+  std::string error;
+  int tokens = 0;
+  double ttft_ms = 0;
+  double total_ms = 0;
+  std::vector<double> gaps_ms;
+};
+
+// Prompt `i`: between min and max words, spread over clients so that short
+// and long prompts are in flight together.
+std::string Prompt(const Options& o, int i) {
+  static const char* kWords[] = {"river", "stone", "lamp", "harbor", "violet", "engine", "quiet", "market",
+                                 "seven", "glass", "winter", "orchard", "copper", "signal", "meadow", "north"};
+  const int span = std::max(1, o.max_words - o.min_words + 1);
+  const int words = o.min_words + static_cast<int>((static_cast<int64_t>(i) * 7919) % span);
+  std::string s = "Notes:";
+  for (int w = 0; w < words; ++w) {
+    s += ' ';
+    s += kWords[(w * 5 + i * 3 + w / 7) % 16];
+  }
+  return s + ". Summary:";
+}
+
+RequestStats RunOne(v1::Generation::Stub& stub, const Options& o, int index) {
+  RequestStats r;
+  v1::GenerateRequest req;
+  req.set_text(Prompt(o, index));
+  req.mutable_sampling()->set_max_tokens(o.max_tokens);
+  req.mutable_sampling()->set_temperature(0);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(o.deadline_s));
+  const Clock::time_point t0 = Clock::now();
+  Clock::time_point last = t0;
+  auto reader = stub.Generate(&ctx, req);
+  v1::GenerateResponse resp;
+  bool final_seen = false;
+  while (reader->Read(&resp)) {
+    if (resp.has_chunk()) {
+      const Clock::time_point now = Clock::now();
+      if (r.tokens == 0) {
+        r.ttft_ms = Ms(now - t0);
+      } else {
+        r.gaps_ms.push_back(Ms(now - last));
+      }
+      last = now;
+      r.tokens += resp.chunk().token_ids_size();
+    } else if (resp.has_final()) {
+      final_seen = true;
+    }
+  }
+  const grpc::Status s = reader->Finish();
+  r.total_ms = Ms(Clock::now() - t0);
+  r.ok = s.ok() && final_seen;
+  if (!s.ok()) r.error = std::to_string(s.error_code()) + ": " + s.error_message();
+  return r;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5));
+  return v[i];
+}
+
+// A client that asks for a long generation and never reads its stream.
+class StalledClient {
+ public:
+  StalledClient(v1::Generation::Stub& stub, const Options& o, int index) {
+    v1::GenerateRequest req;
+    req.set_text(Prompt(o, index));
+    req.mutable_sampling()->set_max_tokens(std::max(o.max_tokens * 8, 256));
+    ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(o.deadline_s));
+    reader_ = stub.Generate(&ctx_, req);  // sent; nothing is read
+  }
+  ~StalledClient() {
+    ctx_.TryCancel();
+    v1::GenerateResponse resp;
+    while (reader_->Read(&resp)) {
+    }
+    (void)reader_->Finish();
+  }
+
+ private:
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader_;
+};
+
+nlohmann::json RunPhase(const std::string& name, v1::Generation::Stub& stub, v1::Generation::Stub& stalled_stub,
+                        const Options& o, int clients, int stalled, bool* all_ok) {
+  std::vector<std::unique_ptr<StalledClient>> stuck;
+  for (int i = 0; i < stalled; ++i) stuck.push_back(std::make_unique<StalledClient>(stalled_stub, o, 1000 + i));
+  std::vector<std::vector<RequestStats>> per_client(clients);
+  const Clock::time_point t0 = Clock::now();
+  {
+    std::vector<std::thread> threads;
+    for (int c = 0; c < clients; ++c) {
+      threads.emplace_back([&, c] {
+        for (int k = 0; k < o.requests; ++k) per_client[c].push_back(RunOne(stub, o, c * o.requests + k));
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  const double wall_ms = Ms(Clock::now() - t0);
+  stuck.clear();
+  int ok = 0, failed = 0;
+  int64_t tokens = 0;
+  std::vector<double> ttft, gaps, totals;
+  std::vector<std::string> errors;
+  for (const auto& v : per_client) {
+    for (const RequestStats& r : v) {
+      if (r.ok) {
+        ++ok;
+      } else {
+        ++failed;
+        if (errors.size() < 5) errors.push_back(r.error);
+      }
+      tokens += r.tokens;
+      ttft.push_back(r.ttft_ms);
+      totals.push_back(r.total_ms);
+      gaps.insert(gaps.end(), r.gaps_ms.begin(), r.gaps_ms.end());
+    }
+  }
+  if (failed > 0) *all_ok = false;
+  nlohmann::json j = {{"phase", name},
+                      {"clients", clients},
+                      {"stalled_clients", stalled},
+                      {"requests_completed", ok},
+                      {"requests_failed", failed},
+                      {"errors", errors},
+                      {"generated_tokens", tokens},
+                      {"wall_s", wall_ms / 1000},
+                      {"tokens_per_s", tokens / (wall_ms / 1000)},
+                      {"ttft_ms_p50", Percentile(ttft, 0.5)},
+                      {"ttft_ms_p99", Percentile(ttft, 0.99)},
+                      {"inter_token_ms_p50", Percentile(gaps, 0.5)},
+                      {"inter_token_ms_p99", Percentile(gaps, 0.99)},
+                      {"slowest_request_s", Percentile(totals, 1.0) / 1000}};
+  std::printf("%-9s %7d %7d %6d %6d %8lld %8.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.2f\n", name.c_str(), clients,
+              stalled, ok, failed, static_cast<long long>(tokens), wall_ms / 1000, tokens / (wall_ms / 1000),
+              Percentile(ttft, 0.5), Percentile(ttft, 0.99), Percentile(gaps, 0.5), Percentile(gaps, 0.99),
+              Percentile(totals, 1.0) / 1000);
+  for (const std::string& e : errors) std::printf("          error: %s\n", e.c_str());
+  std::fflush(stdout);
+  return j;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  CLI::App app{"tkv_load_test: concurrent gRPC clients against a gpu-worker"};
+  app.add_option("--server", o.server, "the worker's host:port")->capture_default_str();
+  app.add_option("--clients", o.clients, "clients at once")->capture_default_str()->check(CLI::Range(1, 1024));
+  app.add_option("--requests", o.requests, "requests per client, in sequence")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  app.add_option("--max-tokens", o.max_tokens, "tokens per request")->capture_default_str()->check(CLI::Range(1, 100000));
+  app.add_option("--min-words", o.min_words, "shortest prompt, words")->capture_default_str()->check(CLI::Range(1, 100000));
+  app.add_option("--max-words", o.max_words, "longest prompt, words")->capture_default_str()->check(CLI::Range(1, 100000));
+  app.add_option("--stalled", o.stalled, "clients that never read (phase 'stalled'; 0 skips it)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 64));
+  app.add_option("--deadline-s", o.deadline_s, "deadline of each request")->capture_default_str()->check(CLI::Range(1, 86400));
+  app.add_option("--out", o.out, "JSON results file");
+  CLI11_PARSE(app, argc, argv);
+  if (o.min_words > o.max_words) {
+    std::fprintf(stderr, "tkv_load_test: --min-words %d > --max-words %d\n", o.min_words, o.max_words);
+    return 2;
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(16 << 20);
+  // One connection per client thread would measure the network stack; one
+  // channel multiplexes the streams like a gateway would.
+  auto channel = grpc::CreateCustomChannel(o.server, grpc::InsecureChannelCredentials(), args);
+  if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10))) {
+    std::fprintf(stderr, "tkv_load_test: cannot connect to %s\n", o.server.c_str());
+    return 1;
+  }
+  auto stub = v1::Generation::NewStub(channel);
+  // Stalled clients use a connection of their own (their unread stream
+  // fills its flow-control window, not the measured clients').
+  auto stalled_stub = v1::Generation::NewStub(grpc::CreateCustomChannel(
+      o.server, grpc::InsecureChannelCredentials(), [] {
+        grpc::ChannelArguments a;
+        a.SetString("tkv.load_test.channel", "stalled");  // a distinct channel, not a shared subchannel
+        return a;
+      }()));
+  std::printf("%-9s %7s %7s %6s %6s %8s %8s %9s %9s %9s %9s %9s %9s\n", "phase", "clients", "stalled", "ok",
+              "failed", "tokens", "wall s", "tok/s", "ttft p50", "ttft p99", "gap p50", "gap p99", "slowest s");
+  bool all_ok = true;
+  nlohmann::json phases = nlohmann::json::array();
+  phases.push_back(RunPhase("alone", *stub, *stalled_stub, o, 1, 0, &all_ok));
+  phases.push_back(RunPhase("together", *stub, *stalled_stub, o, o.clients, 0, &all_ok));
+  if (o.stalled > 0) phases.push_back(RunPhase("stalled", *stub, *stalled_stub, o, o.clients, o.stalled, &all_ok));
+  const nlohmann::json& alone = phases[0];
+  const nlohmann::json& together = phases[1];
+  const double speedup = together["tokens_per_s"].get<double>() / alone["tokens_per_s"].get<double>();
+  std::printf("aggregate tokens/s, %d clients vs one: %.2fx\n", o.clients, speedup);
+  if (o.stalled > 0) {
+    std::printf("inter-token p50 with %d stalled client(s) vs without: %.2fx\n", o.stalled,
+                phases[2]["inter_token_ms_p50"].get<double>() / std::max(1e-9, together["inter_token_ms_p50"].get<double>()));
+  }
+  if (!o.out.empty()) {
+    nlohmann::json j = {{"server", o.server},
+                        {"max_tokens", o.max_tokens},
+                        {"requests_per_client", o.requests},
+                        {"prompt_words", {o.min_words, o.max_words}},
+                        {"phases", phases},
+                        {"speedup_vs_one_client", speedup}};
+    std::ofstream(o.out) << j.dump(2) << "\n";
+  }
+  return all_ok ? 0 : 1;
+}
