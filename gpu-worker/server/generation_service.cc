@@ -296,6 +296,12 @@ grpc::Status GenerationService::GetLoad(grpc::ServerContext* context,
   response->set_draining(draining_.load());
   const runtime::KvUsage kv = engine_.KvInUse();
   FillKvMemory(kv.layers, kv.sequences, kv.capacity_tokens, response->mutable_kv_in_use());
+  const runtime::Engine::SchedulerLoad s = engine_.scheduler_load();
+  response->set_max_running(options_.max_running);
+  response->set_engine_running(s.running);
+  response->set_engine_waiting(s.waiting);
+  response->set_kv_budget_bytes(s.kv_budget_bytes);
+  response->set_kv_admitted_bytes(s.kv_admitted_bytes);
   return grpc::Status::OK;
 }
 

@@ -325,6 +325,11 @@ TEST_F(GenerationServiceTest, FullQueueGivesResourceExhaustedAndQueuedCancelLeav
   ASSERT_EQ(load.queued_requests(), 1);
   EXPECT_EQ(load.active_requests(), 1);
   EXPECT_EQ(load.max_queue(), 1);
+  EXPECT_EQ(load.max_running(), 1);
+  EXPECT_EQ(load.engine_running(), 1);  // the running one is in the engine's scheduler
+  EXPECT_EQ(load.engine_waiting(), 0);  // the queued one waits here, not there
+  EXPECT_EQ(load.kv_budget_bytes(), 0);
+  EXPECT_GT(load.kv_admitted_bytes(), 0);
 
   const StreamResult refused = RunStream(TextRequest("Refused", 4));
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)

@@ -216,6 +216,11 @@ int RunLoad(const std::string& server, double timeout_s, bool layers) {
   if (!status.ok()) return Fail("GetLoad", server, status);
   std::printf("active=%d queued=%d max_queue=%d draining=%s\n", load.active_requests(),
               load.queued_requests(), load.max_queue(), load.draining() ? "yes" : "no");
+  std::printf("engine: running=%d (max %d) waiting_for_memory=%d kv_budget=%s admitted=%.1f MiB\n",
+              load.engine_running(), load.max_running(), load.engine_waiting(),
+              load.kv_budget_bytes() > 0 ? absl::StrFormat("%.1f MiB", load.kv_budget_bytes() / 1048576.0).c_str()
+                                         : "none",
+              load.kv_admitted_bytes() / 1048576.0);
   std::printf("kv in use (%d sequences, %lld tokens of capacity):\n", load.kv_in_use().sequences(),
               static_cast<long long>(load.kv_in_use().capacity_tokens()));
   PrintKvMemory(load.kv_in_use(), nullptr, layers);
