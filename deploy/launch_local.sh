@@ -149,6 +149,13 @@ echo "--- prompt: $prompt" >&2
   --prompt "$prompt"
 echo "--- kv-host after the request (its session closed; the worker's warm arena stays)" >&2
 "$cli" kv-host stats --server "unix://$kvhost_sock" >&2
+if [[ -x "$build_dir/bench/tkv_load_test" ]]; then
+  # The engine's scheduler: one request alone, then four at once (mixed prompts).
+  echo "--- the scheduler: 1 request alone, then 4 at once (tkv_load_test)" >&2
+  "$build_dir/bench/tkv_load_test" --server "127.0.0.1:$worker_port" --clients 4 --max-tokens 8 \
+    --min-words 8 --max-words 120 --stalled 0 >&2 || die "concurrent requests failed"
+  "$cli" load --server "127.0.0.1:$worker_port" >&2
+fi
 
 if ((keep_running)); then
   echo "cluster running (worker 127.0.0.1:$worker_port); Ctrl-C stops it" >&2

@@ -11,5 +11,5 @@ build="${BUILD_DIR:-build}"
 ./deploy/install-deps.sh
 model="$(./scripts/fetch_model.sh)"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$build" -j "$(nproc)" --target gpu-worker kv-host profiler tkv-profile tailorkv-cli
+cmake --build "$build" -j "$(nproc)" --target gpu-worker kv-host profiler tkv-profile tailorkv-cli tkv_load_test
 exec ./deploy/launch_local.sh "$model" "$build" "$@"
