@@ -27,6 +27,29 @@ absl::Status ValidateForwardInput(const model::ModelConfig& config, const Sequen
   return absl::OkStatus();
 }
 
+absl::Status Backend::DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                                  std::vector<float>* logits) {
+  if (seqs.empty() || seqs.size() != tokens.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tokens: %d for %d sequences (one each, at least one)", tokens.size(), seqs.size()));
+  }
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    if (auto st = ValidateForwardInput(config(), *seqs[b], tokens.subspan(b, 1), Mode::kDecode); !st.ok()) {
+      return absl::Status(st.code(), absl::StrFormat("sequence %d: %s", b, st.message()));
+    }
+  }
+  const size_t vocab = static_cast<size_t>(config().vocab);
+  logits->resize(seqs.size() * vocab);
+  std::vector<float> one;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    if (auto st = Forward(*seqs[b], tokens.subspan(b, 1), false, &one, Mode::kDecode); !st.ok()) {
+      return absl::Status(st.code(), absl::StrFormat("sequence %d: %s", b, st.message()));
+    }
+    std::copy(one.begin(), one.end(), logits->begin() + b * vocab);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Backend::ForwardObserved(SequenceState&, absl::Span<const int32_t>, int,
                                       const LayerObserver&) {
   return absl::UnimplementedError(

@@ -108,6 +108,17 @@ class Backend {
   virtual absl::Status ForwardObserved(SequenceState& seq, absl::Span<const int32_t> tokens,
                                        int tap_queries, const LayerObserver& observer);
 
+  // One decode step of each of `seqs` (distinct sequences, each past its
+  // prompt) with tokens[b]; logits row b (vocab floats) is seqs[b]'s. A
+  // sequence's logits do not depend on the others in the batch nor on its
+  // size (so a generation's tokens are the same alone or batched), but may
+  // differ in the last bits from Forward()'s decode step. Checks as
+  // Forward(kDecode) per sequence (InvalidArgument naming it) before any
+  // work. Default: Forward() for each in turn; the CPU backend runs the
+  // GEMMs once over the batch.
+  virtual absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                                   std::vector<float>* logits);
+
   // Tokens per Forward call that keep prefill efficient on this backend
   // while bounding the time between cancellation checks.
   virtual int preferred_prefill_chunk() const { return 1024; }

@@ -245,10 +245,11 @@ class CpuSequence final : public SequenceState {
   std::vector<std::unique_ptr<SparseLayer>> sparse_;
 };
 
-// y[n][out] (=|+=) x[n][in] * W[out][in]^T
-void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate) {
+// y[n][out] (=|+=) x[n][in] * W[out][in]^T. `gemm`: one sgemm whatever n
+// (a decode batch: each row's sums then do not depend on the batch size).
+void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, bool gemm = false) {
   const int out = static_cast<int>(w.rows()), in = static_cast<int>(w.cols());
-  if (n == 1) {
+  if (n == 1 && !gemm) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w.data.data(), in, x, 1,
                 accumulate ? 1.0f : 0.0f, y, 1);
   } else {
@@ -324,22 +325,35 @@ class CpuBackend final : public Backend {
   using Backend::Forward;
   absl::Status Forward(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
                        std::vector<float>* logits, Mode mode) override {
-    return Run(state, tokens, all_logits, logits, mode, 0, nullptr);
+    SequenceState* one[] = {&state};
+    return Run(one, tokens, all_logits, logits, mode, 0, nullptr, /*batch=*/false);
   }
   absl::Status ForwardObserved(SequenceState& state, absl::Span<const int32_t> tokens,
                                int tap_queries, const LayerObserver& observer) override {
     if (auto st = ValidateObservedForward(w_.config, state, tokens, tap_queries); !st.ok()) {
       return st;
     }
-    return Run(state, tokens, false, nullptr, Mode::kPrefill, tap_queries, &observer);
+    SequenceState* one[] = {&state};
+    return Run(one, tokens, false, nullptr, Mode::kPrefill, tap_queries, &observer, /*batch=*/false);
+  }
+  // The GEMMs run once over the batch (weights read once for all of them);
+  // attention per sequence as its plan says.
+  absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                           std::vector<float>* logits) override {
+    if (seqs.empty() || seqs.size() != tokens.size()) {
+      return absl::InvalidArgumentError(absl::StrFormat("tokens: %d for %d sequences (one each, at least one)",
+                                                        tokens.size(), seqs.size()));
+    }
+    return Run(seqs, tokens, true, logits, Mode::kDecode, 0, nullptr, /*batch=*/true);
   }
 
  private:
-  // Forward(); with an observer, calls it after every layer's attention and
-  // computes no logits.
-  absl::Status Run(SequenceState& state, absl::Span<const int32_t> tokens, bool all_logits,
+  // Forward() of seqs[0] (batch false), or one decode step of each of
+  // `seqs` with tokens[b] (batch true: row b is seqs[b]'s). With an
+  // observer, calls it after every layer's attention and computes no logits.
+  absl::Status Run(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens, bool all_logits,
                    std::vector<float>* logits, Mode mode, int tap_queries,
-                   const LayerObserver* observer);
+                   const LayerObserver* observer, bool batch);
   // Attention of the n chunk queries against a layer as its policy says
   // (runtime/backend.h); non-dense layers read the chunk's K/V from k_/v_.
   // spec_x: a decode step's speculative input for sparse layers with index
@@ -377,16 +391,32 @@ class CpuBackend final : public Backend {
   std::vector<float> xn_cur_, xn_prev_, xn_late_;
 };
 
-absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tokens,
+absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span<const int32_t> tokens,
                              bool all_logits, std::vector<float>* logits, Mode mode,
-                             int tap_queries, const LayerObserver* observer) {
-  auto* seq = dynamic_cast<CpuSequence*>(&state);
-  if (seq == nullptr) return absl::InvalidArgumentError("sequence was not made by the CPU backend");
-  if (auto st = ValidateForwardInput(w_.config, state, tokens, mode); !st.ok()) return st;
-  const bool decode = IsDecode(state, tokens, mode);
+                             int tap_queries, const LayerObserver* observer, bool batch) {
+  // Row i of this call belongs to seqs[batch ? i : 0], at position pos[i].
+  std::vector<CpuSequence*> seqs(states.size());
+  for (size_t b = 0; b < states.size(); ++b) {
+    seqs[b] = dynamic_cast<CpuSequence*>(states[b]);
+    if (seqs[b] == nullptr) {
+      return absl::InvalidArgumentError(absl::StrFormat("sequence %d was not made by the CPU backend", b));
+    }
+    for (size_t a = 0; a < b; ++a) {
+      if (seqs[a] == seqs[b]) return absl::InvalidArgumentError(absl::StrFormat("sequences %d and %d are one", a, b));
+    }
+    const absl::Span<const int32_t> mine = batch ? tokens.subspan(b, 1) : tokens;
+    if (auto st = ValidateForwardInput(w_.config, *seqs[b], mine, mode); !st.ok()) {
+      return batch ? absl::Status(st.code(), absl::StrFormat("sequence %d: %s", b, st.message())) : st;
+    }
+  }
+  CpuSequence* seq = seqs[0];
+  const bool decode = batch || IsDecode(*seq, tokens, mode);
   const ModelConfig& c = w_.config;
   const int n = static_cast<int>(tokens.size());
   const int start = seq->length();
+  std::vector<int> pos(n);
+  for (int i = 0; i < n; ++i) pos[i] = batch ? seqs[i]->length() : start + i;
+  auto row_seq = [&](int i) { return batch ? seqs[i] : seq; };
   omp_set_num_threads(threads_);
   openblas_set_num_threads(threads_);
 
@@ -407,40 +437,54 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
   }
   for (int l = 0; l < c.n_layers; ++l) {
     const model::LayerWeights& L = w_.layers[l];
-    const bool dense = seq->kind(l) == KvPolicyKind::kDense;
 #pragma omp parallel for
     for (int i = 0; i < n; ++i) {
       ref::RmsNorm(&x_[static_cast<size_t>(i) * H], L.attn_norm.data.data(), H, c.rms_eps,
                    &xn_[static_cast<size_t>(i) * H]);
     }
-    if (decode) {
+    if (decode) {  // every row is a decode step: keep each one's normalized input
       xn_prev_.swap(xn_cur_);
-      xn_cur_.assign(xn_.begin(), xn_.begin() + H);
+      xn_cur_.assign(xn_.begin(), xn_.begin() + static_cast<size_t>(n) * H);
       if (l == 0) xn_prev_ = xn_cur_;
     }
-    Linear(xn_.data(), n, L.wq, q_.data(), false);
-    Linear(xn_.data(), n, L.wk, k_.data(), false);
-    Linear(xn_.data(), n, L.wv, v_.data(), false);
+    Linear(xn_.data(), n, L.wq, q_.data(), false, batch);
+    Linear(xn_.data(), n, L.wk, k_.data(), false, batch);
+    Linear(xn_.data(), n, L.wv, v_.data(), false, batch);
 #pragma omp parallel for
     for (int i = 0; i < n; ++i) {
-      for (int h = 0; h < nh; ++h) ref::ApplyRope(&q_[i * nq_dim + h * hd], hd, start + i, inv_freq_, c.rope_style);
+      CpuSequence* rs = row_seq(i);
+      const bool dense = rs->kind(l) == KvPolicyKind::kDense;
+      for (int h = 0; h < nh; ++h) ref::ApplyRope(&q_[i * nq_dim + h * hd], hd, pos[i], inv_freq_, c.rope_style);
       for (int h = 0; h < nkv; ++h) {
-        ref::ApplyRope(&k_[i * nkv_dim + h * hd], hd, start + i, inv_freq_, c.rope_style);
+        ref::ApplyRope(&k_[i * nkv_dim + h * hd], hd, pos[i], inv_freq_, c.rope_style);
         if (!dense) continue;  // the layer's store takes k_/v_ in LayerAttention
-        std::memcpy(seq->k(l, h) + static_cast<int64_t>(start + i) * hd, &k_[i * nkv_dim + h * hd],
+        std::memcpy(rs->k(l, h) + static_cast<int64_t>(pos[i]) * hd, &k_[i * nkv_dim + h * hd],
                     sizeof(float) * hd);
-        std::memcpy(seq->v(l, h) + static_cast<int64_t>(start + i) * hd, &v_[i * nkv_dim + h * hd],
+        std::memcpy(rs->v(l, h) + static_cast<int64_t>(pos[i]) * hd, &v_[i * nkv_dim + h * hd],
                     sizeof(float) * hd);
       }
     }
-    const float* spec_x = nullptr;
-    if (decode) {
-      const SparseLayer* sp = seq->kind(l) == KvPolicyKind::kSparse ? seq->sparse(l) : nullptr;
+    // A decode row's speculative input for its sparse layer (kv_plan.h).
+    auto spec_of = [&](int i) -> const float* {
+      const SparseLayer* sp = row_seq(i)->kind(l) == KvPolicyKind::kSparse ? row_seq(i)->sparse(l) : nullptr;
       const bool late = l > 0 && sp != nullptr && sp->params.query == "after-attention";
-      spec_x = late ? xn_late_.data() : xn_prev_.data();
+      return (late ? xn_late_.data() : xn_prev_.data()) + static_cast<size_t>(i) * H;
+    };
+    if (!batch) {
+      LayerAttention(*seq, l, q_.data(), n, start, decode, decode ? spec_of(0) : nullptr,
+                     decode ? xn_prev_.data() : nullptr, attn_.data());
+    } else {
+      for (int b = 0; b < n; ++b) {
+        // LayerAttention reads a decode step's K/V from row 0 of k_/v_;
+        // rows before b are done with.
+        if (b > 0) {
+          std::memcpy(k_.data(), &k_[b * nkv_dim], sizeof(float) * nkv_dim);
+          std::memcpy(v_.data(), &v_[b * nkv_dim], sizeof(float) * nkv_dim);
+        }
+        LayerAttention(*seqs[b], l, &q_[b * nq_dim], 1, pos[b], true, spec_of(b),
+                       &xn_prev_[static_cast<size_t>(b) * H], &attn_[b * nq_dim]);
+      }
     }
-    LayerAttention(*seq, l, q_.data(), n, start, decode, spec_x, decode ? xn_prev_.data() : nullptr,
-                   attn_.data());
     if (observer != nullptr) {
       const KvView kv = seq->dense_view(l);
       const LayerTap tap{.layer = l,
@@ -453,11 +497,14 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
                          .kv_head_stride = kv.head_stride};
       if (auto st = (*observer)(tap); !st.ok()) return st;
     }
-    Linear(attn_.data(), n, L.wo, x_.data(), /*accumulate=*/true);
+    Linear(attn_.data(), n, L.wo, x_.data(), /*accumulate=*/true, batch);
     if (decode && l + 1 < c.n_layers) {
       // Query "after-attention" of layer l + 1: its own norm over the stream now.
-      xn_late_.resize(H);
-      ref::RmsNorm(x_.data(), w_.layers[l + 1].attn_norm.data.data(), H, c.rms_eps, xn_late_.data());
+      xn_late_.resize(static_cast<size_t>(n) * H);
+      for (int i = 0; i < n; ++i) {
+        ref::RmsNorm(&x_[static_cast<size_t>(i) * H], w_.layers[l + 1].attn_norm.data.data(), H, c.rms_eps,
+                     &xn_late_[static_cast<size_t>(i) * H]);
+      }
     }
 
 #pragma omp parallel for
@@ -465,16 +512,20 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
       ref::RmsNorm(&x_[static_cast<size_t>(i) * H], L.ffn_norm.data.data(), H, c.rms_eps,
                    &xn_[static_cast<size_t>(i) * H]);
     }
-    Linear(xn_.data(), n, L.w_gate, gate_.data(), false);
-    Linear(xn_.data(), n, L.w_up, up_.data(), false);
+    Linear(xn_.data(), n, L.w_gate, gate_.data(), false, batch);
+    Linear(xn_.data(), n, L.w_up, up_.data(), false, batch);
     const int64_t total = static_cast<int64_t>(n) * c.ffn;
 #pragma omp parallel for
     for (int64_t b = 0; b < total; b += 4096) {
       ref::SwiGlu(&gate_[b], &up_[b], std::min<int64_t>(4096, total - b));
     }
-    Linear(gate_.data(), n, L.w_down, x_.data(), /*accumulate=*/true);
+    Linear(gate_.data(), n, L.w_down, x_.data(), /*accumulate=*/true, batch);
   }
-  seq->set_length(start + n);
+  if (batch) {
+    for (int b = 0; b < n; ++b) seqs[b]->set_length(pos[b] + 1);
+  } else {
+    seq->set_length(start + n);
+  }
   if (observer != nullptr) return absl::OkStatus();
 
   const int first = all_logits ? 0 : n - 1;
@@ -485,7 +536,7 @@ absl::Status CpuBackend::Run(SequenceState& state, absl::Span<const int32_t> tok
                  &xn_[static_cast<size_t>(i) * H]);
   }
   logits->resize(static_cast<size_t>(rows) * c.vocab);
-  Linear(&xn_[static_cast<size_t>(first) * H], rows, w_.head(), logits->data(), false);
+  Linear(&xn_[static_cast<size_t>(first) * H], rows, w_.head(), logits->data(), false, batch);
   return absl::OkStatus();
 }
 

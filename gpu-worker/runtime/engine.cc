@@ -574,19 +574,34 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
                     absl::FormatDuration(stream_stall_timeout_), stream_buffer_chunks_)));
     }
   }
-  // One decode step for every generation past its prompt whose caller keeps up.
+  // One decode step for every generation past its prompt whose caller
+  // keeps up, in one batch (always DecodeBatch, even for one: a
+  // generation's logits then do not depend on what runs beside it).
+  std::vector<Job*> batch;
+  std::vector<SequenceState*> seqs;
+  std::vector<int32_t> last;
   for (const std::shared_ptr<Job>& j : running) {
     Job& job = *j;
     if (job.done || job.prefilled < static_cast<int>(job.request.prompt_tokens.size()) || job.outbox.full()) continue;
-    absl::Status s = backend_->Forward(*job.seq, absl::MakeConstSpan(&job.history.back(), 1), false, &job.logits,
-                                       Backend::Mode::kDecode);
-    if (!s.ok()) {
-      fail(job, s);
-      continue;
+    batch.push_back(&job);
+    seqs.push_back(job.seq.get());
+    last.push_back(job.history.back());
+  }
+  if (!batch.empty()) {
+    std::vector<float> logits;
+    const absl::Status s = backend_->DecodeBatch(seqs, last, &logits);
+    const size_t vocab = static_cast<size_t>(config().vocab);
+    for (size_t b = 0; b < batch.size(); ++b) {
+      Job& job = *batch[b];
+      if (!s.ok()) {
+        fail(job, s);
+        continue;
+      }
+      job.logits.assign(logits.begin() + b * vocab, logits.begin() + (b + 1) * vocab);
+      if (job.step == 1) job.live->Refresh(*job.seq);
+      EmitToken(job);
+      moved = true;
     }
-    if (job.step == 1) job.live->Refresh(*job.seq);
-    EmitToken(job);
-    moved = true;
   }
   // One prefill chunk, for the prompting generation next in turn: the one
   // that prefilled least recently goes first (rotate after).

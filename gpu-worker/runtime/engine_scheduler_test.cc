@@ -166,6 +166,82 @@ TEST_P(EngineSchedulerTest, InterleavedForwardCallsAreBitIdentical) {
   }
 }
 
+// DecodeBatch: a sequence's logits are the same, bit for bit, whether it
+// steps alone (a batch of one) or beside others in batches of changing
+// size; bad batches are refused naming the sequence, before any work.
+TEST_P(EngineSchedulerTest, DecodeBatchIsBitIdenticalWhateverTheBatch) {
+  auto e = MakeEngine({.max_context = 512, .kv_plan = GetParam(), .max_running = 1});
+  ASSERT_NE(e, nullptr);
+  Backend& b = e->backend();
+  const KvPlan plan = e->kv_plan();
+  const int vocab = e->config().vocab;
+  const std::vector<std::vector<int32_t>> prompts = {Prompt(*e, 70, 1), Prompt(*e, 9, 2), Prompt(*e, 150, 3)};
+  constexpr int kSteps = 7;
+  auto fresh = [&] {
+    std::vector<std::unique_ptr<SequenceState>> seqs;
+    for (const auto& p : prompts) {
+      seqs.push_back(*b.NewSequence(static_cast<int>(p.size()) + kSteps + 1, plan));
+      std::vector<float> l;
+      EXPECT_TRUE(b.Forward(*seqs.back(), p, false, &l, Backend::Mode::kPrefill).ok());
+    }
+    return seqs;
+  };
+  auto token = [&](size_t i, int step) { return static_cast<int32_t>((prompts[i][step] * 31 + 7) % vocab); };
+  // Alone: batches of one.
+  std::vector<std::vector<std::vector<float>>> alone(prompts.size());
+  {
+    auto seqs = fresh();
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      for (int step = 0; step < kSteps; ++step) {
+        SequenceState* one[] = {seqs[i].get()};
+        const int32_t t[] = {token(i, step)};
+        std::vector<float> l;
+        ASSERT_TRUE(b.DecodeBatch(one, t, &l).ok());
+        alone[i].push_back(l);
+      }
+    }
+  }
+  // Together: all three, then (step 3) only the first two, then all again.
+  auto seqs = fresh();
+  std::vector<int> steps(prompts.size(), 0);
+  for (int round = 0; round < kSteps + 1; ++round) {
+    std::vector<size_t> who;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      if (steps[i] < kSteps && !(round == 3 && i == 2)) who.push_back(i);
+    }
+    std::vector<SequenceState*> batch;
+    std::vector<int32_t> toks;
+    for (size_t i : who) {
+      batch.push_back(seqs[i].get());
+      toks.push_back(token(i, steps[i]));
+    }
+    if (batch.empty()) break;
+    std::vector<float> l;
+    ASSERT_TRUE(b.DecodeBatch(batch, toks, &l).ok());
+    ASSERT_EQ(l.size(), who.size() * vocab);
+    for (size_t k = 0; k < who.size(); ++k) {
+      const std::vector<float>& want = alone[who[k]][steps[who[k]]];
+      EXPECT_EQ(std::memcmp(&l[k * vocab], want.data(), vocab * sizeof(float)), 0)
+          << "sequence " << who[k] << " step " << steps[who[k]] << " in a batch of " << who.size();
+      ++steps[who[k]];
+    }
+  }
+  // Refused before any work: sizes, a repeated sequence, one still empty.
+  std::vector<float> l;
+  SequenceState* two[] = {seqs[0].get(), seqs[0].get()};
+  const int32_t t2[] = {1, 2};
+  const int32_t t1[] = {1};
+  EXPECT_EQ(b.DecodeBatch(two, t1, &l).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(b.DecodeBatch(two, t2, &l).code(), absl::StatusCode::kInvalidArgument);
+  auto empty = *b.NewSequence(8, plan);
+  SequenceState* with_empty[] = {seqs[1].get(), empty.get()};
+  const int len = seqs[1]->length();
+  const absl::Status st = b.DecodeBatch(with_empty, t2, &l);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("sequence 1"), std::string::npos) << st;
+  EXPECT_EQ(seqs[1]->length(), len);  // nothing ran
+}
+
 INSTANTIATE_TEST_SUITE_P(Plans, EngineSchedulerTest,
                          ::testing::Values("dense", "quant:2", "hybrid:2:128:8:56:32:gpu:late:i8"),
                          [](const ::testing::TestParamInfo<std::string>& p) {
