@@ -87,6 +87,9 @@ struct WorkerConfig {
     if (engine.max_running < 1) {
       return absl::InvalidArgumentError(absl::StrCat("max-running: must be >= 1, got ", engine.max_running));
     }
+    if (engine.prefill_chunk < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("prefill-chunk: must be >= 0, got ", engine.prefill_chunk));
+    }
     if (kv_budget_mib < 0) {
       return absl::InvalidArgumentError(absl::StrCat("kv-budget-mib: must be >= 0 (0 = no limit), got ", kv_budget_mib));
     }
@@ -207,6 +210,10 @@ int main(int argc, char** argv) {
   app.add_option("--plan-cache", config.plan.plan_cache,
                  "file that keeps the last plan accepted from the profiler (written atomically); "
                  "used when the profiler is unreachable, has no plan or sends an invalid one");
+  app.add_option("--prefill-chunk", config.engine.prefill_chunk,
+                 "prompt tokens per prefill step (0 = the backend's choice: CPU 1024, CUDA its largest); "
+                 "smaller chunks let a short prompt's first token overtake a long prompt's prefill sooner")
+      ->capture_default_str();
   app.add_option("--max-running", config.engine.max_running,
                  "generations the engine runs at once (interleaved step by step); more wait in the queue")
       ->capture_default_str();
