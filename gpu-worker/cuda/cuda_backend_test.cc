@@ -33,6 +33,18 @@ std::string ModelPath() {
          "/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
+// SmolLM2's weights (scripts/fetch_model.sh) into *out.
+void LoadSmolLM2(model::ModelWeights* out) {
+  const std::string path = ModelPath();
+  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/fetch_model.sh";
+  auto gguf = model::GgufFile::Open(path);
+  ASSERT_TRUE(gguf.ok()) << gguf.status();
+  auto weights = model::LoadWeightsFromGguf(**gguf);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  *out = std::move(*weights);
+}
+
+
 class CudaBackendTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -551,15 +563,11 @@ TEST(CudaBackend, RejectsUnsupportedHeadDim) {
 // SmolLM2-135M on the GPU against the CPU backend: teacher-forced logits
 // over a prompt, and 64 greedy tokens through the Engine.
 TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
-  const std::string path = ModelPath();
-  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/fetch_model.sh";
-  auto gguf = model::GgufFile::Open(path);
-  ASSERT_TRUE(gguf.ok()) << gguf.status();
-  auto weights = model::LoadWeightsFromGguf(**gguf);
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  auto gpu = CreateCudaBackend(*weights, {});
+  model::ModelWeights w;
+  ASSERT_NO_FATAL_FAILURE(LoadSmolLM2(&w));
+  auto gpu = CreateCudaBackend(w, {});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto cpu = runtime::CreateCpuBackend(*weights, {.threads = 8});
+  auto cpu = runtime::CreateCpuBackend(w, {.threads = 8});
   ASSERT_TRUE(cpu.ok());
   std::vector<int32_t> prompt;
   std::mt19937 rng(3);
@@ -584,7 +592,7 @@ TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
                            "Once upon a time, in a land far away,"};
   auto factory = [](const model::ModelWeights& w) { return CreateCudaBackend(w, {}); };
   runtime::EngineOptions gpu_options, cpu_options;
-  gpu_options.model_path = cpu_options.model_path = path;
+  gpu_options.model_path = cpu_options.model_path = ModelPath();
   gpu_options.backend = "cuda";
   gpu_options.cuda_factory = factory;
   cpu_options.backend = "cpu";
@@ -630,19 +638,15 @@ TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
 // 2026-11-22: 1.2% and 5.4%, top-1 40/40 for both). Top-1 agreement is the
 // stronger check.
 TEST_F(CudaBackendTest, SmolLM2QuantPlansMatchCpuBackend) {
-  const std::string path = ModelPath();
-  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/fetch_model.sh";
-  auto gguf = model::GgufFile::Open(path);
-  ASSERT_TRUE(gguf.ok()) << gguf.status();
-  auto weights = model::LoadWeightsFromGguf(**gguf);
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  auto gpu = CreateCudaBackend(*weights, {});
+  model::ModelWeights w;
+  ASSERT_NO_FATAL_FAILURE(LoadSmolLM2(&w));
+  auto gpu = CreateCudaBackend(w, {});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto cpu = runtime::CreateCpuBackend(*weights, {.threads = 8});
+  auto cpu = runtime::CreateCpuBackend(w, {.threads = 8});
   ASSERT_TRUE(cpu.ok());
   const std::pair<const char*, float> cases[] = {{"tailorkv:1", 0.05f}, {"quant:2", 0.08f}};
   for (const auto& [spec, bound] : cases) {
-    auto plan = runtime::ParseKvPlanSpec(spec, weights->config);
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto gs = (*gpu)->NewSequence(400, *plan);
     auto cs = (*cpu)->NewSequence(400, *plan);
@@ -680,13 +684,9 @@ TEST_F(CudaBackendTest, SmolLM2QuantPlansMatchCpuBackend) {
 // get the same logits, bit for bit, as each run alone, for every policy
 // (so a generation's tokens do not depend on what runs beside it).
 TEST_F(CudaBackendTest, SmolLM2InterleavedSequencesAreBitIdenticalToAlone) {
-  const std::string path = ModelPath();
-  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/fetch_model.sh";
-  auto gguf = model::GgufFile::Open(path);
-  ASSERT_TRUE(gguf.ok()) << gguf.status();
-  auto weights = model::LoadWeightsFromGguf(**gguf);
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  auto gpu = CreateCudaBackend(*weights, {});
+  model::ModelWeights w;
+  ASSERT_NO_FATAL_FAILURE(LoadSmolLM2(&w));
+  auto gpu = CreateCudaBackend(w, {});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   std::mt19937 rng(11);
   std::vector<std::vector<int32_t>> prompts;
@@ -697,7 +697,7 @@ TEST_F(CudaBackendTest, SmolLM2InterleavedSequencesAreBitIdenticalToAlone) {
   }
   constexpr int kChunk = 128, kSteps = 8;
   for (const char* spec : {"dense", "quant:2", "hybrid:2:128:8:56:32:gpu:late:i8", "hybrid:2:128:8:56:64:gpu:late:i4:refine4"}) {
-    auto plan = runtime::ParseKvPlanSpec(spec, weights->config);
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto run = [&](const std::vector<size_t>& order) {
       std::vector<std::unique_ptr<runtime::SequenceState>> seqs(prompts.size());
@@ -755,20 +755,16 @@ TEST_F(CudaBackendTest, SmolLM2InterleavedSequencesAreBitIdenticalToAlone) {
 // the CPU backend: greedy decode from the same tokens (the CPU's choice fed
 // to both), top-1 agreement and the logit difference.
 TEST_F(CudaBackendTest, SmolLM2SparsePlansMatchCpuBackend) {
-  const std::string path = ModelPath();
-  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/fetch_model.sh";
-  auto gguf = model::GgufFile::Open(path);
-  ASSERT_TRUE(gguf.ok()) << gguf.status();
-  auto weights = model::LoadWeightsFromGguf(**gguf);
-  ASSERT_TRUE(weights.ok()) << weights.status();
-  auto gpu = CreateCudaBackend(*weights, {});
+  model::ModelWeights w;
+  ASSERT_NO_FATAL_FAILURE(LoadSmolLM2(&w));
+  auto gpu = CreateCudaBackend(w, {});
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto cpu = runtime::CreateCpuBackend(*weights, {.threads = 8});
+  auto cpu = runtime::CreateCpuBackend(w, {.threads = 8});
   ASSERT_TRUE(cpu.ok());
   for (const char* spec : {"hybrid:2:128:8:56:gpu", "hybrid:2:128:8:56:faithful",
                            "hybrid:2:128:8:56:32:gpu:late:i8", "hybrid:2:128:8:56:32:gpu:late:i4",
                            "hybrid:2:128:8:56:64:gpu:late:i4:refine4"}) {
-    auto plan = runtime::ParseKvPlanSpec(spec, weights->config);
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto gs = (*gpu)->NewSequence(700, *plan);
     auto cs = (*cpu)->NewSequence(700, *plan);

@@ -111,9 +111,10 @@ struct GenerationRequest {
   int max_tokens = 128;                // >= 1; prompt + max_tokens <= context
   std::vector<std::string> stop;       // non-empty strings; generation ends before them
   bool ignore_eos = false;             // for benchmarks
-  // Polled between prefill chunks (and before each decode step via
-  // on_chunk's return value): returning true stops the generation, which
-  // then ends kCancelled. May be empty.
+  // Polled by the scheduler thread at each of its iterations while the
+  // generation runs: returning true stops it (it ends kCancelled). Must be
+  // quick and must not call into the engine (read-only accessors aside).
+  // May be empty.
   std::function<bool()> cancelled;
   // Called from the scheduler thread when the generation is cut off for a
   // caller that stopped reading (e.g. to cancel the RPC). May be empty.
