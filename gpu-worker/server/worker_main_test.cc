@@ -64,6 +64,23 @@ TEST(WorkerMainTest, BadKvPlanExitsNonZeroWithTheMessage) {
   }
 }
 
+// The scheduler's flags: out of range is a configuration error (exit 2)
+// naming the flag, before the model loads.
+TEST(WorkerMainTest, BadSchedulerFlagsExit2NamingTheFlag) {
+  const Case cases[] = {
+      {"--max-running 0", 2, "max-running: must be >= 1, got 0"},
+      {"--kv-budget-mib -1", 2, "kv-budget-mib: must be >= 0 (0 = no limit), got -1"},
+      {"--stream-stall-ms 0", 2, "stream-stall-ms: must be > 0, got 0"},
+      {"--prefill-chunk -5", 2, "prefill-chunk: must be >= 0, got -5"},
+  };
+  for (const Case& tc : cases) {
+    const Exit e = RunWorker(tc.flag);
+    EXPECT_EQ(e.code, tc.code) << tc.flag << "\n" << e.output;
+    EXPECT_NE(e.output.find(tc.message), std::string::npos) << tc.flag << "\n" << e.output;
+    EXPECT_EQ(e.output.find("loading model"), std::string::npos) << tc.flag << "\n" << e.output;
+  }
+}
+
 TEST(WorkerMainTest, HelpDocumentsKvPlan) {
   const Exit e = RunWorker("--help");
   EXPECT_EQ(e.code, 0) << e.output;
