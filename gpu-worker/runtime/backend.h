@@ -119,6 +119,10 @@ class Backend {
   virtual absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
                                    std::vector<float>* logits);
 
+  // How many sequences the engine may step in turn (their calls
+  // interleaved); the engine runs at most this many generations at once.
+  virtual int max_interleaved_sequences() const { return 1 << 20; }
+
   // Tokens per Forward call that keep prefill efficient on this backend
   // while bounding the time between cancellation checks.
   virtual int preferred_prefill_chunk() const { return 1024; }

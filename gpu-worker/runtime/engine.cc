@@ -261,6 +261,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   const KvPlan& p = *engine->plan_snapshot();
   spdlog::info("kv plan '{}': {}; {:.1f} MiB of KV per {}-token sequence", p.name, p.Summary(),
                per_sequence / 1048576.0, engine->max_context_);
+  if (engine->backend_->max_interleaved_sequences() < engine->max_running_) {
+    engine->max_running_ = engine->backend_->max_interleaved_sequences();
+    spdlog::warn("scheduler: the {} backend steps at most {} sequence(s) in turn: max_running {} -> {}",
+                 engine->backend_->name(), engine->max_running_, options.max_running, engine->max_running_);
+  }
   spdlog::info("scheduler: up to {} generations at once, KV budget {}", engine->max_running_,
                engine->kv_budget_bytes_ > 0 ? absl::StrFormat("%.1f MiB", engine->kv_budget_bytes_ / 1048576.0)
                                             : std::string("unlimited"));

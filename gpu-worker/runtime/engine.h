@@ -187,6 +187,9 @@ class Engine {
     int64_t kv_admitted_bytes = 0;  // the running generations' estimate
   };
   SchedulerLoad scheduler_load() const;
+  // Generations run at once: EngineOptions::max_running, or fewer where the
+  // backend steps fewer sequences in turn (Backend::max_interleaved_sequences).
+  int max_running() const { return max_running_; }
 
   // Stops the scheduler; generations still queued or running end
   // Unavailable ("engine shutting down").

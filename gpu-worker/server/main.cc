@@ -341,6 +341,7 @@ int main(int argc, char** argv) {
       (*engine)->kv_plan().name,
       (*engine)->kv_plan().Summary());
 
+  config.service.max_running = (*engine)->max_running();  // the backend may allow fewer
   tailorkv::worker::GenerationService service(**engine, config.service);
   auto server = tailorkv::common::GrpcServer::Start(
       config.server, {{tailorkv::v1::Generation::service_full_name(), &service}});
