@@ -115,7 +115,7 @@ class Backend {
   // differ in the last bits from Forward()'s decode step. Checks as
   // Forward(kDecode) per sequence (InvalidArgument naming it) before any
   // work. Default: Forward() for each in turn; the CPU backend runs the
-  // GEMMs once over the batch.
+  // linear layers once over the batch (one pass over the weights).
   virtual absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
                                    std::vector<float>* logits);
 

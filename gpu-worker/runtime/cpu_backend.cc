@@ -245,11 +245,45 @@ class CpuSequence final : public SequenceState {
   std::vector<std::unique_ptr<SparseLayer>> sparse_;
 };
 
-// y[n][out] (=|+=) x[n][in] * W[out][in]^T. `gemm`: one sgemm whatever n
-// (a decode batch: each row's sums then do not depend on the batch size).
-void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, bool gemm = false) {
+// A decode batch's y[n][out] (=|+=) x[n][in] * W[out][in]^T. Every sum runs
+// in one fixed order (16 partial sums over k, added in turn, then the tail),
+// whatever n or the thread count, so a row's result does not depend on its
+// batch (BLAS picks kernels by shape). The batch shares each block of weight
+// rows while it is in cache: one pass over the weights per step.
+__attribute__((target_clones("avx2", "default"))) void BatchLinear(const float* x, int n, const float* w,
+                                                                    int out, int in, float* y,
+                                                                    bool accumulate) {
+  constexpr int kRows = 8;  // weight rows per block: 8 x in floats stay in L1/L2 across the batch
+#pragma omp parallel for schedule(static)
+  for (int o0 = 0; o0 < out; o0 += kRows) {
+    const int o1 = std::min(out, o0 + kRows);
+    for (int b = 0; b < n; ++b) {
+      const float* xb = x + static_cast<size_t>(b) * in;
+      for (int o = o0; o < o1; ++o) {
+        const float* wo = w + static_cast<size_t>(o) * in;
+        float acc[16] = {};
+        int k = 0;
+        for (; k + 16 <= in; k += 16) {
+#pragma omp simd
+          for (int j = 0; j < 16; ++j) acc[j] += wo[k + j] * xb[k + j];
+        }
+        float sum = 0;
+        for (int j = 0; j < 16; ++j) sum += acc[j];
+        for (; k < in; ++k) sum += wo[k] * xb[k];
+        float& dst = y[static_cast<size_t>(b) * out + o];
+        dst = accumulate ? dst + sum : sum;
+      }
+    }
+  }
+}
+
+// y[n][out] (=|+=) x[n][in] * W[out][in]^T. `batch`: a decode batch
+// (BatchLinear: each row's sums do not depend on the batch).
+void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, bool batch = false) {
   const int out = static_cast<int>(w.rows()), in = static_cast<int>(w.cols());
-  if (n == 1 && !gemm) {
+  if (batch) {
+    BatchLinear(x, n, w.data.data(), out, in, y, accumulate);
+  } else if (n == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, w.data.data(), in, x, 1,
                 accumulate ? 1.0f : 0.0f, y, 1);
   } else {
@@ -336,7 +370,8 @@ class CpuBackend final : public Backend {
     SequenceState* one[] = {&state};
     return Run(one, tokens, false, nullptr, Mode::kPrefill, tap_queries, &observer, /*batch=*/false);
   }
-  // The GEMMs run once over the batch (weights read once for all of them);
+  // Each linear layer runs once over the batch (BatchLinear: weights read
+  // once for all of them, sums in a fixed order);
   // attention per sequence as its plan says.
   absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
                            std::vector<float>* logits) override {
