@@ -478,6 +478,29 @@ void Engine::Finish(Job& job, absl::StatusOr<GenerationResult> outcome) {
 }
 
 void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
+  // Waiting generations whose caller left (or whose deadline passed) end here.
+  std::vector<std::shared_ptr<Job>> gone;
+  {
+    absl::MutexLock lock(&sched_mu_);
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+      Job& j = **it;
+      if (j.stop.load() || (j.request.cancelled && j.request.cancelled())) {
+        gone.push_back(*it);
+        it = waiting_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& j : gone) {
+    j->result.prompt_tokens = static_cast<int>(j->request.prompt_tokens.size());
+    j->result.finish_reason = FinishReason::kCancelled;
+    Finish(*j, j->result);
+  }
+  // After kv-host refused memory, ask again only when a generation has
+  // ended or 50 ms have passed (not a Reserve RPC every iteration).
+  if (static_cast<int>(running.size()) >= admit_blocked_running_ && absl::Now() < admit_retry_after_) return;
+  admit_blocked_running_ = 0;
   while (static_cast<int>(running.size()) < max_running_) {
     std::shared_ptr<Job> job;
     {
@@ -490,7 +513,10 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
     const int capacity = static_cast<int>(job->request.prompt_tokens.size()) + job->request.max_tokens;
     absl::StatusOr<std::unique_ptr<SequenceState>> seq = backend_->NewSequence(capacity, *job->plan);
     if (!seq.ok() && absl::IsResourceExhausted(seq.status()) && !running.empty()) {
-      return;  // e.g. kv-host's budget: wait for a running generation to end
+      // e.g. kv-host's budget: wait for a running generation to end
+      admit_blocked_running_ = static_cast<int>(running.size());
+      admit_retry_after_ = absl::Now() + absl::Milliseconds(50);
+      return;
     }
     {
       absl::MutexLock lock(&sched_mu_);

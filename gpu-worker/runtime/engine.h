@@ -112,7 +112,8 @@ struct GenerationRequest {
   std::vector<std::string> stop;       // non-empty strings; generation ends before them
   bool ignore_eos = false;             // for benchmarks
   // Polled by the scheduler thread at each of its iterations while the
-  // generation runs: returning true stops it (it ends kCancelled). Must be
+  // generation waits or runs: returning true stops it (it ends kCancelled;
+  // one still waiting has no tokens). Must be
   // quick and must not call into the engine (read-only accessors aside).
   // May be empty.
   std::function<bool()> cancelled;
@@ -246,6 +247,10 @@ class Engine {
   bool stopping_ ABSL_GUARDED_BY(sched_mu_) = false;
   int running_count_ ABSL_GUARDED_BY(sched_mu_) = 0;
   int64_t admitted_bytes_ ABSL_GUARDED_BY(sched_mu_) = 0;
+  // Scheduler thread only: after a ResourceExhausted NewSequence with this
+  // many running, Admit waits for fewer or for the time (0: not blocked).
+  int admit_blocked_running_ = 0;
+  absl::Time admit_retry_after_ = absl::InfinitePast();
   std::thread scheduler_;  // last: started at the end of Create
 };
 

@@ -381,5 +381,50 @@ TEST(EngineScheduler, KvBudgetQueuesWhatDoesNotFitNowAndRefusesWhatNeverFits) {
   EXPECT_GE(max_waiting.load(), 1);  // the second waited (both may wait before the first starts)
 }
 
+// A generation waiting for KV memory ends as soon as its caller cancels,
+// while the one holding the memory runs on.
+TEST(EngineScheduler, WaitingForMemoryEndsWhenCancelled) {
+  auto probe = MakeEngine({.max_context = 512});
+  ASSERT_NE(probe, nullptr);
+  GenerationRequest r;
+  r.prompt_tokens = Prompt(*probe, 20, 10);
+  r.max_tokens = 150;
+  r.ignore_eos = true;
+  int64_t one = 0;
+  for (const LayerKvBytes& b : EstimateKvBytes(probe->kv_plan(), probe->config(),
+                                               static_cast<int>(r.prompt_tokens.size()) + r.max_tokens, 4)) {
+    one += b.device_bytes;
+  }
+  probe.reset();
+  auto e = MakeEngine({.max_context = 512, .max_running = 4, .kv_budget_bytes = one + one / 2});
+  ASSERT_NE(e, nullptr);
+  std::atomic<bool> stop_a{false};
+  absl::Notification a_streaming;
+  std::thread a([&] {
+    (void)e->Generate(r, [&](const StreamChunk&) {
+      if (!a_streaming.HasBeenNotified()) a_streaming.Notify();
+      return !stop_a.load();
+    });
+  });
+  a_streaming.WaitForNotification();
+  std::atomic<bool> cancel_b{false};
+  GenerationRequest b = r;
+  b.cancelled = [&] { return cancel_b.load(); };
+  absl::StatusOr<GenerationResult> b_result;
+  int b_chunks = 0;
+  std::thread bt([&] { b_result = e->Generate(b, [&](const StreamChunk&) { return ++b_chunks > 0; }); });
+  for (int i = 0; i < 2000 && e->scheduler_load().waiting == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_EQ(e->scheduler_load().waiting, 1);
+  cancel_b = true;
+  bt.join();
+  EXPECT_EQ(e->scheduler_load().running, 1) << "the first generation runs on";
+  ASSERT_TRUE(b_result.ok()) << b_result.status();
+  EXPECT_EQ(b_result->finish_reason, FinishReason::kCancelled);
+  EXPECT_EQ(b_result->completion_tokens, 0);
+  EXPECT_EQ(b_chunks, 0);
+  stop_a = true;
+  a.join();
+}
+
 }  // namespace
 }  // namespace tailorkv::runtime

@@ -158,8 +158,9 @@ TEST_F(EngineTest, DenseByDefaultAndReportsKvBytes) {
   // `cancelled` is polled by the scheduler at every iteration while the
   // generation runs (chunks may reach the caller after it ended).
   std::vector<KvUsage> seen;
-  r.cancelled = [&] {
-    seen.push_back(engine_->KvInUse());
+  r.cancelled = [&] {  // also polled while it waits: counted from its start
+    KvUsage u = engine_->KvInUse();
+    if (u.sequences > 0 || !seen.empty()) seen.push_back(std::move(u));
     return false;
   };
   int chunks = 0;
@@ -235,8 +236,9 @@ TEST_F(EngineTest, RejectsBadPlansWithTheParsersMessage) {
   // Polled by the scheduler before each of its iterations: the prefill's,
   // then the decode steps of tokens 2, 3 and 4.
   std::vector<int64_t> sparse_device;
-  r.cancelled = [&] {
-    sparse_device.push_back((*e)->KvInUse().layers[2].device_bytes);
+  r.cancelled = [&] {  // also polled while it waits: counted from its start
+    const KvUsage u = (*e)->KvInUse();
+    if (u.sequences > 0 || !sparse_device.empty()) sparse_device.push_back(u.layers[2].device_bytes);
     return false;
   };
   auto res = (*e)->Generate(r, [](const StreamChunk&) { return true; });
