@@ -619,7 +619,7 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
     last.push_back(job.history.back());
   }
   if (!batch.empty()) {
-    std::vector<float> logits;
+    std::vector<float>& logits = batch_logits_;
     const absl::Status s = backend_->DecodeBatch(seqs, last, &logits);
     const size_t vocab = static_cast<size_t>(config().vocab);
     for (size_t b = 0; b < batch.size(); ++b) {

@@ -250,6 +250,7 @@ class Engine {
   // Scheduler thread only: after a ResourceExhausted NewSequence with this
   // many running, Admit waits for fewer or for the time (0: not blocked).
   int admit_blocked_running_ = 0;
+  std::vector<float> batch_logits_;  // a decode batch's logits, reused across steps
   absl::Time admit_retry_after_ = absl::InfinitePast();
   std::thread scheduler_;  // last: started at the end of Create
 };

@@ -56,6 +56,22 @@ std::vector<int32_t> Prompt(const Engine& e, int words, int salt) {
   return *e.tokenizer().Encode(text, false, false);
 }
 
+// An engine whose KV budget holds one generation of `r` (prompt of `words`
+// words, `max_tokens`) and a half: a second one waits for the first.
+std::unique_ptr<Engine> EngineForOneAndAHalf(int words, int salt, int max_tokens, GenerationRequest* r) {
+  auto probe = MakeEngine({.max_context = 512});
+  if (probe == nullptr) return nullptr;
+  r->prompt_tokens = Prompt(*probe, words, salt);
+  r->max_tokens = max_tokens;
+  r->ignore_eos = true;
+  int64_t one = 0;
+  for (const LayerKvBytes& b : EstimateKvBytes(probe->kv_plan(), probe->config(),
+                                               static_cast<int>(r->prompt_tokens.size()) + max_tokens, 4)) {
+    one += b.device_bytes;
+  }
+  return MakeEngine({.max_context = 512, .max_running = 4, .kv_budget_bytes = one + one / 2});
+}
+
 class EngineSchedulerTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -332,19 +348,8 @@ TEST(EngineScheduler, StalledReaderIsCutOffWithoutHoldingOthersBack) {
 // so; two that fit one at a time run one after the other (the second
 // waits, in order), and both complete.
 TEST(EngineScheduler, KvBudgetQueuesWhatDoesNotFitNowAndRefusesWhatNeverFits) {
-  auto probe = MakeEngine({.max_context = 512});
-  ASSERT_NE(probe, nullptr);
   GenerationRequest r;
-  r.prompt_tokens = Prompt(*probe, 20, 9);
-  r.max_tokens = 30;
-  r.ignore_eos = true;
-  int64_t one = 0;
-  for (const LayerKvBytes& b : EstimateKvBytes(probe->kv_plan(), probe->config(),
-                                               static_cast<int>(r.prompt_tokens.size()) + r.max_tokens, 4)) {
-    one += b.device_bytes;
-  }
-  probe.reset();
-  auto e = MakeEngine({.max_context = 512, .max_running = 4, .kv_budget_bytes = one + one / 2});
+  auto e = EngineForOneAndAHalf(20, 9, 30, &r);
   ASSERT_NE(e, nullptr);
 
   GenerationRequest huge = r;
@@ -384,19 +389,8 @@ TEST(EngineScheduler, KvBudgetQueuesWhatDoesNotFitNowAndRefusesWhatNeverFits) {
 // A generation waiting for KV memory ends as soon as its caller cancels,
 // while the one holding the memory runs on.
 TEST(EngineScheduler, WaitingForMemoryEndsWhenCancelled) {
-  auto probe = MakeEngine({.max_context = 512});
-  ASSERT_NE(probe, nullptr);
   GenerationRequest r;
-  r.prompt_tokens = Prompt(*probe, 20, 10);
-  r.max_tokens = 150;
-  r.ignore_eos = true;
-  int64_t one = 0;
-  for (const LayerKvBytes& b : EstimateKvBytes(probe->kv_plan(), probe->config(),
-                                               static_cast<int>(r.prompt_tokens.size()) + r.max_tokens, 4)) {
-    one += b.device_bytes;
-  }
-  probe.reset();
-  auto e = MakeEngine({.max_context = 512, .max_running = 4, .kv_budget_bytes = one + one / 2});
+  auto e = EngineForOneAndAHalf(20, 10, 150, &r);
   ASSERT_NE(e, nullptr);
   std::atomic<bool> stop_a{false};
   absl::Notification a_streaming;

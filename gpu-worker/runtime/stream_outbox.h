@@ -77,10 +77,6 @@ class StreamOutbox {
         +[](StreamOutbox* o) ABSL_EXCLUSIVE_LOCKS_REQUIRED(o->mu_) { return o->outcome_.has_value(); }, this));
     return *outcome_;
   }
-  bool finished() const {
-    absl::MutexLock lock(&mu_);
-    return outcome_.has_value();
-  }
 
  private:
   const int capacity_;
