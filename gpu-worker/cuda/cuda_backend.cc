@@ -270,18 +270,21 @@ class CudaSequence final : public SequenceState {
   int64_t device_bytes() const {
     int64_t b = scratch_.size() + attn_workspace_.size() + quant_workspace_.size() + window_len_.size() +
                 scores.size() + topk_ws.size() + q_mean.size() + reuse_stage.size() +
-                reuse_count.size();
+                reuse_count.size() + spec_x.size();
     for (const LayerKv& L : layers_) b += L.mem.size();
     for (const auto& sp : sparse) {
       if (sp == nullptr) continue;
       b += sp->max_abs.size() + sp->last_q_mean.size() + sp->chans.size() + sp->q_chan.size() +
            sp->index.size() + sp->index_params.size() + sp->sel.size() + sp->len.size() + sp->tier.size() +
-           sp->prev_sel.size() + sp->miss.size();
+           sp->prev_sel.size() + sp->miss.size() + sp->pool.size() + sp->pool_pick.size();
     }
     return b;
   }
   CudaGraphExec& decode_graph() { return decode_graph_; }
   bool decoded_once = false;  // the first decode runs eagerly, warming cuBLAS before capture
+  // Never reused by another sequence of the process: DecodeBatch's graph
+  // key (a destroyed sequence's address may come back).
+  const uint64_t id = NextId();
 
   ~CudaSequence() override {
     // Kernels in flight may still read the host tier: wait, then give it back.
@@ -305,6 +308,11 @@ class CudaSequence final : public SequenceState {
   int reuse_stage_rows = 0;
   int64_t selecting_steps = 0;
   DeviceBuffer q_mean;        // [n_kv][head_dim] f32 (faithful)
+  // Sparse layers with index "gpu": the speculative inputs that the side
+  // stream's selections read, [2][n_layers][hidden] bf16 (final pass, first
+  // pass). The sequence's own, so that another sequence's step (interleaved
+  // or in the same batch) never overwrites one still being read.
+  DeviceBuffer spec_x;
   bool any_sparse() const {
     for (const auto& sp : sparse) {
       if (sp != nullptr) return true;
@@ -319,6 +327,10 @@ class CudaSequence final : public SequenceState {
   }
 
  private:
+  static uint64_t NextId() {
+    static std::atomic<uint64_t> next{1};
+    return next.fetch_add(1);
+  }
   const void* owner_;
   runtime::KvPlan plan_;
   int capacity_;
@@ -334,12 +346,6 @@ class CudaSequence final : public SequenceState {
 
 class CudaBackend final : public runtime::Backend {
  public:
-  // One at a time until CudaBackendTest.SmolLM2InterleavedSequencesAreBitIdenticalToAlone
-  // has passed on a GPU: the speculative inputs (spec_x_) and their events
-  // are backend-wide, and a first pass queued on the side stream may still
-  // read them when another sequence's step writes them.
-  int max_interleaved_sequences() const override { return 1; }
-
   ~CudaBackend() override {
     // Work in flight may still read the pinned buffers.
     if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
@@ -347,6 +353,7 @@ class CudaBackend final : public runtime::Backend {
     if (copy_.get() != nullptr) cudaStreamSynchronize(copy_.get());
     if (step_host_ != nullptr) cudaFreeHost(step_host_);
     if (logits_host_ != nullptr) cudaFreeHost(logits_host_);
+    if (batch_host_ != nullptr) cudaFreeHost(batch_host_);
   }
   std::string_view name() const override { return "cuda"; }
   int preferred_prefill_chunk() const override { return options_.max_prefill_chunk; }
@@ -360,6 +367,24 @@ class CudaBackend final : public runtime::Backend {
                        std::vector<float>* logits, Mode mode) override;
   absl::Status ForwardObserved(SequenceState& state, absl::Span<const int32_t> tokens,
                                int tap_queries, const LayerObserver& observer) override;
+  // One step over the batch: products through LaunchGemvBatchBf16 (weights
+  // read once per 8 sequences; each row's sums in a batch-independent
+  // order), attention per sequence, a CUDA graph per batch (captured when
+  // the same sequences are stepped twice in a row, replayed while they
+  // stay), at most kMaxBatch sequences a pass.
+  absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                           std::vector<float>* logits) override;
+
+  // Every buffer NewSequence, NewSparseLayer and EndSparsePrompt allocate,
+  // each rounded up as cudaMalloc does (2 MiB pages from 1 MiB up).
+  int64_t SequenceMemoryBytes(int prompt, int capacity, const runtime::KvPlan& plan) const override;
+  int64_t AvailableMemoryBytes() const override {
+    size_t free_b = 0, total_b = 0;
+    if (cudaSetDevice(options_.device) != cudaSuccess || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+      return 0;
+    }
+    return static_cast<int64_t>(free_b);
+  }
 
   // Allocates every buffer except the weights' contents.
   static absl::StatusOr<std::unique_ptr<CudaBackend>> Allocate(const ModelConfig& config,
@@ -376,20 +401,46 @@ class CudaBackend final : public runtime::Backend {
   absl::Status UploadBf16(const std::vector<const model::Tensor*>& parts, DeviceBuffer& dst);
   absl::Status UploadF32(const model::Tensor& t, DeviceBuffer& dst);
   // y[n][out] = x[n][in] * W[out][in]^T (+ y when accumulate); bf16 in, fp32
-  // accumulation, f32 out (the residual stream and logits).
+  // accumulation, f32 out (the residual stream and logits). `batched`: rows
+  // of different sequences' decode steps (LaunchGemvBatchBf16).
   absl::Status Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
-                    bool accumulate);
+                    bool accumulate, bool batched = false);
   // The same product rounded to a bf16 y (projections that feed RoPE and
   // SwiGLU: half the bytes of an f32 output, written once and read once).
-  absl::Status Gemm(const bf16* x, int n, const bf16* w, int out, int in, bf16* y);
+  absl::Status Gemm(const bf16* x, int n, const bf16* w, int out, int in, bf16* y,
+                    bool batched = false);
   absl::Status GemmEx(const bf16* x, int n, const bf16* w, int out, int in, void* y,
                       cudaDataType_t y_type, float beta);
-  // Enqueues the layers for `n` tokens whose ids and position are already in
-  // the device step buffer; decode (n == 1, graph-capturable) or prefill.
-  // With `tap` (prefill of dense layers only), each layer's attention is
-  // followed by TapLayer, which waits for the stream.
-  absl::Status EnqueueLayers(CudaSequence& seq, int n, int start, bool decode,
-                             const TapRequest* tap = nullptr);
+  // Where one sequence's rows sit in a step: its first activation row, the
+  // position of its first token (host) and [position, length after the
+  // step] on the device.
+  struct SeqSlot {
+    CudaSequence* seq = nullptr;
+    int row = 0;
+    int start = 0;
+    const int32_t* step = nullptr;
+  };
+  // The work of one pass: `rows` activation rows whose token ids are on the
+  // device at `ids`; one sequence's n tokens (prefill, or a decode step of
+  // Forward), or one decode token for each of several sequences (row b is
+  // slots[b]'s; batched products).
+  struct Pass {
+    std::vector<SeqSlot> slots;
+    int rows = 0;
+    const int32_t* ids = nullptr;
+    bool decode = false;
+    bool batched = false;
+  };
+  // Enqueues the layers of a pass (decode: graph-capturable). With `tap`
+  // (prefill of dense layers only), each layer's attention is followed by
+  // TapLayer, which waits for the stream.
+  absl::Status EnqueueLayers(const Pass& pass, const TapRequest* tap = nullptr);
+  // A pass of one sequence's n tokens at `start`, ids and position in step_.
+  Pass SinglePass(CudaSequence& seq, int n, int start, bool decode) {
+    return Pass{{SeqSlot{&seq, 0, start, step_.as<int32_t>()}}, n, step_.as<int32_t>() + 2, decode, false};
+  }
+  absl::Status DecodeBatchPass(absl::Span<CudaSequence* const> seqs, absl::Span<const int32_t> tokens,
+                               float* logits);
   // Copies layer l's last tap.tap_queries rows of q_ (of the n in flight) and
   // its dense K/V rows [0, tap.n_keys) to the host as fp32 and calls the
   // observer; its status is returned. Nothing is left in flight on return.
@@ -404,10 +455,10 @@ class CudaBackend final : public runtime::Backend {
   // writes attn_. See runtime/SEMANTICS: a prefill chunk of a non-dense layer
   // attends over [history as stored | chunk in full precision], then updates
   // the store; decode appends and attends with positions read on the device.
-  absl::Status EnqueueAttention(CudaSequence& seq, int l, int n, int start, bool decode);
+  absl::Status EnqueueAttention(const SeqSlot& slot, int l, int n, bool decode);
   // Final norm + head for rows [first, first + rows) of the activations into
   // logits_ (rows <= kLogitRows).
-  absl::Status EnqueueHead(int first, int rows);
+  absl::Status EnqueueHead(int first, int rows, bool batched = false);
   absl::Status CopyLogitsOut(int rows, float* dst);
   absl::Status DecodeStep(CudaSequence& seq, int32_t token, std::vector<float>* logits);
   // Sparse layers: the host store (made on first use), a sequence's layer
@@ -438,12 +489,12 @@ class CudaBackend final : public runtime::Backend {
   };
   // Layer `target`'s selection from the speculative input x on the side
   // stream; kFinal / kRefined signal sp.selected_ready, first passes nothing.
-  absl::Status EnqueueSpeculativeSelection(CudaSequence& seq, int target, const __nv_bfloat16* x,
+  absl::Status EnqueueSpeculativeSelection(const SeqSlot& slot, int target, const __nv_bfloat16* x,
                                            SelectPass pass = SelectPass::kFinal);
   // count_reuse: add the rows reused to the sequence's statistics.
   absl::Status EnqueueSelection(CudaSequence& seq, SparseKv& sp, const float* q_chan,
                                 cudaStream_t s, SelectPass pass = SelectPass::kFinal);
-  absl::Status EnqueueSparseAttention(CudaSequence& seq, int l, int n, int start, bool decode);
+  absl::Status EnqueueSparseAttention(const SeqSlot& slot, int l, int n, bool decode);
 
   ModelConfig config_;
   CudaBackendOptions options_;
@@ -470,11 +521,18 @@ class CudaBackend final : public runtime::Backend {
   std::vector<DeviceLayer> layers_;
   // Activations for up to options_.max_prefill_chunk tokens.
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, h_, logits_;
-  DeviceBuffer spec_x_;  // [2][n_layers][hidden] bf16: sparse layers' speculative inputs (final, prefetch)
   // Step parameters: [0] position of the first token, [1] cache length after
   // this step, [2..] token ids. Written from pinned host memory before a run.
   DeviceBuffer step_;
   int32_t* step_host_ = nullptr;  // pinned, same layout
+  // DecodeBatch: [ids: kMaxBatch][position, length: kMaxBatch pairs], on the
+  // device and pinned; and the graph of the batch last stepped twice in a
+  // row (keyed by its sequences' ids, in order).
+  DeviceBuffer batch_step_;
+  int32_t* batch_host_ = nullptr;
+  int max_batch_ = 1;
+  std::vector<uint64_t> warm_key_, graph_key_;
+  CudaGraphExec batch_graph_;
   float* logits_host_ = nullptr;  // pinned, kLogitRows x vocab
   // ForwardObserved's host buffers, q | K | V of one layer, grown on demand
   // and kept for later layers and calls: the bf16 rows as copied, and their
@@ -567,7 +625,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   ASSIGN_OR_RETURN(b->gate_up_, b->Alloc(mlp_rows * 2 * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->h_, b->Alloc(mlp_rows * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->logits_, b->Alloc(kLogitRows * V * sizeof(float)));
-  ASSIGN_OR_RETURN(b->spec_x_, b->Alloc(2 * static_cast<size_t>(c.n_layers) * H * sizeof(bf16)));
+  b->max_batch_ = static_cast<int>(std::min<size_t>(kLogitRows, T));
+  ASSIGN_OR_RETURN(b->batch_step_, b->Alloc(3 * static_cast<size_t>(b->max_batch_) * sizeof(int32_t)));
+  CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->batch_host_, 3 * static_cast<size_t>(b->max_batch_) * sizeof(int32_t)));
   ASSIGN_OR_RETURN(b->step_, b->Alloc((T + 2) * sizeof(int32_t)));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->step_host_, (T + 2) * sizeof(int32_t)));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->logits_host_, kLogitRows * V * sizeof(float)));
@@ -809,8 +869,89 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
     ASSIGN_OR_RETURN(seq->topk_ws, DeviceBuffer::Allocate(TopKWorkspaceBytes(c.n_kv_heads, capacity)));
     ASSIGN_OR_RETURN(seq->q_mean,
                      DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) * c.head_dim * sizeof(float)));
+    ASSIGN_OR_RETURN(seq->spec_x, DeviceBuffer::Allocate(2 * static_cast<size_t>(c.n_layers) *
+                                                         c.hidden * sizeof(bf16)));
   }
   return std::unique_ptr<SequenceState>(std::move(seq));
+}
+
+int64_t CudaBackend::SequenceMemoryBytes(int prompt, int capacity, const runtime::KvPlan& plan) const {
+  const ModelConfig& c = config_;
+  auto buf = [](int64_t bytes) -> int64_t {
+    if (bytes <= 0) return 0;
+    const int64_t g = bytes >= (int64_t{1} << 20) ? (int64_t{2} << 20) : 512;
+    return (bytes + g - 1) / g * g;
+  };
+  const int64_t hd = c.head_dim, n_kv = c.n_kv_heads, cap = capacity;
+  const int64_t dense_elems = n_kv * cap * hd, bf = sizeof(bf16);
+  const int P = std::clamp(prompt, 0, capacity);
+  int64_t total = 0;
+  size_t quant_ws = 0;
+  bool any_window = false, any_sparse = false;
+  int64_t max_selected = 0;
+  for (int l = 0; l < c.n_layers && l < static_cast<int>(plan.layers.size()); ++l) {
+    const runtime::LayerKvPolicy& p = plan.layers[l];
+    switch (p.kind) {
+      case runtime::KvPolicyKind::kDense:
+        total += buf(2 * dense_elems * bf);
+        break;
+      case runtime::KvPolicyKind::kQuant: {
+        const runtime::QuantShape q{.n_kv_heads = c.n_kv_heads, .head_dim = c.head_dim,
+                                    .capacity = capacity, .params = p.quant};
+        total += buf(static_cast<int64_t>(QuantLayout(q).bytes));
+        quant_ws = std::max(quant_ws, QuantDecodeWorkspaceBytes(q, c.n_heads));
+        break;
+      }
+      case runtime::KvPolicyKind::kWindow: {
+        const int64_t rows = std::min<int64_t>(cap, static_cast<int64_t>(p.window.sink) + p.window.recent);
+        total += buf(2 * n_kv * rows * hd * bf);
+        any_window = true;
+        break;
+      }
+      case runtime::KvPolicyKind::kSparse: {
+        const runtime::SparseParams& sp = p.sparse;
+        any_sparse = true;
+        const bool gpu_index = sp.index == "gpu";
+        const int64_t heads_dim = n_kv * hd, d = n_kv * sp.channels;
+        total += buf(heads_dim * 4) + 2 * buf(d * 4) + buf(n_kv * std::min<int64_t>(sp.top_k, cap) * 4) + buf(4);
+        if (gpu_index) {
+          total += buf(heads_dim * 4);
+          if (sp.index_bits == 4) {
+            total += buf(Int4IndexCodeBytes(c.n_kv_heads, cap, sp.channels)) +
+                     buf(Int4IndexParamBytes(c.n_kv_heads, cap, sp.channels));
+          } else {
+            total += buf(d * cap * (sp.index_bits == 8 ? 1 : bf));
+          }
+        }
+        // From the end of the prompt (EndSparsePrompt).
+        const int64_t sink = std::min(sp.sink, P);
+        const int64_t recent = std::min<int64_t>(sp.recent, P - sink);
+        const int64_t candidates = P - sink - recent;
+        const int64_t selected = std::min<int64_t>(sp.top_k, candidates);
+        total += buf(2 * n_kv * (sink + recent + selected + (cap - P)) * hd * bf);
+        if (gpu_index && sp.refine > 0 && l > 0 && selected > 0) {
+          const int64_t pool = std::min<int64_t>(candidates, static_cast<int64_t>(sp.refine) * sp.top_k);
+          total += buf(n_kv * pool * 4) + buf(n_kv * selected * 4);
+        }
+        if (options_.sparse_row_reuse && selected > 0) {
+          total += 2 * buf(n_kv * selected * 4);
+          max_selected = std::max(max_selected, selected);
+        }
+        break;
+      }
+    }
+  }
+  if (!plan.all_dense()) total += buf(2 * dense_elems * bf);  // the scratch
+  const AttentionShape shape{c.n_heads, c.n_kv_heads, c.head_dim, capacity};
+  total += buf(std::max<int64_t>(DecodeAttentionWorkspaceBytes(shape), 16));
+  total += buf(static_cast<int64_t>(quant_ws));
+  if (any_window) total += buf(4);
+  if (any_sparse) {
+    total += buf(n_kv * cap * 4) + buf(static_cast<int64_t>(TopKWorkspaceBytes(c.n_kv_heads, capacity))) +
+             buf(n_kv * hd * 4) + buf(2 * static_cast<int64_t>(c.n_layers) * c.hidden * bf);
+    if (options_.sparse_row_reuse) total += buf(2 * n_kv * max_selected * hd * bf) + buf(8);
+  }
+  return total;
 }
 
 absl::StatusOr<kvhost::HostKvStore*> CudaBackend::HostStore() {
@@ -919,14 +1060,21 @@ absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime
 }
 
 absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, float* y,
-                               bool accumulate) {
+                               bool accumulate, bool batched) {
+  if (batched) {
+    return LaunchGemvBatchBf16(w, x, n, out, in, y, /*y_bf16=*/false, accumulate, stream_.get());
+  }
   if (n == 1 && options_.custom_gemv) {
     return LaunchGemvBf16(w, x, out, in, y, /*y_bf16=*/false, accumulate, stream_.get());
   }
   return GemmEx(x, n, w, out, in, y, CUDA_R_32F, accumulate ? 1.0f : 0.0f);
 }
 
-absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, bf16* y) {
+absl::Status CudaBackend::Gemm(const bf16* x, int n, const bf16* w, int out, int in, bf16* y,
+                               bool batched) {
+  if (batched) {
+    return LaunchGemvBatchBf16(w, x, n, out, in, y, /*y_bf16=*/true, false, stream_.get());
+  }
   if (n == 1 && options_.custom_gemv) {
     return LaunchGemvBf16(w, x, out, in, y, /*y_bf16=*/true, false, stream_.get());
   }
@@ -944,31 +1092,42 @@ absl::Status CudaBackend::GemmEx(const bf16* x, int n, const bf16* w, int out, i
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, bool decode,
-                                        const TapRequest* tap) {
+absl::Status CudaBackend::EnqueueLayers(const Pass& pass, const TapRequest* tap) {
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
-  const int32_t* d_ids = step_.as<int32_t>() + 2;
+  const int n = pass.rows;
+  const bool decode = pass.decode;
+  const bool batched = pass.batched;
+  // Tokens per sequence: a batch holds one of each.
+  const int per_seq = batched ? 1 : n;
   const int q_dim = c.n_heads * c.head_dim;
   float* x = x_.as<float>();
   bf16* xn = xn_.as<bf16>();
-  RETURN_IF_ERROR(LaunchEmbedding(embd_table(), c.vocab, d_ids, n, c.hidden, x, s));
-  if (!decode) RETURN_IF_ERROR(PrefetchSparseHistory(seq, -1, start));
+  RETURN_IF_ERROR(LaunchEmbedding(embd_table(), c.vocab, pass.ids, n, c.hidden, x, s));
+  // Prefill passes hold one sequence.
+  CudaSequence& first = *pass.slots[0].seq;
+  const int first_start = pass.slots[0].start;
+  if (!decode) RETURN_IF_ERROR(PrefetchSparseHistory(first, -1, first_start));
+  // Index "gpu", query "previous" / "after-attention": layer l + 1's
+  // selection starts from this layer's input / from the stream after this
+  // layer's attention, and runs on the side stream meanwhile (layer 0's
+  // from its own input; query "real" selects in line).
+  auto next_query = [&](const CudaSequence& seq, int l) -> const std::string* {
+    return (decode && l + 1 < c.n_layers && seq.sparse[l + 1] != nullptr && seq.sparse[l + 1]->gpu_index)
+               ? &seq.sparse[l + 1]->params.query
+               : nullptr;
+  };
   for (int l = 0; l < c.n_layers; ++l) {
     const DeviceLayer& L = layers_[l];
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.attn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
-    // Index "gpu", query "previous" / "after-attention": layer l + 1's
-    // selection starts from this layer's input / from the stream after this
-    // layer's attention, and runs on the side stream meanwhile (layer 0's
-    // from its own input; query "real" selects in line).
-    const std::string* next_query =
-        (decode && l + 1 < c.n_layers && seq.sparse[l + 1] != nullptr && seq.sparse[l + 1]->gpu_index)
-            ? &seq.sparse[l + 1]->params.query
-            : nullptr;
-    if (decode) {
-      if (l == 0) RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, 0, xn));
-      if (next_query != nullptr && *next_query == "previous") {
-        RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn));
+    for (const SeqSlot& slot : pass.slots) {
+      if (!decode) break;
+      CudaSequence& seq = *slot.seq;
+      const bf16* row_xn = xn + static_cast<int64_t>(slot.row) * c.hidden;
+      const std::string* nq = next_query(seq, l);
+      if (l == 0) RETURN_IF_ERROR(EnqueueSpeculativeSelection(slot, 0, row_xn));
+      if (nq != nullptr && *nq == "previous") {
+        RETURN_IF_ERROR(EnqueueSpeculativeSelection(slot, l + 1, row_xn));
       }
       // Query "after-attention": a first pass from this layer's input,
       // overlapping the whole layer. Plan refine: its Top-(refine x K) pool,
@@ -977,29 +1136,33 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
       // the final pass will pick, so that only the misses cross PCIe once
       // that starts, after this layer's attention, with only the MLP left
       // to overlap it.
-      if (next_query != nullptr && *next_query == "after-attention") {
+      if (nq != nullptr && *nq == "after-attention") {
         if (seq.sparse[l + 1]->n_pool > 0) {
-          RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn, SelectPass::kPool));
+          RETURN_IF_ERROR(EnqueueSpeculativeSelection(slot, l + 1, row_xn, SelectPass::kPool));
         } else if (options_.sparse_row_reuse && options_.sparse_late_prefetch &&
                    options_.sparse_overlap) {
-          RETURN_IF_ERROR(EnqueueSpeculativeSelection(seq, l + 1, xn, SelectPass::kPrefetch));
+          RETURN_IF_ERROR(EnqueueSpeculativeSelection(slot, l + 1, row_xn, SelectPass::kPrefetch));
         }
       }
     }
-    RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>()));
-    RETURN_IF_ERROR(EnqueueAttention(seq, l, n, start, decode));
-    if (!decode && seq.layer(l).kind != runtime::KvPolicyKind::kDense) {
-      RETURN_IF_ERROR(PrefetchSparseHistory(seq, l, start));
+    RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>(), batched));
+    for (const SeqSlot& slot : pass.slots) RETURN_IF_ERROR(EnqueueAttention(slot, l, per_seq, decode));
+    if (!decode && first.layer(l).kind != runtime::KvPolicyKind::kDense) {
+      RETURN_IF_ERROR(PrefetchSparseHistory(first, l, first_start));
     }
-    if (tap != nullptr) RETURN_IF_ERROR(TapLayer(seq, l, n, *tap));
-    RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true));
-    if (next_query != nullptr && *next_query == "after-attention") {
+    if (tap != nullptr) RETURN_IF_ERROR(TapLayer(first, l, n, *tap));
+    RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true, batched));
+    for (const SeqSlot& slot : pass.slots) {
+      const std::string* nq = next_query(*slot.seq, l);
+      if (nq == nullptr || *nq != "after-attention") continue;
       // Layer l + 1's own norm over the stream as it stands now (xn is free
       // until the FFN norm below overwrites it).
-      RETURN_IF_ERROR(LaunchRmsNorm(x, layers_[l + 1].attn_norm.as<float>(), 1, c.hidden,
-                                    c.rms_eps, xn, s));
+      const int64_t at = static_cast<int64_t>(slot.row) * c.hidden;
+      RETURN_IF_ERROR(LaunchRmsNorm(x + at, layers_[l + 1].attn_norm.as<float>(), 1, c.hidden,
+                                    c.rms_eps, xn + at, s));
       RETURN_IF_ERROR(EnqueueSpeculativeSelection(
-          seq, l + 1, xn, seq.sparse[l + 1]->n_pool > 0 ? SelectPass::kRefined : SelectPass::kFinal));
+          slot, l + 1, xn + at,
+          slot.seq->sparse[l + 1]->n_pool > 0 ? SelectPass::kRefined : SelectPass::kFinal));
     }
     RETURN_IF_ERROR(LaunchRmsNorm(x, L.ffn_norm.as<float>(), n, c.hidden, c.rms_eps, xn, s));
     // The MLP in row blocks (options_.max_mlp_rows): its intermediates
@@ -1007,29 +1170,33 @@ absl::Status CudaBackend::EnqueueLayers(CudaSequence& seq, int n, int start, boo
     for (int r = 0; r < n; r += options_.max_mlp_rows) {
       const int m = std::min(options_.max_mlp_rows, n - r);
       const int64_t at = static_cast<int64_t>(r) * c.hidden;
-      RETURN_IF_ERROR(Gemm(xn + at, m, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden, gate_up_.as<bf16>()));
+      RETURN_IF_ERROR(Gemm(xn + at, m, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden,
+                           gate_up_.as<bf16>(), batched));
       RETURN_IF_ERROR(LaunchSwiGlu(gate_up_.as<bf16>(), m, c.ffn, h_.as<bf16>(), s));
-      RETURN_IF_ERROR(Gemm(h_.as<bf16>(), m, L.w_down.as<bf16>(), c.hidden, c.ffn, x + at, true));
+      RETURN_IF_ERROR(Gemm(h_.as<bf16>(), m, L.w_down.as<bf16>(), c.hidden, c.ffn, x + at, true, batched));
     }
   }
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::EnqueueAttention(CudaSequence& seq, int l, int n, int start,
-                                           bool decode) {
+absl::Status CudaBackend::EnqueueAttention(const SeqSlot& slot, int l, int n, bool decode) {
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
-  const int32_t* d_pos = step_.as<int32_t>();
-  const int32_t* d_len = step_.as<int32_t>() + 1;
+  CudaSequence& seq = *slot.seq;
+  const int start = slot.start;
+  const int32_t* d_pos = slot.step;
+  const int32_t* d_len = slot.step + 1;
   const int cap = seq.capacity();
   const AttentionShape shape{c.n_heads, c.n_kv_heads, c.head_dim, cap};
   const bool adjacent = c.rope_style == model::RopeStyle::kAdjacentPairs;
   const LayerKv& L = seq.layer(l);
-  bf16* q = q_.as<bf16>();
-  bf16* out = attn_.as<bf16>();
-  if (L.kind == runtime::KvPolicyKind::kSparse) return EnqueueSparseAttention(seq, l, n, start, decode);
+  const int64_t q_at = static_cast<int64_t>(slot.row) * c.n_heads * c.head_dim;
+  bf16* q = q_.as<bf16>() + q_at;
+  bf16* out = attn_.as<bf16>() + q_at;
+  const bf16* qkv = qkv_.as<bf16>() + static_cast<int64_t>(slot.row) * qkv_rows_;
+  if (L.kind == runtime::KvPolicyKind::kSparse) return EnqueueSparseAttention(slot, l, n, decode);
   if (L.kind == runtime::KvPolicyKind::kDense) {
-    RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
+    RETURN_IF_ERROR(LaunchRopeAppendKv(qkv, n, d_pos, c.n_heads, c.n_kv_heads,
                                        c.head_dim, inv_freq_.as<float>(), adjacent, q, L.k(), L.v(),
                                        cap, s));
     if (decode) {
@@ -1045,7 +1212,7 @@ absl::Status CudaBackend::EnqueueAttention(CudaSequence& seq, int l, int n, int 
     if (!decode && start > 0) {
       RETURN_IF_ERROR(LaunchQuantMaterialize(start, L.qshape, L.qcache, sk, sv, head_stride, s));
     }
-    RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
+    RETURN_IF_ERROR(LaunchRopeAppendKv(qkv, n, d_pos, c.n_heads, c.n_kv_heads,
                                        c.head_dim, inv_freq_.as<float>(), adjacent, q, sk, sv, cap,
                                        s));
     if (decode) {
@@ -1057,7 +1224,7 @@ absl::Status CudaBackend::EnqueueAttention(CudaSequence& seq, int l, int n, int 
     return LaunchQuantPack(sk, sv, head_stride, start, start + n, L.qshape, L.qcache, s);
   }
   // Window.
-  RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, d_pos, c.n_heads, c.n_kv_heads,
+  RETURN_IF_ERROR(LaunchRopeAppendKv(qkv, n, d_pos, c.n_heads, c.n_kv_heads,
                                      c.head_dim, inv_freq_.as<float>(), adjacent, q, sk, sv, cap, s));
   if (decode) {
     RETURN_IF_ERROR(LaunchWindowAppend(sk, sv, d_pos, L.wshape, L.k(), L.v(), seq.window_len(), s));
@@ -1253,8 +1420,9 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int target,
+absl::Status CudaBackend::EnqueueSpeculativeSelection(const SeqSlot& slot, int target,
                                                       const bf16* x, SelectPass pass) {
+  CudaSequence& seq = *slot.seq;
   if (seq.sparse[target] == nullptr || !seq.sparse[target]->gpu_index) return absl::OkStatus();
   SparseKv& sp = *seq.sparse[target];
   if (sp.params.query == "real") return absl::OkStatus();  // selected in line
@@ -1265,7 +1433,7 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
   // stream does the rest.
   // Two inputs per layer: a first pass's must survive until its query ran.
   const bool first_pass = pass == SelectPass::kPool || pass == SelectPass::kPrefetch;
-  bf16* spec_x = spec_x_.as<bf16>() + (static_cast<int64_t>(first_pass ? c.n_layers : 0) + target) * c.hidden;
+  bf16* spec_x = seq.spec_x.as<bf16>() + (static_cast<int64_t>(first_pass ? c.n_layers : 0) + target) * c.hidden;
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(spec_x, x, c.hidden * sizeof(bf16), cudaMemcpyDeviceToDevice, s));
   cudaStream_t side = options_.sparse_overlap ? side_.get() : s;
   if (options_.sparse_overlap) {
@@ -1274,27 +1442,30 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(CudaSequence& seq, int tar
   }
   RETURN_IF_ERROR(LaunchSpeculativeQuery(
       spec_x, layers_[target].w_qkv.as<bf16>(), c.hidden, c.n_heads, c.n_kv_heads, c.head_dim,
-      sp.chans.as<int32_t>(), sp.params.channels, step_.as<int32_t>(), inv_freq_.as<float>(),
+      sp.chans.as<int32_t>(), sp.params.channels, slot.step, inv_freq_.as<float>(),
       c.rope_style == model::RopeStyle::kAdjacentPairs, sp.q_chan.as<float>(), side));
   RETURN_IF_ERROR(EnqueueSelection(seq, sp, sp.q_chan.as<float>(), side, pass));
   if (!first_pass) CUDA_RETURN_IF_ERROR(cudaEventRecord(sp.selected_ready.get(), side));
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::EnqueueSparseAttention(CudaSequence& seq, int l, int n, int start,
-                                                 bool decode) {
+absl::Status CudaBackend::EnqueueSparseAttention(const SeqSlot& slot, int l, int n, bool decode) {
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
+  CudaSequence& seq = *slot.seq;
+  const int start = slot.start;
   SparseKv& sp = *seq.sparse[l];
   const int cap = seq.capacity(), hd = c.head_dim;
   const int64_t head_stride = static_cast<int64_t>(cap) * hd;
   const bool adjacent = c.rope_style == model::RopeStyle::kAdjacentPairs;
   const AttentionShape shape{c.n_heads, c.n_kv_heads, hd, cap};
-  bf16* q = q_.as<bf16>();
-  bf16* out = attn_.as<bf16>();
+  const int64_t q_at = static_cast<int64_t>(slot.row) * c.n_heads * hd;
+  bf16* q = q_.as<bf16>() + q_at;
+  bf16* out = attn_.as<bf16>() + q_at;
   bf16* sk = seq.scratch_k();
   bf16* sv = seq.scratch_v();
-  RETURN_IF_ERROR(LaunchRopeAppendKv(qkv_.as<bf16>(), n, step_.as<int32_t>(), c.n_heads,
+  const bf16* qkv = qkv_.as<bf16>() + static_cast<int64_t>(slot.row) * qkv_rows_;
+  RETURN_IF_ERROR(LaunchRopeAppendKv(qkv, n, slot.step, c.n_heads,
                                      c.n_kv_heads, hd, inv_freq_.as<float>(), adjacent, q, sk, sv,
                                      cap, s));
   if (!decode) {
@@ -1329,7 +1500,7 @@ absl::Status CudaBackend::EnqueueSparseAttention(CudaSequence& seq, int l, int n
   // Decode: the token joins the generated rows of the tier.
   bf16* tk = sp.tier.as<bf16>();
   bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * hd;
-  RETURN_IF_ERROR(LaunchSparseAppendToken(sk, sv, head_stride, step_.as<int32_t>(),
+  RETURN_IF_ERROR(LaunchSparseAppendToken(sk, sv, head_stride, slot.step,
                                           sp.kept() + sp.selected - sp.prompt, c.n_kv_heads, hd, tk,
                                           tv, static_cast<int64_t>(sp.tier_rows) * hd,
                                           sp.len.as<int32_t>(), s));
@@ -1352,14 +1523,14 @@ absl::Status CudaBackend::EnqueueSparseAttention(CudaSequence& seq, int l, int n
   return LaunchDecodeAttention(q, tk, tv, sp.len.as<int32_t>(), tshape, seq.attn_workspace(), out, s);
 }
 
-absl::Status CudaBackend::EnqueueHead(int first, int rows) {
+absl::Status CudaBackend::EnqueueHead(int first, int rows, bool batched) {
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
   const bf16* head = c.tied_embeddings ? tok_embd_.as<bf16>() : output_.as<bf16>();
   RETURN_IF_ERROR(LaunchRmsNorm(x_.as<float>() + static_cast<int64_t>(first) * c.hidden,
                                 output_norm_.as<float>(), rows, c.hidden, c.rms_eps,
                                 xn_.as<bf16>(), s));
-  return Gemm(xn_.as<bf16>(), rows, head, c.vocab, c.hidden, logits_.as<float>(), false);
+  return Gemm(xn_.as<bf16>(), rows, head, c.vocab, c.hidden, logits_.as<float>(), false, batched);
 }
 
 absl::Status CudaBackend::CopyLogitsOut(int rows, float* dst) {
@@ -1386,13 +1557,13 @@ absl::Status CudaBackend::DecodeStep(CudaSequence& seq, int32_t token,
     seq.decode_graph() = CudaGraphExec();
   }
   if (!options_.use_graphs || !seq.decoded_once) {
-    RETURN_IF_ERROR(EnqueueLayers(seq, 1, pos, /*decode=*/true));
+    RETURN_IF_ERROR(EnqueueLayers(SinglePass(seq, 1, pos, /*decode=*/true)));
     RETURN_IF_ERROR(EnqueueHead(0, 1));
     seq.decoded_once = true;
   } else {
     if (!seq.decode_graph().valid()) {
       CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-      absl::Status st = EnqueueLayers(seq, 1, pos, /*decode=*/true);
+      absl::Status st = EnqueueLayers(SinglePass(seq, 1, pos, /*decode=*/true));
       if (st.ok()) st = EnqueueHead(0, 1);
       // End the capture whatever happened, so the stream is usable again.
       auto graph = CudaGraphExec::EndCapture(s);
@@ -1405,6 +1576,97 @@ absl::Status CudaBackend::DecodeStep(CudaSequence& seq, int32_t token,
   RETURN_IF_ERROR(CopyLogitsOut(1, logits->data()));
   seq.set_length(pos + 1);
   ++seq.selecting_steps;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::DecodeBatch(absl::Span<SequenceState* const> seqs,
+                                      absl::Span<const int32_t> tokens, std::vector<float>* logits) {
+  if (seqs.size() != tokens.size()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "tokens: %d for %d sequences (one each)", tokens.size(), seqs.size()));
+  }
+  if (seqs.empty()) return absl::InvalidArgumentError("seqs: empty batch");
+  std::vector<CudaSequence*> cuda_seqs;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    auto* seq = dynamic_cast<CudaSequence*>(seqs[b]);
+    if (seq == nullptr || seq->owner() != this) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("seqs[%d]: sequence was not made by this CUDA backend", b));
+    }
+    if (std::find(cuda_seqs.begin(), cuda_seqs.end(), seq) != cuda_seqs.end()) {
+      return absl::InvalidArgumentError(absl::StrFormat("seqs[%d]: the same sequence twice", b));
+    }
+    if (absl::Status st = runtime::ValidateForwardInput(config_, *seq, tokens.subspan(b, 1), Mode::kDecode);
+        !st.ok()) {
+      return absl::Status(st.code(), absl::StrFormat("seqs[%d]: %s", b, st.message()));
+    }
+    cuda_seqs.push_back(seq);
+  }
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+  const size_t V = config_.vocab;
+  logits->resize(seqs.size() * V);
+  for (size_t b0 = 0; b0 < seqs.size(); b0 += max_batch_) {
+    const size_t n = std::min<size_t>(max_batch_, seqs.size() - b0);
+    RETURN_IF_ERROR(DecodeBatchPass(absl::MakeConstSpan(cuda_seqs).subspan(b0, n),
+                                    tokens.subspan(b0, n), logits->data() + b0 * V));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::DecodeBatchPass(absl::Span<CudaSequence* const> seqs,
+                                          absl::Span<const int32_t> tokens, float* logits) {
+  cudaStream_t s = stream_.get();
+  const int B = static_cast<int>(seqs.size());
+  // The previous pass's copy out of batch_host_ has completed (CopyLogitsOut
+  // synchronizes), so it may be rewritten.
+  int32_t* ids = batch_host_;
+  int32_t* pos_len = batch_host_ + max_batch_;
+  Pass pass;
+  pass.rows = B;
+  pass.ids = batch_step_.as<int32_t>();
+  pass.decode = true;
+  pass.batched = true;
+  std::vector<uint64_t> key;
+  for (int b = 0; b < B; ++b) {
+    const int pos = seqs[b]->length();
+    ids[b] = tokens[b];
+    pos_len[2 * b] = pos;
+    pos_len[2 * b + 1] = pos + 1;
+    pass.slots.push_back(SeqSlot{seqs[b], b, pos, batch_step_.as<int32_t>() + max_batch_ + 2 * b});
+    key.push_back(seqs[b]->id);
+  }
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(batch_step_.get(), batch_host_,
+                                       3 * static_cast<size_t>(max_batch_) * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, s));
+  for (CudaSequence* seq : seqs) {
+    if (!seq->prompt_ended()) RETURN_IF_ERROR(EndSparsePrompt(*seq));
+  }
+  // A batch runs eagerly the first time (shapes settle, the prompt ends),
+  // is captured the second time in a row, and replays after that.
+  if (!options_.use_graphs || key != warm_key_) {
+    RETURN_IF_ERROR(EnqueueLayers(pass));
+    RETURN_IF_ERROR(EnqueueHead(0, B, /*batched=*/true));
+    warm_key_ = key;
+  } else {
+    if (key != graph_key_ || !batch_graph_.valid()) {
+      graph_key_.clear();
+      batch_graph_ = CudaGraphExec();
+      CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+      absl::Status st = EnqueueLayers(pass);
+      if (st.ok()) st = EnqueueHead(0, B, /*batched=*/true);
+      // End the capture whatever happened, so the stream is usable again.
+      auto graph = CudaGraphExec::EndCapture(s);
+      RETURN_IF_ERROR(st);
+      ASSIGN_OR_RETURN(batch_graph_, std::move(graph));
+      graph_key_ = key;
+    }
+    RETURN_IF_ERROR(batch_graph_.Launch(s));
+  }
+  RETURN_IF_ERROR(CopyLogitsOut(B, logits));
+  for (CudaSequence* seq : seqs) {
+    seq->set_length(seq->length() + 1);
+    ++seq->selecting_steps;
+  }
   return absl::OkStatus();
 }
 
@@ -1463,7 +1725,7 @@ absl::Status CudaBackend::Prefill(CudaSequence& seq, absl::Span<const int32_t> t
     std::memcpy(step_host_ + 2, tokens.data() + done, rows * sizeof(int32_t));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(step_.get(), step_host_, (rows + 2) * sizeof(int32_t),
                                          cudaMemcpyHostToDevice, s));
-    RETURN_IF_ERROR(EnqueueLayers(seq, rows, start, /*decode=*/false, last ? tap : nullptr));
+    RETURN_IF_ERROR(EnqueueLayers(SinglePass(seq, rows, start, /*decode=*/false), last ? tap : nullptr));
     if (tap != nullptr) {
       // No logits; the step buffer is rewritten by the next chunk or call.
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));

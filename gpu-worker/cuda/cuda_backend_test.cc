@@ -751,6 +751,189 @@ TEST_F(CudaBackendTest, SmolLM2InterleavedSequencesAreBitIdenticalToAlone) {
   }
 }
 
+// DecodeBatch per policy on SmolLM2: four prompts (45..610 tokens, chunked
+// prefill), then greedy decode where each sequence stops at its own step
+// (so the batch shrinks: eager, captured and replayed batches of 4, 3, 2, 1).
+// Each sequence's logits in the batch are bit-identical to its logits when
+// stepped alone through DecodeBatch, so are its tokens; and the batched
+// products compute the same model as Forward's decode step (fed the same
+// tokens: top-1 agreement, small logit difference).
+TEST_F(CudaBackendTest, SmolLM2DecodeBatchIsBitIdenticalToAlone) {
+  model::ModelWeights w;
+  ASSERT_NO_FATAL_FAILURE(LoadSmolLM2(&w));
+  auto gpu = CreateCudaBackend(w, {});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::mt19937 rng(19);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int len : {300, 45, 610, 129}) {
+    std::vector<int32_t> p;
+    for (int i = 0; i < len; ++i) p.push_back(static_cast<int32_t>(rng() % 49152));
+    prompts.push_back(std::move(p));
+  }
+  const int V = w.config.vocab;
+  const int steps_of[] = {14, 9, 12, 5};
+  constexpr int kChunk = 128;
+  for (const char* spec : {"dense", "quant:2", "window:4:64", "hybrid:2:128:8:56:32:gpu:late:i8",
+                           "hybrid:2:128:8:56:64:gpu:late:i4:refine4", "hybrid:2:128:8:56:faithful"}) {
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto prefill = [&](size_t i) {
+      auto s = (*gpu)->NewSequence(static_cast<int>(prompts[i].size()) + 16, *plan);
+      EXPECT_TRUE(s.ok()) << s.status();
+      if (!s.ok()) return std::unique_ptr<runtime::SequenceState>();
+      std::vector<float> l;
+      for (size_t done = 0; done < prompts[i].size(); done += kChunk) {
+        const size_t n = std::min<size_t>(kChunk, prompts[i].size() - done);
+        EXPECT_TRUE((*gpu)->Forward(**s, absl::MakeConstSpan(prompts[i]).subspan(done, n), false, &l,
+                                    runtime::Backend::Mode::kPrefill).ok());
+      }
+      return std::move(*s);
+    };
+    auto argmax = [&](const float* l) {
+      return static_cast<int32_t>(std::max_element(l, l + V) - l);
+    };
+    // Greedy decode of the sequences in `order`, all in one batch per step
+    // (a sequence leaves after its steps); returns each one's logits per step.
+    auto run = [&](const std::vector<size_t>& order) {
+      std::vector<std::unique_ptr<runtime::SequenceState>> seqs(prompts.size());
+      std::vector<int32_t> next(prompts.size());
+      for (size_t i : order) {
+        seqs[i] = prefill(i);
+        next[i] = prompts[i].back();
+      }
+      std::vector<std::vector<std::vector<float>>> out(prompts.size());
+      for (int step = 0;; ++step) {
+        std::vector<runtime::SequenceState*> batch;
+        std::vector<int32_t> tokens;
+        std::vector<size_t> who;
+        for (size_t i : order) {
+          if (seqs[i] == nullptr || step >= steps_of[i]) continue;
+          batch.push_back(seqs[i].get());
+          tokens.push_back(next[i]);
+          who.push_back(i);
+        }
+        if (batch.empty()) break;
+        std::vector<float> logits(7, NAN);  // resized by the call
+        absl::Status st = (*gpu)->DecodeBatch(batch, tokens, &logits);
+        EXPECT_TRUE(st.ok()) << st;
+        if (!st.ok() || logits.size() != batch.size() * V) break;
+        for (size_t b = 0; b < who.size(); ++b) {
+          const float* l = logits.data() + b * V;
+          out[who[b]].emplace_back(l, l + V);
+          next[who[b]] = argmax(l);
+        }
+      }
+      return out;
+    };
+    std::vector<std::vector<std::vector<float>>> alone(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) alone[i] = std::move(run({i})[i]);
+    const auto together = run({2, 0, 3, 1});
+    int steps = 0;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      ASSERT_EQ(alone[i].size(), static_cast<size_t>(steps_of[i])) << spec;
+      ASSERT_EQ(together[i].size(), alone[i].size()) << spec << " sequence " << i;
+      for (size_t k = 0; k < alone[i].size(); ++k) {
+        EXPECT_EQ(std::memcmp(together[i][k].data(), alone[i][k].data(), V * sizeof(float)), 0)
+            << spec << " sequence " << i << " step " << k << ": batched logits differ from alone";
+        ++steps;
+      }
+    }
+    // The same tokens through Forward's decode step (the single-sequence
+    // GEMV): the same model up to summation order.
+    int agree = 0, compared = 0;
+    float worst = 0;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      auto seq = prefill(i);
+      ASSERT_NE(seq, nullptr);
+      int32_t t = prompts[i].back();
+      for (const auto& batched : alone[i]) {
+        std::vector<float> l;
+        ASSERT_TRUE((*gpu)->Forward(*seq, {&t, 1}, false, &l, runtime::Backend::Mode::kDecode).ok());
+        const Compare d = CompareLogits(batched, l, V);
+        worst = std::max(worst, d.max_abs_diff / d.max_abs_ref);
+        agree += d.top1_agree;
+        ++compared;
+        t = argmax(batched.data());
+      }
+    }
+    std::printf("SmolLM2 %s: %d batched steps bit-identical to alone; vs Forward decode top-1 %d/%d, "
+                "worst max|diff|/max|ref| %.5f\n", spec, steps, agree, compared, worst);
+    EXPECT_GE(agree, compared * 9 / 10) << spec;
+    if (plan->all_dense()) {
+      EXPECT_LT(worst, 0.02f) << spec;
+    }
+  }
+}
+
+// SequenceMemoryBytes (what the engine admits by) bounds what a sequence
+// really holds once its prompt has ended and it decodes, per policy, and
+// not loosely: SequenceDeviceBytes (the buffers' sizes) <= estimate <=
+// 1.1 x that + 1 MiB (cudaMalloc's rounding). The device's own count
+// (cudaMemGetInfo) is printed beside it.
+TEST_F(CudaBackendTest, SequenceMemoryBytesBoundsWhatASequenceHolds) {
+  model::ModelWeights w;
+  ASSERT_NO_FATAL_FAILURE(LoadSmolLM2(&w));
+  auto gpu = CreateCudaBackend(w, {});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::mt19937 rng(3);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 700; ++i) prompt.push_back(static_cast<int32_t>(rng() % 49152));
+  for (const char* spec : {"dense", "quant:2", "window:4:64", "hybrid:2:128:8:56:32:gpu:late:i8",
+                           "hybrid:2:128:8:56:64:gpu:late:i4:refine4", "hybrid:2:128:8:56:faithful"}) {
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const int capacity = 700 + 40;
+    const int64_t estimate = (*gpu)->SequenceMemoryBytes(700, capacity, *plan);
+    size_t free0 = 0, free1 = 0, total = 0;
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaMemGetInfo(&free0, &total), cudaSuccess);
+    auto seq = (*gpu)->NewSequence(capacity, *plan);
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    std::vector<float> l;
+    ASSERT_TRUE((*gpu)->Forward(**seq, prompt, false, &l).ok());
+    for (int i = 0; i < 3; ++i) {
+      const int32_t t = prompt[i];
+      ASSERT_TRUE((*gpu)->Forward(**seq, {&t, 1}, false, &l).ok());
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaMemGetInfo(&free1, &total), cudaSuccess);
+    const int64_t held = SequenceDeviceBytes(**seq);
+    std::printf("%s: estimate %.3f MiB, buffers %.3f MiB, device free dropped %.3f MiB\n", spec,
+                estimate / 1048576.0, held / 1048576.0, (static_cast<double>(free0) - free1) / 1048576.0);
+    EXPECT_GE(estimate, held) << spec;
+    EXPECT_LE(estimate, held * 11 / 10 + (1 << 20)) << spec;
+  }
+}
+
+// Bad batches are refused before any work, naming the sequence.
+TEST_F(CudaBackendTest, DecodeBatchRejectsBadBatches) {
+  const ModelWeights w = TinyHeadDim64Model(5);
+  auto gpu = CreateCudaBackend(w, {});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  auto a = (*gpu)->NewSequence(32);
+  auto b = (*gpu)->NewSequence(32);
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::vector<float> l;
+  const std::vector<int32_t> prompt = {1, 2, 3};
+  ASSERT_TRUE((*gpu)->Forward(**a, prompt, false, &l).ok());
+  std::vector<runtime::SequenceState*> batch = {a->get(), b->get()};
+  const std::vector<int32_t> two = {4, 5};
+  absl::Status st = (*gpu)->DecodeBatch(batch, two, &l);  // b has no prompt
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(std::string(st.message()).find("seqs[1]"), std::string::npos) << st;
+  batch = {a->get(), a->get()};
+  st = (*gpu)->DecodeBatch(batch, two, &l);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  const std::vector<int32_t> one = {4};
+  st = (*gpu)->DecodeBatch(batch, one, &l);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  batch = {a->get()};
+  const std::vector<int32_t> bad_id = {100000};
+  st = (*gpu)->DecodeBatch(batch, bad_id, &l);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_EQ((*a)->length(), 3);
+}
+
 // TailorKV's plan on SmolLM2 after a 600-token prompt, both indexes, GPU vs
 // the CPU backend: greedy decode from the same tokens (the CPU's choice fed
 // to both), top-1 agreement and the logit difference.

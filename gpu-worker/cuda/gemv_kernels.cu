@@ -14,6 +14,7 @@
 //
 // Rows past `out` in the last block: their group skips the loads and writes
 // nothing (it still reaches the block barrier of the G > 1 reduction).
+#include <algorithm>
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
@@ -282,6 +283,125 @@ absl::Status Dispatch(const GemvConfig& c, const Args& a) {
 
 bool Aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+// Batched kernel: a group of kBatchWarps warps owns one row of W and
+// computes it against NB rows of x. Warp g, lane l sums chunks
+// g*32 + l + k*32*kBatchWarps in ascending k for every x row, the lanes are
+// summed by the shuffle tree, the warps in shared memory in warp order: the
+// order is fixed by `chunks` alone, whatever NB is. W is loaded once per
+// chunk (double-buffered, kBatchUnroll chunks ahead) and widened once, then
+// used for the NB rows of x, which are read through L1.
+constexpr int kBatchWarps = 2;
+constexpr int kBatchGroups = 4;  // rows per block
+constexpr int kBatchUnroll = 4;
+
+template <int NB, OutMode M>
+__global__ void __launch_bounds__(kBatchWarps* kBatchGroups* kWarp)
+    GemvBatchKernel(const uint4* __restrict__ w, const uint4* __restrict__ x, int out, int chunks,
+                    void* __restrict__ y) {
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int group = warp / kBatchWarps;
+  const int sub = warp % kBatchWarps;
+  const int row = blockIdx.x * kBatchGroups + group;
+  const int n_chunks = row < out ? chunks : 0;
+  const uint4* wrow = w + static_cast<int64_t>(min(row, out - 1)) * chunks;
+  float acc[NB];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
+  constexpr int kStride = kWarp * kBatchWarps;
+  constexpr int U = kBatchUnroll;
+  const int base = sub * kWarp + lane;
+  const int count = base < n_chunks ? (n_chunks - base + kStride - 1) / kStride : 0;
+  const int steps = count / U;
+  auto consume = [&](const uint4& wv, int c) {
+    float wf[8];
+    Unpack8(wv, wf);
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float xf[8];
+      Unpack8(__ldg(x + static_cast<int64_t>(b) * chunks + c), xf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[b] = fmaf(wf[i], xf[i], acc[b]);
+    }
+  };
+  uint4 cur[U];
+  if (steps > 0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) cur[u] = LoadStream<false>(wrow + base + u * kStride, 0);
+  }
+  int c = base;
+  for (int s = 0; s < steps; ++s, c += U * kStride) {
+    uint4 next[U];
+    if (s + 1 < steps) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) next[u] = LoadStream<false>(wrow + c + (U + u) * kStride, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) consume(cur[u], c + u * kStride);
+#pragma unroll
+    for (int u = 0; u < U; ++u) cur[u] = next[u];
+  }
+  for (; c < n_chunks; c += kStride) consume(LoadStream<false>(wrow + c, 0), c);
+#pragma unroll
+  for (int b = 0; b < NB; ++b) acc[b] = WarpSum(acc[b]);
+  __shared__ float partial[kBatchGroups * kBatchWarps][NB];
+  if (lane == 0) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) partial[warp][b] = acc[b];
+  }
+  __syncthreads();
+  if (sub != 0 || lane >= NB || row >= out) return;
+  // Lane b writes x row b's output.
+  float sum = 0.0f;
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    if (b == lane) {
+      sum = partial[warp][b];
+#pragma unroll
+      for (int g = 1; g < kBatchWarps; ++g) sum += partial[warp + g][b];
+    }
+  }
+  const int64_t at = static_cast<int64_t>(lane) * out + row;
+  if constexpr (M == OutMode::kBf16) {
+    static_cast<__nv_bfloat16*>(y)[at] = __float2bfloat16_rn(sum);
+  } else if constexpr (M == OutMode::kF32) {
+    static_cast<float*>(y)[at] = sum;
+  } else {
+    static_cast<float*>(y)[at] += sum;
+  }
+}
+
+template <int NB>
+void LaunchBatchPass(const Args& a) {
+  const int blocks = (a.out + kBatchGroups - 1) / kBatchGroups;
+  constexpr int threads = kBatchWarps * kBatchGroups * kWarp;
+  switch (a.mode) {
+    case OutMode::kBf16:
+      GemvBatchKernel<NB, OutMode::kBf16><<<blocks, threads, 0, a.stream>>>(a.w, a.x, a.out, a.chunks, a.y);
+      break;
+    case OutMode::kF32:
+      GemvBatchKernel<NB, OutMode::kF32><<<blocks, threads, 0, a.stream>>>(a.w, a.x, a.out, a.chunks, a.y);
+      break;
+    case OutMode::kF32Accumulate:
+      GemvBatchKernel<NB, OutMode::kF32Accumulate>
+          <<<blocks, threads, 0, a.stream>>>(a.w, a.x, a.out, a.chunks, a.y);
+      break;
+  }
+}
+
+void LaunchBatchPass(int nb, const Args& a) {
+  switch (nb) {
+    case 1: return LaunchBatchPass<1>(a);
+    case 2: return LaunchBatchPass<2>(a);
+    case 3: return LaunchBatchPass<3>(a);
+    case 4: return LaunchBatchPass<4>(a);
+    case 5: return LaunchBatchPass<5>(a);
+    case 6: return LaunchBatchPass<6>(a);
+    case 7: return LaunchBatchPass<7>(a);
+    default: return LaunchBatchPass<8>(a);
+  }
+}
+
 }  // namespace
 
 GemvConfig DefaultGemvConfig(int /*out*/, int /*in*/) {
@@ -294,9 +414,8 @@ GemvConfig DefaultGemvConfig(int /*out*/, int /*in*/) {
                     /*unroll=*/4, /*evict_first=*/false};
 }
 
-absl::Status LaunchGemvBf16With(const GemvConfig& config, const __nv_bfloat16* w,
-                                const __nv_bfloat16* x, int out, int in, void* y, bool y_bf16,
-                                bool accumulate, cudaStream_t stream) {
+static absl::Status CheckGemvArgs(const __nv_bfloat16* w, const __nv_bfloat16* x, int out, int in,
+                           const void* y, bool y_bf16, bool accumulate) {
   if (w == nullptr) return absl::InvalidArgumentError("w: null");
   if (x == nullptr) return absl::InvalidArgumentError("x: null");
   if (y == nullptr) return absl::InvalidArgumentError("y: null");
@@ -314,6 +433,36 @@ absl::Status LaunchGemvBf16With(const GemvConfig& config, const __nv_bfloat16* w
   if (accumulate && y_bf16) {
     return absl::InvalidArgumentError("accumulate: not supported with a bf16 output (y_bf16)");
   }
+  return absl::OkStatus();
+}
+
+absl::Status LaunchGemvBatchBf16(const __nv_bfloat16* w, const __nv_bfloat16* x, int batch,
+                                 int out, int in, void* y, bool y_bf16, bool accumulate,
+                                 cudaStream_t stream) {
+  if (batch < 1) return absl::InvalidArgumentError(absl::StrCat("batch: ", batch, " (must be >= 1)"));
+  if (absl::Status s = CheckGemvArgs(w, x, out, in, y, y_bf16, accumulate); !s.ok()) return s;
+  const OutMode mode = y_bf16 ? OutMode::kBf16 : accumulate ? OutMode::kF32Accumulate : OutMode::kF32;
+  const size_t y_elem = y_bf16 ? sizeof(__nv_bfloat16) : sizeof(float);
+  for (int b0 = 0; b0 < batch; b0 += kGemvMaxBatch) {
+    const int nb = std::min(kGemvMaxBatch, batch - b0);
+    const Args a{reinterpret_cast<const uint4*>(w),
+                 reinterpret_cast<const uint4*>(x + static_cast<int64_t>(b0) * in),
+                 out,
+                 in / 8,
+                 static_cast<char*>(y) + static_cast<int64_t>(b0) * out * y_elem,
+                 mode,
+                 kBatchGroups,
+                 stream};
+    LaunchBatchPass(nb, a);
+    CUDA_RETURN_IF_LAUNCH_FAILED("GemvBatchKernel");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LaunchGemvBf16With(const GemvConfig& config, const __nv_bfloat16* w,
+                                const __nv_bfloat16* x, int out, int in, void* y, bool y_bf16,
+                                bool accumulate, cudaStream_t stream) {
+  if (absl::Status s = CheckGemvArgs(w, x, out, in, y, y_bf16, accumulate); !s.ok()) return s;
   const int warps = config.groups_per_block * config.warps_per_row;
   if (config.groups_per_block < 1 || warps > kMaxWarpsPerBlock) {
     return absl::InvalidArgumentError(

@@ -58,4 +58,21 @@ absl::Status LaunchGemvBf16With(const GemvConfig& config, const __nv_bfloat16* w
                                 const __nv_bfloat16* x, int out, int in, void* y, bool y_bf16,
                                 bool accumulate, cudaStream_t stream);
 
+// Batched GEMV for a decode step over several sequences: for b < batch,
+//   y[b][r] = sum_k W[r][k] * x[b][k]   (bf16 / f32 / f32 += as above)
+// with W read once per pass of up to kGemvMaxBatch rows of x (a batch of 20
+// is three passes: 8, 8, 4). Row b's sum is computed exactly as it would be
+// alone: each output's summation order depends only on `in`, never on the
+// batch, its size or the other rows' values (the batch-invariance that keeps
+// a generation's tokens the same alone and batched). It is not the order of
+// LaunchGemvBf16, so results may differ from it in the last bits.
+//   w: [out][in] bf16, 16-byte aligned
+//   x: [batch][in] bf16 rows, 16-byte aligned (in % 8 == 0 keeps every row so)
+//   y: [batch][out] bf16 or f32; must not overlap w or x
+// InvalidArgument as LaunchGemvBf16, and for batch < 1.
+inline constexpr int kGemvMaxBatch = 8;
+absl::Status LaunchGemvBatchBf16(const __nv_bfloat16* w, const __nv_bfloat16* x, int batch,
+                                 int out, int in, void* y, bool y_bf16, bool accumulate,
+                                 cudaStream_t stream);
+
 }  // namespace tailorkv::cuda

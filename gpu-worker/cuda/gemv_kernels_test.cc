@@ -305,6 +305,90 @@ TEST_F(GemvKernelsTest, GraphReplaysReadCurrentInputsAndAccumulate) {
         3);
 }
 
+// LaunchGemvBatchBf16: each x row against the double reference (the same
+// tolerances: its lanes add in/64 products in sequence), outputs and a
+// guard past the last row poisoned, batches of 1..11 (11 = a pass of 8 and
+// one of 3), and batch invariance: row b's output bits are the same whatever
+// the batch it is in (alone, or at another position among other rows).
+TEST_F(GemvKernelsTest, BatchedMatchesReferenceAndIsBatchInvariant) {
+  const int shapes[][2] = {{1, 8}, {37, 4136}, {130, 14336}, {577, 576}};
+  constexpr int kBatch = 11;
+  uint64_t seed = 300;
+  for (const auto& sh : shapes) {
+    const int out = sh[0], in = sh[1];
+    // Problem b: W shared, x row b; ref per row from Problem's reference.
+    std::vector<Problem> rows;
+    for (int b = 0; b < kBatch; ++b) {
+      Problem p(out, in, seed);
+      if (b > 0) {
+        Rng rng(seed * 31 + b);
+        p.x = RandomBf16(in, rng);
+        p.w = rows[0].w;
+        p.y0 = rows[0].y0;
+        p.Recompute();
+      }
+      rows.push_back(std::move(p));
+    }
+    ++seed;
+    std::vector<uint16_t> xs;
+    for (const Problem& p : rows) xs.insert(xs.end(), p.x.begin(), p.x.end());
+    absl::StatusOr<DeviceBuffer> w = DeviceBuffer::Allocate(rows[0].w.size() * 2);
+    absl::StatusOr<DeviceBuffer> x = DeviceBuffer::Allocate(xs.size() * 2);
+    const size_t y_elems = static_cast<size_t>(kBatch) * out + kGuard;
+    absl::StatusOr<DeviceBuffer> y = DeviceBuffer::Allocate(y_elems * sizeof(float));
+    ASSERT_TRUE(w.ok() && x.ok() && y.ok());
+    ASSERT_CUDA(cudaMemcpy(w->get(), rows[0].w.data(), rows[0].w.size() * 2, cudaMemcpyHostToDevice));
+    ASSERT_CUDA(cudaMemcpy(x->get(), xs.data(), xs.size() * 2, cudaMemcpyHostToDevice));
+    const auto* wp = w->as<const __nv_bfloat16>();
+    const auto* xp = x->as<const __nv_bfloat16>();
+    for (Mode m : {Mode::kBf16, Mode::kF32, Mode::kF32Accumulate}) {
+      const size_t elem = m == Mode::kBf16 ? 2 : 4;
+      const bool bf16 = m == Mode::kBf16, acc = m == Mode::kF32Accumulate;
+      // Runs rows [first, first + n) as one batch; returns each row's bytes.
+      auto run = [&](int first, int n) {
+        std::vector<uint8_t> bytes(y_elems * elem, kPoisonByte);
+        for (int b = 0; b < n && acc; ++b) {
+          std::memcpy(bytes.data() + static_cast<size_t>(b) * out * elem, rows[first + b].y0.data(),
+                      out * elem);
+        }
+        EXPECT_EQ(cudaMemcpy(y->get(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice), cudaSuccess);
+        EXPECT_TRUE(LaunchGemvBatchBf16(wp, xp + static_cast<size_t>(first) * in, n, out, in,
+                                        y->get(), bf16, acc, stream()).ok());
+        EXPECT_EQ(cudaStreamSynchronize(stream()), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(bytes.data(), y->get(), bytes.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+        for (size_t i = static_cast<size_t>(n) * out * elem; i < bytes.size(); ++i) {
+          if (bytes[i] != kPoisonByte) {
+            ADD_FAILURE() << "batch " << n << " " << ModeName(m) << ": wrote past its last row";
+            break;
+          }
+        }
+        std::vector<std::vector<uint8_t>> per_row;
+        for (int b = 0; b < n; ++b) {
+          const auto* at = bytes.data() + static_cast<size_t>(b) * out * elem;
+          per_row.emplace_back(at, at + out * elem);
+        }
+        return per_row;
+      };
+      const std::vector<std::vector<uint8_t>> all = run(0, kBatch);
+      const std::string what = "batched out " + std::to_string(out) + " in " + std::to_string(in);
+      for (int b = 0; b < kBatch; ++b) {
+        std::vector<uint8_t> padded = all[b];
+        padded.resize(padded.size() + kGuard * elem, kPoisonByte);
+        Check(rows[b], m, padded, what + " row " + std::to_string(b));
+      }
+      for (int b = 0; b < kBatch; ++b) {
+        EXPECT_EQ(run(b, 1)[0], all[b]) << what << " " << ModeName(m) << ": row " << b
+                                        << " alone differs from the batch of " << kBatch;
+      }
+      const std::vector<std::vector<uint8_t>> mid = run(3, 5);  // rows 3..7 as a batch of 5
+      for (int b = 0; b < 5; ++b) {
+        EXPECT_EQ(mid[b], all[3 + b]) << what << " " << ModeName(m) << ": row " << 3 + b
+                                      << " in a batch of 5 differs";
+      }
+    }
+  }
+}
+
 // Validation runs before any CUDA call: no device needed. The pointers are
 // never dereferenced.
 TEST(GemvKernelsArgs, BadArgumentsNameTheField) {
@@ -339,6 +423,11 @@ TEST(GemvKernelsArgs, BadArgumentsNameTheField) {
   expect(with(GemvConfig{4, 1, 4, 4, false}), "unroll");  // 4 rows x 4 would spill
   expect(with(GemvConfig{1, 1, 0, 4, false}), "groups_per_block");
   expect(with(GemvConfig{1, 4, 8, 4, false}), "groups_per_block");  // 32 warps
+
+  expect(LaunchGemvBatchBf16(w, x, 0, 4, 8, y, false, false, nullptr), "batch");
+  expect(LaunchGemvBatchBf16(w, x, 2, 4, 12, y, false, false, nullptr), "in");
+  expect(LaunchGemvBatchBf16(w, nullptr, 2, 4, 8, y, false, false, nullptr), "x");
+  expect(LaunchGemvBatchBf16(w, x, 2, 4, 8, y, true, true, nullptr), "accumulate");
 }
 
 }  // namespace

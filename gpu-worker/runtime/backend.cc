@@ -27,6 +27,12 @@ absl::Status ValidateForwardInput(const model::ModelConfig& config, const Sequen
   return absl::OkStatus();
 }
 
+int64_t Backend::SequenceMemoryBytes(int /*prompt*/, int capacity, const KvPlan& plan) const {
+  int64_t bytes = 0;
+  for (const LayerKvBytes& b : EstimateKvBytes(plan, config(), capacity, 4)) bytes += b.device_bytes;
+  return bytes;
+}
+
 absl::Status Backend::DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
                                   std::vector<float>* logits) {
   if (seqs.empty() || seqs.size() != tokens.size()) {

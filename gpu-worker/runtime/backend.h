@@ -126,6 +126,17 @@ class Backend {
   // Tokens per Forward call that keep prefill efficient on this backend
   // while bounding the time between cancellation checks.
   virtual int preferred_prefill_chunk() const { return 1024; }
+
+  // The most memory of the backend's own (device memory on a GPU) that a
+  // sequence of `capacity` tokens, `prompt` of them its prompt, takes under
+  // `plan` at any point of its life: its KV and its working buffers (an
+  // upper bound; the engine admits generations while these fit its budget).
+  // Default: EstimateKvBytes' device tier at 4 bytes a value (the CPU
+  // backend's fp32 cache, which has no other per-sequence buffers).
+  virtual int64_t SequenceMemoryBytes(int prompt, int capacity, const KvPlan& plan) const;
+  // Memory the backend could still give to sequences now (free device
+  // memory on a GPU); 0 = no fixed pool (the CPU backend's host memory).
+  virtual int64_t AvailableMemoryBytes() const { return 0; }
 };
 
 // The checks every Backend::Forward makes before touching `seq`: non-empty

@@ -240,6 +240,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   if (options.stream_stall_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("stream_stall_timeout must be > 0");
   }
+  if (!(options.kv_memory_fraction > 0 && options.kv_memory_fraction <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("kv_memory_fraction must be in (0, 1], got %g", options.kv_memory_fraction));
+  }
   engine->max_running_ = options.max_running;
   engine->kv_budget_bytes_ = options.kv_budget_bytes;
   engine->stream_buffer_chunks_ = options.stream_buffer_chunks;
@@ -250,6 +254,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   // The CPU backend keeps K/V in fp32; the GPU backends in bf16.
   engine->kv_elem_bytes_ = engine->backend_->name() == "cpu" ? 4 : 2;
   RETURN_IF_ERROR(engine->ProbeKvPlan(plan));
+  if (engine->kv_budget_bytes_ == 0) {
+    const int64_t available = engine->backend_->AvailableMemoryBytes();
+    if (available > 0) {
+      engine->kv_budget_bytes_ = static_cast<int64_t>(options.kv_memory_fraction * available);
+      spdlog::info("KV budget: {:.0f}% of the {:.1f} GiB of {} memory free after loading", 
+                   100 * options.kv_memory_fraction, available / 1073741824.0, engine->backend_->name());
+    }
+  }
   {
     absl::MutexLock lock(&engine->plan_mu_);
     engine->kv_plan_ = std::make_shared<const KvPlan>(std::move(plan));
@@ -368,10 +380,8 @@ struct Engine::Job {
   Clock::time_point t0;
 };
 
-int64_t Engine::JobKvBytes(int capacity, const KvPlan& plan) const {
-  int64_t bytes = 0;
-  for (const LayerKvBytes& b : EstimateKvBytes(plan, config(), capacity, kv_elem_bytes_)) bytes += b.device_bytes;
-  return bytes;
+int64_t Engine::JobKvBytes(int prompt, int capacity, const KvPlan& plan) const {
+  return backend_->SequenceMemoryBytes(prompt, capacity, plan);
 }
 
 Engine::SchedulerLoad Engine::scheduler_load() const {
@@ -430,7 +440,7 @@ absl::StatusOr<GenerationResult> Engine::Generate(
   // The cache holds the prompt and every generated token but the last, which
   // is never fed back.
   const int capacity = n_prompt + request.max_tokens;
-  job->kv_bytes = JobKvBytes(capacity, *job->plan);
+  job->kv_bytes = JobKvBytes(n_prompt, capacity, *job->plan);
   if (kv_budget_bytes_ > 0 && job->kv_bytes > kv_budget_bytes_) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "kv budget: this request needs %.1f MiB of KV at its capacity of %d tokens (prompt %d + max_tokens %d) "

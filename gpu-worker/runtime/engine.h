@@ -91,6 +91,12 @@ struct EngineOptions {
   // max_tokens); 0 = no limit. A generation waits until it fits; one that
   // could never fit is refused with ResourceExhausted saying so.
   int64_t kv_budget_bytes = 0;
+  // With kv_budget_bytes 0 on a backend with a fixed memory pool (a GPU:
+  // Backend::AvailableMemoryBytes), the budget is this fraction of the
+  // memory free once the model is loaded, and each generation counts at
+  // Backend::SequenceMemoryBytes (its KV and working buffers) instead, so
+  // that admitted generations never run the device out of memory. In (0, 1].
+  double kv_memory_fraction = 0.9;
   // Chunks a generation may have produced that its caller has not taken.
   int stream_buffer_chunks = 64;
   // A generation whose outbox stays full this long is cut off (its caller
@@ -214,7 +220,7 @@ class Engine {
   void EmitToken(Job& job);
   void Finish(Job& job, absl::StatusOr<GenerationResult> outcome);
   void Wake();
-  int64_t JobKvBytes(int capacity, const KvPlan& plan) const;
+  int64_t JobKvBytes(int prompt, int capacity, const KvPlan& plan) const;
   // Makes a capacity-1 sequence with `plan`: fails when the backend cannot
   // run it. Callers hold mu_ (or own the engine alone, in Create).
   absl::Status ProbeKvPlan(const KvPlan& plan);

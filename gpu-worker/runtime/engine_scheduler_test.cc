@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "absl/synchronization/notification.h"
+#include "runtime/cpu_backend.h"
 #include "runtime/engine.h"
 
 namespace tailorkv::runtime {
@@ -384,6 +385,83 @@ TEST(EngineScheduler, KvBudgetQueuesWhatDoesNotFitNowAndRefusesWhatNeverFits) {
   }
   EXPECT_EQ(max_running.load(), 1);
   EXPECT_GE(max_waiting.load(), 1);  // the second waited (both may wait before the first starts)
+}
+
+// A backend with a fixed memory pool, as a GPU has: the CPU backend's work,
+// AvailableMemoryBytes() reporting `pool` bytes and each sequence counted at
+// twice its KV (its "working buffers").
+class FixedPoolBackend final : public Backend {
+ public:
+  FixedPoolBackend(std::unique_ptr<Backend> inner, int64_t pool) : inner_(std::move(inner)), pool_(pool) {}
+  std::string_view name() const override { return "fixed-pool"; }
+  const model::ModelConfig& config() const override { return inner_->config(); }
+  using Backend::NewSequence;
+  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity, const KvPlan& plan) override {
+    return inner_->NewSequence(capacity, plan);
+  }
+  using Backend::Forward;
+  absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens, bool all_logits,
+                       std::vector<float>* logits, Mode mode) override {
+    return inner_->Forward(seq, tokens, all_logits, logits, mode);
+  }
+  absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                           std::vector<float>* logits) override {
+    return inner_->DecodeBatch(seqs, tokens, logits);
+  }
+  int64_t SequenceMemoryBytes(int prompt, int capacity, const KvPlan& plan) const override {
+    return 2 * inner_->SequenceMemoryBytes(prompt, capacity, plan);
+  }
+  int64_t AvailableMemoryBytes() const override { return pool_; }
+
+ private:
+  std::unique_ptr<Backend> inner_;
+  int64_t pool_;
+};
+
+// With no --kv-budget-mib, a backend with a fixed pool gets a budget of
+// kv_memory_fraction of it, each generation counted at the backend's
+// SequenceMemoryBytes: what fits runs, what never could is refused.
+TEST(EngineScheduler, KvBudgetFollowsTheBackendsFreeMemory) {
+  GenerationRequest r;
+  auto probe = MakeEngine({.max_context = 512});
+  ASSERT_NE(probe, nullptr);
+  r.prompt_tokens = Prompt(*probe, 20, 4);
+  r.max_tokens = 12;
+  r.ignore_eos = true;
+  const int capacity = static_cast<int>(r.prompt_tokens.size()) + r.max_tokens;
+  int64_t kv = 0;
+  for (const LayerKvBytes& b : EstimateKvBytes(probe->kv_plan(), probe->config(), capacity, 4)) {
+    kv += b.device_bytes;
+  }
+  const int64_t pool = 5 * kv;  // the budget (half of it) holds one generation at 2 x kv
+  EngineOptions o{.max_context = 512, .max_running = 4, .kv_memory_fraction = 0.5};
+  o.model_path = kModel;
+  o.backend = "cuda";
+  o.cuda_factory = [pool](const model::ModelWeights& w) -> absl::StatusOr<std::unique_ptr<Backend>> {
+    auto cpu = CreateCpuBackend(w, {.threads = 2});
+    if (!cpu.ok()) return cpu.status();
+    return std::unique_ptr<Backend>(std::make_unique<FixedPoolBackend>(std::move(*cpu), pool));
+  };
+  auto e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->scheduler_load().kv_budget_bytes, pool / 2);
+  const Out ok = Generate(**e, r);
+  ASSERT_TRUE(ok.result.ok()) << ok.result.status();
+  EXPECT_EQ(ok.ids.size(), 12u);
+  GenerationRequest big = r;
+  big.max_tokens = 4 * capacity;  // 2 x KV at this capacity passes half the pool
+  const auto refused = (*e)->Generate(big, [](const StreamChunk&) { return true; });
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("more than the whole KV budget"), std::string::npos);
+
+  o.kv_memory_fraction = 0;
+  EXPECT_EQ(Engine::Create(o).status().code(), absl::StatusCode::kInvalidArgument);
+  // An explicit budget wins over the pool.
+  o.kv_memory_fraction = 0.5;
+  o.kv_budget_bytes = 123456789;
+  auto explicit_budget = Engine::Create(o);
+  ASSERT_TRUE(explicit_budget.ok()) << explicit_budget.status();
+  EXPECT_EQ((*explicit_budget)->scheduler_load().kv_budget_bytes, 123456789);
 }
 
 // A generation waiting for KV memory ends as soon as its caller cancels,

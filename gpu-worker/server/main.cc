@@ -96,6 +96,10 @@ struct WorkerConfig {
     if (stream_stall_ms <= 0) {
       return absl::InvalidArgumentError(absl::StrCat("stream-stall-ms: must be > 0, got ", stream_stall_ms));
     }
+    if (!(engine.kv_memory_fraction > 0 && engine.kv_memory_fraction <= 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv-memory-fraction: must be in (0, 1], got ", engine.kv_memory_fraction));
+    }
     if (kv_host != "in-process" && kv_host.find(':') == std::string::npos) {
       return absl::InvalidArgumentError(absl::StrCat(
           "kv-host: want in-process or kv-host's address (unix:///path/kv-host.sock or host:port), got '", kv_host,
@@ -124,11 +128,11 @@ struct WorkerConfig {
   std::string ToString() const {
     return absl::StrFormat(
         "model=%s backend=%s threads=%d max_context=%d kv_plan=%s profiler=%s "
-        "profiler_timeout_ms=%d plan_cache=%s max_running=%d max_queue=%d kv_budget_mib=%d stream_stall_ms=%d "
+        "profiler_timeout_ms=%d plan_cache=%s max_running=%d max_queue=%d kv_budget_mib=%d kv_memory_fraction=%g stream_stall_ms=%d "
         "default_max_tokens=%d log_level=%s kv_host=%s %s",
         engine.model_path, engine.backend, engine.threads, engine.max_context, plan.kv_plan,
         plan.profiler_address, plan.profiler_timeout_ms, plan.plan_cache, engine.max_running, service.max_queue,
-        kv_budget_mib, stream_stall_ms, service.limits.default_max_tokens, log_level, kv_host, server.ToString());
+        kv_budget_mib, engine.kv_memory_fraction, stream_stall_ms, service.limits.default_max_tokens, log_level, kv_host, server.ToString());
   }
 };
 
@@ -220,7 +224,11 @@ int main(int argc, char** argv) {
   app.add_option("--kv-budget-mib", config.kv_budget_mib,
                  "KV memory the running generations may hold on the backend (each counted at its capacity, "
                  "prompt + max_tokens); a request waits until it fits, one that never could is refused "
-                 "(RESOURCE_EXHAUSTED). 0 = no limit")
+                 "(RESOURCE_EXHAUSTED). 0 = no limit, or on a GPU --kv-memory-fraction of its free memory")
+      ->capture_default_str();
+  app.add_option("--kv-memory-fraction", config.engine.kv_memory_fraction,
+                 "with --kv-budget-mib 0 on a GPU: the share of the device memory free after the model loads "
+                 "that running generations may take (KV and working buffers, counted at their capacity)")
       ->capture_default_str();
   app.add_option("--stream-stall-ms", config.stream_stall_ms,
                  "a client that reads nothing for this long while its stream buffer is full is cut off")

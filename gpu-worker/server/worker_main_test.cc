@@ -71,6 +71,8 @@ TEST(WorkerMainTest, BadSchedulerFlagsExit2NamingTheFlag) {
       {"--max-running 0", 2, "max-running: must be >= 1, got 0"},
       {"--kv-budget-mib -1", 2, "kv-budget-mib: must be >= 0 (0 = no limit), got -1"},
       {"--stream-stall-ms 0", 2, "stream-stall-ms: must be > 0, got 0"},
+      {"--kv-memory-fraction 0", 2, "kv-memory-fraction: must be in (0, 1], got 0"},
+      {"--kv-memory-fraction 1.5", 2, "kv-memory-fraction: must be in (0, 1], got 1.5"},
       {"--prefill-chunk -5", 2, "prefill-chunk: must be >= 0, got -5"},
   };
   for (const Case& tc : cases) {
