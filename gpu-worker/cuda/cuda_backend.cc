@@ -37,6 +37,8 @@ namespace {
 
 // Host tiers start on a page: the zero-copy gathers read 16-byte rows.
 constexpr uint64_t kHostAlign = 4096;
+// Side streams for the sparse selections of a batch (CudaBackend::sides_).
+constexpr int kSideStreams = 8;
 
 using bf16 = __nv_bfloat16;
 using model::ModelConfig;
@@ -349,7 +351,7 @@ class CudaBackend final : public runtime::Backend {
   ~CudaBackend() override {
     // Work in flight may still read the pinned buffers.
     if (stream_.get() != nullptr) cudaStreamSynchronize(stream_.get());
-    if (side_.get() != nullptr) cudaStreamSynchronize(side_.get());
+    for (const CudaStream& side : sides_) cudaStreamSynchronize(side.get());
     if (copy_.get() != nullptr) cudaStreamSynchronize(copy_.get());
     if (step_host_ != nullptr) cudaFreeHost(step_host_);
     if (logits_host_ != nullptr) cudaFreeHost(logits_host_);
@@ -501,7 +503,7 @@ class CudaBackend final : public runtime::Backend {
   int64_t device_bytes_ = 0;
   int qkv_rows_ = 0;  // (n_heads + 2 n_kv) * head_dim
   CudaStream stream_;
-  CudaStream side_;                 // sparse selection ahead of the main stream
+  std::vector<CudaStream> sides_;   // sparse selection ahead of the main stream, per batch slot
   CudaStream copy_;                 // prefill: sparse history host -> scratch (DMA)
   CudaEvent scratch_free_, history_ready_;  // PrefetchSparseHistory's two ends
   std::vector<CudaEvent> spec_ready_;  // per layer: its speculative query is written
@@ -573,9 +575,15 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   ASSIGN_OR_RETURN(b->stream_, CudaStream::Create());
   // Most urgent priority: the selection's small kernels get SMs as soon as
   // the main stream's GEMV blocks retire, so it finishes inside the layer.
-  ASSIGN_OR_RETURN(b->side_, CudaStream::Create(options.sparse_side_priority
-                                                     ? CudaStream::GreatestPriority()
-                                                     : 0));
+  // One per batch slot (slot b uses sides_[b % kSideStreams]): the
+  // selections of a batch's sequences are small kernels (a Top-K over 8
+  // rows fills 8 blocks), so they run side by side instead of in turn.
+  for (int i = 0; i < kSideStreams; ++i) {
+    ASSIGN_OR_RETURN(CudaStream side, CudaStream::Create(options.sparse_side_priority
+                                                             ? CudaStream::GreatestPriority()
+                                                             : 0));
+    b->sides_.push_back(std::move(side));
+  }
   for (int l = 0; l < c.n_layers; ++l) {
     ASSIGN_OR_RETURN(CudaEvent e, CudaEvent::Create());
     b->spec_ready_.push_back(std::move(e));
@@ -990,13 +998,16 @@ absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(CudaSequence& seq, uint
     slice = store->Allocate(bytes, kHostAlign, seq.host_session);
   }
   if (!slice.ok() && store == host_store_.get()) {
-    // No arena has room: one sized to the request (at least 1 GiB, so that
-    // small sequences share arenas; freed slices are reused by later ones).
+    // No arena has room: one of a whole number of slices of this size (up to
+    // 1 GiB, so that small sequences share arenas; freed slices are reused by
+    // later ones). A whole number: 1 GiB arenas of 268.6 MB slices (a 128k
+    // sequence's FP8 layer at the 8B shape) left a quarter of the budget in
+    // unusable 267.9 MB tails (tkv_batch_bench, H100, 2026-12-07).
     const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
     const uint64_t need = (bytes + page - 1) / page * page;
     const kvhost::HostKvStoreStats st = store->Stats();
     const uint64_t left = st.budget_bytes - st.reserved_bytes;
-    const uint64_t arena = std::max(need, std::min<uint64_t>(uint64_t{1} << 30, left));
+    const uint64_t arena = need * std::max<uint64_t>(1, std::min<uint64_t>(uint64_t{1} << 30, left) / need);
     auto id = store->CreateArena(arena, "tkv-sparse-kv");
     if (!id.ok()) {
       return absl::ResourceExhaustedError(absl::StrFormat(
@@ -1435,7 +1446,7 @@ absl::Status CudaBackend::EnqueueSpeculativeSelection(const SeqSlot& slot, int t
   const bool first_pass = pass == SelectPass::kPool || pass == SelectPass::kPrefetch;
   bf16* spec_x = seq.spec_x.as<bf16>() + (static_cast<int64_t>(first_pass ? c.n_layers : 0) + target) * c.hidden;
   CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(spec_x, x, c.hidden * sizeof(bf16), cudaMemcpyDeviceToDevice, s));
-  cudaStream_t side = options_.sparse_overlap ? side_.get() : s;
+  cudaStream_t side = options_.sparse_overlap ? sides_[slot.row % sides_.size()].get() : s;
   if (options_.sparse_overlap) {
     CUDA_RETURN_IF_ERROR(cudaEventRecord(spec_ready_[target].get(), s));
     CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side, spec_ready_[target].get(), 0));
