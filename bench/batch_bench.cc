@@ -8,8 +8,11 @@
 // Per batch size: generated tokens/s, the step time (each sequence's
 // inter-token latency) p50 / p99, and bytes held.
 //
-//   tkv_batch_bench --contexts 32768,131072 \
-//     --plans dense,hybrid:2:896:64:64:32:gpu:late:i8 --batches 1,2,4,8,16 --out r.json
+// Decode tokens: --decode-tokens repeat (default, as tkv_llama_bench's
+// figures) or random (see --help).
+//
+//   tkv_batch_bench --contexts 32768,131072 --batches 1,2,4,8,16 --out r.json
+//       --plans dense,hybrid:2:896:64:64:32:gpu:late:i8
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
@@ -68,7 +71,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> plan_specs = {"dense", "hybrid:2:896:64:64:32:gpu:late:i8"};
   int steps = 16, layers = 32;
   uint64_t host_budget_gib = 0;
-  std::string out_path;
+  std::string out_path, decode_tokens = "repeat";
   app.add_option("--contexts", contexts, "context lengths")->delimiter(',');
   app.add_option("--batches", batches, "batch sizes, ascending (stops at the first that does not fit)")
       ->delimiter(',');
@@ -77,6 +80,11 @@ int main(int argc, char** argv) {
   app.add_option("--layers", layers, "layers (32 for the real shape)")->check(CLI::Range(1, 32));
   app.add_option("--host-budget-gib", host_budget_gib,
                  "host memory for the sparse layers' tier (0: 80% of physical memory)");
+  app.add_option("--decode-tokens", decode_tokens,
+                 "repeat: each sequence feeds its own token every step (the sparse layers then reselect "
+                 "~75% of their rows from one step to the next, near the 81% of real text on SmolLM2); "
+                 "random: a new random token each step (few rows reselected: the PCIe worst case)")
+      ->check(CLI::IsMember({"repeat", "random"}));
   app.add_option("--out", out_path, "JSON results file");
   CLI11_PARSE(app, argc, argv);
   if (!std::is_sorted(batches.begin(), batches.end()) || batches.empty() || batches[0] < 1) {
@@ -107,6 +115,7 @@ int main(int argc, char** argv) {
                         {"layers", layers},
                         {"device", prop.name},
                         {"steps", steps},
+                        {"decode_tokens", decode_tokens},
                         {"backend_device_gb", tailorkv::cuda::BackendDeviceBytes(**backend) / 1e9},
                         {"gpu_free_after_weights_gb", free_after_weights / 1e9}};
   std::printf("device %s: %.2f GB free for KV after the weights and workspaces\n", prop.name,
@@ -126,10 +135,13 @@ int main(int argc, char** argv) {
         std::vector<tailorkv::runtime::SequenceState*> batch;
         for (int b = 0; b < B; ++b) batch.push_back(seqs[b].get());
         std::vector<int32_t> tokens(B);
+        for (auto& t : tokens) t = tok(rng);
         std::vector<float> logits;
         std::vector<double> ms;
         for (int i = 0; i < steps + kWarmSteps; ++i) {
-          for (auto& t : tokens) t = tok(rng);
+          if (decode_tokens == "random") {
+            for (auto& t : tokens) t = tok(rng);
+          }
           const auto t0 = Clock::now();
           if (auto s = (*backend)->DecodeBatch(batch, tokens, &logits); !s.ok()) {
             Fail(s, "decode batch");

@@ -1,5 +1,7 @@
 #include "cuda/sparse_fp8_kernels.cuh"
 
+#include <cuda_fp8.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -320,10 +322,29 @@ __global__ void __launch_bounds__(kThreads) ScoreFp8IndexKernel(
       const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+        // The hardware's E4M3 -> f16 conversion, two codes an instruction:
+        // every E4M3 value is exact in f16 and f32, so the products are the
+        // same as through Fp8ToBf16 (the software decode took ~2/3 of the
+        // kernel's time: 1 TB/s at 128k, H100); only a NaN code's payload
+        // may differ.
+        float f[4];
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const __half2_raw h2 = __nv_cvt_fp8x2_to_halfraw2(
+              static_cast<__nv_fp8x2_storage_t>((w[e] >> (16 * p)) & 0xFFFFu), __NV_E4M3);
+          const float2 f2 = __half22float2(__half2(h2));
+          f[2 * p] = f2.x;
+          f[2 * p + 1] = f2.y;
+        }
+#pragma unroll
+        for (int b = 0; b < 4; ++b) dot = __fadd_rn(dot, __fmul_rn(q[16 * u + 4 * e + b], f[b]));
+#else
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
           dot = __fadd_rn(dot, __fmul_rn(q[16 * u + 4 * e + b], val((w[e] >> (8 * b)) & 0xFFu)));
         }
+#endif
       }
     }
   } else {
