@@ -1009,6 +1009,13 @@ absl::StatusOr<kvhost::HostSlice> CudaBackend::HostAlloc(CudaSequence& seq, uint
     const uint64_t left = st.budget_bytes - st.reserved_bytes;
     const uint64_t arena = need * std::max<uint64_t>(1, std::min<uint64_t>(uint64_t{1} << 30, left) / need);
     auto id = store->CreateArena(arena, "tkv-sparse-kv");
+    if (!id.ok() && !host_store_->RetireEmptyArenas(0).empty()) {
+      // Empty arenas of slices of another size (sequences of other
+      // capacities or plans, all ended) held the budget: give them back.
+      const uint64_t now_left = store->Stats().budget_bytes - store->Stats().reserved_bytes;
+      id = store->CreateArena(
+          need * std::max<uint64_t>(1, std::min<uint64_t>(uint64_t{1} << 30, now_left) / need), "tkv-sparse-kv");
+    }
     if (!id.ok()) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "host KV store: cannot hold %d more bytes for a sparse layer: %s", bytes, id.status().message()));
