@@ -95,13 +95,15 @@ class KvHostProcessesTest : public ::testing::Test {
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
   // TKV_TEST_BACKEND=cuda runs the same checks with the CUDA backend (the
-  // GPU machine); CI runs cpu.
+  // GPU machine); CI runs cpu. Two workers may share the GPU: each takes a
+  // fifth of its free memory for KV (the default, 0.9, would leave the
+  // second one almost nothing; the CPU backend ignores the flag).
   std::string Worker(const std::string& kv_host) const {
     const char* backend = std::getenv("TKV_TEST_BACKEND");
     return absl::StrCat("exec ", kWorkerBinary, " --model ", kModelFile, " --backend ",
                         backend != nullptr ? backend : "cpu",
-                        " --threads 1 --listen 127.0.0.1:0 --max-context 2048 --kv-plan ", kPlan,
-                        " --kv-host ", kv_host);
+                        " --threads 1 --listen 127.0.0.1:0 --max-context 2048 --kv-memory-fraction 0.2 --kv-plan ",
+                        kPlan, " --kv-host ", kv_host);
   }
   std::filesystem::path dir_;
   std::string sock_;

@@ -380,6 +380,17 @@ class CudaBackend final : public runtime::Backend {
   // Every buffer NewSequence, NewSparseLayer and EndSparsePrompt allocate,
   // each rounded up as cudaMalloc does (2 MiB pages from 1 MiB up).
   int64_t SequenceMemoryBytes(int prompt, int capacity, const runtime::KvPlan& plan) const override;
+  // A pool of `bytes` that every sequence made from now on is carved from
+  // (DeviceMemoryPool): the weights and workspaces stay outside it.
+  absl::Status TakeMemoryPool(int64_t bytes) override {
+    if (seq_pool_.get() != nullptr) {
+      return absl::FailedPreconditionError("the sequences' memory pool is already taken");
+    }
+    if (bytes <= 0) return absl::InvalidArgumentError("TakeMemoryPool: bytes must be > 0");
+    CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+    ASSIGN_OR_RETURN(seq_pool_, DeviceMemoryPool::Create(options_.device, static_cast<size_t>(bytes)));
+    return absl::OkStatus();
+  }
   int64_t AvailableMemoryBytes() const override {
     size_t free_b = 0, total_b = 0;
     if (cudaSetDevice(options_.device) != cudaSuccess || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
@@ -400,6 +411,10 @@ class CudaBackend final : public runtime::Backend {
   CudaBackend(const ModelConfig& c, const CudaBackendOptions& o) : config_(c), options_(o) {}
 
   absl::StatusOr<DeviceBuffer> Alloc(size_t bytes);
+  // A buffer of a sequence: from the pool once TakeMemoryPool has run.
+  absl::StatusOr<DeviceBuffer> SeqAlloc(size_t bytes) const {
+    return DeviceBuffer::Allocate(bytes, seq_pool_.get() != nullptr ? &seq_pool_ : nullptr);
+  }
   absl::Status UploadBf16(const std::vector<const model::Tensor*>& parts, DeviceBuffer& dst);
   absl::Status UploadF32(const model::Tensor& t, DeviceBuffer& dst);
   // y[n][out] = x[n][in] * W[out][in]^T (+ y when accumulate); bf16 in, fp32
@@ -500,6 +515,8 @@ class CudaBackend final : public runtime::Backend {
 
   ModelConfig config_;
   CudaBackendOptions options_;
+  // Declared first among the device resources, so destroyed last.
+  DeviceMemoryPool seq_pool_;
   int64_t device_bytes_ = 0;
   int qkv_rows_ = 0;  // (n_heads + 2 n_kv) * head_dim
   CudaStream stream_;
@@ -757,7 +774,7 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
     switch (p.kind) {
       case runtime::KvPolicyKind::kDense: {
         L.elems = dense_elems;
-        ASSIGN_OR_RETURN(L.mem, DeviceBuffer::Allocate(2 * dense_elems * sizeof(bf16)));
+        ASSIGN_OR_RETURN(L.mem, SeqAlloc(2 * dense_elems * sizeof(bf16)));
         L.kv_bytes = 2 * dense_elems * static_cast<int64_t>(sizeof(bf16));
         break;
       }
@@ -771,7 +788,7 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
               "model has %d", l, c.n_heads / c.n_kv_heads));
         }
         const QuantDeviceLayout layout = QuantLayout(L.qshape);
-        ASSIGN_OR_RETURN(L.mem, DeviceBuffer::Allocate(layout.bytes));
+        ASSIGN_OR_RETURN(L.mem, SeqAlloc(layout.bytes));
         // The format's arrays start zeroed (quant_kv.h), as QuantKvCpu's do.
         CUDA_RETURN_IF_ERROR(cudaMemset(L.mem.get(), 0, layout.bytes));
         L.qcache = QuantCacheAt(L.mem.get(), L.qshape);
@@ -785,7 +802,7 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
         L.wshape = WindowShape{c.n_kv_heads, c.head_dim, p.window.sink, p.window.recent, rows,
                                capacity};
         L.elems = static_cast<int64_t>(c.n_kv_heads) * rows * c.head_dim;
-        ASSIGN_OR_RETURN(L.mem, DeviceBuffer::Allocate(2 * L.elems * sizeof(bf16)));
+        ASSIGN_OR_RETURN(L.mem, SeqAlloc(2 * L.elems * sizeof(bf16)));
         L.kv_bytes = 2 * L.elems * static_cast<int64_t>(sizeof(bf16));
         any_window = true;
         break;
@@ -826,19 +843,19 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
   }
   DeviceBuffer scratch;
   if (!plan.all_dense()) {
-    ASSIGN_OR_RETURN(scratch, DeviceBuffer::Allocate(2 * dense_elems * sizeof(bf16)));
+    ASSIGN_OR_RETURN(scratch, SeqAlloc(2 * dense_elems * sizeof(bf16)));
   }
   // The dense decode workspace also serves window layers (their capacity is
   // at most the sequence's).
   const AttentionShape shape{c.n_heads, c.n_kv_heads, c.head_dim, capacity};
   ASSIGN_OR_RETURN(DeviceBuffer ws,
-                   DeviceBuffer::Allocate(std::max<size_t>(DecodeAttentionWorkspaceBytes(shape), 16)));
+                   SeqAlloc(std::max<size_t>(DecodeAttentionWorkspaceBytes(shape), 16)));
   DeviceBuffer qws, wlen;
   if (quant_ws > 0) {
-    ASSIGN_OR_RETURN(qws, DeviceBuffer::Allocate(quant_ws));
+    ASSIGN_OR_RETURN(qws, SeqAlloc(quant_ws));
   }
   if (any_window) {
-    ASSIGN_OR_RETURN(wlen, DeviceBuffer::Allocate(sizeof(int32_t)));
+    ASSIGN_OR_RETURN(wlen, SeqAlloc(sizeof(int32_t)));
   }
   auto seq = std::make_unique<CudaSequence>(this, plan, capacity, std::move(layers),
                                             std::move(scratch), dense_elems, std::move(ws),
@@ -873,11 +890,11 @@ absl::StatusOr<std::unique_ptr<SequenceState>> CudaBackend::NewSequence(
   }
   if (seq->any_sparse()) {
     const int64_t cells = static_cast<int64_t>(c.n_kv_heads) * capacity;
-    ASSIGN_OR_RETURN(seq->scores, DeviceBuffer::Allocate(cells * sizeof(float)));
-    ASSIGN_OR_RETURN(seq->topk_ws, DeviceBuffer::Allocate(TopKWorkspaceBytes(c.n_kv_heads, capacity)));
+    ASSIGN_OR_RETURN(seq->scores, SeqAlloc(cells * sizeof(float)));
+    ASSIGN_OR_RETURN(seq->topk_ws, SeqAlloc(TopKWorkspaceBytes(c.n_kv_heads, capacity)));
     ASSIGN_OR_RETURN(seq->q_mean,
-                     DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) * c.head_dim * sizeof(float)));
-    ASSIGN_OR_RETURN(seq->spec_x, DeviceBuffer::Allocate(2 * static_cast<size_t>(c.n_layers) *
+                     SeqAlloc(static_cast<size_t>(c.n_kv_heads) * c.head_dim * sizeof(float)));
+    ASSIGN_OR_RETURN(seq->spec_x, SeqAlloc(2 * static_cast<size_t>(c.n_layers) *
                                                          c.hidden * sizeof(bf16)));
   }
   return std::unique_ptr<SequenceState>(std::move(seq));
@@ -1054,23 +1071,23 @@ absl::Status CudaBackend::NewSparseLayer(CudaSequence& seq, int l, const runtime
     s.kt = static_cast<bf16*>(dev);
   }
   const size_t heads_dim = static_cast<size_t>(c.n_kv_heads) * c.head_dim;
-  ASSIGN_OR_RETURN(s.max_abs, DeviceBuffer::Allocate(heads_dim * sizeof(float)));
+  ASSIGN_OR_RETURN(s.max_abs, SeqAlloc(heads_dim * sizeof(float)));
   CUDA_RETURN_IF_ERROR(cudaMemset(s.max_abs.get(), 0, s.max_abs.size()));
   const size_t d = static_cast<size_t>(c.n_kv_heads) * p.channels;
-  ASSIGN_OR_RETURN(s.chans, DeviceBuffer::Allocate(d * sizeof(int32_t)));
-  ASSIGN_OR_RETURN(s.q_chan, DeviceBuffer::Allocate(d * sizeof(float)));
-  ASSIGN_OR_RETURN(s.sel, DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) *
+  ASSIGN_OR_RETURN(s.chans, SeqAlloc(d * sizeof(int32_t)));
+  ASSIGN_OR_RETURN(s.q_chan, SeqAlloc(d * sizeof(float)));
+  ASSIGN_OR_RETURN(s.sel, SeqAlloc(static_cast<size_t>(c.n_kv_heads) *
                                                  std::min(p.top_k, cap) * sizeof(int32_t)));
-  ASSIGN_OR_RETURN(s.len, DeviceBuffer::Allocate(sizeof(int32_t)));
+  ASSIGN_OR_RETURN(s.len, SeqAlloc(sizeof(int32_t)));
   if (s.gpu_index) {
-    ASSIGN_OR_RETURN(s.last_q_mean, DeviceBuffer::Allocate(heads_dim * sizeof(float)));
+    ASSIGN_OR_RETURN(s.last_q_mean, SeqAlloc(heads_dim * sizeof(float)));
     CUDA_RETURN_IF_ERROR(cudaMemset(s.last_q_mean.get(), 0, s.last_q_mean.size()));
     if (p.index_bits == 4) {
-      ASSIGN_OR_RETURN(s.index, DeviceBuffer::Allocate(Int4IndexCodeBytes(c.n_kv_heads, cap, p.channels)));
+      ASSIGN_OR_RETURN(s.index, SeqAlloc(Int4IndexCodeBytes(c.n_kv_heads, cap, p.channels)));
       ASSIGN_OR_RETURN(s.index_params,
-                       DeviceBuffer::Allocate(Int4IndexParamBytes(c.n_kv_heads, cap, p.channels)));
+                       SeqAlloc(Int4IndexParamBytes(c.n_kv_heads, cap, p.channels)));
     } else {
-      ASSIGN_OR_RETURN(s.index, DeviceBuffer::Allocate(d * cap * (p.index_bits == 8 ? 1 : sizeof(bf16))));
+      ASSIGN_OR_RETURN(s.index, SeqAlloc(d * cap * (p.index_bits == 8 ? 1 : sizeof(bf16))));
     }
   }
   ASSIGN_OR_RETURN(s.selected_ready, CudaEvent::Create());
@@ -1272,7 +1289,7 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
     sp.candidates = P - sp.kept();
     sp.selected = std::min(sp.params.top_k, sp.candidates);
     sp.tier_rows = sp.kept() + sp.selected + (cap - P);
-    ASSIGN_OR_RETURN(sp.tier, DeviceBuffer::Allocate(2 * static_cast<size_t>(c.n_kv_heads) *
+    ASSIGN_OR_RETURN(sp.tier, SeqAlloc(2 * static_cast<size_t>(c.n_kv_heads) *
                                                      sp.tier_rows * hd * sizeof(bf16)));
     bf16* tk = sp.tier.as<bf16>();
     bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * hd;
@@ -1304,27 +1321,27 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
                           sp.candidates, static_cast<int64_t>(sp.params.refine) * sp.params.top_k))
                     : 0;
     if (sp.n_pool > 0) {
-      ASSIGN_OR_RETURN(sp.pool, DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) * sp.n_pool *
+      ASSIGN_OR_RETURN(sp.pool, SeqAlloc(static_cast<size_t>(c.n_kv_heads) * sp.n_pool *
                                                        sizeof(int32_t)));
-      ASSIGN_OR_RETURN(sp.pool_pick, DeviceBuffer::Allocate(static_cast<size_t>(c.n_kv_heads) *
+      ASSIGN_OR_RETURN(sp.pool_pick, SeqAlloc(static_cast<size_t>(c.n_kv_heads) *
                                                             sp.selected * sizeof(int32_t)));
     }
     if (options_.sparse_row_reuse && sp.selected > 0) {
       const size_t slots = static_cast<size_t>(c.n_kv_heads) * sp.selected;
-      ASSIGN_OR_RETURN(sp.prev_sel, DeviceBuffer::Allocate(slots * sizeof(int32_t)));
-      ASSIGN_OR_RETURN(sp.miss, DeviceBuffer::Allocate(slots * sizeof(int32_t)));
+      ASSIGN_OR_RETURN(sp.prev_sel, SeqAlloc(slots * sizeof(int32_t)));
+      ASSIGN_OR_RETURN(sp.miss, SeqAlloc(slots * sizeof(int32_t)));
       // Nothing selected yet: every row of the first step is fetched.
       CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sp.prev_sel.get(), 0xFF, sp.prev_sel.size(), s));
       if (sp.selected > seq.reuse_stage_rows) {
         seq.reuse_stage = DeviceBuffer();
         ASSIGN_OR_RETURN(seq.reuse_stage,
-                         DeviceBuffer::Allocate(2 * slots * hd * sizeof(bf16)));
+                         SeqAlloc(2 * slots * hd * sizeof(bf16)));
         seq.reuse_stage_rows = sp.selected;
       }
     }
   }
   if (options_.sparse_row_reuse && seq.reuse_count.get() == nullptr) {
-    ASSIGN_OR_RETURN(seq.reuse_count, DeviceBuffer::Allocate(sizeof(unsigned long long)));
+    ASSIGN_OR_RETURN(seq.reuse_count, SeqAlloc(sizeof(unsigned long long)));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(seq.reuse_count.get(), 0, seq.reuse_count.size(), s));
   }
   return absl::OkStatus();

@@ -94,15 +94,88 @@ absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
   return b;
 }
 
-DeviceBuffer::~DeviceBuffer() {
-  if (ptr_ != nullptr) LogReleaseFailure(cudaFree(ptr_), "cudaFree");
+absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes, const DeviceMemoryPool* pool) {
+  if (pool == nullptr || pool->get() == nullptr) return Allocate(bytes);
+  DeviceBuffer b;
+  if (bytes == 0) return b;
+  void* p = nullptr;
+  // On the legacy stream, then waited for: the buffer is usable on any
+  // stream when this returns.
+  cudaError_t err = cudaMallocFromPoolAsync(&p, bytes, pool->get(), nullptr);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(nullptr);
+  if (err != cudaSuccess) {
+    if (p != nullptr) cudaFreeAsync(p, nullptr);
+    return CudaStatus(err, absl::StrCat("cudaMallocFromPoolAsync(", bytes, " bytes, a pool of ",
+                                        pool->bytes(), ")").c_str());
+  }
+  b.ptr_ = p;
+  b.size_ = bytes;
+  b.pooled_ = true;
+  return b;
 }
+
+void DeviceBuffer::Release() {
+  if (ptr_ == nullptr) return;
+  if (pooled_) {
+    // Kernels on any stream may still use it (cudaFree would wait for them).
+    LogReleaseFailure(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    LogReleaseFailure(cudaFreeAsync(ptr_, nullptr), "cudaFreeAsync");
+  } else {
+    LogReleaseFailure(cudaFree(ptr_), "cudaFree");
+  }
+  ptr_ = nullptr;
+  size_ = 0;
+  pooled_ = false;
+}
+
+DeviceBuffer::~DeviceBuffer() { Release(); }
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
   if (this != &o) {
-    if (ptr_ != nullptr) LogReleaseFailure(cudaFree(ptr_), "cudaFree");
+    Release();
     ptr_ = std::exchange(o.ptr_, nullptr);
     size_ = std::exchange(o.size_, 0);
+    pooled_ = std::exchange(o.pooled_, false);
+  }
+  return *this;
+}
+
+// ---- DeviceMemoryPool ----
+
+absl::StatusOr<DeviceMemoryPool> DeviceMemoryPool::Create(int device, size_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("DeviceMemoryPool: bytes must be > 0");
+  cudaMemPoolProps props = {};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.handleTypes = cudaMemHandleTypeNone;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = device;
+  props.maxSize = bytes;
+  DeviceMemoryPool pool;
+  CUDA_RETURN_IF_ERROR(cudaMemPoolCreate(&pool.pool_, &props));
+  pool.bytes_ = bytes;
+  uint64_t keep = UINT64_MAX;
+  CUDA_RETURN_IF_ERROR(cudaMemPoolSetAttribute(pool.pool_, cudaMemPoolAttrReleaseThreshold, &keep));
+  // Take the memory now: one allocation of all of it, given back to the
+  // pool, which keeps it.
+  void* p = nullptr;
+  cudaError_t err = cudaMallocFromPoolAsync(&p, bytes, pool.pool_, nullptr);
+  if (err == cudaSuccess) err = cudaFreeAsync(p, nullptr);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(nullptr);
+  if (err != cudaSuccess) {
+    return CudaStatus(err, absl::StrCat("DeviceMemoryPool: reserving ", bytes, " bytes").c_str());
+  }
+  return pool;
+}
+
+DeviceMemoryPool::~DeviceMemoryPool() {
+  if (pool_ != nullptr) LogReleaseFailure(cudaMemPoolDestroy(pool_), "cudaMemPoolDestroy");
+}
+
+DeviceMemoryPool& DeviceMemoryPool::operator=(DeviceMemoryPool&& o) noexcept {
+  if (this != &o) {
+    if (pool_ != nullptr) LogReleaseFailure(cudaMemPoolDestroy(pool_), "cudaMemPoolDestroy");
+    pool_ = std::exchange(o.pool_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
   }
   return *this;
 }

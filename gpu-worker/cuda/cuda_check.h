@@ -39,10 +39,16 @@ int DeviceCount();
 // process; 132, an H100's, if the query fails). Launchers size grids by it.
 int DeviceSmCount();
 
+class DeviceMemoryPool;
+
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes);
+  // From `pool` when not null (ResourceExhausted when the pool has no room),
+  // else as Allocate(bytes). Releasing a pool buffer waits for the device
+  // first (as cudaFree does), then gives the bytes back to the pool.
+  static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes, const DeviceMemoryPool* pool);
   ~DeviceBuffer();
   DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
@@ -55,8 +61,36 @@ class DeviceBuffer {
   size_t size() const { return size_; }
 
  private:
+  void Release();
   void* ptr_ = nullptr;
   size_t size_ = 0;
+  bool pooled_ = false;
+};
+
+// Device memory taken from the driver once and carved into buffers
+// (DeviceBuffer::Allocate with a pool): a CUDA memory pool whose `bytes`
+// are reserved at creation, kept when buffers are freed (release threshold:
+// never) and never exceeded (its maximum size), so other work on the device
+// cannot take the memory the pool's users were promised, and a pool
+// allocation fails cleanly instead of growing. Every buffer from it must be
+// gone before it is destroyed. Move-only.
+class DeviceMemoryPool {
+ public:
+  DeviceMemoryPool() = default;
+  // InvalidArgument for bytes == 0; ResourceExhausted when the device
+  // cannot give that much now.
+  static absl::StatusOr<DeviceMemoryPool> Create(int device, size_t bytes);
+  ~DeviceMemoryPool();
+  DeviceMemoryPool(DeviceMemoryPool&& o) noexcept { *this = std::move(o); }
+  DeviceMemoryPool& operator=(DeviceMemoryPool&& o) noexcept;
+  DeviceMemoryPool(const DeviceMemoryPool&) = delete;
+  DeviceMemoryPool& operator=(const DeviceMemoryPool&) = delete;
+  cudaMemPool_t get() const { return pool_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  cudaMemPool_t pool_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 class CudaStream {

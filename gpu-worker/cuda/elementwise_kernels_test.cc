@@ -769,5 +769,41 @@ TEST_F(ElementwiseKernelsGpuTest, DeviceBufferMovesOwnership) {
   EXPECT_EQ(c.get(), p);
 }
 
+// A memory pool takes its bytes from the device at creation; buffers carved
+// from it leave the device's free memory unchanged, hold what is written to
+// them, fail with ResourceExhausted past the pool's size (never growing it),
+// and give their bytes back to the pool when released.
+TEST_F(ElementwiseKernelsGpuTest, MemoryPoolIsTakenOnceAndNeverGrows) {
+  constexpr size_t kMiB = size_t{1} << 20;
+  size_t free0 = 0, free1 = 0, free2 = 0, total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free0, &total), cudaSuccess);
+  ASSERT_OK_AND_ASSIGN(DeviceMemoryPool pool, DeviceMemoryPool::Create(0, 64 * kMiB));
+  ASSERT_EQ(cudaMemGetInfo(&free1, &total), cudaSuccess);
+  EXPECT_GE(free0 - free1, 64 * kMiB);
+  EXPECT_LE(free0 - free1, 80 * kMiB);
+  std::vector<DeviceBuffer> held;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer b, DeviceBuffer::Allocate(20 * kMiB, &pool));
+    ASSERT_EQ(cudaMemset(b.get(), 0x11 * (i + 1), b.size()), cudaSuccess);
+    held.push_back(std::move(b));
+  }
+  ASSERT_EQ(cudaMemGetInfo(&free2, &total), cudaSuccess);
+  EXPECT_EQ(free2, free1);  // carved from the pool, not from the device
+  for (int i = 0; i < 3; ++i) {
+    std::vector<uint8_t> back(4096);
+    ASSERT_EQ(cudaMemcpy(back.data(), held[i].as<uint8_t>() + 20 * kMiB - 4096, back.size(),
+                         cudaMemcpyDeviceToHost), cudaSuccess);
+    for (uint8_t v : back) ASSERT_EQ(v, 0x11 * (i + 1));
+  }
+  absl::StatusOr<DeviceBuffer> over = DeviceBuffer::Allocate(20 * kMiB, &pool);
+  EXPECT_EQ(over.status().code(), absl::StatusCode::kResourceExhausted) << over.status();
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);  // the failure left no sticky error
+  held.pop_back();
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer again, DeviceBuffer::Allocate(20 * kMiB, &pool));
+  EXPECT_NE(again.get(), nullptr);
+  EXPECT_EQ(DeviceBuffer::Allocate(16, nullptr).ok(), true);  // no pool: cudaMalloc
+  EXPECT_EQ(DeviceMemoryPool::Create(0, 0).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace tailorkv::cuda

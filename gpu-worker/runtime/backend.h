@@ -137,6 +137,14 @@ class Backend {
   // Memory the backend could still give to sequences now (free device
   // memory on a GPU); 0 = no fixed pool (the CPU backend's host memory).
   virtual int64_t AvailableMemoryBytes() const { return 0; }
+  // Takes `bytes` of that memory once, for the sequences made from now on,
+  // so that nothing else on the device can take what the engine's budget
+  // promises (a GPU: a pool of device memory that sequences are carved
+  // from; a sequence then fails with ResourceExhausted when the pool has no
+  // room, never by growing it). Default: nothing to take (OK).
+  // ResourceExhausted when that much is not free; FailedPrecondition when
+  // already taken.
+  virtual absl::Status TakeMemoryPool(int64_t /*bytes*/) { return absl::OkStatus(); }
 };
 
 // The checks every Backend::Forward makes before touching `seq`: non-empty

@@ -258,8 +258,20 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     const int64_t available = engine->backend_->AvailableMemoryBytes();
     if (available > 0) {
       engine->kv_budget_bytes_ = static_cast<int64_t>(options.kv_memory_fraction * available);
-      spdlog::info("KV budget: {:.0f}% of the {:.1f} GiB of {} memory free after loading", 
+      spdlog::info("KV budget: {:.0f}% of the {:.1f} GiB of {} memory free after loading",
                    100 * options.kv_memory_fraction, available / 1073741824.0, engine->backend_->name());
+    }
+  }
+  if (engine->kv_budget_bytes_ > 0) {
+    // The budget's memory, taken now (a GPU: the sequences' pool).
+    if (absl::Status s = engine->backend_->TakeMemoryPool(engine->kv_budget_bytes_); !s.ok()) {
+      if (absl::IsResourceExhausted(s)) {
+        return absl::Status(s.code(), absl::StrFormat("KV budget of %.1f MiB: %s",
+                                                      engine->kv_budget_bytes_ / 1048576.0, s.message()));
+      }
+      // A driver without memory pools: sequences allocate as they start
+      // (the budget still bounds them).
+      spdlog::warn("KV budget: no memory pool ({}); sequences allocate as they start", s.ToString());
     }
   }
   {
