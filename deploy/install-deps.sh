@@ -3,7 +3,7 @@
 # Idempotent: packages already present are skipped by apt.
 set -euo pipefail
 PKGS=(
-  build-essential cmake ninja-build pkg-config git ca-certificates unzip python3 python3-pip
+  build-essential cmake ninja-build pkg-config git ca-certificates unzip python3 python3-pip python3-venv
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev libfmt-dev libboost-dev libgtest-dev libgmock-dev
   libopenblas-dev libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libicu-dev libssl-dev

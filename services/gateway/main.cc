@@ -1,0 +1,87 @@
+// gateway: the OpenAI-compatible HTTP front door over one or more
+// gpu-workers (HttpGateway, WorkerPool), with Prometheus metrics at
+// /metrics; gRPC health and reflection on --listen. Until SIGTERM/SIGINT,
+// then stops accepting, ends what runs and exits.
+#include <cstdlib>
+#include <memory>
+
+#include <CLI/CLI.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/service_main.h"
+#include "gateway/http_gateway.h"
+#include "gateway/worker_pool.h"
+#include "spdlog/spdlog.h"
+
+int main(int argc, char** argv) {
+  namespace gw = tailorkv::gateway;
+  std::string workers;
+  gw::HttpGatewayOptions http;
+  int max_body_kib = 1024;
+  int timeout_s = 600;
+  std::unique_ptr<gw::WorkerPool> pool;
+  gw::GatewayMetrics metrics;
+  std::unique_ptr<gw::HttpGateway> server;
+  if (const char* key = std::getenv("TAILORKV_API_KEY"); key != nullptr) http.api_key = key;
+  return tailorkv::common::RunServiceMain(
+      argc, argv,
+      {.name = "gateway",
+       .description = "tailorkv gateway: OpenAI-compatible HTTP over gpu-workers",
+       .default_listen = "127.0.0.1:50090",
+       .services = {},
+       .add_flags =
+           [&](CLI::App& app) {
+             app.add_option("--workers", workers, "the gpu-workers' gRPC addresses, comma-separated")->required();
+             app.add_option("--http-listen", http.listen,
+                            "host:port of the HTTP API (loopback by default; 0.0.0.0:PORT to expose it, "
+                            "with --api-key)")
+                 ->capture_default_str();
+             app.add_option("--api-key", http.api_key,
+                            "require 'Authorization: Bearer KEY' on /v1/* (or env TAILORKV_API_KEY)");
+             app.add_option("--max-body-kib", max_body_kib, "largest request body")
+                 ->check(CLI::Range(1, 1 << 20))
+                 ->capture_default_str();
+             app.add_option("--max-connections", http.max_connections, "connections served at once")
+                 ->check(CLI::Range(1, 100000))
+                 ->capture_default_str();
+             app.add_option("--max-tokens-cap", http.limits.max_tokens_cap, "largest max_tokens a request may ask")
+                 ->check(CLI::Range(1, 1 << 24))
+                 ->capture_default_str();
+             app.add_option("--default-max-tokens", http.limits.default_max_tokens,
+                            "max_tokens when a request sets none")
+                 ->check(CLI::Range(1, 1 << 24))
+                 ->capture_default_str();
+             app.add_option("--request-timeout-s", timeout_s, "deadline of a generation on the worker")
+                 ->check(CLI::Range(1, 86400))
+                 ->capture_default_str();
+           },
+       .init =
+           [&](const tailorkv::common::ServerOptions&,
+               std::vector<tailorkv::common::ServiceEntry>&) -> absl::Status {
+             if (http.limits.default_max_tokens > http.limits.max_tokens_cap) {
+               return absl::InvalidArgumentError(absl::StrCat("default-max-tokens: ", http.limits.default_max_tokens,
+                                                              " is above --max-tokens-cap ",
+                                                              http.limits.max_tokens_cap));
+             }
+             http.max_body_bytes = static_cast<size_t>(max_body_kib) << 10;
+             http.request_timeout = absl::Seconds(timeout_s);
+             gw::WorkerPoolOptions po;
+             po.workers = absl::StrSplit(workers, ',', absl::SkipWhitespace());
+             auto p = gw::WorkerPool::Create(po);
+             if (!p.ok()) return p.status();
+             pool = std::move(*p);
+             auto s = gw::HttpGateway::Start(http, pool.get(), &metrics);
+             if (!s.ok()) return s.status();
+             server = std::move(*s);
+             spdlog::info("HTTP API on {} (port {}), {} worker(s), {} ready, api key {}", http.listen, server->port(),
+                          pool->size(), pool->ready_count(), http.api_key.empty() ? "off" : "on");
+             return absl::OkStatus();
+           },
+       .before_drain = [&] { if (server) server->Stop(); },
+       .after_drain =
+           [&] {
+             server.reset();
+             pool.reset();
+           }});
+}

@@ -1,0 +1,185 @@
+"""The gateway driven by the official `openai` Python package (issue 15).
+
+Starts a real gpu-worker (CPU backend, SmolLM2) and a real gateway in front of
+it with an API key, then: models list; chat and completions, streaming and
+not (greedy: the streamed text equals the whole one); usage in the response
+and in the last stream event; stop strings; bad requests (OpenAI error
+objects, 4xx, `param` naming the field); a wrong key (401); a client that
+disconnects mid-stream (the worker's generation is aborted: its GetLoad
+shows no active request long before the generation could have finished);
+the gateway's /metrics. Exits non-zero on the first failed check.
+
+Usage: gateway_openai_test.py GATEWAY WORKER CLI MODEL
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import openai
+
+GATEWAY, WORKER, CLI, MODEL = sys.argv[1:5]
+KEY = "test-key-123"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, check, timeout_s):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"FAIL: {what} not within {timeout_s} s")
+
+
+def check(cond, what):
+    if not cond:
+        raise SystemExit(f"FAIL: {what}")
+    print(f"ok: {what}", flush=True)
+
+
+def worker_active(addr):
+    out = subprocess.run([CLI, "load", "--server", addr], capture_output=True, text=True, timeout=10).stdout
+    for part in out.split():
+        if part.startswith("active="):
+            return int(part.split("=")[1])
+    raise RuntimeError(out)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="gw-test-")
+    wport, gport, hport = free_port(), free_port(), free_port()
+    waddr = f"127.0.0.1:{wport}"
+    procs = []
+    try:
+        wlog = open(os.path.join(tmp, "worker.log"), "w")
+        procs.append(subprocess.Popen([WORKER, "--model", MODEL, "--backend", "cpu", "--threads", "2",
+                                       "--listen", waddr, "--max-context", "2048"],
+                                      stdout=wlog, stderr=subprocess.STDOUT))
+        glog = open(os.path.join(tmp, "gateway.log"), "w")
+        procs.append(subprocess.Popen([GATEWAY, "--workers", waddr, "--listen", f"127.0.0.1:{gport}",
+                                       "--http-listen", f"127.0.0.1:{hport}", "--api-key", KEY,
+                                       "--max-tokens-cap", "512"],
+                                      stdout=glog, stderr=subprocess.STDOUT))
+        base = f"http://127.0.0.1:{hport}"
+        wait_for("gateway /health 200",
+                 lambda: urllib.request.urlopen(base + "/health", timeout=2).status == 200, 120)
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+        models = client.models.list()
+        check(len(models.data) == 1 and models.data[0].id.startswith("SmolLM2"),
+              f"models.list names the model ({models.data[0].id})")
+
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        whole = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24, temperature=0)
+        text = whole.choices[0].message.content
+        check("Paris" in text, f"chat answers ({text!r})")
+        check(whole.usage.prompt_tokens > 0 and whole.usage.completion_tokens > 0, "chat usage")
+        check(whole.choices[0].finish_reason in ("stop", "length"), "chat finish_reason")
+
+        stream = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        parts, usage, finish = [], None, None
+        for ev in stream:
+            if ev.usage is not None:
+                usage = ev.usage
+            for ch in ev.choices:
+                if ch.delta.content:
+                    parts.append(ch.delta.content)
+                if ch.finish_reason:
+                    finish = ch.finish_reason
+        check("".join(parts) == text, "streamed chat text equals the whole response (greedy)")
+        check(usage is not None and usage.completion_tokens == whole.usage.completion_tokens,
+              "usage in the last stream event")
+        check(finish == whole.choices[0].finish_reason, "stream finish_reason")
+
+        comp = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=12, temperature=0)
+        ctext = comp.choices[0].text
+        sparts = [ev.choices[0].text for ev in client.completions.create(
+            model="smollm2", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True) if ev.choices]
+        check(len(ctext) > 0 and "".join(sparts) == ctext, f"completions, streamed and whole ({ctext!r})")
+
+        # A stop string taken from the greedy text: the answer ends before it.
+        words = ctext.split()
+        stop = " " + words[2]
+        cut = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                        stop=[stop])
+        check(cut.choices[0].text == ctext[:ctext.index(stop)] and cut.choices[0].finish_reason == "stop",
+              f"stop string {stop!r} ends the text ({cut.choices[0].text!r})")
+
+        for kwargs, param in (({"temperature": 7}, "temperature"), ({"n": 2}, "n"), ({"max_tokens": 100000},
+                                                                                    "max_tokens")):
+            try:
+                client.chat.completions.create(model="smollm2", messages=msgs, **kwargs)
+                raise SystemExit(f"FAIL: {kwargs} was accepted")
+            except openai.BadRequestError as e:
+                err = e.body if isinstance(e.body, dict) else {}
+                check(e.status_code == 400 and err.get("param") == param and err.get("type") ==
+                      "invalid_request_error", f"bad {param}: 400 with an error object naming it")
+        try:
+            client.chat.completions.create(model="smollm2", messages=[], max_tokens=4)
+            raise SystemExit("FAIL: empty messages accepted")
+        except openai.BadRequestError as e:
+            check(e.status_code == 400, "empty messages: 400")
+        try:
+            openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+            raise SystemExit("FAIL: a wrong key was accepted")
+        except openai.AuthenticationError as e:
+            check(e.status_code == 401, "a wrong API key: 401")
+
+        # A client that goes away mid-stream: 400 tokens would take ~12 s on
+        # this CPU; the worker must be idle again within 3 s of the close.
+        long_stream = client.chat.completions.create(
+            model="smollm2", max_tokens=400, temperature=0, stream=True,
+            messages=[{"role": "user", "content": "Write a very long story about a lighthouse keeper."}])
+        got = 0
+        for ev in long_stream:
+            if ev.choices and ev.choices[0].delta.content:
+                got += 1
+            if got >= 3:
+                break
+        check(worker_active(waddr) == 1, "the long generation runs on the worker")
+        t_close = time.time()
+        long_stream.close()
+        wait_for("the worker's generation aborted after the client left", lambda: worker_active(waddr) == 0, 3)
+        print(f"ok: worker idle {time.time() - t_close:.2f} s after the client closed its stream", flush=True)
+
+        metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        values = {}
+        for line in metrics.splitlines():
+            if line and not line.startswith("#"):
+                name, _, v = line.rpartition(" ")
+                values[name] = float(v)
+        check(values.get("tailorkv:time_to_first_token_seconds_count", 0) >= 6, "TTFT histogram in /metrics")
+        check(values.get("tailorkv:client_disconnects_total") == 1, "the disconnect is counted")
+        check(values.get('tailorkv:request_errors_total{status="400"}', 0) >= 4, "bad requests are counted")
+        check(values.get("tailorkv:gateway_workers_ready") == 1, "workers ready gauge")
+        print("PASS", flush=True)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for name in ("gateway.log", "worker.log"):
+            path = os.path.join(tmp, name)
+            if os.path.exists(path) and os.environ.get("GW_TEST_SHOW_LOGS"):
+                print(f"--- {name}\n" + open(path).read())
+
+
+if __name__ == "__main__":
+    main()
