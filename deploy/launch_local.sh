@@ -5,7 +5,9 @@
 # waits until each reports SERVING over grpc.health.v1,
 # has the profiler measure the model and store its layer plan (tkv-profile,
 # progress shown), starts the worker with that plan fetched from the
-# profiler, streams one generation through tailorkv-cli, then stops
+# profiler, streams one generation through tailorkv-cli, starts the gateway
+# (OpenAI-compatible HTTP) in front of the worker and asks through it too
+# (streamed as server-sent events), then stops
 # everything with SIGTERM (a trap makes sure nothing is left running on any
 # exit).
 #
@@ -20,7 +22,8 @@
 #   PROMPT     default "What is the capital of France? Answer in one sentence."
 #   --raw      send the prompt as plain text instead of a chat turn (chat is the default)
 #   --keep-running  leave the cluster up after the generation until Ctrl-C
-# Ports: TAILORKV_WORKER_PORT (50051), TAILORKV_PROFILER_PORT (50071);
+# Ports: TAILORKV_WORKER_PORT (50051), TAILORKV_PROFILER_PORT (50071),
+#        TAILORKV_HTTP_PORT (8080: the gateway's HTTP API), TAILORKV_GATEWAY_PORT (50090);
 #        kv-host on a UNIX socket in a fresh /tmp/tailorkv-kvhost.* folder
 #        (its fd channel beside it, .fd). Logs go to $BUILD_DIR/launch-logs/.
 set -euo pipefail
@@ -56,12 +59,15 @@ prompt="${positional[2]:-What is the capital of France? Answer in one sentence.}
 
 worker_port="${TAILORKV_WORKER_PORT:-50051}"
 profiler_port="${TAILORKV_PROFILER_PORT:-50071}"
+http_port="${TAILORKV_HTTP_PORT:-8080}"
+gateway_port="${TAILORKV_GATEWAY_PORT:-50090}"
 
 die() { echo "launch_local.sh: $*" >&2; exit 1; }
 
 [[ -f "$model" || -d "$model" ]] || die "model '$model' not found (run scripts/fetch_model.sh)"
 [[ "$plan" == dense || "$plan" == profiler ]] || die "--plan must be dense or profiler, got '$plan'"
-for bin in gpu-worker/server/gpu-worker kv-host/kv-host profiler/profiler profiler/tkv-profile services/cli/tailorkv-cli; do
+for bin in gpu-worker/server/gpu-worker kv-host/kv-host profiler/profiler profiler/tkv-profile services/cli/tailorkv-cli \
+  services/gateway/gateway; do
   [[ -x "$build_dir/$bin" ]] || die "$build_dir/$bin not built (cmake -S . -B $build_dir -G Ninja && ninja -C $build_dir)"
 done
 cli="$build_dir/services/cli/tailorkv-cli"
@@ -157,7 +163,46 @@ if [[ -x "$build_dir/bench/tkv_load_test" ]]; then
   "$cli" load --server "127.0.0.1:$worker_port" >&2
 fi
 
+# The front door: OpenAI-compatible HTTP over the worker.
+start gateway "$build_dir/services/gateway/gateway" --workers "127.0.0.1:$worker_port" \
+  --listen "127.0.0.1:$gateway_port" --http-listen "127.0.0.1:$http_port"
+http_base="http://127.0.0.1:$http_port"
+python3 - "$http_base" "$prompt" "$max_tokens" "${pids[3]}" <<'PY' || die "the gateway's HTTP API failed (log: $log_dir/gateway.log)"
+import json, os, sys, time, urllib.request
+base, prompt, max_tokens, pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+deadline = time.time() + 30
+while True:  # /health turns 200 once the gateway has seen a ready worker
+    try:
+        if urllib.request.urlopen(base + "/health", timeout=2).status == 200:
+            break
+    except Exception:
+        os.kill(pid, 0)  # the gateway still runs
+        if time.time() > deadline:
+            sys.exit("gateway not healthy after 30 s")
+        time.sleep(0.2)
+print(f"--- the same question over HTTP: POST {base}/v1/chat/completions (stream)", file=sys.stderr)
+body = {"model": "tailorkv", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+usage = None
+with urllib.request.urlopen(req, timeout=300) as resp:
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        usage = event.get("usage") or usage
+        for choice in event["choices"]:
+            sys.stdout.write(choice["delta"].get("content") or "")
+            sys.stdout.flush()
+print()
+print(f"[usage {usage}]", file=sys.stderr)
+PY
+echo "--- gateway metrics (Prometheus text at $http_base/metrics), a few lines:" >&2
+python3 -c "import sys,urllib.request; t=urllib.request.urlopen(sys.argv[1]+'/metrics').read().decode(); print('\n'.join(l for l in t.splitlines() if l.startswith(('tailorkv:time_to_first_token_seconds_count','tailorkv:generation_tokens_total','tailorkv:request_success_total'))))" "$http_base" >&2
+
 if ((keep_running)); then
-  echo "cluster running (worker 127.0.0.1:$worker_port); Ctrl-C stops it" >&2
+  echo "cluster running (worker 127.0.0.1:$worker_port, HTTP $http_base/v1); Ctrl-C stops it" >&2
   wait "${pids[2]}"
 fi

@@ -2,7 +2,8 @@
 # The main job, from a fresh Debian 12 machine: installs what is missing,
 # builds the services, fetches the real model (SmolLM2-135M-Instruct, GGUF
 # Q4_1, checksum-verified) and starts the cluster as local processes, then
-# streams a generation to the terminal over gRPC. The worker runs on the GPU
+# streams a generation to the terminal over gRPC, then asks the same question
+# through the gateway's OpenAI-compatible HTTP API. The worker runs on the GPU
 # when one exists (CUDA build), on the CPU otherwise.
 # Usage: deploy/quickstart.sh ["your prompt"] [--raw] [--max-tokens N] [--backend auto|cpu|cuda]
 set -euo pipefail
@@ -11,5 +12,5 @@ build="${BUILD_DIR:-build}"
 ./deploy/install-deps.sh
 model="$(./scripts/fetch_model.sh)"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$build" -j "$(nproc)" --target gpu-worker kv-host profiler tkv-profile tailorkv-cli tkv_load_test
+cmake --build "$build" -j "$(nproc)" --target gpu-worker kv-host profiler tkv-profile tailorkv-cli tkv_load_test gateway
 exec ./deploy/launch_local.sh "$model" "$build" "$@"
