@@ -143,6 +143,7 @@ absl::StatusOr<WorkerPool::Choice> WorkerPool::Choose(const std::vector<int>& ex
   }
   next_ = (best + 1) % n;
   ++workers_[best].in_flight;
+  ++workers_[best].chosen;
   return Choice{best, workers_[best].address, workers_[best].stub.get()};
 }
 
@@ -176,7 +177,9 @@ std::string WorkerPool::model_name() const {
 std::vector<WorkerPool::WorkerState> WorkerPool::states() const {
   absl::MutexLock lock(&mu_);
   std::vector<WorkerState> out;
-  for (const Worker& w : workers_) out.push_back({w.address, w.ready, w.load, w.in_flight, w.last_error});
+  for (const Worker& w : workers_) {
+    out.push_back({w.address, w.ready, w.load, w.in_flight, w.chosen, w.last_error});
+  }
   return out;
 }
 

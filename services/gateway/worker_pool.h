@@ -64,6 +64,7 @@ class WorkerPool {
     bool ready = false;
     int64_t load = 0;
     int in_flight = 0;  // the gateway's own requests there
+    uint64_t chosen = 0;  // requests sent there so far
     std::string last_error;
   };
   std::vector<WorkerState> states() const;
@@ -76,6 +77,7 @@ class WorkerPool {
     bool ready = false;
     int64_t load = 0;
     int in_flight = 0;
+    uint64_t chosen = 0;
     std::string last_error;
   };
   explicit WorkerPool(WorkerPoolOptions options) : options_(std::move(options)) {}
