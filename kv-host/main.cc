@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/service_main.h"
+#include "common/prometheus.h"
 #include "daemon/budget.h"
 #include "daemon/kv_host_daemon.h"
 #include "spdlog/spdlog.h"
@@ -102,5 +103,35 @@ int main(int argc, char** argv) {
              }
              if (open > 0) spdlog::warn("kv-host: stopping with {} sessions still open", open);
            },
-       .after_drain = [&] { daemon.reset(); }});
+       .after_drain = [&] { daemon.reset(); },
+       // The host tier's memory (vLLM has no such series; names follow ours).
+       .metrics =
+           [&]() -> std::string {
+             using tailorkv::common::AppendHeader;
+             using tailorkv::common::AppendSample;
+             std::string out;
+             if (daemon == nullptr) return out;
+             const tailorkv::v1::KvHostStats st = daemon->Stats();
+             AppendHeader(&out, "tailorkv:kvhost_budget_bytes", "gauge", "Host memory kv-host may hand out.");
+             AppendSample(&out, "tailorkv:kvhost_budget_bytes", "", static_cast<double>(st.budget_bytes()));
+             AppendHeader(&out, "tailorkv:kvhost_used_bytes", "gauge", "Arena bytes held by workers.");
+             AppendSample(&out, "tailorkv:kvhost_used_bytes", "", static_cast<double>(st.used_bytes()));
+             AppendHeader(&out, "tailorkv:kvhost_arenas", "gauge", "Arenas.");
+             AppendSample(&out, "tailorkv:kvhost_arenas", "", st.arenas());
+             AppendHeader(&out, "tailorkv:kvhost_attached_workers", "gauge", "Workers attached.");
+             AppendSample(&out, "tailorkv:kvhost_attached_workers", "", st.attached_workers());
+             int sessions = 0;
+             int64_t reserved = 0;
+             for (const auto& w : st.workers()) {
+               sessions += w.sessions_size();
+               reserved += w.reserved_bytes();
+             }
+             AppendHeader(&out, "tailorkv:kvhost_sessions", "gauge", "Open sessions (one per sequence with a host tier).");
+             AppendSample(&out, "tailorkv:kvhost_sessions", "", sessions);
+             AppendHeader(&out, "tailorkv:kvhost_reserved_bytes", "gauge", "Bytes handed out as slices.");
+             AppendSample(&out, "tailorkv:kvhost_reserved_bytes", "", static_cast<double>(reserved));
+             AppendHeader(&out, "tailorkv:kvhost_draining", "gauge", "1 while draining.");
+             AppendSample(&out, "tailorkv:kvhost_draining", "", st.draining() ? 1 : 0);
+             return out;
+           }});
 }

@@ -188,6 +188,7 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
       final->mutable_usage()->set_prompt_tokens(
           static_cast<int>(prepared->engine_request.prompt_tokens.size()));
       final->mutable_timings()->set_queue_ms(queue_ms);
+      finished_abort_.fetch_add(1);
       writer->Write(response);
       return grpc::Status::OK;
     }
@@ -217,9 +218,11 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
   if (context->IsCancelled() || (client_gone && !abort.aborted())) {
     const absl::Status ended = CallEndedStatus(*context);
     log->info("request '{}' ended early: {}", prepared->request_id, ended.ToString());
+    finished_abort_.fetch_add(1);
     return common::ToGrpcStatus(ended);
   }
   if (!result.ok()) {
+    failed_.fetch_add(1);
     log->error("request '{}' failed: {}", prepared->request_id, result.status().ToString());
     return common::ToGrpcStatus(result.status());
   }
@@ -235,6 +238,16 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
   const int decoded = result->completion_tokens - 1;
   timings->set_decode_tokens_per_second(
       decoded > 0 && result->decode_ms > 0 ? decoded * 1000.0 / result->decode_ms : 0.0);
+  ttft_.Observe((queue_ms + result->prefill_ms) / 1000.0);
+  if (decoded > 0) tpot_.Observe(result->decode_ms / 1000.0 / decoded);
+  e2e_.Observe((queue_ms + result->prefill_ms + result->decode_ms) / 1000.0);
+  queue_time_.Observe(queue_ms / 1000.0);
+  prompt_tokens_.fetch_add(result->prompt_tokens);
+  generation_tokens_.fetch_add(result->completion_tokens);
+  (result->finish_reason == runtime::FinishReason::kLength   ? finished_length_
+   : result->finish_reason == runtime::FinishReason::kCancelled ? finished_abort_
+                                                                : finished_stop_)
+      .fetch_add(1);
   log->info("request '{}': {} prompt + {} completion tokens, {} ({:.1f} ms queue, {:.1f} ms "
             "prefill, {:.1f} tok/s)",
             prepared->request_id, result->prompt_tokens, result->completion_tokens,
@@ -303,6 +316,65 @@ grpc::Status GenerationService::GetLoad(grpc::ServerContext* context,
   response->set_kv_budget_bytes(s.kv_budget_bytes);
   response->set_kv_admitted_bytes(s.kv_admitted_bytes);
   return grpc::Status::OK;
+}
+
+std::string GenerationService::PrometheusText() const {
+  using common::AppendHeader;
+  using common::AppendSample;
+  std::string out;
+  AppendHeader(&out, "tailorkv:time_to_first_token_seconds", "histogram", "Time to first token (queue + prefill).");
+  out += ttft_.Render("tailorkv:time_to_first_token_seconds");
+  AppendHeader(&out, "tailorkv:time_per_output_token_seconds", "histogram", "Mean time per output token after the first.");
+  out += tpot_.Render("tailorkv:time_per_output_token_seconds");
+  AppendHeader(&out, "tailorkv:e2e_request_latency_seconds", "histogram", "Request latency, arrival to last token.");
+  out += e2e_.Render("tailorkv:e2e_request_latency_seconds");
+  AppendHeader(&out, "tailorkv:request_queue_time_seconds", "histogram", "Time waiting for the engine.");
+  out += queue_time_.Render("tailorkv:request_queue_time_seconds");
+  AppendHeader(&out, "tailorkv:prompt_tokens_total", "counter", "Prompt tokens of finished requests.");
+  AppendSample(&out, "tailorkv:prompt_tokens_total", "", static_cast<double>(prompt_tokens_.load()));
+  AppendHeader(&out, "tailorkv:generation_tokens_total", "counter", "Generated tokens of finished requests.");
+  AppendSample(&out, "tailorkv:generation_tokens_total", "", static_cast<double>(generation_tokens_.load()));
+  AppendHeader(&out, "tailorkv:request_success_total", "counter", "Finished requests by finish reason.");
+  AppendSample(&out, "tailorkv:request_success_total", "finished_reason=\"stop\"", finished_stop_.load());
+  AppendSample(&out, "tailorkv:request_success_total", "finished_reason=\"length\"", finished_length_.load());
+  AppendSample(&out, "tailorkv:request_success_total", "finished_reason=\"abort\"", finished_abort_.load());
+  AppendHeader(&out, "tailorkv:request_failure_total", "counter", "Requests that failed in the engine.");
+  AppendSample(&out, "tailorkv:request_failure_total", "", failed_.load());
+  const runtime::Engine::SchedulerLoad s = engine_.scheduler_load();
+  AppendHeader(&out, "tailorkv:num_requests_running", "gauge", "Generations the engine runs now.");
+  AppendSample(&out, "tailorkv:num_requests_running", "", s.running);
+  AppendHeader(&out, "tailorkv:num_requests_waiting", "gauge", "Requests waiting (admission queue and KV memory).");
+  AppendSample(&out, "tailorkv:num_requests_waiting", "", queue_.waiting() + s.waiting);
+  AppendHeader(&out, "tailorkv:kv_budget_bytes", "gauge", "KV budget of the running generations (0: none).");
+  AppendSample(&out, "tailorkv:kv_budget_bytes", "", static_cast<double>(s.kv_budget_bytes));
+  AppendHeader(&out, "tailorkv:kv_admitted_bytes", "gauge", "Memory the running generations hold at their capacity.");
+  AppendSample(&out, "tailorkv:kv_admitted_bytes", "", static_cast<double>(s.kv_admitted_bytes));
+  AppendHeader(&out, "tailorkv:gpu_cache_usage_perc", "gauge", "Share of the KV budget in use (0 to 1; 0 without a budget).");
+  AppendSample(&out, "tailorkv:gpu_cache_usage_perc", "",
+               s.kv_budget_bytes > 0 ? static_cast<double>(s.kv_admitted_bytes) / s.kv_budget_bytes : 0.0);
+  // KV bytes of the running sequences per policy and tier.
+  const runtime::KvUsage kv = engine_.KvInUse();
+  const runtime::KvPlan plan = engine_.kv_plan();
+  std::map<std::string, std::pair<double, double>> per_policy;
+  for (const runtime::LayerKvPolicy& p : plan.layers) per_policy[std::string(runtime::KvPolicyName(p.kind))];
+  for (const runtime::LayerKvBytes& b : kv.layers) {
+    auto& v = per_policy[std::string(runtime::KvPolicyName(b.kind))];
+    v.first += static_cast<double>(b.device_bytes);
+    v.second += static_cast<double>(b.host_bytes);
+  }
+  AppendHeader(&out, "tailorkv:kv_cache_bytes", "gauge", "KV bytes the running sequences hold, by policy and tier.");
+  for (const auto& [policy, bytes] : per_policy) {
+    AppendSample(&out, "tailorkv:kv_cache_bytes", absl::StrCat("policy=\"", policy, "\",tier=\"device\""), bytes.first);
+    AppendSample(&out, "tailorkv:kv_cache_bytes", absl::StrCat("policy=\"", policy, "\",tier=\"host\""), bytes.second);
+  }
+  AppendHeader(&out, "tailorkv:kv_sequences", "gauge", "Sequences holding KV now.");
+  AppendSample(&out, "tailorkv:kv_sequences", "", kv.sequences);
+  AppendHeader(&out, "tailorkv:kv_plan_info", "gauge", "The KV plan in use (labels), always 1.");
+  AppendSample(&out, "tailorkv:kv_plan_info",
+               absl::StrCat("plan=\"", common::LabelValue(plan.name), "\",summary=\"",
+                            common::LabelValue(plan.Summary()), "\",backend=\"", std::string(engine_.backend_name()), "\""),
+               1);
+  return out;
 }
 
 }  // namespace tailorkv::worker

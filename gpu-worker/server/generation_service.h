@@ -20,6 +20,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/prometheus.h"
 #include "runtime/engine.h"
 #include "server/admission_queue.h"
 #include "server/request_validator.h"
@@ -59,6 +60,14 @@ class GenerationService final : public v1::Generation::Service {
   grpc::Status GetLoad(grpc::ServerContext* context, const v1::GetLoadRequest* request,
                        v1::Load* response) override;
 
+  // The worker's metrics in Prometheus text, vLLM's meanings under the
+  // `tailorkv:` prefix: request latency histograms (TTFT = queue + prefill,
+  // time per output token, end to end, queue time), token counters,
+  // finished requests by reason, requests running / waiting, KV bytes in
+  // use per policy and tier, the KV budget and its use, the plan in use.
+  // Thread-safe.
+  std::string PrometheusText() const;
+
  private:
   // Registers a request id for Abort; empty ids are not registered.
   class AbortRegistration;
@@ -68,6 +77,14 @@ class GenerationService final : public v1::Generation::Service {
   RequestValidator validator_;
   AdmissionQueue queue_;
   std::atomic<bool> draining_{false};
+
+  // Metrics of finished requests (PrometheusText).
+  common::Histogram ttft_{common::TtftBuckets()};
+  common::Histogram tpot_{common::TpotBuckets()};
+  common::Histogram e2e_{common::E2eBuckets()};
+  common::Histogram queue_time_{common::E2eBuckets()};
+  std::atomic<uint64_t> prompt_tokens_{0}, generation_tokens_{0};
+  std::atomic<uint64_t> finished_stop_{0}, finished_length_{0}, finished_abort_{0}, failed_{0};
 
   absl::Mutex abort_mu_;
   std::map<std::string, std::shared_ptr<std::atomic<bool>>> abort_flags_

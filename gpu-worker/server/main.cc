@@ -18,6 +18,7 @@
 #include "client/kv_host_client.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "common/metrics_http.h"
 #include "common/grpc_server.h"
 #include "common/logging.h"
 #include "common/openmp_env.h"
@@ -79,6 +80,7 @@ struct WorkerConfig {
   std::string log_level = "info";
   // "in-process", or kv-host's control plane (a gRPC target).
   std::string kv_host = "in-process";
+  std::string metrics_listen;  // empty: no /metrics endpoint
   int kv_host_timeout_ms = 30'000;
   int kv_budget_mib = 0;
   int stream_stall_ms = 10'000;
@@ -249,6 +251,8 @@ int main(int argc, char** argv) {
                  "plane (unix:///path/kv-host.sock; the daemon must run on this machine: arenas are "
                  "shared memory)")
       ->capture_default_str();
+  app.add_option("--metrics-listen", config.metrics_listen,
+                 "host:port of a Prometheus endpoint (GET /metrics; empty: none)");
   app.add_option("--kv-host-timeout-ms", config.kv_host_timeout_ms,
                  "how long to keep trying to attach to kv-host: at start, and when a request needs "
                  "it after kv-host went away (then UNAVAILABLE)")
@@ -368,11 +372,23 @@ int main(int argc, char** argv) {
     });
   }
   auto reload = std::make_unique<ReloadOnSighup>(plan_source, **engine);
+  std::unique_ptr<tailorkv::common::MetricsHttpServer> metrics;
+  if (!config.metrics_listen.empty()) {
+    auto m = tailorkv::common::MetricsHttpServer::Start(config.metrics_listen,
+                                                         [&service] { return service.PrometheusText(); });
+    if (!m.ok()) {
+      spdlog::error("cannot serve metrics: {}", m.status().ToString());
+      return 1;
+    }
+    metrics = std::move(*m);
+    spdlog::info("metrics on http://{}/metrics (port {})", config.metrics_listen, metrics->port());
+  }
   spdlog::info("ready on {}", (*server)->address());
 
   const int signo = signals.Wait();
   spdlog::info("received signal {}, draining", signo);
   (*server)->Drain();
+  metrics.reset();
   kv_host_health.Stop();
   reload.reset();
   server->reset();

@@ -1,5 +1,7 @@
 #include "common/service_main.h"
 
+#include "common/metrics_http.h"
+
 #include <cstdio>
 
 #include <CLI/CLI.hpp>
@@ -21,6 +23,10 @@ int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec) {
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
+  std::string metrics_listen;
+  if (spec.metrics) {
+    app.add_option("--metrics-listen", metrics_listen, "host:port of a Prometheus endpoint (GET /metrics; empty: none)");
+  }
   if (spec.add_flags) spec.add_flags(app);
   CLI11_PARSE(app, argc, argv);
 
@@ -46,9 +52,20 @@ int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec) {
     spdlog::error("cannot start the server: {}", server.status().ToString());
     return 1;
   }
+  std::unique_ptr<MetricsHttpServer> metrics;
+  if (!metrics_listen.empty()) {
+    auto m = MetricsHttpServer::Start(metrics_listen, spec.metrics);
+    if (!m.ok()) {
+      spdlog::error("cannot serve metrics: {}", m.status().ToString());
+      return 1;
+    }
+    metrics = std::move(*m);
+    spdlog::info("metrics on http://{}/metrics (port {})", metrics_listen, metrics->port());
+  }
   spdlog::info("ready on {}", (*server)->address());
   const int signo = signals.Wait();
   spdlog::info("received signal {}, draining", signo);
+  metrics.reset();
   if (spec.before_drain) spec.before_drain();
   (*server)->Drain();
   if (spec.after_drain) spec.after_drain();

@@ -36,6 +36,10 @@ struct ServiceMainSpec {
   // Optional: after the server drained, before logging shuts down (e.g.
   // destroy what init built, which may still log).
   std::function<void()> after_drain;
+  // Optional: the process's Prometheus text; adds --metrics-listen
+  // (host:port of GET /metrics; empty: none), served from after init until
+  // the drain.
+  std::function<std::string()> metrics;
 };
 
 // Returns the process exit code: 0 after a clean drain, 1 when the server

@@ -1,0 +1,105 @@
+#include "common/metrics_http.h"
+
+#include <atomic>
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace tailorkv::common {
+namespace {
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using tcp = asio::ip::tcp;
+}  // namespace
+
+struct MetricsHttpServer::Impl {
+  std::function<std::string()> render;
+  asio::io_context ioc;
+  tcp::acceptor acceptor{ioc};
+  tcp::endpoint bound;
+  std::atomic<bool> stopping{false};
+  std::thread thread;
+
+  void Loop() {
+    while (!stopping) {
+      beast::error_code ec;
+      tcp::socket socket(ioc);
+      acceptor.accept(socket, ec);
+      if (stopping) return;
+      if (ec) continue;
+      // A scraper that stalls must not hold the loop forever.
+      struct timeval tv = {5, 0};
+      setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+      setsockopt(socket.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+      beast::flat_buffer buffer;
+      http::request<http::string_body> req;
+      http::read(socket, buffer, req, ec);
+      if (ec) continue;
+      http::response<http::string_body> res;
+      res.version(11);
+      res.keep_alive(false);
+      res.set(http::field::server, "tailorkv-metrics");
+      const std::string target(req.target());
+      if (req.method() != http::verb::get && req.method() != http::verb::head) {
+        res.result(http::status::method_not_allowed);
+        res.body() = "GET /metrics\n";
+      } else if (target.substr(0, target.find('?')) != "/metrics") {
+        res.result(http::status::not_found);
+        res.body() = "GET /metrics\n";
+      } else {
+        res.result(http::status::ok);
+        res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+        res.body() = render();
+      }
+      res.prepare_payload();
+      http::write(socket, res, ec);
+      socket.shutdown(tcp::socket::shutdown_both, ec);
+    }
+  }
+};
+
+MetricsHttpServer::MetricsHttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+MetricsHttpServer::~MetricsHttpServer() {
+  impl_->stopping = true;
+  beast::error_code ec;
+  tcp::socket s(impl_->ioc);
+  tcp::endpoint to = impl_->bound;
+  if (to.address().is_unspecified()) to.address(asio::ip::address_v4::loopback());
+  s.connect(to, ec);  // wakes the blocking accept
+  if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+int MetricsHttpServer::port() const { return impl_->bound.port(); }
+
+absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const std::string& listen,
+                                                                           std::function<std::string()> render) {
+  const size_t colon = listen.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics-listen: want host:port, got '", listen, "'"));
+  }
+  beast::error_code ec;
+  const std::string host = listen.substr(0, colon);
+  const auto addr = asio::ip::make_address(host.empty() ? "0.0.0.0" : host, ec);
+  if (ec) return absl::InvalidArgumentError(absl::StrCat("metrics-listen: '", host, "' is not an IP address"));
+  auto impl = std::make_unique<Impl>();
+  impl->render = std::move(render);
+  const tcp::endpoint ep(addr, static_cast<uint16_t>(port));
+  impl->acceptor.open(ep.protocol(), ec);
+  if (!ec) impl->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) impl->acceptor.bind(ep, ec);
+  if (!ec) impl->acceptor.listen(16, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("metrics-listen ", listen, ": ", ec.message()));
+  impl->bound = impl->acceptor.local_endpoint();
+  Impl* raw = impl.get();
+  impl->thread = std::thread([raw] { raw->Loop(); });
+  return std::unique_ptr<MetricsHttpServer>(new MetricsHttpServer(std::move(impl)));
+}
+
+}  // namespace tailorkv::common
