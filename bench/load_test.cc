@@ -13,9 +13,19 @@
 // tokens, wall time, aggregate tokens/s, and per request the time to first
 // token and the gaps between streamed tokens (p50/p99 over all requests),
 // and the slowest request's completion (starvation shows there).
+// With --via-gateway HOST:PORT (the gateway's HTTP API in front of the same
+// worker), the alone and together phases run again through the gateway
+// (POST /v1/completions, streamed as server-sent events, greedy, the same
+// prompts), and the gateway's added latency is reported: p50 time to first
+// token, p50 gap between tokens and p50 request time, gateway minus direct.
 // Writes the figures as JSON (--out) and a table to stdout. Exit 0 when every
 // request of every phase completed (stalled clients excepted), else 1.
 #include <grpcpp/grpcpp.h>
+
+#include <boost/asio.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <functional>
 
 #include <algorithm>
 #include <atomic>
@@ -24,6 +34,7 @@
 #include <fstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -48,6 +59,7 @@ struct Options {
   int stalled = 1;
   int deadline_s = 300;
   std::string out;
+  std::string via_gateway;  // host:port of the gateway's HTTP API
 };
 
 struct RequestStats {
@@ -108,6 +120,85 @@ RequestStats RunOne(v1::Generation::Stub& stub, const Options& o, int index) {
   return r;
 }
 
+// The same request through the gateway's HTTP API, streamed: one event per
+// worker chunk; the tokens counted from the usage event.
+RequestStats RunOneHttp(const std::string& host, const std::string& port, const Options& o, int index) {
+  namespace asio = boost::asio;
+  namespace beast = boost::beast;
+  namespace http = beast::http;
+  RequestStats r;
+  const Clock::time_point t0 = Clock::now();
+  Clock::time_point last = t0;
+  try {
+    asio::io_context ioc;
+    asio::ip::tcp::socket sock(ioc);
+    asio::connect(sock, asio::ip::tcp::resolver(ioc).resolve(host, port));
+    nlohmann::json body = {{"model", "load-test"}, {"prompt", Prompt(o, index)}, {"max_tokens", o.max_tokens},
+                           {"temperature", 0}, {"stream", true}, {"stream_options", {{"include_usage", true}}}};
+    http::request<http::string_body> req{http::verb::post, "/v1/completions", 11};
+    req.set(http::field::host, host);
+    req.set(http::field::content_type, "application/json");
+    req.body() = body.dump();
+    req.prepare_payload();
+    http::write(sock, req);
+    beast::flat_buffer buf;
+    http::response_parser<http::buffer_body> parser;
+    parser.body_limit(boost::none);
+    http::read_header(sock, buf, parser);
+    if (parser.get().result() != http::status::ok) {
+      r.error = "HTTP " + std::to_string(parser.get().result_int());
+      return r;
+    }
+    std::string pending;
+    bool done = false;
+    int events = 0;
+    char data[16384];
+    while (!parser.is_done() && !done) {
+      parser.get().body().data = data;
+      parser.get().body().size = sizeof(data);
+      beast::error_code ec;
+      http::read_some(sock, buf, parser, ec);  // what has arrived: events as they come
+      if (ec == http::error::need_buffer) ec = {};
+      if (ec) {
+        r.error = ec.message();
+        return r;
+      }
+      pending.append(data, sizeof(data) - parser.get().body().size);
+      for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
+        const std::string event = pending.substr(0, end);
+        pending.erase(0, end + 2);
+        if (event.rfind("data: ", 0) != 0) continue;
+        if (event == "data: [DONE]") {
+          done = true;
+          break;
+        }
+        const nlohmann::json j = nlohmann::json::parse(event.substr(6), nullptr, false);
+        if (j.is_discarded()) continue;
+        if (j.contains("error")) {
+          r.error = j["error"].value("message", "error event");
+          return r;
+        }
+        if (j.contains("usage") && j["usage"].is_object()) r.tokens = j["usage"].value("completion_tokens", 0);
+        if (j.contains("choices") && !j["choices"].empty() && !j["choices"][0].value("text", "").empty()) {
+          const Clock::time_point now = Clock::now();
+          if (events++ == 0) {
+            r.ttft_ms = Ms(now - t0);
+          } else {
+            r.gaps_ms.push_back(Ms(now - last));
+          }
+          last = now;
+        }
+      }
+    }
+    r.ok = done;
+    if (!done && r.error.empty()) r.error = "the stream ended without [DONE]";
+  } catch (const std::exception& e) {
+    r.error = e.what();
+  }
+  r.total_ms = Ms(Clock::now() - t0);
+  return r;
+}
+
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -138,8 +229,10 @@ class StalledClient {
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader_;
 };
 
+// `http`: run each request through the gateway instead (no stalled clients).
 nlohmann::json RunPhase(const std::string& name, v1::Generation::Stub& stub, v1::Generation::Stub& stalled_stub,
-                        const Options& o, int clients, int stalled, bool* all_ok) {
+                        const Options& o, int clients, int stalled, bool* all_ok,
+                        const std::function<RequestStats(int)>* http = nullptr) {
   std::vector<std::unique_ptr<StalledClient>> stuck;
   for (int i = 0; i < stalled; ++i) stuck.push_back(std::make_unique<StalledClient>(stalled_stub, o, 1000 + i));
   std::vector<std::vector<RequestStats>> per_client(clients);
@@ -148,7 +241,10 @@ nlohmann::json RunPhase(const std::string& name, v1::Generation::Stub& stub, v1:
     std::vector<std::thread> threads;
     for (int c = 0; c < clients; ++c) {
       threads.emplace_back([&, c] {
-        for (int k = 0; k < o.requests; ++k) per_client[c].push_back(RunOne(stub, o, c * o.requests + k));
+        for (int k = 0; k < o.requests; ++k) {
+          const int index = c * o.requests + k;
+          per_client[c].push_back(http != nullptr ? (*http)(index) : RunOne(stub, o, index));
+        }
       });
     }
     for (auto& t : threads) t.join();
@@ -187,6 +283,7 @@ nlohmann::json RunPhase(const std::string& name, v1::Generation::Stub& stub, v1:
                       {"ttft_ms_p99", Percentile(ttft, 0.99)},
                       {"inter_token_ms_p50", Percentile(gaps, 0.5)},
                       {"inter_token_ms_p99", Percentile(gaps, 0.99)},
+                      {"request_ms_p50", Percentile(totals, 0.5)},
                       {"slowest_request_s", Percentile(totals, 1.0) / 1000}};
   std::printf("%-9s %7d %7d %6d %6d %8lld %8.2f %9.1f %9.1f %9.1f %9.1f %9.1f %9.2f\n", name.c_str(), clients,
               stalled, ok, failed, static_cast<long long>(tokens), wall_ms / 1000, tokens / (wall_ms / 1000),
@@ -214,6 +311,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0, 64));
   app.add_option("--deadline-s", o.deadline_s, "deadline of each request")->capture_default_str()->check(CLI::Range(1, 86400));
+  app.add_option("--via-gateway", o.via_gateway,
+                 "host:port of a gateway's HTTP API in front of the same worker: run alone and together again "
+                 "through it and report its added latency");
   app.add_option("--out", o.out, "JSON results file");
   CLI11_PARSE(app, argc, argv);
   if (o.min_words > o.max_words) {
@@ -245,16 +345,40 @@ int main(int argc, char** argv) {
   phases.push_back(RunPhase("alone", *stub, *stalled_stub, o, 1, 0, &all_ok));
   phases.push_back(RunPhase("together", *stub, *stalled_stub, o, o.clients, 0, &all_ok));
   if (o.stalled > 0) phases.push_back(RunPhase("stalled", *stub, *stalled_stub, o, o.clients, o.stalled, &all_ok));
-  const nlohmann::json& alone = phases[0];
-  const nlohmann::json& together = phases[1];
+  const nlohmann::json alone = phases[0];
+  const nlohmann::json together = phases[1];
   const double speedup = together["tokens_per_s"].get<double>() / alone["tokens_per_s"].get<double>();
   std::printf("aggregate tokens/s, %d clients vs one: %.2fx\n", o.clients, speedup);
   if (o.stalled > 0) {
     std::printf("inter-token p50 with %d stalled client(s) vs without: %.2fx\n", o.stalled,
                 phases[2]["inter_token_ms_p50"].get<double>() / std::max(1e-9, together["inter_token_ms_p50"].get<double>()));
   }
+  nlohmann::json overhead;
+  if (!o.via_gateway.empty()) {
+    const size_t colon = o.via_gateway.rfind(':');
+    if (colon == std::string::npos) {
+      std::fprintf(stderr, "tkv_load_test: --via-gateway wants host:port\n");
+      return 2;
+    }
+    const std::string host = o.via_gateway.substr(0, colon), port = o.via_gateway.substr(colon + 1);
+    const std::function<RequestStats(int)> http = [&](int index) { return RunOneHttp(host, port, o, index); };
+    const nlohmann::json g_alone = RunPhase("gw-alone", *stub, *stalled_stub, o, 1, 0, &all_ok, &http);
+    const nlohmann::json g_together = RunPhase("gw-togeth", *stub, *stalled_stub, o, o.clients, 0, &all_ok, &http);
+    phases.push_back(g_alone);
+    phases.push_back(g_together);
+    for (const auto& [label, direct, via] : {std::tuple{"alone", alone, g_alone}, std::tuple{"together", together, g_together}}) {
+      const double dt = via["ttft_ms_p50"].get<double>() - direct["ttft_ms_p50"].get<double>();
+      const double dg = via["inter_token_ms_p50"].get<double>() - direct["inter_token_ms_p50"].get<double>();
+      const double dr = via["request_ms_p50"].get<double>() - direct["request_ms_p50"].get<double>();
+      std::printf("gateway added (%s, p50): ttft %+.2f ms, per token %+.3f ms, per request %+.2f ms\n", label, dt, dg,
+                  dr);
+      overhead[label] = {{"ttft_ms_p50", dt}, {"inter_token_ms_p50", dg}, {"request_ms_p50", dr}};
+    }
+  }
   if (!o.out.empty()) {
     nlohmann::json j = {{"server", o.server},
+                        {"via_gateway", o.via_gateway},
+                        {"gateway_added", overhead},
                         {"max_tokens", o.max_tokens},
                         {"requests_per_client", o.requests},
                         {"prompt_words", {o.min_words, o.max_words}},
