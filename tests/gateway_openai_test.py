@@ -156,6 +156,16 @@ def main():
         wait_for("the worker's generation aborted after the client left", lambda: worker_active(waddr) == 0, 3)
         print(f"ok: worker idle {time.time() - t_close:.2f} s after the client closed its stream", flush=True)
 
+        # The same service over gRPC on the gateway's --listen address.
+        gaddr = f"127.0.0.1:{gport}"
+        out = subprocess.run([CLI, "generate", "--server", gaddr, "--chat", "--max-tokens", "24", "--temperature",
+                              "0", "--prompt", "What is the capital of France?"],
+                             capture_output=True, text=True, timeout=120)
+        check(out.returncode == 0 and out.stdout.strip() == text,
+              f"gRPC Generate through the gateway gives the same answer ({out.stdout.strip()!r})")
+        load = subprocess.run([CLI, "load", "--server", gaddr], capture_output=True, text=True, timeout=10)
+        check(load.returncode == 0 and "active=0" in load.stdout, "gRPC GetLoad through the gateway (summed)")
+
         metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
         values = {}
         for line in metrics.splitlines():

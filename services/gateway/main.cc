@@ -1,6 +1,7 @@
 // gateway: the OpenAI-compatible HTTP front door over one or more
 // gpu-workers (HttpGateway, WorkerPool), with Prometheus metrics at
-// /metrics; gRPC health and reflection on --listen. Until SIGTERM/SIGINT,
+// /metrics; on --listen the workers' own gRPC API (GenerationProxy), with
+// health and reflection. Until SIGTERM/SIGINT,
 // then stops accepting, ends what runs and exits.
 #include <cstdlib>
 #include <memory>
@@ -10,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/service_main.h"
+#include "gateway/generation_proxy.h"
 #include "gateway/http_gateway.h"
 #include "gateway/worker_pool.h"
 #include "spdlog/spdlog.h"
@@ -23,6 +25,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<gw::WorkerPool> pool;
   gw::GatewayMetrics metrics;
   std::unique_ptr<gw::HttpGateway> server;
+  std::unique_ptr<gw::GenerationProxy> proxy;
   if (const char* key = std::getenv("TAILORKV_API_KEY"); key != nullptr) http.api_key = key;
   return tailorkv::common::RunServiceMain(
       argc, argv,
@@ -58,7 +61,7 @@ int main(int argc, char** argv) {
            },
        .init =
            [&](const tailorkv::common::ServerOptions&,
-               std::vector<tailorkv::common::ServiceEntry>&) -> absl::Status {
+               std::vector<tailorkv::common::ServiceEntry>& services) -> absl::Status {
              if (http.limits.default_max_tokens > http.limits.max_tokens_cap) {
                return absl::InvalidArgumentError(absl::StrCat("default-max-tokens: ", http.limits.default_max_tokens,
                                                               " is above --max-tokens-cap ",
@@ -74,6 +77,8 @@ int main(int argc, char** argv) {
              auto s = gw::HttpGateway::Start(http, pool.get(), &metrics);
              if (!s.ok()) return s.status();
              server = std::move(*s);
+             proxy = std::make_unique<gw::GenerationProxy>(pool.get(), &metrics, http.request_timeout);
+             services.push_back({tailorkv::v1::Generation::service_full_name(), proxy.get()});
              spdlog::info("HTTP API on {} (port {}), {} worker(s), {} ready, api key {}", http.listen, server->port(),
                           pool->size(), pool->ready_count(), http.api_key.empty() ? "off" : "on");
              return absl::OkStatus();
@@ -82,6 +87,7 @@ int main(int argc, char** argv) {
        .after_drain =
            [&] {
              server.reset();
+             proxy.reset();
              pool.reset();
            }});
 }

@@ -147,6 +147,15 @@ absl::StatusOr<WorkerPool::Choice> WorkerPool::Choose(const std::vector<int>& ex
   return Choice{best, workers_[best].address, workers_[best].stub.get()};
 }
 
+std::vector<WorkerPool::Choice> WorkerPool::Ready() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<Choice> out;
+  for (size_t i = 0; i < workers_.size(); ++i) {
+    if (workers_[i].ready) out.push_back(Choice{static_cast<int>(i), workers_[i].address, workers_[i].stub.get()});
+  }
+  return out;
+}
+
 void WorkerPool::Done(int index) {
   absl::MutexLock lock(&mu_);
   if (index >= 0 && index < static_cast<int>(workers_.size()) && workers_[index].in_flight > 0) {

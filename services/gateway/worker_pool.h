@@ -48,6 +48,8 @@ class WorkerPool {
   // The least loaded ready worker not in `exclude`; Unavailable naming the
   // workers' states when none is ready.
   absl::StatusOr<Choice> Choose(const std::vector<int>& exclude = {});
+  // Every ready worker (not counted in flight): for calls sent to all.
+  std::vector<Choice> Ready() const;
   // A request on worker `index` ended (Choose counted it in flight).
   void Done(int index);
   // The worker failed a call: out of the rotation until the next poll that
