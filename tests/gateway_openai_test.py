@@ -156,6 +156,31 @@ def main():
         wait_for("the worker's generation aborted after the client left", lambda: worker_active(waddr) == 0, 3)
         print(f"ok: worker idle {time.time() - t_close:.2f} s after the client closed its stream", flush=True)
 
+        # HTTPS: a second gateway with a self-signed certificate; the client
+        # trusts it, a plain-HTTP client gets nothing.
+        cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+                       check=True, capture_output=True)
+        sport = free_port()
+        procs.append(subprocess.Popen([GATEWAY, "--workers", waddr, "--listen", f"127.0.0.1:{free_port()}",
+                                       "--http-listen", f"127.0.0.1:{sport}", "--tls-cert", cert, "--tls-key", key],
+                                      stdout=open(os.path.join(tmp, "gateway-tls.log"), "w"),
+                                      stderr=subprocess.STDOUT))
+        tls_client = openai.OpenAI(base_url=f"https://127.0.0.1:{sport}/v1", api_key="none", max_retries=0,
+                                   http_client=openai.DefaultHttpxClient(verify=cert, timeout=60))
+        wait_for("HTTPS gateway up", lambda: len(tls_client.models.list().data) == 1, 60)
+        tls_text = tls_client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24,
+                                                      temperature=0).choices[0].message.content
+        check(tls_text == text, "HTTPS (TLS) gives the same answer")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{sport}/health", timeout=5)
+            raise SystemExit("FAIL: plain HTTP was answered on the TLS port")
+        except SystemExit:
+            raise
+        except Exception:
+            check(True, "plain HTTP gets no answer on the TLS port")
+
         # The same service over gRPC on the gateway's --listen address.
         gaddr = f"127.0.0.1:{gport}"
         out = subprocess.run([CLI, "generate", "--server", gaddr, "--chat", "--max-tokens", "24", "--temperature",

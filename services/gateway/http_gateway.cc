@@ -5,8 +5,10 @@
 #include <unistd.h>
 
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <functional>
 #include <set>
 #include <thread>
@@ -35,11 +37,17 @@ double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 
 }  // namespace
 
-// One accepted connection: its socket, and the worker call in progress (so
-// that Stop can cancel it).
+// One accepted connection: its socket (and its TLS session over it, with
+// --tls-cert), and the worker call in progress (so that Stop can cancel it).
 struct Connection {
   explicit Connection(tcp::socket s) : socket(std::move(s)) {}
   tcp::socket socket;
+  std::unique_ptr<asio::ssl::stream<tcp::socket&>> tls;
+  // Runs f on the stream the HTTP traffic uses.
+  template <class F>
+  auto With(F&& f) {
+    return tls != nullptr ? f(*tls) : f(socket);
+  }
   absl::Mutex mu;
   grpc::ClientContext* call = nullptr;
   bool closed = false;
@@ -50,6 +58,7 @@ struct HttpGateway::Impl {
   WorkerPool* pool = nullptr;
   GatewayMetrics* metrics = nullptr;
   asio::io_context ioc;
+  std::unique_ptr<asio::ssl::context> tls;  // with --tls-cert
   tcp::acceptor acceptor{ioc};
   tcp::endpoint bound;
   std::thread accept_thread;
@@ -75,7 +84,7 @@ struct HttpGateway::Impl {
   bool Generate(Connection* c, Endpoint endpoint, const http::request<http::string_body>& req, bool keep_alive);
   bool WriteRaw(Connection* c, std::string_view bytes) {
     beast::error_code ec;
-    asio::write(c->socket, asio::buffer(bytes.data(), bytes.size()), ec);
+    c->With([&](auto& s) { asio::write(s, asio::buffer(bytes.data(), bytes.size()), ec); });
     return !ec;
   }
   bool WriteChunk(Connection* c, std::string_view data) {
@@ -106,6 +115,19 @@ absl::StatusOr<std::unique_ptr<HttpGateway>> HttpGateway::Start(HttpGatewayOptio
   if (ec) return absl::InvalidArgumentError(absl::StrCat("http-listen: '", host, "' is not an IP address"));
   if (options.max_connections < 1) return absl::InvalidArgumentError("max-connections: must be >= 1");
   auto impl = std::make_unique<Impl>();
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("tls-cert / tls-key: give both (or neither)");
+  }
+  if (!options.tls_cert_file.empty()) {
+    impl->tls = std::make_unique<asio::ssl::context>(asio::ssl::context::tls_server);
+    impl->tls->set_options(asio::ssl::context::default_workarounds | asio::ssl::context::no_sslv2 |
+                           asio::ssl::context::no_sslv3 | asio::ssl::context::no_tlsv1 |
+                           asio::ssl::context::no_tlsv1_1);
+    impl->tls->use_certificate_chain_file(options.tls_cert_file, ec);
+    if (ec) return absl::InvalidArgumentError(absl::StrCat("tls-cert ", options.tls_cert_file, ": ", ec.message()));
+    impl->tls->use_private_key_file(options.tls_key_file, asio::ssl::context::pem, ec);
+    if (ec) return absl::InvalidArgumentError(absl::StrCat("tls-key ", options.tls_key_file, ": ", ec.message()));
+  }
   impl->options = std::move(options);
   impl->pool = pool;
   impl->metrics = metrics;
@@ -185,7 +207,18 @@ void HttpGateway::Impl::AcceptLoop() {
       continue;
     }
     std::thread([this, c] {
-      Serve(c);
+      if (tls != nullptr) {
+        c->tls = std::make_unique<asio::ssl::stream<tcp::socket&>>(c->socket, *tls);
+        beast::error_code hec;
+        c->tls->handshake(asio::ssl::stream_base::server, hec);
+        if (hec) {
+          spdlog::debug("gateway: TLS handshake: {}", hec.message());
+        } else {
+          Serve(c);
+        }
+      } else {
+        Serve(c);
+      }
       beast::error_code ignored;
       c->socket.shutdown(tcp::socket::shutdown_both, ignored);
       c->socket.close(ignored);
@@ -204,7 +237,7 @@ void HttpGateway::Impl::Serve(Connection* c) {
     parser.body_limit(options.max_body_bytes);
     parser.header_limit(64 * 1024);
     beast::error_code ec;
-    http::read(c->socket, buffer, parser, ec);
+    c->With([&](auto& s) { http::read(s, buffer, parser, ec); });
     if (ec == http::error::body_limit) {
       metrics->Error(413);
       Reply(c, http::status::payload_too_large, "application/json",
@@ -241,7 +274,7 @@ bool HttpGateway::Impl::Reply(Connection* c, http::status status, const std::str
   res.body() = body;
   res.prepare_payload();
   beast::error_code ec;
-  http::write(c->socket, res, ec);
+  c->With([&](auto& s) { http::write(s, res, ec); });
   return !ec;
 }
 

@@ -34,6 +34,8 @@ namespace tailorkv::gateway {
 struct HttpGatewayOptions {
   std::string listen = "127.0.0.1:8080";  // host:port; port 0 picks one
   std::string api_key;                    // empty: no authentication
+  // PEM files: with both, the API is HTTPS (TLS 1.2+) only.
+  std::string tls_cert_file, tls_key_file;
   size_t max_body_bytes = 1 << 20;
   int max_connections = 256;
   ApiLimits limits;

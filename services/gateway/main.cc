@@ -42,6 +42,8 @@ int main(int argc, char** argv) {
                  ->capture_default_str();
              app.add_option("--api-key", http.api_key,
                             "require 'Authorization: Bearer KEY' on /v1/* (or env TAILORKV_API_KEY)");
+             app.add_option("--tls-cert", http.tls_cert_file, "PEM certificate chain: serve HTTPS (with --tls-key)");
+             app.add_option("--tls-key", http.tls_key_file, "PEM private key of --tls-cert");
              app.add_option("--max-body-kib", max_body_kib, "largest request body")
                  ->check(CLI::Range(1, 1 << 20))
                  ->capture_default_str();
@@ -79,8 +81,9 @@ int main(int argc, char** argv) {
              server = std::move(*s);
              proxy = std::make_unique<gw::GenerationProxy>(pool.get(), &metrics, http.request_timeout);
              services.push_back({tailorkv::v1::Generation::service_full_name(), proxy.get()});
-             spdlog::info("HTTP API on {} (port {}), {} worker(s), {} ready, api key {}", http.listen, server->port(),
-                          pool->size(), pool->ready_count(), http.api_key.empty() ? "off" : "on");
+             spdlog::info("HTTP{} API on {} (port {}), {} worker(s), {} ready, api key {}",
+                          http.tls_cert_file.empty() ? "" : "S", http.listen, server->port(), pool->size(),
+                          pool->ready_count(), http.api_key.empty() ? "off" : "on");
              return absl::OkStatus();
            },
        .before_drain = [&] { if (server) server->Stop(); },
