@@ -52,5 +52,6 @@ int main(int argc, char** argv) {
              services.push_back(
                  {tailorkv::v1::Profiler::service_full_name(), service.get()});
              return absl::OkStatus();
-           }});
+           },
+       .metrics = [&]() -> std::string { return service != nullptr ? service->PrometheusText() : std::string(); }});
 }

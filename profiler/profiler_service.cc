@@ -1,5 +1,7 @@
 #include "profiler/profiler_service.h"
 
+#include "common/prometheus.h"
+
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -156,6 +158,7 @@ grpc::Status ProfilerService::Profile(grpc::ServerContext* context,
   spdlog::info("profile of {} requested by {}", spec->model, context->peer());
   auto out = RunProfile(options_, *spec, progress);
   if (!out.ok()) {
+    profiles_failed_.fetch_add(1);
     spdlog::info("profile of {} ended: {}", spec->model, out.status().ToString());
     return common::ToGrpcStatus(out.status());
   }
@@ -183,6 +186,8 @@ grpc::Status ProfilerService::Profile(grpc::ServerContext* context,
   last.set_total(1);
   *last.mutable_plan() = *std::move(plan);
   writer->Write(last);
+  profiles_done_.fetch_add(1);
+  last_profile_seconds_.store(out->seconds);
   spdlog::info("plan {} stored for {} ({:.1f} s): {}", stored->plan_id, spec->model, out->seconds,
                stored->summary);
   return grpc::Status::OK;
@@ -225,6 +230,29 @@ grpc::Status ProfilerService::ListPlans(grpc::ServerContext*, const v1::ListPlan
   }
   response->set_next_page_token(page->next_page_token);
   return grpc::Status::OK;
+}
+
+std::string ProfilerService::PrometheusText() const {
+  std::string out;
+  common::AppendHeader(&out, "tailorkv:profiler_running", "gauge", "1 while a profile runs.");
+  common::AppendSample(&out, "tailorkv:profiler_running", "", busy_.load() ? 1 : 0);
+  common::AppendHeader(&out, "tailorkv:profiler_profiles_total", "counter", "Profiles by outcome.");
+  common::AppendSample(&out, "tailorkv:profiler_profiles_total", "outcome=\"stored\"", profiles_done_.load());
+  common::AppendSample(&out, "tailorkv:profiler_profiles_total", "outcome=\"failed\"", profiles_failed_.load());
+  common::AppendHeader(&out, "tailorkv:profiler_last_profile_seconds", "gauge", "The last stored profile's run time.");
+  common::AppendSample(&out, "tailorkv:profiler_last_profile_seconds", "", last_profile_seconds_.load());
+  // Plans kept: counted page by page (the store lists summaries only).
+  int64_t plans = 0;
+  std::string token;
+  do {
+    auto page = store_->List("", 1000, token);
+    if (!page.ok()) break;
+    plans += static_cast<int64_t>(page->plans.size());
+    token = page->next_page_token;
+  } while (!token.empty());
+  common::AppendHeader(&out, "tailorkv:profiler_plans", "gauge", "Plans in the store.");
+  common::AppendSample(&out, "tailorkv:profiler_plans", "", static_cast<double>(plans));
+  return out;
 }
 
 }  // namespace tailorkv::profiler

@@ -30,10 +30,16 @@ class ProfilerService final : public v1::Profiler::Service {
   grpc::Status ListPlans(grpc::ServerContext* context, const v1::ListPlansRequest* request,
                          v1::ListPlansResponse* response) override;
 
+  // Prometheus text: profiles running (0/1), finished / failed counters,
+  // the last profile's seconds, plans in the store. Thread-safe.
+  std::string PrometheusText() const;
+
  private:
   RunnerOptions options_;
   PlanStore* store_;
   std::atomic<bool> busy_{false};
+  std::atomic<uint64_t> profiles_done_{0}, profiles_failed_{0};
+  std::atomic<double> last_profile_seconds_{0};
 };
 
 // The request as the runner takes it (unset settings take PlanSettings'

@@ -9,7 +9,7 @@ the gateway, PromQL over the scraped data must return: every target up, the
 TTFT histogram's median on the worker and on the gateway, and the KV gauges
 (the worker's KV bytes per policy and tier, kv-host's budget and use).
 
-Usage: prometheus_scrape_test.py GATEWAY WORKER CLI MODEL KVHOST PROM_DIR
+Usage: prometheus_scrape_test.py GATEWAY WORKER CLI MODEL KVHOST PROM_DIR PROFILER
 """
 import glob
 import json
@@ -24,7 +24,7 @@ import time
 import urllib.parse
 import urllib.request
 
-GATEWAY, WORKER, CLI, MODEL, KVHOST, PROM_DIR = sys.argv[1:7]
+GATEWAY, WORKER, CLI, MODEL, KVHOST, PROM_DIR, PROFILER = sys.argv[1:8]
 
 
 def free_port():
@@ -77,7 +77,7 @@ def wait_for(what, cond, timeout_s):
 def main():
     tmp = tempfile.mkdtemp(prefix="prom-test-", dir="/tmp")
     sock = os.path.join(tmp, "kv.sock")
-    ports = {k: free_port() for k in ("kvm", "worker", "wm", "gw", "http", "prom")}
+    ports = {k: free_port() for k in ("kvm", "worker", "wm", "gw", "http", "prom", "prof", "profm")}
     procs = []
 
     def start(name, args):
@@ -93,6 +93,9 @@ def main():
         start("worker", [WORKER, "--model", MODEL, "--backend", "cpu", "--threads", "2", "--listen", waddr,
                          "--max-context", "2048", "--kv-host", f"unix://{sock}",
                          "--kv-plan", "hybrid:2:64:8:8:16:gpu", "--metrics-listen", f"127.0.0.1:{ports['wm']}"])
+        start("profiler", [PROFILER, "--listen", f"127.0.0.1:{ports['prof']}", "--models-dir",
+                           os.path.dirname(os.path.abspath(MODEL)), "--plans-dir", os.path.join(tmp, "plans"),
+                           "--metrics-listen", f"127.0.0.1:{ports['profm']}"])
         start("gateway", [GATEWAY, "--workers", waddr, "--listen", f"127.0.0.1:{ports['gw']}",
                           "--http-listen", f"127.0.0.1:{ports['http']}"])
         base = f"http://127.0.0.1:{ports['http']}"
@@ -100,7 +103,8 @@ def main():
         cfg = os.path.join(tmp, "prometheus.yml")
         with open(cfg, "w") as f:
             f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n")
-            for job, port in (("gateway", ports["http"]), ("worker", ports["wm"]), ("kv-host", ports["kvm"])):
+            for job, port in (("gateway", ports["http"]), ("worker", ports["wm"]), ("kv-host", ports["kvm"]),
+                              ("profiler", ports["profm"])):
                 f.write(f"  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
         start("prometheus", [prom_bin, f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/tsdb",
                              f"--web.listen-address=127.0.0.1:{ports['prom']}"])
@@ -114,9 +118,9 @@ def main():
                                          headers={"Content-Type": "application/json"})
             check(urllib.request.urlopen(req, timeout=120).status == 200, f"request {i} through the gateway")
 
-        wait_for("all three targets up",
-                 lambda: len([r for r in query(prom, "up == 1")]) == 3, 30)
-        check(True, "Prometheus scrapes gateway, worker and kv-host (up == 1)")
+        wait_for("all four targets up",
+                 lambda: len([r for r in query(prom, "up == 1")]) == 4, 30)
+        check(True, "Prometheus scrapes gateway, worker, kv-host and profiler (up == 1)")
         wait_for("the worker's requests scraped",
                  lambda: float(query(prom, 'tailorkv:time_to_first_token_seconds_count{job="worker"}')[0]["value"][1])
                  >= 3, 30)
@@ -135,6 +139,8 @@ def main():
         budget = float(query(prom, 'tailorkv:kvhost_budget_bytes')[0]["value"][1])
         used = float(query(prom, 'tailorkv:kvhost_used_bytes')[0]["value"][1])
         check(budget == float(1 << 30) and used > 0, f"kv-host's budget {budget:.0f} and use {used:.0f} bytes")
+        prof = query(prom, 'tailorkv:profiler_plans{job="profiler"}')
+        check(len(prof) == 1 and float(prof[0]["value"][1]) == 0, "the profiler's plan count (an empty store)")
         plan = query(prom, 'tailorkv:kv_plan_info')
         check(len(plan) == 1 and "sparse" in plan[0]["metric"]["summary"], "the plan in use as an info series")
         print("PASS", flush=True)
