@@ -20,7 +20,7 @@ targets=(tkv_cuda_test tkv_llama_bench gpu-worker tailorkv-cli kv-host)
 # whenever grep exits before ninja has written everything.)
 all_targets=$(ninja -C "$build" -t targets all)
 for t in tkv_attention_bench tkv_quant_attention_bench tkv_accuracy tkv-profile tkv_cuda_tap_test \
-  tkv_kv_host_processes_test tkv_kv_host_bench tkv_load_test tkv_batch_bench; do
+  tkv_kv_host_processes_test tkv_kv_host_bench tkv_load_test tkv_batch_bench gateway; do
   grep -q "^$t:" <<<"$all_targets" && targets+=("$t")
 done
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
