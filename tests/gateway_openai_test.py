@@ -156,23 +156,39 @@ def main():
         wait_for("the worker's generation aborted after the client left", lambda: worker_active(waddr) == 0, 3)
         print(f"ok: worker idle {time.time() - t_close:.2f} s after the client closed its stream", flush=True)
 
-        # HTTPS: a second gateway with a self-signed certificate; the client
-        # trusts it, a plain-HTTP client gets nothing.
+        # TLS end to end: a second worker and a second gateway with a
+        # self-signed certificate (gRPC and HTTP ports TLS only), the gateway
+        # reaching the worker over TLS; the client trusts the certificate,
+        # a plain-HTTP or plain-gRPC client gets nothing.
         cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
                        check=True, capture_output=True)
-        sport = free_port()
-        procs.append(subprocess.Popen([GATEWAY, "--workers", waddr, "--listen", f"127.0.0.1:{free_port()}",
+        sport, sgport, tls_waddr = free_port(), free_port(), f"127.0.0.1:{free_port()}"
+        procs.append(subprocess.Popen([WORKER, "--model", MODEL, "--backend", "cpu", "--threads", "1", "--listen",
+                                       tls_waddr, "--max-context", "2048", "--tls-cert", cert, "--tls-key", key],
+                                      stdout=open(os.path.join(tmp, "worker-tls.log"), "w"),
+                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([GATEWAY, "--workers", tls_waddr, "--workers-tls-ca", cert,
+                                       "--listen", f"127.0.0.1:{sgport}",
                                        "--http-listen", f"127.0.0.1:{sport}", "--tls-cert", cert, "--tls-key", key],
                                       stdout=open(os.path.join(tmp, "gateway-tls.log"), "w"),
                                       stderr=subprocess.STDOUT))
         tls_client = openai.OpenAI(base_url=f"https://127.0.0.1:{sport}/v1", api_key="none", max_retries=0,
                                    http_client=openai.DefaultHttpxClient(verify=cert, timeout=60))
-        wait_for("HTTPS gateway up", lambda: len(tls_client.models.list().data) == 1, 60)
+        # The model's name is known once the worker behind it answered.
+        wait_for("HTTPS gateway with a ready worker", lambda: tls_client.models.list().data[0].id.startswith("SmolLM2"),
+                 120)
         tls_text = tls_client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=24,
                                                       temperature=0).choices[0].message.content
-        check(tls_text == text, "HTTPS (TLS) gives the same answer")
+        check(tls_text == text, "HTTPS to the gateway, TLS from it to the worker: the same answer")
+        out = subprocess.run([CLI, "generate", "--server", f"127.0.0.1:{sgport}", "--tls-ca", cert, "--chat",
+                              "--max-tokens", "24", "--temperature", "0", "--prompt", "What is the capital of France?"],
+                             capture_output=True, text=True, timeout=120)
+        check(out.returncode == 0 and out.stdout.strip() == text, "gRPC over TLS through the gateway")
+        out = subprocess.run([CLI, "generate", "--server", f"127.0.0.1:{sgport}", "--timeout", "5", "--prompt", "x"],
+                             capture_output=True, text=True, timeout=60)
+        check(out.returncode != 0, "plain gRPC is refused on the TLS port")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{sport}/health", timeout=5)
             raise SystemExit("FAIL: plain HTTP was answered on the TLS port")

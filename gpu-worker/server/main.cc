@@ -188,6 +188,8 @@ int main(int argc, char** argv) {
   CLI::App app{"tailorkv gpu-worker: serves tailorkv.v1.Generation over gRPC"};
   app.add_option("--model", config.engine.model_path, "model file (.gguf) or safetensors directory")
       ->required();
+  app.add_option("--tls-cert", config.server.tls_cert_file, "PEM certificate chain: the gRPC port speaks TLS only");
+  app.add_option("--tls-key", config.server.tls_key_file, "PEM private key of --tls-cert");
   app.add_option("--listen", config.server.listen_address, "host:port to serve on")
       ->capture_default_str();
   app.add_option("--backend", config.engine.backend, "auto, cpu or cuda")->capture_default_str();

@@ -15,6 +15,8 @@
 //
 // Exit codes: 0 success; 1 the RPC failed (the gRPC status code and message
 // are printed); 2 bad command line; 3 health check answered but not SERVING.
+#include <fstream>
+#include <iterator>
 #include <cstdio>
 #include <iostream>
 #include <optional>
@@ -62,8 +64,15 @@ const char* FinishName(v1::FinishReason reason) {
   }
 }
 
+// --tls-ca: PEM root certificates; the services are then reached over TLS.
+std::string g_tls_ca;
+
 std::shared_ptr<grpc::Channel> Connect(const std::string& server) {
-  return grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  if (g_tls_ca.empty()) return grpc::CreateChannel(server, grpc::InsecureChannelCredentials());
+  std::ifstream in(g_tls_ca, std::ios::binary);
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  return grpc::CreateChannel(server, grpc::SslCredentials(ssl));
 }
 
 void SetDeadline(grpc::ClientContext& context, double seconds) {
@@ -289,11 +298,14 @@ int main(int argc, char** argv) {
   app.add_option("--server", server, "host:port of the service")->capture_default_str();
   app.add_option("--timeout", timeout_s, "call deadline in seconds (0 = none)")
       ->capture_default_str();
+  app.add_option("--tls-ca", g_tls_ca, "PEM root certificate(s): connect over TLS (services started with --tls-cert)")
+      ->check(CLI::ExistingFile);
 
   GenerateFlags gen;
   CLI::App* generate = app.add_subcommand("generate", "stream a generation to stdout");
   generate->add_option("--server", server, "host:port of the gpu-worker");
   generate->add_option("--timeout", timeout_s, "call deadline in seconds (0 = none)");
+  generate->add_option("--tls-ca", g_tls_ca, "PEM root certificate(s): connect over TLS")->check(CLI::ExistingFile);
   generate->add_option("--prompt", gen.prompt, "prompt text")->required();
   generate->add_flag("--chat,!--raw", gen.chat,
                      "apply the model's chat template (default); --raw sends the text as-is");
@@ -315,6 +327,7 @@ int main(int argc, char** argv) {
   CLI::App* load = app.add_subcommand(
       "load", "queued and active requests of a worker and the KV bytes they hold");
   load->add_option("--server", server, "host:port of the gpu-worker");
+  load->add_option("--tls-ca", g_tls_ca, "PEM root certificate(s): connect over TLS")->check(CLI::ExistingFile);
   load->add_flag("--layers", per_layer, "also list the KV bytes per layer");
   std::string abort_id;
   CLI::App* abort = app.add_subcommand("abort", "stop a request by its request id");

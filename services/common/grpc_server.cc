@@ -1,5 +1,8 @@
 #include "common/grpc_server.h"
 
+#include <fstream>
+#include <iterator>
+
 #include <chrono>
 #include <csignal>
 
@@ -37,15 +40,30 @@ absl::Status ServerOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("drain_grace_ms: must be >= 0, got ", drain_grace_ms));
   }
+  if (tls_cert_file.empty() != tls_key_file.empty()) {
+    return absl::InvalidArgumentError("tls-cert / tls-key: give both (or neither)");
+  }
+  for (const auto& [field, path] : {std::pair{"tls-cert", &tls_cert_file}, std::pair{"tls-key", &tls_key_file}}) {
+    if (!path->empty() && !std::ifstream(*path).good()) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": cannot read '", *path, "'"));
+    }
+  }
   return absl::OkStatus();
+}
+
+// The file's bytes ("" when unreadable; Validate checked).
+static std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 std::string ServerOptions::ToString() const {
   return absl::StrFormat(
       "listen=%s max_message_bytes=%d/%d max_concurrent_streams=%d keepalive=%dms/%dms "
-      "min_client_ping=%dms drain_grace=%dms",
+      "min_client_ping=%dms drain_grace=%dms tls=%s",
       listen_address, max_receive_message_bytes, max_send_message_bytes, max_concurrent_streams,
-      keepalive_time_ms, keepalive_timeout_ms, min_client_ping_interval_ms, drain_grace_ms);
+      keepalive_time_ms, keepalive_timeout_ms, min_client_ping_interval_ms, drain_grace_ms,
+      tls_cert_file.empty() ? "off" : tls_cert_file);
 }
 
 absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(const ServerOptions& options,
@@ -59,7 +77,13 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(const ServerOption
   self->options_ = options;
 
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &self->port_);
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!options.tls_cert_file.empty()) {
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({ReadAll(options.tls_key_file), ReadAll(options.tls_cert_file)});
+    creds = grpc::SslServerCredentials(ssl);
+  }
+  builder.AddListeningPort(options.listen_address, creds, &self->port_);
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   builder.SetMaxSendMessageSize(options.max_send_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);

@@ -40,6 +40,8 @@ struct ServerOptions {
   int min_client_ping_interval_ms = 10'000;
   // How long in-flight calls get to finish once a drain starts.
   int drain_grace_ms = 10'000;
+  // PEM files; with both, the port speaks TLS only (server authentication).
+  std::string tls_cert_file, tls_key_file;
 
   // InvalidArgument naming the field.
   absl::Status Validate() const;

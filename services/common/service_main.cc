@@ -23,6 +23,9 @@ int RunServiceMain(int argc, char** argv, const ServiceMainSpec& spec) {
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->capture_default_str();
+  app.add_option("--tls-cert", server_options.tls_cert_file,
+                 "PEM certificate chain: the gRPC port (and the gateway's HTTP API) speak TLS only");
+  app.add_option("--tls-key", server_options.tls_key_file, "PEM private key of --tls-cert");
   std::string metrics_listen;
   if (spec.metrics) {
     app.add_option("--metrics-listen", metrics_listen, "host:port of a Prometheus endpoint (GET /metrics; empty: none)");

@@ -18,7 +18,7 @@
 
 int main(int argc, char** argv) {
   namespace gw = tailorkv::gateway;
-  std::string workers;
+  std::string workers, pool_tls_ca;
   gw::HttpGatewayOptions http;
   int max_body_kib = 1024;
   int timeout_s = 600;
@@ -36,14 +36,14 @@ int main(int argc, char** argv) {
        .add_flags =
            [&](CLI::App& app) {
              app.add_option("--workers", workers, "the gpu-workers' gRPC addresses, comma-separated")->required();
+             app.add_option("--workers-tls-ca", pool_tls_ca,
+                            "PEM root certificate(s): reach the workers over TLS, verified against these");
              app.add_option("--http-listen", http.listen,
                             "host:port of the HTTP API (loopback by default; 0.0.0.0:PORT to expose it, "
                             "with --api-key)")
                  ->capture_default_str();
              app.add_option("--api-key", http.api_key,
                             "require 'Authorization: Bearer KEY' on /v1/* (or env TAILORKV_API_KEY)");
-             app.add_option("--tls-cert", http.tls_cert_file, "PEM certificate chain: serve HTTPS (with --tls-key)");
-             app.add_option("--tls-key", http.tls_key_file, "PEM private key of --tls-cert");
              app.add_option("--max-body-kib", max_body_kib, "largest request body")
                  ->check(CLI::Range(1, 1 << 20))
                  ->capture_default_str();
@@ -62,8 +62,11 @@ int main(int argc, char** argv) {
                  ->capture_default_str();
            },
        .init =
-           [&](const tailorkv::common::ServerOptions&,
+           [&](const tailorkv::common::ServerOptions& server_options,
                std::vector<tailorkv::common::ServiceEntry>& services) -> absl::Status {
+             // --tls-cert / --tls-key (the common flags) secure the HTTP API too.
+             http.tls_cert_file = server_options.tls_cert_file;
+             http.tls_key_file = server_options.tls_key_file;
              if (http.limits.default_max_tokens > http.limits.max_tokens_cap) {
                return absl::InvalidArgumentError(absl::StrCat("default-max-tokens: ", http.limits.default_max_tokens,
                                                               " is above --max-tokens-cap ",
@@ -73,6 +76,7 @@ int main(int argc, char** argv) {
              http.request_timeout = absl::Seconds(timeout_s);
              gw::WorkerPoolOptions po;
              po.workers = absl::StrSplit(workers, ',', absl::SkipWhitespace());
+             po.tls_ca_file = pool_tls_ca;
              auto p = gw::WorkerPool::Create(po);
              if (!p.ok()) return p.status();
              pool = std::move(*p);

@@ -3,6 +3,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <fstream>
+#include <iterator>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -20,6 +22,14 @@ absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Create(WorkerPoolOptions
     if (w.empty()) return absl::InvalidArgumentError("workers: an empty address");
     if (!seen.insert(w).second) return absl::InvalidArgumentError(absl::StrCat("workers: ", w, " twice"));
   }
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (!options.tls_ca_file.empty()) {
+    std::ifstream in(options.tls_ca_file, std::ios::binary);
+    if (!in.good()) return absl::InvalidArgumentError(absl::StrCat("workers-tls-ca: cannot read '", options.tls_ca_file, "'"));
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    creds = grpc::SslCredentials(ssl);
+  }
   auto pool = std::unique_ptr<WorkerPool>(new WorkerPool(options));
   for (const std::string& address : pool->options_.workers) {
     Worker w;
@@ -28,7 +38,7 @@ absl::StatusOr<std::unique_ptr<WorkerPool>> WorkerPool::Create(WorkerPoolOptions
     // Find a restarted worker quickly (gRPC's default backoff grows to 120 s).
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-    w.channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    w.channel = grpc::CreateCustomChannel(address, creds, args);
     w.stub = v1::Generation::NewStub(w.channel);
     w.last_error = "not polled yet";
     pool->workers_.push_back(std::move(w));

@@ -31,6 +31,9 @@ struct WorkerPoolOptions {
   std::vector<std::string> workers;  // host:port (or unix:path) each
   absl::Duration poll_interval = absl::Milliseconds(500);
   absl::Duration probe_timeout = absl::Milliseconds(1000);
+  // PEM root certificates: reach the workers over TLS (their --tls-cert
+  // verified against these); empty: plain connections.
+  std::string tls_ca_file;
 };
 
 class WorkerPool {
