@@ -143,7 +143,7 @@ RequestStats RunOneHttp(const std::string& host, const std::string& port, const 
     http::write(sock, req);
     beast::flat_buffer buf;
     http::response_parser<http::buffer_body> parser;
-    parser.body_limit(boost::none);
+    parser.body_limit(std::uint64_t{1} << 40);
     http::read_header(sock, buf, parser);
     if (parser.get().result() != http::status::ok) {
       r.error = "HTTP " + std::to_string(parser.get().result_int());

@@ -204,6 +204,17 @@ def main():
                              capture_output=True, text=True, timeout=120)
         check(out.returncode == 0 and out.stdout.strip() == text,
               f"gRPC Generate through the gateway gives the same answer ({out.stdout.strip()!r})")
+        out = subprocess.run([CLI, "generate", "--http", base, "--api-key", KEY, "--chat", "--max-tokens", "24",
+                              "--prompt", "What is the capital of France?"], capture_output=True, text=True, timeout=120)
+        check(out.returncode == 0 and out.stdout.strip() == text and "completion_tokens" in out.stderr,
+              "tailorkv-cli generate --http through the gateway: the same answer")
+        out = subprocess.run([CLI, "generate", "--http", f"https://127.0.0.1:{sport}", "--tls-ca", cert, "--chat",
+                              "--max-tokens", "24", "--prompt", "What is the capital of France?"],
+                             capture_output=True, text=True, timeout=120)
+        check(out.returncode == 0 and out.stdout.strip() == text, "tailorkv-cli generate --http over HTTPS")
+        out = subprocess.run([CLI, "generate", "--http", base, "--api-key", KEY, "--prompt", "x", "--temperature", "9"],
+                             capture_output=True, text=True, timeout=60)
+        check(out.returncode == 1 and "temperature" in out.stderr, f"--http shows the error object ({out.stderr.strip()})")
         load = subprocess.run([CLI, "load", "--server", gaddr], capture_output=True, text=True, timeout=10)
         check(load.returncode == 0 and "active=0" in load.stdout, "gRPC GetLoad through the gateway (summed)")
 

@@ -2,7 +2,8 @@
 //
 //   tailorkv-cli generate --server ADDR --prompt TEXT [--chat] [sampling flags]
 //       streams the generated text to stdout as it arrives, then usage and
-//       timings to stderr.
+//       timings to stderr; with --http URL the same through a gateway's
+//       OpenAI-compatible HTTP API (--api-key; https:// verified with --tls-ca).
 //   tailorkv-cli info --server ADDR        model, backend, KV plan and the KV
 //       bytes of one full-context sequence (per policy; --layers: per layer)
 //   tailorkv-cli load --server ADDR        queued/active requests and the KV
@@ -15,7 +16,17 @@
 //
 // Exit codes: 0 success; 1 the RPC failed (the gRPC status code and message
 // are printed); 2 bad command line; 3 health check answered but not SERVING.
+#include <sys/socket.h>
+
 #include <fstream>
+#include <utility>
+
+#include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <nlohmann/json.hpp>
 #include <iterator>
 #include <cstdio>
 #include <iostream>
@@ -27,6 +38,7 @@
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 
+#include "absl/strings/match.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -149,6 +161,129 @@ int RunGenerate(const std::string& server, double timeout_s, const GenerateFlags
                  first_token ? absl::ToDoubleMilliseconds(*first_token - start) : 0.0);
   }
   return 0;
+}
+
+// The same generation through a gateway's OpenAI-compatible HTTP API
+// (http[s]://host:port), streamed as server-sent events; text to stdout,
+// usage to stderr. HTTPS verifies the server against --tls-ca (else the
+// system's roots).
+int RunGenerateHttp(const std::string& url, const std::string& api_key, double timeout_s, const GenerateFlags& f) {
+  namespace asio = boost::asio;
+  namespace beast = boost::beast;
+  namespace http = beast::http;
+  auto fail = [&](const std::string& why) {
+    std::fprintf(stderr, "tailorkv-cli: %s: %s\n", url.c_str(), why.c_str());
+    return 1;
+  };
+  const bool https = absl::StartsWith(url, "https://");
+  if (!https && !absl::StartsWith(url, "http://")) return fail("--http wants http://host:port or https://host:port");
+  std::string hostport = url.substr(https ? 8 : 7);
+  if (const size_t slash = hostport.find('/'); slash != std::string::npos) hostport.resize(slash);
+  const size_t colon = hostport.rfind(':');
+  const std::string host = colon == std::string::npos ? hostport : hostport.substr(0, colon);
+  const std::string port = colon == std::string::npos ? (https ? "443" : "80") : hostport.substr(colon + 1);
+  if (f.top_k || f.repetition_penalty) return fail("--top-k and --repetition-penalty are not in the OpenAI API (use gRPC)");
+  nlohmann::json body = {{"model", "tailorkv"}, {"stream", true}, {"stream_options", {{"include_usage", true}}}};
+  if (f.chat) {
+    nlohmann::json messages = nlohmann::json::array();
+    if (!f.system.empty()) messages.push_back({{"role", "system"}, {"content", f.system}});
+    messages.push_back({{"role", "user"}, {"content", f.prompt}});
+    body["messages"] = messages;
+  } else {
+    body["prompt"] = f.prompt;
+  }
+  if (f.max_tokens) body["max_tokens"] = *f.max_tokens;
+  // Greedy unless asked, as over gRPC (OpenAI's own default is 1).
+  body["temperature"] = f.temperature ? *f.temperature : 0.0f;
+  if (f.top_p) body["top_p"] = *f.top_p;
+  if (f.seed) body["seed"] = *f.seed;
+  if (!f.stop.empty()) body["stop"] = f.stop;
+  http::request<http::string_body> req{http::verb::post, f.chat ? "/v1/chat/completions" : "/v1/completions", 11};
+  req.set(http::field::host, host);
+  req.set(http::field::content_type, "application/json");
+  if (!api_key.empty()) req.set(http::field::authorization, "Bearer " + api_key);
+  req.body() = body.dump();
+  req.prepare_payload();
+  try {
+    asio::io_context ioc;
+    asio::ip::tcp::socket sock(ioc);
+    asio::connect(sock, asio::ip::tcp::resolver(ioc).resolve(host, port));
+    if (timeout_s > 0) {
+      struct timeval tv = {static_cast<time_t>(timeout_s), 0};
+      setsockopt(sock.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    }
+    asio::ssl::context ctx(asio::ssl::context::tls_client);
+    std::unique_ptr<asio::ssl::stream<asio::ip::tcp::socket&>> tls;
+    if (https) {
+      ctx.set_verify_mode(asio::ssl::verify_peer);
+      if (!g_tls_ca.empty()) {
+        ctx.load_verify_file(g_tls_ca);
+      } else {
+        ctx.set_default_verify_paths();
+      }
+      tls = std::make_unique<asio::ssl::stream<asio::ip::tcp::socket&>>(sock, ctx);
+      SSL_set_tlsext_host_name(tls->native_handle(), host.c_str());
+      tls->set_verify_callback(asio::ssl::host_name_verification(host));
+      tls->handshake(asio::ssl::stream_base::client);
+    }
+    auto io = [&](auto&& fn) { return tls ? fn(*tls) : fn(sock); };
+    io([&](auto& s) { http::write(s, req); });
+    beast::flat_buffer buf;
+    http::response_parser<http::buffer_body> parser;
+    parser.body_limit(std::uint64_t{1} << 40);
+    io([&](auto& s) { http::read_header(s, buf, parser); });
+    if (parser.get().result() != http::status::ok) {
+      // An error object: read it whole and show its message.
+      http::response_parser<http::string_body> whole{std::move(parser)};
+      whole.body_limit(std::uint64_t{1} << 20);
+      beast::error_code ec;
+      io([&](auto& s) { http::read(s, buf, whole, ec); });
+      const nlohmann::json j = nlohmann::json::parse(whole.get().body(), nullptr, false);
+      const std::string msg = !j.is_discarded() && j.contains("error") ? j["error"].value("message", whole.get().body())
+                                                                       : whole.get().body();
+      return fail(absl::StrCat("HTTP ", whole.get().result_int(), ": ", msg));
+    }
+    std::string pending, usage;
+    const bool ok_status = true;
+    char data[16384];
+    bool done = false;
+    while (!parser.is_done() && !done) {
+      parser.get().body().data = data;
+      parser.get().body().size = sizeof(data);
+      beast::error_code ec;
+      io([&](auto& s) { http::read_some(s, buf, parser, ec); });
+      if (ec == http::error::need_buffer) ec = {};
+      if (ec) return fail(ec.message());
+      pending.append(data, sizeof(data) - parser.get().body().size);
+      if (!ok_status) continue;
+      for (size_t end; (end = pending.find("\n\n")) != std::string::npos;) {
+        const std::string event = pending.substr(0, end);
+        pending.erase(0, end + 2);
+        if (event == "data: [DONE]") {
+          done = true;
+          break;
+        }
+        if (event.rfind("data: ", 0) != 0) continue;
+        const nlohmann::json j = nlohmann::json::parse(event.substr(6), nullptr, false);
+        if (j.is_discarded()) continue;
+        if (j.contains("error")) return fail(j["error"].value("message", "error"));
+        if (j.contains("usage") && j["usage"].is_object()) usage = j["usage"].dump();
+        for (const auto& choice : j.value("choices", nlohmann::json::array())) {
+          const std::string text = f.chat ? choice["delta"].value("content", "") : choice.value("text", "");
+          std::fwrite(text.data(), 1, text.size(), stdout);
+          std::fflush(stdout);
+        }
+      }
+    }
+    if (!ok_status) {
+      return fail(absl::StrCat("HTTP ", parser.get().result_int(), ": ", pending));
+    }
+    std::fputc('\n', stdout);
+    std::fprintf(stderr, "[usage %s]\n", usage.c_str());
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
 }
 
 std::string Bytes(int64_t n) {
@@ -318,6 +453,11 @@ int main(int argc, char** argv) {
   generate->add_option("--seed", gen.seed, "sampling seed");
   generate->add_option("--repetition-penalty", gen.repetition_penalty, "1 = off");
   generate->add_option("--stop", gen.stop, "stop string (repeatable)");
+  std::string http_url, api_key;
+  if (const char* k = std::getenv("TAILORKV_API_KEY"); k != nullptr) api_key = k;
+  generate->add_option("--http", http_url,
+                       "a gateway's OpenAI-compatible HTTP API (http://host:port or https://...) instead of gRPC");
+  generate->add_option("--api-key", api_key, "with --http: the gateway's API key (or env TAILORKV_API_KEY)");
 
   bool per_layer = false;
   CLI::App* info = app.add_subcommand(
@@ -348,7 +488,9 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
 
-  if (*generate) return RunGenerate(server, timeout_s, gen);
+  if (*generate) {
+    return http_url.empty() ? RunGenerate(server, timeout_s, gen) : RunGenerateHttp(http_url, api_key, timeout_s, gen);
+  }
   if (*info) return RunInfo(server, timeout_s, per_layer);
   if (*load) return RunLoad(server, timeout_s, per_layer);
   if (*abort) return RunAbort(server, timeout_s, abort_id);
