@@ -189,6 +189,9 @@ def main():
         out = subprocess.run([CLI, "generate", "--server", f"127.0.0.1:{sgport}", "--timeout", "5", "--prompt", "x"],
                              capture_output=True, text=True, timeout=60)
         check(out.returncode != 0, "plain gRPC is refused on the TLS port")
+        load = subprocess.run([CLI, "load", "--server", f"127.0.0.1:{sgport}", "--tls-ca", cert],
+                              capture_output=True, text=True, timeout=10)
+        check(load.returncode == 0 and "active=0" in load.stdout, "gRPC GetLoad through the gateway (summed)")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{sport}/health", timeout=5)
             raise SystemExit("FAIL: plain HTTP was answered on the TLS port")
@@ -199,8 +202,8 @@ def main():
 
         # The same service over gRPC on the gateway's --listen address.
         gaddr = f"127.0.0.1:{gport}"
-        out = subprocess.run([CLI, "generate", "--server", gaddr, "--chat", "--max-tokens", "24", "--temperature",
-                              "0", "--prompt", "What is the capital of France?"],
+        out = subprocess.run([CLI, "generate", "--server", gaddr, "--api-key", KEY, "--chat", "--max-tokens", "24",
+                              "--temperature", "0", "--prompt", "What is the capital of France?"],
                              capture_output=True, text=True, timeout=120)
         check(out.returncode == 0 and out.stdout.strip() == text,
               f"gRPC Generate through the gateway gives the same answer ({out.stdout.strip()!r})")
@@ -215,8 +218,10 @@ def main():
         out = subprocess.run([CLI, "generate", "--http", base, "--api-key", KEY, "--prompt", "x", "--temperature", "9"],
                              capture_output=True, text=True, timeout=60)
         check(out.returncode == 1 and "temperature" in out.stderr, f"--http shows the error object ({out.stderr.strip()})")
-        load = subprocess.run([CLI, "load", "--server", gaddr], capture_output=True, text=True, timeout=10)
-        check(load.returncode == 0 and "active=0" in load.stdout, "gRPC GetLoad through the gateway (summed)")
+        nokey = subprocess.run([CLI, "generate", "--server", gaddr, "--prompt", "x", "--max-tokens", "2"],
+                               capture_output=True, text=True, timeout=60)
+        check(nokey.returncode != 0 and "UNAUTHENTICATED" in (nokey.stdout + nokey.stderr).upper(),
+              "gRPC without the key: UNAUTHENTICATED")
 
         metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
         values = {}

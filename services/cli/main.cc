@@ -103,6 +103,7 @@ struct GenerateFlags {
   std::optional<int> top_k;
   std::optional<uint64_t> seed;
   std::vector<std::string> stop;
+  std::string api_key;  // a gateway's --api-key (HTTP header or gRPC metadata)
 };
 
 int RunGenerate(const std::string& server, double timeout_s, const GenerateFlags& f) {
@@ -132,6 +133,7 @@ int RunGenerate(const std::string& server, double timeout_s, const GenerateFlags
   auto stub = v1::Generation::NewStub(Connect(server));
   grpc::ClientContext context;
   SetDeadline(context, timeout_s);
+  if (!f.api_key.empty()) context.AddMetadata("authorization", "Bearer " + f.api_key);
   const absl::Time start = absl::Now();
   std::optional<absl::Time> first_token;
   auto reader = stub->Generate(&context, request);
@@ -453,11 +455,11 @@ int main(int argc, char** argv) {
   generate->add_option("--seed", gen.seed, "sampling seed");
   generate->add_option("--repetition-penalty", gen.repetition_penalty, "1 = off");
   generate->add_option("--stop", gen.stop, "stop string (repeatable)");
-  std::string http_url, api_key;
-  if (const char* k = std::getenv("TAILORKV_API_KEY"); k != nullptr) api_key = k;
+  std::string http_url;
+  if (const char* k = std::getenv("TAILORKV_API_KEY"); k != nullptr) gen.api_key = k;
   generate->add_option("--http", http_url,
                        "a gateway's OpenAI-compatible HTTP API (http://host:port or https://...) instead of gRPC");
-  generate->add_option("--api-key", api_key, "with --http: the gateway's API key (or env TAILORKV_API_KEY)");
+  generate->add_option("--api-key", gen.api_key, "a gateway's API key, sent over HTTP or gRPC (or env TAILORKV_API_KEY)");
 
   bool per_layer = false;
   CLI::App* info = app.add_subcommand(
@@ -489,7 +491,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   if (*generate) {
-    return http_url.empty() ? RunGenerate(server, timeout_s, gen) : RunGenerateHttp(http_url, api_key, timeout_s, gen);
+    return http_url.empty() ? RunGenerate(server, timeout_s, gen) : RunGenerateHttp(http_url, gen.api_key, timeout_s, gen);
   }
   if (*info) return RunInfo(server, timeout_s, per_layer);
   if (*load) return RunLoad(server, timeout_s, per_layer);

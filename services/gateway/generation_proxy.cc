@@ -25,8 +25,20 @@ std::chrono::system_clock::time_point Deadline(const grpc::ServerContext* contex
 
 }  // namespace
 
+grpc::Status GenerationProxy::CheckKey(const grpc::ServerContext* context) const {
+  if (api_key_.empty()) return grpc::Status::OK;
+  const auto& md = context->client_metadata();
+  const auto it = md.find("authorization");
+  if (it != md.end() && std::string(it->second.data(), it->second.size()) == "Bearer " + api_key_) {
+    return grpc::Status::OK;
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      "authorization: 'Bearer <api key>' metadata is required (the gateway's --api-key)");
+}
+
 grpc::Status GenerationProxy::Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                                        grpc::ServerWriter<v1::GenerateResponse>* writer) {
+  if (grpc::Status st = CheckKey(context); !st.ok()) return st;
   std::vector<int> tried;
   metrics_->running.fetch_add(1);
   struct Guard {
@@ -87,6 +99,7 @@ grpc::Status GenerationProxy::Generate(grpc::ServerContext* context, const v1::G
 
 grpc::Status GenerationProxy::Abort(grpc::ServerContext* context, const v1::AbortRequest* request,
                                     v1::AbortResponse* response) {
+  if (grpc::Status st = CheckKey(context); !st.ok()) return st;
   for (const WorkerPool::Choice& w : pool_->Ready()) {
     grpc::ClientContext upstream;
     upstream.set_deadline(Deadline(context, absl::Seconds(5)));
@@ -100,6 +113,7 @@ grpc::Status GenerationProxy::Abort(grpc::ServerContext* context, const v1::Abor
 
 grpc::Status GenerationProxy::GetModelInfo(grpc::ServerContext* context, const v1::GetModelInfoRequest* request,
                                            v1::ModelInfo* response) {
+  if (grpc::Status st = CheckKey(context); !st.ok()) return st;
   const std::vector<WorkerPool::Choice> ready = pool_->Ready();
   if (ready.empty()) return Unavailable(absl::UnavailableError("no worker is ready"));
   grpc::ClientContext upstream;
@@ -109,6 +123,7 @@ grpc::Status GenerationProxy::GetModelInfo(grpc::ServerContext* context, const v
 
 grpc::Status GenerationProxy::GetLoad(grpc::ServerContext* context, const v1::GetLoadRequest* request,
                                       v1::Load* response) {
+  if (grpc::Status st = CheckKey(context); !st.ok()) return st;
   const std::vector<WorkerPool::Choice> ready = pool_->Ready();
   if (ready.empty()) return Unavailable(absl::UnavailableError("no worker is ready"));
   bool all_draining = true;

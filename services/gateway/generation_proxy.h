@@ -8,7 +8,9 @@
 // Abort is sent to every ready worker (request ids are the client's; the
 // one running it aborts, the others answer OK). GetModelInfo is a ready
 // worker's. GetLoad sums the ready workers' loads (max_queue and
-// max_running too; draining only when every worker drains).
+// max_running too; draining only when every worker drains). With an API
+// key, every call must carry `authorization: Bearer <key>` metadata
+// (UNAUTHENTICATED otherwise), as the HTTP API's requests must.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -22,8 +24,9 @@ namespace tailorkv::gateway {
 class GenerationProxy final : public tailorkv::v1::Generation::Service {
  public:
   // `pool` and `metrics` must outlive the service.
-  GenerationProxy(WorkerPool* pool, GatewayMetrics* metrics, absl::Duration request_timeout)
-      : pool_(pool), metrics_(metrics), request_timeout_(request_timeout) {}
+  GenerationProxy(WorkerPool* pool, GatewayMetrics* metrics, absl::Duration request_timeout,
+                  std::string api_key = "")
+      : pool_(pool), metrics_(metrics), request_timeout_(request_timeout), api_key_(std::move(api_key)) {}
 
   grpc::Status Generate(grpc::ServerContext* context, const tailorkv::v1::GenerateRequest* request,
                         grpc::ServerWriter<tailorkv::v1::GenerateResponse>* writer) override;
@@ -38,6 +41,9 @@ class GenerationProxy final : public tailorkv::v1::Generation::Service {
   WorkerPool* pool_;
   GatewayMetrics* metrics_;
   absl::Duration request_timeout_;
+  std::string api_key_;
+  // OK, or UNAUTHENTICATED when a key is set and the call lacks it.
+  grpc::Status CheckKey(const grpc::ServerContext* context) const;
 };
 
 }  // namespace tailorkv::gateway

@@ -43,7 +43,8 @@ int main(int argc, char** argv) {
                             "with --api-key)")
                  ->capture_default_str();
              app.add_option("--api-key", http.api_key,
-                            "require 'Authorization: Bearer KEY' on /v1/* (or env TAILORKV_API_KEY)");
+                            "require 'Authorization: Bearer KEY' on /v1/* and on the gRPC calls (or env "
+                            "TAILORKV_API_KEY)");
              app.add_option("--max-body-kib", max_body_kib, "largest request body")
                  ->check(CLI::Range(1, 1 << 20))
                  ->capture_default_str();
@@ -83,7 +84,7 @@ int main(int argc, char** argv) {
              auto s = gw::HttpGateway::Start(http, pool.get(), &metrics);
              if (!s.ok()) return s.status();
              server = std::move(*s);
-             proxy = std::make_unique<gw::GenerationProxy>(pool.get(), &metrics, http.request_timeout);
+             proxy = std::make_unique<gw::GenerationProxy>(pool.get(), &metrics, http.request_timeout, http.api_key);
              services.push_back({tailorkv::v1::Generation::service_full_name(), proxy.get()});
              spdlog::info("HTTP{} API on {} (port {}), {} worker(s), {} ready, api key {}",
                           http.tls_cert_file.empty() ? "" : "S", http.listen, server->port(), pool->size(),
