@@ -15,7 +15,6 @@ Usage: gateway_failover_test.py GATEWAY WORKER CLI MODEL
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,31 +24,15 @@ import urllib.request
 
 import openai
 
+from proc_test_util import check, free_port, stop_all, wait_for
+
 GATEWAY, WORKER, CLI, MODEL = sys.argv[1:5]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_for(what, cond, timeout_s):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if cond():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"FAIL: {what} not within {timeout_s} s")
 
 
-def check(cond, what):
-    if not cond:
-        raise SystemExit(f"FAIL: {what}")
-    print(f"ok: {what}", flush=True)
 
 
 def load(addr):
@@ -146,14 +129,7 @@ def main():
         check(len(r.choices[0].text) > 0, "new requests complete on the remaining worker")
         print(f"PASS ({time.time() - t_kill:.1f} s from the kill to the end)", flush=True)
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(list(procs.values()))
         if os.environ.get("GW_TEST_SHOW_LOGS"):
             for name in sorted(os.listdir(tmp)):
                 print(f"--- {name}\n" + open(os.path.join(tmp, name)).read())

@@ -13,7 +13,6 @@ Usage: gateway_openai_test.py GATEWAY WORKER CLI MODEL
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,32 +21,16 @@ import urllib.request
 
 import openai
 
+from proc_test_util import check, free_port, stop_all, wait_for
+
 GATEWAY, WORKER, CLI, MODEL = sys.argv[1:5]
 KEY = "test-key-123"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_for(what, check, timeout_s):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except Exception:  # not up yet
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"FAIL: {what} not within {timeout_s} s")
 
 
-def check(cond, what):
-    if not cond:
-        raise SystemExit(f"FAIL: {what}")
-    print(f"ok: {what}", flush=True)
 
 
 def worker_active(addr):
@@ -235,13 +218,7 @@ def main():
         check(values.get("tailorkv:gateway_workers_ready") == 1, "workers ready gauge")
         print("PASS", flush=True)
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         for name in ("gateway.log", "worker.log"):
             path = os.path.join(tmp, name)
             if os.path.exists(path) and os.environ.get("GW_TEST_SHOW_LOGS"):

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,19 +23,13 @@ import time
 import urllib.parse
 import urllib.request
 
+from proc_test_util import check, free_port, stop_all, wait_for
+
 GATEWAY, WORKER, CLI, MODEL, KVHOST, PROM_DIR, PROFILER = sys.argv[1:8]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def check(cond, what):
-    if not cond:
-        raise SystemExit(f"FAIL: {what}")
-    print(f"ok: {what}", flush=True)
 
 
 def prometheus_binary():
@@ -61,17 +54,6 @@ def query(prom, q):
     return body["data"]["result"]
 
 
-def wait_for(what, cond, timeout_s):
-    deadline = time.time() + timeout_s
-    last = None
-    while time.time() < deadline:
-        try:
-            if cond():
-                return
-        except Exception as e:  # not there yet
-            last = e
-        time.sleep(0.5)
-    raise SystemExit(f"FAIL: {what} not within {timeout_s} s ({last})")
 
 
 def main():
@@ -145,13 +127,7 @@ def main():
         check(len(plan) == 1 and "sparse" in plan[0]["metric"]["summary"], "the plan in use as an info series")
         print("PASS", flush=True)
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         if os.environ.get("GW_TEST_SHOW_LOGS"):
             for name in sorted(glob.glob(os.path.join(tmp, "*.log"))):
                 print(f"--- {name}\n" + open(name).read()[-3000:])
