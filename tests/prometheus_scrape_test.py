@@ -124,7 +124,9 @@ def main():
         prof = query(prom, 'tailorkv:profiler_plans{job="profiler"}')
         check(len(prof) == 1 and float(prof[0]["value"][1]) == 0, "the profiler's plan count (an empty store)")
         plan = query(prom, 'tailorkv:kv_plan_info')
-        check(len(plan) == 1 and "sparse" in plan[0]["metric"]["summary"], "the plan in use as an info series")
+        check(len(plan) == 1 and "sparse" in plan[0]["metric"]["summary"] and
+              plan[0]["metric"]["plan_id"].startswith("p") and len(plan[0]["metric"]["plan_id"]) == 21,
+              f"the plan in use as an info series (plan_id {plan[0]['metric'].get('plan_id')})")
         print("PASS", flush=True)
     finally:
         stop_all(procs)

@@ -2,6 +2,8 @@
 
 #include <chrono>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/logging.h"
@@ -369,9 +371,19 @@ std::string GenerationService::PrometheusText() const {
   }
   AppendHeader(&out, "tailorkv:kv_sequences", "gauge", "Sequences holding KV now.");
   AppendSample(&out, "tailorkv:kv_sequences", "", kv.sequences);
+  // The plan's id as the profiler names it: "p" + the first 20 hex digits
+  // of its checksum (the same for a plan fetched from the profiler).
+  std::string plan_id;
+  {
+    const nlohmann::json doc =
+        nlohmann::json::parse(runtime::KvPlanToJson(plan, engine_.config()), nullptr, false);
+    const std::string checksum = doc.is_discarded() ? "" : doc.value("checksum", "");
+    const std::string hex = checksum.substr(checksum.find(':') + 1);
+    if (!hex.empty()) plan_id = absl::StrCat("p", hex.substr(0, 20));
+  }
   AppendHeader(&out, "tailorkv:kv_plan_info", "gauge", "The KV plan in use (labels), always 1.");
   AppendSample(&out, "tailorkv:kv_plan_info",
-               absl::StrCat("plan=\"", common::LabelValue(plan.name), "\",summary=\"",
+               absl::StrCat("plan_id=\"", plan_id, "\",plan=\"", common::LabelValue(plan.name), "\",summary=\"",
                             common::LabelValue(plan.Summary()), "\",backend=\"", std::string(engine_.backend_name()), "\""),
                1);
   return out;
