@@ -6,8 +6,8 @@
 #include <boost/beast/http.hpp>
 #include <thread>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/tcp_listen.h"
 
 namespace tailorkv::common {
 namespace {
@@ -79,23 +79,9 @@ int MetricsHttpServer::port() const { return impl_->bound.port(); }
 
 absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const std::string& listen,
                                                                            std::function<std::string()> render) {
-  const size_t colon = listen.rfind(':');
-  int port = -1;
-  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics-listen: want host:port, got '", listen, "'"));
-  }
-  beast::error_code ec;
-  const std::string host = listen.substr(0, colon);
-  const auto addr = asio::ip::make_address(host.empty() ? "0.0.0.0" : host, ec);
-  if (ec) return absl::InvalidArgumentError(absl::StrCat("metrics-listen: '", host, "' is not an IP address"));
   auto impl = std::make_unique<Impl>();
   impl->render = std::move(render);
-  const tcp::endpoint ep(addr, static_cast<uint16_t>(port));
-  impl->acceptor.open(ep.protocol(), ec);
-  if (!ec) impl->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
-  if (!ec) impl->acceptor.bind(ep, ec);
-  if (!ec) impl->acceptor.listen(16, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("metrics-listen ", listen, ": ", ec.message()));
+  if (absl::Status s = ListenTcp("metrics-listen", listen, impl->acceptor, 16); !s.ok()) return s;
   impl->bound = impl->acceptor.local_endpoint();
   Impl* raw = impl.get();
   impl->thread = std::thread([raw] { raw->Loop(); });

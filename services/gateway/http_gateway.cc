@@ -13,7 +13,7 @@
 #include <set>
 #include <thread>
 
-#include "absl/strings/numbers.h"
+#include "common/tcp_listen.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
@@ -102,17 +102,7 @@ int HttpGateway::port() const { return impl_->bound.port(); }
 
 absl::StatusOr<std::unique_ptr<HttpGateway>> HttpGateway::Start(HttpGatewayOptions options, WorkerPool* pool,
                                                                 GatewayMetrics* metrics) {
-  const size_t colon = options.listen.rfind(':');
-  int port = -1;
-  if (colon == std::string::npos || !absl::SimpleAtoi(options.listen.substr(colon + 1), &port) || port < 0 ||
-      port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("http-listen: want host:port, got '", options.listen, "'"));
-  }
-  std::string host = options.listen.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
   beast::error_code ec;
-  const asio::ip::address addr = asio::ip::make_address(host.empty() ? "0.0.0.0" : host, ec);
-  if (ec) return absl::InvalidArgumentError(absl::StrCat("http-listen: '", host, "' is not an IP address"));
   if (options.max_connections < 1) return absl::InvalidArgumentError("max-connections: must be >= 1");
   auto impl = std::make_unique<Impl>();
   if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
@@ -131,13 +121,10 @@ absl::StatusOr<std::unique_ptr<HttpGateway>> HttpGateway::Start(HttpGatewayOptio
   impl->options = std::move(options);
   impl->pool = pool;
   impl->metrics = metrics;
-  const tcp::endpoint ep(addr, static_cast<uint16_t>(port));
-  impl->acceptor.open(ep.protocol(), ec);
-  if (!ec) impl->acceptor.set_option(asio::socket_base::reuse_address(true), ec);
-  if (!ec) impl->acceptor.bind(ep, ec);
-  if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) {
-    return absl::UnavailableError(absl::StrCat("http-listen ", impl->options.listen, ": ", ec.message()));
+  if (absl::Status s = common::ListenTcp("http-listen", impl->options.listen, impl->acceptor,
+                                         asio::socket_base::max_listen_connections);
+      !s.ok()) {
+    return s;
   }
   impl->bound = impl->acceptor.local_endpoint();
   Impl* raw = impl.get();
