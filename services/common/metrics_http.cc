@@ -32,10 +32,6 @@ struct MetricsHttpServer::Impl {
       acceptor.accept(socket, ec);
       if (stopping) return;
       if (ec) continue;
-      // A scraper that stalls must not hold the loop forever.
-      struct timeval tv = {5, 0};
-      setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-      setsockopt(socket.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
       beast::flat_buffer buffer;
       http::request<http::string_body> req;
       http::read(socket, buffer, req, ec);

@@ -1,7 +1,9 @@
 // MetricsHttpServer: GET /metrics over plain HTTP/1.1 for a Prometheus
 // server to scrape (one thread, one connection at a time, each closed after
 // its response: scrapes are seconds apart). `render` builds the text on each
-// scrape. Other paths get 404; other methods 405.
+// scrape. Other paths get 404; other methods 405. A client that connects and
+// sends nothing holds the loop until it goes away (synchronous asio): bind it
+// where only the scraper reaches it (loopback or the cluster network).
 #pragma once
 
 #include <functional>

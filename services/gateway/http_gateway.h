@@ -13,7 +13,11 @@
 // retried on another ready worker (each worker once); once tokens have been
 // sent, a worker's failure ends the stream with an error event. A client that
 // goes away mid-stream (a write fails) cancels the worker's call, which
-// aborts the generation there. Limits: body size (413), concurrent
+// aborts the generation there. Not bounded yet: a client that stops reading
+// (or sends nothing) holds its connection thread until it goes away — asio's
+// synchronous calls retry past socket timeouts, so bounding them needs the
+// async API; --max-connections bounds how many such clients there can be.
+// Limits: body size (413), concurrent
 // connections (503 beyond), max_tokens (400 beyond the cap); an optional API
 // key (Authorization: Bearer ..., 401 otherwise; /health and /metrics stay
 // open).
