@@ -39,8 +39,12 @@ def prometheus_binary():
     local = os.path.join(PROM_DIR, "usr", "bin", "prometheus")
     if not os.path.exists(local):
         os.makedirs(PROM_DIR, exist_ok=True)
-        subprocess.run(["apt-get", "download", "prometheus"], cwd=PROM_DIR, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        got = subprocess.run(["apt-get", "download", "prometheus"], cwd=PROM_DIR,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if got.returncode != 0:  # no package lists yet on this machine
+            subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["apt-get", "download", "prometheus"], cwd=PROM_DIR, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deb = glob.glob(os.path.join(PROM_DIR, "prometheus_*.deb"))[0]
         subprocess.run(["dpkg", "-x", deb, PROM_DIR], check=True)
     return local
