@@ -280,17 +280,8 @@ bool HttpGateway::Impl::Handle(Connection* c, const http::request<http::string_b
                  keep);
   }
   if (path == "/metrics") {
-    std::string text = metrics->Render(pool->ready_count(), pool->size());
-    absl::StrAppend(&text, "# HELP tailorkv:gateway_worker_requests_total Requests sent to each worker.\n",
-                    "# TYPE tailorkv:gateway_worker_requests_total counter\n");
-    std::string ready;
-    for (const WorkerPool::WorkerState& w : pool->states()) {
-      absl::StrAppend(&text, "tailorkv:gateway_worker_requests_total{worker=\"", w.address, "\"} ", w.chosen, "\n");
-      absl::StrAppend(&ready, "tailorkv:gateway_worker_ready{worker=\"", w.address, "\"} ", w.ready ? 1 : 0, "\n");
-    }
-    absl::StrAppend(&text, "# HELP tailorkv:gateway_worker_ready 1 while the worker is in the rotation.\n",
-                    "# TYPE tailorkv:gateway_worker_ready gauge\n", ready);
-    return Reply(c, http::status::ok, "text/plain; version=0.0.4; charset=utf-8", text, keep);
+    return Reply(c, http::status::ok, "text/plain; version=0.0.4; charset=utf-8",
+                 metrics->Render(pool->states()), keep);
   }
   if (!options.api_key.empty()) {
     const auto it = req.find(http::field::authorization);

@@ -12,15 +12,15 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/prometheus.h"
+#include "gateway/worker_pool.h"
 
 namespace tailorkv::gateway {
 
 using common::Histogram;
 
-// The gateway's own series (GatewayMetrics::Render adds the workers').
+// The gateway's own series; Render adds the workers' states.
 struct GatewayMetrics {
   // vLLM's buckets for these three.
   Histogram ttft{common::TtftBuckets()};
@@ -37,44 +37,56 @@ struct GatewayMetrics {
     absl::MutexLock lock(&errors_mu);
     ++errors_by_http_status[http_status];
   }
-  std::string Render(int workers_ready, int workers) {
+  // Every series, the workers' states included.
+  std::string Render(const std::vector<WorkerPool::WorkerState>& workers) {
+    using common::AppendHeader;
+    using common::AppendSample;
     std::string out;
-    auto help = [&out](const char* name, const char* type, const char* text) {
-      absl::StrAppend(&out, "# HELP ", name, " ", text, "\n# TYPE ", name, " ", type, "\n");
-    };
-    help("tailorkv:time_to_first_token_seconds", "histogram", "Time to first token, as the gateway saw it.");
-    out += ttft.Render("tailorkv:time_to_first_token_seconds", "");
-    help("tailorkv:time_per_output_token_seconds", "histogram", "Time between output tokens.");
-    out += tpot.Render("tailorkv:time_per_output_token_seconds", "");
-    help("tailorkv:e2e_request_latency_seconds", "histogram", "Request latency, arrival to last byte.");
-    out += e2e.Render("tailorkv:e2e_request_latency_seconds", "");
-    help("tailorkv:prompt_tokens_total", "counter", "Prompt tokens of finished requests.");
-    absl::StrAppend(&out, "tailorkv:prompt_tokens_total ", prompt_tokens.load(), "\n");
-    help("tailorkv:generation_tokens_total", "counter", "Generated tokens.");
-    absl::StrAppend(&out, "tailorkv:generation_tokens_total ", generation_tokens.load(), "\n");
-    help("tailorkv:request_success_total", "counter", "Finished requests by finish reason.");
-    absl::StrAppend(&out, "tailorkv:request_success_total{finished_reason=\"stop\"} ", finished_stop.load(), "\n");
-    absl::StrAppend(&out, "tailorkv:request_success_total{finished_reason=\"length\"} ", finished_length.load(),
-                    "\n");
-    absl::StrAppend(&out, "tailorkv:request_success_total{finished_reason=\"abort\"} ", finished_abort.load(),
-                    "\n");
-    help("tailorkv:request_errors_total", "counter", "Requests that ended in an error, by HTTP status.");
+    AppendHeader(&out, "tailorkv:time_to_first_token_seconds", "histogram", "Time to first token, as the gateway saw it.");
+    out += ttft.Render("tailorkv:time_to_first_token_seconds");
+    AppendHeader(&out, "tailorkv:time_per_output_token_seconds", "histogram", "Time between output tokens.");
+    out += tpot.Render("tailorkv:time_per_output_token_seconds");
+    AppendHeader(&out, "tailorkv:e2e_request_latency_seconds", "histogram", "Request latency, arrival to last byte.");
+    out += e2e.Render("tailorkv:e2e_request_latency_seconds");
+    AppendHeader(&out, "tailorkv:prompt_tokens_total", "counter", "Prompt tokens of finished requests.");
+    AppendSample(&out, "tailorkv:prompt_tokens_total", "", prompt_tokens.load());
+    AppendHeader(&out, "tailorkv:generation_tokens_total", "counter", "Generated tokens.");
+    AppendSample(&out, "tailorkv:generation_tokens_total", "", generation_tokens.load());
+    AppendHeader(&out, "tailorkv:request_success_total", "counter", "Finished requests by finish reason.");
+    AppendSample(&out, "tailorkv:request_success_total", "finished_reason=\"stop\"", finished_stop.load());
+    AppendSample(&out, "tailorkv:request_success_total", "finished_reason=\"length\"", finished_length.load());
+    AppendSample(&out, "tailorkv:request_success_total", "finished_reason=\"abort\"", finished_abort.load());
+    AppendHeader(&out, "tailorkv:request_errors_total", "counter", "Requests that ended in an error, by HTTP status.");
     {
       absl::MutexLock lock(&errors_mu);
       for (const auto& [code, n] : errors_by_http_status) {
-        absl::StrAppend(&out, "tailorkv:request_errors_total{status=\"", code, "\"} ", n, "\n");
+        AppendSample(&out, "tailorkv:request_errors_total", absl::StrCat("status=\"", code, "\""), n);
       }
     }
-    help("tailorkv:client_disconnects_total", "counter", "Streams whose client went away (generation aborted).");
-    absl::StrAppend(&out, "tailorkv:client_disconnects_total ", client_disconnects.load(), "\n");
-    help("tailorkv:gateway_retries_total", "counter", "Requests moved to another worker before their first token.");
-    absl::StrAppend(&out, "tailorkv:gateway_retries_total ", retries.load(), "\n");
-    help("tailorkv:num_requests_running", "gauge", "Requests the gateway is serving now.");
-    absl::StrAppend(&out, "tailorkv:num_requests_running ", running.load(), "\n");
-    help("tailorkv:gateway_workers_ready", "gauge", "Workers in the rotation.");
-    absl::StrAppend(&out, "tailorkv:gateway_workers_ready ", workers_ready, "\n");
-    help("tailorkv:gateway_workers", "gauge", "Workers configured.");
-    absl::StrAppend(&out, "tailorkv:gateway_workers ", workers, "\n");
+    AppendHeader(&out, "tailorkv:client_disconnects_total", "counter",
+                 "Streams whose client went away (generation aborted).");
+    AppendSample(&out, "tailorkv:client_disconnects_total", "", client_disconnects.load());
+    AppendHeader(&out, "tailorkv:gateway_retries_total", "counter",
+                 "Requests moved to another worker before their first token.");
+    AppendSample(&out, "tailorkv:gateway_retries_total", "", retries.load());
+    AppendHeader(&out, "tailorkv:num_requests_running", "gauge", "Requests the gateway is serving now.");
+    AppendSample(&out, "tailorkv:num_requests_running", "", running.load());
+    int ready = 0;
+    for (const WorkerPool::WorkerState& w : workers) ready += w.ready;
+    AppendHeader(&out, "tailorkv:gateway_workers_ready", "gauge", "Workers in the rotation.");
+    AppendSample(&out, "tailorkv:gateway_workers_ready", "", ready);
+    AppendHeader(&out, "tailorkv:gateway_workers", "gauge", "Workers configured.");
+    AppendSample(&out, "tailorkv:gateway_workers", "", static_cast<double>(workers.size()));
+    AppendHeader(&out, "tailorkv:gateway_worker_requests_total", "counter", "Requests sent to each worker.");
+    for (const WorkerPool::WorkerState& w : workers) {
+      AppendSample(&out, "tailorkv:gateway_worker_requests_total",
+                   absl::StrCat("worker=\"", common::LabelValue(w.address), "\""), static_cast<double>(w.chosen));
+    }
+    AppendHeader(&out, "tailorkv:gateway_worker_ready", "gauge", "1 while the worker is in the rotation.");
+    for (const WorkerPool::WorkerState& w : workers) {
+      AppendSample(&out, "tailorkv:gateway_worker_ready",
+                   absl::StrCat("worker=\"", common::LabelValue(w.address), "\""), w.ready ? 1 : 0);
+    }
     return out;
   }
 };
