@@ -16,18 +16,26 @@
 // sequence lives) runs under each plan too, dense first.
 //
 //   tkv_llama_bench --plans dense,hybrid:2:128:8:56:32:gpu --contexts "" --prefill 32768,131072
+//
+// With --trace-dir, each (context, plan) pair then decodes 3 more steps under
+// a CUPTI tracer (kernel_trace.h): the concurrent timeline of both streams,
+// written to DIR/trace_<context>_<plan>.json (scripts/trace_summary.py reads
+// it) and summarized on stdout. The timed steps are not traced.
 #include <cuda_runtime.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 
 #include "client/kv_host_client.h"
 #include "cuda/cuda_backend.h"
+#include "kernel_trace.h"
 #include "model/llama_weights.h"
 #include "model/shapes.h"
 #include "runtime/kv_plan.h"
@@ -52,6 +60,39 @@ int Fail(const absl::Status& s, const char* what) {
   return 1;
 }
 
+std::string FileSafe(std::string s) {
+  for (char& ch : s) {
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '.' && ch != '-') ch = '_';
+  }
+  return s;
+}
+
+// Decodes `tokens` (one step each) under `tracer`, writes the records to
+// `path` (with `meta`) and prints their summary. Any failure is printed, not
+// returned: tracing never stops the benchmark.
+void TraceDecodeSteps(tailorkv::bench::KernelTrace& tracer, tailorkv::runtime::Backend& backend,
+                      tailorkv::runtime::SequenceState& seq, const std::vector<int32_t>& tokens,
+                      const std::string& path, nlohmann::json meta) {
+  std::vector<float> logits;
+  absl::Status st = tracer.Start();
+  for (size_t i = 0; st.ok() && i < tokens.size(); ++i) {
+    st = backend.Forward(seq, {&tokens[i], 1}, false, &logits);
+  }
+  auto records = tracer.Stop();  // also after a failed step: it disables CUPTI
+  if (st.ok()) st = records.status();
+  if (!st.ok()) {
+    std::printf("  trace failed: %s\n", st.ToString().c_str());
+    return;
+  }
+  meta["steps"] = tokens.size();
+  meta["dropped_records"] = tracer.dropped_records();
+  std::ofstream f(path);
+  f << tailorkv::bench::TraceToJson(*records, std::move(meta)).dump() << "\n";
+  f.close();
+  std::printf("  trace -> %s%s\n", path.c_str(), f ? "" : " (write failed)");
+  std::fputs(tailorkv::bench::SummarizeDecodeTrace(*records).c_str(), stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -69,6 +110,7 @@ int main(int argc, char** argv) {
   bool host_embeddings = tailorkv::cuda::CudaBackendOptions{}.host_embeddings;
   bool late_prefetch = tailorkv::cuda::CudaBackendOptions{}.sparse_late_prefetch;
   std::string kv_host = "in-process";
+  std::string trace_dir;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
   app.add_option("--contexts", contexts, "decode context lengths")->delimiter(',');
   app.add_option("--prefill", prefills, "prefill lengths (empty: none)")->delimiter(',');
@@ -101,6 +143,9 @@ int main(int argc, char** argv) {
                  "the sparse layers' host tier: in-process, or a running kv-host daemon "
                  "(unix:///path/kv-host.sock): its arenas, registered with the GPU")
       ->capture_default_str();
+  app.add_option("--trace-dir", trace_dir,
+                 "after each context and plan's timed steps, trace 3 more with CUPTI and write "
+                 "DIR/trace_<context>_<plan>.json (empty: off)");
   CLI11_PARSE(app, argc, argv);
   // --prefill "" / --contexts "" (none) parse as one 0.
   prefills.erase(std::remove(prefills.begin(), prefills.end(), 0), prefills.end());
@@ -115,6 +160,21 @@ int main(int argc, char** argv) {
     auto plan = tailorkv::runtime::ParseKvPlanSpec(spec, config);
     if (!plan.ok()) return Fail(plan.status(), "plan");
     plans.push_back(*plan);
+  }
+  // Before the backend: CUPTI attaches before any graph is captured
+  // (kernel_trace.h). It enables nothing until a trace starts.
+  std::unique_ptr<tailorkv::bench::KernelTrace> tracer;
+  if (!trace_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(trace_dir, ec);
+    auto t = tailorkv::bench::KernelTrace::Create();
+    if (ec) {
+      std::printf("trace dir %s: %s; not tracing\n", trace_dir.c_str(), ec.message().c_str());
+    } else if (!t.ok()) {
+      std::printf("CUPTI: %s; not tracing\n", t.status().ToString().c_str());
+    } else {
+      tracer = std::move(*t);
+    }
   }
   const size_t base_used = DeviceUsedBytes();
   tailorkv::cuda::CudaBackendOptions opts;
@@ -233,6 +293,18 @@ int main(int argc, char** argv) {
                              {"hbm_bytes_per_token", bytes}, {"hbm_floor_ms", floor_ms},
                              {"kv_cache_gb", tailorkv::cuda::SequenceDeviceBytes(**seq) / 1e9},
                              {"rows_reused", reused}});
+    // The sequence has room for these (capacity: steps + 8 past the context).
+    if (tracer != nullptr) {
+      // Own random tokens: `rng` stays as an untraced run leaves it.
+      std::mt19937 trace_rng(11);
+      std::vector<int32_t> traced(3);
+      for (auto& t : traced) t = decode_tokens == "repeat" ? repeated : tok(trace_rng);
+      TraceDecodeSteps(*tracer, **backend, **seq, traced,
+                       trace_dir + "/trace_" + std::to_string(ctx) + "_" + FileSafe(plan.name) + ".json",
+                       {{"context", ctx}, {"plan", plan.name}, {"plan_summary", plan.Summary()},
+                        {"device", prop.name}, {"decode_tokens", decode_tokens},
+                        {"ms_per_token_median", med}, {"hbm_floor_ms", floor_ms}});
+    }
   }
   std::printf("%-10s %-28s %12s %14s %14s %10s\n", "prefill", "plan", "seconds", "tokens/s",
               "peak GPU GB", "vs dense");
