@@ -37,10 +37,9 @@ net_state() {  # what the test must leave as it found it
 }
 net_state > "$out/net.before"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source deploy/docker/lib.sh
 export TAILORKV_HTTP_PORT="$(free_port)" TAILORKV_GATEWAY_PORT="$(free_port)"
 export TAILORKV_MODELS="$repo/models"
-compose() { docker-compose -p "$project" -f "$repo/docker-compose.yml" "$@"; }
 
 cleanup() {
   local status=$?
@@ -68,15 +67,6 @@ images_s=$((SECONDS - t_images))
 image_mb="$(docker image inspect -f '{{.Size}}' tailorkv:cpu | awk '{printf "%.0f", $1/1e6}')"
 base_mb="$(docker image inspect -f '{{.Size}}' debian:12 | awk '{printf "%.0f", $1/1e6}')"
 
-container() { compose ps -q "$1"; }
-health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$(container "$1")"; }
-wait_healthy() {  # service, seconds
-  local deadline=$((SECONDS + $2))
-  until [[ "$(health "$1")" == healthy ]]; do
-    ((SECONDS < deadline)) || fail "$1 not healthy after $2 s (state $(health "$1"))"
-    sleep 0.5
-  done
-}
 # Seconds from the container's start to its "ready on" log line.
 ready_after() {
   local c; c="$(container "$1")"
@@ -106,7 +96,7 @@ since() { python3 -c "import sys; print('%.2f' % (float(sys.argv[2]) - float(sys
 log "up (HTTP 127.0.0.1:$TAILORKV_HTTP_PORT, gRPC 127.0.0.1:$TAILORKV_GATEWAY_PORT)"
 t_up=$SECONDS
 compose up -d 2>/dev/null
-for s in profiler kv-host gpu-worker gateway; do wait_healthy "$s" 300; done
+for s in profiler kv-host gpu-worker gateway; do wait_healthy "$s" 300 || fail "$s not healthy"; done
 up_s=$((SECONDS - t_up))
 declare -A ready
 for s in profiler kv-host gpu-worker gateway; do ready[$s]="$(ready_after "$s")"; done
@@ -144,8 +134,8 @@ wait "$client" || { cat "$out/kvfault.err" >&2; fail "the generation failed when
 kv_after="$(docker inspect -f '{{.RestartCount}}' "$(container kv-host)")"
 ((kv_after > kv_before)) || fail "kv-host was not restarted (restart count $kv_after)"
 cmp -s "$out/ref.txt" "$out/kvfault.txt" || { diff "$out/ref.txt" "$out/kvfault.txt" >&2; fail "text differs after kv-host's death"; }
-wait_healthy kv-host 60
-wait_healthy gpu-worker 60
+wait_healthy kv-host 60 || fail "kv-host not healthy after its restart"
+wait_healthy gpu-worker 60 || fail "the worker not healthy after kv-host's restart"
 kv_ready_s="$(since "$t_kill" "$(log_epoch kv-host ' ready on ')")"
 reattach_s="$(since "$t_kill" "$(log_epoch gpu-worker 'attached again')")"
 [[ "$reattach_s" != null ]] || fail "the worker did not log its re-attachment to kv-host"
@@ -161,7 +151,7 @@ serves_again() {  # seconds: a generation through the gateway succeeds
 }
 t_restart=$(now)
 compose restart gpu-worker >/dev/null 2>&1
-wait_healthy gpu-worker 180
+wait_healthy gpu-worker 180 || fail "the worker not healthy after its restart"
 serves_again 60 || fail "no generation through the gateway after the worker's restart"
 restart_s="$(since "$t_restart" "$(now)")"
 log "worker restarted: serving through the gateway after ${restart_s} s"
@@ -177,7 +167,7 @@ wait "$client" || client_rc=$?
 client_s="$(since "$t_crash" "$(now)")"
 ((client_rc != 0)) || fail "the in-flight generation reported success after the worker was killed"
 grep -qiE 'unavailable|internal|cancel|abort' "$out/wkill.err" || fail "unexpected client error: $(tail -n2 "$out/wkill.err")"
-wait_healthy gpu-worker 180
+wait_healthy gpu-worker 180 || fail "the worker not healthy after its crash"
 serves_again 60 || fail "no generation through the gateway after the worker's crash"
 crash_s="$(since "$t_crash" "$(now)")"
 w_after="$(docker inspect -f '{{.RestartCount}}' "$(container gpu-worker)")"

@@ -5,7 +5,11 @@
 # streams a generation to the terminal over gRPC, then asks the same question
 # through the gateway's OpenAI-compatible HTTP API. The worker runs on the GPU
 # when one exists (CUDA build), on the CPU otherwise.
+# With --containers, the same cluster runs in Docker containers instead
+# (deploy/docker/run_cluster.sh: engine, images from this build, compose up,
+# the answer over gRPC and HTTP, then down; needs root for the engine).
 # Usage: deploy/quickstart.sh ["your prompt"] [--raw] [--max-tokens N] [--backend auto|cpu|cuda]
+#        deploy/quickstart.sh --containers ["your prompt"] [--max-tokens N] [--keep-running]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build="${BUILD_DIR:-build}"
@@ -13,4 +17,10 @@ build="${BUILD_DIR:-build}"
 model="$(./scripts/fetch_model.sh)"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" -j "$(nproc)" --target gpu-worker kv-host profiler tkv-profile tailorkv-cli tkv_load_test gateway
+if [[ "${1:-}" == --containers ]]; then
+  shift
+  prompt=()
+  if [[ $# -gt 0 && "$1" != -* ]]; then prompt=("$1"); shift; fi
+  exec ./deploy/docker/run_cluster.sh "$build" "${prompt[@]}" "$@"
+fi
 exec ./deploy/launch_local.sh "$model" "$build" "$@"
