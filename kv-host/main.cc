@@ -1,9 +1,12 @@
 // kv-host: owns the host memory of the sparse layers' KV (memfd arenas) and
 // hands it to co-located workers (tailorkv.v1.KvHost + the fd channel; see
 // daemon/kv_host_daemon.h), with health and reflection, until SIGTERM/SIGINT.
+// With --data-listen it also serves workers on other hosts over TCP
+// (tailorkv.v1.KvHostData, daemon/data_service.h), from the same budget.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -11,7 +14,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/service_main.h"
 #include "common/prometheus.h"
+#include "common/grpc_server.h"
 #include "daemon/budget.h"
+#include "daemon/data_service.h"
 #include "daemon/kv_host_daemon.h"
 #include "spdlog/spdlog.h"
 
@@ -21,7 +26,11 @@ int main(int argc, char** argv) {
   std::vector<int> allow_uids;
   bool huge_pages = true, populate = false;
   int drain_grace_ms = 0;
+  std::string data_listen, data_token;
+  int data_lease_ms = 30'000;
   std::unique_ptr<KvHostDaemon> daemon;
+  std::unique_ptr<KvHostDataService> data;
+  std::unique_ptr<tailorkv::common::GrpcServer> data_server;
   return tailorkv::common::RunServiceMain(
       argc, argv,
       {.name = "kv-host",
@@ -45,6 +54,15 @@ int main(int argc, char** argv) {
              app.add_flag("--huge-pages,!--no-huge-pages", huge_pages, "transparent huge pages for arenas")
                  ->capture_default_str();
              app.add_flag("--populate", populate, "pre-fault arena pages at creation");
+             app.add_option("--data-listen", data_listen,
+                            "host:port of the remote data plane for workers on other hosts (tailorkv.v1.KvHostData; "
+                            "TLS with --tls-cert/--tls-key; default: off)");
+             app.add_option("--data-token", data_token,
+                            "the secret remote workers present (or env TAILORKV_KV_HOST_TOKEN); required with --data-listen");
+             app.add_option("--data-lease-ms", data_lease_ms,
+                            "a remote worker silent this long is presumed dead and its memory freed")
+                 ->check(CLI::Range(100, 3'600'000))
+                 ->capture_default_str();
            },
        .init =
            [&](const tailorkv::common::ServerOptions& server,
@@ -82,12 +100,43 @@ int main(int argc, char** argv) {
              for (int u : allow_uids) o.allowed_uids.push_back(static_cast<uid_t>(u));
              o.arena.huge_pages = huge_pages;
              o.arena.populate = populate;
+             const uint64_t arena_bytes = o.arena_bytes;
              auto d = KvHostDaemon::Start(std::move(o));
              if (!d.ok()) return d.status();
              daemon = std::move(*d);
              spdlog::info("kv-host: budget {} bytes ({}), fd channel at {}", daemon->Stats().budget_bytes(),
                           daemon->Stats().budget_source(), fd_socket);
              services.push_back({tailorkv::v1::KvHost::service_full_name(), daemon.get()});
+             if (data_listen.empty()) return absl::OkStatus();
+             if (data_token.empty()) {
+               if (const char* t = std::getenv("TAILORKV_KV_HOST_TOKEN")) data_token = t;
+             }
+             if (data_token.empty()) {
+               return absl::InvalidArgumentError(
+                   "--data-token: required with --data-listen (or TAILORKV_KV_HOST_TOKEN): the remote data plane carries user data");
+             }
+             KvHostDataOptions dopt;
+             dopt.token = data_token;
+             dopt.budget_bytes = daemon->Stats().budget_bytes();
+             dopt.take_budget = [&](uint64_t bytes, const std::string& what) { return daemon->TakeBudget(bytes, what); };
+             dopt.return_budget = [&](uint64_t bytes) { daemon->ReturnBudget(bytes); };
+             dopt.free_bytes = [&] { return daemon->FreeBudget(); };
+             dopt.arena_bytes = arena_bytes;
+             dopt.lease = absl::Milliseconds(data_lease_ms);
+             dopt.arena.huge_pages = huge_pages;
+             dopt.arena.populate = populate;
+             auto ds = KvHostDataService::Create(std::move(dopt));
+             if (!ds.ok()) return ds.status();
+             data = std::move(*ds);
+             tailorkv::common::ServerOptions so = server;
+             so.listen_address = data_listen;
+             so.max_receive_message_bytes = 8 << 20;   // Write chunks of 4 MiB
+             so.max_send_message_bytes = 72 << 20;     // Gather answers of up to 64 MiB
+             auto srv = tailorkv::common::GrpcServer::Start(so, {{tailorkv::v1::KvHostData::service_full_name(), data.get()}});
+             if (!srv.ok()) return srv.status();
+             data_server = std::move(*srv);
+             spdlog::info("kv-host: remote data plane on {} (lease {} ms, tls {})", data_server->address(), data_lease_ms,
+                          server.tls_cert_file.empty() ? "off" : "on");
              return absl::OkStatus();
            },
        // SIGTERM: no new workers or sessions; the open sessions get the drain
@@ -95,6 +144,7 @@ int main(int argc, char** argv) {
        .before_drain =
            [&] {
              daemon->BeginDrain();
+             if (data != nullptr) data->BeginDrain();
              const absl::Time until = absl::Now() + absl::Milliseconds(drain_grace_ms);
              int open = daemon->OpenSessions();
              while (open > 0 && absl::Now() < until) {
@@ -103,7 +153,13 @@ int main(int argc, char** argv) {
              }
              if (open > 0) spdlog::warn("kv-host: stopping with {} sessions still open", open);
            },
-       .after_drain = [&] { daemon.reset(); },
+       .after_drain =
+           [&] {
+             // Remote workers' calls end first (their memory is the daemon's budget).
+             data_server.reset();
+             data.reset();
+             daemon.reset();
+           },
        // The host tier's memory (vLLM has no such series; names follow ours).
        .metrics =
            [&]() -> std::string {

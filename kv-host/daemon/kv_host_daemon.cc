@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
+#include "daemon/ids.h"
 #include "spdlog/spdlog.h"
 
 namespace tailorkv::kvhost {
@@ -19,31 +20,10 @@ namespace {
 
 using common::ToGrpcStatus;
 
-constexpr size_t kMaxIdBytes = 128;
 constexpr int kMaxSizes = 4096;
 constexpr uint32_t kMaxAdoptParts = 4096;
 
 grpc::Status Bad(const std::string& msg) { return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, msg); }
-
-// printable ASCII, 1 to kMaxIdBytes bytes.
-bool ValidId(const std::string& s) {
-  if (s.empty() || s.size() > kMaxIdBytes) return false;
-  return std::all_of(s.begin(), s.end(), [](char c) { return c >= 0x20 && c < 0x7F; });
-}
-
-std::string RandomHex(size_t bytes) {
-  std::random_device rd;  // the kernel's CSPRNG on Linux
-  static const char* kHex = "0123456789abcdef";
-  std::string out;
-  for (size_t i = 0; i < bytes; ++i) {
-    const unsigned v = rd() & 0xFF;
-    out.push_back(kHex[v >> 4]);
-    out.push_back(kHex[v & 15]);
-  }
-  return out;
-}
-
-uint64_t PageUp(uint64_t v) { return (v + PageSize() - 1) / PageSize() * PageSize(); }
 
 }  // namespace
 

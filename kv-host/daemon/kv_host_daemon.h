@@ -78,6 +78,14 @@ class KvHostDaemon final : public v1::KvHost::Service {
   // Sessions open over all workers.
   int OpenSessions() const;
 
+  // The node's one budget, shared with the remote data plane
+  // (daemon/data_service.h): takes `bytes` (compare and swap), or
+  // ResourceExhausted naming the budget and what `what` needs; Return gives
+  // bytes taken back.
+  absl::Status TakeBudget(uint64_t bytes, const std::string& what);
+  void ReturnBudget(uint64_t bytes) { used_bytes_.fetch_sub(bytes); }
+  uint64_t FreeBudget() const { return options_.budget_bytes - used_bytes_.load(); }
+
  private:
   struct Worker {
     std::string id;
@@ -114,9 +122,6 @@ class KvHostDaemon final : public v1::KvHost::Service {
   absl::StatusOr<std::shared_ptr<Worker>> FindWorker(const std::string& key) const;
   // The attached workers now (each then read under its own lock).
   std::vector<std::shared_ptr<Worker>> Workers() const;
-  // Takes `bytes` of the shared budget (compare and swap), or
-  // ResourceExhausted naming the budget and `what` needs them.
-  absl::Status TakeBudget(uint64_t bytes, const std::string& what);
   // Grows `w` by an arena that fits `size` (within quota and budget) and
   // sends it to the worker.
   absl::Status GrowLocked(Worker& w, uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w.mu);

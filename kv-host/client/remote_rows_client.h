@@ -1,0 +1,87 @@
+// RemoteRowsClient: a worker's side of kv-host's remote data plane
+// (proto/tailorkv/v1/kv_host_data.proto; server: daemon/data_service.h).
+//
+// Open() authenticates with the node's token and gets a worker key and a
+// lease; a background thread renews the lease (KeepAlive every lease / 3)
+// and records the node's free budget for placement. Per sequence: Reserve
+// slices (one call for all its layers), Write the rows into them, Gather the
+// rows a decode step selected (one request per layer on one long-lived
+// bidirectional stream: no connection set-up per step), CloseSession.
+//
+// Errors are the node's status as it sent it (UNAVAILABLE when the node is
+// unreachable; UNAUTHENTICATED when the lease ran out and the node freed
+// what this worker held: the caller rebuilds elsewhere).
+// Thread-safety: all methods are thread-safe; Gather calls are serialized
+// on the one stream.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+
+namespace tailorkv::kvhost {
+
+struct RemoteRowsOptions {
+  std::string target;     // host:port of the node's --data-listen
+  std::string token;      // the node's --data-token
+  std::string worker_id;  // printable ASCII, for the node's logs
+  std::string tls_ca_file;  // PEM roots: TLS to the node (empty: plaintext)
+  absl::Duration rpc_timeout = absl::Seconds(10);
+};
+
+// Rows of one slice to gather: row r at offset + rows[r] * stride, row_bytes each.
+struct RowRequest {
+  uint64_t slice_id = 0;
+  uint64_t offset = 0;
+  uint64_t stride = 0;
+  uint32_t row_bytes = 0;
+  std::vector<uint32_t> rows;
+};
+
+class RemoteRowsClient {
+ public:
+  static absl::StatusOr<std::unique_ptr<RemoteRowsClient>> Open(RemoteRowsOptions options);
+  // Stops the lease renewal and closes the stream (the node frees this
+  // worker's memory when its lease runs out, or at CloseSession).
+  ~RemoteRowsClient();
+
+  absl::StatusOr<std::vector<uint64_t>> Reserve(const std::string& session, absl::Span<const uint64_t> sizes);
+  // Writes `data` at `offset` of the slice (in chunks of at most 4 MiB).
+  absl::Status Write(uint64_t slice_id, uint64_t offset, absl::Span<const std::byte> data);
+  // The requests' rows concatenated in order into `out`, which must hold
+  // exactly their bytes (InvalidArgument naming "out" otherwise).
+  absl::Status Gather(absl::Span<const RowRequest> requests, absl::Span<std::byte> out);
+  absl::StatusOr<uint64_t> CloseSession(const std::string& session);
+
+  // The node's budget and its free bytes at the last Open / KeepAlive.
+  uint64_t budget_bytes() const { return budget_bytes_; }
+  uint64_t free_bytes() const { return free_bytes_.load(); }
+  absl::Duration lease() const { return lease_; }
+
+ private:
+  struct Impl;
+  explicit RemoteRowsClient(RemoteRowsOptions options);
+  void KeepAliveLoop();
+
+  const RemoteRowsOptions options_;
+  std::unique_ptr<Impl> impl_;
+  std::string key_;
+  absl::Duration lease_;
+  uint64_t budget_bytes_ = 0;
+  std::atomic<uint64_t> free_bytes_{0};
+  absl::Mutex gather_mu_;  // one Gather at a time on the stream
+  absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread keepalive_;
+};
+
+}  // namespace tailorkv::kvhost

@@ -1,0 +1,334 @@
+#include "daemon/data_service.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/status_macros.h"
+#include "daemon/ids.h"
+#include "spdlog/spdlog.h"
+
+namespace tailorkv::kvhost {
+namespace {
+
+using common::ToGrpcStatus;
+
+constexpr int kMaxSizes = 4096;
+constexpr uint64_t kMaxChunkBytes = uint64_t{4} << 20;
+constexpr uint64_t kMaxGatherBytes = uint64_t{64} << 20;
+
+grpc::Status Bad(const std::string& msg) { return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, msg); }
+
+int64_t NowNs() { return absl::ToUnixNanos(absl::Now()); }
+
+// Equal strings in time that does not depend on where they differ.
+bool SameSecret(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvHostDataService>> KvHostDataService::Create(KvHostDataOptions options) {
+  if (options.token.empty()) return absl::InvalidArgumentError("token: required (the remote data plane carries user data)");
+  if (options.budget_bytes == 0) return absl::InvalidArgumentError("budget_bytes: must be > 0");
+  if (!options.take_budget || !options.return_budget || !options.free_bytes) {
+    return absl::InvalidArgumentError("take_budget / return_budget / free_bytes: required");
+  }
+  if (options.arena_bytes == 0 || options.arena_bytes % PageSize() != 0) {
+    return absl::InvalidArgumentError("arena_bytes: must be a positive multiple of the page size");
+  }
+  if (options.lease <= absl::ZeroDuration()) return absl::InvalidArgumentError("lease: must be > 0");
+  std::unique_ptr<KvHostDataService> s(new KvHostDataService(std::move(options)));
+  s->reaper_ = std::thread([p = s.get()] { p->ReapLoop(); });
+  return s;
+}
+
+KvHostDataService::~KvHostDataService() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (reaper_.joinable()) reaper_.join();
+  absl::MutexLock lock(&mu_);
+  workers_.clear();  // each store frees its arenas (and returns their budget)
+}
+
+void KvHostDataService::ReapLoop() {
+  const absl::Duration tick = std::min(options_.lease / 4, absl::Seconds(1));
+  absl::MutexLock lock(&mu_);
+  while (!stopping_) {
+    mu_.AwaitWithTimeout(absl::Condition(&stopping_), tick);
+    if (stopping_) break;
+    const int64_t cutoff = NowNs() - absl::ToInt64Nanoseconds(options_.lease);
+    for (auto it = workers_.begin(); it != workers_.end();) {
+      if (it->second->last_seen_ns.load() < cutoff) {
+        spdlog::warn("kv-host data: worker \"{}\" silent for over {}: freeing what it held", it->second->id,
+                     absl::FormatDuration(options_.lease));
+        it = workers_.erase(it);  // its store goes when the last call using it ends
+      } else {
+        ++it;
+      }
+    }
+  }
+}
+
+grpc::Status KvHostDataService::CheckToken(const grpc::ServerContext* ctx) const {
+  const auto& md = ctx->client_metadata();
+  const auto it = md.find("authorization");
+  if (it != md.end() && SameSecret(std::string(it->second.data(), it->second.size()), "Bearer " + options_.token)) {
+    return grpc::Status::OK;
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      "authorization: 'Bearer <token>' metadata with kv-host's --data-token is required");
+}
+
+absl::StatusOr<std::shared_ptr<KvHostDataService::Worker>> KvHostDataService::Find(const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  auto it = workers_.find(key);
+  if (it == workers_.end()) {
+    return absl::UnauthenticatedError("worker_key: unknown (Open first; a worker silent past its lease must open again)");
+  }
+  it->second->last_seen_ns.store(NowNs());
+  return it->second;
+}
+
+absl::StatusOr<std::byte*> KvHostDataService::At(Worker& w, uint64_t slice_id, uint64_t offset, uint64_t length) {
+  auto it = w.slices.find(slice_id);
+  if (it == w.slices.end()) return absl::NotFoundError(absl::StrCat("slice_id: ", slice_id, " is not a live slice"));
+  const HostSlice& s = it->second;
+  if (offset > s.length || length > s.length - offset) {
+    return absl::OutOfRangeError(absl::StrCat("offset: ", offset, " + ", length, " bytes past slice ", slice_id,
+                                              " of ", s.length, " bytes"));
+  }
+  ASSIGN_OR_RETURN(absl::Span<std::byte> data, w.store->Data(s));
+  return data.data() + offset;
+}
+
+grpc::Status KvHostDataService::Open(grpc::ServerContext* ctx, const v1::DataOpenRequest* req,
+                                     v1::DataOpenResponse* resp) {
+  if (grpc::Status t = CheckToken(ctx); !t.ok()) return t;
+  if (!ValidId(req->worker_id())) return Bad("worker_id: must be 1 to 128 bytes of printable ASCII");
+  if (draining_.load()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "kv-host is draining: no new workers");
+  auto w = std::make_shared<Worker>();
+  w->id = req->worker_id();
+  w->last_seen_ns.store(NowNs());
+  InProcessStoreOptions o;
+  // The store's own limit is the node's; the node's counter decides, arena
+  // by arena, through the registration hooks.
+  o.budget_bytes = options_.budget_bytes / PageSize() * PageSize();
+  // Here only the largest slice: Reserve sizes arenas (whole numbers of
+  // the slice it needs room for), as the co-located daemon does.
+  o.arena_bytes = o.budget_bytes;
+  o.grow_on_demand = false;
+  o.arena_name_prefix = "tkv-remote";
+  o.arena = options_.arena;
+  o.register_fn = [this](void*, size_t bytes) {
+    return options_.take_budget(bytes, "a remote worker's new arena");
+  };
+  o.unregister_fn = [this](void*, size_t bytes) {
+    options_.return_budget(bytes);
+    return absl::OkStatus();
+  };
+  auto store = InProcessStore::Create(std::move(o));
+  if (!store.ok()) return ToGrpcStatus(store.status());
+  {
+    absl::MutexLock wl(&w->mu);
+    w->store = std::move(*store);
+  }
+  const std::string key = RandomHex(16);
+  {
+    absl::MutexLock lock(&mu_);
+    workers_[key] = w;
+  }
+  spdlog::info("kv-host data: worker \"{}\" opened from {}", w->id, ctx->peer());
+  resp->set_worker_key(key);
+  resp->set_lease_ms(absl::ToInt64Milliseconds(options_.lease));
+  resp->set_budget_bytes(static_cast<int64_t>(options_.budget_bytes));
+  resp->set_free_bytes(static_cast<int64_t>(options_.free_bytes()));
+  return grpc::Status::OK;
+}
+
+grpc::Status KvHostDataService::Reserve(grpc::ServerContext* ctx, const v1::DataReserveRequest* req,
+                                        v1::DataReserveResponse* resp) {
+  if (grpc::Status t = CheckToken(ctx); !t.ok()) return t;
+  if (!ValidId(req->session_id())) return Bad("session_id: must be 1 to 128 bytes of printable ASCII");
+  if (req->sizes_size() < 1 || req->sizes_size() > kMaxSizes) {
+    return Bad(absl::StrCat("sizes: ", req->sizes_size(), " sizes, want 1 to ", kMaxSizes));
+  }
+  for (int i = 0; i < req->sizes_size(); ++i) {
+    if (req->sizes(i) == 0 || req->sizes(i) > options_.budget_bytes) {
+      return Bad(absl::StrCat("sizes[", i, "]: ", req->sizes(i), " bytes, want 1 to the budget ", options_.budget_bytes));
+    }
+  }
+  auto w = Find(req->worker_key());
+  if (!w.ok()) return ToGrpcStatus(w.status());
+  Worker& wk = **w;
+  absl::MutexLock wl(&wk.mu);
+  if (wk.sessions.find(req->session_id()) == wk.sessions.end() && draining_.load()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "kv-host is draining: no new sessions");
+  }
+  std::vector<HostSlice> got;
+  absl::Status st;
+  for (int i = 0; i < req->sizes_size() && st.ok(); ++i) {
+    const uint64_t size = req->sizes(i);
+    auto s = wk.store->Allocate(size, 64, req->session_id());
+    if (!s.ok()) {
+      // A whole number of such slices per arena (as the co-located daemon).
+      const uint64_t need = PageUp(size);
+      auto id = wk.store->CreateArena(need * std::max<uint64_t>(1, options_.arena_bytes / need), "tkv-remote");
+      st = id.status();
+      if (st.ok()) s = wk.store->Allocate(size, 64, req->session_id());
+      if (st.ok() && !s.ok()) st = s.status();
+    }
+    if (st.ok()) got.push_back(*s);
+  }
+  if (!st.ok()) {
+    for (const HostSlice& s : got) (void)wk.store->Free(s);
+    (void)wk.store->RetireEmptyArenas(0);
+    return ToGrpcStatus(st);
+  }
+  std::set<uint64_t>& ids = wk.sessions[req->session_id()];
+  for (const HostSlice& s : got) {
+    const uint64_t id = wk.next_slice_id++;
+    wk.slices[id] = s;
+    ids.insert(id);
+    resp->add_slice_ids(id);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status KvHostDataService::Write(grpc::ServerContext* ctx, grpc::ServerReader<v1::DataWriteChunk>* reader,
+                                      v1::DataWriteResponse* resp) {
+  if (grpc::Status t = CheckToken(ctx); !t.ok()) return t;
+  std::shared_ptr<Worker> w;
+  int64_t written = 0;
+  v1::DataWriteChunk chunk;
+  while (reader->Read(&chunk)) {
+    if (w == nullptr || !chunk.worker_key().empty()) {
+      auto f = Find(chunk.worker_key());
+      if (!f.ok()) return ToGrpcStatus(f.status());
+      w = *f;
+    } else {
+      w->last_seen_ns.store(NowNs());
+    }
+    if (chunk.data().size() > kMaxChunkBytes) {
+      return Bad(absl::StrCat("data: ", chunk.data().size(), " bytes in one chunk, want at most ", kMaxChunkBytes));
+    }
+    absl::MutexLock wl(&w->mu);
+    auto dst = At(*w, chunk.slice_id(), chunk.offset(), chunk.data().size());
+    if (!dst.ok()) return ToGrpcStatus(dst.status());
+    std::memcpy(*dst, chunk.data().data(), chunk.data().size());
+    written += static_cast<int64_t>(chunk.data().size());
+  }
+  resp->set_bytes_written(written);
+  return grpc::Status::OK;
+}
+
+grpc::Status KvHostDataService::Gather(
+    grpc::ServerContext* ctx, grpc::ServerReaderWriter<v1::DataGatherResponse, v1::DataGatherRequest>* stream) {
+  if (grpc::Status t = CheckToken(ctx); !t.ok()) return t;
+  std::shared_ptr<Worker> w;
+  v1::DataGatherRequest req;
+  v1::DataGatherResponse resp;
+  while (stream->Read(&req)) {
+    if (w == nullptr || !req.worker_key().empty()) {
+      auto f = Find(req.worker_key());
+      if (!f.ok()) return ToGrpcStatus(f.status());
+      w = *f;
+    } else {
+      w->last_seen_ns.store(NowNs());
+    }
+    uint64_t total = 0;
+    for (int i = 0; i < req.ranges_size(); ++i) {
+      const v1::RowRange& r = req.ranges(i);
+      if (r.row_bytes() == 0 || r.stride() < r.row_bytes()) {
+        return Bad(absl::StrCat("ranges[", i, "]: row_bytes ", r.row_bytes(), " must be > 0 and <= stride ", r.stride()));
+      }
+      total += static_cast<uint64_t>(r.row_bytes()) * r.rows_size();
+    }
+    if (total > kMaxGatherBytes) {
+      return Bad(absl::StrCat("ranges: ", total, " bytes of rows in one request, want at most ", kMaxGatherBytes));
+    }
+    resp.Clear();
+    resp.set_request_id(req.request_id());
+    std::string* out = resp.mutable_rows();
+    out->resize(total);
+    char* dst = out->data();
+    {
+      absl::MutexLock wl(&w->mu);
+      for (int i = 0; i < req.ranges_size(); ++i) {
+        const v1::RowRange& r = req.ranges(i);
+        for (const uint32_t row : r.rows()) {
+          auto src = At(*w, r.slice_id(), r.offset() + static_cast<uint64_t>(row) * r.stride(), r.row_bytes());
+          if (!src.ok()) {
+            return ToGrpcStatus(absl::Status(src.status().code(),
+                                             absl::StrCat("ranges[", i, "] row ", row, ": ", src.status().message())));
+          }
+          std::memcpy(dst, *src, r.row_bytes());
+          dst += r.row_bytes();
+        }
+      }
+    }
+    if (!stream->Write(resp)) break;  // the worker went away
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status KvHostDataService::CloseSession(grpc::ServerContext* ctx, const v1::DataCloseSessionRequest* req,
+                                             v1::DataCloseSessionResponse* resp) {
+  if (grpc::Status t = CheckToken(ctx); !t.ok()) return t;
+  auto w = Find(req->worker_key());
+  if (!w.ok()) return ToGrpcStatus(w.status());
+  absl::MutexLock wl(&(*w)->mu);
+  Worker& wk = **w;
+  auto it = wk.sessions.find(req->session_id());
+  if (it == wk.sessions.end()) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("session_id: no open session \"",
+                                                                  req->session_id().substr(0, 128), "\""));
+  }
+  for (uint64_t id : it->second) wk.slices.erase(id);
+  wk.sessions.erase(it);
+  resp->set_freed_bytes(static_cast<int64_t>(wk.store->FreeOwner(req->session_id())));
+  (void)wk.store->RetireEmptyArenas(0);  // back to the node's budget at once
+  return grpc::Status::OK;
+}
+
+grpc::Status KvHostDataService::KeepAlive(grpc::ServerContext* ctx, const v1::DataKeepAliveRequest* req,
+                                          v1::DataKeepAliveResponse* resp) {
+  if (grpc::Status t = CheckToken(ctx); !t.ok()) return t;
+  auto w = Find(req->worker_key());
+  if (!w.ok()) return ToGrpcStatus(w.status());
+  resp->set_free_bytes(static_cast<int64_t>(options_.free_bytes()));
+  return grpc::Status::OK;
+}
+
+int KvHostDataService::Workers() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(workers_.size());
+}
+
+int KvHostDataService::OpenSessions() const {
+  absl::MutexLock lock(&mu_);
+  int n = 0;
+  for (const auto& [key, w] : workers_) {
+    absl::MutexLock wl(&w->mu);
+    n += static_cast<int>(w->sessions.size());
+  }
+  return n;
+}
+
+uint64_t KvHostDataService::HeldBytes() const {
+  absl::MutexLock lock(&mu_);
+  uint64_t n = 0;
+  for (const auto& [key, w] : workers_) {
+    absl::MutexLock wl(&w->mu);
+    n += w->store->Stats().reserved_bytes;
+  }
+  return n;
+}
+
+}  // namespace tailorkv::kvhost
