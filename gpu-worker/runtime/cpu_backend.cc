@@ -10,10 +10,13 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "spdlog/spdlog.h"
+#include "common/status_macros.h"
 #include "runtime/cpu_reference.h"
 #include "runtime/quant_kv.h"
 #include "runtime/fp8_reference.h"
@@ -93,6 +96,13 @@ class SparseHostStore {
 struct SparseLayer {
   SparseParams params;
   SparseHostStore host;
+  // With a remote host tier (CpuBackendOptions::remote_rows): this layer's
+  // slice on the node. `host` stages the prompt until it ends; then its rows
+  // are written to the node, `host` is dropped and `offloaded` set.
+  uint64_t remote_slice = 0;
+  int64_t remote_head_stride = 0;  // floats between heads there (the capacity's rows)
+  int64_t remote_bytes = 0;        // the tier's bytes there, once offloaded
+  bool offloaded = false;
   int kept_cap = 0;  // min(capacity, sink + recent)
   int prompt = -1;   // P once the prompt ended, else -1
   int sink = 0;      // min(S, P): kept rows [0, sink) are positions [0, sink)
@@ -128,10 +138,15 @@ class CpuSequence final : public SequenceState {
   // host: the sparse layers' host tiers in layer order (SparseHostBytes
   // each), held in `store` under `session` (freed with the sequence); empty:
   // plain memory.
+  // remote / remote_slices: the sparse layers' host tiers on a remote node
+  // instead (one slice each, in layer order; the session closed with the
+  // sequence); the prompt is staged in plain memory until it ends.
   CpuSequence(const ModelConfig& c, int capacity, KvPlan plan,
               std::vector<absl::Span<std::byte>> host = {}, kvhost::HostKvStore* store = nullptr,
-              std::string session = "")
+              std::string session = "", kvhost::RemoteRowStore* remote = nullptr,
+              std::vector<uint64_t> remote_slices = {})
       : store_(store),
+        remote_(remote),
         session_(std::move(session)),
         plan_(std::move(plan)),
         capacity_(capacity),
@@ -162,8 +177,10 @@ class CpuSequence final : public SequenceState {
       } else if (p.kind == KvPolicyKind::kSparse) {
         auto sp = std::make_unique<SparseLayer>();
         sp->params = p.sparse;
+        if (remote != nullptr) sp->remote_slice = remote_slices[next_host];
         sp->host = SparseHostStore(c.n_kv_heads, c.head_dim, capacity,
-                                   host.empty() ? absl::Span<std::byte>() : host[next_host++]);
+                                   host.empty() ? absl::Span<std::byte>() : host[next_host]);
+        ++next_host;
         sp->kept_cap = static_cast<int>(
             std::min<int64_t>(capacity, static_cast<int64_t>(p.sparse.sink) + p.sparse.recent));
         sp->head_stride = static_cast<int64_t>(sp->kept_cap) * c.head_dim;
@@ -186,7 +203,14 @@ class CpuSequence final : public SequenceState {
 
   ~CpuSequence() override {
     if (store_ != nullptr) store_->FreeOwner(session_);
+    if (remote_ != nullptr) {
+      // A node that cannot be reached frees the session when our lease ends.
+      if (auto freed = remote_->CloseSession(session_); !freed.ok()) {
+        spdlog::warn("remote host tier: closing session {}: {}", session_, freed.status().ToString());
+      }
+    }
   }
+  kvhost::RemoteRowStore* remote() const { return remote_; }
   CpuSequence(const CpuSequence&) = delete;
   CpuSequence& operator=(const CpuSequence&) = delete;
 
@@ -206,8 +230,9 @@ class CpuSequence final : public SequenceState {
       } else if (sparse_[l]) {
         b.device_bytes = sparse_[l]->device_bytes();
         // FP8 host tiers are emulated in fp32; the figure is the format's.
-        b.host_bytes = sparse_[l]->params.host_bits == 8 ? sparse_[l]->host.bytes() / 4
-                                                         : sparse_[l]->host.bytes();
+        // (An offloaded tier's bytes are on the remote node.)
+        const int64_t tier = sparse_[l]->offloaded ? sparse_[l]->remote_bytes : sparse_[l]->host.bytes();
+        b.host_bytes = sparse_[l]->params.host_bits == 8 ? tier / 4 : tier;
       } else if (plan_.layers[l].kind == KvPolicyKind::kWindow) {
         b.device_bytes = static_cast<int64_t>(window_[l].k.size() + window_[l].v.size()) * sizeof(float);
       } else {
@@ -232,6 +257,7 @@ class CpuSequence final : public SequenceState {
 
  private:
   kvhost::HostKvStore* store_;
+  kvhost::RemoteRowStore* remote_;
   std::string session_;
   KvPlan plan_;
   int capacity_;
@@ -296,8 +322,12 @@ class CpuBackend final : public Backend {
  public:
   CpuBackend(ModelWeights w, int threads)
       : w_(std::move(w)), threads_(threads), inv_freq_(ref::RopeInvFreq(w_.config)) {}
-  CpuBackend(ModelWeights w, int threads, kvhost::HostKvStore* host_store)
-      : w_(std::move(w)), threads_(threads), host_store_(host_store), inv_freq_(ref::RopeInvFreq(w_.config)) {}
+  CpuBackend(ModelWeights w, int threads, kvhost::HostKvStore* host_store, kvhost::RemoteRowStore* remote_rows)
+      : w_(std::move(w)),
+        threads_(threads),
+        host_store_(host_store),
+        remote_rows_(remote_rows),
+        inv_freq_(ref::RopeInvFreq(w_.config)) {}
 
   std::string_view name() const override { return "cpu"; }
   const ModelConfig& config() const override { return w_.config; }
@@ -328,8 +358,29 @@ class CpuBackend final : public Backend {
     const bool any_sparse = std::any_of(plan.layers.begin(), plan.layers.end(), [](const LayerKvPolicy& p) {
       return p.kind == KvPolicyKind::kSparse;
     });
-    if (host_store_ == nullptr || !any_sparse) {
+    if ((host_store_ == nullptr && remote_rows_ == nullptr) || !any_sparse) {
       return std::make_unique<CpuSequence>(w_.config, capacity, plan);
+    }
+    if (remote_rows_ != nullptr) {
+      std::vector<uint64_t> sizes;
+      for (size_t l = 0; l < plan.layers.size(); ++l) {
+        const LayerKvPolicy& p = plan.layers[l];
+        if (p.kind != KvPolicyKind::kSparse) continue;
+        if (p.sparse.index != "gpu") {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "layer %d: sparse index \"%s\" reads every key of the host tier each step: not with a remote "
+              "host tier (use index \"gpu\")", l, p.sparse.index));
+        }
+        sizes.push_back(static_cast<uint64_t>(SparseHostBytes(w_.config.n_kv_heads, w_.config.head_dim, capacity)));
+      }
+      const std::string session = absl::StrCat("cpu-", getpid(), "-", next_session_.fetch_add(1));
+      auto slices = remote_rows_->Reserve(session, sizes);
+      if (!slices.ok()) {
+        return absl::Status(slices.status().code(),
+                            absl::StrCat("remote host KV for the sparse layers: ", slices.status().message()));
+      }
+      return std::make_unique<CpuSequence>(w_.config, capacity, plan, std::vector<absl::Span<std::byte>>{}, nullptr,
+                                           session, remote_rows_, std::move(*slices));
     }
     // Every sparse layer's host tier in one request to the store.
     std::vector<uint64_t> sizes;
@@ -396,24 +447,34 @@ class CpuBackend final : public Backend {
   // input or the stream after its attention normalized by this layer's norm
   // (layer 0: its own input); unused for query "real".
   // prev_x: the previous layer's normalized input (refine's first pass).
-  void LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start, bool decode,
+  absl::Status LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start, bool decode,
                       const float* spec_x, const float* prev_x, float* out);
   // Causal attention over a view: query i sees rows [0, offset + i + 1).
   void Attention(const KvView& kv, const float* q, int n, int offset, float* out);
   // Copies chunk row i of every KV head (k_, v_) into rows `first` + i of a
   // [kv_head][head_stride] scratch.
   void CopyChunk(float* k, float* v, int64_t head_stride, int first, int n);
-  // A sparse layer's prefill chunk and decode step (cpu_backend.h).
-  void SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out);
-  void SparseDecode(SparseLayer& sp, int layer, const float* q, int start, const float* spec_x,
-                    const float* prev_x, float* out);
+  // A sparse layer's prefill chunk and decode step (cpu_backend.h); with
+  // `remote` (the sequence's remote host tier) rows come from the node once
+  // the prompt was offloaded there, and a failure there is the step's.
+  absl::Status SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out,
+                             kvhost::RemoteRowStore* remote);
+  absl::Status SparseDecode(SparseLayer& sp, int layer, const float* q, int start, const float* spec_x,
+                            const float* prev_x, float* out, kvhost::RemoteRowStore* remote);
   // Ends the prompt of a sparse layer at P tokens: max|K|, kept rows,
-  // generated rows reserved for the rest of the capacity.
-  void EndSparsePrompt(SparseLayer& sp, int prompt, int capacity);
+  // generated rows reserved for the rest of the capacity; with `remote`,
+  // writes the prompt's rows to the node and drops them here.
+  absl::Status EndSparsePrompt(SparseLayer& sp, int prompt, int capacity, kvhost::RemoteRowStore* remote);
+  // Rows `rows` (positions) of every KV head of an offloaded layer, K and V,
+  // from the node in one request: out_k / out_v [kv_head][rows.size()][head_dim].
+  absl::Status GatherRemote(const SparseLayer& sp, kvhost::RemoteRowStore* remote,
+                            const std::vector<std::vector<int>>& rows, float* out_k, float* out_v,
+                            int64_t out_head_stride);
 
   ModelWeights w_;
   int threads_;
   kvhost::HostKvStore* host_store_ = nullptr;  // not owned; null: plain memory
+  kvhost::RemoteRowStore* remote_rows_ = nullptr;  // not owned; null: not remote
   std::atomic<uint64_t> next_session_{0};
   std::vector<float> inv_freq_;
   // Scratch reused across calls (resized, never shrunk).
@@ -506,8 +567,8 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
       return (late ? xn_late_.data() : xn_prev_.data()) + static_cast<size_t>(i) * H;
     };
     if (!batch) {
-      LayerAttention(*seq, l, q_.data(), n, start, decode, decode ? spec_of(0) : nullptr,
-                     decode ? xn_prev_.data() : nullptr, attn_.data());
+      RETURN_IF_ERROR(LayerAttention(*seq, l, q_.data(), n, start, decode, decode ? spec_of(0) : nullptr,
+                                     decode ? xn_prev_.data() : nullptr, attn_.data()));
     } else {
       for (int b = 0; b < n; ++b) {
         // LayerAttention reads a decode step's K/V from row 0 of k_/v_;
@@ -516,8 +577,10 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
           std::memcpy(k_.data(), &k_[b * nkv_dim], sizeof(float) * nkv_dim);
           std::memcpy(v_.data(), &v_[b * nkv_dim], sizeof(float) * nkv_dim);
         }
-        LayerAttention(*seqs[b], l, &q_[b * nq_dim], 1, pos[b], true, spec_of(b),
-                       &xn_prev_[static_cast<size_t>(b) * H], &attn_[b * nq_dim]);
+        // (A remote host tier's failure fails the whole step, every sequence
+        // in it: the engine then ends them; see docs/architecture.md.)
+        RETURN_IF_ERROR(LayerAttention(*seqs[b], l, &q_[b * nq_dim], 1, pos[b], true, spec_of(b),
+                                       &xn_prev_[static_cast<size_t>(b) * H], &attn_[b * nq_dim]));
       }
     }
     if (observer != nullptr) {
@@ -587,14 +650,14 @@ void CpuBackend::CopyChunk(float* k, float* v, int64_t head_stride, int first, i
   }
 }
 
-void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start,
+absl::Status CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int n, int start,
                                 bool decode, const float* spec_x, const float* prev_x, float* out) {
   const ModelConfig& c = w_.config;
   const int hd = c.head_dim, nkv = c.n_kv_heads, nh = c.n_heads;
   switch (seq.kind(layer)) {
     case KvPolicyKind::kDense:
       Attention(seq.dense_view(layer), q, n, start, out);
-      return;
+      return absl::OkStatus();
     case KvPolicyKind::kQuant: {
       QuantKvCpu& store = *seq.quant(layer);
       const int R = store.shape().params.residual;
@@ -607,7 +670,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
           // Nothing quantized yet: the rings hold positions [0, len) in
           // order, so this is plain attention (the dense code, same bits).
           Attention({store.k_res().data(), store.v_res().data(), res}, q, 1, start, out);
-          return;
+          return absl::OkStatus();
         }
         const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
         const int group = nh / nkv;
@@ -620,7 +683,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
                              out + static_cast<int64_t>(h) * hd);
           }
         }
-        return;
+        return absl::OkStatus();
       }
       // Prefill chunk: history as stored (dequantized + exact residual),
       // the chunk in full precision, then pack.
@@ -631,7 +694,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
       CopyChunk(chunk_k_.data(), chunk_v_.data(), stride, start, n);
       Attention({chunk_k_.data(), chunk_v_.data(), stride}, q, n, start, out);
       store.Pack(chunk_k_.data(), chunk_v_.data(), stride, start, start + n);
-      return;
+      return absl::OkStatus();
     }
     case KvPolicyKind::kWindow: {
       WindowStore& w = seq.window(layer);
@@ -654,7 +717,7 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
         // Every stored row is a kept token; order does not change attention.
         const int kept = std::min(start + 1, w.rows);
         Attention({w.k.data(), w.v.data(), w.head_stride}, q, 1, kept - 1, out);
-        return;
+        return absl::OkStatus();
       }
       // Prefill chunk: kept history compacted in position order, then the chunk.
       const int hist = std::min(start, w.rows);
@@ -673,22 +736,23 @@ void CpuBackend::LayerAttention(CpuSequence& seq, int layer, const float* q, int
       CopyChunk(chunk_k_.data(), chunk_v_.data(), stride, hist, n);
       Attention({chunk_k_.data(), chunk_v_.data(), stride}, q, n, hist, out);
       store_rows(start, n);
-      return;
+      return absl::OkStatus();
     }
     case KvPolicyKind::kSparse: {
       SparseLayer& sp = *seq.sparse(layer);
       if (decode) {
-        if (!sp.prompt_ended()) EndSparsePrompt(sp, start, seq.capacity());
-        SparseDecode(sp, layer, q, start, spec_x, prev_x, out);
+        if (!sp.prompt_ended()) RETURN_IF_ERROR(EndSparsePrompt(sp, start, seq.capacity(), seq.remote()));
+        return SparseDecode(sp, layer, q, start, spec_x, prev_x, out, seq.remote());
       } else {
-        SparsePrefill(sp, q, n, start, out);
+        return SparsePrefill(sp, q, n, start, out, seq.remote());
       }
-      return;
     }
   }
+  return absl::OkStatus();
 }
 
-void CpuBackend::EndSparsePrompt(SparseLayer& sp, int prompt, int capacity) {
+absl::Status CpuBackend::EndSparsePrompt(SparseLayer& sp, int prompt, int capacity,
+                                         kvhost::RemoteRowStore* remote) {
   const int hd = w_.config.head_dim, nkv = w_.config.n_kv_heads;
   sp.prompt = prompt;
   sp.sink = std::min(sp.params.sink, prompt);
@@ -731,9 +795,27 @@ void CpuBackend::EndSparsePrompt(SparseLayer& sp, int prompt, int capacity) {
       }
     }
   }
+  if (remote == nullptr) return absl::OkStatus();
+  // The prompt's rows to the node (the slice has SparseHostStore's layout:
+  // K of every head, then V), then the staging memory goes.
+  const size_t rows_bytes = sizeof(float) * static_cast<size_t>(prompt) * hd;
+  for (int h = 0; h < nkv; ++h) {
+    const auto* k = reinterpret_cast<const std::byte*>(sp.host.k(h));
+    const auto* v = reinterpret_cast<const std::byte*>(sp.host.v(h));
+    const uint64_t k_at = sizeof(float) * static_cast<uint64_t>(h) * sp.host.head_stride();
+    const uint64_t v_at = k_at + sizeof(float) * static_cast<uint64_t>(nkv) * sp.host.head_stride();
+    RETURN_IF_ERROR(remote->Write(sp.remote_slice, k_at, absl::MakeConstSpan(k, rows_bytes)));
+    RETURN_IF_ERROR(remote->Write(sp.remote_slice, v_at, absl::MakeConstSpan(v, rows_bytes)));
+  }
+  sp.remote_head_stride = sp.host.head_stride();
+  sp.remote_bytes = sp.host.bytes();
+  sp.host = SparseHostStore();
+  sp.offloaded = true;
+  return absl::OkStatus();
 }
 
-void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out) {
+absl::Status CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start, float* out,
+                                       kvhost::RemoteRowStore* remote) {
   const int hd = w_.config.head_dim, nkv = w_.config.n_kv_heads;
   if (!sp.prompt_ended()) {
     if (sp.gpu_index) {
@@ -774,7 +856,7 @@ void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start
         }
       }
     }
-    return;
+    return absl::OkStatus();
   }
   // After a decode step: [prompt (host) | generated (device) | chunk], all
   // full precision, then the chunk joins the generated rows.
@@ -783,9 +865,18 @@ void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start
   chunk_k_.resize(stride * nkv);
   chunk_v_.resize(stride * nkv);
   const int64_t kept_rows = static_cast<int64_t>(sp.kept_cap) * hd;
+  if (sp.offloaded) {
+    // Every prompt row back from the node (a prompt continued after decode
+    // steps: rare, and as costly as it sounds).
+    std::vector<std::vector<int>> all(nkv, std::vector<int>(P));
+    for (auto& r : all) std::iota(r.begin(), r.end(), 0);
+    RETURN_IF_ERROR(GatherRemote(sp, remote, all, chunk_k_.data(), chunk_v_.data(), stride));
+  }
   for (int h = 0; h < nkv; ++h) {
-    std::memcpy(&chunk_k_[h * stride], sp.host.k(h), sizeof(float) * P * hd);
-    std::memcpy(&chunk_v_[h * stride], sp.host.v(h), sizeof(float) * P * hd);
+    if (!sp.offloaded) {
+      std::memcpy(&chunk_k_[h * stride], sp.host.k(h), sizeof(float) * P * hd);
+      std::memcpy(&chunk_v_[h * stride], sp.host.v(h), sizeof(float) * P * hd);
+    }
     std::memcpy(&chunk_k_[h * stride + static_cast<int64_t>(P) * hd], &sp.k[h * sp.head_stride + kept_rows],
                 sizeof(float) * sp.generated * hd);
     std::memcpy(&chunk_v_[h * stride + static_cast<int64_t>(P) * hd], &sp.v[h * sp.head_stride + kept_rows],
@@ -795,10 +886,61 @@ void CpuBackend::SparsePrefill(SparseLayer& sp, const float* q, int n, int start
   Attention({chunk_k_.data(), chunk_v_.data(), stride}, q, n, start, out);
   CopyChunk(sp.k.data() + kept_rows, sp.v.data() + kept_rows, sp.head_stride, sp.generated, n);
   sp.generated += n;
+  return absl::OkStatus();
 }
 
-void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int start,
-                              const float* spec_x, const float* prev_x, float* out) {
+absl::Status CpuBackend::GatherRemote(const SparseLayer& sp, kvhost::RemoteRowStore* remote,
+                                      const std::vector<std::vector<int>>& rows, float* out_k, float* out_v,
+                                      int64_t out_head_stride) {
+  if (remote == nullptr) return absl::InternalError("GatherRemote: an offloaded layer without its remote store");
+  const int hd = w_.config.head_dim, nkv = w_.config.n_kv_heads;
+  const uint32_t row_bytes = static_cast<uint32_t>(sizeof(float) * hd);
+  const uint64_t v_base = sizeof(float) * static_cast<uint64_t>(nkv) * sp.remote_head_stride;
+  // At most kMaxGatherBytes a request: every head's K and V rows of a span
+  // of row numbers (one request a layer for a decode step's selection).
+  size_t per_head = 0;
+  for (const auto& r : rows) per_head = std::max(per_head, r.size());
+  const size_t span = std::max<size_t>(
+      1, kvhost::kMaxGatherBytes / (2 * static_cast<size_t>(nkv) * row_bytes));
+  std::vector<std::byte> buf;
+  for (size_t lo = 0; lo < per_head; lo += span) {
+    std::vector<kvhost::RowRequest> req;
+    size_t bytes = 0;
+    for (int h = 0; h < nkv; ++h) {
+      const size_t hi = std::min(rows[h].size(), lo + span);
+      if (lo >= hi) continue;
+      for (int kv = 0; kv < 2; ++kv) {
+        kvhost::RowRequest r{.slice_id = sp.remote_slice,
+                             .offset = (kv == 0 ? 0 : v_base) + sizeof(float) * static_cast<uint64_t>(h) * sp.remote_head_stride,
+                             .stride = row_bytes,
+                             .row_bytes = row_bytes,
+                             .rows = {}};
+        r.rows.assign(rows[h].begin() + lo, rows[h].begin() + hi);
+        bytes += r.rows.size() * row_bytes;
+        req.push_back(std::move(r));
+      }
+    }
+    buf.resize(bytes);
+    absl::Status st = remote->Gather(req, absl::MakeSpan(buf));
+    if (absl::IsUnavailable(st)) st = remote->Gather(req, absl::MakeSpan(buf));  // the stream opens again
+    if (!st.ok()) return absl::Status(st.code(), absl::StrCat("remote host tier: ", st.message()));
+    const std::byte* at = buf.data();
+    for (int h = 0; h < nkv; ++h) {
+      const size_t hi = std::min(rows[h].size(), lo + span);
+      if (lo >= hi) continue;
+      const size_t n = (hi - lo) * row_bytes;
+      std::memcpy(out_k + h * out_head_stride + static_cast<int64_t>(lo) * hd, at, n);
+      at += n;
+      std::memcpy(out_v + h * out_head_stride + static_cast<int64_t>(lo) * hd, at, n);
+      at += n;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int start,
+                                      const float* spec_x, const float* prev_x, float* out,
+                                      kvhost::RemoteRowStore* remote) {
   const ModelConfig& c = w_.config;
   const int hd = c.head_dim, nkv = c.n_kv_heads, group = c.n_heads / c.n_kv_heads;
   const int64_t kept_rows = static_cast<int64_t>(sp.kept_cap) * hd;
@@ -915,10 +1057,14 @@ void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int st
     std::memcpy(gk, dk, row * sp.sink);
     std::memcpy(gv, dv, row * sp.sink);
     int64_t at = static_cast<int64_t>(sp.sink) * hd;
-    for (int p : sel) {
-      std::memcpy(gk + at, sp.host.k(h) + static_cast<int64_t>(p) * hd, row);
-      std::memcpy(gv + at, sp.host.v(h) + static_cast<int64_t>(p) * hd, row);
-      at += hd;
+    if (!sp.offloaded) {
+      for (int p : sel) {
+        std::memcpy(gk + at, sp.host.k(h) + static_cast<int64_t>(p) * hd, row);
+        std::memcpy(gv + at, sp.host.v(h) + static_cast<int64_t>(p) * hd, row);
+        at += hd;
+      }
+    } else {
+      at += static_cast<int64_t>(sel.size()) * hd;  // filled from the node below
     }
     std::memcpy(gk + at, dk + static_cast<int64_t>(sp.sink) * hd, row * sp.recent);
     std::memcpy(gv + at, dv + static_cast<int64_t>(sp.sink) * hd, row * sp.recent);
@@ -926,7 +1072,13 @@ void CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q, int st
     std::memcpy(gk + at, dk + kept_rows, row * sp.generated);
     std::memcpy(gv + at, dv + kept_rows, row * sp.generated);
   }
+  if (sp.offloaded) {
+    // Every head's selected rows in one request to the node.
+    RETURN_IF_ERROR(GatherRemote(sp, remote, sp.last_selection, chunk_k_.data() + static_cast<int64_t>(sp.sink) * hd,
+                                 chunk_v_.data() + static_cast<int64_t>(sp.sink) * hd, stride));
+  }
   Attention({chunk_k_.data(), chunk_v_.data(), stride}, q, 1, rows - 1, out);
+  return absl::OkStatus();
 }
 
 void CpuBackend::Attention(const KvView& kv, const float* q, int n, int start, float* out) {
@@ -1064,7 +1216,11 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights we
   const int threads = options.threads > 0
                           ? options.threads
                           : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  return std::unique_ptr<Backend>(new CpuBackend(std::move(weights), threads, options.host_store));
+  if (options.host_store != nullptr && options.remote_rows != nullptr) {
+    return absl::InvalidArgumentError("remote_rows: exclusive with host_store (one place for the host tier)");
+  }
+  return std::unique_ptr<Backend>(
+      new CpuBackend(std::move(weights), threads, options.host_store, options.remote_rows));
 }
 
 }  // namespace tailorkv::runtime

@@ -63,6 +63,7 @@
 #include "runtime/backend.h"
 #include "runtime/quant_kv.h"
 #include "store/host_kv_store.h"
+#include "store/remote_rows.h"
 
 namespace tailorkv::runtime {
 
@@ -73,6 +74,13 @@ struct CpuBackendOptions {
   // kvhost::KvHostClientStore), one session per sequence, freed with it.
   // Not owned; must outlive the backend.
   kvhost::HostKvStore* host_store = nullptr;
+  // Or on a remote kv-host node (kvhost::RemoteRowsClient): each sequence's
+  // prompt is staged in its own memory, written to the node when the prompt
+  // ends and dropped here; each decode step gathers the selected rows of
+  // every KV head in one request per layer. Index "faithful" (which reads
+  // every key each step) is refused with it. Not owned; exclusive with
+  // host_store.
+  kvhost::RemoteRowStore* remote_rows = nullptr;
 };
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights weights,

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <limits>
@@ -21,6 +22,7 @@
 #include "runtime/kv_plan.h"
 #include "runtime/quant_kv.h"
 #include "runtime/test_model.h"
+#include "store/in_process_store.h"
 
 namespace tailorkv::runtime {
 namespace {
@@ -1141,6 +1143,119 @@ TEST(CpuBackendSparse, AllChannelsMakeTheScoresExact) {
   worst = 0;
   for (int p = 0; p < n; ++p) worst = std::max(worst, std::fabs(scores[p] - exact_score[p]));
   EXPECT_GT(worst, 0.5);
+}
+
+// An in-memory RemoteRowStore (the node's side, kv-host's
+// KvHostDataService, is tested over TCP in kv-host/daemon): slices as byte
+// vectors, every call counted, a switch that makes the node fail.
+class FakeRemoteRows final : public kvhost::RemoteRowStore {
+ public:
+  absl::StatusOr<std::vector<uint64_t>> Reserve(const std::string& session, absl::Span<const uint64_t> sizes) override {
+    std::vector<uint64_t> ids;
+    for (uint64_t n : sizes) {
+      slices[next] = std::vector<std::byte>(n, std::byte{0x7F});  // poisoned: only written rows may be read
+      sessions[session].push_back(next);
+      ids.push_back(next++);
+    }
+    return ids;
+  }
+  absl::Status Write(uint64_t id, uint64_t offset, absl::Span<const std::byte> data) override {
+    ++writes;
+    auto& sl = slices.at(id);
+    if (offset + data.size() > sl.size()) return absl::OutOfRangeError("offset");
+    std::copy(data.begin(), data.end(), sl.begin() + offset);
+    return absl::OkStatus();
+  }
+  absl::Status Gather(absl::Span<const kvhost::RowRequest> reqs, absl::Span<std::byte> out) override {
+    ++gathers;
+    if (!fail.ok()) return fail;
+    std::byte* at = out.data();
+    for (const auto& r : reqs) {
+      const auto& sl = slices.at(r.slice_id);
+      for (uint32_t row : r.rows) {
+        const uint64_t from = r.offset + static_cast<uint64_t>(row) * r.stride;
+        if (from + r.row_bytes > sl.size()) return absl::OutOfRangeError("row");
+        at = std::copy(sl.begin() + from, sl.begin() + from + r.row_bytes, at);
+      }
+    }
+    return at == out.data() + out.size() ? absl::OkStatus() : absl::InternalError("out size");
+  }
+  absl::StatusOr<uint64_t> CloseSession(const std::string& session) override {
+    ++closes;
+    uint64_t freed = 0;
+    for (uint64_t id : sessions[session]) freed += slices[id].size(), slices.erase(id);
+    sessions.erase(session);
+    return freed;
+  }
+  std::map<uint64_t, std::vector<std::byte>> slices;
+  std::map<std::string, std::vector<uint64_t>> sessions;
+  uint64_t next = 1;
+  int writes = 0, gathers = 0, closes = 0;
+  absl::Status fail;
+};
+
+TEST(CpuBackendSparse, RemoteHostTierGivesTheSameLogitsBitForBit) {
+  const auto w = PolicyModel(71);
+  auto local = *CreateCpuBackend(w, {.threads = 2});
+  FakeRemoteRows node;
+  auto remote = *CreateCpuBackend(w, {.threads = 2, .remote_rows = &node});
+  const auto tokens = RandomTokens(103, w.config.vocab, 72);
+  // Prompt in two chunks, decode steps, a continued prompt of 6 after them
+  // (every prompt row read back from the node), more decode steps.
+  std::vector<int> chunks = {40, 50, 1, 1, 1, 6, 1, 1, 1, 1};
+  for (const std::string index_bits : {"16", "8"}) {
+    LayerKvPolicy l;
+    l.kind = KvPolicyKind::kSparse;
+    l.sparse = {2, 5, 9, 12, "gpu"};
+    l.sparse.index_bits = std::stoi(index_bits);
+    const KvPlan plan = KvPlan::Uniform(3, l, "s");
+    const auto want = RunChunks(*local, plan, tokens, chunks);
+    const int gathers_before = node.gathers;
+    std::unique_ptr<SequenceState> seq;
+    const auto got = RunChunks(*remote, plan, tokens, chunks, &seq);
+    ExpectBitIdentical(want, got, ("remote vs local host tier, index bits " + index_bits).c_str());
+    // The prompt's rows written once per layer and head (K and V), one
+    // gather per layer and decode step (7), one for the continued prompt.
+    EXPECT_GE(node.gathers - gathers_before, 3 * 8);
+    EXPECT_EQ(node.sessions.size(), 1u);
+    const auto bytes = seq->kv_bytes();
+    EXPECT_GT(bytes[0].host_bytes, 0) << "the tier's bytes are counted where they are";
+    seq.reset();
+    EXPECT_TRUE(node.sessions.empty()) << "the session closes with the sequence";
+  }
+  EXPECT_EQ(node.writes, 2 * 3 * 2 * w.config.n_kv_heads);
+}
+
+TEST(CpuBackendSparse, RemoteHostTierRefusesFaithfulAndReportsTheNodesErrors) {
+  const auto w = PolicyModel(73);
+  FakeRemoteRows node;
+  auto remote = *CreateCpuBackend(w, {.threads = 2, .remote_rows = &node});
+  LayerKvPolicy l;
+  l.kind = KvPolicyKind::kSparse;
+  l.sparse = {2, 5, 9, 12, "faithful"};
+  auto faithful = remote->NewSequence(64, KvPlan::Uniform(3, l, "f"));
+  ASSERT_FALSE(faithful.ok());
+  EXPECT_EQ(faithful.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(faithful.status().message().find("faithful"), std::string::npos) << faithful.status();
+  l.sparse.index = "gpu";
+  auto seq = remote->NewSequence(64, KvPlan::Uniform(3, l, "g"));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  const auto tokens = RandomTokens(42, w.config.vocab, 74);
+  std::vector<float> logits;
+  ASSERT_TRUE(remote->Forward(**seq, absl::MakeConstSpan(tokens).subspan(0, 40), false, &logits).ok());
+  node.fail = absl::UnavailableError("node gone");
+  const auto st = remote->Forward(**seq, absl::MakeConstSpan(tokens).subspan(40, 1), false, &logits);
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_NE(st.message().find("remote host tier"), std::string::npos) << st;
+  EXPECT_THAT(remote->Forward(**seq, absl::MakeConstSpan(tokens).subspan(40, 1), false, &logits).code(),
+              absl::StatusCode::kUnavailable);
+  kvhost::InProcessStoreOptions so;
+  so.budget_bytes = so.arena_bytes = 1 << 22;
+  auto store = kvhost::InProcessStore::Create(so);
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ(CreateCpuBackend(w, {.threads = 2, .host_store = store->get(), .remote_rows = &node}).status().code(),
+            absl::StatusCode::kInvalidArgument)
+      << "one place for the host tier";
 }
 
 TEST(CpuBackendSparse, KvBytesAndTruncate) {

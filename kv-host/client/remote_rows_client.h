@@ -27,6 +27,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "store/remote_rows.h"
 
 namespace tailorkv::kvhost {
 
@@ -38,29 +39,21 @@ struct RemoteRowsOptions {
   absl::Duration rpc_timeout = absl::Seconds(10);
 };
 
-// Rows of one slice to gather: row r at offset + rows[r] * stride, row_bytes each.
-struct RowRequest {
-  uint64_t slice_id = 0;
-  uint64_t offset = 0;
-  uint64_t stride = 0;
-  uint32_t row_bytes = 0;
-  std::vector<uint32_t> rows;
-};
-
-class RemoteRowsClient {
+class RemoteRowsClient final : public RemoteRowStore {
  public:
   static absl::StatusOr<std::unique_ptr<RemoteRowsClient>> Open(RemoteRowsOptions options);
   // Stops the lease renewal and closes the stream (the node frees this
   // worker's memory when its lease runs out, or at CloseSession).
   ~RemoteRowsClient();
 
-  absl::StatusOr<std::vector<uint64_t>> Reserve(const std::string& session, absl::Span<const uint64_t> sizes);
+  absl::StatusOr<std::vector<uint64_t>> Reserve(const std::string& session,
+                                                absl::Span<const uint64_t> sizes) override;
   // Writes `data` at `offset` of the slice (in chunks of at most 4 MiB).
-  absl::Status Write(uint64_t slice_id, uint64_t offset, absl::Span<const std::byte> data);
+  absl::Status Write(uint64_t slice_id, uint64_t offset, absl::Span<const std::byte> data) override;
   // The requests' rows concatenated in order into `out`, which must hold
   // exactly their bytes (InvalidArgument naming "out" otherwise).
-  absl::Status Gather(absl::Span<const RowRequest> requests, absl::Span<std::byte> out);
-  absl::StatusOr<uint64_t> CloseSession(const std::string& session);
+  absl::Status Gather(absl::Span<const RowRequest> requests, absl::Span<std::byte> out) override;
+  absl::StatusOr<uint64_t> CloseSession(const std::string& session) override;
 
   // The node's budget and its free bytes at the last Open / KeepAlive.
   uint64_t budget_bytes() const { return budget_bytes_; }

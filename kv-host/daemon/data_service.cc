@@ -7,6 +7,7 @@
 #include "common/grpc_status.h"
 #include "common/status_macros.h"
 #include "daemon/ids.h"
+#include "store/remote_rows.h"
 #include "spdlog/spdlog.h"
 
 namespace tailorkv::kvhost {
@@ -16,7 +17,6 @@ using common::ToGrpcStatus;
 
 constexpr int kMaxSizes = 4096;
 constexpr uint64_t kMaxChunkBytes = uint64_t{4} << 20;
-constexpr uint64_t kMaxGatherBytes = uint64_t{64} << 20;
 
 grpc::Status Bad(const std::string& msg) { return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, msg); }
 
