@@ -6,6 +6,7 @@
 #include <optional>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/sha256.h"
 #include "common/status_macros.h"
@@ -141,7 +142,12 @@ const char* FinishReasonName(FinishReason r) {
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weights,
                                                        std::string_view choice,
                                                        const BackendFactory& cuda_factory,
-                                                       int threads, kvhost::HostKvStore* host_store) {
+                                                       int threads, kvhost::HostKvStore* host_store,
+                                                       kvhost::RemoteRowStore* remote_rows) {
+  if (remote_rows != nullptr && choice != "cpu") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "backend '", std::string(choice), "': a remote host tier runs on the CPU backend only so far (backend cpu)"));
+  }
   if (choice == "cuda" && !cuda_factory) {
     return absl::UnavailableError("backend 'cuda': this build has no CUDA backend");
   }
@@ -156,6 +162,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weigh
   CpuBackendOptions cpu;
   cpu.threads = threads;
   cpu.host_store = host_store;
+  cpu.remote_rows = remote_rows;
   return CreateCpuBackend(std::move(weights), cpu);
 }
 
@@ -225,7 +232,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   }
   RETURN_IF_ERROR(CheckPlanModel(plan, engine->model_digest_));
   ASSIGN_OR_RETURN(engine->backend_, CreateBackend(std::move(weights), options.backend,
-                                                   options.cuda_factory, options.threads, options.host_store));
+                                                   options.cuda_factory, options.threads, options.host_store,
+                                                   options.remote_rows));
   if (options.max_running < 1) {
     return absl::InvalidArgumentError(absl::StrFormat("max_running must be >= 1, got %d", options.max_running));
   }

@@ -32,6 +32,7 @@
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 #include "store/host_kv_store.h"
+#include "store/remote_rows.h"
 
 namespace tailorkv::runtime {
 
@@ -46,12 +47,14 @@ using BackendFactory =
 // it answers Unavailable, i.e. no device; any other failure is returned).
 // Without a cuda_factory, "cuda" is Unavailable. `threads`: CPU threads;
 // `host_store`: the CPU backend's CpuBackendOptions::host_store (the CUDA
-// factory takes its own).
+// factory takes its own); `remote_rows`: its remote_rows, which only the CPU
+// backend has so far (InvalidArgument for any other choice).
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weights,
                                                        std::string_view choice,
                                                        const BackendFactory& cuda_factory,
                                                        int threads,
-                                                       kvhost::HostKvStore* host_store = nullptr);
+                                                       kvhost::HostKvStore* host_store = nullptr,
+                                                       kvhost::RemoteRowStore* remote_rows = nullptr);
 
 // Supplies the plan in place of EngineOptions::kv_plan (e.g. from the
 // profiler): called with the loaded model's config and digest
@@ -69,6 +72,9 @@ struct EngineOptions {
   // host_store): null = in the process; e.g. kv-host's client store. Not
   // owned. (The CUDA backend gets its store from cuda_factory.)
   kvhost::HostKvStore* host_store = nullptr;
+  // Or on a remote kv-host node (CpuBackendOptions::remote_rows; CPU backend
+  // only). Not owned.
+  kvhost::RemoteRowStore* remote_rows = nullptr;
   int max_context = 0;          // 0 = the model's trained context
   // Prompts are prefilled this many tokens at a time, so a cancelled request
   // stops within one chunk rather than after the whole prompt. 0 = the

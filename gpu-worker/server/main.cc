@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <thread>
 
@@ -16,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/kv_host_client.h"
+#include "client/remote_rows_client.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/metrics_http.h"
@@ -80,6 +82,8 @@ struct WorkerConfig {
   std::string log_level = "info";
   // "in-process", or kv-host's control plane (a gRPC target).
   std::string kv_host = "in-process";
+  // Or a remote kv-host node's data plane (host:port), its token and TLS roots.
+  std::string kv_host_remote, kv_host_token, kv_host_remote_tls_ca;
   std::string metrics_listen;  // empty: no /metrics endpoint
   int kv_host_timeout_ms = 30'000;
   int kv_budget_mib = 0;
@@ -109,6 +113,19 @@ struct WorkerConfig {
     }
     if (kv_host_timeout_ms <= 0) {
       return absl::InvalidArgumentError(absl::StrCat("kv-host-timeout-ms: must be > 0, got ", kv_host_timeout_ms));
+    }
+    if (!kv_host_remote.empty()) {
+      if (kv_host != "in-process") {
+        return absl::InvalidArgumentError("kv-host-remote: exclusive with --kv-host (one place for the host tier)");
+      }
+      if (kv_host_token.empty()) {
+        return absl::InvalidArgumentError("kv-host-token: required with --kv-host-remote (or TAILORKV_KV_HOST_TOKEN)");
+      }
+      if (engine.backend != "cpu") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "kv-host-remote: needs --backend cpu for now (the CUDA backend's remote path is not built), got '",
+            engine.backend, "'"));
+      }
     }
     if (engine.model_path.empty()) return absl::InvalidArgumentError("model: required");
     if (engine.backend != "auto" && engine.backend != "cpu" && engine.backend != "cuda") {
@@ -253,6 +270,14 @@ int main(int argc, char** argv) {
                  "plane (unix:///path/kv-host.sock; the daemon must run on this machine: arenas are "
                  "shared memory)")
       ->capture_default_str();
+  app.add_option("--kv-host-remote", config.kv_host_remote,
+                 "host:port of a kv-host node's remote data plane (its --data-listen): the sparse layers' "
+                 "host KV lives there (CPU backend)");
+  app.add_option("--kv-host-token", config.kv_host_token,
+                 "that node's --data-token (or env TAILORKV_KV_HOST_TOKEN)");
+  app.add_option("--kv-host-remote-tls-ca", config.kv_host_remote_tls_ca,
+                 "PEM roots: reach that node over TLS")
+      ->check(CLI::ExistingFile);
   app.add_option("--metrics-listen", config.metrics_listen,
                  "host:port of a Prometheus endpoint (GET /metrics; empty: none)");
   app.add_option("--kv-host-timeout-ms", config.kv_host_timeout_ms,
@@ -260,6 +285,9 @@ int main(int argc, char** argv) {
                  "it after kv-host went away (then UNAVAILABLE)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (config.kv_host_token.empty()) {
+    if (const char* t = std::getenv("TAILORKV_KV_HOST_TOKEN")) config.kv_host_token = t;
+  }
   config.service.model_path = config.engine.model_path;
   config.service.max_running = config.engine.max_running;
   config.engine.kv_budget_bytes = int64_t{config.kv_budget_mib} << 20;
@@ -314,6 +342,22 @@ int main(int argc, char** argv) {
     }
     spdlog::info("attached to kv-host at {}: the sparse layers' host KV lives there", config.kv_host);
     config.engine.host_store = kv_host.get();
+  }
+  std::unique_ptr<tailorkv::kvhost::RemoteRowsClient> remote_rows;
+  if (!config.kv_host_remote.empty()) {
+    auto r = tailorkv::kvhost::RemoteRowsClient::Open({.target = config.kv_host_remote,
+                                                       .token = config.kv_host_token,
+                                                       .worker_id = absl::StrCat("gpu-worker-", getpid()),
+                                                       .tls_ca_file = config.kv_host_remote_tls_ca});
+    if (!r.ok()) {
+      spdlog::error("cannot open kv-host's remote data plane at {}: {}", config.kv_host_remote, r.status().ToString());
+      return 1;
+    }
+    remote_rows = std::move(*r);
+    spdlog::info("the sparse layers' host KV lives on the kv-host node {} ({} of its {} bytes free, lease {})",
+                 config.kv_host_remote, remote_rows->free_bytes(), remote_rows->budget_bytes(),
+                 absl::FormatDuration(remote_rows->lease()));
+    config.engine.remote_rows = remote_rows.get();
   }
   spdlog::info("loading model {} (backend {})", config.engine.model_path, config.engine.backend);
   const auto load_start = std::chrono::steady_clock::now();

@@ -29,6 +29,7 @@ struct RemoteRowsClient::Impl {
   std::unique_ptr<grpc::ClientContext> gather_ctx;
   std::unique_ptr<grpc::ClientReaderWriter<v1::DataGatherRequest, v1::DataGatherResponse>> gather;
   uint64_t next_request = 1;
+  std::string stream_key;  // the key the stream was opened with
 };
 
 RemoteRowsClient::RemoteRowsClient(RemoteRowsOptions options)
@@ -61,11 +62,15 @@ absl::StatusOr<std::unique_ptr<RemoteRowsClient>> RemoteRowsClient::Open(RemoteR
   if (grpc::Status s = c->impl_->stub->Open(&ctx, req, &resp); !s.ok()) {
     return FromGrpc(s, absl::StrCat("Open on ", c->options_.target));
   }
-  c->key_ = resp.worker_key();
+  {
+    absl::MutexLock k(&c->key_mu_);
+    c->key_ = resp.worker_key();
+  }
   c->lease_ = absl::Milliseconds(resp.lease_ms());
   c->budget_bytes_ = static_cast<uint64_t>(resp.budget_bytes());
   c->free_bytes_.store(static_cast<uint64_t>(resp.free_bytes()));
   c->keepalive_ = std::thread([p = c.get()] { p->KeepAliveLoop(); });
+  c->watchdog_ = std::thread([p = c.get()] { p->WatchdogLoop(); });
   return c;
 }
 
@@ -75,11 +80,34 @@ RemoteRowsClient::~RemoteRowsClient() {
     stopping_ = true;
   }
   if (keepalive_.joinable()) keepalive_.join();
+  if (watchdog_.joinable()) watchdog_.join();
   absl::MutexLock g(&gather_mu_);
   if (impl_->gather != nullptr) {
     impl_->gather->WritesDone();
     (void)impl_->gather->Finish();
   }
+}
+
+std::string RemoteRowsClient::Key() const {
+  absl::MutexLock k(&key_mu_);
+  return key_;
+}
+
+absl::Status RemoteRowsClient::Reopen() {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
+  ctx.AddMetadata("authorization", "Bearer " + options_.token);
+  v1::DataOpenRequest req;
+  req.set_worker_id(options_.worker_id);
+  v1::DataOpenResponse resp;
+  if (grpc::Status s = impl_->stub->Open(&ctx, req, &resp); !s.ok()) {
+    return FromGrpc(s, absl::StrCat("Open on ", options_.target));
+  }
+  free_bytes_.store(static_cast<uint64_t>(resp.free_bytes()));
+  absl::MutexLock k(&key_mu_);
+  key_ = resp.worker_key();
+  spdlog::warn("kv-host data plane {}: the node had forgotten this worker (lease over): opened again", options_.target);
+  return absl::OkStatus();
 }
 
 void RemoteRowsClient::KeepAliveLoop() {
@@ -93,11 +121,13 @@ void RemoteRowsClient::KeepAliveLoop() {
     ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
     ctx.AddMetadata("authorization", "Bearer " + options_.token);
     v1::DataKeepAliveRequest req;
-    req.set_worker_key(key_);
+    req.set_worker_key(Key());
     v1::DataKeepAliveResponse resp;
     const grpc::Status s = impl_->stub->KeepAlive(&ctx, req, &resp);
     if (s.ok()) {
       free_bytes_.store(static_cast<uint64_t>(resp.free_bytes()));
+    } else if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED && s.error_message().find("worker_key") != std::string::npos) {
+      if (absl::Status r = Reopen(); !r.ok()) spdlog::warn("{}", r.ToString());
     } else {
       spdlog::warn("kv-host data plane {}: KeepAlive: {}", options_.target, s.error_message());
     }
@@ -105,18 +135,49 @@ void RemoteRowsClient::KeepAliveLoop() {
   }
 }
 
+void RemoteRowsClient::WatchdogLoop() {
+  absl::MutexLock lock(&mu_);
+  while (!stopping_) {
+    const absl::Time deadline = gather_deadline_;
+    auto wake = [this, deadline]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return stopping_ || gather_deadline_ != deadline;
+    };
+    if (deadline == absl::InfiniteFuture()) {
+      mu_.Await(absl::Condition(&wake));
+      continue;
+    }
+    if (mu_.AwaitWithDeadline(absl::Condition(&wake), deadline)) continue;
+    // The request in flight is late: cancel the stream (Read then fails).
+    gather_cancelled_ = true;
+    gather_deadline_ = absl::InfiniteFuture();
+    if (impl_->gather_ctx != nullptr) impl_->gather_ctx->TryCancel();
+  }
+}
+
 absl::StatusOr<std::vector<uint64_t>> RemoteRowsClient::Reserve(const std::string& session,
                                                                  absl::Span<const uint64_t> sizes) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
-  ctx.AddMetadata("authorization", "Bearer " + options_.token);
-  v1::DataReserveRequest req;
-  req.set_worker_key(key_);
-  req.set_session_id(session);
-  for (uint64_t s : sizes) req.add_sizes(s);
+  grpc::Status s;
   v1::DataReserveResponse resp;
-  if (grpc::Status s = impl_->stub->Reserve(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "Reserve");
-  return std::vector<uint64_t>(resp.slice_ids().begin(), resp.slice_ids().end());
+  // At most: a broken connection, then a forgotten key, then the call.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
+    ctx.AddMetadata("authorization", "Bearer " + options_.token);
+    v1::DataReserveRequest req;
+    req.set_worker_key(Key());
+    req.set_session_id(session);
+    for (uint64_t n : sizes) req.add_sizes(n);
+    s = impl_->stub->Reserve(&ctx, req, &resp);
+    if (s.ok()) return std::vector<uint64_t>(resp.slice_ids().begin(), resp.slice_ids().end());
+    // A new session may go on: after a broken connection (gRPC connects
+    // again) or on a node that forgot this worker (open again).
+    if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED && s.error_message().find("worker_key") != std::string::npos) {
+      if (absl::Status r = Reopen(); !r.ok()) return r;
+    } else if (s.error_code() != grpc::StatusCode::UNAVAILABLE) {
+      break;
+    }
+  }
+  return FromGrpc(s, "Reserve");
 }
 
 absl::Status RemoteRowsClient::Write(uint64_t slice_id, uint64_t offset, absl::Span<const std::byte> data) {
@@ -126,7 +187,7 @@ absl::Status RemoteRowsClient::Write(uint64_t slice_id, uint64_t offset, absl::S
   v1::DataWriteResponse resp;
   std::unique_ptr<grpc::ClientWriter<v1::DataWriteChunk>> w = impl_->stub->Write(&ctx, &resp);
   v1::DataWriteChunk chunk;
-  chunk.set_worker_key(key_);
+  chunk.set_worker_key(Key());
   chunk.set_slice_id(slice_id);
   for (uint64_t at = 0; at < data.size() || (at == 0 && data.empty()); at += kChunkBytes) {
     const uint64_t n = std::min<uint64_t>(kChunkBytes, data.size() - at);
@@ -158,26 +219,60 @@ absl::Status RemoteRowsClient::Gather(absl::Span<const RowRequest> requests, abs
   }
   absl::MutexLock g(&gather_mu_);
   Impl& impl = *impl_;
+  const std::string key = Key();
+  if (impl.gather != nullptr && impl.stream_key != key) {
+    // Opened again since: the node binds a stream to the key it started with.
+    impl.gather->WritesDone();
+    impl.gather_ctx->TryCancel();
+    (void)impl.gather->Finish();
+    absl::MutexLock lock(&mu_);
+    impl.gather.reset();
+    impl.gather_ctx.reset();
+  }
   if (impl.gather == nullptr) {
-    impl.gather_ctx = std::make_unique<grpc::ClientContext>();
-    impl.gather_ctx->AddMetadata("authorization", "Bearer " + options_.token);
-    impl.gather = impl.stub->Gather(impl.gather_ctx.get());
-    req.set_worker_key(key_);
+    impl.stream_key = key;
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    ctx->AddMetadata("authorization", "Bearer " + options_.token);
+    auto stream = impl.stub->Gather(ctx.get());
+    absl::MutexLock lock(&mu_);  // the watchdog reads gather_ctx under mu_
+    impl.gather_ctx = std::move(ctx);
+    impl.gather = std::move(stream);
+    req.set_worker_key(key);
   }
   req.set_request_id(impl.next_request++);
   v1::DataGatherResponse resp;
-  if (!impl.gather->Write(req) || !impl.gather->Read(&resp)) {
+  {
+    absl::MutexLock lock(&mu_);
+    gather_cancelled_ = false;
+    gather_deadline_ = absl::Now() + options_.rpc_timeout;
+  }
+  const bool answered = impl.gather->Write(req) && impl.gather->Read(&resp);
+  bool late = false;
+  {
+    absl::MutexLock lock(&mu_);
+    gather_deadline_ = absl::InfiniteFuture();
+    late = gather_cancelled_;
+  }
+  if (!answered) {
     // The stream broke: its status says why; the next call opens another.
     impl.gather->WritesDone();
     const grpc::Status s = impl.gather->Finish();
-    impl.gather.reset();
-    impl.gather_ctx.reset();
+    {
+      absl::MutexLock lock(&mu_);  // the watchdog reads gather_ctx under mu_
+      impl.gather.reset();
+      impl.gather_ctx.reset();
+    }
+    if (late) {
+      return absl::DeadlineExceededError(absl::StrCat("kv-host data plane: Gather: no answer from ", options_.target,
+                                                      " within ", absl::FormatDuration(options_.rpc_timeout)));
+    }
     return s.ok() ? absl::UnavailableError("kv-host data plane: Gather: the stream ended") : FromGrpc(s, "Gather");
   }
   if (resp.request_id() != req.request_id() || resp.rows().size() != want) {
     // Out of step with the node: this stream is no longer to be trusted.
     impl.gather_ctx->TryCancel();
     (void)impl.gather->Finish();
+    absl::MutexLock lock(&mu_);
     impl.gather.reset();
     impl.gather_ctx.reset();
     return absl::InternalError(absl::StrCat("kv-host data plane: Gather: answer ", resp.request_id(), " of ",
@@ -190,10 +285,10 @@ absl::Status RemoteRowsClient::Gather(absl::Span<const RowRequest> requests, abs
 
 absl::StatusOr<uint64_t> RemoteRowsClient::CloseSession(const std::string& session) {
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
+  ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.close_timeout));
   ctx.AddMetadata("authorization", "Bearer " + options_.token);
   v1::DataCloseSessionRequest req;
-  req.set_worker_key(key_);
+  req.set_worker_key(Key());
   req.set_session_id(session);
   v1::DataCloseSessionResponse resp;
   if (grpc::Status s = impl_->stub->CloseSession(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "CloseSession");

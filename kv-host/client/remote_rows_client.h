@@ -9,8 +9,10 @@
 // bidirectional stream: no connection set-up per step), CloseSession.
 //
 // Errors are the node's status as it sent it (UNAVAILABLE when the node is
-// unreachable; UNAUTHENTICATED when the lease ran out and the node freed
-// what this worker held: the caller rebuilds elsewhere).
+// unreachable; DEADLINE_EXCEEDED after rpc_timeout; NOT_FOUND for slices of
+// sessions the node freed when this worker's lease ran out). When the node
+// forgot this worker, KeepAlive and Reserve open again (a new key): later
+// sequences work, the lost ones fail.
 // Thread-safety: all methods are thread-safe; Gather calls are serialized
 // on the one stream.
 #pragma once
@@ -36,7 +38,12 @@ struct RemoteRowsOptions {
   std::string token;      // the node's --data-token
   std::string worker_id;  // printable ASCII, for the node's logs
   std::string tls_ca_file;  // PEM roots: TLS to the node (empty: plaintext)
+  // Every call, and every Gather on the stream, ends by this deadline (a
+  // partitioned node: DEADLINE_EXCEEDED, never a hang).
   absl::Duration rpc_timeout = absl::Seconds(10);
+  // CloseSession runs where a sequence ends (the engine's thread): short, as
+  // the node frees an unreachable worker's sessions when its lease ends.
+  absl::Duration close_timeout = absl::Seconds(1);
 };
 
 class RemoteRowsClient final : public RemoteRowStore {
@@ -64,17 +71,30 @@ class RemoteRowsClient final : public RemoteRowStore {
   struct Impl;
   explicit RemoteRowsClient(RemoteRowsOptions options);
   void KeepAliveLoop();
+  // Cancels the Gather stream when a request outlives rpc_timeout.
+  void WatchdogLoop();
 
   const RemoteRowsOptions options_;
   std::unique_ptr<Impl> impl_;
-  std::string key_;
+  // The worker key (replaced when the node forgot this worker: a lease that
+  // ran out during a partition, or a restarted node).
+  std::string Key() const;
+  // Open again: a new key, the old one's sessions gone.
+  absl::Status Reopen();
+  mutable absl::Mutex key_mu_;
+  std::string key_ ABSL_GUARDED_BY(key_mu_);
   absl::Duration lease_;
   uint64_t budget_bytes_ = 0;
   std::atomic<uint64_t> free_bytes_{0};
   absl::Mutex gather_mu_;  // one Gather at a time on the stream
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // The Gather in flight: its deadline (InfiniteFuture when none) and
+  // whether the watchdog cancelled it.
+  absl::Time gather_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
+  bool gather_cancelled_ ABSL_GUARDED_BY(mu_) = false;
   std::thread keepalive_;
+  std::thread watchdog_;
 };
 
 }  // namespace tailorkv::kvhost
