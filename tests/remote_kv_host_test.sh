@@ -104,6 +104,9 @@ for i in 1 2 3; do
   log "prompt $i ($(grep -o 'prompt_tokens=[0-9]*' "$dir/remote.$i.err")): identical; remote $(grep -o '[0-9.]* tok/s' "$dir/remote.$i.err"), local $(grep -o '[0-9.]* tok/s' "$dir/local.$i.err")"
 done
 
+grep -q "rows go over gRPC" "$dir/remote.log" && fail "the rows channel was not used"
+log "the rows travelled on kv-host's rows channel (plain TCP, ticket-authenticated)"
+
 # 4. A wrong token: the worker refuses to start and says why.
 if ip netns exec "$w" timeout 60 "$build/gpu-worker/server/gpu-worker" "${worker[@]}" --listen 127.0.0.1:50603 \
      --kv-host-remote "$node_ip:50600" --kv-host-token wrong >"$dir/wrong.log" 2>&1; then

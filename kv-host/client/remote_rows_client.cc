@@ -1,6 +1,9 @@
 #include "client/remote_rows_client.h"
 
 #include <grpcpp/grpcpp.h>
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -8,7 +11,10 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "spdlog/spdlog.h"
+#include "store/memfd_arena.h"
+#include "store/rows_channel.h"
 #include "tailorkv/v1/kv_host_data.grpc.pb.h"
 
 namespace tailorkv::kvhost {
@@ -30,6 +36,10 @@ struct RemoteRowsClient::Impl {
   std::unique_ptr<grpc::ClientReaderWriter<v1::DataGatherRequest, v1::DataGatherResponse>> gather;
   uint64_t next_request = 1;
   std::string stream_key;  // the key the stream was opened with
+  // The rows channel (store/rows_channel.h), when the node offers one and
+  // TLS is off: Gather and Write go there. -1: not connected (yet).
+  ScopedFd rows;
+  bool rows_offered = true;  // until a Ticket says rows_port 0
 };
 
 RemoteRowsClient::RemoteRowsClient(RemoteRowsOptions options)
@@ -154,6 +164,102 @@ void RemoteRowsClient::WatchdogLoop() {
   }
 }
 
+absl::Status RemoteRowsClient::ConnectRows() {
+  Impl& impl = *impl_;
+  impl.rows.reset();
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
+  ctx.AddMetadata("authorization", "Bearer " + options_.token);
+  v1::DataTicketRequest req;
+  req.set_worker_key(Key());
+  v1::DataTicketResponse resp;
+  if (grpc::Status s = impl.stub->Ticket(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "Ticket");
+  if (resp.rows_port() == 0) {
+    impl.rows_offered = false;
+    return absl::OkStatus();
+  }
+  // The node's host from the target (host:port, IPv6 in brackets).
+  std::string host = options_.target.substr(0, options_.target.rfind(':'));
+  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  const std::string port = std::to_string(resp.rows_port());
+  if (int e = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res); e != 0) {
+    return absl::UnavailableError(absl::StrCat("rows channel: ", host, ": ", gai_strerror(e)));
+  }
+  ScopedFd fd(::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  absl::Status st = fd.valid() ? rows::SetSocketOptions(fd.get(), absl::ToInt64Milliseconds(options_.rpc_timeout))
+                               : absl::UnavailableError(absl::StrCat("rows channel: socket: ", strerror(errno)));
+  if (st.ok() && ::connect(fd.get(), res->ai_addr, res->ai_addrlen) != 0) {
+    st = absl::UnavailableError(absl::StrCat("rows channel: connect ", host, ":", port, ": ", strerror(errno)));
+  }
+  ::freeaddrinfo(res);
+  RETURN_IF_ERROR(st);
+  std::string hello;
+  rows::Put32(hello, rows::kMagic);
+  rows::Put32(hello, rows::kVersion);
+  hello += resp.ticket();
+  RETURN_IF_ERROR(rows::WriteFull(fd.get(), hello.data(), hello.size()));
+  char welcome[8];
+  RETURN_IF_ERROR(rows::ReadFull(fd.get(), welcome, sizeof(welcome)));
+  std::string msg(rows::Get32(welcome + 4), '\0');
+  if (msg.size() > 4096) return absl::InternalError("rows channel: a welcome message past 4 KiB");
+  RETURN_IF_ERROR(rows::ReadFull(fd.get(), msg.data(), msg.size()));
+  if (rows::Get32(welcome) != 0) {
+    return absl::Status(static_cast<absl::StatusCode>(rows::Get32(welcome)), absl::StrCat("rows channel: ", msg));
+  }
+  impl.rows = std::move(fd);
+  return absl::OkStatus();
+}
+
+absl::Status RemoteRowsClient::RowsCall(uint32_t op, const std::string& payload, absl::Span<std::byte> out) {
+  Impl& impl = *impl_;
+  auto fail = [&](absl::Status st) {
+    impl.rows.reset();  // out of step: the next call connects again
+    return absl::Status(st.code(), absl::StrCat("kv-host data plane ", options_.target, ": ", st.message()));
+  };
+  std::string head;
+  const uint64_t id = impl.next_request++;
+  rows::Put32(head, op);
+  rows::Put64(head, id);
+  rows::Put64(head, payload.size());
+  if (absl::Status st = rows::WriteFull(impl.rows.get(), head.data(), head.size()); !st.ok()) return fail(st);
+  if (absl::Status st = rows::WriteFull(impl.rows.get(), payload.data(), payload.size()); !st.ok()) return fail(st);
+  char resp[24];
+  if (absl::Status st = rows::ReadFull(impl.rows.get(), resp, sizeof(resp)); !st.ok()) return fail(st);
+  const uint32_t code = rows::Get32(resp + 8), msg_len = rows::Get32(resp + 12);
+  const uint64_t data_len = rows::Get64(resp + 16);
+  if (rows::Get64(resp) != id || msg_len > 4096 || (code == 0 && data_len != out.size()) || (code != 0 && data_len != 0)) {
+    return fail(absl::InternalError(absl::StrCat("rows channel: answer to request ", rows::Get64(resp), " of ",
+                                                 data_len, " bytes for request ", id, " of ", out.size())));
+  }
+  std::string msg(msg_len, '\0');
+  if (absl::Status st = rows::ReadFull(impl.rows.get(), msg.data(), msg_len); !st.ok()) return fail(st);
+  if (code != 0) {
+    return absl::Status(static_cast<absl::StatusCode>(code), absl::StrCat("kv-host data plane: ", msg));
+  }
+  if (absl::Status st = rows::ReadFull(impl.rows.get(), out.data(), out.size()); !st.ok()) return fail(st);
+  return absl::OkStatus();
+}
+
+bool RemoteRowsClient::rows_channel_in_use() {
+  absl::MutexLock g(&gather_mu_);
+  return impl_->rows.valid();
+}
+
+bool RemoteRowsClient::UseRows() {
+  Impl& impl = *impl_;
+  if (!options_.tls_ca_file.empty() || !impl.rows_offered) return false;
+  if (impl.rows.valid()) return true;
+  if (absl::Status st = ConnectRows(); !st.ok()) {
+    spdlog::warn("kv-host data plane {}: {}; rows go over gRPC for this call", options_.target, st.ToString());
+    return false;
+  }
+  return impl.rows.valid();
+}
+
 absl::StatusOr<std::vector<uint64_t>> RemoteRowsClient::Reserve(const std::string& session,
                                                                  absl::Span<const uint64_t> sizes) {
   grpc::Status s;
@@ -181,6 +287,21 @@ absl::StatusOr<std::vector<uint64_t>> RemoteRowsClient::Reserve(const std::strin
 }
 
 absl::Status RemoteRowsClient::Write(uint64_t slice_id, uint64_t offset, absl::Span<const std::byte> data) {
+  {
+    absl::MutexLock g(&gather_mu_);
+    if (UseRows()) {
+      for (uint64_t at = 0; at < data.size(); at += rows::kMaxWriteBytes) {
+        const uint64_t n = std::min<uint64_t>(rows::kMaxWriteBytes, data.size() - at);
+        std::string payload;
+        payload.reserve(16 + n);
+        rows::Put64(payload, slice_id);
+        rows::Put64(payload, offset + at);
+        payload.append(reinterpret_cast<const char*>(data.data()) + at, n);
+        RETURN_IF_ERROR(RowsCall(rows::kOpWrite, payload, {}));
+      }
+      return absl::OkStatus();
+    }
+  }
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
   ctx.AddMetadata("authorization", "Bearer " + options_.token);
@@ -219,6 +340,19 @@ absl::Status RemoteRowsClient::Gather(absl::Span<const RowRequest> requests, abs
   }
   absl::MutexLock g(&gather_mu_);
   Impl& impl = *impl_;
+  if (UseRows()) {
+    std::string payload;
+    rows::Put32(payload, static_cast<uint32_t>(requests.size()));
+    for (const RowRequest& r : requests) {
+      rows::Put64(payload, r.slice_id);
+      rows::Put64(payload, r.offset);
+      rows::Put64(payload, r.stride);
+      rows::Put32(payload, r.row_bytes);
+      rows::Put32(payload, static_cast<uint32_t>(r.rows.size()));
+      payload.append(reinterpret_cast<const char*>(r.rows.data()), 4 * r.rows.size());
+    }
+    return RowsCall(rows::kOpGather, payload, out);
+  }
   const std::string key = Key();
   if (impl.gather != nullptr && impl.stream_key != key) {
     // Opened again since: the node binds a stream to the key it started with.

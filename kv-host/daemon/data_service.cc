@@ -1,5 +1,10 @@
 #include "daemon/data_service.h"
 
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -8,6 +13,7 @@
 #include "common/status_macros.h"
 #include "daemon/ids.h"
 #include "store/remote_rows.h"
+#include "store/rows_channel.h"
 #include "spdlog/spdlog.h"
 
 namespace tailorkv::kvhost {
@@ -43,6 +49,7 @@ absl::StatusOr<std::unique_ptr<KvHostDataService>> KvHostDataService::Create(KvH
   }
   if (options.lease <= absl::ZeroDuration()) return absl::InvalidArgumentError("lease: must be > 0");
   std::unique_ptr<KvHostDataService> s(new KvHostDataService(std::move(options)));
+  if (!s->options_.rows_listen.empty()) RETURN_IF_ERROR(s->StartRowsChannel());
   s->reaper_ = std::thread([p = s.get()] { p->ReapLoop(); });
   return s;
 }
@@ -53,8 +60,177 @@ KvHostDataService::~KvHostDataService() {
     stopping_ = true;
   }
   if (reaper_.joinable()) reaper_.join();
+  if (rows_listener_.valid()) ::shutdown(rows_listener_.get(), SHUT_RDWR);
+  if (acceptor_.joinable()) acceptor_.join();
+  std::map<int, std::thread> conns;
+  std::vector<std::thread> finished;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [fd, t] : rows_conns_) ::shutdown(fd, SHUT_RDWR);  // their reads end
+    conns.swap(rows_conns_);
+    finished.swap(finished_conns_);
+  }
+  for (auto& [fd, t] : conns) t.join();
+  for (auto& t : finished) t.join();
   absl::MutexLock lock(&mu_);
   workers_.clear();  // each store frees its arenas (and returns their budget)
+}
+
+absl::Status KvHostDataService::StartRowsChannel() {
+  const std::string& listen = options_.rows_listen;
+  const size_t colon = listen.rfind(':');
+  if (colon == std::string::npos) return absl::InvalidArgumentError(absl::StrCat("rows_listen: want host:port, got '", listen, "'"));
+  std::string host = listen.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV | AI_PASSIVE;
+  addrinfo* res = nullptr;
+  if (int e = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), listen.substr(colon + 1).c_str(), &hints, &res); e != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("rows_listen: '", listen, "': ", gai_strerror(e)));
+  }
+  ScopedFd fd(::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  const int one = 1;
+  const bool ok = fd.valid() && ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
+                  ::bind(fd.get(), res->ai_addr, res->ai_addrlen) == 0 && ::listen(fd.get(), 64) == 0;
+  ::freeaddrinfo(res);
+  if (!ok) return absl::UnavailableError(absl::StrCat("rows_listen ", listen, ": ", strerror(errno)));
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&bound), &len);
+  rows_port_ = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                                  : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  rows_listener_ = std::move(fd);
+  acceptor_ = std::thread([this] { AcceptLoop(); });
+  spdlog::info("kv-host data: rows channel on port {}", rows_port_);
+  return absl::OkStatus();
+}
+
+void KvHostDataService::AcceptLoop() {
+  while (true) {
+    const int c = ::accept4(rows_listener_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+    absl::MutexLock lock(&mu_);
+    if (stopping_) {
+      if (c >= 0) ::close(c);
+      return;
+    }
+    if (c < 0) {
+      if (errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE) continue;
+      return;  // the listener was shut down
+    }
+    // Threads of connections that ended are joined here, not piled up.
+    for (auto& t : finished_conns_) t.join();
+    finished_conns_.clear();
+    rows_conns_[c] = std::thread([this, c] { ServeRows(c); });
+  }
+}
+
+void KvHostDataService::ServeRows(int fd) {
+  using namespace rows;
+  auto serve = [&]() -> absl::Status {
+    RETURN_IF_ERROR(SetSocketOptions(fd, 5000));  // the hello must come soon
+    char hello[8 + kTicketBytes];
+    RETURN_IF_ERROR(ReadFull(fd, hello, sizeof(hello)));
+    std::string reply;
+    std::shared_ptr<Worker> w;
+    if (Get32(hello) != kMagic || Get32(hello + 4) != kVersion) {
+      return absl::InvalidArgumentError("rows channel: not a tailorkv rows client (magic/version)");
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = tickets_.find(std::string(hello + 8, kTicketBytes));
+      if (it != tickets_.end() && it->second.expires > absl::Now()) w = it->second.worker.lock();
+      if (it != tickets_.end()) tickets_.erase(it);  // one use
+    }
+    const std::string msg = w == nullptr ? "ticket: unknown, used or expired (ask Ticket again)" : "";
+    Put32(reply, static_cast<uint32_t>(w == nullptr ? absl::StatusCode::kUnauthenticated : absl::StatusCode::kOk));
+    Put32(reply, static_cast<uint32_t>(msg.size()));
+    reply += msg;
+    RETURN_IF_ERROR(WriteFull(fd, reply.data(), reply.size()));
+    if (w == nullptr) return absl::UnauthenticatedError(msg);
+    RETURN_IF_ERROR(SetSocketOptions(fd, 0));  // an idle worker may say nothing for long
+    std::string payload, data;
+    while (true) {
+      char head[20];
+      RETURN_IF_ERROR(ReadFull(fd, head, sizeof(head)));
+      const uint32_t op = Get32(head);
+      const uint64_t id = Get64(head + 4), n = Get64(head + 12);
+      if ((op != kOpGather && op != kOpWrite) || n > kMaxPayloadBytes) {
+        return absl::InvalidArgumentError(absl::StrCat("rows channel: bad frame (op ", op, ", ", n, " bytes)"));
+      }
+      payload.resize(n);
+      RETURN_IF_ERROR(ReadFull(fd, payload.data(), n));
+      w->last_seen_ns.store(NowNs());
+      absl::Status st;
+      data.clear();
+      const char* p = payload.data();
+      const char* end = p + n;
+      if (op == kOpWrite) {
+        if (n < 16) return absl::InvalidArgumentError("rows channel: short write frame");
+        const uint64_t slice = Get64(p), offset = Get64(p + 8);
+        absl::MutexLock wl(&w->mu);
+        auto dst = At(*w, slice, offset, n - 16);
+        st = dst.status();
+        if (st.ok()) std::memcpy(*dst, p + 16, n - 16);
+      } else {
+        if (n < 4) return absl::InvalidArgumentError("rows channel: short gather frame");
+        const uint32_t count = Get32(p);
+        p += 4;
+        std::vector<Range> ranges;
+        for (uint32_t i = 0; i < count; ++i) {
+          if (end - p < 32) return absl::InvalidArgumentError("rows channel: truncated range");
+          Range r{Get64(p), Get64(p + 8), Get64(p + 16), Get32(p + 24), nullptr, Get32(p + 28)};
+          p += 32;
+          if (static_cast<uint64_t>(end - p) < 4ull * r.n_rows) return absl::InvalidArgumentError("rows channel: truncated rows");
+          r.rows = reinterpret_cast<const uint32_t*>(p);  // payload is std::string storage: aligned
+          p += 4ull * r.n_rows;
+          ranges.push_back(r);
+        }
+        auto total = RowBytes(ranges);
+        st = total.status();
+        if (st.ok()) {
+          data.resize(*total);
+          st = CopyRows(*w, ranges, data.data());
+          if (!st.ok()) data.clear();
+        }
+      }
+      const std::string m(st.message());
+      std::string head_out;
+      Put64(head_out, id);
+      Put32(head_out, static_cast<uint32_t>(st.code()));
+      Put32(head_out, static_cast<uint32_t>(m.size()));
+      Put64(head_out, data.size());
+      head_out += m;
+      RETURN_IF_ERROR(WriteFull(fd, head_out.data(), head_out.size()));
+      if (!data.empty()) RETURN_IF_ERROR(WriteFull(fd, data.data(), data.size()));
+    }
+  };
+  const absl::Status st = serve();
+  if (!absl::IsUnavailable(st)) spdlog::warn("kv-host data: rows connection closed: {}", st.ToString());
+  absl::MutexLock lock(&mu_);
+  ::close(fd);
+  auto it = rows_conns_.find(fd);
+  if (it != rows_conns_.end()) {  // not when the destructor took them
+    finished_conns_.push_back(std::move(it->second));
+    rows_conns_.erase(it);
+  }
+}
+
+grpc::Status KvHostDataService::Ticket(grpc::ServerContext* ctx, const v1::DataTicketRequest* req,
+                                       v1::DataTicketResponse* resp) {
+  if (grpc::Status t = CheckToken(ctx); !t.ok()) return t;
+  auto w = Find(req->worker_key());
+  if (!w.ok()) return ToGrpcStatus(w.status());
+  resp->set_rows_port(rows_port_);
+  if (rows_port_ == 0) return grpc::Status::OK;
+  const std::string ticket = RandomHex(rows::kTicketBytes / 2);
+  absl::MutexLock lock(&mu_);
+  const absl::Time now = absl::Now();
+  for (auto it = tickets_.begin(); it != tickets_.end();) it = it->second.expires < now ? tickets_.erase(it) : std::next(it);
+  tickets_[ticket] = {*w, now + absl::Seconds(10)};
+  resp->set_ticket(ticket);
+  return grpc::Status::OK;
 }
 
 void KvHostDataService::ReapLoop() {
@@ -106,6 +282,52 @@ absl::StatusOr<std::byte*> KvHostDataService::At(Worker& w, uint64_t slice_id, u
   }
   ASSIGN_OR_RETURN(absl::Span<std::byte> data, w.store->Data(s));
   return data.data() + offset;
+}
+
+absl::StatusOr<uint64_t> KvHostDataService::RowBytes(absl::Span<const Range> ranges) {
+  uint64_t total = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const Range& r = ranges[i];
+    if (r.row_bytes == 0 || r.stride < r.row_bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ranges[", i, "]: row_bytes ", r.row_bytes, " must be > 0 and <= stride ", r.stride));
+    }
+    total += static_cast<uint64_t>(r.row_bytes) * r.n_rows;
+    if (total > kMaxGatherBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ranges: over ", kMaxGatherBytes, " bytes of rows in one request"));
+    }
+  }
+  return total;
+}
+
+absl::Status KvHostDataService::CopyRows(Worker& w, absl::Span<const Range> ranges, char* dst) {
+  absl::MutexLock wl(&w.mu);
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const Range& r = ranges[i];
+    // The slice once per range (a lookup per row cost more than the copy),
+    // then every row checked against its length.
+    auto base = At(w, r.slice, 0, 0);
+    if (!base.ok()) return absl::Status(base.status().code(), absl::StrCat("ranges[", i, "]: ", base.status().message()));
+    const uint64_t length = w.slices.at(r.slice).length;
+    const char* src = reinterpret_cast<const char*>(*base);
+    for (uint32_t j = 0; j < r.n_rows; ++j) {
+      const uint32_t row = r.rows[j];
+      const uint64_t at = r.offset + static_cast<uint64_t>(row) * r.stride;
+      if (r.offset > length || static_cast<uint64_t>(row) > (length - r.offset) / r.stride ||
+          at + r.row_bytes > length) {
+        return absl::OutOfRangeError(absl::StrCat("ranges[", i, "] row ", row, ": offset ", at, " + ", r.row_bytes,
+                                                  " bytes past slice ", r.slice, " of ", length, " bytes"));
+      }
+      if (j + 4 < r.n_rows) {  // rows are scattered: fetch ahead
+        __builtin_prefetch(src + r.offset + static_cast<uint64_t>(r.rows[j + 4]) * r.stride);
+        __builtin_prefetch(src + r.offset + static_cast<uint64_t>(r.rows[j + 4]) * r.stride + 128);
+      }
+      std::memcpy(dst, src + at, r.row_bytes);
+      dst += r.row_bytes;
+    }
+  }
+  return absl::OkStatus();
 }
 
 grpc::Status KvHostDataService::Open(grpc::ServerContext* ctx, const v1::DataOpenRequest* req,
@@ -242,37 +464,18 @@ grpc::Status KvHostDataService::Gather(
     } else {
       w->last_seen_ns.store(NowNs());
     }
-    uint64_t total = 0;
-    for (int i = 0; i < req.ranges_size(); ++i) {
-      const v1::RowRange& r = req.ranges(i);
-      if (r.row_bytes() == 0 || r.stride() < r.row_bytes()) {
-        return Bad(absl::StrCat("ranges[", i, "]: row_bytes ", r.row_bytes(), " must be > 0 and <= stride ", r.stride()));
-      }
-      total += static_cast<uint64_t>(r.row_bytes()) * r.rows_size();
+    std::vector<Range> ranges;
+    for (const v1::RowRange& r : req.ranges()) {
+      ranges.push_back({r.slice_id(), r.offset(), r.stride(), r.row_bytes(), r.rows().data(),
+                        static_cast<uint32_t>(r.rows_size())});
     }
-    if (total > kMaxGatherBytes) {
-      return Bad(absl::StrCat("ranges: ", total, " bytes of rows in one request, want at most ", kMaxGatherBytes));
-    }
+    auto total = RowBytes(ranges);
+    if (!total.ok()) return ToGrpcStatus(total.status());
     resp.Clear();
     resp.set_request_id(req.request_id());
     std::string* out = resp.mutable_rows();
-    out->resize(total);
-    char* dst = out->data();
-    {
-      absl::MutexLock wl(&w->mu);
-      for (int i = 0; i < req.ranges_size(); ++i) {
-        const v1::RowRange& r = req.ranges(i);
-        for (const uint32_t row : r.rows()) {
-          auto src = At(*w, r.slice_id(), r.offset() + static_cast<uint64_t>(row) * r.stride(), r.row_bytes());
-          if (!src.ok()) {
-            return ToGrpcStatus(absl::Status(src.status().code(),
-                                             absl::StrCat("ranges[", i, "] row ", row, ": ", src.status().message())));
-          }
-          std::memcpy(dst, *src, r.row_bytes());
-          dst += r.row_bytes();
-        }
-      }
-    }
+    out->resize(*total);
+    if (absl::Status st = CopyRows(*w, ranges, out->data()); !st.ok()) return ToGrpcStatus(st);
     if (!stream->Write(resp)) break;  // the worker went away
   }
   return grpc::Status::OK;

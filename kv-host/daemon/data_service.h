@@ -30,6 +30,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "store/fd_channel.h"
 #include "store/in_process_store.h"
 #include "tailorkv/v1/kv_host_data.grpc.pb.h"
 
@@ -49,6 +50,9 @@ struct KvHostDataOptions {
   uint64_t arena_bytes = uint64_t{256} << 20;
   absl::Duration lease = absl::Seconds(30);
   MemfdArenaOptions arena;
+  // host:port of the rows channel (store/rows_channel.h; port 0: any);
+  // empty: none (the rows travel in the gRPC calls; e.g. under TLS).
+  std::string rows_listen;
 };
 
 class KvHostDataService final : public v1::KvHostData::Service {
@@ -68,6 +72,9 @@ class KvHostDataService final : public v1::KvHostData::Service {
                             v1::DataCloseSessionResponse*) override;
   grpc::Status KeepAlive(grpc::ServerContext*, const v1::DataKeepAliveRequest*,
                          v1::DataKeepAliveResponse*) override;
+  grpc::Status Ticket(grpc::ServerContext*, const v1::DataTicketRequest*, v1::DataTicketResponse*) override;
+  // The rows channel's TCP port (0: none).
+  int rows_port() const { return rows_port_; }
 
   // No new workers or sessions from now on.
   void BeginDrain() { draining_.store(true); }
@@ -87,7 +94,24 @@ class KvHostDataService final : public v1::KvHostData::Service {
     uint64_t next_slice_id ABSL_GUARDED_BY(mu) = 1;
   };
 
+  // One range of rows to read (the gRPC and the rows channel's requests).
+  struct Range {
+    uint64_t slice = 0, offset = 0, stride = 0;
+    uint32_t row_bytes = 0;
+    const uint32_t* rows = nullptr;
+    uint32_t n_rows = 0;
+  };
+
   explicit KvHostDataService(KvHostDataOptions options) : options_(std::move(options)) {}
+  // The bytes `ranges` read, or InvalidArgument naming the bad range / the limit.
+  static absl::StatusOr<uint64_t> RowBytes(absl::Span<const Range> ranges);
+  // Their rows into dst (RowBytes long), or NotFound / OutOfRange naming the row.
+  static absl::Status CopyRows(Worker& w, absl::Span<const Range> ranges, char* dst);
+  // The rows channel (store/rows_channel.h): accepts, then a thread per
+  // connection, bound to the worker whose ticket it presents.
+  absl::Status StartRowsChannel();
+  void AcceptLoop();
+  void ServeRows(int fd);
   grpc::Status CheckToken(const grpc::ServerContext* ctx) const;
   // The worker by key (renewing its lease), or UNAUTHENTICATED.
   absl::StatusOr<std::shared_ptr<Worker>> Find(const std::string& key);
@@ -98,10 +122,20 @@ class KvHostDataService final : public v1::KvHostData::Service {
 
   const KvHostDataOptions options_;
   std::atomic<bool> draining_{false};
+  int rows_port_ = 0;
+  ScopedFd rows_listener_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Worker>> workers_ ABSL_GUARDED_BY(mu_);  // by key
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  struct PendingTicket {
+    std::weak_ptr<Worker> worker;
+    absl::Time expires;
+  };
+  std::map<std::string, PendingTicket> tickets_ ABSL_GUARDED_BY(mu_);
+  std::map<int, std::thread> rows_conns_ ABSL_GUARDED_BY(mu_);  // by fd, shut down at stop
+  std::vector<std::thread> finished_conns_ ABSL_GUARDED_BY(mu_);
   std::thread reaper_;
+  std::thread acceptor_;
 };
 
 }  // namespace tailorkv::kvhost

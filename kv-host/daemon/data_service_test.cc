@@ -3,7 +3,11 @@
 // node's budget, sessions, and a worker that falls silent past its lease.
 #include "daemon/data_service.h"
 
+#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstring>
@@ -14,13 +18,16 @@
 #include "client/remote_rows_client.h"
 #include "common/grpc_server.h"
 #include "gtest/gtest.h"
+#include "store/rows_channel.h"
 
 namespace tailorkv::kvhost {
 namespace {
 
 const uint64_t kPage = PageSize();
 
-class DataServiceTest : public ::testing::Test {
+// Param: whether the node offers the rows channel (Gather and Write over
+// plain TCP) or the rows travel in the gRPC calls.
+class DataServiceTest : public ::testing::TestWithParam<bool> {
  protected:
   void Start(uint64_t budget = 256 * kPage, absl::Duration lease = absl::Seconds(30)) {
     budget_ = budget;
@@ -40,6 +47,7 @@ class DataServiceTest : public ::testing::Test {
     o.free_bytes = [this] { return budget_ - used_.load(); };
     o.arena_bytes = 16 * kPage;
     o.lease = lease;
+    if (GetParam()) o.rows_listen = "127.0.0.1:0";
     auto s = KvHostDataService::Create(std::move(o));
     ASSERT_TRUE(s.ok()) << s.status();
     service_ = std::move(*s);
@@ -58,7 +66,7 @@ class DataServiceTest : public ::testing::Test {
   }
   std::string Target() const { return absl::StrCat("127.0.0.1:", server_->port()); }
   std::unique_ptr<RemoteRowsClient> Client(const std::string& token = "s3cret") {
-    auto c = RemoteRowsClient::Open({.target = Target(), .token = token, .worker_id = "w1"});
+    auto c = RemoteRowsClient::Open({.target = Target(), .token = token, .worker_id = "w1", .tls_ca_file = ""});
     EXPECT_TRUE(c.ok()) << c.status();
     return c.ok() ? std::move(*c) : nullptr;
   }
@@ -69,7 +77,7 @@ class DataServiceTest : public ::testing::Test {
   std::unique_ptr<common::GrpcServer> server_;
 };
 
-TEST_F(DataServiceTest, RowsComeBackByteExact) {
+TEST_P(DataServiceTest, RowsComeBackByteExact) {
   Start();
   auto c = Client();
   ASSERT_NE(c, nullptr);
@@ -93,7 +101,7 @@ TEST_F(DataServiceTest, RowsComeBackByteExact) {
       for (uint64_t h = 0; h < heads; ++h) {
         for (uint64_t kv = 0; kv < 2; ++kv) {
           RowRequest r{.slice_id = (*ids)[layer], .offset = (kv * heads + h) * rows * row, .stride = row,
-                       .row_bytes = static_cast<uint32_t>(row)};
+                       .row_bytes = static_cast<uint32_t>(row), .rows = {}};
           for (int i = 0; i < 5 + step; ++i) r.rows.push_back(static_cast<uint32_t>(rng() % rows));
           for (uint32_t x : r.rows) {
             const std::byte* src = data[layer].data() + r.offset + x * row;
@@ -107,6 +115,7 @@ TEST_F(DataServiceTest, RowsComeBackByteExact) {
     ASSERT_TRUE(c->Gather(req, absl::MakeSpan(got)).ok());
     EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size())) << "step " << step;
   }
+  EXPECT_EQ(c->rows_channel_in_use(), GetParam()) << "the transport under test carried the rows";
   EXPECT_EQ(service_->OpenSessions(), 1);
   auto freed = c->CloseSession("seq-1");
   ASSERT_TRUE(freed.ok()) << freed.status();
@@ -114,13 +123,13 @@ TEST_F(DataServiceTest, RowsComeBackByteExact) {
   EXPECT_EQ(used_.load(), 0u) << "arenas go back to the node's budget when their session closes";
 }
 
-TEST_F(DataServiceTest, WrongTokenIsRefused) {
+TEST_P(DataServiceTest, WrongTokenIsRefused) {
   Start();
-  auto c = RemoteRowsClient::Open({.target = Target(), .token = "guess", .worker_id = "w1"});
+  auto c = RemoteRowsClient::Open({.target = Target(), .token = "guess", .worker_id = "w1", .tls_ca_file = ""});
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), absl::StatusCode::kUnauthenticated) << c.status();
   EXPECT_NE(c.status().message().find("--data-token"), std::string::npos) << c.status();
-  auto no = RemoteRowsClient::Open({.target = Target(), .token = "", .worker_id = "w1"});
+  auto no = RemoteRowsClient::Open({.target = Target(), .token = "", .worker_id = "w1", .tls_ca_file = ""});
   EXPECT_EQ(no.status().code(), absl::StatusCode::kInvalidArgument);
   // A valid key without the token is refused too.
   auto stub = v1::KvHostData::NewStub(grpc::CreateChannel(Target(), grpc::InsecureChannelCredentials()));
@@ -131,7 +140,7 @@ TEST_F(DataServiceTest, WrongTokenIsRefused) {
   EXPECT_EQ(stub->KeepAlive(&ctx, req, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
 }
 
-TEST_F(DataServiceTest, BadIdsAndRangesNameTheField) {
+TEST_P(DataServiceTest, BadIdsAndRangesNameTheField) {
   Start();
   auto c = Client();
   ASSERT_NE(c, nullptr);
@@ -161,7 +170,7 @@ TEST_F(DataServiceTest, BadIdsAndRangesNameTheField) {
   EXPECT_EQ(c->CloseSession("never-opened").status().code(), absl::StatusCode::kNotFound);
 }
 
-TEST_F(DataServiceTest, TheNodesBudgetBoundsEveryWorker) {
+TEST_P(DataServiceTest, TheNodesBudgetBoundsEveryWorker) {
   Start(/*budget=*/32 * kPage);
   auto a = Client();
   auto b = Client();
@@ -177,7 +186,7 @@ TEST_F(DataServiceTest, TheNodesBudgetBoundsEveryWorker) {
   EXPECT_TRUE(b->Reserve("b", {20 * kPage}).ok()) << "freed budget is free for another worker";
 }
 
-TEST_F(DataServiceTest, ASilentWorkerLosesWhatItHeldAfterItsLease) {
+TEST_P(DataServiceTest, ASilentWorkerLosesWhatItHeldAfterItsLease) {
   Start(256 * kPage, absl::Milliseconds(300));
   auto stub = v1::KvHostData::NewStub(grpc::CreateChannel(Target(), grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
@@ -211,6 +220,56 @@ TEST_F(DataServiceTest, ASilentWorkerLosesWhatItHeldAfterItsLease) {
   v1::DataKeepAliveResponse kar;
   EXPECT_EQ(stub->KeepAlive(&kctx, ka, &kar).error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_TRUE(live->Reserve("kept2", {kPage}).ok()) << "the renewed lease holds";
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, DataServiceTest, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "RowsChannel" : "GrpcStreams"; });
+
+TEST(RowsChannelTest, TicketsAreOneUseAndBadFramesCloseTheConnection) {
+  std::atomic<uint64_t> used{0};
+  KvHostDataOptions o;
+  o.token = "t";
+  o.budget_bytes = 64 * kPage;
+  o.take_budget = [&](uint64_t b, const std::string&) { used += b; return absl::OkStatus(); };
+  o.return_budget = [&](uint64_t b) { used -= b; };
+  o.free_bytes = [&] { return 64 * kPage - used.load(); };
+  o.arena_bytes = 16 * kPage;
+  o.rows_listen = "127.0.0.1:0";
+  auto svc = KvHostDataService::Create(std::move(o));
+  ASSERT_TRUE(svc.ok()) << svc.status();
+  ASSERT_GT((*svc)->rows_port(), 0);
+  auto connect = [&]() {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>((*svc)->rows_port()));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    EXPECT_TRUE(rows::SetSocketOptions(fd, 2000).ok());
+    return fd;
+  };
+  // A made-up ticket: refused with UNAUTHENTICATED, then closed.
+  int fd = connect();
+  std::string hello;
+  rows::Put32(hello, rows::kMagic);
+  rows::Put32(hello, rows::kVersion);
+  hello += std::string(rows::kTicketBytes, 'a');
+  ASSERT_TRUE(rows::WriteFull(fd, hello.data(), hello.size()).ok());
+  char welcome[8];
+  ASSERT_TRUE(rows::ReadFull(fd, welcome, 8).ok());
+  EXPECT_EQ(rows::Get32(welcome), static_cast<uint32_t>(absl::StatusCode::kUnauthenticated));
+  std::string msg(rows::Get32(welcome + 4), '\0');
+  ASSERT_TRUE(rows::ReadFull(fd, msg.data(), msg.size()).ok());
+  EXPECT_NE(msg.find("ticket"), std::string::npos) << msg;
+  char more;
+  EXPECT_TRUE(absl::IsUnavailable(rows::ReadFull(fd, &more, 1))) << "closed after a refused ticket";
+  ::close(fd);
+  // Garbage instead of a hello: closed without an answer.
+  fd = connect();
+  const std::string junk(40, 'x');
+  ASSERT_TRUE(rows::WriteFull(fd, junk.data(), junk.size()).ok());
+  EXPECT_TRUE(absl::IsUnavailable(rows::ReadFull(fd, &more, 1)));
+  ::close(fd);
 }
 
 }  // namespace
