@@ -361,7 +361,14 @@ class CpuBackend final : public Backend {
     if ((host_store_ == nullptr && remote_rows_ == nullptr) || !any_sparse) {
       return std::make_unique<CpuSequence>(w_.config, capacity, plan);
     }
-    if (remote_rows_ != nullptr) {
+    // The co-located store first; remote nodes when it is full (or absent).
+    absl::Status local_full;
+    if (host_store_ != nullptr) {
+      auto seq = NewHostStoreSequence(capacity, plan);
+      if (seq.ok() || remote_rows_ == nullptr || !absl::IsResourceExhausted(seq.status())) return seq;
+      local_full = seq.status();
+    }
+    {
       std::vector<uint64_t> sizes;
       for (size_t l = 0; l < plan.layers.size(); ++l) {
         const LayerKvPolicy& p = plan.layers[l];
@@ -377,11 +384,16 @@ class CpuBackend final : public Backend {
       auto slices = remote_rows_->Reserve(session, sizes);
       if (!slices.ok()) {
         return absl::Status(slices.status().code(),
-                            absl::StrCat("remote host KV for the sparse layers: ", slices.status().message()));
+                            absl::StrCat("remote host KV for the sparse layers: ", slices.status().message(),
+                                         local_full.ok() ? "" : absl::StrCat(" (and ", local_full.message(), ")")));
       }
       return std::make_unique<CpuSequence>(w_.config, capacity, plan, std::vector<absl::Span<std::byte>>{}, nullptr,
                                            session, remote_rows_, std::move(*slices));
     }
+  }
+
+  // A sequence whose sparse layers' host tiers are slices of host_store_.
+  absl::StatusOr<std::unique_ptr<SequenceState>> NewHostStoreSequence(int capacity, const KvPlan& plan) {
     // Every sparse layer's host tier in one request to the store.
     std::vector<uint64_t> sizes;
     for (const LayerKvPolicy& p : plan.layers) {
@@ -1216,9 +1228,6 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights we
   const int threads = options.threads > 0
                           ? options.threads
                           : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  if (options.host_store != nullptr && options.remote_rows != nullptr) {
-    return absl::InvalidArgumentError("remote_rows: exclusive with host_store (one place for the host tier)");
-  }
   return std::unique_ptr<Backend>(
       new CpuBackend(std::move(weights), threads, options.host_store, options.remote_rows));
 }

@@ -1249,13 +1249,44 @@ TEST(CpuBackendSparse, RemoteHostTierRefusesFaithfulAndReportsTheNodesErrors) {
   EXPECT_NE(st.message().find("remote host tier"), std::string::npos) << st;
   EXPECT_THAT(remote->Forward(**seq, absl::MakeConstSpan(tokens).subspan(40, 1), false, &logits).code(),
               absl::StatusCode::kUnavailable);
+}
+
+TEST(CpuBackendSparse, CoLocatedHostTierFirstRemoteWhenItIsFull) {
+  const auto w = PolicyModel(75);
+  FakeRemoteRows node;
+  LayerKvPolicy l;
+  l.kind = KvPolicyKind::kSparse;
+  l.sparse = {2, 5, 9, 12, "gpu"};
+  const KvPlan plan = KvPlan::Uniform(3, l, "g");
+  // Room for one sequence's three host tiers (64 rows each) in process.
+  const int64_t one = 3 * 2 * static_cast<int64_t>(w.config.n_kv_heads) * 64 * w.config.head_dim * 4;
   kvhost::InProcessStoreOptions so;
-  so.budget_bytes = so.arena_bytes = 1 << 22;
+  so.budget_bytes = so.arena_bytes = (one + 4096 * 4) / 4096 * 4096;
   auto store = kvhost::InProcessStore::Create(so);
   ASSERT_TRUE(store.ok()) << store.status();
-  EXPECT_EQ(CreateCpuBackend(w, {.threads = 2, .host_store = store->get(), .remote_rows = &node}).status().code(),
-            absl::StatusCode::kInvalidArgument)
-      << "one place for the host tier";
+  auto backend = *CreateCpuBackend(w, {.threads = 2, .host_store = store->get(), .remote_rows = &node});
+  auto first = backend->NewSequence(64, plan);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(node.sessions.empty()) << "the co-located store had room";
+  auto second = backend->NewSequence(64, plan);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(node.sessions.size(), 1u) << "the co-located store was full: the node took it";
+  // Both generate the same logits as a sequence with its own memory.
+  auto local = *CreateCpuBackend(w, {.threads = 2});
+  const auto tokens = RandomTokens(60, w.config.vocab, 76);
+  const std::vector<int> chunks = {50, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  const auto want = RunChunks(*local, plan, tokens, chunks);
+  for (auto* seq : {&*first, &*second}) {
+    std::vector<std::vector<float>> got;
+    int at = 0;
+    for (int n : chunks) {
+      std::vector<float> logits;
+      ASSERT_TRUE(backend->Forward(**seq, absl::MakeConstSpan(tokens).subspan(at, n), true, &logits).ok());
+      got.push_back(std::move(logits));
+      at += n;
+    }
+    ExpectBitIdentical(want, got, "co-located or remote");
+  }
 }
 
 TEST(CpuBackendSparse, KvBytesAndTruncate) {

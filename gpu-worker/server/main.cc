@@ -17,8 +17,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/kv_host_client.h"
-#include "client/remote_rows_client.h"
+#include "client/placed_remote_rows.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "common/metrics_http.h"
 #include "common/grpc_server.h"
@@ -115,9 +116,6 @@ struct WorkerConfig {
       return absl::InvalidArgumentError(absl::StrCat("kv-host-timeout-ms: must be > 0, got ", kv_host_timeout_ms));
     }
     if (!kv_host_remote.empty()) {
-      if (kv_host != "in-process") {
-        return absl::InvalidArgumentError("kv-host-remote: exclusive with --kv-host (one place for the host tier)");
-      }
       if (kv_host_token.empty()) {
         return absl::InvalidArgumentError("kv-host-token: required with --kv-host-remote (or TAILORKV_KV_HOST_TOKEN)");
       }
@@ -271,8 +269,9 @@ int main(int argc, char** argv) {
                  "shared memory)")
       ->capture_default_str();
   app.add_option("--kv-host-remote", config.kv_host_remote,
-                 "host:port of a kv-host node's remote data plane (its --data-listen): the sparse layers' "
-                 "host KV lives there (CPU backend)");
+                 "kv-host nodes' remote data planes (their --data-listen), comma-separated: a sequence's "
+                 "sparse layers' host KV goes to the co-located kv-host (--kv-host) while it has room, else to "
+                 "the reachable node with the most free budget (CPU backend)");
   app.add_option("--kv-host-token", config.kv_host_token,
                  "that node's --data-token (or env TAILORKV_KV_HOST_TOKEN)");
   app.add_option("--kv-host-remote-tls-ca", config.kv_host_remote_tls_ca,
@@ -343,20 +342,27 @@ int main(int argc, char** argv) {
     spdlog::info("attached to kv-host at {}: the sparse layers' host KV lives there", config.kv_host);
     config.engine.host_store = kv_host.get();
   }
-  std::unique_ptr<tailorkv::kvhost::RemoteRowsClient> remote_rows;
+  std::unique_ptr<tailorkv::kvhost::PlacedRemoteRows> remote_rows;
   if (!config.kv_host_remote.empty()) {
-    auto r = tailorkv::kvhost::RemoteRowsClient::Open({.target = config.kv_host_remote,
-                                                       .token = config.kv_host_token,
-                                                       .worker_id = absl::StrCat("gpu-worker-", getpid()),
-                                                       .tls_ca_file = config.kv_host_remote_tls_ca});
+    std::vector<tailorkv::kvhost::RemoteRowsOptions> nodes;
+    for (absl::string_view t : absl::StrSplit(config.kv_host_remote, ',', absl::SkipEmpty())) {
+      nodes.push_back({.target = std::string(t),
+                       .token = config.kv_host_token,
+                       .worker_id = absl::StrCat("gpu-worker-", getpid()),
+                       .tls_ca_file = config.kv_host_remote_tls_ca});
+    }
+    auto r = tailorkv::kvhost::PlacedRemoteRows::Open(std::move(nodes));
     if (!r.ok()) {
-      spdlog::error("cannot open kv-host's remote data plane at {}: {}", config.kv_host_remote, r.status().ToString());
+      spdlog::error("cannot open kv-host's remote data plane ({}): {}", config.kv_host_remote, r.status().ToString());
       return 1;
     }
     remote_rows = std::move(*r);
-    spdlog::info("the sparse layers' host KV lives on the kv-host node {} ({} of its {} bytes free, lease {})",
-                 config.kv_host_remote, remote_rows->free_bytes(), remote_rows->budget_bytes(),
-                 absl::FormatDuration(remote_rows->lease()));
+    for (size_t i = 0; i < remote_rows->nodes(); ++i) {
+      auto& n = remote_rows->node(i);
+      spdlog::info("the sparse layers' host KV lives on the kv-host node {} ({} of its {} bytes free, lease {}){}",
+                   n.target(), n.free_bytes(), n.budget_bytes(), absl::FormatDuration(n.lease()),
+                   config.kv_host != "in-process" ? " when the co-located kv-host is full" : "");
+    }
     config.engine.remote_rows = remote_rows.get();
   }
   spdlog::info("loading model {} (backend {})", config.engine.model_path, config.engine.backend);

@@ -136,9 +136,13 @@ void RemoteRowsClient::KeepAliveLoop() {
     const grpc::Status s = impl_->stub->KeepAlive(&ctx, req, &resp);
     if (s.ok()) {
       free_bytes_.store(static_cast<uint64_t>(resp.free_bytes()));
+      if (!healthy_.exchange(true)) spdlog::info("kv-host data plane {}: reachable again", options_.target);
     } else if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED && s.error_message().find("worker_key") != std::string::npos) {
-      if (absl::Status r = Reopen(); !r.ok()) spdlog::warn("{}", r.ToString());
+      absl::Status r = Reopen();
+      healthy_.store(r.ok());
+      if (!r.ok()) spdlog::warn("{}", r.ToString());
     } else {
+      healthy_.store(false);
       spdlog::warn("kv-host data plane {}: KeepAlive: {}", options_.target, s.error_message());
     }
     mu_.Lock();

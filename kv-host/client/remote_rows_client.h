@@ -71,6 +71,10 @@ class RemoteRowsClient final : public RemoteRowStore {
   absl::Duration lease() const { return lease_; }
   // Whether the rows channel is connected (Gather and Write use it).
   bool rows_channel_in_use();
+  // False from a failed KeepAlive (the node unreachable) until one succeeds:
+  // placement skips the node meanwhile.
+  bool healthy() const { return healthy_.load(); }
+  const std::string& target() const { return options_.target; }
 
  private:
   struct Impl;
@@ -98,6 +102,7 @@ class RemoteRowsClient final : public RemoteRowStore {
   absl::Duration lease_;
   uint64_t budget_bytes_ = 0;
   std::atomic<uint64_t> free_bytes_{0};
+  std::atomic<bool> healthy_{true};
   absl::Mutex gather_mu_;  // one Gather at a time on the stream
   absl::Mutex mu_;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
