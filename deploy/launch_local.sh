@@ -13,10 +13,13 @@
 #
 # Usage: deploy/launch_local.sh [MODEL] [BUILD_DIR] [PROMPT] [--raw] [--max-tokens N]
 #                               [--backend auto|cpu|cuda] [--plan dense|profiler]
-#                               [--calibration-tokens N] [--keep-running]
+#                               [--calibration-tokens N] [--remote-kv-host] [--keep-running]
 #   --plan     profiler (default): profile, then serve the profiler's plan;
 #              dense: skip profiling, every layer dense
 #   --calibration-tokens  calibration tokens profiled (default 4096, the profiler's own)
+#   --remote-kv-host  serve the sparse layers' host KV from kv-host's remote data plane
+#              (TCP on loopback, token-authenticated, as a kv-host node on another
+#              host would; the worker then runs on the CPU backend)
 #   MODEL      default models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_model.sh)
 #   BUILD_DIR  default build
 #   PROMPT     default "What is the capital of France? Answer in one sentence."
@@ -36,6 +39,7 @@ chat_flag=--chat
 max_tokens=64
 backend=auto
 keep_running=0
+remote_kv_host=0
 plan=profiler
 calibration_tokens=4096
 while (($#)); do
@@ -45,9 +49,10 @@ while (($#)); do
     --max-tokens) max_tokens="$2"; shift ;;
     --backend) backend="$2"; shift ;;
     --keep-running) keep_running=1 ;;
+    --remote-kv-host) remote_kv_host=1 ;;
     --plan) plan="$2"; shift ;;
     --calibration-tokens) calibration_tokens="$2"; shift ;;
-    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "launch_local.sh: unknown option $1" >&2; exit 2 ;;
     *) positional+=("$1") ;;
   esac
@@ -132,7 +137,18 @@ start profiler "$build_dir/profiler/profiler" --listen "127.0.0.1:$profiler_port
 # A short path: a UNIX socket's path must fit 107 bytes (with ".fd" added).
 kvhost_dir="$(mktemp -d /tmp/tailorkv-kvhost.XXXXXX)"
 kvhost_sock="$kvhost_dir/kv-host.sock"
-start kv-host "$build_dir/kv-host/kv-host" --listen "unix:$kvhost_sock" --budget 0.25
+kvhost_flags=()
+worker_kv_flags=(--kv-host "unix://$kvhost_sock")
+if ((remote_kv_host)); then
+  # A node's data plane on loopback; the token reaches both through the
+  # environment (not the process list).
+  data_port="${TAILORKV_KVHOST_DATA_PORT:-50062}"
+  export TAILORKV_KV_HOST_TOKEN="$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  kvhost_flags=(--data-listen "127.0.0.1:$data_port")
+  worker_kv_flags=(--kv-host-remote "127.0.0.1:$data_port")
+  backend=cpu
+fi
+start kv-host "$build_dir/kv-host/kv-host" --listen "unix:$kvhost_sock" --budget 0.25 "${kvhost_flags[@]}"
 wait_serving profiler "127.0.0.1:$profiler_port" tailorkv.v1.Profiler 30 "${pids[0]}"
 wait_serving kv-host "unix://$kvhost_sock" tailorkv.v1.KvHost 30 "${pids[1]}"
 
@@ -146,7 +162,7 @@ if [[ "$plan" == profiler ]]; then
               --plan-cache "$build_dir/launch-plans/worker-plan-cache.json")
 fi
 start gpu-worker "$build_dir/gpu-worker/server/gpu-worker" --model "$model" \
-  --listen "127.0.0.1:$worker_port" --backend "$backend" --kv-host "unix://$kvhost_sock" "${plan_flags[@]}"
+  --listen "127.0.0.1:$worker_port" --backend "$backend" "${worker_kv_flags[@]}" "${plan_flags[@]}"
 wait_serving gpu-worker "127.0.0.1:$worker_port" tailorkv.v1.Generation 300 "${pids[2]}"
 
 "$cli" info --server "127.0.0.1:$worker_port" >&2
