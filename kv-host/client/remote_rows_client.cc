@@ -39,6 +39,7 @@ struct RemoteRowsClient::Impl {
   // The rows channel (store/rows_channel.h), when the node offers one and
   // TLS is off: Gather and Write go there. -1: not connected (yet).
   ScopedFd rows;
+  std::string rows_key;      // the key its ticket was for (the node binds the connection to it)
   bool rows_offered = true;  // until a Ticket says rows_port 0
 };
 
@@ -60,6 +61,9 @@ absl::StatusOr<std::unique_ptr<RemoteRowsClient>> RemoteRowsClient::Open(RemoteR
     creds = grpc::SslCredentials(ssl);
   }
   grpc::ChannelArguments args;
+  // Find a node that came back quickly (gRPC's default backoff grows to 120 s).
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   args.SetMaxReceiveMessageSize(72 << 20);  // a Gather answer holds up to 64 MiB of rows
   args.SetMaxSendMessageSize(8 << 20);
   c->impl_->stub = v1::KvHostData::NewStub(grpc::CreateCustomChannel(c->options_.target, creds, args));
@@ -103,7 +107,9 @@ std::string RemoteRowsClient::Key() const {
   return key_;
 }
 
-absl::Status RemoteRowsClient::Reopen() {
+absl::Status RemoteRowsClient::Reopen(const std::string& stale_key) {
+  absl::MutexLock once(&reopen_mu_);
+  if (Key() != stale_key) return absl::OkStatus();  // done by another caller meanwhile
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
   ctx.AddMetadata("authorization", "Bearer " + options_.token);
@@ -131,14 +137,15 @@ void RemoteRowsClient::KeepAliveLoop() {
     ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
     ctx.AddMetadata("authorization", "Bearer " + options_.token);
     v1::DataKeepAliveRequest req;
-    req.set_worker_key(Key());
+    const std::string key = Key();
+    req.set_worker_key(key);
     v1::DataKeepAliveResponse resp;
     const grpc::Status s = impl_->stub->KeepAlive(&ctx, req, &resp);
     if (s.ok()) {
       free_bytes_.store(static_cast<uint64_t>(resp.free_bytes()));
       if (!healthy_.exchange(true)) spdlog::info("kv-host data plane {}: reachable again", options_.target);
     } else if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED && s.error_message().find("worker_key") != std::string::npos) {
-      absl::Status r = Reopen();
+      absl::Status r = Reopen(key);
       healthy_.store(r.ok());
       if (!r.ok()) spdlog::warn("{}", r.ToString());
     } else {
@@ -175,7 +182,8 @@ absl::Status RemoteRowsClient::ConnectRows() {
   ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
   ctx.AddMetadata("authorization", "Bearer " + options_.token);
   v1::DataTicketRequest req;
-  req.set_worker_key(Key());
+  const std::string key = Key();
+  req.set_worker_key(key);
   v1::DataTicketResponse resp;
   if (grpc::Status s = impl.stub->Ticket(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "Ticket");
   if (resp.rows_port() == 0) {
@@ -215,6 +223,7 @@ absl::Status RemoteRowsClient::ConnectRows() {
     return absl::Status(static_cast<absl::StatusCode>(rows::Get32(welcome)), absl::StrCat("rows channel: ", msg));
   }
   impl.rows = std::move(fd);
+  impl.rows_key = key;
   return absl::OkStatus();
 }
 
@@ -256,7 +265,7 @@ bool RemoteRowsClient::rows_channel_in_use() {
 bool RemoteRowsClient::UseRows() {
   Impl& impl = *impl_;
   if (!options_.tls_ca_file.empty() || !impl.rows_offered) return false;
-  if (impl.rows.valid()) return true;
+  if (impl.rows.valid() && impl.rows_key == Key()) return true;
   if (absl::Status st = ConnectRows(); !st.ok()) {
     spdlog::warn("kv-host data plane {}: {}; rows go over gRPC for this call", options_.target, st.ToString());
     return false;
@@ -268,21 +277,27 @@ absl::StatusOr<std::vector<uint64_t>> RemoteRowsClient::Reserve(const std::strin
                                                                  absl::Span<const uint64_t> sizes) {
   grpc::Status s;
   v1::DataReserveResponse resp;
-  // At most: a broken connection, then a forgotten key, then the call.
+  // A new session may wait for the node to be reachable (up to rpc_timeout)
+  // and open again once if the node forgot this worker.
+  bool reopened = false;
   for (int attempt = 0; attempt < 3; ++attempt) {
     grpc::ClientContext ctx;
+    ctx.set_wait_for_ready(true);
     ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
     ctx.AddMetadata("authorization", "Bearer " + options_.token);
     v1::DataReserveRequest req;
-    req.set_worker_key(Key());
+    const std::string key = Key();
+    req.set_worker_key(key);
     req.set_session_id(session);
     for (uint64_t n : sizes) req.add_sizes(n);
     s = impl_->stub->Reserve(&ctx, req, &resp);
     if (s.ok()) return std::vector<uint64_t>(resp.slice_ids().begin(), resp.slice_ids().end());
     // A new session may go on: after a broken connection (gRPC connects
     // again) or on a node that forgot this worker (open again).
-    if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED && s.error_message().find("worker_key") != std::string::npos) {
-      if (absl::Status r = Reopen(); !r.ok()) return r;
+    if (!reopened && s.error_code() == grpc::StatusCode::UNAUTHENTICATED &&
+        s.error_message().find("worker_key") != std::string::npos) {
+      if (absl::Status r = Reopen(key); !r.ok()) return r;
+      reopened = true;
     } else if (s.error_code() != grpc::StatusCode::UNAVAILABLE) {
       break;
     }

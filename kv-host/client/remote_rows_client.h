@@ -95,8 +95,11 @@ class RemoteRowsClient final : public RemoteRowStore {
   // The worker key (replaced when the node forgot this worker: a lease that
   // ran out during a partition, or a restarted node).
   std::string Key() const;
-  // Open again: a new key, the old one's sessions gone.
-  absl::Status Reopen();
+  // Open again after the node refused `stale_key`: a new key, the old one's
+  // sessions gone. One at a time; a no-op when another caller already
+  // replaced that key (two new identities would split a worker's sessions).
+  absl::Status Reopen(const std::string& stale_key);
+  absl::Mutex reopen_mu_;
   mutable absl::Mutex key_mu_;
   std::string key_ ABSL_GUARDED_BY(key_mu_);
   absl::Duration lease_;
