@@ -33,6 +33,13 @@ int64_t Backend::SequenceMemoryBytes(int /*prompt*/, int capacity, const KvPlan&
   return bytes;
 }
 
+absl::Status Backend::DecodeBatchIsolated(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                                          std::vector<float>* logits, std::vector<absl::Status>* per_seq) {
+  const absl::Status st = DecodeBatch(seqs, tokens, logits);
+  per_seq->assign(seqs.size(), st);
+  return absl::OkStatus();
+}
+
 absl::Status Backend::DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
                                   std::vector<float>* logits) {
   if (seqs.empty() || seqs.size() != tokens.size()) {

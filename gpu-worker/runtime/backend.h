@@ -118,6 +118,13 @@ class Backend {
   // linear layers once over the batch (one pass over the weights).
   virtual absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
                                    std::vector<float>* logits);
+  // DecodeBatch that keeps one sequence's failure from failing the others
+  // (a remote host tier's node going away affects its own sequences):
+  // per_seq[b] is seqs[b]'s status, and only rows whose status is OK hold
+  // logits. The returned status is for the batch as a whole (bad input).
+  // Default: DecodeBatch, its status copied to every sequence.
+  virtual absl::Status DecodeBatchIsolated(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                                           std::vector<float>* logits, std::vector<absl::Status>* per_seq);
 
   // How many sequences the engine may step in turn (their calls
   // interleaved); the engine runs at most this many generations at once.

@@ -444,14 +444,26 @@ class CpuBackend final : public Backend {
     }
     return Run(seqs, tokens, true, logits, Mode::kDecode, 0, nullptr, /*batch=*/true);
   }
+  absl::Status DecodeBatchIsolated(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                                   std::vector<float>* logits, std::vector<absl::Status>* per_seq) override {
+    if (seqs.empty() || seqs.size() != tokens.size()) {
+      return absl::InvalidArgumentError(absl::StrFormat("tokens: %d for %d sequences (one each, at least one)",
+                                                        tokens.size(), seqs.size()));
+    }
+    per_seq->assign(seqs.size(), absl::OkStatus());
+    return Run(seqs, tokens, true, logits, Mode::kDecode, 0, nullptr, /*batch=*/true, per_seq);
+  }
 
  private:
   // Forward() of seqs[0] (batch false), or one decode step of each of
   // `seqs` with tokens[b] (batch true: row b is seqs[b]'s). With an
   // observer, calls it after every layer's attention and computes no logits.
+  // per_seq (batch only): a sequence whose attention fails is recorded
+  // there and left out of the rest of the step (its row computes zeros);
+  // null: the first failure is the call's.
   absl::Status Run(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens, bool all_logits,
                    std::vector<float>* logits, Mode mode, int tap_queries,
-                   const LayerObserver* observer, bool batch);
+                   const LayerObserver* observer, bool batch, std::vector<absl::Status>* per_seq = nullptr);
   // Attention of the n chunk queries against a layer as its policy says
   // (runtime/backend.h); non-dense layers read the chunk's K/V from k_/v_.
   // spec_x: a decode step's speculative input for sparse layers with index
@@ -501,7 +513,8 @@ class CpuBackend final : public Backend {
 
 absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span<const int32_t> tokens,
                              bool all_logits, std::vector<float>* logits, Mode mode,
-                             int tap_queries, const LayerObserver* observer, bool batch) {
+                             int tap_queries, const LayerObserver* observer, bool batch,
+                             std::vector<absl::Status>* per_seq) {
   // Row i of this call belongs to seqs[batch ? i : 0], at position pos[i].
   std::vector<CpuSequence*> seqs(states.size());
   for (size_t b = 0; b < states.size(); ++b) {
@@ -589,10 +602,18 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
           std::memcpy(k_.data(), &k_[b * nkv_dim], sizeof(float) * nkv_dim);
           std::memcpy(v_.data(), &v_[b * nkv_dim], sizeof(float) * nkv_dim);
         }
-        // (A remote host tier's failure fails the whole step, every sequence
-        // in it: the engine then ends them; see docs/architecture.md.)
-        RETURN_IF_ERROR(LayerAttention(*seqs[b], l, &q_[b * nq_dim], 1, pos[b], true, spec_of(b),
-                                       &xn_prev_[static_cast<size_t>(b) * H], &attn_[b * nq_dim]));
+        if (per_seq != nullptr && !(*per_seq)[b].ok()) {
+          std::fill_n(&attn_[b * nq_dim], nq_dim, 0.0f);  // failed earlier: out of this step
+          continue;
+        }
+        absl::Status st = LayerAttention(*seqs[b], l, &q_[b * nq_dim], 1, pos[b], true, spec_of(b),
+                                         &xn_prev_[static_cast<size_t>(b) * H], &attn_[b * nq_dim]);
+        if (!st.ok()) {
+          // A remote host tier's node failing ends its own sequences only.
+          if (per_seq == nullptr) return st;
+          (*per_seq)[b] = std::move(st);
+          std::fill_n(&attn_[b * nq_dim], nq_dim, 0.0f);
+        }
       }
     }
     if (observer != nullptr) {

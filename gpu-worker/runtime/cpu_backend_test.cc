@@ -1289,6 +1289,52 @@ TEST(CpuBackendSparse, CoLocatedHostTierFirstRemoteWhenItIsFull) {
   }
 }
 
+TEST(CpuBackendSparse, ANodesFailureEndsOnlyItsOwnSequencesInABatch) {
+  const auto w = PolicyModel(77);
+  FakeRemoteRows node;
+  LayerKvPolicy l;
+  l.kind = KvPolicyKind::kSparse;
+  l.sparse = {2, 5, 9, 12, "gpu"};
+  const KvPlan plan = KvPlan::Uniform(3, l, "g");
+  const int64_t one = 3 * 2 * static_cast<int64_t>(w.config.n_kv_heads) * 64 * w.config.head_dim * 4;
+  kvhost::InProcessStoreOptions so;
+  so.budget_bytes = so.arena_bytes = (one + 4096 * 4) / 4096 * 4096;
+  auto store = kvhost::InProcessStore::Create(so);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto backend = *CreateCpuBackend(w, {.threads = 2, .host_store = store->get(), .remote_rows = &node});
+  auto local_seq = *backend->NewSequence(64, plan);   // co-located
+  auto remote_seq = *backend->NewSequence(64, plan);  // on the node
+  ASSERT_EQ(node.sessions.size(), 1u);
+  auto reference = *CreateCpuBackend(w, {.threads = 2});
+  auto ref_seq = *reference->NewSequence(64, plan);
+  const auto tokens = RandomTokens(45, w.config.vocab, 78);
+  std::vector<float> logits;
+  for (auto* b : {backend.get(), reference.get()}) {
+    for (auto* seq : b == backend.get() ? std::vector<SequenceState*>{local_seq.get(), remote_seq.get()}
+                                        : std::vector<SequenceState*>{ref_seq.get()}) {
+      ASSERT_TRUE(b->Forward(*seq, absl::MakeConstSpan(tokens).subspan(0, 40), false, &logits).ok());
+    }
+  }
+  node.fail = absl::UnavailableError("node gone");
+  SequenceState* both[] = {local_seq.get(), remote_seq.get()};
+  SequenceState* alone[] = {ref_seq.get()};
+  for (int step = 40; step < 45; ++step) {
+    const int32_t two[] = {tokens[step], tokens[step]};
+    std::vector<absl::Status> per_seq;
+    std::vector<float> got, want;
+    ASSERT_TRUE(backend->DecodeBatchIsolated(both, two, &got, &per_seq).ok());
+    ASSERT_EQ(per_seq.size(), 2u);
+    EXPECT_TRUE(per_seq[0].ok()) << per_seq[0];
+    if (step == 40) {
+      EXPECT_EQ(per_seq[1].code(), absl::StatusCode::kUnavailable) << per_seq[1];
+    }
+    ASSERT_TRUE(reference->DecodeBatch(alone, absl::MakeConstSpan(two, 1), &want).ok());
+    const size_t vocab = static_cast<size_t>(w.config.vocab);
+    ExpectBitIdentical({want}, {std::vector<float>(got.begin(), got.begin() + vocab)},
+                       "the co-located sequence beside a failing one");
+  }
+}
+
 TEST(CpuBackendSparse, KvBytesAndTruncate) {
   const auto w = PolicyModel(49, /*n_layers=*/3);
   const auto& c = w.config;

@@ -650,12 +650,13 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
   }
   if (!batch.empty()) {
     std::vector<float>& logits = batch_logits_;
-    const absl::Status s = backend_->DecodeBatch(seqs, last, &logits);
+    std::vector<absl::Status> per_seq;
+    const absl::Status s = backend_->DecodeBatchIsolated(seqs, last, &logits, &per_seq);
     const size_t vocab = static_cast<size_t>(config().vocab);
     for (size_t b = 0; b < batch.size(); ++b) {
       Job& job = *batch[b];
-      if (!s.ok()) {
-        fail(job, s);
+      if (!s.ok() || !per_seq[b].ok()) {
+        fail(job, s.ok() ? per_seq[b] : s);
         continue;
       }
       job.logits.assign(logits.begin() + b * vocab, logits.begin() + (b + 1) * vocab);
