@@ -19,7 +19,10 @@ if ((from_source)); then
   docker build -q -f deploy/Dockerfile -t tailorkv:cpu . >/dev/null
 else
   cmake -S . -B "$build" >/dev/null   # (re)configures: the *-cpu targets exist only in CUDA trees
-  if ninja -C "$build" -t targets all 2>/dev/null | grep -q '^gpu-worker-cpu:'; then
+  # (The list is read whole first: `ninja | grep -q` under pipefail fails
+  # whenever grep exits before ninja has written everything.)
+  targets="$(ninja -C "$build" -t targets all 2>/dev/null || true)"
+  if grep -q '^gpu-worker-cpu:' <<<"$targets"; then
     cmake --build "$build" --target gpu-worker-cpu profiler-cpu tkv-profile-cpu >/dev/null
   fi
   cmake --build "$build" --target gpu-worker kv-host profiler tkv-profile tailorkv-cli gateway >/dev/null

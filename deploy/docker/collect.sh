@@ -25,7 +25,7 @@ for name in "${!src[@]}"; do
   path="$build/${src[$name]}"
   if [[ "$variant" == cpu && -x "$path-cpu" ]]; then path="$path-cpu"; fi
   [[ -x "$path" ]] || { echo "collect.sh: $path not built" >&2; exit 1; }
-  if [[ "$variant" == cpu ]] && ldd "$path" | grep -qE 'lib(cublas|cudart|cuda)\.'; then
+  if [[ "$variant" == cpu ]] && grep -qE 'lib(cublas|cudart|cuda)\.' <<<"$(ldd "$path")"; then
     echo "collect.sh: $path loads CUDA libraries; build the *-cpu targets or a tree without CUDA" >&2
     exit 1
   fi
