@@ -277,10 +277,12 @@ absl::StatusOr<std::vector<uint64_t>> RemoteRowsClient::Reserve(const std::strin
                                                                  absl::Span<const uint64_t> sizes) {
   grpc::Status s;
   v1::DataReserveResponse resp;
-  // A new session may wait for the node to be reachable (up to rpc_timeout)
-  // and open again once if the node forgot this worker.
+  // A new session may wait for the node to be reachable (up to rpc_timeout),
+  // survive a connection that broke (UNAVAILABLE, up to 3 times) and open
+  // again once if the node forgot this worker (then it is always retried).
   bool reopened = false;
-  for (int attempt = 0; attempt < 3; ++attempt) {
+  int unavailable = 0;
+  while (true) {
     grpc::ClientContext ctx;
     ctx.set_wait_for_ready(true);
     ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(options_.rpc_timeout));
@@ -292,15 +294,14 @@ absl::StatusOr<std::vector<uint64_t>> RemoteRowsClient::Reserve(const std::strin
     for (uint64_t n : sizes) req.add_sizes(n);
     s = impl_->stub->Reserve(&ctx, req, &resp);
     if (s.ok()) return std::vector<uint64_t>(resp.slice_ids().begin(), resp.slice_ids().end());
-    // A new session may go on: after a broken connection (gRPC connects
-    // again) or on a node that forgot this worker (open again).
     if (!reopened && s.error_code() == grpc::StatusCode::UNAUTHENTICATED &&
         s.error_message().find("worker_key") != std::string::npos) {
       if (absl::Status r = Reopen(key); !r.ok()) return r;
       reopened = true;
-    } else if (s.error_code() != grpc::StatusCode::UNAVAILABLE) {
-      break;
+      continue;
     }
+    if (s.error_code() == grpc::StatusCode::UNAVAILABLE && ++unavailable < 3) continue;
+    break;
   }
   return FromGrpc(s, "Reserve");
 }

@@ -29,7 +29,7 @@ const uint64_t kPage = PageSize();
 // plain TCP) or the rows travel in the gRPC calls.
 class DataServiceTest : public ::testing::TestWithParam<bool> {
  protected:
-  void Start(uint64_t budget = 256 * kPage, absl::Duration lease = absl::Seconds(30)) {
+  void Start(uint64_t budget = 256 * kPage, absl::Duration lease = absl::Seconds(30), int port = 0) {
     budget_ = budget;
     KvHostDataOptions o;
     o.token = "s3cret";
@@ -52,7 +52,7 @@ class DataServiceTest : public ::testing::TestWithParam<bool> {
     ASSERT_TRUE(s.ok()) << s.status();
     service_ = std::move(*s);
     common::ServerOptions so;
-    so.listen_address = "127.0.0.1:0";
+    so.listen_address = absl::StrCat("127.0.0.1:", port);
     so.drain_grace_ms = 100;
     so.max_receive_message_bytes = 8 << 20;
     so.max_send_message_bytes = 72 << 20;
@@ -220,6 +220,29 @@ TEST_P(DataServiceTest, ASilentWorkerLosesWhatItHeldAfterItsLease) {
   v1::DataKeepAliveResponse kar;
   EXPECT_EQ(stub->KeepAlive(&kctx, ka, &kar).error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_TRUE(live->Reserve("kept2", {kPage}).ok()) << "the renewed lease holds";
+}
+
+TEST_P(DataServiceTest, ANodeThatForgotTheWorkerTakesItsNextSession) {
+  Start();
+  auto c = Client();
+  ASSERT_NE(c, nullptr);
+  ASSERT_TRUE(c->Reserve("before", {1000}).ok());
+  // The node restarts on the same address: the worker's connection breaks
+  // and its key means nothing there; the next session's Reserve is the first
+  // call to find out (the lease renewal runs every 10 s here).
+  const int port = server_->port();
+  server_.reset();
+  service_.reset();
+  used_ = 0;
+  Start(256 * kPage, absl::Seconds(30), port);
+  auto ids = c->Reserve("after", {1000});
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  std::vector<std::byte> row(100, std::byte{7}), got(100);
+  ASSERT_TRUE(c->Write((*ids)[0], 0, row).ok());
+  ASSERT_TRUE(c->Gather({{.slice_id = (*ids)[0], .offset = 0, .stride = 100, .row_bytes = 100, .rows = {0}}},
+                        absl::MakeSpan(got))
+                  .ok());
+  EXPECT_EQ(got, row);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, DataServiceTest, ::testing::Bool(),
