@@ -1251,18 +1251,28 @@ TEST(CpuBackendSparse, RemoteHostTierRefusesFaithfulAndReportsTheNodesErrors) {
               absl::StatusCode::kUnavailable);
 }
 
-TEST(CpuBackendSparse, CoLocatedHostTierFirstRemoteWhenItIsFull) {
-  const auto w = PolicyModel(75);
-  FakeRemoteRows node;
+// Three sparse layers on the "gpu" index: what a remote host tier serves.
+KvPlan GpuIndexPlan() {
   LayerKvPolicy l;
   l.kind = KvPolicyKind::kSparse;
   l.sparse = {2, 5, 9, 12, "gpu"};
-  const KvPlan plan = KvPlan::Uniform(3, l, "g");
-  // Room for one sequence's three host tiers (64 rows each) in process.
+  return KvPlan::Uniform(3, l, "g");
+}
+
+// A co-located store with room for one 64-token sequence of GpuIndexPlan
+// (three host tiers): the next one goes to the remote node.
+absl::StatusOr<std::unique_ptr<kvhost::InProcessStore>> StoreForOneSequence(const ModelWeights& w) {
   const int64_t one = 3 * 2 * static_cast<int64_t>(w.config.n_kv_heads) * 64 * w.config.head_dim * 4;
   kvhost::InProcessStoreOptions so;
   so.budget_bytes = so.arena_bytes = (one + 4096 * 4) / 4096 * 4096;
-  auto store = kvhost::InProcessStore::Create(so);
+  return kvhost::InProcessStore::Create(so);
+}
+
+TEST(CpuBackendSparse, CoLocatedHostTierFirstRemoteWhenItIsFull) {
+  const auto w = PolicyModel(75);
+  FakeRemoteRows node;
+  const KvPlan plan = GpuIndexPlan();
+  auto store = StoreForOneSequence(w);
   ASSERT_TRUE(store.ok()) << store.status();
   auto backend = *CreateCpuBackend(w, {.threads = 2, .host_store = store->get(), .remote_rows = &node});
   auto first = backend->NewSequence(64, plan);
@@ -1292,14 +1302,8 @@ TEST(CpuBackendSparse, CoLocatedHostTierFirstRemoteWhenItIsFull) {
 TEST(CpuBackendSparse, ANodesFailureEndsOnlyItsOwnSequencesInABatch) {
   const auto w = PolicyModel(77);
   FakeRemoteRows node;
-  LayerKvPolicy l;
-  l.kind = KvPolicyKind::kSparse;
-  l.sparse = {2, 5, 9, 12, "gpu"};
-  const KvPlan plan = KvPlan::Uniform(3, l, "g");
-  const int64_t one = 3 * 2 * static_cast<int64_t>(w.config.n_kv_heads) * 64 * w.config.head_dim * 4;
-  kvhost::InProcessStoreOptions so;
-  so.budget_bytes = so.arena_bytes = (one + 4096 * 4) / 4096 * 4096;
-  auto store = kvhost::InProcessStore::Create(so);
+  const KvPlan plan = GpuIndexPlan();
+  auto store = StoreForOneSequence(w);
   ASSERT_TRUE(store.ok()) << store.status();
   auto backend = *CreateCpuBackend(w, {.threads = 2, .host_store = store->get(), .remote_rows = &node});
   auto local_seq = *backend->NewSequence(64, plan);   // co-located
