@@ -96,8 +96,11 @@ struct SparseKv {
   DeviceBuffer index;             // [n_kv][capacity][channels] bf16 or fp8 codes, or 4-bit codes (gpu index)
   DeviceBuffer index_params;      // 4-bit index: zero and step per block and channel (sparse_int4_index_kernels.cuh)
   DeviceBuffer sel;               // [n_kv][top_k] int32
-  DeviceBuffer prev_sel;          // [n_kv][selected] int32: last step's (-1 before the first)
-  DeviceBuffer miss;              // [n_kv][selected] int32: this step's rows still to fetch
+  // The tier's selected rows as a slot pool (LaunchAssignSlots): the token
+  // each slot holds, and this step's fetches by slot; null when selected >
+  // kAssignSlotsMaxCount (then every step gathers all rows in order).
+  DeviceBuffer slot_tok;          // [n_kv][selected] int32 (-1 before the first step)
+  DeviceBuffer miss;              // [n_kv][selected] int32: the token each slot fetches, or -1
   // Plan refine: the Top-n_pool candidates of the speculation from the
   // previous layer's input, ascending; the final selection's picks in it.
   int n_pool = 0;
@@ -271,14 +274,14 @@ class CudaSequence final : public SequenceState {
   int32_t* window_len() const { return window_len_.as<int32_t>(); }
   int64_t device_bytes() const {
     int64_t b = scratch_.size() + attn_workspace_.size() + quant_workspace_.size() + window_len_.size() +
-                scores.size() + topk_ws.size() + q_mean.size() + reuse_stage.size() +
-                reuse_count.size() + spec_x.size();
+                scores.size() + topk_ws.size() + q_mean.size() + reuse_count.size() +
+                spec_x.size();
     for (const LayerKv& L : layers_) b += L.mem.size();
     for (const auto& sp : sparse) {
       if (sp == nullptr) continue;
       b += sp->max_abs.size() + sp->last_q_mean.size() + sp->chans.size() + sp->q_chan.size() +
            sp->index.size() + sp->index_params.size() + sp->sel.size() + sp->len.size() + sp->tier.size() +
-           sp->prev_sel.size() + sp->miss.size() + sp->pool.size() + sp->pool_pick.size();
+           sp->slot_tok.size() + sp->miss.size() + sp->pool.size() + sp->pool_pick.size();
     }
     return b;
   }
@@ -303,11 +306,9 @@ class CudaSequence final : public SequenceState {
   std::deque<kvhost::HostSlice> host_prealloc;  // taken in order by HostAlloc
   DeviceBuffer scores;        // [n_kv][capacity] f32
   DeviceBuffer topk_ws;
-  // Row reuse (CudaBackendOptions::sparse_row_reuse): last step's selected
-  // rows of the layer being selected, K | V each [n_kv][max selected][hd],
-  // and the rows reused so far (u64), with the steps that selected.
-  DeviceBuffer reuse_stage, reuse_count;
-  int reuse_stage_rows = 0;
+  // Row reuse (CudaBackendOptions::sparse_row_reuse): the rows reused so
+  // far (u64), with the steps that selected.
+  DeviceBuffer reuse_count;
   int64_t selecting_steps = 0;
   DeviceBuffer q_mean;        // [n_kv][head_dim] f32 (faithful)
   // Sparse layers with index "gpu": the speculative inputs that the side
@@ -913,7 +914,6 @@ int64_t CudaBackend::SequenceMemoryBytes(int prompt, int capacity, const runtime
   int64_t total = 0;
   size_t quant_ws = 0;
   bool any_window = false, any_sparse = false;
-  int64_t max_selected = 0;
   for (int l = 0; l < c.n_layers && l < static_cast<int>(plan.layers.size()); ++l) {
     const runtime::LayerKvPolicy& p = plan.layers[l];
     switch (p.kind) {
@@ -958,10 +958,7 @@ int64_t CudaBackend::SequenceMemoryBytes(int prompt, int capacity, const runtime
           const int64_t pool = std::min<int64_t>(candidates, static_cast<int64_t>(sp.refine) * sp.top_k);
           total += buf(n_kv * pool * 4) + buf(n_kv * selected * 4);
         }
-        if (options_.sparse_row_reuse && selected > 0) {
-          total += 2 * buf(n_kv * selected * 4);
-          max_selected = std::max(max_selected, selected);
-        }
+        if (selected > 0 && selected <= kAssignSlotsMaxCount) total += 2 * buf(n_kv * selected * 4);
         break;
       }
     }
@@ -974,7 +971,7 @@ int64_t CudaBackend::SequenceMemoryBytes(int prompt, int capacity, const runtime
   if (any_sparse) {
     total += buf(n_kv * cap * 4) + buf(static_cast<int64_t>(TopKWorkspaceBytes(c.n_kv_heads, capacity))) +
              buf(n_kv * hd * 4) + buf(2 * static_cast<int64_t>(c.n_layers) * c.hidden * bf);
-    if (options_.sparse_row_reuse) total += buf(2 * n_kv * max_selected * hd * bf) + buf(8);
+    if (options_.sparse_row_reuse) total += buf(8);
   }
   return total;
 }
@@ -1326,18 +1323,14 @@ absl::Status CudaBackend::EndSparsePrompt(CudaSequence& seq) {
       ASSIGN_OR_RETURN(sp.pool_pick, SeqAlloc(static_cast<size_t>(c.n_kv_heads) *
                                                             sp.selected * sizeof(int32_t)));
     }
-    if (options_.sparse_row_reuse && sp.selected > 0) {
+    // The slot pool runs with row reuse off too (it then fetches every
+    // slot's row), so the tier's bytes, and the logits, are the same both ways.
+    if (sp.selected > 0 && sp.selected <= kAssignSlotsMaxCount) {
       const size_t slots = static_cast<size_t>(c.n_kv_heads) * sp.selected;
-      ASSIGN_OR_RETURN(sp.prev_sel, SeqAlloc(slots * sizeof(int32_t)));
+      ASSIGN_OR_RETURN(sp.slot_tok, SeqAlloc(slots * sizeof(int32_t)));
       ASSIGN_OR_RETURN(sp.miss, SeqAlloc(slots * sizeof(int32_t)));
-      // Nothing selected yet: every row of the first step is fetched.
-      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sp.prev_sel.get(), 0xFF, sp.prev_sel.size(), s));
-      if (sp.selected > seq.reuse_stage_rows) {
-        seq.reuse_stage = DeviceBuffer();
-        ASSIGN_OR_RETURN(seq.reuse_stage,
-                         SeqAlloc(2 * slots * hd * sizeof(bf16)));
-        seq.reuse_stage_rows = sp.selected;
-      }
+      // Nothing held yet: every row of the first step is fetched.
+      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sp.slot_tok.get(), 0xFF, sp.slot_tok.size(), s));
     }
   }
   if (options_.sparse_row_reuse && seq.reuse_count.get() == nullptr) {
@@ -1429,30 +1422,20 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
   bf16* tk = sp.tier.as<bf16>();
   bf16* tv = tk + static_cast<int64_t>(c.n_kv_heads) * sp.tier_rows * c.head_dim;
   const int64_t tier_stride = static_cast<int64_t>(sp.tier_rows) * c.head_dim;
-  if (sp.prev_sel.get() == nullptr) {
+  if (sp.slot_tok.get() == nullptr) {
     return GatherHost(sp, cap, sp.sink, sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads,
                       c.head_dim, tk, tv, tier_stride, sp.kept(), s);
   }
-  // Row reuse: last step's selected rows out of the tier, those selected
-  // again copied back to their new slots, only the others fetched from the
-  // host; the tier ends up exactly as a full gather leaves it.
-  const size_t hd = c.head_dim, n = static_cast<size_t>(sp.selected);
-  const size_t width = n * hd * sizeof(bf16), pitch = sp.tier_rows * hd * sizeof(bf16);
-  bf16* stage_k = seq.reuse_stage.as<bf16>();
-  bf16* stage_v = stage_k + static_cast<size_t>(c.n_kv_heads) * n * hd;
-  CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(stage_k, width, tk + sp.kept() * hd, pitch, width,
-                                         c.n_kv_heads, cudaMemcpyDeviceToDevice, s));
-  CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(stage_v, width, tv + sp.kept() * hd, pitch, width,
-                                         c.n_kv_heads, cudaMemcpyDeviceToDevice, s));
-  RETURN_IF_ERROR(LaunchReuseSelectedRows(
-      sp.prev_sel.as<int32_t>(), sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads, c.head_dim,
-      stage_k, stage_v, static_cast<int64_t>(n * hd), tk, tv, tier_stride, sp.kept(),
-      sp.miss.as<int32_t>(), count_reuse ? seq.reuse_count.as<unsigned long long>() : nullptr, s));
-  RETURN_IF_ERROR(GatherHost(sp, cap, sp.sink, sp.miss.as<int32_t>(), sp.selected, c.n_kv_heads,
-                             c.head_dim, tk, tv, tier_stride, sp.kept(), s));
-  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sp.prev_sel.get(), sp.sel.get(), sp.prev_sel.size(),
-                                       cudaMemcpyDeviceToDevice, s));
-  return absl::OkStatus();
+  // Slot pool: a row selected again stays in its slot; the new ones take the
+  // freed slots. Row reuse fetches only those; without it every slot's row
+  // is fetched again (the same bytes end up in the tier either way).
+  const bool reuse = options_.sparse_row_reuse;
+  RETURN_IF_ERROR(LaunchAssignSlots(
+      sp.slot_tok.as<int32_t>(), sp.sel.as<int32_t>(), sp.selected, c.n_kv_heads,
+      sp.miss.as<int32_t>(), reuse && count_reuse ? seq.reuse_count.as<unsigned long long>() : nullptr,
+      s));
+  return GatherHost(sp, cap, sp.sink, reuse ? sp.miss.as<int32_t>() : sp.slot_tok.as<int32_t>(),
+                    sp.selected, c.n_kv_heads, c.head_dim, tk, tv, tier_stride, sp.kept(), s);
 }
 
 absl::Status CudaBackend::EnqueueSpeculativeSelection(const SeqSlot& slot, int target,

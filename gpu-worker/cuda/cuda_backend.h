@@ -17,7 +17,8 @@
 // selected and generated rows; a prefill chunk's history comes back from
 // the host tier by DMA on a copy stream (prefill_prefetch), a decode step
 // selects (on a side stream for index "gpu") and gathers its Top-K rows
-// (reusing rows selected the step before with sparse_row_reuse).
+// into a slot pool (rows selected the step before stay in their slots and
+// are not fetched again with sparse_row_reuse).
 //
 // Prefill runs in chunks of at most `max_prefill_chunk` tokens with the
 // flash-attention kernel. Decode (one token) is captured as a CUDA graph the
@@ -81,9 +82,10 @@ struct CudaBackendOptions {
   // tier) is copied back into the scratch by DMA on a copy stream while the
   // layers before it compute (false: in line, for measuring the overlap).
   bool prefill_prefetch = true;
-  // Sparse decode: a row selected again at the next step is copied on the
-  // device from where the tier already holds it instead of crossing PCIe
-  // again (the tier's contents are the same either way, so are the logits).
+  // Sparse decode: a row selected again at the next step stays in its slot
+  // of the tier (a slot pool, LaunchAssignSlots) instead of crossing PCIe
+  // again; only the new rows are fetched, into the freed slots (the tier's
+  // contents are the same either way, so are the logits).
   // SmolLM2 reselects 81% of Top-896 rows from one step to the next
   // (tkv_selection_locality); 8B shape at 128k, H100: 9.83 -> 8.20 ms a
   // token with 75% of rows reused (docs/results.md).

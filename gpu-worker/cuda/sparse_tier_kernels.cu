@@ -1,6 +1,7 @@
 #include "cuda/sparse_tier_kernels.cuh"
 
 #include <algorithm>
+#include <cub/block/block_scan.cuh>
 #include <cstdint>
 #include <utility>
 
@@ -180,50 +181,94 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One warp per selected slot (h, i): every lane runs the same binary search
-// over prev's row (broadcast loads; -1 ranks above every position, so the
-// row is non-decreasing), then the lanes copy the K and V halves of a hit.
-__global__ void __launch_bounds__(kThreads)
-    ReuseRowsKernel(const int32_t* __restrict__ prev, const int32_t* __restrict__ next, int count,
-                    int64_t total, int cpr, const uint4* __restrict__ old_k,
-                    const uint4* __restrict__ old_v, int64_t old_head_stride16,
-                    uint4* __restrict__ dst_k, uint4* __restrict__ dst_v,
-                    int64_t dst_head_stride16, int dst_first, int32_t* __restrict__ miss,
-                    unsigned long long* reused) {
-  const int lane = threadIdx.x & 31;
-  const int64_t nwarps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
-  unsigned long long hits = 0;
-  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; r < total;
-       r += nwarps) {
-    const int64_t h = r / count;
-    const int64_t i = r - h * count;
-    const int32_t p = next[r];
-    int j = -1;
-    if (p >= 0) {
-      const int32_t* row = prev + h * count;
-      int lo = 0, hi = count;
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        const int32_t x = row[mid];
-        if (x >= 0 && x < p) {
-          lo = mid + 1;
+// Slot pool, one block per KV head (runtime::AssignSlots). Thread t owns
+// slots [t * per, (t + 1) * per) and selection entries likewise, so block
+// scans over per-thread counts rank freed slots and fresh tokens in
+// ascending order, as the reference pairs them.
+constexpr int kSlotThreads = 1024;
+constexpr int kSlotsPerThread = kAssignSlotsMaxCount / kSlotThreads;
+__global__ void __launch_bounds__(kSlotThreads)
+    AssignSlotsKernel(int32_t* __restrict__ slot_tok, const int32_t* __restrict__ next, int count,
+                      int32_t* __restrict__ miss, unsigned long long* reused) {
+  using Scan = cub::BlockScan<int, kSlotThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  extern __shared__ int32_t smem[];
+  int32_t* nx = smem;                                                    // [count] next
+  int32_t* freed = smem + count;                                         // [count] by rank
+  unsigned char* held = reinterpret_cast<unsigned char*>(freed + count);  // [count]
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * count;
+  int32_t* st = slot_tok + base;
+  int32_t* ms = miss + base;
+  for (int i = threadIdx.x; i < count; i += kSlotThreads) {
+    nx[i] = next[base + i];
+    held[i] = 0;
+  }
+  __syncthreads();
+  // Entries >= 0 come first: the valid prefix ends at the first -1.
+  int lo = 0, hi = count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (nx[mid] >= 0) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  const int n_valid = lo;
+  const int per = (count + kSlotThreads - 1) / kSlotThreads;
+  const int first = threadIdx.x * per, last = min(count, first + per);
+  bool keep[kSlotsPerThread];
+  int n_free = 0, n_keep = 0;
+#pragma unroll
+  for (int k = 0; k < kSlotsPerThread; ++k) {
+    const int s = first + k;
+    keep[k] = false;
+    if (k >= per || s >= last) continue;
+    const int32_t u = st[s];
+    if (u >= 0) {
+      int a = 0, b = n_valid;
+      while (a < b) {
+        const int mid = (a + b) / 2;
+        if (nx[mid] < u) {
+          a = mid + 1;
         } else {
-          hi = mid;
+          b = mid;
         }
       }
-      if (lo < count && row[lo] == p) j = lo;
+      if (a < n_valid && nx[a] == u) {
+        keep[k] = true;
+        held[a] = 1;
+      }
     }
-    if (lane == 0) miss[r] = (p >= 0 && j < 0) ? p : -1;
-    if (j < 0) continue;
-    const int64_t src = h * old_head_stride16 + static_cast<int64_t>(j) * cpr;
-    const int64_t dst = h * dst_head_stride16 + (dst_first + i) * cpr;
-    for (int c = lane; c < cpr; c += 32) {
-      dst_k[dst + c] = old_k[src + c];
-      dst_v[dst + c] = old_v[src + c];
+    ms[s] = -1;
+    if (keep[k]) {
+      ++n_keep;
+    } else {
+      st[s] = -1;  // overwritten below when a fresh token takes it
+      ++n_free;
     }
-    ++hits;
   }
-  if (reused != nullptr && lane == 0 && hits > 0) atomicAdd(reused, hits);
+  int rank = 0;
+  Scan(scan).ExclusiveSum(n_free, rank);
+#pragma unroll
+  for (int k = 0; k < kSlotsPerThread; ++k) {
+    const int s = first + k;
+    if (k < per && s < last && !keep[k]) freed[rank++] = s;
+  }
+  __syncthreads();  // freed and held complete; scan storage free again
+  int n_fresh = 0;
+  for (int j = first; j < last; ++j) n_fresh += (j < n_valid && !held[j]) ? 1 : 0;
+  Scan(scan).ExclusiveSum(n_fresh, rank);
+  for (int j = first; j < last; ++j) {
+    if (j >= n_valid || held[j]) continue;
+    const int s = freed[rank++];
+    st[s] = nx[j];
+    ms[s] = nx[j];
+  }
+  if (reused != nullptr) {
+    const unsigned sum = __reduce_add_sync(0xffffffffu, static_cast<unsigned>(n_keep));
+    if ((threadIdx.x & 31) == 0 && sum > 0) atomicAdd(reused, static_cast<unsigned long long>(sum));
+  }
 }
 
 // Block (slice of rows, head). Thread = one 8-channel chunk and one row
@@ -388,45 +433,26 @@ absl::Status LaunchGatherKvRows(const __nv_bfloat16* host, int64_t host_rows, in
   return absl::OkStatus();
 }
 
-absl::Status LaunchReuseSelectedRows(const int32_t* prev, const int32_t* next, int count, int n_kv,
-                                     int head_dim, const __nv_bfloat16* old_k,
-                                     const __nv_bfloat16* old_v, int64_t old_head_stride,
-                                     __nv_bfloat16* dst_k, __nv_bfloat16* dst_v,
-                                     int64_t dst_head_stride, int dst_first, int32_t* miss,
-                                     unsigned long long* reused, cudaStream_t stream) {
-  constexpr const char* kFn = "LaunchReuseSelectedRows";
-  if (absl::Status s = CheckShape(kFn, n_kv, head_dim); !s.ok()) return s;
-  if (count < 0) return Bad(kFn, "count = ", count, " < 0");
-  if (dst_first < 0) return Bad(kFn, "dst_first = ", dst_first, " < 0");
-  if (absl::Status s = CheckStride(kFn, "old_head_stride", old_head_stride, count, head_dim);
-      !s.ok()) {
-    return s;
-  }
-  if (absl::Status s = CheckStride(kFn, "dst_head_stride", dst_head_stride,
-                                   static_cast<int64_t>(dst_first) + count, head_dim);
-      !s.ok()) {
-    return s;
+absl::Status LaunchAssignSlots(int32_t* slot_tok, const int32_t* next, int count, int n_kv,
+                               int32_t* miss, unsigned long long* reused, cudaStream_t stream) {
+  constexpr const char* kFn = "LaunchAssignSlots";
+  if (n_kv < 1) return Bad(kFn, "n_kv = ", n_kv, " < 1");
+  if (count < 0 || count > kAssignSlotsMaxCount) {
+    return Bad(kFn, "count = ", count, " outside [0, ", kAssignSlotsMaxCount, "]");
   }
   if (count == 0) return absl::OkStatus();
-  for (const auto& [p, field] : {std::pair<const void*, const char*>{prev, "prev"}, {next, "next"},
-                                 {miss, "miss"}}) {
+  for (const auto& [p, field] : {std::pair<const void*, const char*>{slot_tok, "slot_tok"},
+                                 {next, "next"}, {miss, "miss"}}) {
     if (absl::Status s = CheckPtr(kFn, field, p, /*need_align16=*/false); !s.ok()) return s;
   }
-  for (const auto& [p, field] : {std::pair<const void*, const char*>{old_k, "old_k"},
-                                 {old_v, "old_v"}, {dst_k, "dst_k"}, {dst_v, "dst_v"}}) {
-    if (absl::Status s = CheckPtr(kFn, field, p); !s.ok()) return s;
-  }
-  const int cpr = head_dim / 8;
-  const int64_t total = static_cast<int64_t>(n_kv) * count;
-  const int64_t warps_per_block = kThreads / 32;
-  const int blocks = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>((total + warps_per_block - 1) / warps_per_block,
-                           static_cast<int64_t>(DeviceSmCount()) * 8)));
-  ReuseRowsKernel<<<blocks, kThreads, 0, stream>>>(
-      prev, next, count, total, cpr, reinterpret_cast<const uint4*>(old_k),
-      reinterpret_cast<const uint4*>(old_v), old_head_stride / 8, reinterpret_cast<uint4*>(dst_k),
-      reinterpret_cast<uint4*>(dst_v), dst_head_stride / 8, dst_first, miss, reused);
-  CUDA_RETURN_IF_LAUNCH_FAILED("ReuseRowsKernel");
+  const size_t smem = static_cast<size_t>(count) * (2 * sizeof(int32_t) + 1);
+  // Above 48 KiB a kernel must opt in; once per process is enough.
+  static const cudaError_t opt_in = cudaFuncSetAttribute(
+      AssignSlotsKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(static_cast<size_t>(kAssignSlotsMaxCount) * (2 * sizeof(int32_t) + 1)));
+  CUDA_RETURN_IF_ERROR(opt_in);
+  AssignSlotsKernel<<<n_kv, kSlotThreads, smem, stream>>>(slot_tok, next, count, miss, reused);
+  CUDA_RETURN_IF_LAUNCH_FAILED("AssignSlotsKernel");
   return absl::OkStatus();
 }
 

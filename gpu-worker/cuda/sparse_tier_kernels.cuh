@@ -54,23 +54,22 @@ absl::Status LaunchGatherKvRows(const __nv_bfloat16* host, int64_t host_rows, in
                                 __nv_bfloat16* dst_k, __nv_bfloat16* dst_v, int64_t dst_head_stride,
                                 int dst_first, cudaStream_t stream);
 
-// Row reuse between decode steps (runtime/sparse_reference.h,
-// ReuseSelectedRows, per KV head): prev / next are [n_kv][count] selections
-// (per head: entries >= 0 ascending, then any -1, as LaunchTopK writes
-// them); old_k / old_v hold last step's selected rows, row j of head h at
-// element (h * old_head_stride + j * head_dim). For next[h][i] == prev[h][j]:
-// dst_k / dst_v row (dst_first + i) of head h = old row j of head h and
-// miss[h * count + i] = -1; otherwise miss[...] = next[h][i] (-1 for an empty
-// slot) and the row is untouched, so LaunchGatherKvRows(..., idx = miss,
-// ...) then fetches only what was not selected last step. When `reused` is
-// not null, the number of rows reused is added to it (statistics). old_* and
-// dst_* must not overlap; miss must not alias prev or next. Graph-capturable.
-absl::Status LaunchReuseSelectedRows(const int32_t* prev, const int32_t* next, int count, int n_kv,
-                                     int head_dim, const __nv_bfloat16* old_k,
-                                     const __nv_bfloat16* old_v, int64_t old_head_stride,
-                                     __nv_bfloat16* dst_k, __nv_bfloat16* dst_v,
-                                     int64_t dst_head_stride, int dst_first, int32_t* miss,
-                                     unsigned long long* reused, cudaStream_t stream);
+// Largest count LaunchAssignSlots takes (its block keeps a head's
+// selection in shared memory).
+inline constexpr int kAssignSlotsMaxCount = 8192;
+
+// Row reuse between decode steps as a slot pool (runtime::AssignSlots per KV
+// head): slot_tok and next are [n_kv][count]; per head, slots whose token is
+// selected again keep it, the tokens of `next` that no slot holds take the
+// freed slots (both ascending), miss[h * count + s] = the token slot s must
+// fetch (-1: keep), and slot_tok is updated (-1 for a freed slot left
+// over). LaunchGatherKvRows(..., idx = miss, ...) then fetches only the new
+// rows into their slots, and no row moves on the device. When `reused` is
+// not null, the slots kept are added to it (statistics). miss must not
+// alias slot_tok or next. One block per head; graph-capturable.
+// Errors: n_kv < 1, count outside [0, kAssignSlotsMaxCount], null pointers.
+absl::Status LaunchAssignSlots(int32_t* slot_tok, const int32_t* next, int count, int n_kv,
+                               int32_t* miss, unsigned long long* reused, cudaStream_t stream);
 
 // max_abs[h * head_dim + c] = max(max_abs[...], |k row r of head h, channel
 // c|) over r in [first, first + n) (fp32; NaN elements are ignored, as in

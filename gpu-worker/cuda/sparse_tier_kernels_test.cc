@@ -588,18 +588,21 @@ void ExpectBad(const absl::Status& s, const std::string& want) {
       << "message '" << s.message() << "' does not contain '" << want << "'";
 }
 
-// Row reuse: LaunchReuseSelectedRows then LaunchGatherKvRows over its misses
-// fills the destination exactly as one gather of the new selection does,
-// the rows selected again come from the old rows (their host rows are
-// poisoned before the gather, so a row read from the host would show), the
-// miss list and the count match runtime::ReuseSelectedRows. Cases: -1 tails
-// in prev and next, odd counts, head_dim 64 / 128, a decode-sized 8 x 896.
-TEST_F(SparseTierKernelsTest, ReuseThenGatherMissesEqualsAFullGather) {
+// Slot pool: LaunchAssignSlots then LaunchGatherKvRows over its misses
+// matches runtime::AssignSlots (miss list, slots, count) and leaves every
+// slot holding the host row of its token; kept slots' host rows are
+// poisoned before the gather, so a row fetched again would show, and a
+// freed slot left over keeps its old bytes. Per head the slots end up
+// holding exactly the new selection. Cases: slots in no order, -1 in slots
+// and in next's tail, odd counts, head_dim 64 / 128, a decode-sized 8 x 896
+// and the largest count.
+TEST_F(SparseTierKernelsTest, AssignSlotsThenGatherMissesHoldsTheSelection) {
   struct Case {
-    int n_kv, count, hd, host_rows, prev_empty, next_empty;
+    int n_kv, count, hd, host_rows, slots_empty, next_empty;
   };
-  const Case cases[] = {{3, 7, 64, 40, 0, 0}, {2, 33, 128, 70, 3, 2}, {8, 896, 128, 5000, 0, 0},
-                        {1, 5, 64, 9, 5, 0}};
+  const Case cases[] = {{3, 7, 64, 40, 0, 0},     {2, 33, 128, 70, 3, 2},
+                        {8, 896, 128, 5000, 0, 0}, {1, 5, 64, 9, 5, 0},
+                        {2, 1001, 64, 3000, 0, 40}, {1, kAssignSlotsMaxCount, 64, 20000, 7, 0}};
   uint32_t seed = 71;
   for (const Case& c : cases) {
     SCOPED_TRACE(::testing::Message() << "n_kv " << c.n_kv << " count " << c.count << " hd " << c.hd);
@@ -607,8 +610,7 @@ TEST_F(SparseTierKernelsTest, ReuseThenGatherMissesEqualsAFullGather) {
     const int hd = c.hd, dst_first = 5;
     const int64_t row = 2 * hd;  // host row: K | V
     Bits host = RandBits(static_cast<size_t>(c.n_kv) * c.host_rows * row, rng);
-    std::vector<int32_t> prev(static_cast<size_t>(c.n_kv) * c.count),
-        next(prev.size());
+    std::vector<int32_t> slots(static_cast<size_t>(c.n_kv) * c.count), next(slots.size());
     auto draw = [&](int from, int to) {
       return std::min(to - 1, from + static_cast<int>(rng.Uniform(0.0f, 1.0f) * (to - from)));
     };
@@ -616,86 +618,86 @@ TEST_F(SparseTierKernelsTest, ReuseThenGatherMissesEqualsAFullGather) {
       std::vector<int32_t> pos(c.host_rows);
       for (int p = 0; p < c.host_rows; ++p) pos[p] = p;
       for (int i = 0; i < c.host_rows; ++i) std::swap(pos[i], pos[draw(i, c.host_rows)]);
-      // prev: the first `count` of a shuffle; next keeps ~60% of them.
+      // Slots: the first `count` of a shuffle, in shuffled order; next keeps
+      // ~60% of them.
       std::vector<int32_t> a(pos.begin(), pos.begin() + c.count), b;
+      for (int i = 0; i < c.slots_empty; ++i) a[draw(0, c.count)] = -1;
       int fresh = c.count;
-      for (int32_t p : a) b.push_back(rng.Uniform(0.0f, 1.0f) < 0.6f ? p : pos[fresh++ % c.host_rows]);
-      std::sort(a.begin(), a.end());
+      for (int32_t p : a) {
+        if (p >= 0) b.push_back(rng.Uniform(0.0f, 1.0f) < 0.6f ? p : pos[fresh++ % c.host_rows]);
+      }
+      while (static_cast<int>(b.size()) < c.count) b.push_back(pos[fresh++ % c.host_rows]);
       std::sort(b.begin(), b.end());
       b.erase(std::unique(b.begin(), b.end()), b.end());
       while (static_cast<int>(b.size()) < c.count) b.push_back(-1);
-      for (int i = 0; i < c.prev_empty; ++i) a[c.count - 1 - i] = -1;
       for (int i = 0; i < c.next_empty; ++i) b[c.count - 1 - i] = -1;
-      std::copy(a.begin(), a.end(), prev.begin() + static_cast<int64_t>(h) * c.count);
+      std::copy(a.begin(), a.end(), slots.begin() + static_cast<int64_t>(h) * c.count);
       std::copy(b.begin(), b.end(), next.begin() + static_cast<int64_t>(h) * c.count);
     }
-    // Old rows: what the tier held for prev (random where prev is empty).
-    const int64_t old_hs = static_cast<int64_t>(c.count) * hd;
-    Bits old_k = RandBits(c.n_kv * old_hs, rng), old_v = RandBits(c.n_kv * old_hs, rng);
-    for (int h = 0; h < c.n_kv; ++h) {
-      for (int j = 0; j < c.count; ++j) {
-        const int32_t p = prev[h * c.count + j];
-        if (p < 0) continue;
-        const uint16_t* src = &host[(static_cast<int64_t>(h) * c.host_rows + p) * row];
-        std::copy_n(src, hd, &old_k[h * old_hs + static_cast<int64_t>(j) * hd]);
-        std::copy_n(src + hd, hd, &old_v[h * old_hs + static_cast<int64_t>(j) * hd]);
-      }
-    }
-    // Expected: one gather of next from the clean host rows.
+    // The tier before: each slot's host row (random where the slot is empty).
     const int64_t dst_hs = static_cast<int64_t>(dst_first + c.count + 3) * hd;
-    const Bits poison(static_cast<size_t>(c.n_kv) * dst_hs, kPoison);
-    Bits want_k = poison, want_v = poison;
+    Bits tier_k = RandBits(static_cast<size_t>(c.n_kv) * dst_hs, rng), tier_v = tier_k;
+    auto host_row = [&](int h, int32_t p) {
+      return &host[(static_cast<int64_t>(h) * c.host_rows + p) * row];
+    };
+    auto put = [&](Bits& k, Bits& v, int h, int s, int32_t p) {
+      const int64_t at = h * dst_hs + static_cast<int64_t>(dst_first + s) * hd;
+      std::copy_n(host_row(h, p), hd, &k[at]);
+      std::copy_n(host_row(h, p) + hd, hd, &v[at]);
+    };
     for (int h = 0; h < c.n_kv; ++h) {
-      for (int i = 0; i < c.count; ++i) {
-        const int32_t p = next[h * c.count + i];
-        if (p < 0) continue;
-        const uint16_t* src = &host[(static_cast<int64_t>(h) * c.host_rows + p) * row];
-        std::copy_n(src, hd, &want_k[h * dst_hs + static_cast<int64_t>(dst_first + i) * hd]);
-        std::copy_n(src + hd, hd, &want_v[h * dst_hs + static_cast<int64_t>(dst_first + i) * hd]);
+      for (int sl = 0; sl < c.count; ++sl) {
+        if (slots[h * c.count + sl] >= 0) put(tier_k, tier_v, h, sl, slots[h * c.count + sl]);
       }
     }
-    // Reference miss list and count; then poison the host rows of the hits.
-    std::vector<int32_t> want_miss(next.size());
+    // Reference: slots, misses, count; the tier after = before + the misses.
+    std::vector<int32_t> want_slots = slots, want_miss(slots.size());
     int want_reused = 0;
+    Bits want_k = tier_k, want_v = tier_v;
     for (int h = 0; h < c.n_kv; ++h) {
-      Bits scratch(static_cast<size_t>(c.count) * hd);
-      auto n = runtime::ReuseSelectedRows(&prev[h * c.count], &next[h * c.count], c.count,
-                                          &old_k[h * old_hs], hd * 2, scratch.data(),
-                                          &want_miss[h * c.count]);
+      auto n = runtime::AssignSlots(&want_slots[h * c.count], &next[h * c.count], c.count,
+                                    &want_miss[h * c.count]);
       ASSERT_TRUE(n.ok()) << n.status();
       want_reused += *n;
+      for (int sl = 0; sl < c.count; ++sl) {
+        if (want_miss[h * c.count + sl] >= 0) put(want_k, want_v, h, sl, want_miss[h * c.count + sl]);
+      }
+      // The slots hold exactly the selection.
+      std::vector<int32_t> held, sel;
       for (int i = 0; i < c.count; ++i) {
-        const int32_t p = next[h * c.count + i];
-        if (p >= 0 && want_miss[h * c.count + i] < 0) {
-          std::fill_n(&host[(static_cast<int64_t>(h) * c.host_rows + p) * row], row, kPoison);
-        }
+        if (want_slots[h * c.count + i] >= 0) held.push_back(want_slots[h * c.count + i]);
+        if (next[h * c.count + i] >= 0) sel.push_back(next[h * c.count + i]);
+      }
+      std::sort(held.begin(), held.end());
+      ASSERT_EQ(held, sel) << "head " << h;
+    }
+    ASSERT_GT(want_reused, 0) << "the case must reuse something";
+    // Poison the host rows of the kept tokens: they must not be read.
+    for (int h = 0; h < c.n_kv; ++h) {
+      for (int sl = 0; sl < c.count; ++sl) {
+        const int32_t p = want_slots[h * c.count + sl];
+        if (p >= 0 && want_miss[h * c.count + sl] < 0) std::fill_n(host_row(h, p), row, kPoison);
       }
     }
-    if (c.prev_empty < c.count) {
-      ASSERT_GT(want_reused, 0) << "the case must reuse something";
-    }
-    absl::StatusOr<DeviceBuffer> d_host = Upload(host), d_prev = Upload(prev), d_next = Upload(next),
-                                 d_old_k = Upload(old_k), d_old_v = Upload(old_v),
-                                 dk = Upload(poison), dv = Upload(poison),
+    absl::StatusOr<DeviceBuffer> d_host = Upload(host), d_slots = Upload(slots), d_next = Upload(next),
+                                 dk = Upload(tier_k), dv = Upload(tier_v),
                                  d_miss = Upload(std::vector<int32_t>(next.size(), 12345)),
                                  d_count = Upload(std::vector<unsigned long long>(1, 0));
-    ASSERT_TRUE(d_host.ok() && d_prev.ok() && d_next.ok() && d_old_k.ok() && d_old_v.ok() &&
-                dk.ok() && dv.ok() && d_miss.ok() && d_count.ok());
-    absl::Status st = LaunchReuseSelectedRows(
-        d_prev->as<int32_t>(), d_next->as<int32_t>(), c.count, c.n_kv, hd, Bf(*d_old_k),
-        Bf(*d_old_v), old_hs, Bf(*dk), Bf(*dv), dst_hs, dst_first, d_miss->as<int32_t>(),
-        d_count->as<unsigned long long>(), nullptr);
+    ASSERT_TRUE(d_host.ok() && d_slots.ok() && d_next.ok() && dk.ok() && dv.ok() && d_miss.ok() &&
+                d_count.ok());
+    absl::Status st = LaunchAssignSlots(d_slots->as<int32_t>(), d_next->as<int32_t>(), c.count, c.n_kv,
+                                        d_miss->as<int32_t>(), d_count->as<unsigned long long>(), nullptr);
     ASSERT_TRUE(st.ok()) << st;
     st = LaunchGatherKvRows(Bf(*d_host), c.host_rows, 0, d_miss->as<int32_t>(), c.count, c.n_kv, hd,
                             Bf(*dk), Bf(*dv), dst_hs, dst_first, nullptr);
     ASSERT_TRUE(st.ok()) << st;
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const auto miss = Download<int32_t>(*d_miss, next.size());
-    EXPECT_EQ(miss, want_miss);
+    EXPECT_EQ(Download<int32_t>(*d_miss, next.size()), want_miss);
+    EXPECT_EQ(Download<int32_t>(*d_slots, slots.size()), want_slots);
     EXPECT_EQ(Download<unsigned long long>(*d_count, 1)[0], static_cast<unsigned long long>(want_reused));
-    const Bits got_k = Download<uint16_t>(*dk, poison.size()), got_v = Download<uint16_t>(*dv, poison.size());
-    ExpectSame(got_k.data(), want_k.data(), want_k.size(), "dst_k");
-    ExpectSame(got_v.data(), want_v.data(), want_v.size(), "dst_v");
+    const Bits got_k = Download<uint16_t>(*dk, want_k.size()), got_v = Download<uint16_t>(*dv, want_v.size());
+    ExpectSame(got_k.data(), want_k.data(), want_k.size(), "tier k");
+    ExpectSame(got_v.data(), want_v.data(), want_v.size(), "tier v");
   }
 }
 
@@ -759,26 +761,16 @@ TEST(SparseTierKernelsArgs, BadArgumentsNameTheField) {
   ExpectBad(LaunchGatherKvRows(odd, 64, 0, idx, 4, 2, 128, p, p, hs, 0, nullptr), "LaunchGatherKvRows: host is not 16-byte");
   EXPECT_TRUE(LaunchGatherKvRows(nullptr, 64, 0, nullptr, 0, 2, 128, nullptr, nullptr, hs, 0, nullptr).ok());
 
-  // LaunchReuseSelectedRows(prev, next, count, n_kv, head_dim, old_k, old_v, old_head_stride,
-  //                         dst_k, dst_v, dst_head_stride, dst_first, miss, reused, stream)
-  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, -1, 2, 128, p, p, hs, p, p, hs, 0, idx + 8, nullptr, nullptr),
-            "LaunchReuseSelectedRows: count");
-  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 0, 128, p, p, hs, p, p, hs, 0, idx + 8, nullptr, nullptr),
-            "LaunchReuseSelectedRows: n_kv");
-  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, p, p, 100, p, p, hs, 0, idx + 8, nullptr, nullptr),
-            "LaunchReuseSelectedRows: old_head_stride");
-  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, p, p, hs, p, p, hs, 61, idx + 8, nullptr, nullptr),
-            "LaunchReuseSelectedRows: dst_head_stride");
-  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, p, p, hs, p, p, hs, -1, idx + 8, nullptr, nullptr),
-            "LaunchReuseSelectedRows: dst_first");
-  ExpectBad(LaunchReuseSelectedRows(nullptr, idx + 4, 4, 2, 128, p, p, hs, p, p, hs, 0, idx + 8, nullptr, nullptr),
-            "LaunchReuseSelectedRows: prev is null");
-  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, p, p, hs, p, p, hs, 0, nullptr, nullptr, nullptr),
-            "LaunchReuseSelectedRows: miss is null");
-  ExpectBad(LaunchReuseSelectedRows(idx, idx + 4, 4, 2, 128, odd, p, hs, p, p, hs, 0, idx + 8, nullptr, nullptr),
-            "LaunchReuseSelectedRows: old_k is not 16-byte");
-  EXPECT_TRUE(LaunchReuseSelectedRows(nullptr, nullptr, 0, 2, 128, nullptr, nullptr, hs, nullptr, nullptr, hs, 0,
-                                      nullptr, nullptr, nullptr).ok());
+  // LaunchAssignSlots(slot_tok, next, count, n_kv, miss, reused, stream)
+  ExpectBad(LaunchAssignSlots(idx, idx + 4, 4, 0, idx + 8, nullptr, nullptr), "LaunchAssignSlots: n_kv");
+  ExpectBad(LaunchAssignSlots(idx, idx + 4, -1, 2, idx + 8, nullptr, nullptr), "LaunchAssignSlots: count");
+  ExpectBad(LaunchAssignSlots(idx, idx + 4, kAssignSlotsMaxCount + 1, 2, idx + 8, nullptr, nullptr),
+            "LaunchAssignSlots: count");
+  ExpectBad(LaunchAssignSlots(nullptr, idx + 4, 4, 2, idx + 8, nullptr, nullptr),
+            "LaunchAssignSlots: slot_tok is null");
+  ExpectBad(LaunchAssignSlots(idx, nullptr, 4, 2, idx + 8, nullptr, nullptr), "LaunchAssignSlots: next is null");
+  ExpectBad(LaunchAssignSlots(idx, idx + 4, 4, 2, nullptr, nullptr, nullptr), "LaunchAssignSlots: miss is null");
+  EXPECT_TRUE(LaunchAssignSlots(nullptr, nullptr, 0, 2, nullptr, nullptr, nullptr).ok());
 
   // LaunchMaxAbsUpdate(k, head_stride, first, n, n_kv, head_dim, max_abs, stream)
   ExpectBad(LaunchMaxAbsUpdate(p, hs, 0, 4, 2, 128, nullptr, nullptr), "LaunchMaxAbsUpdate: max_abs is null");

@@ -66,35 +66,36 @@ absl::Status GatherRows(const void* src, int64_t src_rows, int64_t row_bytes, co
   return absl::OkStatus();
 }
 
-absl::StatusOr<int> ReuseSelectedRows(const int32_t* prev, const int32_t* next, int count,
-                                      const void* old_rows, int64_t row_bytes, void* dst,
-                                      int32_t* miss) {
-  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("ReuseSelectedRows: count = ", count, " < 0"));
-  if (row_bytes < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("ReuseSelectedRows: row_bytes = ", row_bytes, " < 0"));
-  }
+absl::StatusOr<int> AssignSlots(int32_t* slot_tok, const int32_t* next, int count, int32_t* miss) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat("AssignSlots: count = ", count, " < 0"));
   if (count == 0) return 0;
-  for (const auto& [p, name] : {std::pair<const void*, const char*>{prev, "prev"}, {next, "next"},
-                                {old_rows, "old_rows"}, {dst, "dst"}, {miss, "miss"}}) {
-    if (p == nullptr) return absl::InvalidArgumentError(absl::StrCat("ReuseSelectedRows: ", name, " is null"));
+  for (const auto& [p, name] : {std::pair<const void*, const char*>{slot_tok, "slot_tok"},
+                                {next, "next"}, {miss, "miss"}}) {
+    if (p == nullptr) return absl::InvalidArgumentError(absl::StrCat("AssignSlots: ", name, " is null"));
   }
-  const auto* old = static_cast<const unsigned char*>(old_rows);
-  auto* d = static_cast<unsigned char*>(dst);
-  int reused = 0;
-  for (int i = 0; i < count; ++i) {
-    miss[i] = -1;
-    if (next[i] < 0) continue;
-    int j = 0;
-    while (j < count && prev[j] != next[i]) ++j;  // linear: the reference, not the fast path
-    if (j == count) {
-      miss[i] = next[i];
-      continue;
+  // Linear searches: the reference, not the fast path.
+  auto in = [](const int32_t* a, int n, int32_t v) { return std::find(a, a + n, v) != a + n; };
+  std::vector<int> freed;
+  int kept = 0;
+  for (int s = 0; s < count; ++s) {
+    miss[s] = -1;
+    if (slot_tok[s] >= 0 && in(next, count, slot_tok[s])) {
+      ++kept;
+    } else {
+      freed.push_back(s);
     }
-    std::memcpy(d + static_cast<int64_t>(i) * row_bytes, old + static_cast<int64_t>(j) * row_bytes,
-                static_cast<size_t>(row_bytes));
-    ++reused;
   }
-  return reused;
+  std::vector<int32_t> fresh;
+  for (int i = 0; i < count; ++i) {
+    if (next[i] >= 0 && !in(slot_tok, count, next[i])) fresh.push_back(next[i]);
+  }
+  // Each kept slot holds one token of `next`, so the fresh ones fit.
+  for (size_t r = 0; r < freed.size(); ++r) {
+    const int s = freed[r];
+    slot_tok[s] = r < fresh.size() ? fresh[r] : -1;
+    miss[s] = r < fresh.size() ? fresh[r] : -1;
+  }
+  return kept;
 }
 
 }  // namespace tailorkv::runtime

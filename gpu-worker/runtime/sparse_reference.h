@@ -47,21 +47,20 @@ void MapThroughPool(const int32_t* idx, int k, const int32_t* pool, int n_pool, 
 absl::Status GatherRows(const void* src, int64_t src_rows, int64_t row_bytes, const int32_t* idx,
                         int count, void* dst);
 
-// Row reuse between consecutive decode steps of one KV head (the CUDA
-// backend's device tier keeps last step's selected rows; a position selected
-// again is copied on the device instead of crossing PCIe again). `prev` and
-// `next` are last and this step's selections (count entries each: entries
-// >= 0 ascending, then any -1 = empty slots, as LaunchTopK writes them);
-// `old_rows` holds row j for prev[j]
-// (row_bytes each). For each i with next[i] >= 0: when next[i] == prev[j]
-// for some j, dst row i = old_rows row j and miss[i] = -1; otherwise dst row
-// i is left untouched and miss[i] = next[i] (what the host gather must
-// still fetch). Entries with next[i] < 0 give miss[i] = -1. Returns the
-// number of rows reused. Errors name the field: negative sizes, null
-// pointers (count > 0).
-absl::StatusOr<int> ReuseSelectedRows(const int32_t* prev, const int32_t* next, int count,
-                                      const void* old_rows, int64_t row_bytes, void* dst,
-                                      int32_t* miss);
+// Row reuse between consecutive decode steps of one KV head, as a slot
+// pool: the CUDA backend's device tier keeps `count` selected rows, each in
+// a slot that stays put; a token selected again keeps its slot and crosses
+// no link again, so no row moves on the device (attention does not depend
+// on the rows' order). `slot_tok[s]` is the token slot s holds (-1: none);
+// `next` is this step's selection (entries >= 0 ascending, then any -1, as
+// LaunchTopK writes them). Slots whose token is in `next` keep it; the
+// others are freed; the tokens of `next` that no slot holds, in ascending
+// order, take the freed slots in ascending order. On return, miss[s] = the
+// token slot s must now fetch (-1: keep its row), slot_tok is updated, and
+// a freed slot that gets no token holds -1. Returns the number of slots
+// kept (rows reused). Errors name the field: count < 0, null pointers
+// (count > 0).
+absl::StatusOr<int> AssignSlots(int32_t* slot_tok, const int32_t* next, int count, int32_t* miss);
 
 }  // namespace tailorkv::runtime
 

@@ -249,39 +249,37 @@ TEST(SpeculativeQueryMeanTest, MatchesFullProjectionRopeAndMean) {
   }
 }
 
-// Rows selected again come from the old rows, the others are left for the
-// host gather (miss); empty slots (-1) reuse nothing and miss nothing.
-TEST(ReuseSelectedRowsTest, CopiesRowsSelectedAgainAndListsTheRest) {
+// Slots whose token is selected again keep it; the new tokens, ascending,
+// take the freed slots, ascending; a freed slot left over holds -1; empty
+// slots in `next` (-1) take nothing.
+TEST(AssignSlotsTest, KeepsSlotsSelectedAgainAndFillsTheFreedOnes) {
   const int count = 6;
-  const int64_t row = 3;  // bytes
-  const std::vector<int32_t> prev = {2, 5, 9, 11, -1, -1};
+  std::vector<int32_t> slots = {11, 2, -1, 9, 5, 30};
   const std::vector<int32_t> next = {1, 5, 9, 12, 40, -1};
-  std::vector<unsigned char> old(count * row), dst(count * row, 0xEE);
-  for (int j = 0; j < count; ++j) {
-    for (int b = 0; b < row; ++b) old[j * row + b] = static_cast<unsigned char>(10 * j + b);
-  }
   std::vector<int32_t> miss(count, 77);
-  auto n = ReuseSelectedRows(prev.data(), next.data(), count, old.data(), row, dst.data(), miss.data());
+  auto n = AssignSlots(slots.data(), next.data(), count, miss.data());
   ASSERT_TRUE(n.ok()) << n.status();
-  EXPECT_EQ(*n, 2);
-  EXPECT_EQ(miss, (std::vector<int32_t>{1, -1, -1, 12, 40, -1}));
-  for (int b = 0; b < row; ++b) {
-    EXPECT_EQ(dst[1 * row + b], old[1 * row + b]);  // 5 was prev[1]
-    EXPECT_EQ(dst[2 * row + b], old[2 * row + b]);  // 9 was prev[2]
-    for (int i : {0, 3, 4, 5}) EXPECT_EQ(dst[i * row + b], 0xEE) << "row " << i << " untouched";
-  }
-  // Nothing before (all -1): everything is a miss.
-  const std::vector<int32_t> none(count, -1);
-  n = ReuseSelectedRows(none.data(), next.data(), count, old.data(), row, dst.data(), miss.data());
+  EXPECT_EQ(*n, 2);  // 9 and 5
+  // Freed: slots 0 (11), 1 (2), 2 (empty), 5 (30); fresh: 1, 12, 40.
+  EXPECT_EQ(miss, (std::vector<int32_t>{1, 12, 40, -1, -1, -1}));
+  EXPECT_EQ(slots, (std::vector<int32_t>{1, 12, 40, 9, 5, -1}));
+  // The same selection again: every slot keeps its token, nothing to fetch.
+  n = AssignSlots(slots.data(), next.data(), count, miss.data());
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 5);
+  EXPECT_EQ(miss, std::vector<int32_t>(count, -1));
+  EXPECT_EQ(slots, (std::vector<int32_t>{1, 12, 40, 9, 5, -1}));
+  // Nothing held: every token is fetched, in order.
+  std::vector<int32_t> none(count, -1);
+  n = AssignSlots(none.data(), next.data(), count, miss.data());
   ASSERT_TRUE(n.ok());
   EXPECT_EQ(*n, 0);
   EXPECT_EQ(miss, (std::vector<int32_t>{1, 5, 9, 12, 40, -1}));
-  EXPECT_EQ(ReuseSelectedRows(prev.data(), next.data(), -1, old.data(), row, dst.data(), miss.data())
-                .status().code(),
+  EXPECT_EQ(none, miss);
+  EXPECT_EQ(AssignSlots(slots.data(), next.data(), -1, miss.data()).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ReuseSelectedRows(prev.data(), nullptr, count, old.data(), row, dst.data(), miss.data())
-                .status().message(),
-            "ReuseSelectedRows: next is null");
+  EXPECT_EQ(AssignSlots(slots.data(), nullptr, count, miss.data()).status().message(),
+            "AssignSlots: next is null");
 }
 
 }  // namespace
