@@ -106,6 +106,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> plan_specs = {"dense"};
   bool sparse_overlap = true, sparse_priority = true, custom_gemv = true, prefill_prefetch = true;
   bool row_reuse = tailorkv::cuda::CudaBackendOptions{}.sparse_row_reuse;
+  bool fused_topk = tailorkv::cuda::CudaBackendOptions{}.sparse_fused_topk;
   std::string decode_tokens = "random";
   bool host_embeddings = tailorkv::cuda::CudaBackendOptions{}.host_embeddings;
   bool late_prefetch = tailorkv::cuda::CudaBackendOptions{}.sparse_late_prefetch;
@@ -129,7 +130,9 @@ int main(int argc, char** argv) {
   app.add_option("--prefill-prefetch", prefill_prefetch,
                  "sparse prefill: load each layer's history by DMA while earlier layers compute");
   app.add_option("--row-reuse", row_reuse,
-                 "sparse decode: copy rows selected again on the device instead of fetching them");
+                 "sparse decode: rows selected again stay in their slots instead of being fetched again");
+  app.add_option("--fused-topk", fused_topk,
+                 "FP8 index: score inside the Top-K's first stage (false: separate launches)");
   app.add_option("--decode-tokens", decode_tokens,
                  "decode inputs: random (a new random token each step: random weights then "
                  "reselect few rows) or repeat (one token: consecutive queries stay close)")
@@ -185,6 +188,7 @@ int main(int argc, char** argv) {
   opts.custom_gemv = custom_gemv;
   opts.prefill_prefetch = prefill_prefetch;
   opts.sparse_row_reuse = row_reuse;
+  opts.sparse_fused_topk = fused_topk;
   opts.host_embeddings = host_embeddings;
   opts.sparse_late_prefetch = late_prefetch;
   std::unique_ptr<tailorkv::kvhost::KvHostClientStore> kv_host_store;
@@ -208,6 +212,7 @@ int main(int argc, char** argv) {
                         {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
                         {"sparse_priority", sparse_priority}, {"custom_gemv", custom_gemv},
                         {"prefill_prefetch", prefill_prefetch}, {"row_reuse", row_reuse},
+                        {"fused_topk", fused_topk},
                         {"kv_host", kv_host},
                         {"decode_tokens", decode_tokens}, {"host_embeddings", host_embeddings},
                         {"late_prefetch", late_prefetch},

@@ -1388,7 +1388,19 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
   const int64_t stride = refined ? sp.n_pool : cap;
   const int32_t* pool = refined ? sp.pool.as<int32_t>() : nullptr;
   float* scores = seq.scores.as<float>();
-  if (sp.gpu_index && sp.params.index_bits == 4) {
+  // FP8 index: scoring fused into the Top-K's first stage where it applies
+  // (the same selection; the scores never go through memory).
+  const int want = pass == SelectPass::kPool ? sp.n_pool : sp.selected;
+  const bool fused = sp.gpu_index && sp.params.index_bits == 8 && !refined &&
+                     options_.sparse_fused_topk &&
+                     ScoreFp8TopKApplies(sp.candidates, want, sp.params.channels);
+  if (fused) {
+    RETURN_IF_ERROR(LaunchScoreFp8TopK(q_chan, sp.index.as<uint8_t>(), cap, sp.params.channels,
+                                       c.n_kv_heads, sp.sink, sp.candidates, want,
+                                       pass == SelectPass::kPool ? sp.pool.as<int32_t>() : sp.sel.as<int32_t>(),
+                                       seq.topk_ws.get(), seq.topk_ws.size(), s));
+    if (pass == SelectPass::kPool) return absl::OkStatus();
+  } else if (sp.gpu_index && sp.params.index_bits == 4) {
     RETURN_IF_ERROR(LaunchScoreInt4ChannelIndex(q_chan, sp.index.as<uint8_t>(), sp.index_params.as<bf16>(),
                                                 cap, sp.params.channels, c.n_kv_heads, sp.sink, n_scored,
                                                 scores, stride, s, pool));
@@ -1409,7 +1421,9 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
     return LaunchTopK(scores, cap, c.n_kv_heads, sp.candidates, nullptr, sp.n_pool,
                       sp.pool.as<int32_t>(), seq.topk_ws.get(), seq.topk_ws.size(), s);
   }
-  if (refined) {
+  if (fused) {
+    // Selected above.
+  } else if (refined) {
     RETURN_IF_ERROR(LaunchTopK(scores, stride, c.n_kv_heads, n_scored, nullptr, sp.selected,
                                sp.pool_pick.as<int32_t>(), seq.topk_ws.get(), seq.topk_ws.size(), s));
     RETURN_IF_ERROR(LaunchMapThroughPool(sp.pool_pick.as<int32_t>(), sp.selected, pool, sp.n_pool,

@@ -90,6 +90,11 @@ struct CudaBackendOptions {
   // (tkv_selection_locality); 8B shape at 128k, H100: 9.83 -> 8.20 ms a
   // token with 75% of rows reused (docs/results.md).
   bool sparse_row_reuse = true;
+  // Index "gpu" with FP8 entries: the scoring runs inside the Top-K's first
+  // stage (LaunchScoreFp8TopK) where that applies, so the scores never go
+  // through memory (the selection is the same; false: separate launches,
+  // for measuring).
+  bool sparse_fused_topk = true;
   // Sparse layers with query "after-attention" and row reuse: a first
   // selection from the previous layer's input (TailorKV's speculation,
   // overlapping that whole layer) gathers rows ahead, so the final

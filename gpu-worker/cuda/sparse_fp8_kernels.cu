@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cuda/cuda_check.h"
+#include "cuda/sparse_fp8_device.cuh"
 #include "cuda/sparse_index_device.cuh"
 #include "cuda/sparse_launch_checks.h"
 #include "cuda/sparse_index_kernels.cuh"  // kSparseMaxChannels
@@ -45,21 +46,6 @@ __device__ __forceinline__ uint32_t Bf16ToFp8(uint32_t h) {
   return sign | RoundShift((a & 0x7FFFFFu) | 0x800000u, 141 - e);
 }
 
-// fp8 code (low 8 bits) -> bf16 bits, exact.
-__device__ __forceinline__ uint32_t Fp8ToBf16(uint32_t b) {
-  const uint32_t sign = (b & 0x80u) << 8;
-  const uint32_t mag = b & 0x7Fu;
-  uint32_t r;
-  if (mag == 0x7Fu) {
-    r = 0x7FC0u;
-  } else if (mag >= 8u) {
-    r = (mag << 4) + (120u << 7);  // re-bias 7 -> 127; the mantissa's 3 bits on top
-  } else {
-    // m * 2^-9: a normal float (or 0), exact, with the low 16 bits zero.
-    r = __float_as_uint(__fmul_rn(__uint2float_rn(mag), 0.001953125f)) >> 16;
-  }
-  return sign | r;
-}
 
 // 4 fp8 codes (bytes of w, element 0 lowest) -> 4 bf16 as two words.
 __device__ __forceinline__ uint2 Decode4(uint32_t w) {
@@ -313,40 +299,7 @@ __global__ void __launch_bounds__(kThreads) ScoreFp8IndexKernel(
   auto val = [](uint32_t code) { return __uint_as_float(Fp8ToBf16(code) << 16); };
   float dot = 0.0f;
   if constexpr (kChunks > 0) {
-    const uint4* r16 = reinterpret_cast<const uint4*>(index + row * d);
-    uint4 v[kChunks];
-#pragma unroll
-    for (int u = 0; u < kChunks; ++u) v[u] = __ldg(&r16[u]);
-#pragma unroll
-    for (int u = 0; u < kChunks; ++u) {
-      const uint32_t w[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-        // The hardware's E4M3 -> f16 conversion, two codes an instruction:
-        // every E4M3 value is exact in f16 and f32, so the products are the
-        // same as through Fp8ToBf16 (the software decode took ~2/3 of the
-        // kernel's time: 1 TB/s at 128k, H100); only a NaN code's payload
-        // may differ.
-        float f[4];
-#pragma unroll
-        for (int p = 0; p < 2; ++p) {
-          const __half2_raw h2 = __nv_cvt_fp8x2_to_halfraw2(
-              static_cast<__nv_fp8x2_storage_t>((w[e] >> (16 * p)) & 0xFFFFu), __NV_E4M3);
-          const float2 f2 = __half22float2(__half2(h2));
-          f[2 * p] = f2.x;
-          f[2 * p + 1] = f2.y;
-        }
-#pragma unroll
-        for (int b = 0; b < 4; ++b) dot = __fadd_rn(dot, __fmul_rn(q[16 * u + 4 * e + b], f[b]));
-#else
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          dot = __fadd_rn(dot, __fmul_rn(q[16 * u + 4 * e + b], val((w[e] >> (8 * b)) & 0xFFu)));
-        }
-#endif
-      }
-    }
+    dot = Fp8IndexDot<kChunks>(q, reinterpret_cast<const uint4*>(index + row * d));
   } else {
     const uint8_t* r = index + row * d;
     for (int j = 0; j < d; ++j) dot = __fadd_rn(dot, __fmul_rn(q[j], val(__ldg(&r[j]))));

@@ -10,6 +10,7 @@
 // - the channel index from fp8 rows (and a bad channel giving NaN);
 // - bad arguments name the field (no device needed).
 #include "cuda/sparse_fp8_kernels.cuh"
+#include "cuda/sparse_kernels.cuh"
 
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -624,6 +625,65 @@ TEST_F(SparseFp8KernelsTest, ScoreFp8ChannelIndexBitExact) {
   CheckScoreFp8Index(8, 64, 70001, 3, 3584, false, ++seed, /*pooled=*/true);
 }
 
+// The fused scoring + Top-K selects exactly what scoring into memory and
+// LaunchTopK select (which runtime::TopKIndices checks on the same
+// scores): ascending, -1 past min(k, n). `levels` > 0 draws codes from that
+// many values only, so many scores tie (broken toward the smaller index).
+void CheckScoreFp8TopK(int n_kv, int d, int64_t index_rows, int first, int n, int k, int levels,
+                       uint64_t seed) {
+  SCOPED_TRACE(testing::Message() << "n_kv=" << n_kv << " d=" << d << " first=" << first << " n=" << n
+                                  << " k=" << k << " levels=" << levels);
+  ASSERT_TRUE(ScoreFp8TopKApplies(n, k, d));
+  Rng rng(seed);
+  Bytes buf = RandCodes(static_cast<size_t>(n_kv) * index_rows * d, rng);
+  for (uint8_t& b : buf) {
+    if (levels > 0) b = static_cast<uint8_t>(0x30 + b % levels);
+    if ((b & 0x7F) == 0x7F) b = static_cast<uint8_t>(b - 1);
+  }
+  std::vector<float> q(static_cast<size_t>(n_kv) * d);
+  for (float& x : q) x = levels > 0 ? 1.0f : rng.Uniform(-3.0f, 3.0f);
+  const size_t ws = TopKWorkspaceBytes(n_kv, n);
+  absl::StatusOr<DeviceBuffer> d_buf = Upload(buf), d_q = Upload(q),
+                               d_scores = Upload(std::vector<float>(static_cast<size_t>(n_kv) * n)),
+                               d_want = Upload(std::vector<int32_t>(static_cast<size_t>(n_kv) * k, 777)),
+                               d_got = Upload(std::vector<int32_t>(static_cast<size_t>(n_kv) * k, 777)),
+                               d_ws = Upload(std::vector<uint8_t>(ws, 0xCD));
+  ASSERT_TRUE(d_buf.ok() && d_q.ok() && d_scores.ok() && d_want.ok() && d_got.ok() && d_ws.ok());
+  absl::Status st = LaunchScoreFp8ChannelIndex(d_q->as<float>(), d_buf->as<uint8_t>(), index_rows, d, n_kv,
+                                               first, n, d_scores->as<float>(), n, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  st = LaunchTopK(d_scores->as<float>(), n, n_kv, n, nullptr, k, d_want->as<int32_t>(), d_ws->get(), ws,
+                  nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  st = LaunchScoreFp8TopK(d_q->as<float>(), d_buf->as<uint8_t>(), index_rows, d, n_kv, first, n, k,
+                          d_got->as<int32_t>(), d_ws->get(), ws, nullptr);
+  ASSERT_TRUE(st.ok()) << st;
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto scores = Download<float>(*d_scores, static_cast<size_t>(n_kv) * n);
+  const auto want = Download<int32_t>(*d_want, static_cast<size_t>(n_kv) * k);
+  const auto got = Download<int32_t>(*d_got, static_cast<size_t>(n_kv) * k);
+  std::vector<int32_t> ref(k);
+  for (int h = 0; h < n_kv; ++h) {
+    auto m = runtime::TopKIndices(scores.data() + static_cast<size_t>(h) * n, n, k, ref.data());
+    ASSERT_TRUE(m.ok()) << m.status();
+    std::sort(ref.begin(), ref.begin() + *m);
+    for (int i = *m; i < k; ++i) ref[i] = -1;
+    ASSERT_TRUE(std::equal(ref.begin(), ref.end(), want.begin() + static_cast<size_t>(h) * k))
+        << "LaunchTopK against TopKIndices, head " << h;
+  }
+  EXPECT_EQ(got, want);
+}
+
+TEST_F(SparseFp8KernelsTest, ScoreFp8TopKSelectsAsScoresThenTopK) {
+  uint64_t seed = 900;
+  CheckScoreFp8TopK(8, 32, 131072, 64, 131072 - 128, 896, 0, ++seed);  // the 8B decode shape at 128k
+  CheckScoreFp8TopK(8, 32, 32768, 64, 32768 - 128, 896, 0, ++seed);    // at 32k
+  CheckScoreFp8TopK(3, 16, 5003, 7, 4991, 100, 0, ++seed);             // odd sizes
+  CheckScoreFp8TopK(2, 64, 20000, 3, 19997, 1000, 0, ++seed);
+  CheckScoreFp8TopK(3, 32, 700, 5, 600, 600, 0, ++seed);               // every candidate taken
+  CheckScoreFp8TopK(2, 32, 40000, 1, 39999, 500, 3, ++seed);           // mostly ties
+}
+
 // ------------------------------------------------------------ bad arguments
 
 void ExpectBad(const absl::Status& s, const std::string& want) {
@@ -712,6 +772,20 @@ TEST(SparseFp8KernelsArgs, BadArgumentsNameTheField) {
   ExpectBad(LaunchScoreFp8ChannelIndex(nullptr, i8, 100, 8, 2, 0, 10, sf, 10, nullptr), "q_chan is null");
   ExpectBad(LaunchScoreFp8ChannelIndex(qf, nullptr, 100, 8, 2, 0, 10, sf, 10, nullptr), "index is null");
   EXPECT_TRUE(LaunchScoreFp8ChannelIndex(nullptr, nullptr, 100, 8, 2, 0, 0, nullptr, 10, nullptr).ok());
+
+  // LaunchScoreFp8TopK(q_chan, index, index_rows, d, rows, first, n_max, k, out, ws, ws_bytes, stream)
+  int32_t* o = reinterpret_cast<int32_t*>(uintptr_t{0x4000});
+  void* w = reinterpret_cast<void*>(uintptr_t{0x5000});
+  const size_t wsb = TopKWorkspaceBytes(2, 1000);
+  ExpectBad(LaunchScoreFp8TopK(qf, i8, 1000, 32, 2, 0, 1000, 10, o, w, wsb - 16, nullptr),
+            "LaunchScoreFp8TopK: LaunchTopK: workspace_bytes");
+  ExpectBad(LaunchScoreFp8TopK(qf, i8, 1000, 24, 2, 0, 1000, 10, o, w, wsb, nullptr), "outside the fused path");
+  ExpectBad(LaunchScoreFp8TopK(qf, i8, 1000, 32, 2, 0, 1000, 2000, o, w, wsb, nullptr), "outside the fused path");
+  ExpectBad(LaunchScoreFp8TopK(qf, i8, 1000, 32, 2, 5, 1000, 10, o, w, wsb, nullptr),
+            "LaunchScoreFp8TopK: index_rows = 1000 < first + n_max = 1005");
+  ExpectBad(LaunchScoreFp8TopK(nullptr, i8, 1000, 32, 2, 0, 1000, 10, o, w, wsb, nullptr), "q_chan is null");
+  ExpectBad(LaunchScoreFp8TopK(qf, i8 + 1, 1000, 32, 2, 0, 1000, 10, o, w, wsb, nullptr), "16-byte");
+  ExpectBad(LaunchScoreFp8TopK(qf, i8, 1000, 32, 2, 0, 1000, 10, nullptr, w, wsb, nullptr), "out is null");
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "cuda/cuda_check.h"
+#include "cuda/sparse_fp8_device.cuh"
+#include "cuda/sparse_index_kernels.cuh"  // kSparseMaxChannels
 
 namespace tailorkv::cuda {
 namespace {
@@ -381,12 +383,38 @@ __device__ void OrderedCompact(const Threshold& th, int items, int count, uint32
   }
 }
 
-// scores: [rows][row_stride]; cand_key / cand_idx: [rows][cand_stride].
-// Chunk b of a row writes its top-min(k, len) at b * min(k, C), ascending
-// by index; chunks at or past n (read from the device) do nothing.
-template <int T>
-__global__ void __launch_bounds__(T) TopKChunkKernel(const float* __restrict__ scores,
-                                                     int64_t row_stride, int n_max,
+// Where stage 1 reads a row's keys: scores in memory, or (LaunchScoreFp8TopK)
+// scores computed from the FP8 index as they are read, never stored.
+// Prepare stages what every key of the row needs in shared memory (`sq`,
+// kSparseMaxChannels floats; the kernel syncs after it).
+struct ScoreKeys {
+  const float* scores;
+  int64_t row_stride;
+  __device__ void Prepare(int, float*) const {}
+  __device__ uint32_t operator()(int row, int i, const float*) const {
+    return Key(scores[row * row_stride + i]);
+  }
+};
+template <int kChunks>  // d = 16 * kChunks channels
+struct Fp8IndexKeys {
+  const float* q_chan;
+  const uint8_t* index;  // 16-byte aligned
+  int64_t index_rows;
+  int first;
+  __device__ void Prepare(int row, float* sq) const {
+    if (threadIdx.x < 16 * kChunks) sq[threadIdx.x] = q_chan[row * 16 * kChunks + threadIdx.x];
+  }
+  __device__ uint32_t operator()(int row, int i, const float* sq) const {
+    const int64_t r = static_cast<int64_t>(row) * index_rows + first + i;
+    return Key(Fp8IndexDot<kChunks>(sq, reinterpret_cast<const uint4*>(index + r * 16 * kChunks)));
+  }
+};
+
+// cand_key / cand_idx: [rows][cand_stride]. Chunk b of a row writes its
+// top-min(k, len) at b * min(k, C), ascending by index; chunks at or past n
+// (read from the device) do nothing.
+template <int T, typename Keys>
+__global__ void __launch_bounds__(T) TopKChunkKernel(Keys keys, int n_max,
                                                      const int32_t* n_device, int k,
                                                      uint32_t* __restrict__ cand_key,
                                                      int32_t* __restrict__ cand_idx,
@@ -394,6 +422,7 @@ __global__ void __launch_bounds__(T) TopKChunkKernel(const float* __restrict__ s
   constexpr int kChunk = T * kChunkItems;
   __shared__ SelectShared<T> sh;
   __shared__ uint32_t warp_gt[T / 32], warp_eq[T / 32];
+  __shared__ float sq[kSparseMaxChannels];
   AllowDependentLaunch();
   const int n = ReadN(n_device, n_max);
   const int row = blockIdx.y;
@@ -401,7 +430,8 @@ __global__ void __launch_bounds__(T) TopKChunkKernel(const float* __restrict__ s
   if (lo >= n) return;
   const int len = min(kChunk, n - lo);
   const int kk = min(k, len);
-  const float* s = scores + row * row_stride + lo;
+  keys.Prepare(row, sq);
+  __syncthreads();
   const int64_t out_at = row * cand_stride + static_cast<int64_t>(blockIdx.x) * min(k, kChunk);
   uint32_t* ok = cand_key + out_at;
   int32_t* oi = cand_idx + out_at;
@@ -411,7 +441,7 @@ __global__ void __launch_bounds__(T) TopKChunkKernel(const float* __restrict__ s
 #pragma unroll
   for (int j = 0; j < kChunkItems; ++j) {
     const int p = base + 32 * j;
-    key[j] = p < len ? Key(s[p]) : 0u;
+    key[j] = p < len ? keys(row, lo + p, sq) : 0u;
   }
   if (kk == len) {  // the chunk is all taken (block-uniform)
 #pragma unroll
@@ -610,19 +640,20 @@ absl::Status LaunchRadix(const float* scores, int64_t row_stride, int rows, int 
   return absl::OkStatus();
 }
 
-template <int T>
-absl::Status LaunchChunk(const float* scores, int64_t row_stride, int rows, int n_max,
+template <int T, typename Keys>
+absl::Status LaunchChunk(const Keys& keys, int rows, int n_max,
                          const int32_t* n_device, int k, uint32_t* cand_key, int32_t* cand_idx,
                          int64_t cand_stride, cudaStream_t stream) {
   constexpr int kChunk = T * kChunkItems;
   const dim3 grid((n_max + kChunk - 1) / kChunk, rows);
-  TopKChunkKernel<T><<<grid, T, 0, stream>>>(scores, row_stride, n_max, n_device, k, cand_key,
-                                             cand_idx, cand_stride);
+  TopKChunkKernel<T, Keys><<<grid, T, 0, stream>>>(keys, n_max, n_device, k, cand_key, cand_idx,
+                                                   cand_stride);
   CUDA_RETURN_IF_LAUNCH_FAILED("TopKChunkKernel");
   return absl::OkStatus();
 }
 
-absl::Status LaunchChunked(int threads, const float* scores, int64_t row_stride, int rows,
+template <typename Keys>
+absl::Status LaunchChunked(int threads, const Keys& keys, int rows,
                            int n_max, const int32_t* n_device, int k, int32_t* out,
                            void* workspace, bool programmatic, cudaStream_t stream) {
   const int64_t cand_stride = CandStride(n_max);
@@ -631,15 +662,15 @@ absl::Status LaunchChunked(int threads, const float* scores, int64_t row_stride,
       static_cast<char*>(workspace) + Align16(sizeof(uint32_t) * static_cast<size_t>(rows) * cand_stride));
   switch (threads) {
     case 256:
-      RETURN_IF_ERROR(LaunchChunk<256>(scores, row_stride, rows, n_max, n_device, k, cand_key,
+      RETURN_IF_ERROR(LaunchChunk<256>(keys, rows, n_max, n_device, k, cand_key,
                                        cand_idx, cand_stride, stream));
       break;
     case 512:
-      RETURN_IF_ERROR(LaunchChunk<512>(scores, row_stride, rows, n_max, n_device, k, cand_key,
+      RETURN_IF_ERROR(LaunchChunk<512>(keys, rows, n_max, n_device, k, cand_key,
                                        cand_idx, cand_stride, stream));
       break;
     case 1024:
-      RETURN_IF_ERROR(LaunchChunk<1024>(scores, row_stride, rows, n_max, n_device, k, cand_key,
+      RETURN_IF_ERROR(LaunchChunk<1024>(keys, rows, n_max, n_device, k, cand_key,
                                         cand_idx, cand_stride, stream));
       break;
     default:
@@ -689,8 +720,8 @@ absl::Status LaunchTopK(const float* scores, int64_t row_stride, int rows, int n
   if (k == 0) return absl::OkStatus();
   const int threads = options.radix_only ? 0 : ChunkThreads(n_max, k, options.chunk_threads);
   if (threads != 0) {
-    return LaunchChunked(threads, scores, row_stride, rows, n_max, n_device, k, out, workspace,
-                         options.programmatic_launch, stream);
+    return LaunchChunked(threads, ScoreKeys{scores, row_stride}, rows, n_max, n_device, k, out,
+                         workspace, options.programmatic_launch, stream);
   }
   return LaunchRadix(scores, row_stride, rows, n_max, n_device, k, out, workspace, stream);
 }
@@ -758,6 +789,56 @@ absl::Status LaunchGatherRows(const void* src, int64_t src_head_stride, int64_t 
                                                 static_cast<uint4*>(dst));
   CUDA_RETURN_IF_LAUNCH_FAILED("GatherKernel");
   return absl::OkStatus();
+}
+
+}  // namespace tailorkv::cuda
+
+namespace tailorkv::cuda {
+
+bool ScoreFp8TopKApplies(int n_max, int k, int d) {
+  return (d == 16 || d == 32 || d == 64) && d <= kSparseMaxChannels && ChunkThreads(n_max, k) != 0;
+}
+
+absl::Status LaunchScoreFp8TopK(const float* q_chan, const uint8_t* index, int64_t index_rows, int d,
+                                int rows, int first, int n_max, int k, int32_t* out, void* workspace,
+                                size_t workspace_bytes, cudaStream_t stream) {
+  constexpr const char* kFn = "LaunchScoreFp8TopK";
+  // The Top-K's own checks (scores: the index stands in for them).
+  if (absl::Status s = ValidateTopK(reinterpret_cast<const float*>(index), n_max, rows, n_max, k,
+                                    out, workspace, workspace_bytes);
+      !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(kFn, ": ", s.message()));
+  }
+  if (k == 0 || n_max == 0) {
+    // Nothing to score: the rows' outputs are all -1 (the Top-K's own path).
+    return k == 0 ? absl::OkStatus()
+                  : LaunchTopK(reinterpret_cast<const float*>(workspace), 0, rows, 0, nullptr, k, out,
+                               workspace, workspace_bytes, stream);
+  }
+  if (!ScoreFp8TopKApplies(n_max, k, d)) {
+    return absl::InvalidArgumentError(absl::StrCat(kFn, ": (n_max = ", n_max, ", k = ", k, ", d = ", d,
+                                                   ") outside the fused path (ScoreFp8TopKApplies)"));
+  }
+  if (first < 0 || index_rows < static_cast<int64_t>(first) + n_max) {
+    return absl::InvalidArgumentError(absl::StrCat(kFn, ": index_rows = ", index_rows, " < first + n_max = ",
+                                                   static_cast<int64_t>(first) + n_max));
+  }
+  if (q_chan == nullptr) return absl::InvalidArgumentError(absl::StrCat(kFn, ": q_chan is null"));
+  if (reinterpret_cast<uintptr_t>(index) % 16 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(kFn, ": index is not 16-byte aligned"));
+  }
+  const int threads = ChunkThreads(n_max, k);
+  switch (d) {
+    case 16:
+      return LaunchChunked(threads, Fp8IndexKeys<1>{q_chan, index, index_rows, first}, rows, n_max,
+                           nullptr, k, out, workspace, true, stream);
+    case 32:
+      return LaunchChunked(threads, Fp8IndexKeys<2>{q_chan, index, index_rows, first}, rows, n_max,
+                           nullptr, k, out, workspace, true, stream);
+    default:
+      return LaunchChunked(threads, Fp8IndexKeys<4>{q_chan, index, index_rows, first}, rows, n_max,
+                           nullptr, k, out, workspace, true, stream);
+  }
 }
 
 }  // namespace tailorkv::cuda

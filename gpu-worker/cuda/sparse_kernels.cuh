@@ -69,6 +69,22 @@ absl::Status LaunchTopK(const float* scores, int64_t row_stride, int rows, int n
                         const int32_t* n_device, int k, int32_t* out, void* workspace,
                         size_t workspace_bytes, cudaStream_t stream, const TopKOptions& options);
 
+// FP8-index scoring fused into the Top-K: the same result as
+// LaunchScoreFp8ChannelIndex(q_chan, index, index_rows, d, rows, first, n_max,
+// scores, ..., pool = null) followed by LaunchTopK over those scores with
+// n_device = null (bit-identical scores, so the same selection), but stage 1
+// of the chunked path computes each candidate's score from its index row
+// as it reads it: the scores never go through memory and the scoring
+// launch is gone. Applies where ScoreFp8TopKApplies(n_max, k, d): d of 16,
+// 32 or 64 and the chunked path (TopKUsesChunkedPath). index: [rows][index_rows][d]
+// FP8 codes, 16-byte aligned; candidates are index rows [first, first + n_max).
+// Errors (InvalidArgument naming the field): LaunchTopK's, a case outside
+// the fused path, index_rows < first + n_max, null or misaligned pointers.
+bool ScoreFp8TopKApplies(int n_max, int k, int d);
+absl::Status LaunchScoreFp8TopK(const float* q_chan, const uint8_t* index, int64_t index_rows, int d,
+                                int rows, int first, int n_max, int k, int32_t* out, void* workspace,
+                                size_t workspace_bytes, cudaStream_t stream);
+
 // runtime::MapThroughPool on the device (plan refine: a Top-K over a pool
 // of candidates back to their indices): out[r * k + i] = pool[r * n_pool +
 // idx[r * k + i]], -1 where idx is outside [0, n_pool). out must not alias

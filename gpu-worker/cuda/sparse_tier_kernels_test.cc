@@ -671,7 +671,7 @@ TEST_F(SparseTierKernelsTest, AssignSlotsThenGatherMissesHoldsTheSelection) {
       std::sort(held.begin(), held.end());
       ASSERT_EQ(held, sel) << "head " << h;
     }
-    ASSERT_GT(want_reused, 0) << "the case must reuse something";
+    if (2 * c.slots_empty < c.count) ASSERT_GT(want_reused, 0) << "the case must reuse something";
     // Poison the host rows of the kept tokens: they must not be read.
     for (int h = 0; h < c.n_kv; ++h) {
       for (int sl = 0; sl < c.count; ++sl) {
