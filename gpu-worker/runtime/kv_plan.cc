@@ -4,6 +4,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -200,6 +201,67 @@ absl::Status MaybeInt(const json& obj, const char* key, int layer, int* out) {
   *out = *v;
   return absl::OkStatus();
 }
+
+// Watches nlohmann::json's parse events for a key that appears twice in one
+// object: the parser keeps the last value silently, so a plan holding
+// {"bits": 4, ..., "bits": 1} would mean something other than what a reader
+// of its first occurrence sees (and its checksum covers only the survivor).
+// Records the first such key as a field path ("layers[3].bits").
+class DuplicateKeyFinder {
+ public:
+  bool OnEvent(json::parse_event_t event, const json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+        frames_.push_back(Frame{true});
+        break;
+      case json::parse_event_t::array_start:
+        frames_.push_back(Frame{false});
+        break;
+      case json::parse_event_t::key: {
+        if (frames_.empty() || !frames_.back().is_object) break;
+        Frame& top = frames_.back();
+        top.key = parsed.get<std::string>();
+        if (!top.keys.insert(top.key).second && duplicate_.empty()) duplicate_ = Path();
+        break;
+      }
+      case json::parse_event_t::object_end:
+      case json::parse_event_t::array_end:
+        if (!frames_.empty()) frames_.pop_back();
+        ElementDone();
+        break;
+      case json::parse_event_t::value:
+        ElementDone();
+        break;
+    }
+    return true;  // keep everything: only the first duplicate is reported
+  }
+  // The path of the first duplicate key, "" when there was none.
+  const std::string& duplicate() const { return duplicate_; }
+
+ private:
+  struct Frame {
+    bool is_object = true;
+    std::set<std::string> keys;  // objects: the keys seen so far
+    std::string key;             // objects: the key whose value is being parsed
+    size_t index = 0;            // arrays: the element being parsed
+  };
+  void ElementDone() {
+    if (!frames_.empty() && !frames_.back().is_object) ++frames_.back().index;
+  }
+  std::string Path() const {
+    std::string path;
+    for (const Frame& f : frames_) {
+      if (f.is_object) {
+        absl::StrAppend(&path, path.empty() ? "" : ".", f.key);
+      } else {
+        absl::StrAppend(&path, "[", f.index, "]");
+      }
+    }
+    return path;
+  }
+  std::vector<Frame> frames_;
+  std::string duplicate_;
+};
 
 absl::StatusOr<LayerKvPolicy> ParseLayer(const json& entry, int i) {
   const std::string where = absl::StrCat("layers[", i, "]");
@@ -443,11 +505,18 @@ absl::Status KvPlan::Validate(const model::ModelConfig& config) const {
 
 absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view text, const model::ModelConfig& config) {
   json root;
+  DuplicateKeyFinder duplicates;
   try {
     // The exception carries the line and column, which the no-throw parse drops.
-    root = json::parse(text);
+    root = json::parse(text, [&duplicates](int, json::parse_event_t event, json& parsed) {
+      return duplicates.OnEvent(event, parsed);
+    });
   } catch (const json::parse_error& e) {
     return absl::InvalidArgumentError(absl::StrCat("kv plan is not valid JSON: ", e.what()));
+  }
+  if (!duplicates.duplicate().empty()) {
+    return FieldError(duplicates.duplicate(),
+                      "duplicate key (each key may appear once in an object)");
   }
   if (!root.is_object()) {
     return absl::InvalidArgumentError(

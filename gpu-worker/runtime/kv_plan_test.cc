@@ -8,6 +8,7 @@
 #include <functional>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -390,6 +391,38 @@ TEST(KvPlanTest, NotJsonGivesTheParsePosition) {
   ASSERT_FALSE(array.ok());
   EXPECT_THAT(StatusText(array.status()), HasSubstr("must be a JSON object, got array"));
   EXPECT_FALSE(ParseKvPlanJson("", Config()).ok());
+}
+
+// nlohmann::json keeps the last of two equal keys silently; a plan must not
+// mean something other than what its first occurrence says.
+TEST(KvPlanTest, DuplicateKeysAreRejectedNamingTheField) {
+  const model::ModelConfig c = Config(2);
+  auto plan_with = [](const std::string& top, const std::string& model, const std::string& layer1,
+                      const std::string& profile) {
+    return absl::StrCat(R"({"format": "tailorkv.kv_plan", "version": 1, )", top,
+                        R"("model": {"n_layers": 2, "n_kv_heads": 3, "head_dim": 64)", model,
+                        R"(}, "layers": [{"layer": 0, "policy": "dense"}, )",
+                        R"({"layer": 1, "policy": "quant", "bits": 4)", layer1, "}], ",
+                        R"("profile": {"runs": [{"a": 1}, {"b": [{}, {"c": 2)", profile,
+                        "}]}]}}");
+  };
+  // Equal keys in different objects are fine.
+  auto ok = ParseKvPlanJson(plan_with("", "", "", ""), c);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->layers[1].quant.bits, 4);
+
+  const std::pair<std::string, std::string> cases[] = {
+      {plan_with(R"("version": 1, )", "", "", ""), "version: duplicate key"},
+      {plan_with("", R"(, "n_layers": 2)", "", ""), "model.n_layers: duplicate key"},
+      {plan_with("", "", R"(, "bits": 1)", ""), "layers[1].bits: duplicate key"},
+      {plan_with("", "", "", R"(, "c": 2)"), "profile.runs[1].b[1].c: duplicate key"},
+  };
+  for (const auto& [text, want] : cases) {
+    auto plan = ParseKvPlanJson(text, c);
+    ASSERT_FALSE(plan.ok()) << text;
+    EXPECT_TRUE(absl::IsInvalidArgument(plan.status())) << plan.status();
+    EXPECT_THAT(StatusText(plan.status()), HasSubstr(want)) << text;
+  }
 }
 
 class KvPlanFileTest : public ::testing::Test {
