@@ -107,6 +107,7 @@ int main(int argc, char** argv) {
   bool sparse_overlap = true, sparse_priority = true, custom_gemv = true, prefill_prefetch = true;
   bool row_reuse = tailorkv::cuda::CudaBackendOptions{}.sparse_row_reuse;
   bool fused_topk = tailorkv::cuda::CudaBackendOptions{}.sparse_fused_topk;
+  int fused_chunk_threads = 0;
   std::string decode_tokens = "random";
   bool host_embeddings = tailorkv::cuda::CudaBackendOptions{}.host_embeddings;
   bool late_prefetch = tailorkv::cuda::CudaBackendOptions{}.sparse_late_prefetch;
@@ -133,6 +134,9 @@ int main(int argc, char** argv) {
                  "sparse decode: rows selected again stay in their slots instead of being fetched again");
   app.add_option("--fused-topk", fused_topk,
                  "FP8 index: score inside the Top-K's first stage (false: separate launches)");
+  app.add_option("--fused-chunk-threads", fused_chunk_threads,
+                 "that first stage's block: 0 (by size), 256, 512 or 1024")
+      ->check(CLI::IsMember({0, 256, 512, 1024}));
   app.add_option("--decode-tokens", decode_tokens,
                  "decode inputs: random (a new random token each step: random weights then "
                  "reselect few rows) or repeat (one token: consecutive queries stay close)")
@@ -189,6 +193,7 @@ int main(int argc, char** argv) {
   opts.prefill_prefetch = prefill_prefetch;
   opts.sparse_row_reuse = row_reuse;
   opts.sparse_fused_topk = fused_topk;
+  opts.sparse_fused_chunk_threads = fused_chunk_threads;
   opts.host_embeddings = host_embeddings;
   opts.sparse_late_prefetch = late_prefetch;
   std::unique_ptr<tailorkv::kvhost::KvHostClientStore> kv_host_store;
@@ -212,7 +217,7 @@ int main(int argc, char** argv) {
                         {"prefill_chunk", prefill_chunk}, {"sparse_overlap", sparse_overlap},
                         {"sparse_priority", sparse_priority}, {"custom_gemv", custom_gemv},
                         {"prefill_prefetch", prefill_prefetch}, {"row_reuse", row_reuse},
-                        {"fused_topk", fused_topk},
+                        {"fused_topk", fused_topk}, {"fused_chunk_threads", fused_chunk_threads},
                         {"kv_host", kv_host},
                         {"decode_tokens", decode_tokens}, {"host_embeddings", host_embeddings},
                         {"late_prefetch", late_prefetch},
@@ -235,9 +240,12 @@ int main(int argc, char** argv) {
       return Fail(s, "fill");
     }
     std::vector<double> ms;
-    const int32_t repeated = tok(rng);
+    // Inputs seeded by the context alone: a plan decodes the same tokens
+    // whichever plans run before it, so runs with other plan lists compare.
+    std::mt19937 step_rng(static_cast<uint32_t>(ctx));
+    const int32_t repeated = tok(step_rng);
     for (int i = 0; i < steps + 4; ++i) {
-      const int32_t t = decode_tokens == "repeat" ? repeated : tok(rng);
+      const int32_t t = decode_tokens == "repeat" ? repeated : tok(step_rng);
       const auto t0 = Clock::now();
       if (auto s = (*backend)->Forward(**seq, {&t, 1}, false, &logits); !s.ok()) {
         return Fail(s, "decode");
@@ -300,7 +308,7 @@ int main(int argc, char** argv) {
                              {"rows_reused", reused}});
     // The sequence has room for these (capacity: steps + 8 past the context).
     if (tracer != nullptr) {
-      // Own random tokens: `rng` stays as an untraced run leaves it.
+      // Own random tokens, so the untraced steps' inputs do not depend on tracing.
       std::mt19937 trace_rng(11);
       std::vector<int32_t> traced(3);
       for (auto& t : traced) t = decode_tokens == "repeat" ? repeated : tok(trace_rng);

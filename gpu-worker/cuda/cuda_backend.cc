@@ -1398,7 +1398,8 @@ absl::Status CudaBackend::EnqueueSelection(CudaSequence& seq, SparseKv& sp, cons
     RETURN_IF_ERROR(LaunchScoreFp8TopK(q_chan, sp.index.as<uint8_t>(), cap, sp.params.channels,
                                        c.n_kv_heads, sp.sink, sp.candidates, want,
                                        pass == SelectPass::kPool ? sp.pool.as<int32_t>() : sp.sel.as<int32_t>(),
-                                       seq.topk_ws.get(), seq.topk_ws.size(), s));
+                                       seq.topk_ws.get(), seq.topk_ws.size(), s,
+                                       options_.sparse_fused_chunk_threads));
     if (pass == SelectPass::kPool) return absl::OkStatus();
   } else if (sp.gpu_index && sp.params.index_bits == 4) {
     RETURN_IF_ERROR(LaunchScoreInt4ChannelIndex(q_chan, sp.index.as<uint8_t>(), sp.index_params.as<bf16>(),

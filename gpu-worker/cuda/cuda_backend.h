@@ -92,9 +92,12 @@ struct CudaBackendOptions {
   bool sparse_row_reuse = true;
   // Index "gpu" with FP8 entries: the scoring runs inside the Top-K's first
   // stage (LaunchScoreFp8TopK) where that applies, so the scores never go
-  // through memory (the selection is the same; false: separate launches,
-  // for measuring).
-  bool sparse_fused_topk = true;
+  // through memory (the selection is the same). Off: on an H200 it made the
+  // default plan slower (32k 5.94 vs 5.60 ms, 128k 6.50 vs 6.43: 64 blocks
+  // of stage 1 read the index with fewer loads in flight than the scoring
+  // kernel's 512), though faster for query "previous" at 128k (5.68 vs 5.82).
+  bool sparse_fused_topk = false;
+  int sparse_fused_chunk_threads = 0;  // its stage-1 block (LaunchScoreFp8TopK's chunk_threads)
   // Sparse layers with query "after-attention" and row reuse: a first
   // selection from the previous layer's input (TailorKV's speculation,
   // overlapping that whole layer) gathers rows ahead, so the final

@@ -801,7 +801,7 @@ bool ScoreFp8TopKApplies(int n_max, int k, int d) {
 
 absl::Status LaunchScoreFp8TopK(const float* q_chan, const uint8_t* index, int64_t index_rows, int d,
                                 int rows, int first, int n_max, int k, int32_t* out, void* workspace,
-                                size_t workspace_bytes, cudaStream_t stream) {
+                                size_t workspace_bytes, cudaStream_t stream, int chunk_threads) {
   constexpr const char* kFn = "LaunchScoreFp8TopK";
   // The Top-K's own checks (scores: the index stands in for them).
   if (absl::Status s = ValidateTopK(reinterpret_cast<const float*>(index), n_max, rows, n_max, k,
@@ -827,7 +827,9 @@ absl::Status LaunchScoreFp8TopK(const float* q_chan, const uint8_t* index, int64
   if (reinterpret_cast<uintptr_t>(index) % 16 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(kFn, ": index is not 16-byte aligned"));
   }
-  const int threads = ChunkThreads(n_max, k);
+  // A forced chunk that does not fit falls back to the choice by size.
+  int threads = chunk_threads != 0 ? ChunkThreads(n_max, k, chunk_threads) : 0;
+  if (threads == 0) threads = ChunkThreads(n_max, k);
   switch (d) {
     case 16:
       return LaunchChunked(threads, Fp8IndexKeys<1>{q_chan, index, index_rows, first}, rows, n_max,

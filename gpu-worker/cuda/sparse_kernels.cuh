@@ -81,9 +81,13 @@ absl::Status LaunchTopK(const float* scores, int64_t row_stride, int rows, int n
 // Errors (InvalidArgument naming the field): LaunchTopK's, a case outside
 // the fused path, index_rows < first + n_max, null or misaligned pointers.
 bool ScoreFp8TopKApplies(int n_max, int k, int d);
+// chunk_threads: 0 chooses stage 1's block by (n_max, k) as LaunchTopK
+// does; 256 / 512 / 1024 force it where the candidates still fit (more,
+// smaller chunks keep more loads of the index in flight, at the cost of a
+// larger stage 2).
 absl::Status LaunchScoreFp8TopK(const float* q_chan, const uint8_t* index, int64_t index_rows, int d,
                                 int rows, int first, int n_max, int k, int32_t* out, void* workspace,
-                                size_t workspace_bytes, cudaStream_t stream);
+                                size_t workspace_bytes, cudaStream_t stream, int chunk_threads = 0);
 
 // runtime::MapThroughPool on the device (plan refine: a Top-K over a pool
 // of candidates back to their indices): out[r * k + i] = pool[r * n_pool +

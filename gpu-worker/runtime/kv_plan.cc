@@ -511,7 +511,9 @@ absl::StatusOr<KvPlan> ParseKvPlanJson(std::string_view text, const model::Model
     root = json::parse(text, [&duplicates](int, json::parse_event_t event, json& parsed) {
       return duplicates.OnEvent(event, parsed);
     });
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
+    // parse_error, and out_of_range for a number beyond double ("1e999"),
+    // which is not a parse_error and used to escape as an uncaught exception.
     return absl::InvalidArgumentError(absl::StrCat("kv plan is not valid JSON: ", e.what()));
   }
   if (!duplicates.duplicate().empty()) {

@@ -425,6 +425,20 @@ TEST(KvPlanTest, DuplicateKeysAreRejectedNamingTheField) {
   }
 }
 
+// Found by tests/fuzz/kv_plan_fuzz.cc: nlohmann::json reports a number too
+// large for a double as out_of_range, not parse_error, and it escaped
+// ParseKvPlanJson (std::terminate in the worker loading the plan).
+TEST(KvPlanTest, NumberBeyondDoubleIsInvalidArgument) {
+  for (const char* text :
+       {R"({"format": "tailorkv.kv_plan", "version": 1e999})",
+        R"({"format": "tailorkv.kv_plan", "version": 1, "profile": {"x": [-1e400]}})"}) {
+    auto plan = ParseKvPlanJson(text, Config());
+    ASSERT_FALSE(plan.ok()) << text;
+    EXPECT_TRUE(absl::IsInvalidArgument(plan.status())) << plan.status();
+    EXPECT_THAT(StatusText(plan.status()), HasSubstr("number overflow"));
+  }
+}
+
 class KvPlanFileTest : public ::testing::Test {
  protected:
   void SetUp() override {
