@@ -25,6 +25,7 @@
 #include "cuda/sparse_index_kernels.cuh"
 #include "cuda/sparse_int4_index_kernels.cuh"
 #include "cuda/sparse_kernels.cuh"
+#include "cuda/sampling_kernels.cuh"
 #include "cuda/sparse_tier_kernels.cuh"
 #include "cuda/window_kernels.cuh"
 #include "store/in_process_store.h"
@@ -47,6 +48,7 @@ using runtime::SequenceState;
 // Rows of logits computed per head GEMM when all positions' logits are asked
 // for: bounds that buffer to kLogitRows x vocab floats.
 constexpr int kLogitRows = 64;
+static_assert(kLogitRows <= kMaxPickRows, "a decode pass's rows must fit one LaunchGreedyPick");
 // cuBLAS gets a fixed workspace so that it never allocates during graph capture.
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;
 
@@ -285,6 +287,11 @@ class CudaSequence final : public SequenceState {
     }
     return b;
   }
+  // DecodeBatchPick with a repetition penalty: a bit per vocabulary entry
+  // for the tokens of the history seen so far (its first seen_count), and a
+  // staging buffer for the new ones.
+  DeviceBuffer seen, seen_tokens;
+  size_t seen_count = 0;
   CudaGraphExec& decode_graph() { return decode_graph_; }
   bool decoded_once = false;  // the first decode runs eagerly, warming cuBLAS before capture
   // Never reused by another sequence of the process: DecodeBatch's graph
@@ -377,6 +384,13 @@ class CudaBackend final : public runtime::Backend {
   // stay), at most kMaxBatch sequences a pass.
   absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
                            std::vector<float>* logits) override;
+  // The greedy rows' tokens are picked on the device (LaunchGreedyPick over
+  // the logits buffer; the repetition penalty through a per-sequence bitmap
+  // of seen tokens); the logits cross to the host only when some row still
+  // needs them.
+  absl::Status DecodeBatchPick(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                               absl::Span<const GreedyPickRequest> greedy, std::vector<float>* logits,
+                               std::vector<int32_t>* picked, std::vector<absl::Status>* per_seq) override;
 
   // Every buffer NewSequence, NewSparseLayer and EndSparsePrompt allocate,
   // each rounded up as cudaMalloc does (2 MiB pages from 1 MiB up).
@@ -457,8 +471,17 @@ class CudaBackend final : public runtime::Backend {
   Pass SinglePass(CudaSequence& seq, int n, int start, bool decode) {
     return Pass{{SeqSlot{&seq, 0, start, step_.as<int32_t>()}}, n, step_.as<int32_t>() + 2, decode, false};
   }
+  // DecodeBatch's checks; the sequences as this backend's.
+  absl::StatusOr<std::vector<CudaSequence*>> CheckBatch(absl::Span<SequenceState* const> seqs,
+                                                        absl::Span<const int32_t> tokens);
+  // One pass of at most max_batch_ sequences. With `greedy` (a request per
+  // sequence), picked[b] gets the greedy rows' tokens (-1 elsewhere) and
+  // the logits are copied out only when some row is not picked.
   absl::Status DecodeBatchPass(absl::Span<CudaSequence* const> seqs, absl::Span<const int32_t> tokens,
-                               float* logits);
+                               float* logits, const GreedyPickRequest* greedy = nullptr,
+                               int32_t* picked = nullptr);
+  // Brings seq's seen-token bitmap up to `history` (allocated on first use).
+  absl::Status MarkSeen(CudaSequence& seq, absl::Span<const int32_t> history);
   // Copies layer l's last tap.tap_queries rows of q_ (of the n in flight) and
   // its dense K/V rows [0, tap.n_keys) to the host as fp32 and calls the
   // observer; its status is returned. Nothing is left in flight on return.
@@ -652,8 +675,9 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   ASSIGN_OR_RETURN(b->h_, b->Alloc(mlp_rows * F * sizeof(bf16)));
   ASSIGN_OR_RETURN(b->logits_, b->Alloc(kLogitRows * V * sizeof(float)));
   b->max_batch_ = static_cast<int>(std::min<size_t>(kLogitRows, T));
-  ASSIGN_OR_RETURN(b->batch_step_, b->Alloc(3 * static_cast<size_t>(b->max_batch_) * sizeof(int32_t)));
-  CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->batch_host_, 3 * static_cast<size_t>(b->max_batch_) * sizeof(int32_t)));
+  // [ids][position, length pairs][picked tokens] (the last written by the device).
+  ASSIGN_OR_RETURN(b->batch_step_, b->Alloc(4 * static_cast<size_t>(b->max_batch_) * sizeof(int32_t)));
+  CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->batch_host_, 4 * static_cast<size_t>(b->max_batch_) * sizeof(int32_t)));
   ASSIGN_OR_RETURN(b->step_, b->Alloc((T + 2) * sizeof(int32_t)));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->step_host_, (T + 2) * sizeof(int32_t)));
   CUDA_RETURN_IF_ERROR(cudaMallocHost(&b->logits_host_, kLogitRows * V * sizeof(float)));
@@ -1612,8 +1636,8 @@ absl::Status CudaBackend::DecodeStep(CudaSequence& seq, int32_t token,
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::DecodeBatch(absl::Span<SequenceState* const> seqs,
-                                      absl::Span<const int32_t> tokens, std::vector<float>* logits) {
+absl::StatusOr<std::vector<CudaSequence*>> CudaBackend::CheckBatch(absl::Span<SequenceState* const> seqs,
+                                                                   absl::Span<const int32_t> tokens) {
   if (seqs.size() != tokens.size()) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "tokens: %d for %d sequences (one each)", tokens.size(), seqs.size()));
@@ -1635,6 +1659,12 @@ absl::Status CudaBackend::DecodeBatch(absl::Span<SequenceState* const> seqs,
     }
     cuda_seqs.push_back(seq);
   }
+  return cuda_seqs;
+}
+
+absl::Status CudaBackend::DecodeBatch(absl::Span<SequenceState* const> seqs,
+                                      absl::Span<const int32_t> tokens, std::vector<float>* logits) {
+  ASSIGN_OR_RETURN(std::vector<CudaSequence*> cuda_seqs, CheckBatch(seqs, tokens));
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
   const size_t V = config_.vocab;
   logits->resize(seqs.size() * V);
@@ -1646,8 +1676,59 @@ absl::Status CudaBackend::DecodeBatch(absl::Span<SequenceState* const> seqs,
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::DecodeBatchPick(absl::Span<SequenceState* const> seqs,
+                                          absl::Span<const int32_t> tokens,
+                                          absl::Span<const GreedyPickRequest> greedy,
+                                          std::vector<float>* logits, std::vector<int32_t>* picked,
+                                          std::vector<absl::Status>* per_seq) {
+  if (greedy.size() != seqs.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("greedy: %d requests for %d sequences (one each)", greedy.size(), seqs.size()));
+  }
+  ASSIGN_OR_RETURN(std::vector<CudaSequence*> cuda_seqs, CheckBatch(seqs, tokens));
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
+  const size_t V = config_.vocab;
+  logits->resize(seqs.size() * V);
+  picked->assign(seqs.size(), -1);
+  // A device failure is the whole batch's (no sequence is remote here).
+  absl::Status st;
+  for (size_t b0 = 0; b0 < seqs.size() && st.ok(); b0 += max_batch_) {
+    const size_t n = std::min<size_t>(max_batch_, seqs.size() - b0);
+    st = DecodeBatchPass(absl::MakeConstSpan(cuda_seqs).subspan(b0, n), tokens.subspan(b0, n),
+                         logits->data() + b0 * V, greedy.data() + b0, picked->data() + b0);
+  }
+  per_seq->assign(seqs.size(), st);
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::MarkSeen(CudaSequence& seq, absl::Span<const int32_t> history) {
+  cudaStream_t s = stream_.get();
+  const size_t words = (static_cast<size_t>(config_.vocab) + 31) / 32;
+  if (seq.seen.get() == nullptr || history.size() < seq.seen_count) {
+    if (seq.seen.get() == nullptr) {
+      ASSIGN_OR_RETURN(seq.seen, Alloc(words * sizeof(uint32_t)));
+    }
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(seq.seen.get(), 0, seq.seen.size(), s));
+    seq.seen_count = 0;
+  }
+  const size_t n = history.size() - seq.seen_count;
+  if (n == 0) return absl::OkStatus();
+  // Usually the one token sampled last step; the whole prompt the first time.
+  if (seq.seen_tokens.size() < n) {
+    seq.seen_tokens = DeviceBuffer();
+    ASSIGN_OR_RETURN(seq.seen_tokens, Alloc(std::max<size_t>(n, 256) * sizeof(int32_t)));
+  }
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(seq.seen_tokens.get(), history.data() + seq.seen_count,
+                                       n * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+  RETURN_IF_ERROR(LaunchMarkSeen(seq.seen_tokens.as<int32_t>(), static_cast<int>(n), config_.vocab,
+                                 seq.seen.as<uint32_t>(), s));
+  seq.seen_count = history.size();
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::DecodeBatchPass(absl::Span<CudaSequence* const> seqs,
-                                          absl::Span<const int32_t> tokens, float* logits) {
+                                          absl::Span<const int32_t> tokens, float* logits,
+                                          const GreedyPickRequest* greedy, int32_t* picked) {
   cudaStream_t s = stream_.get();
   const int B = static_cast<int>(seqs.size());
   // The previous pass's copy out of batch_host_ has completed (CopyLogitsOut
@@ -1695,7 +1776,34 @@ absl::Status CudaBackend::DecodeBatchPass(absl::Span<CudaSequence* const> seqs,
     }
     RETURN_IF_ERROR(batch_graph_.Launch(s));
   }
-  RETURN_IF_ERROR(CopyLogitsOut(B, logits));
+  if (greedy != nullptr) {
+    bool logits_out = false;
+    GreedyPickRows rows;
+    for (int b = 0; b < B; ++b) {
+      rows.penalty[b] = 1.0f;
+      if (!greedy[b].pick) {
+        logits_out = true;
+        continue;
+      }
+      if (greedy[b].repetition_penalty != 1.0f) {
+        RETURN_IF_ERROR(MarkSeen(*seqs[b], greedy[b].history));
+        rows.seen[b] = seqs[b]->seen.as<uint32_t>();
+        rows.penalty[b] = greedy[b].repetition_penalty;
+      }
+    }
+    int32_t* d_picked = batch_step_.as<int32_t>() + 3 * max_batch_;
+    int32_t* h_picked = batch_host_ + 3 * max_batch_;
+    RETURN_IF_ERROR(LaunchGreedyPick(logits_.as<float>(), config_.vocab, B, config_.vocab, rows, d_picked, s));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_picked, d_picked, B * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+    if (logits_out) {
+      RETURN_IF_ERROR(CopyLogitsOut(B, logits));  // synchronizes
+    } else {
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+    }
+    for (int b = 0; b < B; ++b) picked[b] = greedy[b].pick ? h_picked[b] : -1;
+  } else {
+    RETURN_IF_ERROR(CopyLogitsOut(B, logits));
+  }
   for (CudaSequence* seq : seqs) {
     seq->set_length(seq->length() + 1);
     ++seq->selecting_steps;

@@ -19,6 +19,7 @@
 #include "runtime/engine.h"
 #include "runtime/kv_plan.h"
 #include "runtime/quant_kv.h"
+#include "runtime/sampler.h"
 #include "runtime/test_model.h"
 
 namespace tailorkv::cuda {
@@ -927,6 +928,89 @@ TEST_F(CudaBackendTest, SequenceMemoryBytesBoundsWhatASequenceHolds) {
     EXPECT_GE(estimate, held) << spec;
     EXPECT_LE(estimate, held * 11 / 10 + (1 << 20)) << spec;
   }
+}
+
+// DecodeBatchPick picks on the device exactly what runtime::GreedyPick picks
+// from DecodeBatch's logits (same batch, same weights: bit-identical
+// logits), with and without a repetition penalty; a row not asked to pick
+// gets its logits as DecodeBatch gives them; a greedy-only batch needs no
+// logits at all. Dense and sparse plans; 8 steps, graphs replaying.
+TEST_F(CudaBackendTest, DecodeBatchPickMatchesGreedyPickOnTheLogits) {
+  ModelWeights w = TinyHeadDim64Model(23);
+  runtime::testing::RoundWeightsToBf16(w);
+  auto ref = CreateCudaBackend(w, {.max_prefill_chunk = 32});
+  auto dev = CreateCudaBackend(w, {.max_prefill_chunk = 32});
+  ASSERT_TRUE(ref.ok() && dev.ok());
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int32_t> tok(0, w.config.vocab - 1);
+  for (const char* spec : {"dense", "sparse:24:4:8:8:gpu:late:i8"}) {
+    auto plan = runtime::ParseKvPlanSpec(spec, w.config);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    for (const bool all_greedy : {false, true}) {
+      SCOPED_TRACE(testing::Message() << spec << (all_greedy ? ", all greedy" : ", mixed"));
+      constexpr int B = 3;
+      std::vector<std::unique_ptr<runtime::SequenceState>> a, b;
+      std::vector<std::vector<int32_t>> history(B);
+      std::vector<float> l;
+      for (int i = 0; i < B; ++i) {
+        for (int t = 0; t < 70 + 9 * i; ++t) history[i].push_back(tok(rng));
+        a.push_back(*(*ref)->NewSequence(120, *plan));
+        b.push_back(*(*dev)->NewSequence(120, *plan));
+        ASSERT_TRUE((*ref)->Forward(*a[i], history[i], false, &l).ok());
+        ASSERT_TRUE((*dev)->Forward(*b[i], history[i], false, &l).ok());
+        history[i].push_back(tok(rng));
+      }
+      std::vector<runtime::SequenceState*> ra, rb;
+      for (int i = 0; i < B; ++i) {
+        ra.push_back(a[i].get());
+        rb.push_back(b[i].get());
+      }
+      const float penalty[B] = {1.0f, 1.7f, 0.6f};
+      int changed_by_penalty = 0;
+      for (int step = 0; step < 8; ++step) {
+        std::vector<int32_t> last(B);
+        std::vector<runtime::Backend::GreedyPickRequest> greedy(B);
+        for (int i = 0; i < B; ++i) {
+          last[i] = history[i].back();
+          greedy[i] = {all_greedy || i != 1, penalty[i], history[i]};
+        }
+        std::vector<float> la, lb(B * w.config.vocab, std::nanf(""));
+        std::vector<int32_t> picked;
+        std::vector<absl::Status> per_seq;
+        ASSERT_TRUE((*ref)->DecodeBatch(ra, last, &la).ok());
+        absl::Status st = (*dev)->DecodeBatchPick(rb, last, greedy, &lb, &picked, &per_seq);
+        ASSERT_TRUE(st.ok()) << st;
+        ASSERT_EQ(picked.size(), static_cast<size_t>(B));
+        for (int i = 0; i < B; ++i) {
+          ASSERT_TRUE(per_seq[i].ok()) << per_seq[i];
+          const absl::Span<const float> row(la.data() + i * w.config.vocab, w.config.vocab);
+          if (!greedy[i].pick) {
+            EXPECT_EQ(picked[i], -1);
+            EXPECT_TRUE(std::equal(row.begin(), row.end(), lb.begin() + i * w.config.vocab))
+                << "row " << i << " step " << step;
+            history[i].push_back(tok(rng));
+            continue;
+          }
+          const int32_t want = runtime::GreedyPick(row, penalty[i], history[i]);
+          EXPECT_EQ(picked[i], want) << "row " << i << " step " << step;
+          if (want != runtime::GreedyPick(row, 1.0f, {})) ++changed_by_penalty;
+          history[i].push_back(want);
+        }
+      }
+      // The histories hold each pick, so the penalty must bite at some step.
+      EXPECT_GT(changed_by_penalty, 0);
+    }
+  }
+  // Bad input: one request per sequence.
+  auto s = *(*dev)->NewSequence(8);
+  std::vector<float> l;
+  ASSERT_TRUE((*dev)->Forward(*s, std::vector<int32_t>{1, 2}, false, &l).ok());
+  std::vector<runtime::SequenceState*> one = {s.get()};
+  std::vector<int32_t> picked;
+  std::vector<absl::Status> per_seq;
+  const absl::Status st = (*dev)->DecodeBatchPick(one, std::vector<int32_t>{3}, {}, &l, &picked, &per_seq);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(std::string(st.message()).find("greedy"), std::string::npos) << st;
 }
 
 // Bad batches are refused before any work, naming the sequence.

@@ -1,6 +1,8 @@
 #include "runtime/backend.h"
 
 #include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "runtime/sampler.h"
 
 namespace tailorkv::runtime {
 
@@ -31,6 +33,24 @@ int64_t Backend::SequenceMemoryBytes(int /*prompt*/, int capacity, const KvPlan&
   int64_t bytes = 0;
   for (const LayerKvBytes& b : EstimateKvBytes(plan, config(), capacity, 4)) bytes += b.device_bytes;
   return bytes;
+}
+
+absl::Status Backend::DecodeBatchPick(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                                      absl::Span<const GreedyPickRequest> greedy, std::vector<float>* logits,
+                                      std::vector<int32_t>* picked, std::vector<absl::Status>* per_seq) {
+  if (greedy.size() != seqs.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("greedy: %d requests for %d sequences (one each)", greedy.size(), seqs.size()));
+  }
+  RETURN_IF_ERROR(DecodeBatchIsolated(seqs, tokens, logits, per_seq));
+  const size_t vocab = static_cast<size_t>(config().vocab);
+  picked->assign(seqs.size(), -1);
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    if (!greedy[b].pick || !(*per_seq)[b].ok()) continue;
+    (*picked)[b] = GreedyPick(absl::MakeConstSpan(logits->data() + b * vocab, vocab),
+                              greedy[b].repetition_penalty, greedy[b].history);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Backend::DecodeBatchIsolated(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,

@@ -126,6 +126,26 @@ class Backend {
   virtual absl::Status DecodeBatchIsolated(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
                                            std::vector<float>* logits, std::vector<absl::Status>* per_seq);
 
+  // What DecodeBatchPick may choose on the backend's own device for one
+  // sequence: its greedy token (runtime::GreedyPick: the repetition penalty
+  // over `history`, the tokens seen so far, then the largest logit).
+  struct GreedyPickRequest {
+    bool pick = false;  // false: the caller samples from the logits row
+    float repetition_penalty = 1.0f;
+    absl::Span<const int32_t> history;
+  };
+  // DecodeBatchIsolated that also picks the greedy tokens, so that a
+  // backend with a device picks them there and only token ids come back:
+  // (*picked)[b] = GreedyPick of seqs[b]'s logits where greedy[b].pick and
+  // per_seq[b] is OK, else -1; logits row b is filled where picked[b] is -1
+  // (it may be left unfilled where a token was picked). Statuses as
+  // DecodeBatchIsolated's; greedy.size() must equal seqs.size()
+  // (InvalidArgument naming it). Default: DecodeBatchIsolated, then
+  // GreedyPick on the host.
+  virtual absl::Status DecodeBatchPick(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                                       absl::Span<const GreedyPickRequest> greedy, std::vector<float>* logits,
+                                       std::vector<int32_t>* picked, std::vector<absl::Status>* per_seq);
+
   // How many sequences the engine may step in turn (their calls
   // interleaved); the engine runs at most this many generations at once.
   virtual int max_interleaved_sequences() const { return 1 << 20; }

@@ -569,9 +569,10 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
   }
 }
 
-void Engine::EmitToken(Job& job) {
+void Engine::EmitToken(Job& job, int32_t picked) {
   const GenerationRequest& request = job.request;
-  const int32_t token = job.sampler.Sample(absl::MakeSpan(job.logits.data(), config().vocab), job.history);
+  const int32_t token =
+      picked >= 0 ? picked : job.sampler.Sample(absl::MakeSpan(job.logits.data(), config().vocab), job.history);
   if (job.step == 0) {
     job.result.prefill_ms = MsSince(job.t0);
     job.t0 = Clock::now();
@@ -641,17 +642,23 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
   std::vector<Job*> batch;
   std::vector<SequenceState*> seqs;
   std::vector<int32_t> last;
+  // Greedy generations' tokens are picked where the logits are (on a GPU,
+  // only the ids come back); the others sample from their logits row here.
+  std::vector<Backend::GreedyPickRequest> greedy;
   for (const std::shared_ptr<Job>& j : running) {
     Job& job = *j;
     if (job.done || job.prefilled < static_cast<int>(job.request.prompt_tokens.size()) || job.outbox.full()) continue;
     batch.push_back(&job);
     seqs.push_back(job.seq.get());
     last.push_back(job.history.back());
+    const SamplingParams& sp = job.sampler.params();
+    greedy.push_back({sp.temperature == 0.0f, sp.repetition_penalty, job.history});
   }
   if (!batch.empty()) {
     std::vector<float>& logits = batch_logits_;
     std::vector<absl::Status> per_seq;
-    const absl::Status s = backend_->DecodeBatchIsolated(seqs, last, &logits, &per_seq);
+    std::vector<int32_t> picked;
+    const absl::Status s = backend_->DecodeBatchPick(seqs, last, greedy, &logits, &picked, &per_seq);
     const size_t vocab = static_cast<size_t>(config().vocab);
     for (size_t b = 0; b < batch.size(); ++b) {
       Job& job = *batch[b];
@@ -659,9 +666,9 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
         fail(job, s.ok() ? per_seq[b] : s);
         continue;
       }
-      job.logits.assign(logits.begin() + b * vocab, logits.begin() + (b + 1) * vocab);
+      if (picked[b] < 0) job.logits.assign(logits.begin() + b * vocab, logits.begin() + (b + 1) * vocab);
       if (job.step == 1) job.live->Refresh(*job.seq);
-      EmitToken(job);
+      EmitToken(job, picked[b]);
       moved = true;
     }
   }

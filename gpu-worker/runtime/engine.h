@@ -223,7 +223,9 @@ class Engine {
   void Admit(std::vector<std::shared_ptr<Job>>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Samples the token the last Forward's logits give, streams it; marks the
   // job finished when it ends.
-  void EmitToken(Job& job);
+  // `picked` >= 0: the token the backend picked (greedy); else sampled
+  // from job.logits.
+  void EmitToken(Job& job, int32_t picked = -1);
   void Finish(Job& job, absl::StatusOr<GenerationResult> outcome);
   void Wake();
   int64_t JobKvBytes(int prompt, int capacity, const KvPlan& plan) const;

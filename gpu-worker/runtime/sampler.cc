@@ -28,10 +28,39 @@ absl::Status SamplingParams::Validate(int vocab_size) const {
   return absl::OkStatus();
 }
 
+int32_t GreedyPick(absl::Span<const float> logits, float repetition_penalty,
+                   absl::Span<const int32_t> history) {
+  const int vocab = static_cast<int>(logits.size());
+  if (vocab == 0) return 0;
+  std::vector<bool> seen;
+  if (repetition_penalty != 1.0f) {
+    seen.assign(vocab, false);
+    for (int32_t t : history) {
+      if (t >= 0 && t < vocab) seen[t] = true;
+    }
+  }
+  auto value = [&](int i) {
+    const float l = logits[i];
+    if (seen.empty() || !seen[i]) return l;
+    return l > 0 ? l / repetition_penalty : l * repetition_penalty;
+  };
+  int32_t best = 0;
+  float best_v = value(0);
+  for (int i = 1; i < vocab; ++i) {
+    const float v = value(i);
+    if (v > best_v) {  // strict: ties keep the lowest id
+      best = i;
+      best_v = v;
+    }
+  }
+  return best;
+}
+
 Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
 
 int32_t Sampler::Sample(absl::Span<float> logits, absl::Span<const int32_t> history) {
   const int vocab = static_cast<int>(logits.size());
+  if (params_.temperature == 0.0f) return GreedyPick(logits, params_.repetition_penalty, history);
   if (params_.repetition_penalty != 1.0f) {
     // Applied once per distinct token, as Hugging Face does.
     std::unordered_set<int32_t> seen(history.begin(), history.end());
@@ -41,14 +70,6 @@ int32_t Sampler::Sample(absl::Span<float> logits, absl::Span<const int32_t> hist
       l = l > 0 ? l / params_.repetition_penalty : l * params_.repetition_penalty;
     }
   }
-  if (params_.temperature == 0.0f) {
-    int32_t best = 0;
-    for (int i = 1; i < vocab; ++i) {
-      if (logits[i] > logits[best]) best = i;  // strict: ties keep the lowest id
-    }
-    return best;
-  }
-
   candidates_.clear();
   candidates_.reserve(vocab);
   for (int i = 0; i < vocab; ++i) candidates_.emplace_back(logits[i] / params_.temperature, i);

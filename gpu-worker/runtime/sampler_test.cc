@@ -88,8 +88,28 @@ TEST(Sampler, RepetitionPenaltyDividesPositiveAndMultipliesNegative) {
   const std::vector<int32_t> history = {0, 0, 2};
   // Token 0: 4 -> 2 (below token 1's 3); applied once although seen twice.
   EXPECT_EQ(s.Sample(absl::MakeSpan(l), history), 1);
-  EXPECT_FLOAT_EQ(l[0], 2.0f);
-  EXPECT_FLOAT_EQ(l[2], -2.0f);
+  // Negative logits are multiplied: token 2's -1 becomes -2.
+  const std::vector<float> m = {-1.2f, -1.5f, -1.0f};
+  EXPECT_EQ(GreedyPick(m, 2.0f, {}), 2);
+  EXPECT_EQ(GreedyPick(m, 2.0f, std::vector<int32_t>{2}), 0);
+  EXPECT_EQ(GreedyPick(m, 2.0f, std::vector<int32_t>{0, 2, 2}), 1);
+  EXPECT_EQ(GreedyPick(m, 1.0f, std::vector<int32_t>{2}), 2);  // no penalty
+}
+
+// The device pick's reference: ties to the lowest id, NaN never wins except
+// at id 0 (nothing compares greater), ids outside the vocabulary ignored,
+// penalties once per distinct token, the logits left as they are.
+TEST(GreedyPick, TiesNaNAndHistoryEdgeCases) {
+  const float nan = std::nanf("");
+  std::vector<float> l = {1.0f, 5.0f, nan, 5.0f, -2.0f};
+  EXPECT_EQ(GreedyPick(l, 1.0f, {}), 1);
+  EXPECT_EQ(GreedyPick(l, 10.0f, std::vector<int32_t>{1, 1, -7, 99}), 3);  // 5 -> 0.5
+  EXPECT_FLOAT_EQ(l[1], 5.0f);
+  const std::vector<float> first_nan = {nan, 1.0f, 2.0f};
+  EXPECT_EQ(GreedyPick(first_nan, 1.0f, {}), 0);
+  const std::vector<float> all_neg_inf(4, -INFINITY);
+  EXPECT_EQ(GreedyPick(all_neg_inf, 2.0f, std::vector<int32_t>{0}), 0);
+  EXPECT_EQ(GreedyPick({}, 1.0f, {}), 0);
 }
 
 TEST(SamplingParams, ValidateNamesFieldAndLimit) {
