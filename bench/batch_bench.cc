@@ -8,6 +8,7 @@
 // Per batch size: generated tokens/s, the step time (each sequence's
 // inter-token latency) p50 / p99, and bytes held.
 //
+// --pick: what becomes of the logits (none / host greedy / device greedy).
 // Decode tokens: --decode-tokens repeat (default, as tkv_llama_bench's
 // figures) or random (see --help).
 //
@@ -26,6 +27,7 @@
 #include "cuda/cuda_backend.h"
 #include "model/shapes.h"
 #include "runtime/kv_plan.h"
+#include "runtime/sampler.h"
 
 namespace {
 
@@ -64,6 +66,9 @@ std::string Limit(const absl::Status& s) {
 
 }  // namespace
 
+// Keeps the host picks from being optimized away.
+volatile int64_t picked_sum = 0;
+
 int main(int argc, char** argv) {
   CLI::App app{"decode tokens/s against batch size, 8B shape (CUDA)"};
   std::vector<int> contexts = {32768, 131072};
@@ -71,7 +76,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> plan_specs = {"dense", "hybrid:2:896:64:64:32:gpu:late:i8"};
   int steps = 16, layers = 32;
   uint64_t host_budget_gib = 0;
-  std::string out_path, decode_tokens = "repeat";
+  std::string out_path, decode_tokens = "repeat", pick = "none";
   app.add_option("--contexts", contexts, "context lengths")->delimiter(',');
   app.add_option("--batches", batches, "batch sizes, ascending (stops at the first that does not fit)")
       ->delimiter(',');
@@ -85,6 +90,11 @@ int main(int argc, char** argv) {
                  "~75% of their rows from one step to the next, near the 81% of real text on SmolLM2); "
                  "random: a new random token each step (few rows reselected: the PCIe worst case)")
       ->check(CLI::IsMember({"repeat", "random"}));
+  app.add_option("--pick", pick,
+                 "none: DecodeBatch, logits to the host (earlier figures); host: that plus the greedy "
+                 "pick of every row on the host (the engine before DecodeBatchPick); device: "
+                 "DecodeBatchPick, greedy tokens picked on the GPU, only ids cross")
+      ->check(CLI::IsMember({"none", "host", "device"}));
   app.add_option("--out", out_path, "JSON results file");
   CLI11_PARSE(app, argc, argv);
   if (!std::is_sorted(batches.begin(), batches.end()) || batches.empty() || batches[0] < 1) {
@@ -137,13 +147,28 @@ int main(int argc, char** argv) {
         std::vector<int32_t> tokens(B);
         for (auto& t : tokens) t = tok(rng);
         std::vector<float> logits;
+        std::vector<int32_t> picked;
+        std::vector<absl::Status> per_seq;
         std::vector<double> ms;
         for (int i = 0; i < steps + kWarmSteps; ++i) {
           if (decode_tokens == "random") {
             for (auto& t : tokens) t = tok(rng);
           }
           const auto t0 = Clock::now();
-          if (auto s = (*backend)->DecodeBatch(batch, tokens, &logits); !s.ok()) {
+          absl::Status s;
+          if (pick == "device") {
+            std::vector<tailorkv::runtime::Backend::GreedyPickRequest> greedy(B, {true, 1.0f, {}});
+            s = (*backend)->DecodeBatchPick(batch, tokens, greedy, &logits, &picked, &per_seq);
+            for (size_t b = 0; s.ok() && b < per_seq.size(); ++b) s = per_seq[b];
+          } else {
+            s = (*backend)->DecodeBatch(batch, tokens, &logits);
+            for (int b = 0; s.ok() && pick == "host" && b < B; ++b) {
+              picked_sum = picked_sum + tailorkv::runtime::GreedyPick(
+                  absl::MakeConstSpan(logits.data() + static_cast<size_t>(b) * config.vocab, config.vocab),
+                  1.0f, {});
+            }
+          }
+          if (!s.ok()) {
             Fail(s, "decode batch");
             return false;
           }
@@ -163,7 +188,7 @@ int main(int argc, char** argv) {
         out["runs"].push_back({{"context", ctx}, {"plan", plan.name}, {"plan_summary", plan.Summary()},
                                {"batch", B}, {"tokens_per_s", tps}, {"step_ms_p50", p50},
                                {"step_ms_p99", p99}, {"speedup_vs_first_batch", tps / base_tps},
-                               {"kv_gpu_gb", gpu}, {"host_kv_gb", host / 1e9}});
+                               {"kv_gpu_gb", gpu}, {"host_kv_gb", host / 1e9}, {"pick", pick}});
         measured = B;
         return true;
       };

@@ -1,0 +1,20 @@
+# Fourth call (no model needed): the new kernels' and backend's tests, decode
+# speed with the defaults and the fused variants (run3's), and batch
+# throughput with the greedy pick on the host against on the device.
+set -u
+mkdir -p /root/mb && xz -dc .stage/a/mb.tar.xz | tar -xf - -C /root/mb
+export LD_LIBRARY_PATH=/root/mb/.bundle/lib:/usr/local/cuda/lib64
+B=/root/mb/.bundle/bin
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/gpu.txt
+timeout 300 $B/tkv_cuda_test --gtest_brief=1 --gtest_filter='Sampling*:*DecodeBatchPick*:SparseTier*:SparseFp8*:SparseKernels*:*RowReuse*:CudaBackendTest.Tiny*:CudaBackendTest.Sparse*' \
+  --gtest_output=json:$OUT/gtest_cuda.json > $OUT/cuda_test.txt 2>&1
+echo "tkv_cuda_test rc $?"; grep -E "PASSED|FAILED|tests ran" $OUT/cuda_test.txt | tail -12
+P=hybrid:2:896:64:64:32:gpu:late:i8
+T=hybrid:2:896:64:64:32:gpu:i8
+run() { local name=$1; shift; echo "== $name: $*"; $B/tkv_llama_bench --prefill "" --decode-tokens repeat --out $OUT/$name.json "$@" 2>&1 | grep -v "^\s*$" | tail -9; }
+run decode_base --plans dense,$P,$T --contexts 32768,131072
+run decode_fused --plans $P,$T --contexts 32768,131072 --fused-topk true
+for pick in none host device; do
+  echo "== batch pick $pick"
+  $B/tkv_batch_bench --contexts 32768 --plans dense,$P --batches 1,4,16 --steps 16 --pick $pick --out $OUT/batch_$pick.json 2>&1 | tail -8
+done
