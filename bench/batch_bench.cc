@@ -116,6 +116,7 @@ int main(int argc, char** argv) {
   }
   tailorkv::cuda::CudaBackendOptions opts;
   opts.host_kv_budget_bytes = host_budget_gib << 30;
+  opts.device_greedy_pick = pick == "device";
   auto backend = tailorkv::cuda::CreateCudaBackendWithRandomWeights(config, 1234, opts);
   if (!backend.ok()) return Fail(backend.status(), "backend");
   cudaDeviceProp prop{};

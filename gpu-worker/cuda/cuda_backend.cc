@@ -1685,6 +1685,9 @@ absl::Status CudaBackend::DecodeBatchPick(absl::Span<SequenceState* const> seqs,
     return absl::InvalidArgumentError(
         absl::StrFormat("greedy: %d requests for %d sequences (one each)", greedy.size(), seqs.size()));
   }
+  if (!options_.device_greedy_pick) {
+    return Backend::DecodeBatchPick(seqs, tokens, greedy, logits, picked, per_seq);
+  }
   ASSIGN_OR_RETURN(std::vector<CudaSequence*> cuda_seqs, CheckBatch(seqs, tokens));
   CUDA_RETURN_IF_ERROR(cudaSetDevice(options_.device));
   const size_t V = config_.vocab;

@@ -98,6 +98,11 @@ struct CudaBackendOptions {
   // kernel's 512), though faster for query "previous" at 128k (5.68 vs 5.82).
   bool sparse_fused_topk = false;
   int sparse_fused_chunk_threads = 0;  // its stage-1 block (LaunchScoreFp8TopK's chunk_threads)
+  // DecodeBatchPick picks greedy tokens on the GPU (LaunchGreedyPick), so
+  // only token ids cross back; false: the logits cross and the host picks
+  // (Backend's default). Off until its GPU tests have run (written
+  // 2026-12-07, when no GPU could be had for the rest of the session).
+  bool device_greedy_pick = false;
   // Sparse layers with query "after-attention" and row reuse: a first
   // selection from the previous layer's input (TailorKV's speculation,
   // overlapping that whole layer) gathers rows ahead, so the final

@@ -939,7 +939,7 @@ TEST_F(CudaBackendTest, DecodeBatchPickMatchesGreedyPickOnTheLogits) {
   ModelWeights w = TinyHeadDim64Model(23);
   runtime::testing::RoundWeightsToBf16(w);
   auto ref = CreateCudaBackend(w, {.max_prefill_chunk = 32});
-  auto dev = CreateCudaBackend(w, {.max_prefill_chunk = 32});
+  auto dev = CreateCudaBackend(w, {.max_prefill_chunk = 32, .device_greedy_pick = true});
   ASSERT_TRUE(ref.ok() && dev.ok());
   std::mt19937 rng(5);
   std::uniform_int_distribution<int32_t> tok(0, w.config.vocab - 1);
