@@ -221,9 +221,11 @@ absl::StatusOr<ModelWeights> LoadWeightsFromGguf(const GgufFile& g) {
   if (!c.tied_embeddings) {
     ASSIGN_OR_RETURN(w.output, LoadTensor(g, "output.weight", {c.vocab, hidden}));
   }
-  w.layers.resize(static_cast<size_t>(c.n_layers));
+  // Layer by layer, not resize(n_layers) up front: n_layers comes from the
+  // file, and a corrupt block_count (up to INT_MAX) must end in "tensor
+  // missing", not in allocating INT_MAX empty layers.
   for (int i = 0; i < c.n_layers; ++i) {
-    LayerWeights& l = w.layers[static_cast<size_t>(i)];
+    LayerWeights& l = w.layers.emplace_back();
     const std::string p = absl::StrFormat("blk.%d.", i);
     ASSIGN_OR_RETURN(l.attn_norm, LoadTensor(g, p + "attn_norm.weight", {hidden}));
     ASSIGN_OR_RETURN(l.wq, LoadTensor(g, p + "attn_q.weight", {q_dim, hidden}));

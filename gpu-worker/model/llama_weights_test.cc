@@ -52,6 +52,7 @@ struct TinyModelOptions {
   std::string skip_tensor;                  // omit this tensor
   std::string misshape_tensor;              // give this tensor a wrong shape
   std::function<void(GgufBuilder&)> extra;  // more keys or tensors
+  uint32_t block_count = kLayers;           // as written in the metadata
 };
 
 std::vector<uint8_t> TinyModel(const TinyModelOptions& o = {}) {
@@ -59,7 +60,7 @@ std::vector<uint8_t> TinyModel(const TinyModelOptions& o = {}) {
   const std::string a = o.arch;
   b.String("general.architecture", a)
       .String("general.name", "tiny")
-      .U32(a + ".block_count", kLayers)
+      .U32(a + ".block_count", o.block_count)
       .U32(a + ".context_length", 256)
       .U32(a + ".embedding_length", kHidden)
       .U32(a + ".feed_forward_length", kFfn)
@@ -304,6 +305,19 @@ TEST(LoadWeightsFromGgufTest, MissingOrMisshapedTensorIsNamed) {
   auto w2 = LoadWeightsFromGguf(*MustParse(TinyModel(bad)));
   EXPECT_EQ(w2.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(w2.status().message(), HasSubstr("blk.0.attn_k.weight"));
+}
+
+// Found by tests/fuzz/gguf_fuzz.cc: the loader sized its layer list from
+// block_count before reading any layer, so a corrupt count (INT_MAX) made it
+// allocate ~900 GB of empty layers (std::bad_alloc, an ASan OOM report).
+TEST(LoadWeightsFromGgufTest, HugeBlockCountEndsAtTheFirstMissingLayer) {
+  TinyModelOptions o;
+  o.block_count = 0x7fffffff;
+  auto g = MustParse(TinyModel(o));
+  ASSERT_NE(g, nullptr);
+  auto w = LoadWeightsFromGguf(*g);
+  EXPECT_EQ(w.status().code(), absl::StatusCode::kNotFound) << w.status();
+  EXPECT_THAT(w.status().message(), HasSubstr("blk." + std::to_string(kLayers) + ".attn_norm"));
 }
 
 // ---------------------------------------------------------------------------

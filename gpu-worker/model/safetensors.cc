@@ -426,9 +426,11 @@ absl::StatusOr<ModelWeights> LoadWeightsFromSafetensors(const std::string& dir) 
   if (!c.tied_embeddings) {
     ASSIGN_OR_RETURN(w.output, shards.Load("lm_head.weight", {c.vocab, hidden}));
   }
-  w.layers.resize(static_cast<size_t>(c.n_layers));
+  // Layer by layer, not resize(n_layers) up front: a corrupt
+  // num_hidden_layers (up to INT_MAX) must end in "tensor not found", not in
+  // allocating INT_MAX empty layers.
   for (int i = 0; i < c.n_layers; ++i) {
-    LayerWeights& l = w.layers[static_cast<size_t>(i)];
+    LayerWeights& l = w.layers.emplace_back();
     const std::string p = absl::StrFormat("model.layers.%d.", i);
     ASSIGN_OR_RETURN(l.attn_norm, shards.Load(p + "input_layernorm.weight", {hidden}));
     ASSIGN_OR_RETURN(l.wq, shards.Load(p + "self_attn.q_proj.weight", {q_dim, hidden}));

@@ -258,6 +258,20 @@ TEST_F(SafetensorsDirTest, ReportsConfigAndTensorProblems) {
   EXPECT_THAT(s3.status().message(), HasSubstr("lm_head.weight"));
 }
 
+// The defect tests/fuzz/gguf_fuzz.cc found in the GGUF loader, here too:
+// num_hidden_layers sized the layer list before any layer was read, so
+// INT_MAX in config.json meant allocating ~900 GB of empty layers.
+TEST_F(SafetensorsDirTest, HugeLayerCountEndsAtTheFirstMissingLayer) {
+  auto config = TinyConfig();
+  config["num_hidden_layers"] = 0x7fffffff;
+  WriteFile(dir_ / "config.json", config.dump());
+  WriteFile(dir_ / "model.safetensors", Safetensors(TinyTensors(/*with_lm_head=*/true)));
+  auto w = LoadWeightsFromSafetensors(dir_.string());
+  EXPECT_EQ(w.status().code(), absl::StatusCode::kNotFound) << w.status();
+  EXPECT_THAT(w.status().message(),
+              HasSubstr("model.layers." + std::to_string(kLayers) + ".input_layernorm"));
+}
+
 TEST_F(SafetensorsDirTest, RejectsIndexEscapingTheDirectory) {
   WriteFile(dir_ / "config.json", TinyConfig().dump());
   json index = {{"weight_map", {{"model.embed_tokens.weight", "../elsewhere.safetensors"}}}};
