@@ -37,6 +37,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 build="${BUILD_DIR:-build-fuzz}"
+case "$build" in /*) ;; *) build="$root/$build" ;; esac
 all_targets=$(ls tests/fuzz/*_fuzz.cc | sed 's|.*/||; s|_fuzz\.cc$||' | tr '\n' ' ')
 if [ -z "$targets" ]; then targets="$all_targets"; else targets=$(echo "$targets" | tr ',' ' '); fi
 for t in $targets; do
@@ -71,15 +72,17 @@ run_one() {
   rm -rf "$corpus" "$art"
   mkdir -p "$corpus" "$art"
   cp tests/fuzz/corpus/"$t"/* "$corpus"/
-  local seeds start rc
+  local seeds start rc dict=""
   seeds=$(ls "$corpus" | wc -l)
+  [ -f "tests/fuzz/$t.dict" ] && dict="-dict=$root/tests/fuzz/$t.dict"
   start=$(date +%s)
   set +e
   # -timeout: an input running 10 s is a hang; -rss_limit_mb: the targets
-  # that hold the test model need ~1.5 GB with ASan's shadow.
+  # that hold the test model need ~1.5 GB with ASan's shadow;
+  # -error_exitcode: not libFuzzer's 77, which here means "no test model".
   # shellcheck disable=SC2086
-  nice -n 10 "$root/$build/tests/fuzz/${t}_fuzz" -max_total_time="$seconds" -timeout=10 \
-    -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$art" ${FUZZ_ARGS:-} \
+  nice -n 10 "$build/tests/fuzz/${t}_fuzz" -max_total_time="$seconds" -timeout=10 \
+    -rss_limit_mb=4096 -error_exitcode=1 -print_final_stats=1 -artifact_prefix="$art" $dict ${FUZZ_ARGS:-} \
     "$corpus" >"$out/$t.log" 2>&1
   rc=$?
   set -e
@@ -126,7 +129,9 @@ for t in targets:
         "peak_rss_mb": int(stats.get("peak_rss_mb", 0)),
         "artifacts": artifacts,
     }
-    crashed |= row["exit_code"] != 0 or bool(artifacts)
+    # 77: the target needs the test model and it is missing (not a crash).
+    row["skipped"] = row["exit_code"] == 77 and not artifacts
+    crashed |= (row["exit_code"] != 0 and not row["skipped"]) or bool(artifacts)
     rows.append(row)
 summary = {"seconds_per_target": seconds, "build_seconds": build_seconds, "targets": rows}
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
@@ -134,6 +139,7 @@ lines = ["%-17s %9s %7s %6s %6s %13s %6s %s" % ("target", "execs", "exec/s", "co
          "corpus", "secs", "result")]
 for r in rows:
     result = "ok" if r["exit_code"] == 0 and not r["artifacts"] else \
+        "skipped (no test model)" if r["skipped"] else \
         "CRASH rc=%d %s" % (r["exit_code"], " ".join(r["artifacts"]))
     lines.append("%-17s %9d %7d %6d %6d %5d->%-5d %6d %s" % (r["target"], r["execs"],
                  r["execs_per_second"], r["cov"], r["ft"], r["corpus_files_start"],
