@@ -103,7 +103,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     v1::AttachRequest req;
     req.set_worker_id("fuzz-worker");
     v1::AttachResponse resp;
-    const grpc::Status st = g_daemon->Attach(nullptr, &req, &resp);
+    grpc::Status st = g_daemon->Attach(nullptr, &req, &resp);
+    if (st.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      // 1024 attaches pending: those of inputs that sent no usable hello
+      // expire after nonce_ttl; wait for that once.
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+      st = g_daemon->Attach(nullptr, &req, &resp);
+    }
     FUZZ_CHECK(st.ok(), "Attach: %s", st.error_message().c_str());
     nonce = resp.nonce();
     if (!raw) {

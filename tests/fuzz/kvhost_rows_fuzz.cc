@@ -17,6 +17,7 @@
 // closes the connection; the RPCs fail only with the documented codes.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -107,8 +108,17 @@ int Connect() {
   a.sin_family = AF_INET;
   a.sin_port = htons(static_cast<uint16_t>(g_service->rows_port()));
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  FUZZ_CHECK(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0, "connect: %s",
-             strerror(errno));
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    // Interrupted (libFuzzer's SIGALRM): the connection goes on; wait for it.
+    FUZZ_CHECK(errno == EINTR, "connect: %s", strerror(errno));
+    pollfd p{fd, POLLOUT, 0};
+    while (::poll(&p, 1, 5000) < 0 && errno == EINTR) {
+    }
+    int err = 0;
+    socklen_t len = sizeof(err);
+    ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    FUZZ_CHECK(err == 0, "connect: %s", strerror(err));
+  }
   timeval tv{5, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
