@@ -8,6 +8,9 @@ PKGS=(
   libabsl-dev libspdlog-dev libfmt-dev libboost-dev libgtest-dev libgmock-dev
   libopenblas-dev libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libicu-dev libssl-dev
   zlib1g-dev
+  # The fuzz targets' clang tree (scripts/fuzz.sh, ctest fuzz_short): libFuzzer
+  # and the sanitizers live in libclang-rt, OpenMP for clang in libomp.
+  clang libclang-rt-14-dev libomp-dev
 )
 missing=()
 for p in "${PKGS[@]}"; do
