@@ -147,5 +147,11 @@ for r in rows:
 lines.append("build: %d s (incremental when build-fuzz/ existed)" % build_seconds)
 open(os.path.join(out, "summary.txt"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
+# Why a target failed, where the caller sees it (ctest keeps only the output).
+for r in rows:
+    if (r["exit_code"] != 0 and not r["skipped"]) or r["artifacts"]:
+        log = open(os.path.join(out, r["target"] + ".log"), errors="replace").read().splitlines()
+        print("\n== %s: last lines of %s.log" % (r["target"], r["target"]))
+        print("\n".join(l[:300] for l in log[-40:]))
 sys.exit(1 if crashed else 0)
 PY
