@@ -24,6 +24,7 @@
 namespace {
 
 using tailorkv::common::testing::ChildProcess;
+using tailorkv::common::testing::kSanitizerSlowdown;
 
 // The binaries and model are those of this build tree unless the environment
 // names others (TKV_BIN_DIR, TAILORKV_MODEL_DIR: the GPU machine's bundle).
@@ -206,11 +207,11 @@ TEST_F(KvHostProcessesTest, KvHostKilledMidGenerationLosesNoTokens) {
   // The worker notices within a second: its Generation health goes NOT_SERVING (exit 3).
   const auto killed = std::chrono::steady_clock::now();
   int code = 0;
-  while (code != 3 && std::chrono::steady_clock::now() - killed < std::chrono::seconds(3)) {
+  while (code != 3 && std::chrono::steady_clock::now() - killed < std::chrono::seconds(3 * kSanitizerSlowdown)) {
     code = Shell(health).code;
   }
   EXPECT_EQ(code, 3);
-  EXPECT_LT(std::chrono::steady_clock::now() - killed, std::chrono::seconds(1));
+  EXPECT_LT(std::chrono::steady_clock::now() - killed, std::chrono::seconds(1 * kSanitizerSlowdown));
   EXPECT_EQ(gen.Wait(), 0) << gen.output();
   const auto text = [](const std::string& s) { return s.substr(0, s.find("[finish=")); };
   EXPECT_EQ(text(gen.output()), text(want.out));

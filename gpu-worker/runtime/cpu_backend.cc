@@ -21,6 +21,7 @@
 #include "runtime/quant_kv.h"
 #include "runtime/fp8_reference.h"
 #include "runtime/sparse_reference.h"
+#include "runtime/target_clones.h"
 
 namespace tailorkv::runtime {
 namespace {
@@ -276,9 +277,8 @@ class CpuSequence final : public SequenceState {
 // whatever n or the thread count, so a row's result does not depend on its
 // batch (BLAS picks kernels by shape). The batch shares each block of weight
 // rows while it is in cache: one pass over the weights per step.
-__attribute__((target_clones("avx2", "default"))) void BatchLinear(const float* x, int n, const float* w,
-                                                                    int out, int in, float* y,
-                                                                    bool accumulate) {
+TKV_TARGET_CLONES("avx2", "default") void BatchLinear(const float* x, int n, const float* w, int out, int in,
+                                                      float* y, bool accumulate) {
   constexpr int kRows = 8;  // weight rows per block: 8 x in floats stay in L1/L2 across the batch
 #pragma omp parallel for schedule(static)
   for (int o0 = 0; o0 < out; o0 += kRows) {

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <numbers>
 
+#include "runtime/target_clones.h"
+
 namespace tailorkv::runtime::ref {
 namespace {
 
@@ -53,7 +55,7 @@ inline float ExpOfClamped(float x) {
 // loop scalar. Cloned for AVX-512 and AVX2 because -O2 targets SSE2 only.
 constexpr int kLanes = 16;
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TKV_TARGET_CLONES("avx512f", "avx2", "default")
 float RowMax(const float* x, int n) {
   float lane_max[kLanes];
   std::fill(lane_max, lane_max + kLanes, -INFINITY);
@@ -65,7 +67,7 @@ float RowMax(const float* x, int n) {
   return *std::max_element(lane_max, lane_max + kLanes);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+TKV_TARGET_CLONES("avx512f", "avx2", "default")
 float ExpShiftedSum(const float* x, int n, float shift, float* out) {
   float lane_sum[kLanes] = {};
   float arg[kLanes];
