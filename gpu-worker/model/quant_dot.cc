@@ -1,0 +1,415 @@
+#include "model/quant_dot.h"
+
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+
+// Compiled without floating-point contraction (CMakeLists.txt): the
+// reference's fp32 expressions are the contract, evaluated as written.
+
+namespace tailorkv::model {
+namespace {
+
+constexpr int64_t kQ = 32;  // values per activation block
+
+inline uint16_t U16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
+inline float Half(const uint8_t* p) { return HalfToFloat(U16(p)); }
+
+// The activation blocks of one row.
+struct ActRow {
+  const int8_t* q;
+  const float* d;
+  const int32_t* isum;
+};
+
+// Q4_K's eight 6-bit (scale, min) pairs, as DequantQ4_K decodes them.
+inline void Q4KScales(const uint8_t* sc, uint8_t scale[8], uint8_t min[8]) {
+  for (int j = 0; j < 4; ++j) {
+    scale[j] = sc[j] & 63;
+    min[j] = sc[j + 4] & 63;
+    scale[j + 4] = static_cast<uint8_t>((sc[j + 8] & 0x0F) | ((sc[j] >> 6) << 4));
+    min[j + 4] = static_cast<uint8_t>((sc[j + 8] >> 4) | ((sc[j + 4] >> 6) << 4));
+  }
+}
+
+// ---- Reference: the contract in quant_dot.h, scalar. ----
+
+float RefQ4_0(const uint8_t* w, const ActRow& x, int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += 18) {
+    const uint8_t* qs = w + 2;
+    const int8_t* xq = x.q + b * kQ;
+    int32_t s = 0;
+    for (int j = 0; j < 16; ++j) s += ((qs[j] & 15) - 8) * xq[j] + ((qs[j] >> 4) - 8) * xq[j + 16];
+    acc += Half(w) * x.d[b] * static_cast<float>(s);
+  }
+  return acc;
+}
+
+float RefQ4_1(const uint8_t* w, const ActRow& x, int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += 20) {
+    const uint8_t* qs = w + 4;
+    const int8_t* xq = x.q + b * kQ;
+    int32_t s = 0;
+    for (int j = 0; j < 16; ++j) s += (qs[j] & 15) * xq[j] + (qs[j] >> 4) * xq[j + 16];
+    acc += Half(w) * x.d[b] * static_cast<float>(s) + Half(w + 2) * (x.d[b] * static_cast<float>(x.isum[b]));
+  }
+  return acc;
+}
+
+float RefQ8_0(const uint8_t* w, const ActRow& x, int64_t nb) {
+  float acc = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += 34) {
+    const int8_t* qs = reinterpret_cast<const int8_t*>(w + 2);
+    const int8_t* xq = x.q + b * kQ;
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) s += qs[j] * xq[j];
+    acc += Half(w) * x.d[b] * static_cast<float>(s);
+  }
+  return acc;
+}
+
+float RefQ4_K(const uint8_t* w, const ActRow& x, int64_t nsb) {
+  float acc = 0.0f;
+  for (int64_t sb = 0; sb < nsb; ++sb, w += 144) {
+    const float d = Half(w), dmin = Half(w + 2);
+    uint8_t scale[8], min[8];
+    Q4KScales(w + 4, scale, min);
+    const uint8_t* qs = w + 16;
+    for (int j = 0; j < 8; ++j) {
+      const int64_t b = sb * 8 + j;
+      const uint8_t* q = qs + 32 * (j / 2);
+      const int shift = 4 * (j & 1);
+      const int8_t* xq = x.q + b * kQ;
+      int32_t s = 0;
+      for (int l = 0; l < 32; ++l) s += ((q[l] >> shift) & 15) * xq[l];
+      acc += x.d[b] * (d * static_cast<float>(scale[j]) * static_cast<float>(s) -
+                       dmin * static_cast<float>(min[j]) * static_cast<float>(x.isum[b]));
+    }
+  }
+  return acc;
+}
+
+// Q6_K's value l (< 32) of activation block j (< 4) of half `half`.
+inline int Q6KValue(const uint8_t* ql, const uint8_t* qh, int j, int l) {
+  const int lo = (ql[l + 32 * (j & 1)] >> (4 * (j >> 1))) & 15;
+  const int hi = (qh[l] >> (2 * j)) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+
+float RefQ6_K(const uint8_t* w, const ActRow& x, int64_t nsb) {
+  float acc = 0.0f;
+  for (int64_t sb = 0; sb < nsb; ++sb, w += 210) {
+    const float d = Half(w + 208);
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = w + 64 * half;
+      const uint8_t* qh = w + 128 + 32 * half;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192) + 8 * half;
+      for (int j = 0; j < 4; ++j) {
+        const int64_t b = sb * 8 + half * 4 + j;
+        const int8_t* xq = x.q + b * kQ;
+        int32_t s0 = 0, s1 = 0;
+        for (int l = 0; l < 16; ++l) s0 += Q6KValue(ql, qh, j, l) * xq[l];
+        for (int l = 16; l < 32; ++l) s1 += Q6KValue(ql, qh, j, l) * xq[l];
+        acc += d * x.d[b] * static_cast<float>(sc[2 * j] * s0 + sc[2 * j + 1] * s1);
+      }
+    }
+  }
+  return acc;
+}
+
+// ---- SIMD: 8 int32 lanes of one block's products, then fp32 lanes. ----
+// kVnni: dpbusd (AVX-VNNI); else maddubs + madd (AVX2). Both exact: u8
+// operands <= 15 (nibbles) or the sign trick for int8 weights keep maddubs'
+// 16-bit pair sums from saturating.
+
+#define TKV_SIMD_TARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
+
+template <bool kVnni>
+TKV_SIMD_TARGET inline __m256i DotU8S8(__m256i u, __m256i s) {
+  if constexpr (kVnni) {
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+  } else {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+  }
+}
+
+// 16 bytes of nibbles -> 32 u8 in value order (low nibbles, then high).
+TKV_SIMD_TARGET inline __m256i Nibbles(const uint8_t* qs) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i m = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+}
+
+TKV_SIMD_TARGET inline float HSum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+template <bool kVnni>
+TKV_SIMD_TARGET float SimdQ4_0(const uint8_t* w, const ActRow& x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int64_t b = 0; b < nb; ++b, w += 18) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
+    // sum (q - 8) x per lane = sum q x - sum 8 x, both exact.
+    const __m256i s = _mm256_sub_epi32(DotU8S8<kVnni>(Nibbles(w + 2), xq), DotU8S8<kVnni>(eight, xq));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(Half(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
+  }
+  return HSum(acc);
+}
+
+template <bool kVnni>
+TKV_SIMD_TARGET float SimdQ4_1(const uint8_t* w, const ActRow& x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  for (int64_t b = 0; b < nb; ++b, w += 20) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
+    const __m256i s = DotU8S8<kVnni>(Nibbles(w + 4), xq);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(Half(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
+    mins += Half(w + 2) * (x.d[b] * static_cast<float>(x.isum[b]));
+  }
+  return HSum(acc) + mins;
+}
+
+template <bool kVnni>
+TKV_SIMD_TARGET float SimdQ8_0(const uint8_t* w, const ActRow& x, int64_t nb) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += 34) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
+    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
+    // |w| as u8 times x with w's sign: products exact, |w| <= 128.
+    const __m256i s = DotU8S8<kVnni>(_mm256_abs_epi8(wq), _mm256_sign_epi8(xq, wq));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(Half(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
+  }
+  return HSum(acc);
+}
+
+template <bool kVnni>
+TKV_SIMD_TARGET float SimdQ4_K(const uint8_t* w, const ActRow& x, int64_t nsb) {
+  __m256 acc = _mm256_setzero_ps();
+  float mins = 0.0f;
+  const __m256i m4 = _mm256_set1_epi8(15);
+  for (int64_t sb = 0; sb < nsb; ++sb, w += 144) {
+    const float d = Half(w), dmin = Half(w + 2);
+    uint8_t scale[8], min[8];
+    Q4KScales(w + 4, scale, min);
+    for (int k = 0; k < 4; ++k) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 + 32 * k));
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * k + h;
+        const int64_t b = sb * 8 + j;
+        const __m256i wq = h == 0 ? _mm256_and_si256(q, m4) : _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
+        const __m256i s = DotU8S8<kVnni>(wq, xq);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x.d[b] * (d * static_cast<float>(scale[j]))),
+                              _mm256_cvtepi32_ps(s), acc);
+        mins += x.d[b] * (dmin * static_cast<float>(min[j]) * static_cast<float>(x.isum[b]));
+      }
+    }
+  }
+  return HSum(acc) - mins;
+}
+
+template <bool kVnni>
+TKV_SIMD_TARGET float SimdQ6_K(const uint8_t* w, const ActRow& x, int64_t nsb) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
+  const __m256i k32 = _mm256_set1_epi8(32);
+  for (int64_t sb = 0; sb < nsb; ++sb, w += 210) {
+    const float d = Half(w + 208);
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = w + 64 * half;
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * half));
+      const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192) + 8 * half;
+      const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));
+      const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));
+      for (int j = 0; j < 4; ++j) {
+        const int64_t b = sb * 8 + half * 4 + j;
+        const __m256i src = (j & 1) ? ql1 : ql0;
+        const __m256i lo = (j >> 1) ? _mm256_and_si256(_mm256_srli_epi16(src, 4), m4) : _mm256_and_si256(src, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), m2);
+        const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  // 0..63, u8
+        const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
+        // sum (q - 32) x per lane: q x (u8 <= 63, no saturation) minus 32 x.
+        const __m256i s = _mm256_sub_epi32(DotU8S8<kVnni>(q, xq), DotU8S8<kVnni>(k32, xq));
+        // Lanes 0-3 hold values 0-15 (scale 2j), lanes 4-7 values 16-31.
+        const __m256 scale = _mm256_set_m128(_mm_set1_ps(static_cast<float>(sc[2 * j + 1])),
+                                             _mm_set1_ps(static_cast<float>(sc[2 * j])));
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d * x.d[b]), scale), _mm256_cvtepi32_ps(s), acc);
+      }
+    }
+  }
+  return HSum(acc);
+}
+
+// AVX-VNNI: CPUID leaf 7, sub-leaf 1, EAX bit 4 (clang 14's
+// __builtin_cpu_supports does not know "avxvnni"). It uses the YMM state
+// that the AVX2 check already found the OS saving.
+bool CpuHasAvxVnni() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) == 0) return false;
+  return (a >> 4) & 1u;
+}
+
+// F16C: CPUID leaf 1, ECX bit 29 (clang 14's builtin does not know "f16c").
+bool CpuHasF16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(1, &a, &b, &c, &d) == 0) return false;
+  return (c >> 29) & 1u;
+}
+
+using DotFn = float (*)(const uint8_t*, const ActRow&, int64_t);
+
+DotFn Pick(GgmlType type, QuantKernel k) {
+  const bool vnni = k == QuantKernel::kAvxVnni;
+  const bool simd = k == QuantKernel::kAvx2 || vnni;
+  switch (type) {
+    case GgmlType::kQ4_0:
+      return !simd ? RefQ4_0 : vnni ? SimdQ4_0<true> : SimdQ4_0<false>;
+    case GgmlType::kQ4_1:
+      return !simd ? RefQ4_1 : vnni ? SimdQ4_1<true> : SimdQ4_1<false>;
+    case GgmlType::kQ8_0:
+      return !simd ? RefQ8_0 : vnni ? SimdQ8_0<true> : SimdQ8_0<false>;
+    case GgmlType::kQ4_K:
+      return !simd ? RefQ4_K : vnni ? SimdQ4_K<true> : SimdQ4_K<false>;
+    case GgmlType::kQ6_K:
+      return !simd ? RefQ6_K : vnni ? SimdQ6_K<true> : SimdQ6_K<false>;
+    default:
+      return nullptr;
+  }
+}
+
+}  // namespace
+
+absl::Status QuantizeActivations(const float* x, int64_t rows, int64_t cols, Q8Activations* out) {
+  if (rows < 1) return absl::InvalidArgumentError(absl::StrFormat("QuantizeActivations: rows = %d < 1", rows));
+  if (cols < kQ || cols % kQ != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("QuantizeActivations: cols = %d is not a positive multiple of 32", cols));
+  }
+  const int64_t n = rows * cols, nb = n / kQ;
+  out->rows = rows;
+  out->cols = cols;
+  out->q.resize(static_cast<size_t>(n));
+  out->d.resize(static_cast<size_t>(nb));
+  out->isum.resize(static_cast<size_t>(nb));
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* v = x + b * kQ;
+    float amax = 0.0f;
+    for (int i = 0; i < kQ; ++i) {
+      if (!std::isfinite(v[i])) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "QuantizeActivations: x[%d][%d] = %f is not finite", b * kQ / cols, (b * kQ) % cols + i, v[i]));
+      }
+      amax = std::max(amax, std::fabs(v[i]));
+    }
+    const float d = amax / 127.0f;
+    const float id = d > 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum = 0;
+    int8_t* q = out->q.data() + b * kQ;
+    for (int i = 0; i < kQ; ++i) {
+      // |v * id| <= 127 up to rounding: clamp keeps an int8 whatever the last ulp.
+      const float r = std::nearbyint(v[i] * id);
+      q[i] = static_cast<int8_t>(std::clamp(r, -127.0f, 127.0f));
+      sum += q[i];
+    }
+    out->d[static_cast<size_t>(b)] = d;
+    out->isum[static_cast<size_t>(b)] = sum;
+  }
+  return absl::OkStatus();
+}
+
+bool QuantKernelAvailable(QuantKernel kernel) {
+  switch (kernel) {
+    case QuantKernel::kAuto:
+    case QuantKernel::kReference:
+      return true;
+    case QuantKernel::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && CpuHasF16c();
+    case QuantKernel::kAvxVnni:
+      return QuantKernelAvailable(QuantKernel::kAvx2) && CpuHasAvxVnni();
+  }
+  return false;
+}
+
+QuantKernel AutoQuantKernel(GgmlType type) {
+  if (!QuantMatmulSupports(type)) return QuantKernel::kReference;
+  if (QuantKernelAvailable(QuantKernel::kAvxVnni)) return QuantKernel::kAvxVnni;
+  if (QuantKernelAvailable(QuantKernel::kAvx2)) return QuantKernel::kAvx2;
+  return QuantKernel::kReference;
+}
+
+bool QuantMatmulSupports(GgmlType type) {
+  switch (type) {
+    case GgmlType::kQ4_0:
+    case GgmlType::kQ4_1:
+    case GgmlType::kQ8_0:
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ6_K:
+      return true;
+    default:
+      return false;
+  }
+}
+
+absl::Status QuantMatmul(GgmlType type, const uint8_t* w, int64_t w_bytes, int64_t rows, int64_t cols,
+                         const Q8Activations& x, float* y, bool accumulate, QuantKernel kernel) {
+  constexpr const char* fn = "QuantMatmul";
+  if (!QuantMatmulSupports(type)) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: type %u has no quantized kernel", fn,
+                                                      static_cast<uint32_t>(type)));
+  }
+  const GgmlTypeTraits t = *TraitsOf(static_cast<uint32_t>(type));
+  if (rows < 1) return absl::InvalidArgumentError(absl::StrFormat("%s: rows = %d < 1", fn, rows));
+  if (cols < t.block_elems || cols % t.block_elems != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: cols = %d is not a positive multiple of %s's block of %d",
+                                                      fn, cols, t.name, t.block_elems));
+  }
+  const int64_t row_bytes = cols / t.block_elems * t.block_bytes;
+  if (rows > INT64_MAX / row_bytes || w_bytes != rows * row_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: w_bytes = %d, %d rows of %d %s values need %d", fn, w_bytes, rows, cols, t.name,
+                        rows <= INT64_MAX / row_bytes ? rows * row_bytes : -1));
+  }
+  if (x.cols != cols || x.rows < 1 || static_cast<int64_t>(x.q.size()) != x.rows * cols ||
+      static_cast<int64_t>(x.d.size()) != x.rows * cols / kQ ||
+      static_cast<int64_t>(x.isum.size()) != x.rows * cols / kQ) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: x holds %d rows of %d values (%d q, %d d, %d isum), want rows of cols = %d", fn, x.rows, x.cols,
+        x.q.size(), x.d.size(), x.isum.size(), cols));
+  }
+  if (w == nullptr || y == nullptr) return absl::InvalidArgumentError(absl::StrFormat("%s: null w or y", fn));
+  if (kernel == QuantKernel::kAuto) kernel = AutoQuantKernel(type);
+  if (!QuantKernelAvailable(kernel)) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: kernel %d needs instructions this CPU lacks", fn,
+                                                      static_cast<int>(kernel)));
+  }
+  const DotFn dot = Pick(type, kernel);
+  const int64_t n_units = cols / t.block_elems;  // what the dot functions count
+  const int64_t nb = cols / kQ;
+  const int64_t n = x.rows;
+  // Threads only where the matrix is worth a fork (a 576 x 192 one is not).
+  const bool parallel = rows * cols >= (int64_t{1} << 18);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* wr = w + r * row_bytes;
+    for (int64_t i = 0; i < n; ++i) {
+      const ActRow a{x.q.data() + i * cols, x.d.data() + i * nb, x.isum.data() + i * nb};
+      const float v = dot(wr, a, n_units);
+      float& out = y[i * rows + r];
+      out = accumulate ? out + v : v;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tailorkv::model
