@@ -51,6 +51,7 @@ struct Connection {
   absl::Mutex mu;
   grpc::ClientContext* call = nullptr;
   bool closed = false;
+  bool busy = false;  // a request was read and is being served
 };
 
 struct HttpGateway::Impl {
@@ -63,6 +64,7 @@ struct HttpGateway::Impl {
   tcp::endpoint bound;
   std::thread accept_thread;
   std::atomic<bool> stopping{false};
+  std::atomic<bool> draining{false};
   absl::Mutex mu;
   std::set<Connection*> conns;
   int threads = 0;
@@ -98,6 +100,18 @@ struct HttpGateway::Impl {
 HttpGateway::HttpGateway(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 HttpGateway::~HttpGateway() { Stop(); }
 
+void HttpGateway::BeginDrain() {
+  Impl& m = *impl_;
+  if (m.draining.exchange(true)) return;
+  absl::MutexLock lock(&m.mu);
+  spdlog::info("gateway: draining: new requests get 503, {} connections open", m.conns.size());
+  for (Connection* c : m.conns) {
+    absl::MutexLock cl(&c->mu);
+    // An idle keep-alive connection's read ends now; a busy one finishes its request.
+    if (!c->busy) ::shutdown(c->socket.native_handle(), SHUT_RD);
+  }
+}
+
 int HttpGateway::port() const { return impl_->bound.port(); }
 
 absl::StatusOr<std::unique_ptr<HttpGateway>> HttpGateway::Start(HttpGatewayOptions options, WorkerPool* pool,
@@ -132,8 +146,15 @@ absl::StatusOr<std::unique_ptr<HttpGateway>> HttpGateway::Start(HttpGatewayOptio
   return std::unique_ptr<HttpGateway>(new HttpGateway(std::move(impl)));
 }
 
-void HttpGateway::Stop() {
+void HttpGateway::Stop(absl::Duration grace) {
   Impl& m = *impl_;
+  if (grace > absl::ZeroDuration() && !m.stopping.load()) {
+    absl::MutexLock lock(&m.mu);
+    if (!m.mu.AwaitWithTimeout(absl::Condition(+[](int* n) { return *n == 0; }, &m.threads), grace)) {
+      spdlog::warn("gateway: {} connections still busy after the drain grace of {}: cancelling them", m.threads,
+                   absl::FormatDuration(grace));
+    }
+  }
   if (m.stopping.exchange(true)) return;
   // Wake the blocking accept with a connection of our own.
   {
@@ -173,6 +194,15 @@ void HttpGateway::Impl::AcceptLoop() {
     }
     auto conn = std::make_unique<Connection>(std::move(socket));
     Connection* c = conn.release();
+    if (draining) {
+      metrics->Error(503);
+      Reply(c, http::status::service_unavailable, "application/json",
+            ErrorBody(absl::UnavailableError("the gateway is draining (shutting down); retry on another gateway"),
+                      503),
+            false);
+      delete c;
+      continue;
+    }
     bool over = false;
     {
       absl::MutexLock lock(&mu);
@@ -247,8 +277,26 @@ void HttpGateway::Impl::Serve(Connection* c) {
       return;
     }
     const http::request<http::string_body>& req = parser.get();
+    {
+      absl::MutexLock lock(&c->mu);
+      c->busy = true;
+    }
+    if (draining) {
+      // Read just as the drain began: refused clearly, not dropped.
+      metrics->Error(503);
+      Reply(c, http::status::service_unavailable, "application/json",
+            ErrorBody(absl::UnavailableError("the gateway is draining (shutting down); retry on another gateway"),
+                      503),
+            false);
+      return;
+    }
     const bool keep_alive = req.keep_alive();
-    if (!Handle(c, req) || !keep_alive) return;
+    const bool go_on = Handle(c, req) && keep_alive;
+    {
+      absl::MutexLock lock(&c->mu);
+      c->busy = false;
+    }
+    if (!go_on || draining) return;
   }
 }
 

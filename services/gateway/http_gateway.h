@@ -55,9 +55,16 @@ class HttpGateway {
   // Stop(), then waits for every connection thread.
   ~HttpGateway();
   int port() const;
-  // Stops accepting, cancels in-flight generations, closes connections
-  // and waits for their threads. Idempotent.
-  void Stop();
+  // The start of a graceful stop (SIGTERM): from now on every new request,
+  // /health included, gets 503 "draining" and its connection is closed;
+  // idle keep-alive connections are closed; requests in progress run on.
+  // Idempotent; thread-safe.
+  void BeginDrain();
+  // Waits up to `grace` for the requests in progress (BeginDrain first, or
+  // new ones keep coming), then stops accepting, cancels the generations
+  // still running, closes every connection and waits for their threads.
+  // Idempotent.
+  void Stop(absl::Duration grace = absl::ZeroDuration());
 
  private:
   struct Impl;

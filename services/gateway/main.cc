@@ -1,8 +1,11 @@
 // gateway: the OpenAI-compatible HTTP front door over one or more
 // gpu-workers (HttpGateway, WorkerPool), with Prometheus metrics at
 // /metrics; on --listen the workers' own gRPC API (GenerationProxy), with
-// health and reflection. Until SIGTERM/SIGINT,
-// then stops accepting, ends what runs and exits.
+// health and reflection. Until SIGTERM/SIGINT, then drains: new HTTP
+// requests get 503 and new gRPC calls UNAVAILABLE, those in progress run on
+// for up to --drain-grace-ms, the rest are cancelled, and it exits 0.
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 
@@ -10,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/time.h"
 #include "common/service_main.h"
 #include "gateway/generation_proxy.h"
 #include "gateway/http_gateway.h"
@@ -22,6 +26,8 @@ int main(int argc, char** argv) {
   gw::HttpGatewayOptions http;
   int max_body_kib = 1024;
   int timeout_s = 600;
+  int drain_grace_ms = 0;
+  std::chrono::steady_clock::time_point drain_started;
   std::unique_ptr<gw::WorkerPool> pool;
   gw::GatewayMetrics metrics;
   std::unique_ptr<gw::HttpGateway> server;
@@ -66,6 +72,7 @@ int main(int argc, char** argv) {
            [&](const tailorkv::common::ServerOptions& server_options,
                std::vector<tailorkv::common::ServiceEntry>& services) -> absl::Status {
              // --tls-cert / --tls-key (the common flags) secure the HTTP API too.
+             drain_grace_ms = server_options.drain_grace_ms;
              http.tls_cert_file = server_options.tls_cert_file;
              http.tls_key_file = server_options.tls_key_file;
              if (http.limits.default_max_tokens > http.limits.max_tokens_cap) {
@@ -91,9 +98,20 @@ int main(int argc, char** argv) {
                           pool->ready_count(), http.api_key.empty() ? "off" : "on");
              return absl::OkStatus();
            },
-       .before_drain = [&] { if (server) server->Stop(); },
+       // SIGTERM: the HTTP API refuses new requests (503) and lets those in
+       // progress finish while the gRPC side drains, within one grace period.
+       .before_drain =
+           [&] {
+             drain_started = std::chrono::steady_clock::now();
+             if (server) server->BeginDrain();
+           },
        .after_drain =
            [&] {
+             if (server) {
+               const auto used = std::chrono::steady_clock::now() - drain_started;
+               server->Stop(std::max(absl::ZeroDuration(), absl::Milliseconds(drain_grace_ms) -
+                                                               absl::FromChrono(used)));
+             }
              server.reset();
              proxy.reset();
              pool.reset();
