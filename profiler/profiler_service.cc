@@ -175,8 +175,10 @@ grpc::Status ProfilerService::Profile(grpc::ServerContext* context,
   if (!stored.ok()) {
     spdlog::error("profile of {}: the plan could not be stored: {}", spec->model,
                   stored.status().ToString());
-    return grpc::Status(grpc::StatusCode::INTERNAL,
-                        absl::StrCat("the plan could not be stored: ", stored.status().message()));
+    // The store's code says what the caller should do: UNAVAILABLE for a
+    // full disk (retry later), INTERNAL for a read-only or unwritable one.
+    return common::ToGrpcStatus(absl::Status(
+        stored.status().code(), absl::StrCat("the plan could not be stored: ", stored.status().message())));
   }
   auto plan = PlanToProto(*stored, /*with_plot=*/true);
   if (!plan.ok()) return common::ToGrpcStatus(plan.status());
