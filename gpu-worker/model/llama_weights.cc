@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "model/gguf_file.h"
+#include "model/quant_dot.h"
 
 namespace tailorkv::model {
 
@@ -117,7 +118,7 @@ absl::Status ReadRopeScaling(const GgufFile& g, const std::string& arch, RopeSca
 // Loads a GGUF tensor whose ggml dims are the reverse of `shape` (ggml lists
 // the contiguous dimension first; we list the outermost first).
 absl::StatusOr<Tensor> LoadTensor(const GgufFile& g, const std::string& name,
-                                  std::vector<int64_t> shape) {
+                                  std::vector<int64_t> shape, bool keep_quantized = false) {
   const GgufTensorInfo* info = g.FindTensor(name);
   if (info == nullptr) {
     return absl::NotFoundError(absl::StrFormat("%s: tensor '%s' is missing", g.path(), name));
@@ -131,6 +132,11 @@ absl::StatusOr<Tensor> LoadTensor(const GgufFile& g, const std::string& name,
   }
   Tensor t;
   t.shape = std::move(shape);
+  if (keep_quantized && t.shape.size() == 2 && QuantMatmulSupports(info->type)) {
+    const absl::Span<const uint8_t> bytes = g.TensorBytes(*info);
+    t.quant = {info->type, bytes.data(), static_cast<int64_t>(bytes.size())};
+    return t;
+  }
   ASSIGN_OR_RETURN(t.data, g.DequantizeTensor(name));
   return t;
 }
@@ -210,16 +216,61 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& g) {
   return c;
 }
 
+namespace {
+absl::StatusOr<ModelWeights> LoadWeights(const GgufFile& g, bool keep_quantized);
+}  // namespace
+
 absl::StatusOr<ModelWeights> LoadWeightsFromGguf(const GgufFile& g) {
+  return LoadWeights(g, /*keep_quantized=*/false);
+}
+
+absl::StatusOr<ModelWeights> LoadWeightsFromGguf(std::shared_ptr<const GgufFile> gguf,
+                                                 const WeightLoadOptions& options) {
+  if (gguf == nullptr) return absl::InvalidArgumentError("LoadWeightsFromGguf: no file");
+  ASSIGN_OR_RETURN(ModelWeights w, LoadWeights(*gguf, options.keep_quantized));
+  if (w.QuantizedTensors() > 0) w.storage = std::move(gguf);
+  return w;
+}
+
+int ModelWeights::QuantizedTensors() const {
+  int n = tok_embd.quantized() + output.quantized();
+  for (const LayerWeights& l : layers) {
+    for (const Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) n += t->quantized();
+  }
+  return n;
+}
+
+absl::Status ModelWeights::Dequantize() {
+  auto one = [](Tensor& t) -> absl::Status {
+    if (!t.quantized()) return absl::OkStatus();
+    std::vector<float> v(static_cast<size_t>(t.rows() * t.cols()));
+    RETURN_IF_ERROR(model::Dequantize(t.quant.type, t.quant.bytes, static_cast<size_t>(t.quant.size), v.data(),
+                                      t.rows() * t.cols()));
+    t.data = std::move(v);
+    t.quant = {};
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(one(tok_embd));
+  RETURN_IF_ERROR(one(output));
+  for (LayerWeights& l : layers) {
+    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) RETURN_IF_ERROR(one(*t));
+  }
+  storage.reset();
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::StatusOr<ModelWeights> LoadWeights(const GgufFile& g, bool keep_quantized) {
   ModelWeights w;
   ASSIGN_OR_RETURN(w.config, ConfigFromGguf(g));
   const ModelConfig& c = w.config;
   const int64_t hidden = c.hidden, q_dim = int64_t{c.n_heads} * c.head_dim,
                 kv_dim = int64_t{c.n_kv_heads} * c.head_dim;
-  ASSIGN_OR_RETURN(w.tok_embd, LoadTensor(g, "token_embd.weight", {c.vocab, hidden}));
+  ASSIGN_OR_RETURN(w.tok_embd, LoadTensor(g, "token_embd.weight", {c.vocab, hidden}, keep_quantized));
   ASSIGN_OR_RETURN(w.output_norm, LoadTensor(g, "output_norm.weight", {hidden}));
   if (!c.tied_embeddings) {
-    ASSIGN_OR_RETURN(w.output, LoadTensor(g, "output.weight", {c.vocab, hidden}));
+    ASSIGN_OR_RETURN(w.output, LoadTensor(g, "output.weight", {c.vocab, hidden}, keep_quantized));
   }
   // Layer by layer, not resize(n_layers) up front: n_layers comes from the
   // file, and a corrupt block_count (up to INT_MAX) must end in "tensor
@@ -228,16 +279,18 @@ absl::StatusOr<ModelWeights> LoadWeightsFromGguf(const GgufFile& g) {
     LayerWeights& l = w.layers.emplace_back();
     const std::string p = absl::StrFormat("blk.%d.", i);
     ASSIGN_OR_RETURN(l.attn_norm, LoadTensor(g, p + "attn_norm.weight", {hidden}));
-    ASSIGN_OR_RETURN(l.wq, LoadTensor(g, p + "attn_q.weight", {q_dim, hidden}));
-    ASSIGN_OR_RETURN(l.wk, LoadTensor(g, p + "attn_k.weight", {kv_dim, hidden}));
-    ASSIGN_OR_RETURN(l.wv, LoadTensor(g, p + "attn_v.weight", {kv_dim, hidden}));
-    ASSIGN_OR_RETURN(l.wo, LoadTensor(g, p + "attn_output.weight", {hidden, q_dim}));
+    ASSIGN_OR_RETURN(l.wq, LoadTensor(g, p + "attn_q.weight", {q_dim, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.wk, LoadTensor(g, p + "attn_k.weight", {kv_dim, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.wv, LoadTensor(g, p + "attn_v.weight", {kv_dim, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.wo, LoadTensor(g, p + "attn_output.weight", {hidden, q_dim}, keep_quantized));
     ASSIGN_OR_RETURN(l.ffn_norm, LoadTensor(g, p + "ffn_norm.weight", {hidden}));
-    ASSIGN_OR_RETURN(l.w_gate, LoadTensor(g, p + "ffn_gate.weight", {c.ffn, hidden}));
-    ASSIGN_OR_RETURN(l.w_up, LoadTensor(g, p + "ffn_up.weight", {c.ffn, hidden}));
-    ASSIGN_OR_RETURN(l.w_down, LoadTensor(g, p + "ffn_down.weight", {hidden, c.ffn}));
+    ASSIGN_OR_RETURN(l.w_gate, LoadTensor(g, p + "ffn_gate.weight", {c.ffn, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.w_up, LoadTensor(g, p + "ffn_up.weight", {c.ffn, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.w_down, LoadTensor(g, p + "ffn_down.weight", {hidden, c.ffn}, keep_quantized));
   }
   return w;
 }
+
+}  // namespace
 
 }  // namespace tailorkv::model

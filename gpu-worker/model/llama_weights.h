@@ -12,10 +12,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "model/ggml_types.h"
 
 namespace tailorkv::model {
 
@@ -58,9 +60,20 @@ struct ModelConfig {
 
 struct Tensor {
   std::vector<int64_t> shape;  // outermost first: a linear weight is {out, in}
-  std::vector<float> data;
+  std::vector<float> data;     // float32 values; empty while `quant` holds the tensor
+  // The tensor in its GGUF block format (WeightLoadOptions::keep_quantized),
+  // rows of `shape.back()` values one after another: `bytes` points into the
+  // file's mapping, which ModelWeights::storage keeps alive.
+  struct Quant {
+    GgmlType type = GgmlType::kF32;
+    const uint8_t* bytes = nullptr;
+    int64_t size = 0;
+  } quant;
+  bool quantized() const { return quant.bytes != nullptr; }
   int64_t rows() const { return shape.empty() ? 0 : shape.front(); }
   int64_t cols() const { return shape.empty() ? 0 : shape.back(); }
+  // Bytes of one row of a quantized tensor.
+  int64_t quant_row_bytes() const { return rows() > 0 ? quant.size / rows() : 0; }
 };
 
 struct LayerWeights {
@@ -79,6 +92,21 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
   // The output head: `output` or, when tied, `tok_embd`.
   const Tensor& head() const { return config.tied_embeddings ? tok_embd : output; }
+  // What quantized tensors point into (the GGUF file), shared by copies.
+  std::shared_ptr<const void> storage;
+
+  // Tensors held quantized.
+  int QuantizedTensors() const;
+  // Dequantizes every quantized tensor to float32 `data` (for consumers that
+  // take floats only, e.g. the CUDA backend's upload) and drops `storage`.
+  absl::Status Dequantize();
+};
+
+struct WeightLoadOptions {
+  // Keep the linear weights (and the token embedding) whose type QuantMatmul
+  // takes (quant_dot.h) as views of the file instead of float32 copies; the
+  // norms and any other type are dequantized as before.
+  bool keep_quantized = false;
 };
 
 // Reads config from GGUF metadata ("<arch>.block_count", ...) and dequantizes
@@ -88,6 +116,9 @@ struct ModelWeights {
 // Errors name the file and the key or tensor.
 absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& gguf);
 absl::StatusOr<ModelWeights> LoadWeightsFromGguf(const GgufFile& gguf);
+// With keep_quantized, the weights share ownership of `gguf` (storage).
+absl::StatusOr<ModelWeights> LoadWeightsFromGguf(std::shared_ptr<const GgufFile> gguf,
+                                                 const WeightLoadOptions& options);
 
 // Reads `dir`/config.json and `dir`/*.safetensors (single file or sharded with
 // model.safetensors.index.json); F32, F16 and BF16 tensors. model_type must

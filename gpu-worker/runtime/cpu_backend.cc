@@ -9,7 +9,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <thread>
 
@@ -17,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "spdlog/spdlog.h"
 #include "common/status_macros.h"
+#include "model/quant_dot.h"
 #include "runtime/cpu_reference.h"
 #include "runtime/quant_kv.h"
 #include "runtime/fp8_reference.h"
@@ -307,6 +310,22 @@ TKV_TARGET_CLONES("avx2", "default") void BatchLinear(const float* x, int n, con
 // (BatchLinear: each row's sums do not depend on the batch).
 void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, bool batch = false) {
   const int out = static_cast<int>(w.rows()), in = static_cast<int>(w.cols());
+  if (w.quantized()) {
+    // The weights in their GGUF blocks (model/quant_dot.h): activations to
+    // int8 per block of 32, integer block dots. Each row's result depends
+    // on its own activations only, so batches need nothing more.
+    thread_local model::Q8Activations xq;
+    absl::Status st = model::QuantizeActivations(x, n, in, &xq);
+    if (st.ok()) {
+      st = model::QuantMatmul(w.quant.type, w.quant.bytes, w.quant.size, out, in, xq, y, accumulate);
+    }
+    if (!st.ok()) {
+      // Only a non-finite activation gets here (shapes were checked at
+      // load): the float path would carry it into every output too.
+      std::fill(y, y + static_cast<int64_t>(n) * out, std::numeric_limits<float>::quiet_NaN());
+    }
+    return;
+  }
   if (batch) {
     BatchLinear(x, n, w.data.data(), out, in, y, accumulate);
   } else if (n == 1) {
@@ -320,14 +339,15 @@ void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, b
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(ModelWeights w, int threads)
-      : w_(std::move(w)), threads_(threads), inv_freq_(ref::RopeInvFreq(w_.config)) {}
+  CpuBackend(ModelWeights w, int threads) : CpuBackend(std::move(w), threads, nullptr, nullptr) {}
   CpuBackend(ModelWeights w, int threads, kvhost::HostKvStore* host_store, kvhost::RemoteRowStore* remote_rows)
       : w_(std::move(w)),
         threads_(threads),
         host_store_(host_store),
         remote_rows_(remote_rows),
-        inv_freq_(ref::RopeInvFreq(w_.config)) {}
+        inv_freq_(ref::RopeInvFreq(w_.config)),
+        wq_f32_(w_.layers.size()),
+        wq_once_(std::make_unique<std::once_flag[]>(w_.layers.size())) {}
 
   std::string_view name() const override { return "cpu"; }
   const ModelConfig& config() const override { return w_.config; }
@@ -495,12 +515,29 @@ class CpuBackend final : public Backend {
                             const std::vector<std::vector<int>>& rows, float* out_k, float* out_v,
                             int64_t out_head_stride);
 
+  // Layer l's query weights as floats: the speculative query reads rows of
+  // them (sparse_reference.h). A quantized wq is dequantized the first time
+  // a sparse layer asks, so dense-only serving never holds the copy.
+  const float* QueryWeights(int l) {
+    const model::Tensor& wq = w_.layers[static_cast<size_t>(l)].wq;
+    if (!wq.quantized()) return wq.data.data();
+    std::call_once(wq_once_[static_cast<size_t>(l)], [&] {
+      std::vector<float>& f = wq_f32_[static_cast<size_t>(l)];
+      f.resize(static_cast<size_t>(wq.rows() * wq.cols()));
+      (void)model::Dequantize(wq.quant.type, wq.quant.bytes, static_cast<size_t>(wq.quant.size), f.data(),
+                              wq.rows() * wq.cols());
+    });
+    return wq_f32_[static_cast<size_t>(l)].data();
+  }
+
   ModelWeights w_;
   int threads_;
   kvhost::HostKvStore* host_store_ = nullptr;  // not owned; null: plain memory
   kvhost::RemoteRowStore* remote_rows_ = nullptr;  // not owned; null: not remote
   std::atomic<uint64_t> next_session_{0};
   std::vector<float> inv_freq_;
+  std::vector<std::vector<float>> wq_f32_;
+  std::unique_ptr<std::once_flag[]> wq_once_;
   // Scratch reused across calls (resized, never shrunk).
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_, scores_;
   // Full-precision [history | chunk] K/V of a non-dense layer's prefill chunk.
@@ -552,9 +589,16 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
   gate_.resize(static_cast<size_t>(n) * c.ffn);
   up_.resize(gate_.size());
 
+  const model::Tensor& embd = w_.tok_embd;
   for (int i = 0; i < n; ++i) {
-    std::memcpy(&x_[static_cast<size_t>(i) * H], &w_.tok_embd.data[static_cast<size_t>(tokens[i]) * H],
-                sizeof(float) * H);
+    float* row = &x_[static_cast<size_t>(i) * H];
+    if (embd.quantized()) {
+      const int64_t rb = embd.quant_row_bytes();
+      // Cannot fail: the row's size was checked at load, the id by the caller.
+      (void)model::Dequantize(embd.quant.type, embd.quant.bytes + tokens[i] * rb, static_cast<size_t>(rb), row, H);
+    } else {
+      std::memcpy(row, &embd.data[static_cast<size_t>(tokens[i]) * H], sizeof(float) * H);
+    }
   }
   for (int l = 0; l < c.n_layers; ++l) {
     const model::LayerWeights& L = w_.layers[l];
@@ -1002,7 +1046,7 @@ absl::Status CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q
         }
       }
     } else {
-      SpeculativeQueryHeads(spec_x, w_.layers[layer].wq.data.data(), c.hidden, c.n_heads, nkv, hd,
+      SpeculativeQueryHeads(spec_x, QueryWeights(layer), c.hidden, c.n_heads, nkv, hd,
                             sp.chans.data(), d_s, start, inv_freq_.data(),
                             c.rope_style == model::RopeStyle::kAdjacentPairs, q_spec.data());
     }
@@ -1020,7 +1064,7 @@ absl::Status CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q
   } else if (sp.gpu_index) {
     // The speculative query on the fixed channels (cpu_backend.h).
     q_spec.resize(static_cast<size_t>(nkv) * d_s);
-    SpeculativeQueryMean(spec_x, w_.layers[layer].wq.data.data(), c.hidden, c.n_heads, nkv, hd,
+    SpeculativeQueryMean(spec_x, QueryWeights(layer), c.hidden, c.n_heads, nkv, hd,
                          sp.chans.data(), d_s, start, inv_freq_.data(),
                          c.rope_style == model::RopeStyle::kAdjacentPairs, q_spec.data());
   }
@@ -1028,7 +1072,7 @@ absl::Status CpuBackend::SparseDecode(SparseLayer& sp, int layer, const float* q
   std::vector<float> q_prev;
   if (sp.gpu_index && sp.params.refine > 0) {
     q_prev.resize(static_cast<size_t>(nkv) * d_s);
-    SpeculativeQueryMean(prev_x, w_.layers[layer].wq.data.data(), c.hidden, c.n_heads, nkv, hd,
+    SpeculativeQueryMean(prev_x, QueryWeights(layer), c.hidden, c.n_heads, nkv, hd,
                          sp.chans.data(), d_s, start, inv_freq_.data(),
                          c.rope_style == model::RopeStyle::kAdjacentPairs, q_prev.data());
   }

@@ -184,5 +184,79 @@ TEST_F(CpuBackendRealModel, HybridPlanAfterLongPromptSelectsTopK) {
   EXPECT_GE(same_gpu, 8) << "a selection that keeps the text on track for a while";
 }
 
+// Weights kept in their GGUF blocks (issue 19; WeightLoadOptions::
+// keep_quantized): every linear weight and the token embedding stay Q4_1 /
+// Q8_0 views of the file, and the backend multiplies them against int8
+// activations. Against the float32 copies of the same weights, teacher-
+// forced with the float run's tokens, for a dense and a sparse plan (the
+// sparse layers' speculative query dequantizes wq on first use).
+TEST_F(CpuBackendRealModel, QuantizedWeightsFollowTheFloatWeights) {
+  auto gguf = model::GgufFile::Open(ModelPath());
+  ASSERT_TRUE(gguf.ok()) << gguf.status();
+  std::shared_ptr<const model::GgufFile> file(std::move(*gguf));
+  auto qw = model::LoadWeightsFromGguf(file, {.keep_quantized = true});
+  ASSERT_TRUE(qw.ok()) << qw.status();
+  const model::ModelConfig c = qw->config;
+  EXPECT_EQ(qw->QuantizedTensors(), 7 * c.n_layers + 1);  // 7 linear weights a layer + tok_embd
+  EXPECT_EQ(qw->tok_embd.quant.type, model::GgmlType::kQ8_0);
+  EXPECT_EQ(qw->layers[3].w_down.quant.type, model::GgmlType::kQ4_1);
+  EXPECT_TRUE(qw->layers[3].w_down.data.empty());
+  EXPECT_FALSE(qw->layers[3].ffn_norm.quantized());  // F32 in the file
+  EXPECT_NE(qw->storage, nullptr);
+  // Dequantize() gives the float loader's values, bit for bit.
+  {
+    model::ModelWeights copy = *qw;
+    ASSERT_TRUE(copy.Dequantize().ok());
+    EXPECT_EQ(copy.QuantizedTensors(), 0);
+    EXPECT_EQ(copy.storage, nullptr);
+    auto fw = model::LoadWeightsFromGguf(*file);
+    ASSERT_TRUE(fw.ok());
+    EXPECT_EQ(copy.layers[7].wv.data, fw->layers[7].wv.data);
+    EXPECT_EQ(copy.tok_embd.data, fw->tok_embd.data);
+  }
+  auto qb = CreateCpuBackend(*std::move(qw), {.threads = 2});
+  ASSERT_TRUE(qb.ok()) << qb.status();
+  file.reset();  // the weights keep the mapping alive
+
+  const std::string text =
+      "Alice keeps the spare key under the blue flower pot by the back door. Bob, who lives next door, "
+      "waters her plants on Tuesdays. Where is the spare key? It is";
+  const auto prompt = *tokenizer_->Encode(text, false, false);
+  const int V = c.vocab, steps = 24;
+  for (const char* spec : {"dense", "hybrid:2:16:4:8:32:gpu:late:i8"}) {
+    SCOPED_TRACE(spec);
+    auto plan = ParseKvPlanSpec(spec, c);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const Run ref = Greedy(*plan, prompt, steps);
+    auto seq = (*qb)->NewSequence(static_cast<int>(prompt.size()) + steps, *plan);
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    std::vector<float> logits;
+    ASSERT_TRUE((*qb)->Forward(**seq, prompt, false, &logits).ok());
+    float worst = 0;  // max |logit diff| / max |reference logit| over the steps
+    int same = 0;
+    for (int s = 0; s <= steps; ++s) {
+      const float* want = s == 0 ? ref.prefill_logits.data() + ref.prefill_logits.size() - V
+                                 : ref.step_logits[static_cast<size_t>(s - 1)].data();
+      float diff = 0, scale = 0;
+      for (int i = 0; i < V; ++i) {
+        ASSERT_TRUE(std::isfinite(logits[static_cast<size_t>(i)])) << "step " << s;
+        diff = std::max(diff, std::fabs(logits[static_cast<size_t>(i)] - want[i]));
+        scale = std::max(scale, std::fabs(want[i]));
+      }
+      worst = std::max(worst, diff / scale);
+      const int32_t top = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      same += top == static_cast<int32_t>(std::max_element(want, want + V) - want);
+      if (s == steps) break;
+      const int32_t next = ref.generated[static_cast<size_t>(s)];
+      ASSERT_TRUE((*qb)->Forward(**seq, absl::MakeConstSpan(&next, 1), false, &logits).ok());
+    }
+    std::printf("%s: quantized weights vs float32: max |diff| / max |logit| %.4f, top-1 %d/%d\n", spec, worst, same,
+                steps + 1);
+    EXPECT_GT(worst, 0.0f) << "a different arithmetic";
+    EXPECT_LT(worst, 0.08f);
+    EXPECT_GE(same, steps * 9 / 10);
+  }
+}
+
 }  // namespace
 }  // namespace tailorkv::runtime
