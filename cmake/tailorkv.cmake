@@ -19,3 +19,15 @@ function(tailorkv_test name)
   gtest_discover_tests(${name} PROPERTIES LABELS "${labels}" ENVIRONMENT "OMP_WAIT_POLICY=passive"
     DISCOVERY_TIMEOUT 60)
 endfunction()
+
+# Time bounds in tests stretch this many times in sanitizer builds
+# (scripts/sanitize.sh), where every process runs several times slower. The
+# C++ tests read kSanitizerSlowdown (services/common/test_child_process.h,
+# from the compiler's __SANITIZE_ADDRESS__ / __SANITIZE_THREAD__); the Python
+# process tests get this value as TAILORKV_TEST_SLOWDOWN (tests/proc_test_util.py)
+# and their ctest TIMEOUT times it.
+if(CMAKE_CXX_FLAGS MATCHES "-fsanitize=[^ ]*(address|thread)")
+  set(TAILORKV_TEST_SLOWDOWN 3)
+else()
+  set(TAILORKV_TEST_SLOWDOWN 1)
+endif()

@@ -24,7 +24,7 @@ import urllib.request
 
 import openai
 
-from proc_test_util import check, free_port, stop_all, wait_for
+from proc_test_util import SLOWDOWN, check, free_port, stop_all, wait_for
 
 GATEWAY, WORKER, CLI, MODEL = sys.argv[1:5]
 
@@ -71,7 +71,8 @@ def main():
         procs["gateway"] = gw
         base = f"http://127.0.0.1:{hport}"
         wait_for("both workers ready", lambda: metrics(base)["tailorkv:gateway_workers_ready"] == 2, 120)
-        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        # A request queued behind two streams waits for both before its first byte.
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120 * SLOWDOWN)
 
         # Spread: four short requests at once.
         def short(i):
@@ -113,7 +114,7 @@ def main():
         procs[victim].wait()
         t_kill = time.time()
         for t in streams:
-            t.join(timeout=120)
+            t.join(timeout=120 * SLOWDOWN)
         check(all(not t.is_alive() for t in streams), "no stream hangs after the kill")
         errors = [r for r in results.values() if r[0] == "error"]
         done = [r for r in results.values() if r[0] == "done"]

@@ -1,9 +1,16 @@
 """Helpers shared by the process tests written in Python (gateway, Prometheus):
 free ports, polling with a deadline, checks that print what passed, and
 stopping child processes (SIGTERM, then SIGKILL after 15 s)."""
+import os
 import socket
 import subprocess
 import time
+
+
+# Time bounds stretch this many times in sanitizer builds, where every process
+# runs several times slower: ctest sets TAILORKV_TEST_SLOWDOWN there
+# (cmake/tailorkv.cmake), the same factor as the C++ tests' kSanitizerSlowdown.
+SLOWDOWN = int(os.environ.get("TAILORKV_TEST_SLOWDOWN", "1"))
 
 
 def free_port():
@@ -13,7 +20,9 @@ def free_port():
 
 
 def wait_for(what, cond, timeout_s, interval_s=0.2):
-    """Polls cond() (exceptions count as not yet) until true; fails the test after timeout_s."""
+    """Polls cond() (exceptions count as not yet) until true; fails the test after
+    timeout_s (times SLOWDOWN)."""
+    timeout_s *= SLOWDOWN
     deadline = time.time() + timeout_s
     last = None
     while time.time() < deadline:
