@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "runtime/backend.h"
 
 namespace tailorkv::cuda {
 namespace {
@@ -46,6 +47,28 @@ absl::StatusCode CodeFor(cudaError_t err) {
   }
 }
 
+// The errors CUDA documents as leaving the context unusable ("any further
+// CUDA work will return the same error; the process must be terminated and
+// relaunched"): a kernel's fault, an uncorrectable ECC error, a watchdog
+// timeout. The runtime marks their status as a lost device.
+bool IsStickyError(cudaError_t err) {
+  switch (err) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorAssert:
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 absl::Status CudaStatus(cudaError_t err, const char* what) {
@@ -54,8 +77,10 @@ absl::Status CudaStatus(cudaError_t err, const char* what) {
   // that the next launch check (cudaGetLastError) does not report it again.
   // Sticky errors (a faulted context) survive this and keep failing calls.
   (void)cudaGetLastError();
-  return absl::Status(CodeFor(err), absl::StrCat(what, ": ", cudaGetErrorString(err), " (",
+  absl::Status status(CodeFor(err), absl::StrCat(what, ": ", cudaGetErrorString(err), " (",
                                                  cudaGetErrorName(err), ")"));
+  // The engine ends everything and the worker exits for its supervisor.
+  return IsStickyError(err) ? runtime::MarkDeviceLost(std::move(status)) : status;
 }
 
 absl::Status CublasStatus(cublasStatus_t err, const char* what) {

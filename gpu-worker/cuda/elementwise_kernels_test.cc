@@ -1,4 +1,5 @@
 #include "cuda/elementwise_kernels.cuh"
+#include "runtime/backend.h"
 
 #include <gtest/gtest.h>
 
@@ -246,6 +247,23 @@ TEST(CudaCheck, StatusNamesTheCallAndTheError) {
   const absl::Status cb = CublasStatus(CUBLAS_STATUS_INVALID_VALUE, "cublasGemmEx");
   EXPECT_EQ(cb.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(cb.message().find("cublasGemmEx"), std::string::npos) << cb;
+}
+
+// The errors that leave the CUDA context unusable are marked as a lost
+// device (the engine ends everything, the worker exits 3); the others not.
+TEST(CudaCheck, StickyErrorsMarkTheDeviceLost) {
+  for (cudaError_t sticky : {cudaErrorIllegalAddress, cudaErrorLaunchFailure, cudaErrorECCUncorrectable,
+                             cudaErrorHardwareStackError, cudaErrorIllegalInstruction, cudaErrorMisalignedAddress,
+                             cudaErrorInvalidAddressSpace, cudaErrorInvalidPc, cudaErrorLaunchTimeout,
+                             cudaErrorAssert}) {
+    const absl::Status s = CudaStatus(sticky, "cudaStreamSynchronize");
+    EXPECT_TRUE(tailorkv::runtime::IsDeviceLost(s)) << s;
+    EXPECT_NE(s.message().find(cudaGetErrorName(sticky)), std::string::npos) << s;
+  }
+  for (cudaError_t other : {cudaErrorMemoryAllocation, cudaErrorInvalidValue, cudaErrorNoDevice,
+                            cudaErrorNotReady}) {
+    EXPECT_FALSE(tailorkv::runtime::IsDeviceLost(CudaStatus(other, "cudaMalloc"))) << other;
+  }
 }
 
 TEST(CudaCheck, LaunchingAnEmptyGraphIsFailedPrecondition) {

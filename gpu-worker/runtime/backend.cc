@@ -1,10 +1,25 @@
 #include "runtime/backend.h"
 
+#include "absl/strings/cord.h"
+
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
 #include "runtime/sampler.h"
 
 namespace tailorkv::runtime {
+
+namespace {
+constexpr char kDeviceLostPayload[] = "type.tailorkv.dev/device-lost";
+}  // namespace
+
+absl::Status MarkDeviceLost(absl::Status status) {
+  if (!status.ok()) status.SetPayload(kDeviceLostPayload, absl::Cord("1"));
+  return status;
+}
+
+bool IsDeviceLost(const absl::Status& status) {
+  return !status.ok() && status.GetPayload(kDeviceLostPayload).has_value();
+}
 
 absl::Status ValidateForwardInput(const model::ModelConfig& config, const SequenceState& seq,
                                   absl::Span<const int32_t> tokens, Backend::Mode mode) {

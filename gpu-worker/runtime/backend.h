@@ -174,6 +174,18 @@ class Backend {
   virtual absl::Status TakeMemoryPool(int64_t /*bytes*/) { return absl::OkStatus(); }
 };
 
+// A lost device: the backend's device can no longer run anything (a sticky
+// CUDA error such as an illegal address or an uncorrectable ECC error
+// corrupts the context: every later call fails the same way). Any backend
+// call may return such a status; the engine then fails every generation
+// with Unavailable, refuses new ones and reports it
+// (EngineOptions::on_device_lost), and the worker goes NOT_SERVING and exits
+// for its supervisor to restart it, rather than answering SERVING with a
+// device that fails every request. The mark is a payload on the status, so
+// the code and message stay what the backend chose.
+absl::Status MarkDeviceLost(absl::Status status);
+bool IsDeviceLost(const absl::Status& status);
+
 // The checks every Backend::Forward makes before touching `seq`: non-empty
 // input, ids inside the vocabulary, room left in the sequence, and for
 // kDecode one token after the prompt.

@@ -1,6 +1,9 @@
 #include "runtime/engine.h"
 
+#include "runtime/device_loss_injector.h"
+
 #include <algorithm>
+#include <new>
 #include <chrono>
 #include <filesystem>
 #include <optional>
@@ -234,6 +237,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   ASSIGN_OR_RETURN(engine->backend_, CreateBackend(std::move(weights), options.backend,
                                                    options.cuda_factory, options.threads, options.host_store,
                                                    options.remote_rows));
+  if (options.inject_device_loss_after_steps < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat("inject_device_loss_after_steps must be >= 0, got %d",
+                                                      options.inject_device_loss_after_steps));
+  }
+  if (options.inject_device_loss_after_steps > 0) {
+    spdlog::warn("testing: the backend will behave as a lost device after {} decode steps",
+                 options.inject_device_loss_after_steps);
+    engine->backend_ =
+        std::make_unique<DeviceLossInjector>(std::move(engine->backend_), options.inject_device_loss_after_steps);
+  }
+  engine->on_device_lost_ = options.on_device_lost;
   if (options.max_running < 1) {
     return absl::InvalidArgumentError(absl::StrFormat("max_running must be >= 1, got %d", options.max_running));
   }
@@ -471,6 +485,10 @@ absl::StatusOr<GenerationResult> Engine::Generate(
   {
     absl::MutexLock lock(&sched_mu_);
     if (stopping_) return absl::UnavailableError("engine shutting down");
+    if (!device_lost_.ok()) {
+      return absl::UnavailableError(absl::StrCat("the worker's device is lost (", device_lost_.message(),
+                                                 "); it is stopping: retry on another worker"));
+    }
     waiting_.push_back(job);
     wake_ = true;
     sched_cv_.Signal();
@@ -507,6 +525,57 @@ void Engine::Finish(Job& job, absl::StatusOr<GenerationResult> outcome) {
   job.outbox.Finish(std::move(outcome));
 }
 
+// The process's memory is exhausted (RLIMIT_AS, a cgroup limit, overcommit
+// off): the C++ library throws std::bad_alloc, which must not reach the
+// scheduler thread's end (std::terminate would take every generation down).
+template <typename... Args>
+absl::Status Engine::HostMemoryExhausted(const absl::FormatSpec<Args...>& what, const Args&... args) {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "host memory exhausted: the worker could not allocate memory for ", absl::StrFormat(what, args...),
+      "; retry later, or ask for fewer tokens"));
+}
+
+absl::StatusOr<std::unique_ptr<SequenceState>> Engine::NewSequenceOrExhausted(int capacity, const Job& job) {
+  try {
+    return backend_->NewSequence(capacity, *job.plan);
+  } catch (const std::bad_alloc&) {
+    return HostMemoryExhausted("a sequence of %d tokens (%.1f MiB of KV under plan '%s')", capacity,
+                               job.kv_bytes / 1048576.0, job.plan->name);
+  }
+}
+
+absl::Status Engine::device_status() const {
+  absl::MutexLock lock(&sched_mu_);
+  return device_lost_;
+}
+
+absl::Status Engine::BackendFailure(const absl::Status& s) {
+  if (!IsDeviceLost(s)) return s;
+  if (pending_device_loss_.ok()) pending_device_loss_ = s;
+  return absl::UnavailableError(absl::StrCat("the worker's device is lost (", s.message(),
+                                             "); the worker stops for its supervisor to restart it: retry on "
+                                             "another worker"));
+}
+
+void Engine::FailAllAfterDeviceLoss(std::vector<std::shared_ptr<Job>>& running) {
+  device_loss_handled_ = true;
+  spdlog::error("the backend's device is lost: {}; failing every generation and refusing new ones",
+                pending_device_loss_.ToString());
+  std::vector<std::shared_ptr<Job>> left = std::move(running);
+  running.clear();
+  {
+    absl::MutexLock lock(&sched_mu_);
+    device_lost_ = pending_device_loss_;
+    for (auto& j : waiting_) left.push_back(j);
+    waiting_.clear();
+  }
+  const absl::Status ended = BackendFailure(pending_device_loss_);
+  for (auto& j : left) {
+    if (!j->done) Finish(*j, ended);
+  }
+  if (on_device_lost_) on_device_lost_(pending_device_loss_);
+}
+
 void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
   // Waiting generations whose caller left (or whose deadline passed) end here.
   std::vector<std::shared_ptr<Job>> gone;
@@ -529,7 +598,7 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
   }
   // After kv-host refused memory, ask again only when a generation has
   // ended or 50 ms have passed (not a Reserve RPC every iteration).
-  if (static_cast<int>(running.size()) >= admit_blocked_running_ && absl::Now() < admit_retry_after_) return;
+  if (static_cast<int>(running.size()) >= admit_blocked_running_ && Clock::now() < admit_retry_after_) return;
   admit_blocked_running_ = 0;
   while (static_cast<int>(running.size()) < max_running_) {
     std::shared_ptr<Job> job;
@@ -541,11 +610,11 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
       if (kv_budget_bytes_ > 0 && admitted_bytes_ + job->kv_bytes > kv_budget_bytes_) return;
     }
     const int capacity = static_cast<int>(job->request.prompt_tokens.size()) + job->request.max_tokens;
-    absl::StatusOr<std::unique_ptr<SequenceState>> seq = backend_->NewSequence(capacity, *job->plan);
+    absl::StatusOr<std::unique_ptr<SequenceState>> seq = NewSequenceOrExhausted(capacity, *job);
     if (!seq.ok() && absl::IsResourceExhausted(seq.status()) && !running.empty()) {
       // e.g. kv-host's budget: wait for a running generation to end
       admit_blocked_running_ = static_cast<int>(running.size());
-      admit_retry_after_ = absl::Now() + absl::Milliseconds(50);
+      admit_retry_after_ = Clock::now() + std::chrono::milliseconds(50);
       return;
     }
     {
@@ -557,7 +626,8 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
       }
     }
     if (!seq.ok()) {
-      Finish(*job, seq.status());
+      Finish(*job, BackendFailure(seq.status()));
+      if (!pending_device_loss_.ok()) return;
       continue;
     }
     job->seq = std::move(*seq);
@@ -610,7 +680,10 @@ void Engine::EmitToken(Job& job, int32_t picked) {
 
 bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
   bool moved = false;
-  const absl::Time now = absl::Now();
+  // The steady clock: a wall-clock step must not cut readers off (or keep
+  // stalled ones) for its size.
+  const Clock::time_point now = Clock::now();
+  const auto stall_limit = absl::ToChronoNanoseconds(stream_stall_timeout_);
   auto fail = [&](Job& job, const absl::Status& s) {
     Finish(job, s);
     moved = true;
@@ -627,7 +700,8 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
       }
       Finish(job, job.result);
       moved = true;
-    } else if (now - job.outbox.full_since() > stream_stall_timeout_) {
+    } else if (const Clock::time_point full = job.outbox.full_since();
+               full != Clock::time_point::max() && now - full > stall_limit) {
       spdlog::warn("generation cut off after {} tokens: its caller took no chunk for {}", job.step,
                    absl::FormatDuration(stream_stall_timeout_));
       if (job.request.stalled) job.request.stalled();
@@ -658,12 +732,17 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
     std::vector<float>& logits = batch_logits_;
     std::vector<absl::Status> per_seq;
     std::vector<int32_t> picked;
-    const absl::Status s = backend_->DecodeBatchPick(seqs, last, greedy, &logits, &picked, &per_seq);
+    absl::Status s;
+    try {
+      s = backend_->DecodeBatchPick(seqs, last, greedy, &logits, &picked, &per_seq);
+    } catch (const std::bad_alloc&) {
+      s = HostMemoryExhausted("a decode step of %d sequences", static_cast<int>(seqs.size()));
+    }
     const size_t vocab = static_cast<size_t>(config().vocab);
     for (size_t b = 0; b < batch.size(); ++b) {
       Job& job = *batch[b];
       if (!s.ok() || !per_seq[b].ok()) {
-        fail(job, s.ok() ? per_seq[b] : s);
+        fail(job, BackendFailure(s.ok() ? per_seq[b] : s));
         continue;
       }
       if (picked[b] < 0) job.logits.assign(logits.begin() + b * vocab, logits.begin() + (b + 1) * vocab);
@@ -680,11 +759,16 @@ bool Engine::Iterate(std::vector<std::shared_ptr<Job>>& running) {
     if (job.done || job.prefilled >= n_prompt || job.outbox.full()) continue;
     const int n = std::min(prefill_chunk_, n_prompt - job.prefilled);
     // A prompt's last chunk may be one token: still prefill, not a decode step.
-    absl::Status s = backend_->Forward(*job.seq, absl::MakeConstSpan(job.request.prompt_tokens).subspan(job.prefilled, n),
-                                       false, &job.logits, Backend::Mode::kPrefill);
+    absl::Status s;
+    try {
+      s = backend_->Forward(*job.seq, absl::MakeConstSpan(job.request.prompt_tokens).subspan(job.prefilled, n),
+                            false, &job.logits, Backend::Mode::kPrefill);
+    } catch (const std::bad_alloc&) {
+      s = HostMemoryExhausted("a prefill chunk of %d tokens", n);
+    }
     moved = true;
     if (!s.ok()) {
-      fail(job, s);
+      fail(job, BackendFailure(s));
     } else {
       job.prefilled += n;
       if (job.prefilled == n_prompt) EmitToken(job);  // the first token comes out of the prefill
@@ -714,7 +798,11 @@ void Engine::SchedulerLoop() {
     {
       absl::MutexLock lock(&mu_);
       Admit(running);
-      moved = Iterate(running);
+      moved = pending_device_loss_.ok() && Iterate(running);
+      if (!pending_device_loss_.ok() && !device_loss_handled_) {
+        FailAllAfterDeviceLoss(running);
+        moved = true;
+      }
     }
     if (!moved && !running.empty()) {
       absl::MutexLock lock(&sched_mu_);

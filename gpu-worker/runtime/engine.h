@@ -15,6 +15,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "runtime/backend.h"
@@ -108,6 +110,15 @@ struct EngineOptions {
   // A generation whose outbox stays full this long is cut off (its caller
   // stopped reading): it ends Aborted and `GenerationRequest::stalled` runs.
   absl::Duration stream_stall_timeout = absl::Seconds(10);
+  // Called once, from the scheduler thread, when the backend reports a lost
+  // device (IsDeviceLost, e.g. a sticky CUDA error): by then every
+  // generation has ended Unavailable and Generate refuses new ones; the
+  // process should stop serving and exit (a lost device does not come back
+  // in-process). May be empty. Must not call into the engine.
+  std::function<void(const absl::Status&)> on_device_lost;
+  // Testing: after this many decode steps the backend behaves as a lost
+  // device (DeviceLossInjector). 0: off.
+  int64_t inject_device_loss_after_steps = 0;
 };
 
 // KV memory held by the sequences alive right now.
@@ -204,6 +215,10 @@ class Engine {
   // backend steps fewer sequences in turn (Backend::max_interleaved_sequences).
   int max_running() const { return max_running_; }
 
+  // OK while the backend's device works; once it is lost, the status that
+  // said so (IsDeviceLost), and the engine serves nothing more.
+  absl::Status device_status() const;
+
   // Stops the scheduler; generations still queued or running end
   // Unavailable ("engine shutting down").
   ~Engine();
@@ -227,6 +242,20 @@ class Engine {
   // from job.logits.
   void EmitToken(Job& job, int32_t picked = -1);
   void Finish(Job& job, absl::StatusOr<GenerationResult> outcome);
+  // A failed backend call's status as the generation should end with: a
+  // lost device is recorded (the scheduler then ends everything) and ends
+  // it Unavailable; any other status unchanged. Scheduler thread.
+  absl::Status BackendFailure(const absl::Status& s);
+  // ResourceExhausted "host memory exhausted: ... <what>" for a backend call
+  // that threw std::bad_alloc.
+  template <typename... Args>
+  static absl::Status HostMemoryExhausted(const absl::FormatSpec<Args...>& what, const Args&... args);
+  // Backend::NewSequence, with std::bad_alloc as ResourceExhausted (so the
+  // scheduler waits for memory while others run, or refuses the request).
+  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequenceOrExhausted(int capacity, const Job& job);
+  // After a lost device: ends every running and waiting generation and
+  // tells EngineOptions::on_device_lost. Scheduler thread, once.
+  void FailAllAfterDeviceLoss(std::vector<std::shared_ptr<Job>>& running) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Wake();
   int64_t JobKvBytes(int prompt, int capacity, const KvPlan& plan) const;
   // Makes a capacity-1 sequence with `plan`: fails when the backend cannot
@@ -260,12 +289,17 @@ class Engine {
   bool wake_ ABSL_GUARDED_BY(sched_mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(sched_mu_) = false;
   int running_count_ ABSL_GUARDED_BY(sched_mu_) = 0;
+  absl::Status device_lost_ ABSL_GUARDED_BY(sched_mu_);  // OK until the device is lost
+  // Scheduler thread only: the lost device's status, until handled.
+  absl::Status pending_device_loss_;
+  bool device_loss_handled_ = false;
+  std::function<void(const absl::Status&)> on_device_lost_;
   int64_t admitted_bytes_ ABSL_GUARDED_BY(sched_mu_) = 0;
   // Scheduler thread only: after a ResourceExhausted NewSequence with this
   // many running, Admit waits for fewer or for the time (0: not blocked).
   int admit_blocked_running_ = 0;
   std::vector<float> batch_logits_;  // a decode batch's logits, reused across steps
-  absl::Time admit_retry_after_ = absl::InfinitePast();
+  std::chrono::steady_clock::time_point admit_retry_after_{};
   std::thread scheduler_;  // last: started at the end of Create
 };
 

@@ -498,5 +498,66 @@ TEST(EngineScheduler, WaitingForMemoryEndsWhenCancelled) {
   a.join();
 }
 
+// A lost device (a sticky CUDA error on a GPU; DeviceLossInjector here):
+// every generation, running or waiting, ends Unavailable saying the device
+// is lost, on_device_lost runs once, new requests are refused the same way,
+// and nothing is left holding KV.
+TEST(EngineScheduler, LostDeviceEndsEveryGenerationAndRefusesNewOnes) {
+  std::atomic<int> reported{0};
+  absl::Notification lost;
+  std::string lost_message;
+  auto e = MakeEngine({.max_context = 512,
+                       .max_running = 2,
+                       .on_device_lost =
+                           [&](const absl::Status& s) {
+                             lost_message = std::string(s.message());
+                             if (reported.fetch_add(1) == 0) lost.Notify();
+                           },
+                       .inject_device_loss_after_steps = 6});
+  ASSERT_NE(e, nullptr);
+  EXPECT_TRUE(e->device_status().ok());
+  GenerationRequest r;
+  r.prompt_tokens = Prompt(*e, 12, 3);
+  r.max_tokens = 40;
+  r.ignore_eos = true;
+  // Three at once with two running: one waits when the device goes.
+  std::vector<Out> outs(3);
+  std::vector<std::thread> ts;
+  for (int i = 0; i < 3; ++i) ts.emplace_back([&, i] { outs[i] = Generate(*e, r); });
+  for (auto& t : ts) t.join();
+  ASSERT_TRUE(lost.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(reported.load(), 1);
+  EXPECT_NE(lost_message.find("illegal memory access"), std::string::npos) << lost_message;
+  for (const Out& o : outs) {
+    ASSERT_FALSE(o.result.ok()) << "completed " << o.ids.size() << " tokens on a lost device";
+    EXPECT_EQ(o.result.status().code(), absl::StatusCode::kUnavailable) << o.result.status();
+    EXPECT_NE(o.result.status().message().find("device is lost"), std::string::npos) << o.result.status();
+    EXPECT_LT(o.ids.size(), 40u);
+  }
+  EXPECT_TRUE(IsDeviceLost(e->device_status())) << e->device_status();
+  const Out after = Generate(*e, r);
+  ASSERT_FALSE(after.result.ok());
+  EXPECT_EQ(after.result.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(after.ids.empty());
+  EXPECT_EQ(e->scheduler_load().running, 0);
+  EXPECT_EQ(e->scheduler_load().waiting, 0);
+  EXPECT_EQ(e->scheduler_load().kv_admitted_bytes, 0);
+  EXPECT_EQ(e->KvInUse().sequences, 0);
+  EXPECT_EQ(reported.load(), 1);
+}
+
+// Any other backend error ends only its own generation: the device stays.
+TEST(EngineScheduler, DeviceLossMarkIsOnlyWhatTheBackendSetsAndSurvivesCopies) {
+  EXPECT_FALSE(IsDeviceLost(absl::OkStatus()));
+  EXPECT_FALSE(IsDeviceLost(absl::InternalError("kernel failed")));
+  EXPECT_FALSE(IsDeviceLost(MarkDeviceLost(absl::OkStatus())));
+  const absl::Status lost = MarkDeviceLost(absl::InternalError("cudaStreamSynchronize: illegal address"));
+  EXPECT_TRUE(IsDeviceLost(lost));
+  EXPECT_EQ(lost.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(lost.message(), "cudaStreamSynchronize: illegal address");
+  const absl::StatusOr<int> carried = lost;
+  EXPECT_TRUE(IsDeviceLost(carried.status()));
+}
+
 }  // namespace
 }  // namespace tailorkv::runtime

@@ -9,6 +9,7 @@
 // outcome arrives. Thread-safe.
 #pragma once
 
+#include <chrono>
 #include <deque>
 #include <functional>
 #include <optional>
@@ -33,16 +34,18 @@ class StreamOutbox {
     absl::MutexLock lock(&mu_);
     return static_cast<int>(chunks_.size()) >= capacity_;
   }
-  // Since when the outbox has been full; InfiniteFuture when it is not.
-  absl::Time full_since() const {
+  // Since when the outbox has been full; time_point::max() when it is not.
+  // On the steady clock: a step of the wall clock (NTP, a VM resumed) must
+  // neither cut a reader off early nor keep a stalled one for the step.
+  std::chrono::steady_clock::time_point full_since() const {
     absl::MutexLock lock(&mu_);
-    return static_cast<int>(chunks_.size()) >= capacity_ ? full_since_ : absl::InfiniteFuture();
+    return static_cast<int>(chunks_.size()) >= capacity_ ? full_since_ : std::chrono::steady_clock::time_point::max();
   }
   // Appends (past the capacity only if the caller ignored full()).
   void Push(Chunk chunk) {
     absl::MutexLock lock(&mu_);
     chunks_.push_back(std::move(chunk));
-    if (static_cast<int>(chunks_.size()) == capacity_) full_since_ = absl::Now();
+    if (static_cast<int>(chunks_.size()) == capacity_) full_since_ = std::chrono::steady_clock::now();
   }
   // The end of the stream: Pop returns nullopt once the chunks before it
   // are taken. Later calls are ignored.
@@ -83,7 +86,7 @@ class StreamOutbox {
   const std::function<void()> on_space_;
   mutable absl::Mutex mu_;
   std::deque<Chunk> chunks_ ABSL_GUARDED_BY(mu_);
-  absl::Time full_since_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
+  std::chrono::steady_clock::time_point full_since_ ABSL_GUARDED_BY(mu_) = std::chrono::steady_clock::time_point::max();
   std::optional<Outcome> outcome_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -279,6 +279,11 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   app.add_option("--metrics-listen", config.metrics_listen,
                  "host:port of a Prometheus endpoint (GET /metrics; empty: none)");
+  app.add_option("--inject-device-loss-after", config.engine.inject_device_loss_after_steps,
+                 "testing: after this many decode steps the backend behaves as a lost device (a sticky CUDA "
+                 "error's path on any backend): the worker fails its generations UNAVAILABLE, goes NOT_SERVING "
+                 "and exits 3. 0 = off")
+      ->capture_default_str();
   app.add_option("--kv-host-timeout-ms", config.kv_host_timeout_ms,
                  "how long to keep trying to attach to kv-host: at start, and when a request needs "
                  "it after kv-host went away (then UNAVAILABLE)")
@@ -376,6 +381,23 @@ int main(int argc, char** argv) {
     return b;
   };
 #endif
+  // A lost device (a sticky CUDA error) ends every generation in the engine;
+  // the worker then goes NOT_SERVING and exits 3 for its supervisor to
+  // restart it, instead of answering SERVING with a device that fails
+  // every request. The engine reports from its scheduler thread.
+  std::atomic<bool> device_lost{false};
+  std::function<void()> on_device_lost_health;  // set once the server exists
+  absl::Mutex device_lost_mu;
+  config.engine.on_device_lost = [&](const absl::Status& s) {
+    spdlog::critical("device lost: {}; NOT_SERVING, exiting 3 for the supervisor to restart the worker",
+                     s.ToString());
+    device_lost.store(true);
+    {
+      absl::MutexLock lock(&device_lost_mu);
+      if (on_device_lost_health) on_device_lost_health();
+    }
+    signals.Interrupt();
+  };
   PlanSource plan_source(config.plan);
   config.engine.kv_plan_source = plan_source.AsEngineSource();
   auto engine = tailorkv::runtime::Engine::Create(config.engine);
@@ -414,6 +436,14 @@ int main(int argc, char** argv) {
     return 1;
   }
   (*server)->AddDrainHook([&service] { service.BeginDrain(); });
+  {
+    absl::MutexLock lock(&device_lost_mu);
+    on_device_lost_health = [&server] {
+      (*server)->SetServing("", false);
+      (*server)->SetServing(tailorkv::v1::Generation::service_full_name(), false);
+    };
+    if (device_lost.load()) on_device_lost_health();
+  }
   if (kv_host != nullptr) {
     kv_host_health.Start([&server, &engine](bool attached) {
       const bool needs = NeedsHostTier((*engine)->kv_plan());
@@ -438,14 +468,27 @@ int main(int argc, char** argv) {
   spdlog::info("ready on {}", (*server)->address());
 
   const int signo = signals.Wait();
-  spdlog::info("received signal {}, draining", signo);
+  if (device_lost.load()) {
+    spdlog::info("draining after the device loss");
+  } else {
+    spdlog::info("received signal {}, draining", signo);
+  }
   (*server)->Drain();
+  {
+    absl::MutexLock lock(&device_lost_mu);
+    on_device_lost_health = nullptr;
+  }
   metrics.reset();
   kv_host_health.Stop();
   reload.reset();
   server->reset();
   engine->reset();
   kv_host.reset();  // after the engine: its sequences hold kv-host's memory
+  if (device_lost.load()) {
+    spdlog::error("gpu-worker stopped: its device is lost (exit 3)");
+    spdlog::shutdown();
+    return 3;
+  }
   spdlog::info("gpu-worker stopped");
   spdlog::shutdown();
   return 0;

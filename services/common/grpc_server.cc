@@ -168,6 +168,10 @@ TerminationSignals::TerminationSignals() : impl_(std::make_unique<Impl>()) {
 
 TerminationSignals::~TerminationSignals() = default;
 
+void TerminationSignals::Interrupt() {
+  boost::asio::post(impl_->io, [impl = impl_.get()] { impl->io.stop(); });
+}
+
 int TerminationSignals::Wait() {
   impl_->io.run();
   return impl_->received;

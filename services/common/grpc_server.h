@@ -100,8 +100,12 @@ class TerminationSignals {
  public:
   TerminationSignals();
   ~TerminationSignals();
-  // Blocks until SIGTERM or SIGINT arrives (or has arrived); returns it.
+  // Blocks until SIGTERM or SIGINT arrives (or has arrived) and returns it,
+  // or until Interrupt() and returns 0.
   int Wait();
+  // Ends Wait() without a signal (e.g. the process cannot go on serving).
+  // Thread-safe; only posts the stop, like the signal handler.
+  void Interrupt();
 
  private:
   struct Impl;
