@@ -27,9 +27,21 @@ v1::FinishReason ToProto(runtime::FinishReason reason) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
+// A call's deadline on the steady clock, taken when it arrives: gRPC gives
+// it as a wall-clock time, and a step of the wall clock (NTP, a resumed VM)
+// must not turn a client's cancel into a deadline or a deadline into a
+// cancel. time_point::max() when the call has none.
+Clock::time_point SteadyDeadline(const grpc::ServerContext& context) {
+  const auto wall_deadline = context.deadline();
+  if (wall_deadline == std::chrono::system_clock::time_point::max()) return Clock::time_point::max();
+  const auto left = wall_deadline - std::chrono::system_clock::now();
+  if (left > std::chrono::hours(24 * 365)) return Clock::time_point::max();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
+}
+
 // Why a call ended early, as the status the client should see.
-absl::Status CallEndedStatus(const grpc::ServerContext& context) {
-  if (context.deadline() <= std::chrono::system_clock::now()) {
+absl::Status CallEndedStatus(Clock::time_point deadline) {
+  if (Clock::now() >= deadline) {
     return absl::DeadlineExceededError("deadline exceeded; generation stopped");
   }
   return absl::CancelledError("call cancelled by the client; generation stopped");
@@ -161,6 +173,7 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
                                          grpc::ServerWriter<v1::GenerateResponse>* writer) {
   static const auto log = common::NamedLogger("generation");
   const Clock::time_point arrived = Clock::now();
+  const Clock::time_point deadline = SteadyDeadline(*context);
   if (draining_.load()) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE,
                         "worker is draining; retry on another worker");
@@ -174,7 +187,7 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
   if (absl::Status s = abort.Register(); !s.ok()) return common::ToGrpcStatus(s);
 
   auto stop_reason = [&]() -> absl::Status {
-    if (context->IsCancelled()) return CallEndedStatus(*context);
+    if (context->IsCancelled()) return CallEndedStatus(deadline);
     if (abort.aborted()) return absl::CancelledError("aborted");
     return absl::OkStatus();
   };
@@ -218,7 +231,7 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
   slot->Release();
 
   if (context->IsCancelled() || (client_gone && !abort.aborted())) {
-    const absl::Status ended = CallEndedStatus(*context);
+    const absl::Status ended = CallEndedStatus(deadline);
     log->info("request '{}' ended early: {}", prepared->request_id, ended.ToString());
     finished_abort_.fetch_add(1);
     return common::ToGrpcStatus(ended);
@@ -255,7 +268,7 @@ grpc::Status GenerationService::Generate(grpc::ServerContext* context,
             prepared->request_id, result->prompt_tokens, result->completion_tokens,
             runtime::FinishReasonName(result->finish_reason), queue_ms, result->prefill_ms,
             timings->decode_tokens_per_second());
-  if (!writer->Write(response)) return common::ToGrpcStatus(CallEndedStatus(*context));
+  if (!writer->Write(response)) return common::ToGrpcStatus(CallEndedStatus(deadline));
   return grpc::Status::OK;
 }
 

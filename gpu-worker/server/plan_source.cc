@@ -1,5 +1,7 @@
 #include "server/plan_source.h"
 
+#include "common/grpc_deadline.h"
+
 #include <fstream>
 #include <sstream>
 
@@ -57,7 +59,7 @@ absl::StatusOr<std::string> FetchProfilerPlanJson(v1::Profiler::Stub& stub,
                                                   const std::string& model_digest,
                                                   absl::Duration timeout) {
   grpc::ClientContext context;
-  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  common::SetCallTimeout(context, timeout);
   v1::GetPlanRequest request;
   request.set_model_digest(model_digest);
   v1::Plan plan;

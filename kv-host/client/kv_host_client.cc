@@ -1,5 +1,7 @@
 #include "client/kv_host_client.h"
 
+#include "common/grpc_deadline.h"
+
 #include <sys/socket.h>
 
 #include <grpcpp/grpcpp.h>
@@ -52,7 +54,7 @@ absl::StatusOr<std::unique_ptr<KvHostClientStore>> KvHostClientStore::Connect(Kv
 absl::Status KvHostClientStore::AttachOnce(bool adopt) {
   Impl& impl = *impl_;
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  common::SetCallTimeout(ctx, options_.rpc_timeout);
   v1::AttachRequest req;
   req.set_worker_id(options_.worker_id);
   v1::AttachResponse resp;
@@ -281,7 +283,7 @@ absl::StatusOr<std::vector<HostSlice>> KvHostClientStore::AllocateMany(absl::Spa
   req.set_alignment(alignment);
   v1::ReserveResponse resp;
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  common::SetCallTimeout(ctx, options_.rpc_timeout);
   if (grpc::Status s = impl_->stub->Reserve(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "Reserve");
   if (resp.slices_size() != static_cast<int>(sizes.size())) {
     return absl::DataLossError(absl::StrCat("kv-host Reserve: ", resp.slices_size(), " slices for ", sizes.size(), " sizes"));
@@ -328,7 +330,7 @@ absl::Status KvHostClientStore::Free(const HostSlice& slice) {
   req.set_slice_id(id);
   v1::ReleaseResponse resp;
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  common::SetCallTimeout(ctx, options_.rpc_timeout);
   if (grpc::Status s = impl_->stub->Release(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "Release");
   return absl::OkStatus();
 }
@@ -352,7 +354,7 @@ uint64_t KvHostClientStore::FreeOwner(std::string_view owner) {
   req.set_session_id(Text(owner));
   v1::CloseSessionResponse resp;
   grpc::ClientContext ctx;
-  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_timeout));
+  common::SetCallTimeout(ctx, options_.rpc_timeout);
   if (grpc::Status s = impl_->stub->CloseSession(&ctx, req, &resp); !s.ok()) {
     spdlog::warn("kv-host client: {}", FromGrpc(s, "CloseSession").ToString());
     return 0;

@@ -1,5 +1,7 @@
 #include "common/health_client.h"
 
+#include "common/grpc_deadline.h"
+
 #include <grpcpp/client_context.h>
 
 #include "absl/time/clock.h"
@@ -11,7 +13,7 @@ absl::StatusOr<ServingStatus> CheckHealth(const std::shared_ptr<grpc::Channel>& 
                                           const std::string& service, absl::Duration timeout) {
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::ClientContext context;
-  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+  common::SetCallTimeout(context, timeout);
   grpc::health::v1::HealthCheckRequest request;
   request.set_service(service);
   grpc::health::v1::HealthCheckResponse response;
