@@ -11,7 +11,7 @@
 // Token ids come from a fixed seed (values do not change the work, but they
 // are never all equal). Prints a table and writes JSON to --out.
 //
-// Byte and FLOP counts (float32 weights, as the CPU backend holds them):
+// Byte and FLOP counts (float32 weights, or the GGUF blocks with --weights quantized):
 // decode reads every weight once per token plus the KV cache so far; prefill
 // does 2 FLOPs per weight per token plus causal attention,
 // 2 * n^2 * n_heads * head_dim per layer (QK^T and PV, half masked).
@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -52,6 +53,7 @@ struct BenchConfig {
   int single_run_above = 4096;
   uint64_t seed = 1234;
   std::string out = "results/cpu_bench.json";
+  std::string weights = "float";  // or "quantized": kept in their GGUF blocks
 };
 
 double Median(std::vector<double> v) {
@@ -71,16 +73,29 @@ std::vector<int32_t> RandomTokens(std::mt19937_64& rng, int n, int vocab) {
   return ids;
 }
 
-int64_t WeightElements(const model::ModelWeights& w) {
-  // Embedding rows are gathered, not multiplied: count the head only.
-  int64_t n = static_cast<int64_t>(w.head().data.size()) + w.output_norm.data.size();
+// Elements multiplied per token and the bytes read for them (float32, or
+// the GGUF blocks of quantized tensors). Embedding rows are gathered, not
+// multiplied: the head counts, the embedding does not (unless tied).
+struct WeightSize {
+  int64_t elems = 0;
+  double bytes = 0;
+};
+WeightSize WeightsRead(const model::ModelWeights& w) {
+  WeightSize s;
+  auto add = [&](const model::Tensor& t) {
+    const int64_t e = t.quantized() ? t.rows() * t.cols() : static_cast<int64_t>(t.data.size());
+    s.elems += e;
+    s.bytes += t.quantized() ? static_cast<double>(t.quant.size) : 4.0 * e;
+  };
+  add(w.head());
+  add(w.output_norm);
   for (const model::LayerWeights& l : w.layers) {
     for (const model::Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm,
                                    &l.w_gate, &l.w_up, &l.w_down}) {
-      n += static_cast<int64_t>(t->data.size());
+      add(*t);
     }
   }
-  return n;
+  return s;
 }
 
 // The 1-minute load average: on a shared machine it says how much the
@@ -95,10 +110,14 @@ double LoadAverage() {
 absl::Status Run(const BenchConfig& cfg) {
   auto gguf = model::GgufFile::Open(cfg.model);
   if (!gguf.ok()) return gguf.status();
-  auto weights = model::LoadWeightsFromGguf(**gguf);
+  std::shared_ptr<const model::GgufFile> file(std::move(*gguf));
+  auto weights = model::LoadWeightsFromGguf(file, {.keep_quantized = cfg.weights == "quantized"});
   if (!weights.ok()) return weights.status();
   const model::ModelConfig mc = weights->config;
-  const int64_t weight_elems = WeightElements(*weights);
+  const WeightSize wsize = WeightsRead(*weights);
+  const int64_t weight_elems = wsize.elems;
+  std::printf("weights %s: %d tensors quantized, %.1f MB read per token\n", cfg.weights.c_str(),
+              weights->QuantizedTensors(), wsize.bytes / 1e6);
   runtime::CpuBackendOptions options;
   options.threads = cfg.threads;
   auto backend_or = runtime::CreateCpuBackend(std::move(*weights), options);
@@ -131,7 +150,7 @@ absl::Status Run(const BenchConfig& cfg) {
   out["model"] = cfg.model;
   out["config"] = {{"n_layers", mc.n_layers}, {"hidden", mc.hidden}, {"n_heads", mc.n_heads},
                    {"n_kv_heads", mc.n_kv_heads}, {"head_dim", mc.head_dim}, {"ffn", mc.ffn},
-                   {"vocab", mc.vocab}, {"weight_bytes_f32", weight_elems * 4}};
+                   {"vocab", mc.vocab}, {"weights", cfg.weights}, {"weight_bytes_read", wsize.bytes}};
   out["threads"] = threads;
   out["hardware_concurrency"] = std::thread::hardware_concurrency();
   out["seed"] = cfg.seed;
@@ -195,7 +214,7 @@ absl::Status Run(const BenchConfig& cfg) {
     const double med = Median(ms);
     const double tps = cfg.decode_steps / (total_ms * 1e-3);
     // Bytes of one step at the mean context: every weight plus the cache.
-    const double bytes = weight_elems * 4.0 + kv_bytes_per_token * (ctx + cfg.decode_steps / 2.0);
+    const double bytes = wsize.bytes + kv_bytes_per_token * (ctx + cfg.decode_steps / 2.0);
     const double gbps = bytes / (med * 1e-3) / 1e9;
     std::printf("%-8s %8d %5d %12.2f %12.1f %10.1f\n", "decode", ctx, cfg.decode_steps, med, tps, gbps);
     std::fflush(stdout);
@@ -235,6 +254,8 @@ int main(int argc, char** argv) {
   app.add_option("--single-run-above", cfg.single_run_above, "prefill sizes above this run once");
   app.add_option("--seed", cfg.seed, "seed of the random token ids");
   app.add_option("--out", cfg.out, "JSON output path");
+  app.add_option("--weights", cfg.weights, "float (dequantized to float32 at load) or quantized (GGUF blocks)")
+      ->check(CLI::IsMember({"float", "quantized"}));
   CLI11_PARSE(app, argc, argv);
   for (const int n : cfg.prefill_sizes) {
     if (n < 1) {

@@ -306,10 +306,38 @@ TKV_TARGET_CLONES("avx2", "default") void BatchLinear(const float* x, int n, con
   }
 }
 
+// Prefill chunks of at least this many rows multiply quantized weights as
+// float tiles (GEMM); fewer rows go through QuantMatmul.
+constexpr int kTiledRows = 8;
+
 // y[n][out] (=|+=) x[n][in] * W[out][in]^T. `batch`: a decode batch
 // (BatchLinear: each row's sums do not depend on the batch).
 void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, bool batch = false) {
   const int out = static_cast<int>(w.rows()), in = static_cast<int>(w.cols());
+  if (w.quantized() && !batch && n >= kTiledRows) {
+    // A prefill chunk: GEMM over float tiles of the weights, dequantized a
+    // block of rows at a time (each tile is reused by all n rows, so the
+    // dequantization costs 1/n of the multiply; the tile stays in cache).
+    constexpr int kTile = 64;
+    thread_local std::vector<float> tile, part;
+    tile.resize(static_cast<size_t>(kTile) * in);
+    part.resize(static_cast<size_t>(n) * kTile);
+    const int64_t rb = w.quant_row_bytes();
+    for (int r0 = 0; r0 < out; r0 += kTile) {
+      const int m = std::min(kTile, out - r0);
+      // Cannot fail: the tensor's size was checked at load.
+      (void)model::Dequantize(w.quant.type, w.quant.bytes + r0 * rb, static_cast<size_t>(m * rb), tile.data(),
+                              static_cast<int64_t>(m) * in);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, in, 1.0f, x, in, tile.data(), in, 0.0f,
+                  part.data(), m);
+      for (int i = 0; i < n; ++i) {
+        float* dst = y + static_cast<int64_t>(i) * out + r0;
+        const float* src = part.data() + static_cast<int64_t>(i) * m;
+        for (int j = 0; j < m; ++j) dst[j] = accumulate ? dst[j] + src[j] : src[j];
+      }
+    }
+    return;
+  }
   if (w.quantized()) {
     // The weights in their GGUF blocks (model/quant_dot.h): activations to
     // int8 per block of 32, integer block dots. Each row's result depends
