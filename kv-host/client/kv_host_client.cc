@@ -276,6 +276,7 @@ absl::StatusOr<std::vector<HostSlice>> KvHostClientStore::AllocateMany(absl::Spa
   if (absl::Status h = Health(); !h.ok()) {
     if (absl::Status r = Reattach(); !r.ok()) return r;
   }
+  CloseUnclosed();
   v1::ReserveRequest req;
   req.set_worker_key(Key());
   req.set_session_id(Text(owner));
@@ -284,7 +285,15 @@ absl::StatusOr<std::vector<HostSlice>> KvHostClientStore::AllocateMany(absl::Spa
   v1::ReserveResponse resp;
   grpc::ClientContext ctx;
   common::SetCallTimeout(ctx, options_.rpc_timeout);
-  if (grpc::Status s = impl_->stub->Reserve(&ctx, req, &resp); !s.ok()) return FromGrpc(s, "Reserve");
+  if (grpc::Status s = impl_->stub->Reserve(&ctx, req, &resp); !s.ok()) {
+    if (s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED || s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+        s.error_code() == grpc::StatusCode::CANCELLED) {
+      // The daemon may have reserved (or still reserve) it: close it later.
+      absl::MutexLock lock(&mu_);
+      unclosed_.insert(Text(owner));
+    }
+    return FromGrpc(s, "Reserve");
+  }
   if (resp.slices_size() != static_cast<int>(sizes.size())) {
     return absl::DataLossError(absl::StrCat("kv-host Reserve: ", resp.slices_size(), " slices for ", sizes.size(), " sizes"));
   }
@@ -349,16 +358,50 @@ uint64_t KvHostClientStore::FreeOwner(std::string_view owner) {
     }
     if (local == 0 || !lost_.ok()) return 0;
   }
+  absl::StatusOr<uint64_t> freed = CloseSessionRpc(Text(owner));
+  if (!freed.ok()) {
+    spdlog::warn("kv-host client: {} (closed again before the next reservation)", freed.status().ToString());
+    return 0;
+  }
+  return *freed;
+}
+
+size_t KvHostClientStore::unclosed_sessions() const {
+  absl::MutexLock lock(&mu_);
+  return unclosed_.size();
+}
+
+void KvHostClientStore::CloseUnclosed() {
+  std::set<std::string> owed;
+  {
+    absl::MutexLock lock(&mu_);
+    if (unclosed_.empty() || !lost_.ok()) return;
+    owed = unclosed_;
+  }
+  for (const std::string& owner : owed) {
+    absl::StatusOr<uint64_t> freed = CloseSessionRpc(owner);
+    if (freed.ok()) spdlog::info("kv-host client: session {} closed late ({} bytes)", owner, *freed);
+  }
+}
+
+absl::StatusOr<uint64_t> KvHostClientStore::CloseSessionRpc(const std::string& owner) {
   v1::CloseSessionRequest req;
   req.set_worker_key(Key());
-  req.set_session_id(Text(owner));
+  req.set_session_id(owner);
   v1::CloseSessionResponse resp;
   grpc::ClientContext ctx;
   common::SetCallTimeout(ctx, options_.rpc_timeout);
-  if (grpc::Status s = impl_->stub->CloseSession(&ctx, req, &resp); !s.ok()) {
-    spdlog::warn("kv-host client: {}", FromGrpc(s, "CloseSession").ToString());
-    return 0;
+  const grpc::Status s = impl_->stub->CloseSession(&ctx, req, &resp);
+  {
+    absl::MutexLock lock(&mu_);
+    if (s.ok() || s.error_code() == grpc::StatusCode::NOT_FOUND) {
+      unclosed_.erase(owner);
+    } else {
+      unclosed_.insert(owner);
+    }
   }
+  if (s.error_code() == grpc::StatusCode::NOT_FOUND) return 0;  // never opened, or already closed
+  if (!s.ok()) return FromGrpc(s, "CloseSession");
   std::vector<Arena> gone;
   {
     absl::MutexLock lock(&mu_);

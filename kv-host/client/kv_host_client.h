@@ -24,6 +24,7 @@
 #include <atomic>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <thread>
@@ -75,6 +76,8 @@ class KvHostClientStore final : public HostKvStore {
                                                       std::string_view owner) override;
   absl::Status Free(const HostSlice& slice) override;
   uint64_t FreeOwner(std::string_view owner) override;
+  // Sessions whose closing is still owed to the daemon (tests, stats).
+  size_t unclosed_sessions() const;
   absl::StatusOr<absl::Span<std::byte>> Data(const HostSlice& slice) override;
   absl::StatusOr<int> ArenaFd(ArenaId arena) const override;
   absl::StatusOr<uint64_t> ArenaBytes(ArenaId arena) const override;
@@ -119,9 +122,19 @@ class KvHostClientStore final : public HostKvStore {
   absl::Mutex reattach_mu_;  // one re-attach at a time; before mu_
   mutable absl::Mutex mu_;
   absl::CondVar arrived_;
+  // CloseSession for `owner`; unmaps the arenas the daemon retired. Returns
+  // the bytes it freed; a failure other than "not open" keeps `owner` in
+  // unclosed_.
+  absl::StatusOr<uint64_t> CloseSessionRpc(const std::string& owner);
+  void CloseUnclosed();
   std::map<ArenaId, Arena> arenas_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<ArenaId, uint64_t>, Live> live_ ABSL_GUARDED_BY(mu_);  // by (arena, offset)
   absl::Status lost_ ABSL_GUARDED_BY(mu_);  // why the daemon is gone; OK while attached
+  // Sessions the daemon may still hold though the worker is done with them:
+  // a CloseSession that failed (a frozen or overloaded daemon), a Reserve
+  // whose outcome is unknown (its deadline passed; the daemon may run it
+  // later). Closed again before the next Reserve (CloseUnclosed).
+  std::set<std::string> unclosed_ ABSL_GUARDED_BY(mu_);
   absl::Status last_attach_error_ ABSL_GUARDED_BY(mu_);  // of the latest re-attach attempt
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   absl::CondVar changed_;  // lost_ or stopping_ changed

@@ -357,8 +357,13 @@ std::vector<ArenaId> KvHostDaemon::RetireLocked(Worker& w) {
   return ids;
 }
 
-grpc::Status KvHostDaemon::Reserve(grpc::ServerContext*, const v1::ReserveRequest* req,
+grpc::Status KvHostDaemon::Reserve(grpc::ServerContext* ctx, const v1::ReserveRequest* req,
                                    v1::ReserveResponse* resp) {
+  // A call whose caller gave up (e.g. it waited while this daemon was
+  // stopped) reserves nothing: nobody would close the session.
+  if (ctx != nullptr && ctx->IsCancelled()) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "Reserve: the caller gave up before it ran");
+  }
   if (!ValidId(req->session_id())) return Bad("session_id: must be 1 to 128 bytes of printable ASCII");
   if (req->sizes_size() < 1 || req->sizes_size() > kMaxSizes) {
     return Bad(absl::StrCat("sizes: ", req->sizes_size(), " sizes, want 1 to ", kMaxSizes));
