@@ -11,6 +11,8 @@ PKGS=(
   # The fuzz targets' clang tree (scripts/fuzz.sh, ctest fuzz_short): libFuzzer
   # and the sanitizers live in libclang-rt, OpenMP for clang in libomp.
   clang libclang-rt-14-dev libomp-dev
+  # ctest fault_clock_jump steps the services' wall clock with libfaketime.
+  faketime
 )
 missing=()
 for p in "${PKGS[@]}"; do

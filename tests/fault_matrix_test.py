@@ -1,0 +1,709 @@
+"""The fault matrix of issue 18 (../shared/design/RELIABILITY.md) with real
+processes: kv-host, gpu-worker (CPU backend, SmolLM2, a hybrid plan whose
+sparse layers keep their host KV in kv-host's arenas), gateway, profiler and
+tailorkv-cli, each case one ctest test:
+
+  gateway_killed      SIGKILL of the gateway mid-request (F3 for the gateway)
+  worker_drain        SIGTERM of a worker under load, and a grace that ends (F8)
+  gateway_drain       SIGTERM of the gateway under HTTP and gRPC load (F8)
+  device_lost         a sticky device error (F9 / issue: sticky CUDA error)
+  clock_jump          the wall clock stepped +1 h and -2 h mid-generation
+  plan_store_disk     disk full and read-only plan store (profiler, worker cache)
+  stalled_clients     a client that stops reading, one that disconnects (F4/F6)
+  kv_host_frozen      kv-host stopped (SIGSTOP) mid-generation, then resumed (F2)
+  host_memory         the worker's address space limited (RLIMIT_AS): KV that
+                      cannot be allocated is RESOURCE_EXHAUSTED, not a crash
+
+Every case checks, beyond its own promise: nothing lost (every request
+ends once, completed or with one clear status), nothing leaked (the worker
+runs nothing, kv-host holds 0 bytes and 0 sessions, fds back to the idle
+baseline), nothing hangs (each wait bounded), and prints one FIGURES line
+(JSON) with its counts, statuses, bytes, fds and times.
+
+Usage: fault_matrix_test.py CASE BUILD_DIR MODEL
+Exit 0 pass, 1 fail, 77 skipped (not root for mounts; no libfaketime).
+"""
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+from proc_test_util import free_port
+
+CASE, BUILD, MODEL = sys.argv[1:4]
+WORKER = f"{BUILD}/gpu-worker/server/gpu-worker"
+KV_HOST = f"{BUILD}/kv-host/kv-host"
+GATEWAY = f"{BUILD}/services/gateway/gateway"
+CLI = f"{BUILD}/services/cli/tailorkv-cli"
+PROFILER = f"{BUILD}/profiler/profiler"
+TKV_PROFILE = f"{BUILD}/profiler/tkv-profile"
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAN = "hybrid:2:128:8:56:32:gpu:late:i8"
+# Greedy decoding counts on for thousands of tokens without an end token,
+# so every generation runs to its max_tokens.
+PROMPT = "Numbers: " + ", ".join(str(i) for i in range(1, 41)) + ","
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+FIGURES = {"case": CASE}
+
+
+class Failed(Exception):
+    pass
+
+
+def check(cond, what):
+    if not cond:
+        raise Failed(what)
+    print(f"ok: {what}", flush=True)
+
+
+def wait_until(what, cond, timeout_s, interval_s=0.1):
+    end = time.time() + timeout_s
+    last = None
+    while time.time() < end:
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as e:  # not there yet
+            last = e
+        time.sleep(interval_s)
+    raise Failed(f"{what}: not within {timeout_s} s" + (f" ({last!r})" if last else ""))
+
+
+def scrape(port):
+    values = {}
+    for line in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, v = line.rpartition(" ")
+            values[name] = float(v)
+    return values
+
+
+def fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Cluster:
+    """The processes of one case; all of them are killed and reaped at the end, whatever happens."""
+
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix=f"tkv-fault-{CASE}-")
+        self.procs = {}
+        self.env = dict(os.environ)
+        self.mounts = []
+        self.offsets = {}
+
+    def log(self, name):
+        return os.path.join(self.tmp, f"{name}.log")
+
+    def start(self, name, argv, env=None):
+        self.offsets[name] = os.path.getsize(self.log(name)) if os.path.exists(self.log(name)) else 0
+        out = open(self.log(name), "a")
+        self.procs[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env or self.env)
+        return self.procs[name]
+
+    def text(self, name):
+        """What the process started last under `name` wrote."""
+        with open(self.log(name), errors="replace") as f:
+            f.seek(self.offsets[name])
+            return f.read()
+
+    def wait_log(self, name, text, timeout_s):
+        wait_until(f"'{text}' in {name}'s log", lambda: text in self.text(name), timeout_s)
+
+    def kv_host(self, env=None):
+        self.sock = os.path.join(self.tmp, "kv-host.sock")
+        self.kv_metrics = free_port()
+        self.start("kv-host", [KV_HOST, "--listen", f"unix:{self.sock}", "--budget", "512M", "--warm-bytes", "0",
+                               "--metrics-listen", f"127.0.0.1:{self.kv_metrics}"], env)
+        self.wait_log("kv-host", "ready on", 30)
+        self.kv_idle_fds = fds(self.procs["kv-host"].pid)
+
+    def worker(self, *extra, name="worker", env=None, kv_host=True, plan=PLAN):
+        self.w_port = free_port()
+        self.w_metrics = free_port()
+        self.w_addr = f"127.0.0.1:{self.w_port}"
+        argv = [WORKER, "--model", MODEL, "--backend", "cpu", "--threads", "1", "--listen", self.w_addr,
+                "--max-context", "2048", "--metrics-listen", f"127.0.0.1:{self.w_metrics}"]
+        if plan:
+            argv += ["--kv-plan", plan]
+        if kv_host:
+            argv += ["--kv-host", f"unix://{self.sock}"]
+        self.start(name, argv + list(extra), env)
+        self.wait_log(name, "ready on", 180)
+
+    def gateway(self, *extra, env=None, ports=None):
+        if ports is None:
+            self.g_grpc, self.g_http = f"127.0.0.1:{free_port()}", free_port()
+        self.start("gateway", [GATEWAY, "--workers", self.w_addr, "--listen", self.g_grpc,
+                               "--http-listen", f"127.0.0.1:{self.g_http}", *extra], env)
+        self.wait_log("gateway", "ready on", 30)
+        wait_until("the gateway sees the worker ready",
+                   lambda: scrape(self.g_http).get("tailorkv:gateway_workers_ready") == 1, 30)
+
+    def worker_load(self):
+        m = scrape(self.w_metrics)
+        return int(m["tailorkv:num_requests_running"]), int(m["tailorkv:num_requests_waiting"])
+
+    def kv_state(self):
+        m = scrape(self.kv_metrics)
+        return {"used_bytes": int(m["tailorkv:kvhost_used_bytes"]),
+                "reserved_bytes": int(m["tailorkv:kvhost_reserved_bytes"]),
+                "sessions": int(m["tailorkv:kvhost_sessions"]),
+                "workers": int(m["tailorkv:kvhost_attached_workers"])}
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs.values():
+            p.wait()
+        for m in reversed(self.mounts):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+class Cli:
+    """tailorkv-cli generate in the background; its output collected as it comes."""
+
+    def __init__(self, server, max_tokens, *extra, prompt=PROMPT, env=None):
+        self.t0 = time.time()
+        self.p = subprocess.Popen([CLI, "generate", "--server", server, "--raw", "--max-tokens", str(max_tokens),
+                                   "--temperature", "0", "--prompt", prompt, *extra],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self.out = b""
+        self.done_at = None
+        self.th = threading.Thread(target=self._read, daemon=True)
+        self.th.start()
+
+    def _read(self):
+        self.max_gap_s, last = 0.0, None
+        while True:
+            b = self.p.stdout.read1(4096)
+            if not b:
+                break
+            now = time.time()
+            if last is not None:
+                self.max_gap_s = max(self.max_gap_s, now - last)
+            last = now
+            self.out += b
+        self.p.wait()
+        self.done_at = time.time()
+
+    def text(self):
+        return self.out.decode(errors="replace")
+
+    def streaming(self):
+        return len(self.text().strip()) > 0
+
+    def wait(self, timeout_s):
+        self.th.join(timeout_s)
+        if self.th.is_alive():
+            self.p.kill()
+            raise Failed(f"a tailorkv-cli generate did not end within {timeout_s} s: {self.text()[-300:]!r}")
+        return self.p.returncode
+
+    def outcome(self):
+        t = self.text()
+        m = re.search(r"\[finish=(\w+).*?completion_tokens=(\d+)", t)
+        if self.p.returncode == 0 and m:
+            return f"completed ({m.group(1)}, {m.group(2)} tokens)"
+        codes = re.findall(r"failed: ([A-Z_]+) \(code", t)
+        return f"error {codes[0]}" if codes else f"unaccounted (exit {self.p.returncode})"
+
+    def story(self):
+        return self.text().split("[finish=")[0]
+
+
+class HttpStream:
+    """A streamed POST /v1/completions on the gateway in the background."""
+
+    def __init__(self, port, max_tokens, prompt=PROMPT):
+        self.port, self.events, self.error, self.done_at = port, [], None, None
+        self.body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                "stream": True})
+        self.th = threading.Thread(target=self._run, daemon=True)
+        self.th.start()
+
+    def _run(self):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            c.request("POST", "/v1/completions", self.body, {"Content-Type": "application/json"})
+            r = c.getresponse()
+            self.status = r.status
+            while True:
+                line = r.fp.readline()
+                if not line:
+                    break
+                if line.startswith(b"data: "):
+                    self.events.append(line[6:].strip().decode())
+                    if self.events[-1] == "[DONE]":
+                        break
+        except Exception as e:  # reset, incomplete read: the outcome says so
+            self.error = repr(e)
+        self.done_at = time.time()
+
+    def wait(self, timeout_s):
+        self.th.join(timeout_s)
+        if self.th.is_alive():
+            raise Failed(f"an HTTP stream did not end within {timeout_s} s")
+
+    def completed(self):
+        return bool(self.events) and self.events[-1] == "[DONE]" and not any(
+            "error" in json.loads(e) for e in self.events[:-1])
+
+    def outcome(self):
+        if self.completed():
+            return f"completed ({len(self.events) - 1} events)"
+        errs = [json.loads(e)["error"] for e in self.events if e != "[DONE]" and "error" in json.loads(e)]
+        if errs:
+            return f"error event {errs[0].get('code')}"
+        return f"connection ended without [DONE] after {len(self.events)} events ({self.error})"
+
+
+def http_get(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", path)
+    r = c.getresponse()
+    return r.status, r.read().decode(errors="replace")
+
+
+def http_post(port, max_tokens, stream=False):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.request("POST", "/v1/completions", json.dumps({"model": "m", "prompt": "Hello", "max_tokens": max_tokens,
+                                                     "temperature": 0, "stream": stream}),
+              {"Content-Type": "application/json"})
+    r = c.getresponse()
+    return r.status, r.read().decode(errors="replace")
+
+
+def idle_and_freed(c, what, pids, baseline_fds, timeout_s=15, slack=0):
+    """The worker runs nothing, kv-host holds nothing, and each process is back to its fds."""
+    wait_until(f"{what}: the worker runs and queues nothing", lambda: c.worker_load() == (0, 0), timeout_s)
+    if "kv-host" in c.procs:
+        wait_until(f"{what}: kv-host holds 0 bytes in 0 sessions",
+                   lambda: (lambda s: s["sessions"] == 0 and s["reserved_bytes"] == 0 and s["used_bytes"] == 0)(
+                       c.kv_state()), timeout_s)
+    after = {}
+    for name, pid in pids.items():
+        wait_until(f"{what}: {name}'s fds back to {baseline_fds[name]}",
+                   lambda: fds(pid) <= baseline_fds[name] + slack, timeout_s)
+        after[name] = fds(pid)
+    return after
+
+
+# ---------------------------------------------------------------------------
+
+
+def case_gateway_killed(c):
+    c.kv_host()
+    c.worker("--max-running", "4")
+    c.gateway()
+    Cli(c.g_grpc, 4).wait(120)
+    http_post(c.g_http, 4)
+    pids = {"worker": c.procs["worker"].pid, "kv-host": c.procs["kv-host"].pid}
+    base = {n: fds(p) for n, p in pids.items()}
+    abort0 = scrape(c.w_metrics)['tailorkv:request_success_total{finished_reason="abort"}']
+    streams = [HttpStream(c.g_http, 400), HttpStream(c.g_http, 400)]
+    via = Cli(c.g_grpc, 400)
+    direct = Cli(c.w_addr, 48)
+    wait_until("four generations running", lambda: c.worker_load()[0] == 4, 60)
+    wait_until("every stream has text", lambda: all(s.events for s in streams) and via.streaming(), 60)
+    c.procs["gateway"].kill()
+    c.procs["gateway"].wait()
+    t_kill = time.time()
+    for s in streams:
+        s.wait(30)
+    via.wait(30)
+    outcomes = [s.outcome() for s in streams] + [via.outcome()]
+    check(not any(s.completed() for s in streams), f"the HTTP streams end with an error, not a hang: {outcomes[:2]}")
+    check(via.outcome() == "error UNAVAILABLE", f"the gRPC client through the gateway gets UNAVAILABLE: {via.outcome()}")
+    ended = max([s.done_at for s in streams] + [via.done_at]) - t_kill
+    check(ended < 10, f"every client of the gateway knew within 10 s ({ended:.2f} s)")
+    wait_until("the worker aborted the gateway's three generations",
+               lambda: scrape(c.w_metrics)['tailorkv:request_success_total{finished_reason="abort"}'] - abort0 == 3,
+               10, 0.02)
+    aborted_s = time.time() - t_kill
+    check(aborted_s < 5, f"within {aborted_s:.2f} s of the kill")
+    check(direct.wait(120) == 0 and direct.outcome().startswith("completed"),
+          f"a client of the worker itself is unaffected: {direct.outcome()}")
+    after = idle_and_freed(c, "after the gateway's death", pids, base)
+    aborts = scrape(c.w_metrics)['tailorkv:request_success_total{finished_reason="abort"}'] - abort0
+    check(aborts == 3, f"and only those ({aborts:.0f})")
+    c.gateway(ports=True)
+    st, body = http_post(c.g_http, 8)
+    check(st == 200 and json.loads(body)["choices"][0]["text"], "a restarted gateway serves")
+    FIGURES.update(sent=5, completed=["direct gRPC"], failed=outcomes, worker_aborted=int(aborts),
+                   fds_before=base, fds_after=after, aborted_s_after_kill=round(aborted_s, 2),
+                   clients_knew_s=round(ended, 2), kv_host_after=c.kv_state())
+
+
+def case_worker_drain(c):
+    c.kv_host()
+    c.worker("--max-running", "2", "--drain-grace-ms", "90000")
+    Cli(c.w_addr, 4).wait(120)
+    clients = [Cli(c.w_addr, 48) for _ in range(3)]
+    wait_until("two running and one queued", lambda: c.worker_load() == (2, 1), 60)
+    wait_until("the running ones stream", lambda: sum(x.streaming() for x in clients) >= 2, 60)
+    t_term = time.time()
+    c.procs["worker"].send_signal(signal.SIGTERM)
+    c.wait_log("worker", "draining: health NOT_SERVING", 10)
+    late = Cli(c.w_addr, 8)
+    check(late.wait(30) != 0 and late.outcome() == "error UNAVAILABLE",
+          f"a request after SIGTERM is refused UNAVAILABLE: {late.outcome()}")
+    refused_s = late.done_at - late.t0
+    outcomes = []
+    for x in clients:
+        x.wait(120)
+        outcomes.append(x.outcome())
+    check(all(o == "completed (length, 48 tokens)" for o in outcomes),
+          f"the two running and the queued request finish within the grace: {outcomes}")
+    code = c.procs["worker"].wait(60)
+    exit_s = time.time() - t_term
+    check(code == 0, f"the worker exits 0 after the drain ({exit_s:.1f} s after SIGTERM)")
+    wait_until("kv-host freed the worker", lambda: c.kv_state() == {"used_bytes": 0, "reserved_bytes": 0,
+                                                                    "sessions": 0, "workers": 0}, 5)
+    wait_until("kv-host's fds back to its idle baseline", lambda: fds(c.procs["kv-host"].pid) <= c.kv_idle_fds, 5)
+    # A grace that runs out: the request still running ends with a status, and the worker exits.
+    c.worker("--max-running", "2", "--drain-grace-ms", "1500", name="worker2")
+    long = Cli(c.w_addr, 1500)
+    wait_until("the long request streams", long.streaming, 60)
+    t2 = time.time()
+    c.procs["worker2"].send_signal(signal.SIGTERM)
+    long.wait(60)
+    code2 = c.procs["worker2"].wait(60)
+    exit2_s = time.time() - t2
+    check(long.outcome().startswith("error "), f"past the grace the running request ends with a status: "
+                                               f"{long.outcome()}")
+    check(code2 == 0 and exit2_s < 20, f"and the worker exits 0 soon after the grace ({exit2_s:.1f} s)")
+    wait_until("kv-host freed it too", lambda: c.kv_state()["workers"] == 0 and c.kv_state()["used_bytes"] == 0, 5)
+    FIGURES.update(sent=5, in_flight_at_sigterm=3, completed=outcomes, refused_after_sigterm=late.outcome(),
+                   refused_in_s=round(refused_s, 2), exit_s_after_sigterm=round(exit_s, 1),
+                   past_grace=long.outcome(), past_grace_exit_s=round(exit2_s, 1), kv_host_after=c.kv_state())
+
+
+def case_gateway_drain(c):
+    c.worker("--max-running", "4", kv_host=False, plan="dense")
+    c.gateway("--drain-grace-ms", "90000")
+    http_post(c.g_http, 4)
+    streams = [HttpStream(c.g_http, 40), HttpStream(c.g_http, 40)]
+    via = Cli(c.g_grpc, 40)
+    wait_until("three generations running", lambda: c.worker_load()[0] == 3, 60)
+    wait_until("the streams have text", lambda: all(s.events for s in streams) and via.streaming(), 60)
+    t_term = time.time()
+    c.procs["gateway"].send_signal(signal.SIGTERM)
+    c.wait_log("gateway", "draining", 10)
+    st, body = http_post(c.g_http, 8)
+    check(st == 503 and "draining" in body, f"a new HTTP request gets 503 draining: {st} {body[:120]}")
+    hst, hbody = http_get(c.g_http, "/health")
+    check(hst == 503, f"/health answers 503 while draining: {hst} {hbody[:80]}")
+    late = Cli(c.g_grpc, 8)
+    late.wait(30)
+    check(late.outcome() == "error UNAVAILABLE", f"a new gRPC call is refused UNAVAILABLE: {late.outcome()}")
+    for s in streams:
+        s.wait(120)
+    via.wait(120)
+    outcomes = [s.outcome() for s in streams] + [via.outcome()]
+    check(all(s.completed() for s in streams), f"the HTTP streams in progress run to [DONE]: {outcomes[:2]}")
+    check(via.outcome().startswith("completed"), f"the gRPC call in progress completes: {via.outcome()}")
+    code = c.procs["gateway"].wait(60)
+    exit_s = time.time() - t_term
+    check(code == 0, f"the gateway exits 0 once they are done ({exit_s:.1f} s after SIGTERM)")
+    wait_until("the worker runs nothing", lambda: c.worker_load() == (0, 0), 10)
+    FIGURES.update(sent=5, in_flight_at_sigterm=3, completed=outcomes, refused=[f"HTTP {st}", late.outcome()],
+                   exit_s_after_sigterm=round(exit_s, 1))
+
+
+def case_device_lost(c):
+    c.kv_host()
+    c.worker("--max-running", "4", "--inject-device-loss-after", "40")
+    clients = [Cli(c.w_addr, 200) for _ in range(2)]
+    wait_until("both stream", lambda: all(x.streaming() for x in clients), 60)
+    outcomes = []
+    for x in clients:
+        x.wait(60)
+        outcomes.append(x.outcome())
+    check(all(o == "error UNAVAILABLE" for o in outcomes) and all("device is lost" in x.text() for x in clients),
+          f"the running generations end UNAVAILABLE saying the device is lost: {outcomes}")
+    t_fail = max(x.done_at for x in clients)
+    code = c.procs["worker"].wait(30)
+    exit_s = time.time() - t_fail
+    log = c.text("worker")
+    check(code == 3, f"the worker exits 3 for its supervisor ({exit_s:.1f} s after the failure)")
+    check("NOT_SERVING" in log and "device lost" in log, "its log says NOT_SERVING and why")
+    check("SERVING" not in log.split("device lost")[-1].replace("NOT_SERVING", ""),
+          "and never SERVING again after the loss")
+    wait_until("kv-host freed the dead worker", lambda: c.kv_state() == {"used_bytes": 0, "reserved_bytes": 0,
+                                                                         "sessions": 0, "workers": 0}, 5)
+    wait_until("kv-host's fds back to its idle baseline", lambda: fds(c.procs["kv-host"].pid) <= c.kv_idle_fds, 5)
+    after = Cli(c.w_addr, 4)
+    after.wait(30)
+    check(after.outcome() == "error UNAVAILABLE", f"nothing answers at its address: {after.outcome()}")
+    FIGURES.update(sent=3, failed=outcomes, exit_code=code, exit_s_after_failure=round(exit_s, 2),
+                   kv_host_after=c.kv_state())
+
+
+def case_clock_jump(c):
+    if not os.path.exists(FAKETIME_LIB):
+        print(f"SKIP: {FAKETIME_LIB} missing (Debian package faketime)")
+        sys.exit(77)
+    ft = os.path.join(c.tmp, "faketime")
+
+    def step(offset):
+        # Renamed into place: libfaketime re-reads the file at every clock
+        # call (FAKETIME_NO_CACHE) and must never see it half written.
+        with open(ft + ".new", "w") as f:
+            f.write(offset + "\n")
+        os.rename(ft + ".new", ft)
+
+    step("+0")
+    env = dict(os.environ, LD_PRELOAD=FAKETIME_LIB, FAKETIME_TIMESTAMP_FILE=ft, FAKETIME_NO_CACHE="1",
+               DONT_FAKE_MONOTONIC="1")
+    c.kv_host(env=env)
+    c.worker("--max-running", "4", env=env)
+    c.gateway(env=env)
+    want = Cli(c.w_addr, 64)
+    check(want.wait(180) == 0, f"a reference generation: {want.outcome()}")
+    pids = {"worker": c.procs["worker"].pid, "kv-host": c.procs["kv-host"].pid}
+    base = {n: fds(p) for n, p in pids.items()}
+    # The clients' clocks are not stepped (an NTP step on the servers' host).
+    long_deadline = Cli(c.g_grpc, 64, "--timeout", "300")
+    stream = HttpStream(c.g_http, 64)
+    short = Cli(c.w_addr, 1500, "--timeout", "6", "--request-id", "short-deadline")
+    wait_until("all three stream", lambda: long_deadline.streaming() and stream.events and short.streaming(), 60)
+    wall0 = time.time()
+    step("+3600")  # one hour ahead
+    time.sleep(1.5)
+    step("-3600")  # then two hours back
+    check(subprocess.run([CLI, "health", "--server", c.w_addr, "--service", "tailorkv.v1.Generation"],
+                         env=env).returncode == 0, "the worker stays SERVING across the steps")
+    long_deadline.wait(300)
+    stream.wait(300)
+    short.wait(60)
+    check(long_deadline.outcome().startswith("completed") and long_deadline.story() == want.story(),
+          f"a stream with a 300 s deadline finishes with the same tokens: {long_deadline.outcome()}")
+    check(stream.completed(), f"the HTTP stream through the gateway finishes: {stream.outcome()}")
+    short_s = short.done_at - short.t0
+    check(short.outcome() == "error DEADLINE_EXCEEDED" and 5 < short_s < 30,
+          f"a 6 s deadline still ends it after ~6 s of real time ({short.outcome()}, {short_s:.1f} s)")
+    c.wait_log("worker", "request 'short-deadline' ended early", 10)
+    check("request 'short-deadline' ended early: DEADLINE_EXCEEDED" in c.text("worker"),
+          "the worker saw a deadline, not a cancel, after its clock went back")
+    st = c.kv_state()
+    check(st["workers"] == 1, f"kv-host keeps the worker attached across the steps: {st}")
+    after = idle_and_freed(c, "after the clock steps", pids, base)
+    step("+0")
+    FIGURES.update(sent=4, completed=[long_deadline.outcome(), stream.outcome()], failed=[short.outcome()],
+                   deadline_6s_ended_after_s=round(short_s, 1), steps="+1 h then -2 h (realtime only)",
+                   fds_before=base, fds_after=after, kv_host_after=c.kv_state(),
+                   ran_s=round(time.time() - wall0, 1))
+
+
+def case_plan_store_disk(c):
+    if os.geteuid() != 0:
+        print("SKIP: mounting a tmpfs needs root")
+        sys.exit(77)
+    plans = os.path.join(c.tmp, "plans")
+    os.makedirs(plans)
+    check(subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tkv-plans", plans]).returncode == 0,
+          "a 2 MiB tmpfs for the plan store")
+    c.mounts.append(plans)
+    port = free_port()
+    c.start("profiler", [PROFILER, "--models-dir", os.path.dirname(MODEL), "--plans-dir", plans, "--backend",
+                         "cpu", "--threads", "1", "--listen", f"127.0.0.1:{port}"])
+    c.wait_log("profiler", "ready on", 60)
+    addr = f"127.0.0.1:{port}"
+
+    def profile(top_k):
+        r = subprocess.run([TKV_PROFILE, "run", "--server", addr, "--model", os.path.basename(MODEL),
+                            "--calibration", f"{SRC}/profiler/data/calibration.txt", "--max-tokens", "400",
+                            "--sink", "8", "--recent", "56", "--top-k", str(top_k), "--timeout-s", "300"],
+                           capture_output=True, text=True, timeout=400)
+        return r.returncode, r.stdout + r.stderr
+
+    def files():
+        return sorted(f for f in os.listdir(plans) if f not in (".lock", "filler"))
+
+    def listed():
+        r = subprocess.run([TKV_PROFILE, "list", "--server", addr], capture_output=True, text=True, timeout=30)
+        return r.returncode, r.stdout
+
+    t0 = time.time()
+    code, out = profile(64)
+    check(code == 0, f"a first profile is stored ({time.time() - t0:.0f} s)")
+    stored = files()
+    check(len(stored) == 3, f"its three files: {stored}")
+    # Disk full.
+    subprocess.run(["dd", "if=/dev/zero", f"of={plans}/filler", "bs=64k"], capture_output=True)
+    code, out = profile(96)
+    check(code != 0 and "rpc failed: 14 " in out and "No space left on device" in out,
+          f"a profile on a full disk fails UNAVAILABLE naming it: {out.strip().splitlines()[-1:]}")
+    check(files() == stored, f"no partial or temporary file is left: {files()}")
+    plan_id = stored[0].split(".")[0]
+    code, out = listed()
+    check(code == 0 and plan_id in out, f"the stored plan {plan_id} is still listed")
+    check(c.procs["profiler"].poll() is None, "the profiler is alive")
+    # The worker's plan cache on the same full disk: it serves, without a cache.
+    cache = os.path.join(plans, "worker-cache.json")
+    c.worker("--kv-plan", "profiler", "--profiler", addr, "--plan-cache", cache, kv_host=False, plan=None)
+    check("kv plan in use but not cached" in c.text("worker"), "a worker whose plan cache cannot be written "
+                                                               "says so and serves")
+    g = Cli(c.w_addr, 8)
+    check(g.wait(120) == 0, f"and answers: {g.outcome()}")
+    check(not os.path.exists(cache), "no partial cache file")
+    os.unlink(f"{plans}/filler")
+    # Read-only.
+    check(subprocess.run(["mount", "-o", "remount,ro", plans]).returncode == 0, "the plan store read-only")
+    code, out = profile(96)
+    check(code != 0 and "rpc failed: 13 " in out and "Read-only file system" in out,
+          f"a profile on a read-only store fails INTERNAL naming it: {out.strip().splitlines()[-1:]}")
+    code, out = listed()
+    check(code == 0 and plan_id in out, "reads still work")
+    check(subprocess.run(["mount", "-o", "remount,rw", plans]).returncode == 0, "writable again")
+    code, out = profile(96)
+    check(code == 0 and len(files()) == 6, f"the next profile is stored: {files()}")
+    c.procs["profiler"].send_signal(signal.SIGTERM)
+    check(c.procs["profiler"].wait(30) == 0, "the profiler drains and exits 0")
+    FIGURES.update(sent=4, completed=2, failed=["UNAVAILABLE (ENOSPC)", "INTERNAL (EROFS)"],
+                   files_before=stored, files_after=files(), took_s=round(time.time() - t0, 1))
+
+
+def case_stalled_clients(c):
+    c.kv_host()
+    c.worker("--max-running", "4", "--stream-stall-ms", "2000")
+    ref = Cli(c.w_addr, 160)
+    check(ref.wait(180) == 0, f"a reference generation: {ref.outcome()}")
+    pids = {"worker": c.procs["worker"].pid, "kv-host": c.procs["kv-host"].pid}
+    base = {n: fds(p) for n, p in pids.items()}
+    abort0 = scrape(c.w_metrics)['tailorkv:request_success_total{finished_reason="abort"}']
+    # A: stops reading (SIGSTOP) after its first tokens; B runs beside it.
+    a = Cli(c.w_addr, 160)
+    wait_until("A streams", a.streaming, 60)
+    a.p.send_signal(signal.SIGSTOP)
+    b = Cli(c.w_addr, 40)
+    check(b.wait(120) == 0, f"B completes while A's reader is stopped: {b.outcome()}")
+    # Its 160 tokens fit the transport's windows: the worker finishes A and holds nothing for it.
+    wait_until("the worker finished A without its reader", lambda: c.worker_load() == (0, 0), 120)
+    check(c.kv_state()["sessions"] == 0, "A's host KV is freed while its reader sleeps")
+    a.p.send_signal(signal.SIGCONT)
+    check(a.wait(60) == 0 and a.story() == ref.story(), f"A reads everything once resumed: {a.outcome()}")
+    # C: disconnects (killed) mid-stream.
+    cc = Cli(c.w_addr, 400)
+    wait_until("C streams", cc.streaming, 60)
+    cc.p.kill()
+    t_kill = time.time()
+    cc.wait(10)
+    after = idle_and_freed(c, "after C's disconnect", pids, base)
+    freed_s = time.time() - t_kill
+    aborts = scrape(c.w_metrics)['tailorkv:request_success_total{finished_reason="abort"}'] - abort0
+    check(aborts == 1, f"the worker counted C's generation aborted ({aborts:.0f})")
+    check(freed_s < 5, f"within one second or so ({freed_s:.2f} s)")
+    FIGURES.update(sent=4, completed=[ref.outcome(), a.outcome() + " after SIGSTOP/SIGCONT", b.outcome()],
+                   disconnected=1, worker_aborted=int(aborts), freed_s_after_disconnect=round(freed_s, 2),
+                   fds_before=base, fds_after=after)
+
+
+def case_host_memory(c):
+    import resource
+    c.worker("--max-running", "4", kv_host=False, plan="dense")
+    pid = c.procs["worker"].pid
+    warm = [Cli(c.w_addr, 8) for _ in range(4)]  # the server's threads exist from here on
+    for w in warm:
+        w.wait(120)
+    base_fds = fds(pid)
+    vm = int(re.search(r"VmSize:\s+(\d+) kB", open(f"/proc/{pid}/status").read()).group(1)) * 1024
+    limit = vm + (48 << 20)
+    resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
+    print(f"RLIMIT_AS of the worker: {limit >> 20} MiB ({vm >> 20} MiB mapped + 48 MiB)", flush=True)
+    # 1,800 tokens after the prompt: ~90 MiB of fp32 KV, more than the process may map.
+    big = Cli(c.w_addr, 1800)
+    big.wait(60)
+    check(big.outcome() == "error RESOURCE_EXHAUSTED" and "host memory exhausted" in big.text(),
+          f"a request whose KV cannot be allocated ends RESOURCE_EXHAUSTED saying so: {big.text()[-200:]!r}")
+    check(c.procs["worker"].poll() is None, "the worker is alive")
+    small = Cli(c.w_addr, 16)
+    check(small.wait(60) == 0, f"a small request is served: {small.outcome()}")
+    # While one runs, the big one waits for it (memory may come back), then is refused.
+    running = Cli(c.w_addr, 120)
+    wait_until("the small one streams", running.streaming, 60)
+    big2 = Cli(c.w_addr, 1800)
+    running.wait(120)
+    big2.wait(60)
+    check(running.outcome() == "completed (length, 120 tokens)", f"the running one completes: {running.outcome()}")
+    check(big2.outcome() == "error RESOURCE_EXHAUSTED", f"the big one beside it is refused: {big2.outcome()}")
+    wait_until("the worker runs nothing", lambda: c.worker_load() == (0, 0), 10)
+    wait_until("its fds are back", lambda: fds(pid) <= base_fds, 10)
+    check(c.procs["worker"].poll() is None, "the worker is still alive")
+    FIGURES.update(sent=4, completed=[small.outcome(), running.outcome()], failed=[big.outcome(), big2.outcome()],
+                   rlimit_as_mib=limit >> 20, fds_before=base_fds, fds_after=fds(pid))
+
+
+def case_kv_host_frozen(c):
+    c.kv_host()
+    c.worker("--max-running", "4")
+    ref = Cli(c.w_addr, 160)
+    check(ref.wait(180) == 0, f"a reference generation: {ref.outcome()}")
+    a = Cli(c.w_addr, 160)
+    wait_until("A streams", a.streaming, 60)
+    kvh = c.procs["kv-host"]
+    kvh.send_signal(signal.SIGSTOP)
+    t_stop = time.time()
+    try:
+        b = Cli(c.w_addr, 16)  # needs a Reserve from the frozen daemon
+        b.wait(60)
+        b_s = b.done_at - b.t0
+        check(b.outcome() in ("error DEADLINE_EXCEEDED", "error UNAVAILABLE"),
+              f"a request that needs kv-host ends with a clear status after the call's deadline: "
+              f"{b.outcome()} after {b_s:.1f} s: {b.text()[-160:]!r}")
+        check(a.wait(120) == 0 and a.story() == ref.story(),
+              f"the generation in flight finishes with the same tokens from its mapped arenas: {a.outcome()}, "
+              f"its longest pause {a.max_gap_s:.1f} s")
+    finally:
+        kvh.send_signal(signal.SIGCONT)
+    frozen_s = time.time() - t_stop
+    after = Cli(c.w_addr, 16)
+    check(after.wait(120) == 0, f"after SIGCONT requests are served again: {after.outcome()}")
+    wait_until("kv-host holds nothing", lambda: (lambda st: st["sessions"] == 0 and st["reserved_bytes"] == 0)(
+        c.kv_state()), 15)
+    FIGURES.update(sent=4, completed=[ref.outcome(), a.outcome(), after.outcome()], failed=[b.outcome()],
+                   failed_after_s=round(b_s, 1), in_flight_longest_pause_s=round(a.max_gap_s, 1),
+                   frozen_s=round(frozen_s, 1), kv_host_after=c.kv_state())
+
+
+def main():
+    for f in (WORKER, KV_HOST, GATEWAY, CLI, MODEL):
+        if not os.path.exists(f):
+            print(f"SKIP: {f} missing")
+            return 77
+    fn = globals().get(f"case_{CASE}")
+    if fn is None:
+        print(f"unknown case {CASE}")
+        return 2
+    c = Cluster()
+    t0 = time.time()
+    try:
+        fn(c)
+        FIGURES["seconds"] = round(time.time() - t0, 1)
+        print("FIGURES " + json.dumps(FIGURES), flush=True)
+        print(f"PASS {CASE} ({time.time() - t0:.0f} s)")
+        return 0
+    except Failed as e:
+        print(f"FAIL {CASE}: {e}", flush=True)
+        for name in c.procs:
+            print(f"--- {name} (last 40 lines)\n" + "\n".join(c.text(name).splitlines()[-40:]))
+        return 1
+    finally:
+        c.stop()
+        shutil.rmtree(c.tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
