@@ -1,6 +1,8 @@
 // gpu-worker: loads a model and serves tailorkv.v1.Generation (plus health
 // and reflection) until SIGTERM/SIGINT, then drains. SIGHUP reloads the
 // layer plan from its source (server/plan_source.h).
+// Exit codes: 0 after a drain, 1 cannot start, 2 bad configuration or no
+// usable plan, 3 the device was lost while serving (restart the process).
 #include <pthread.h>
 #include <signal.h>
 
@@ -208,6 +210,11 @@ int main(int argc, char** argv) {
   app.add_option("--listen", config.server.listen_address, "host:port to serve on")
       ->capture_default_str();
   app.add_option("--backend", config.engine.backend, "auto, cpu or cuda")->capture_default_str();
+  app.add_option("--weights", config.engine.weights,
+                 "a GGUF model's linear weights: float (dequantized to float32 at load) or quantized (kept in "
+                 "their GGUF blocks; the CPU backend multiplies them as they are, CUDA takes a float copy)")
+      ->check(CLI::IsMember({"float", "quantized"}))
+      ->capture_default_str();
   app.add_option("--threads", config.engine.threads, "CPU threads (0 = all cores)")
       ->capture_default_str();
   app.add_option("--max-context", config.engine.max_context,
