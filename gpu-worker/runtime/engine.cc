@@ -155,7 +155,16 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(model::ModelWeights weigh
     return absl::UnavailableError("backend 'cuda': this build has no CUDA backend");
   }
   if (choice != "cpu" && cuda_factory) {
-    auto gpu = cuda_factory(weights);
+    // The CUDA backend uploads float weights (bf16 on the device): a float
+    // copy of the quantized tensors for it, made only when it is tried.
+    absl::StatusOr<std::unique_ptr<Backend>> gpu;
+    if (weights.QuantizedTensors() > 0) {
+      model::ModelWeights floats = weights;
+      RETURN_IF_ERROR(floats.Dequantize());
+      gpu = cuda_factory(floats);
+    } else {
+      gpu = cuda_factory(weights);
+    }
     if (gpu.ok()) return gpu;
     if (choice == "cuda" || !absl::IsUnavailable(gpu.status())) {
       return gpu.status();  // asked for CUDA, or a device exists but failed
@@ -192,13 +201,21 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   if (!is_dir) digest = std::make_unique<DigestTask>(options.model_path);
   spdlog::info("loading model {}", options.model_path);
   model::ModelWeights weights;
-  std::unique_ptr<model::GgufFile> tokenizer_file;
+  if (options.weights != "float" && options.weights != "quantized") {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("weights must be float or quantized, got '%s'", options.weights));
+  }
+  std::shared_ptr<model::GgufFile> tokenizer_file;
   if (is_dir) {
     ASSIGN_OR_RETURN(weights, model::LoadWeightsFromSafetensors(options.model_path));
     ASSIGN_OR_RETURN(tokenizer_file, model::GgufFile::Open(tokenizer_path));
   } else {
     ASSIGN_OR_RETURN(tokenizer_file, model::GgufFile::Open(options.model_path));
-    ASSIGN_OR_RETURN(weights, model::LoadWeightsFromGguf(*tokenizer_file));
+    ASSIGN_OR_RETURN(weights, model::LoadWeightsFromGguf(tokenizer_file,
+                                                         {.keep_quantized = options.weights == "quantized"}));
+    if (options.weights == "quantized") {
+      spdlog::info("weights: {} tensors kept quantized (GGUF blocks), the rest float32", weights.QuantizedTensors());
+    }
   }
   ASSIGN_OR_RETURN(auto spec, tokenizer::TokenizerSpecFromGguf(*tokenizer_file));
   const std::string chat_source = spec.chat_template;

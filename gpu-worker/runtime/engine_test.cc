@@ -287,6 +287,32 @@ TEST(EngineKvPlan, QuantPlanGeneratesAndCountsItsBytes) {
   EXPECT_EQ(during.layers[0].kind, KvPolicyKind::kQuant);
 }
 
+// Weights kept in their GGUF blocks (issue 19): the engine generates from
+// them, the model file's digest is the same, and the greedy answer to a
+// question SmolLM2 knows is the float weights' answer.
+TEST(EngineWeights, QuantizedWeightsGenerateTheFloatAnswer) {
+  ASSERT_TRUE(std::filesystem::exists(kModel)) << kModel << " is missing: run scripts/fetch_model.sh";
+  std::string text[2];
+  int i = 0;
+  for (const char* weights : {"float", "quantized"}) {
+    auto e = Engine::Create({.model_path = kModel, .backend = "cpu", .weights = weights, .threads = 2});
+    ASSERT_TRUE(e.ok()) << weights << ": " << e.status();
+    GenerationRequest r;
+    r.prompt_tokens = *(*e)->tokenizer().Encode("The capital of France is", false, false);
+    r.max_tokens = 4;
+    r.ignore_eos = true;
+    auto res = (*e)->Generate(r, [&](const StreamChunk& c) {
+      text[i] += c.text;
+      return true;
+    });
+    ASSERT_TRUE(res.ok()) << weights << ": " << res.status();
+    EXPECT_EQ(res->completion_tokens, 4);
+    ++i;
+  }
+  EXPECT_NE(text[0].find("Paris"), std::string::npos) << text[0];
+  EXPECT_NE(text[1].find("Paris"), std::string::npos) << text[1];
+}
+
 // The engine hashes its model file; a plan naming another model is refused
 // at Create and at SetKvPlan, and SetKvPlan swaps only plans it can run.
 TEST(EngineDigest, ChecksPlansAgainstTheModelFilesDigestAndSwapsGoodOnes) {
@@ -371,6 +397,9 @@ TEST(EngineDigest, ChecksPlansAgainstTheModelFilesDigestAndSwapsGoodOnes) {
 TEST(EngineCreate, RejectsUnknownBackendAndMissingFile) {
   EXPECT_EQ(Engine::Create({.model_path = kModel, .backend = "tpu"}).status().code(),
             absl::StatusCode::kInvalidArgument);
+  const auto weights = Engine::Create({.model_path = kModel, .backend = "cpu", .weights = "int3"}).status();
+  EXPECT_EQ(weights.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(weights.message().find("weights"), std::string::npos) << weights;
   auto missing = Engine::Create({.model_path = "/nonexistent/model.gguf", .backend = "cpu"});
   EXPECT_FALSE(missing.ok());
   EXPECT_NE(missing.status().message().find("/nonexistent/model.gguf"), std::string::npos)

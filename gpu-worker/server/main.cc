@@ -210,6 +210,11 @@ int main(int argc, char** argv) {
   app.add_option("--listen", config.server.listen_address, "host:port to serve on")
       ->capture_default_str();
   app.add_option("--backend", config.engine.backend, "auto, cpu or cuda")->capture_default_str();
+  app.add_option("--weights", config.engine.weights,
+                 "a GGUF model's linear weights: float (dequantized to float32 at load) or quantized (kept in "
+                 "their GGUF blocks; the CPU backend multiplies them as they are, CUDA takes a float copy)")
+      ->check(CLI::IsMember({"float", "quantized"}))
+      ->capture_default_str();
   app.add_option("--threads", config.engine.threads, "CPU threads (0 = all cores)")
       ->capture_default_str();
   app.add_option("--max-context", config.engine.max_context,
