@@ -11,6 +11,9 @@ PKGS=(
   # The fuzz targets' clang tree (scripts/fuzz.sh, ctest fuzz_short): libFuzzer
   # and the sanitizers live in libclang-rt, OpenMP for clang in libomp.
   clang libclang-rt-14-dev libomp-dev
+  # scripts/sanitize.sh (ctest sanitize_slice): g++'s sanitizer runtimes (also
+  # pulled in by build-essential through libgcc-12-dev; named for the slice).
+  libasan8 libubsan1 liblsan0 libtsan2
   # ctest fault_clock_jump steps the services' wall clock with libfaketime.
   faketime
 )
