@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/openmp_env.h"
 #include "runtime/fp8_reference.h"
 #include "runtime/quant_kv.h"
 #include "runtime/sparse_reference.h"
@@ -224,6 +225,7 @@ absl::StatusOr<LayerScores> ScoreLayer(const Backend::LayerTap& tap, const model
   auto kbase = [&](int g) { return tap.k + g * tap.kv_head_stride; };
   auto vbase = [&](int g) { return tap.v + g * tap.kv_head_stride; };
   if (threads <= 0) threads = omp_get_max_threads();
+  threads = tailorkv::OpenMpTeamSize(threads);
 
   LayerScores out;
   out.layer = tap.layer;

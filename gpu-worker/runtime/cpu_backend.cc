@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "spdlog/spdlog.h"
+#include "common/openmp_env.h"
 #include "common/status_macros.h"
 #include "model/quant_dot.h"
 #include "runtime/cpu_reference.h"
@@ -1318,9 +1319,9 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(model::ModelWeights we
   if (options.threads < 0) {
     return absl::InvalidArgumentError(absl::StrFormat("threads must be >= 0, got %d", options.threads));
   }
-  const int threads = options.threads > 0
-                          ? options.threads
-                          : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  const int threads = OpenMpTeamSize(options.threads > 0
+                                         ? options.threads
+                                         : std::max(1, static_cast<int>(std::thread::hardware_concurrency())));
   return std::unique_ptr<Backend>(
       new CpuBackend(std::move(weights), threads, options.host_store, options.remote_rows));
 }

@@ -14,4 +14,20 @@ namespace tailorkv {
 // returns and the program runs with the default policy.
 void EnsurePassiveOpenMpWait(char** argv);
 
+// The OpenMP team (and OpenBLAS thread count) to use where `requested`
+// threads were asked for: `requested`, but 1 in ThreadSanitizer builds
+// (scripts/sanitize.sh tsan). Debian's libgomp is not built with TSan, so the
+// fork, barriers and join of a parallel region are invisible to it and every
+// region's writes read as races with the code after the region (hundreds of
+// reports per forward pass, none of them ours). With one thread a region runs
+// on its caller; the threads the services start themselves (scheduler, gRPC,
+// callers, kv-host) stay checked.
+constexpr int OpenMpTeamSize(int requested) {
+#if defined(__SANITIZE_THREAD__)
+  return requested > 0 ? 1 : requested;
+#else
+  return requested;
+#endif
+}
+
 }  // namespace tailorkv
