@@ -131,6 +131,10 @@ float RefQ6_K(const uint8_t* w, const ActRow& x, int64_t nsb) {
 
 #define TKV_SIMD_TARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
 
+// The same value as Half() (both conversions are exact), without the call
+// and the table lookup.
+TKV_SIMD_TARGET inline float HalfF16c(const uint8_t* p) { return _cvtsh_ss(U16(p)); }
+
 template <bool kVnni>
 TKV_SIMD_TARGET inline __m256i DotU8S8(__m256i u, __m256i s) {
   if constexpr (kVnni) {
@@ -162,7 +166,7 @@ TKV_SIMD_TARGET float SimdQ4_0(const uint8_t* w, const ActRow& x, int64_t nb) {
     const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
     // sum (q - 8) x per lane = sum q x - sum 8 x, both exact.
     const __m256i s = _mm256_sub_epi32(DotU8S8<kVnni>(Nibbles(w + 2), xq), DotU8S8<kVnni>(eight, xq));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(Half(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(HalfF16c(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
   }
   return HSum(acc);
 }
@@ -174,8 +178,8 @@ TKV_SIMD_TARGET float SimdQ4_1(const uint8_t* w, const ActRow& x, int64_t nb) {
   for (int64_t b = 0; b < nb; ++b, w += 20) {
     const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
     const __m256i s = DotU8S8<kVnni>(Nibbles(w + 4), xq);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(Half(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
-    mins += Half(w + 2) * (x.d[b] * static_cast<float>(x.isum[b]));
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(HalfF16c(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
+    mins += HalfF16c(w + 2) * (x.d[b] * static_cast<float>(x.isum[b]));
   }
   return HSum(acc) + mins;
 }
@@ -188,7 +192,7 @@ TKV_SIMD_TARGET float SimdQ8_0(const uint8_t* w, const ActRow& x, int64_t nb) {
     const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2));
     // |w| as u8 times x with w's sign: products exact, |w| <= 128.
     const __m256i s = DotU8S8<kVnni>(_mm256_abs_epi8(wq), _mm256_sign_epi8(xq, wq));
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(Half(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(HalfF16c(w) * x.d[b]), _mm256_cvtepi32_ps(s), acc);
   }
   return HSum(acc);
 }
@@ -199,7 +203,7 @@ TKV_SIMD_TARGET float SimdQ4_K(const uint8_t* w, const ActRow& x, int64_t nsb) {
   float mins = 0.0f;
   const __m256i m4 = _mm256_set1_epi8(15);
   for (int64_t sb = 0; sb < nsb; ++sb, w += 144) {
-    const float d = Half(w), dmin = Half(w + 2);
+    const float d = HalfF16c(w), dmin = HalfF16c(w + 2);
     uint8_t scale[8], min[8];
     Q4KScales(w + 4, scale, min);
     for (int k = 0; k < 4; ++k) {
@@ -225,7 +229,7 @@ TKV_SIMD_TARGET float SimdQ6_K(const uint8_t* w, const ActRow& x, int64_t nsb) {
   const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
   const __m256i k32 = _mm256_set1_epi8(32);
   for (int64_t sb = 0; sb < nsb; ++sb, w += 210) {
-    const float d = Half(w + 208);
+    const float d = HalfF16c(w + 208);
     for (int half = 0; half < 2; ++half) {
       const uint8_t* ql = w + 64 * half;
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 128 + 32 * half));
@@ -329,14 +333,18 @@ absl::Status QuantizeActivations(const float* x, int64_t rows, int64_t cols, Q8A
 }
 
 bool QuantKernelAvailable(QuantKernel kernel) {
+  // Asked once: CPUID traps to the hypervisor in a VM (tens of us a call,
+  // more than a small matrix's whole product).
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && CpuHasF16c();
+  static const bool vnni = avx2 && CpuHasAvxVnni();
   switch (kernel) {
     case QuantKernel::kAuto:
     case QuantKernel::kReference:
       return true;
     case QuantKernel::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && CpuHasF16c();
+      return avx2;
     case QuantKernel::kAvxVnni:
-      return QuantKernelAvailable(QuantKernel::kAvx2) && CpuHasAvxVnni();
+      return vnni;
   }
   return false;
 }
