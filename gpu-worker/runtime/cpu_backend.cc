@@ -318,17 +318,23 @@ void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, b
   if (w.quantized() && !batch && n >= kTiledRows) {
     // A prefill chunk: GEMM over float tiles of the weights, dequantized a
     // block of rows at a time (each tile is reused by all n rows, so the
-    // dequantization costs 1/n of the multiply; the tile stays in cache).
-    constexpr int kTile = 64;
+    // dequantization costs 1/n of the multiply).
+    // Tiles of ~2 MB of floats: large enough for an efficient GEMM, small
+    // enough to stay in L2 while the chunk's rows go through them.
+    const int kTile = std::max(64, (1 << 19) / in);
     thread_local std::vector<float> tile, part;
     tile.resize(static_cast<size_t>(kTile) * in);
     part.resize(static_cast<size_t>(n) * kTile);
     const int64_t rb = w.quant_row_bytes();
     for (int r0 = 0; r0 < out; r0 += kTile) {
       const int m = std::min(kTile, out - r0);
+      float* t = tile.data();
       // Cannot fail: the tensor's size was checked at load.
-      (void)model::Dequantize(w.quant.type, w.quant.bytes + r0 * rb, static_cast<size_t>(m * rb), tile.data(),
-                              static_cast<int64_t>(m) * in);
+#pragma omp parallel for schedule(static)
+      for (int r = 0; r < m; ++r) {
+        (void)model::Dequantize(w.quant.type, w.quant.bytes + (r0 + r) * rb, static_cast<size_t>(rb),
+                                t + static_cast<int64_t>(r) * in, in);
+      }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, in, 1.0f, x, in, tile.data(), in, 0.0f,
                   part.data(), m);
       for (int i = 0; i < n; ++i) {
