@@ -104,8 +104,10 @@ if [ "$mode" = tsan ]; then
   # libgomp is not built with TSan: a parallel region's fork, barriers and
   # join are invisible to it, so whatever a region's threads write reads as
   # racing with what runs after it. One OpenMP thread by default keeps such
-  # noise out; where our code asks for more (the CPU backend's --threads),
-  # tsan.supp drops the reports that involve libgomp's threads. (Not
+  # noise out; where our code asks for more (the CPU backend's --threads,
+  # the profiler's scoring), OpenMpTeamSize() (common/openmp_env.h) makes it
+  # one thread in TSan builds, and tsan.supp drops what still involves
+  # libgomp's or OpenBLAS's threads. (Not
   # OMP_THREAD_LIMIT=1: OpenBLAS then waits for GEMM threads that never
   # start.) The engine's own threads (scheduler, gRPC, callers) are checked.
   export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
@@ -172,8 +174,11 @@ print("|".join(alt))
 #  - k8s_manifests: no C++ (kubectl and a Python schema validator).
 #  - fuzz_short: scripts/fuzz.sh builds its own ASan+UBSan tree already.
 #  - sanitize_slice: this script's CI slice (a tree built inside a tree).
+#  - soak_short: it judges RSS growth, which under ASan measures the
+#    sanitizer (256 MiB quarantine of freed blocks, shadow memory), not the
+#    services; LSan checks every process for leaks here instead.
 #  - label gpu: no CUDA in these trees.
-exclude='^(compose|remote_kv_host|k8s_manifests|fuzz_short|sanitize_slice)$'
+exclude='^(compose|remote_kv_host|k8s_manifests|fuzz_short|sanitize_slice|soak_short)$'
 args=(--test-dir "$build" --output-on-failure -j "$jobs" --timeout 1800 -LE gpu -E "$exclude")
 if [ "$slice" = 1 ]; then
   args+=(-R "$(select_tests "$slice_bins")")
