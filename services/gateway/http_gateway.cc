@@ -74,6 +74,8 @@ struct HttpGateway::Impl {
   void AcceptLoop();
   void Serve(Connection* c);
   // Writes a whole response; false when the client is gone.
+  // 503 to a request that arrives while the gateway drains (SIGTERM).
+  void ReplyDraining(Connection* c);
   bool Reply(Connection* c, http::status status, const std::string& content_type, const std::string& body,
              bool keep_alive);
   bool ReplyError(Connection* c, const absl::Status& s, bool keep_alive) {
@@ -195,11 +197,7 @@ void HttpGateway::Impl::AcceptLoop() {
     auto conn = std::make_unique<Connection>(std::move(socket));
     Connection* c = conn.release();
     if (draining) {
-      metrics->Error(503);
-      Reply(c, http::status::service_unavailable, "application/json",
-            ErrorBody(absl::UnavailableError("the gateway is draining (shutting down); retry on another gateway"),
-                      503),
-            false);
+      ReplyDraining(c);
       delete c;
       continue;
     }
@@ -283,11 +281,7 @@ void HttpGateway::Impl::Serve(Connection* c) {
     }
     if (draining) {
       // Read just as the drain began: refused clearly, not dropped.
-      metrics->Error(503);
-      Reply(c, http::status::service_unavailable, "application/json",
-            ErrorBody(absl::UnavailableError("the gateway is draining (shutting down); retry on another gateway"),
-                      503),
-            false);
+      ReplyDraining(c);
       return;
     }
     const bool keep_alive = req.keep_alive();
@@ -298,6 +292,13 @@ void HttpGateway::Impl::Serve(Connection* c) {
     }
     if (!go_on || draining) return;
   }
+}
+
+void HttpGateway::Impl::ReplyDraining(Connection* c) {
+  metrics->Error(503);
+  Reply(c, http::status::service_unavailable, "application/json",
+        ErrorBody(absl::UnavailableError("the gateway is draining (shutting down); retry on another gateway"), 503),
+        false);
 }
 
 bool HttpGateway::Impl::Reply(Connection* c, http::status status, const std::string& content_type,
