@@ -3,7 +3,9 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -232,11 +234,20 @@ absl::StatusOr<ModelWeights> LoadWeightsFromGguf(std::shared_ptr<const GgufFile>
   return w;
 }
 
+namespace {
+// The tensors keep_quantized may hold quantized, of `w` (const or not).
+template <typename Weights>
+auto QuantizableTensors(Weights& w) {
+  using T = std::conditional_t<std::is_const_v<Weights>, const Tensor, Tensor>;
+  std::vector<T*> v = {&w.tok_embd, &w.output};
+  for (auto& l : w.layers) v.insert(v.end(), {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down});
+  return v;
+}
+}  // namespace
+
 int ModelWeights::QuantizedTensors() const {
-  int n = tok_embd.quantized() + output.quantized();
-  for (const LayerWeights& l : layers) {
-    for (const Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) n += t->quantized();
-  }
+  int n = 0;
+  for (const Tensor* t : QuantizableTensors(*this)) n += t->quantized();
   return n;
 }
 
@@ -250,11 +261,7 @@ absl::Status ModelWeights::Dequantize() {
     t.quant = {};
     return absl::OkStatus();
   };
-  RETURN_IF_ERROR(one(tok_embd));
-  RETURN_IF_ERROR(one(output));
-  for (LayerWeights& l : layers) {
-    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) RETURN_IF_ERROR(one(*t));
-  }
+  for (Tensor* t : QuantizableTensors(*this)) RETURN_IF_ERROR(one(*t));
   storage.reset();
   return absl::OkStatus();
 }
