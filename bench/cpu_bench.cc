@@ -129,8 +129,10 @@ absl::Status Run(const BenchConfig& cfg) {
               cfg.model.c_str(), mc.n_layers, mc.hidden, mc.n_heads, mc.n_kv_heads, mc.head_dim,
               mc.ffn, mc.vocab);
   const char* wait_policy = std::getenv("OMP_WAIT_POLICY");
-  std::printf("threads %d (hardware %u), OMP_WAIT_POLICY=%s, seed %llu, runs %d, decode steps %d\n",
+  const char* spin_count = std::getenv("GOMP_SPINCOUNT");
+  std::printf("threads %d (hardware %u), OMP_WAIT_POLICY=%s, GOMP_SPINCOUNT=%s, seed %llu, runs %d, decode steps %d\n",
               threads, std::thread::hardware_concurrency(), wait_policy ? wait_policy : "(unset)",
+              spin_count ? spin_count : "(unset)",
               static_cast<unsigned long long>(cfg.seed), cfg.runs, cfg.decode_steps);
 
   std::mt19937_64 rng(cfg.seed);
@@ -156,6 +158,7 @@ absl::Status Run(const BenchConfig& cfg) {
   out["seed"] = cfg.seed;
   out["load_average_start"] = LoadAverage();
   out["omp_wait_policy"] = wait_policy ? wait_policy : "";
+  out["gomp_spincount"] = spin_count ? spin_count : "";
 
   std::printf("\n%-8s %8s %5s %12s %12s %10s\n", "phase", "tokens", "runs", "median ms",
               "tokens/s", "GFLOP/s");
@@ -242,7 +245,7 @@ absl::Status Run(const BenchConfig& cfg) {
 
 int main(int argc, char** argv) {
   // Passive OpenMP waiting unless the caller chose otherwise; see openmp_env.h.
-  tailorkv::EnsurePassiveOpenMpWait(argv);
+  tailorkv::BoundOpenMpSpinning(argv);
   tailorkv::bench::BenchConfig cfg;
   CLI::App app{"CPU backend prefill/decode throughput (batch 1)"};
   app.add_option("--model", cfg.model, "GGUF model file")->check(CLI::ExistingFile);

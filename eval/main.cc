@@ -195,7 +195,7 @@ absl::Status Run(CliConfig& cfg) {
 
 int main(int argc, char** argv) {
   // Passive OpenMP waiting unless the caller chose otherwise; see openmp_env.h.
-  tailorkv::EnsurePassiveOpenMpWait(argv);
+  tailorkv::BoundOpenMpSpinning(argv);
   tailorkv::eval::CliConfig cfg;
   tailorkv::eval::HarnessOptions& h = cfg.harness;
   CLI::App app{"Accuracy of KV plans: passkey, needle in a haystack, teacher-forced agreement, "

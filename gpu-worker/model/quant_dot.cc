@@ -6,8 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 
+#include "absl/container/inlined_vector.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
+#include "common/status_macros.h"
 
 // Compiled without floating-point contraction (CMakeLists.txt): the
 // reference's fp32 expressions are the contract, evaluated as written.
@@ -369,24 +373,34 @@ bool QuantMatmulSupports(GgmlType type) {
   }
 }
 
-absl::Status QuantMatmul(GgmlType type, const uint8_t* w, int64_t w_bytes, int64_t rows, int64_t cols,
-                         const Q8Activations& x, float* y, bool accumulate, QuantKernel kernel) {
-  constexpr const char* fn = "QuantMatmul";
-  if (!QuantMatmulSupports(type)) {
+namespace {
+
+// A checked product, ready to run.
+struct ProductPlan {
+  DotFn dot;
+  const uint8_t* w;
+  int64_t row_bytes, rows, n_units;
+  float* y;
+  bool accumulate;
+};
+
+absl::StatusOr<ProductPlan> PlanProduct(const char* fn, const QuantProduct& p, int64_t cols,
+                                        const Q8Activations& x, QuantKernel kernel) {
+  if (!QuantMatmulSupports(p.type)) {
     return absl::InvalidArgumentError(absl::StrFormat("%s: type %u has no quantized kernel", fn,
-                                                      static_cast<uint32_t>(type)));
+                                                      static_cast<uint32_t>(p.type)));
   }
-  const GgmlTypeTraits t = *TraitsOf(static_cast<uint32_t>(type));
-  if (rows < 1) return absl::InvalidArgumentError(absl::StrFormat("%s: rows = %d < 1", fn, rows));
+  const GgmlTypeTraits t = *TraitsOf(static_cast<uint32_t>(p.type));
+  if (p.rows < 1) return absl::InvalidArgumentError(absl::StrFormat("%s: rows = %d < 1", fn, p.rows));
   if (cols < t.block_elems || cols % t.block_elems != 0) {
     return absl::InvalidArgumentError(absl::StrFormat("%s: cols = %d is not a positive multiple of %s's block of %d",
                                                       fn, cols, t.name, t.block_elems));
   }
   const int64_t row_bytes = cols / t.block_elems * t.block_bytes;
-  if (rows > INT64_MAX / row_bytes || w_bytes != rows * row_bytes) {
+  if (p.rows > INT64_MAX / row_bytes || p.w_bytes != p.rows * row_bytes) {
     return absl::InvalidArgumentError(
-        absl::StrFormat("%s: w_bytes = %d, %d rows of %d %s values need %d", fn, w_bytes, rows, cols, t.name,
-                        rows <= INT64_MAX / row_bytes ? rows * row_bytes : -1));
+        absl::StrFormat("%s: w_bytes = %d, %d rows of %d %s values need %d", fn, p.w_bytes, p.rows, cols, t.name,
+                        p.rows <= INT64_MAX / row_bytes ? p.rows * row_bytes : -1));
   }
   if (x.cols != cols || x.rows < 1 || static_cast<int64_t>(x.q.size()) != x.rows * cols ||
       static_cast<int64_t>(x.d.size()) != x.rows * cols / kQ ||
@@ -395,29 +409,58 @@ absl::Status QuantMatmul(GgmlType type, const uint8_t* w, int64_t w_bytes, int64
         "%s: x holds %d rows of %d values (%d q, %d d, %d isum), want rows of cols = %d", fn, x.rows, x.cols,
         x.q.size(), x.d.size(), x.isum.size(), cols));
   }
-  if (w == nullptr || y == nullptr) return absl::InvalidArgumentError(absl::StrFormat("%s: null w or y", fn));
-  if (kernel == QuantKernel::kAuto) kernel = AutoQuantKernel(type);
+  if (p.w == nullptr || p.y == nullptr) return absl::InvalidArgumentError(absl::StrFormat("%s: null w or y", fn));
+  if (kernel == QuantKernel::kAuto) kernel = AutoQuantKernel(p.type);
   if (!QuantKernelAvailable(kernel)) {
     return absl::InvalidArgumentError(absl::StrFormat("%s: kernel %d needs instructions this CPU lacks", fn,
                                                       static_cast<int>(kernel)));
   }
-  const DotFn dot = Pick(type, kernel);
-  const int64_t n_units = cols / t.block_elems;  // what the dot functions count
-  const int64_t nb = cols / kQ;
-  const int64_t n = x.rows;
-  // Threads only where the matrix is worth a fork (a 576 x 192 one is not).
-  const bool parallel = rows * cols >= (int64_t{1} << 18);
+  return ProductPlan{Pick(p.type, kernel), p.w, row_bytes, p.rows, cols / t.block_elems, p.y, p.accumulate};
+}
+
+absl::Status RunProducts(absl::Span<const ProductPlan> plans, const Q8Activations& x) {
+  const int64_t cols = x.cols, nb = cols / kQ, n = x.rows;
+  // Rows of all products as one index space: product g owns [first[g], first[g + 1]).
+  absl::InlinedVector<int64_t, 4> first(plans.size() + 1, 0);
+  for (size_t g = 0; g < plans.size(); ++g) first[g + 1] = first[g] + plans[g].rows;
+  const int64_t total = first.back();
+  // Threads only where the work is worth a fork (a 576 x 192 matrix is not).
+  const bool parallel = total * cols >= (int64_t{1} << 18);
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* wr = w + r * row_bytes;
+  for (int64_t k = 0; k < total; ++k) {
+    size_t g = 0;
+    while (k >= first[g + 1]) ++g;
+    const ProductPlan& p = plans[g];
+    const int64_t r = k - first[g];
+    const uint8_t* wr = p.w + r * p.row_bytes;
     for (int64_t i = 0; i < n; ++i) {
       const ActRow a{x.q.data() + i * cols, x.d.data() + i * nb, x.isum.data() + i * nb};
-      const float v = dot(wr, a, n_units);
-      float& out = y[i * rows + r];
-      out = accumulate ? out + v : v;
+      const float v = p.dot(wr, a, p.n_units);
+      float& out = p.y[i * p.rows + r];
+      out = p.accumulate ? out + v : v;
     }
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status QuantMatmul(GgmlType type, const uint8_t* w, int64_t w_bytes, int64_t rows, int64_t cols,
+                         const Q8Activations& x, float* y, bool accumulate, QuantKernel kernel) {
+  ASSIGN_OR_RETURN(const ProductPlan plan,
+                   PlanProduct("QuantMatmul", QuantProduct{type, w, w_bytes, rows, y, accumulate}, cols, x, kernel));
+  return RunProducts({&plan, 1}, x);
+}
+
+absl::Status QuantMatmulGroup(absl::Span<const QuantProduct> group, const Q8Activations& x, QuantKernel kernel) {
+  if (group.empty()) return absl::InvalidArgumentError("QuantMatmulGroup: group is empty");
+  absl::InlinedVector<ProductPlan, 4> plans;
+  for (size_t g = 0; g < group.size(); ++g) {
+    const std::string fn = absl::StrFormat("QuantMatmulGroup: product %d", g);
+    ASSIGN_OR_RETURN(ProductPlan plan, PlanProduct(fn.c_str(), group[g], x.cols, x, kernel));
+    plans.push_back(plan);
+  }
+  return RunProducts(plans, x);
 }
 
 }  // namespace tailorkv::model

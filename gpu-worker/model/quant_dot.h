@@ -21,14 +21,15 @@
 // Each (i, r) result depends only on weight row r and activation row i, so
 // a row's output does not depend on the batch it is computed in.
 //
-// Thread-safety: functions are reentrant; QuantMatmul runs an OpenMP
-// parallel loop over weight rows.
+// Thread-safety: functions are reentrant; QuantMatmul and QuantMatmulGroup
+// run one OpenMP parallel loop over weight rows.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/types/span.h"
 #include "model/ggml_types.h"
 
 namespace tailorkv::model {
@@ -71,5 +72,24 @@ bool QuantMatmulSupports(GgmlType type);
 absl::Status QuantMatmul(GgmlType type, const uint8_t* w, int64_t w_bytes, int64_t rows, int64_t cols,
                          const Q8Activations& x, float* y, bool accumulate,
                          QuantKernel kernel = QuantKernel::kAuto);
+
+// One product of a group: `rows` weight rows of `type` at `w` (w_bytes
+// bytes), times the group's activations, into (or onto) y as QuantMatmul.
+struct QuantProduct {
+  GgmlType type = GgmlType::kF32;
+  const uint8_t* w = nullptr;
+  int64_t w_bytes = 0;
+  int64_t rows = 0;
+  float* y = nullptr;
+  bool accumulate = false;
+};
+
+// Every product of `group` over the same activations `x` (cols = x.cols),
+// in one parallel loop over all their rows: one fork and join where a
+// decode step would pay one per matrix (q/k/v, gate/up). Each product's y
+// is exactly what QuantMatmul gives for it alone. The whole group is
+// checked before anything is written; InvalidArgument names the product.
+absl::Status QuantMatmulGroup(absl::Span<const QuantProduct> group, const Q8Activations& x,
+                              QuantKernel kernel = QuantKernel::kAuto);
 
 }  // namespace tailorkv::model

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace tailorkv::model {
@@ -228,6 +230,49 @@ TEST(QuantMatmulTest, AccumulateAddsOntoTheOutput) {
   ASSERT_TRUE(QuantMatmul(GgmlType::kQ4_1, w.data(), static_cast<int64_t>(w.size()), rows, cols, x, y.data(), false).ok());
   ASSERT_TRUE(QuantMatmul(GgmlType::kQ4_1, w.data(), static_cast<int64_t>(w.size()), rows, cols, x, acc.data(), true).ok());
   for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(acc[r], 2.5f + y[r]);
+}
+
+TEST(QuantMatmulTest, AGroupGivesEachProductItsOwnResult) {
+  // Mixed types and odd row counts, two activation rows; one product
+  // accumulates. Outputs are poisoned first so an unwritten value shows.
+  std::mt19937 rng(21);
+  constexpr int64_t cols = 512, n = 2;
+  const std::vector<std::pair<GgmlType, int64_t>> shapes = {
+      {GgmlType::kQ4_1, 37}, {GgmlType::kQ6_K, 5}, {GgmlType::kQ8_0, 300}, {GgmlType::kQ4_K, 1}};
+  const auto xf = RandomActs(n * cols, rng);
+  Q8Activations x;
+  ASSERT_TRUE(QuantizeActivations(xf.data(), n, cols, &x).ok());
+  std::vector<std::vector<uint8_t>> w;
+  std::vector<std::vector<float>> alone, grouped;
+  std::vector<QuantProduct> group;
+  for (size_t g = 0; g < shapes.size(); ++g) {
+    const auto [type, rows] = shapes[g];
+    w.push_back(RandomWeights(type, rows, cols, rng));
+    const bool acc = g == 2;
+    alone.emplace_back(n * rows, acc ? 0.5f : std::numeric_limits<float>::quiet_NaN());
+    grouped.emplace_back(n * rows, acc ? 0.5f : std::numeric_limits<float>::quiet_NaN());
+    ASSERT_TRUE(QuantMatmul(type, w[g].data(), static_cast<int64_t>(w[g].size()), rows, cols, x, alone[g].data(),
+                            acc).ok());
+  }
+  for (size_t g = 0; g < shapes.size(); ++g) {
+    group.push_back({shapes[g].first, w[g].data(), static_cast<int64_t>(w[g].size()), shapes[g].second,
+                     grouped[g].data(), g == 2});
+  }
+  ASSERT_TRUE(QuantMatmulGroup(group, x).ok());
+  for (size_t g = 0; g < shapes.size(); ++g) {
+    for (size_t i = 0; i < alone[g].size(); ++i) {
+      ASSERT_TRUE(std::isfinite(grouped[g][i])) << "product " << g << " value " << i;
+      ASSERT_EQ(grouped[g][i], alone[g][i]) << "product " << g << " value " << i;
+    }
+  }
+  // A bad product anywhere refuses the whole group, names it, writes nothing.
+  std::vector<float> before = grouped[0];
+  group[3].w_bytes -= 1;
+  const absl::Status s = QuantMatmulGroup(group, x);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("product 3"), std::string::npos) << s;
+  EXPECT_EQ(grouped[0], before);
+  EXPECT_EQ(QuantMatmulGroup({}, x).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(QuantMatmulTest, RefusesArgumentsThatDoNotFit) {

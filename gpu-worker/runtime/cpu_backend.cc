@@ -9,12 +9,15 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <numeric>
 #include <thread>
+#include <utility>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "spdlog/spdlog.h"
@@ -372,6 +375,34 @@ void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, b
   }
 }
 
+// y_g = x * W_g^T for products of one input (q/k/v, gate/up). Quantized
+// decode rows go through one QuantMatmulGroup: the activations are quantized
+// once and the team forks and joins once, where one Linear each would pay
+// both per matrix (libgomp's passive wake-ups are most of a small model's
+// decode step). Anything else is one Linear per product, unchanged.
+void LinearGroup(const float* x, int n, std::initializer_list<std::pair<const Tensor*, float*>> products,
+                 bool batch) {
+  bool grouped = batch || n < kTiledRows;
+  for (const auto& [w, y] : products) grouped = grouped && w->quantized();
+  if (!grouped) {
+    for (const auto& [w, y] : products) Linear(x, n, *w, y, false, batch);
+    return;
+  }
+  const int in = static_cast<int>(products.begin()->first->cols());
+  thread_local model::Q8Activations xq;
+  absl::Status st = model::QuantizeActivations(x, n, in, &xq);
+  absl::InlinedVector<model::QuantProduct, 3> group;
+  for (const auto& [w, y] : products) {
+    group.push_back({w->quant.type, w->quant.bytes, w->quant.size, w->rows(), y, false});
+  }
+  if (st.ok()) st = model::QuantMatmulGroup(group, xq);
+  if (!st.ok()) {
+    // As in Linear: only a non-finite activation gets here.
+    for (const auto& [w, y] : products) std::fill(y, y + static_cast<int64_t>(n) * w->rows(),
+                                                   std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   CpuBackend(ModelWeights w, int threads) : CpuBackend(std::move(w), threads, nullptr, nullptr) {}
@@ -637,7 +668,7 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
   }
   for (int l = 0; l < c.n_layers; ++l) {
     const model::LayerWeights& L = w_.layers[l];
-#pragma omp parallel for
+#pragma omp parallel for if (n > 1)  // one row: no fork (a wake-up costs more)
     for (int i = 0; i < n; ++i) {
       ref::RmsNorm(&x_[static_cast<size_t>(i) * H], L.attn_norm.data.data(), H, c.rms_eps,
                    &xn_[static_cast<size_t>(i) * H]);
@@ -647,10 +678,8 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
       xn_cur_.assign(xn_.begin(), xn_.begin() + static_cast<size_t>(n) * H);
       if (l == 0) xn_prev_ = xn_cur_;
     }
-    Linear(xn_.data(), n, L.wq, q_.data(), false, batch);
-    Linear(xn_.data(), n, L.wk, k_.data(), false, batch);
-    Linear(xn_.data(), n, L.wv, v_.data(), false, batch);
-#pragma omp parallel for
+    LinearGroup(xn_.data(), n, {{&L.wq, q_.data()}, {&L.wk, k_.data()}, {&L.wv, v_.data()}}, batch);
+#pragma omp parallel for if (n > 1)  // one row: no fork (a wake-up costs more)
     for (int i = 0; i < n; ++i) {
       CpuSequence* rs = row_seq(i);
       const bool dense = rs->kind(l) == KvPolicyKind::kDense;
@@ -717,15 +746,14 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
       }
     }
 
-#pragma omp parallel for
+#pragma omp parallel for if (n > 1)  // one row: no fork (a wake-up costs more)
     for (int i = 0; i < n; ++i) {
       ref::RmsNorm(&x_[static_cast<size_t>(i) * H], L.ffn_norm.data.data(), H, c.rms_eps,
                    &xn_[static_cast<size_t>(i) * H]);
     }
-    Linear(xn_.data(), n, L.w_gate, gate_.data(), false, batch);
-    Linear(xn_.data(), n, L.w_up, up_.data(), false, batch);
+    LinearGroup(xn_.data(), n, {{&L.w_gate, gate_.data()}, {&L.w_up, up_.data()}}, batch);
     const int64_t total = static_cast<int64_t>(n) * c.ffn;
-#pragma omp parallel for
+#pragma omp parallel for if (total > 4096)
     for (int64_t b = 0; b < total; b += 4096) {
       ref::SwiGlu(&gate_[b], &up_[b], std::min<int64_t>(4096, total - b));
     }
@@ -740,7 +768,7 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
 
   const int first = all_logits ? 0 : n - 1;
   const int rows = n - first;
-#pragma omp parallel for
+#pragma omp parallel for if (rows > 1)
   for (int i = first; i < n; ++i) {
     ref::RmsNorm(&x_[static_cast<size_t>(i) * H], w_.output_norm.data.data(), H, c.rms_eps,
                  &xn_[static_cast<size_t>(i) * H]);

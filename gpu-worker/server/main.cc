@@ -199,7 +199,7 @@ class ReloadOnSighup {
 }  // namespace
 
 int main(int argc, char** argv) {
-  tailorkv::EnsurePassiveOpenMpWait(argv);
+  tailorkv::BoundOpenMpSpinning(argv);
   ReloadOnSighup::BlockInThisThread();  // before any thread exists
   WorkerConfig config;
   CLI::App app{"tailorkv gpu-worker: serves tailorkv.v1.Generation over gRPC"};

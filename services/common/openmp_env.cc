@@ -6,11 +6,11 @@
 
 namespace tailorkv {
 
-void EnsurePassiveOpenMpWait(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
-  setenv("OMP_WAIT_POLICY", "passive", 1);
+void BoundOpenMpSpinning(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr || std::getenv("GOMP_SPINCOUNT") != nullptr) return;
+  setenv("GOMP_SPINCOUNT", kOpenMpSpinCount, 1);
   execv("/proc/self/exe", argv);
-  // execv returned: keep running with the policy libgomp already read.
+  // execv returned: keep running with the spinning libgomp already read.
 }
 
 }  // namespace tailorkv

@@ -1,18 +1,28 @@
-// OpenMP's wait policy must be set before libgomp loads: it reads the
-// environment in a library constructor, before main() runs. With the default
-// (spin), idle OpenMP threads busy-wait between the hundreds of parallel
-// regions of one decode step; whenever the cores are shared (other processes,
-// gRPC threads) that made a SmolLM2 decode step 20x slower (measured: 12 s vs
-// 0.57 s for 12 tokens on a loaded 2-core machine).
+// How long libgomp's idle threads spin must be set before libgomp loads: it
+// reads the environment in a library constructor, before main() runs.
+// libgomp's default spins ~300,000 rounds between parallel regions; whenever
+// the cores are shared (other processes, gRPC threads) that made a SmolLM2
+// decode step 20x slower (measured: 12 s vs 0.57 s for 12 tokens on a loaded
+// 2-core machine). Not spinning at all (passive) costs a futex wake-up per
+// region instead, ~150 of them a decode token. Spinning 1,000 rounds (tens of
+// microseconds) then sleeping covers the gaps inside a step and bounds the
+// loss when the cores are shared. Measured on this 2-core machine, quantized
+// SmolLM2 decode after 512 tokens, tokens/s (docs/results.md, "Quantized
+// weights on the CPU"): quiet 41 passive, 61 at 1,000 rounds; beside one busy
+// process 34 passive, 29 at 1,000 rounds.
 #pragma once
 
 namespace tailorkv {
 
-// Call first thing in main(). When OMP_WAIT_POLICY is unset, sets it to
-// "passive" and re-executes the program (argv unchanged) so libgomp sees it;
-// otherwise returns (an explicit user choice is kept). If re-executing fails,
-// returns and the program runs with the default policy.
-void EnsurePassiveOpenMpWait(char** argv);
+// libgomp's spin rounds between regions that BoundOpenMpSpinning sets.
+inline constexpr const char* kOpenMpSpinCount = "1000";
+
+// Call first thing in main(). When neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT
+// is set, sets GOMP_SPINCOUNT to kOpenMpSpinCount and re-executes the program
+// (argv unchanged) so libgomp sees it; otherwise returns (an explicit user
+// choice is kept). If re-executing fails, returns and the program runs with
+// libgomp's default.
+void BoundOpenMpSpinning(char** argv);
 
 // The OpenMP team (and OpenBLAS thread count) to use where `requested`
 // threads were asked for: `requested`, but 1 in ThreadSanitizer builds
