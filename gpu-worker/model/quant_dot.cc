@@ -201,6 +201,59 @@ TKV_SIMD_TARGET float SimdQ8_0(const uint8_t* w, const ActRow& x, int64_t nb) {
   return HSum(acc);
 }
 
+// Four weight rows against one activation row: each row's operations are
+// exactly its one-row kernel's (same order, own accumulators), so a row's
+// result does not depend on which rows it is computed with; the activation
+// block is loaded once for the four, and the four independent chains hide
+// the latency that one row's chain of fused adds exposes.
+template <bool kVnni>
+TKV_SIMD_TARGET void SimdQ4_0x4(const uint8_t* w, int64_t row_bytes, const ActRow& x, int64_t nb, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
+    const __m256i e = DotU8S8<kVnni>(eight, xq);
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * 18;
+      const __m256i s = _mm256_sub_epi32(DotU8S8<kVnni>(Nibbles(wb + 2), xq), e);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(HalfF16c(wb) * x.d[b]), _mm256_cvtepi32_ps(s), acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = HSum(acc[r]);
+}
+
+template <bool kVnni>
+TKV_SIMD_TARGET void SimdQ4_1x4(const uint8_t* w, int64_t row_bytes, const ActRow& x, int64_t nb, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  float mins[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
+    const float sx = x.d[b] * static_cast<float>(x.isum[b]);
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * 20;
+      const __m256i s = DotU8S8<kVnni>(Nibbles(wb + 4), xq);
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(HalfF16c(wb) * x.d[b]), _mm256_cvtepi32_ps(s), acc[r]);
+      mins[r] += HalfF16c(wb + 2) * sx;
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = HSum(acc[r]) + mins[r];
+}
+
+template <bool kVnni>
+TKV_SIMD_TARGET void SimdQ8_0x4(const uint8_t* w, int64_t row_bytes, const ActRow& x, int64_t nb, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * kQ));
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* wb = w + r * row_bytes + b * 34;
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 2));
+      const __m256i s = DotU8S8<kVnni>(_mm256_abs_epi8(wq), _mm256_sign_epi8(xq, wq));
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(HalfF16c(wb) * x.d[b]), _mm256_cvtepi32_ps(s), acc[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = HSum(acc[r]);
+}
+
 template <bool kVnni>
 TKV_SIMD_TARGET float SimdQ4_K(const uint8_t* w, const ActRow& x, int64_t nsb) {
   __m256 acc = _mm256_setzero_ps();
@@ -296,6 +349,24 @@ DotFn Pick(GgmlType type, QuantKernel k) {
   }
 }
 
+// The four-row kernel for `type` and `k`, or null (then rows go one by one).
+using Dot4Fn = void (*)(const uint8_t*, int64_t, const ActRow&, int64_t, float*);
+
+Dot4Fn Pick4(GgmlType type, QuantKernel k) {
+  const bool vnni = k == QuantKernel::kAvxVnni;
+  if (k != QuantKernel::kAvx2 && !vnni) return nullptr;
+  switch (type) {
+    case GgmlType::kQ4_0:
+      return vnni ? SimdQ4_0x4<true> : SimdQ4_0x4<false>;
+    case GgmlType::kQ4_1:
+      return vnni ? SimdQ4_1x4<true> : SimdQ4_1x4<false>;
+    case GgmlType::kQ8_0:
+      return vnni ? SimdQ8_0x4<true> : SimdQ8_0x4<false>;
+    default:
+      return nullptr;
+  }
+}
+
 }  // namespace
 
 absl::Status QuantizeActivations(const float* x, int64_t rows, int64_t cols, Q8Activations* out) {
@@ -378,6 +449,7 @@ namespace {
 // A checked product, ready to run.
 struct ProductPlan {
   DotFn dot;
+  Dot4Fn dot4;  // null: rows one by one
   const uint8_t* w;
   int64_t row_bytes, rows, n_units;
   float* y;
@@ -415,29 +487,40 @@ absl::StatusOr<ProductPlan> PlanProduct(const char* fn, const QuantProduct& p, i
     return absl::InvalidArgumentError(absl::StrFormat("%s: kernel %d needs instructions this CPU lacks", fn,
                                                       static_cast<int>(kernel)));
   }
-  return ProductPlan{Pick(p.type, kernel), p.w, row_bytes, p.rows, cols / t.block_elems, p.y, p.accumulate};
+  return ProductPlan{Pick(p.type, kernel), Pick4(p.type, kernel), p.w, row_bytes, p.rows, cols / t.block_elems, p.y, p.accumulate};
 }
 
 absl::Status RunProducts(absl::Span<const ProductPlan> plans, const Q8Activations& x) {
+  constexpr int64_t kRows = 4;  // weight rows a work unit covers
   const int64_t cols = x.cols, nb = cols / kQ, n = x.rows;
-  // Rows of all products as one index space: product g owns [first[g], first[g + 1]).
+  // Units of kRows rows of all products as one index space: product g owns
+  // units [first[g], first[g + 1]), its last unit possibly short.
   absl::InlinedVector<int64_t, 4> first(plans.size() + 1, 0);
-  for (size_t g = 0; g < plans.size(); ++g) first[g + 1] = first[g] + plans[g].rows;
-  const int64_t total = first.back();
+  int64_t total_rows = 0;
+  for (size_t g = 0; g < plans.size(); ++g) {
+    first[g + 1] = first[g] + (plans[g].rows + kRows - 1) / kRows;
+    total_rows += plans[g].rows;
+  }
+  const int64_t units = first.back();
   // Threads only where the work is worth a fork (a 576 x 192 matrix is not).
-  const bool parallel = total * cols >= (int64_t{1} << 18);
+  const bool parallel = total_rows * cols >= (int64_t{1} << 18);
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t k = 0; k < total; ++k) {
+  for (int64_t u = 0; u < units; ++u) {
     size_t g = 0;
-    while (k >= first[g + 1]) ++g;
+    while (u >= first[g + 1]) ++g;
     const ProductPlan& p = plans[g];
-    const int64_t r = k - first[g];
-    const uint8_t* wr = p.w + r * p.row_bytes;
+    const int64_t r0 = (u - first[g]) * kRows, m = std::min(kRows, p.rows - r0);
+    const uint8_t* w0 = p.w + r0 * p.row_bytes;
     for (int64_t i = 0; i < n; ++i) {
       const ActRow a{x.q.data() + i * cols, x.d.data() + i * nb, x.isum.data() + i * nb};
-      const float v = p.dot(wr, a, p.n_units);
-      float& out = p.y[i * p.rows + r];
-      out = p.accumulate ? out + v : v;
+      float v[kRows];
+      if (m == kRows && p.dot4 != nullptr) {
+        p.dot4(w0, p.row_bytes, a, p.n_units, v);
+      } else {
+        for (int64_t r = 0; r < m; ++r) v[r] = p.dot(w0 + r * p.row_bytes, a, p.n_units);
+      }
+      float* out = p.y + i * p.rows + r0;
+      for (int64_t r = 0; r < m; ++r) out[r] = p.accumulate ? out[r] + v[r] : v[r];
     }
   }
   return absl::OkStatus();

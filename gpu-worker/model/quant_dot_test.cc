@@ -175,6 +175,14 @@ TEST(QuantMatmulTest, SimdKernelsMatchTheReference) {
         std::vector<float> alone(rows);
         ASSERT_TRUE(QuantMatmul(t, w.data(), wb, rows, cols, one, alone.data(), false, k).ok());
         for (int64_t r = 0; r < rows; ++r) ASSERT_EQ(alone[r], got[rows + r]) << "row " << r;
+        // A weight row alone (the one-row kernel) equals it among its
+        // neighbours (rows go four at a time where a kernel has that).
+        const int64_t rb = wb / rows;
+        for (int64_t r : {int64_t{0}, rows / 2, rows - 1}) {
+          std::vector<float> single(n);
+          ASSERT_TRUE(QuantMatmul(t, w.data() + r * rb, rb, 1, cols, x, single.data(), false, k).ok());
+          for (int64_t i = 0; i < n; ++i) ASSERT_EQ(single[i], got[i * rows + r]) << "weight row " << r;
+        }
         ++ran;
       }
     }
