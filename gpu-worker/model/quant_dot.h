@@ -54,6 +54,8 @@ enum class QuantKernel {
   kReference,  // scalar, the contract above
   kAvx2,       // AVX2 + FMA (maddubs); needs the CPU to have them
   kAvxVnni,    // AVX-VNNI (dpbusd on 256 bits); needs avxvnni
+  kAvx512Vnni, // AVX-512 VNNI, two blocks per op for Q4_0/Q4_1/Q8_0 (K-quants:
+               // kAvxVnni's); needs avx512f/bw/dq/vnni and avxvnni
 };
 
 // Whether this CPU can run `kernel` (kReference and kAuto always).

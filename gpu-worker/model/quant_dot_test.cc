@@ -15,7 +15,7 @@ namespace {
 
 constexpr GgmlType kTypes[] = {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0, GgmlType::kQ4_K,
                                GgmlType::kQ6_K};
-constexpr QuantKernel kSimd[] = {QuantKernel::kAvx2, QuantKernel::kAvxVnni};
+constexpr QuantKernel kSimd[] = {QuantKernel::kAvx2, QuantKernel::kAvxVnni, QuantKernel::kAvx512Vnni};
 
 GgmlTypeTraits Traits(GgmlType t) { return *TraitsOf(static_cast<uint32_t>(t)); }
 
@@ -152,7 +152,8 @@ TEST(QuantMatmulTest, SimdKernelsMatchTheReference) {
     if (!QuantKernelAvailable(k)) continue;
     for (GgmlType t : kTypes) {
       const int64_t blk = Traits(t).block_elems;
-      for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, blk}, {33, 3 * blk}, {1031, blk == 32 ? 544 : 512}}) {
+      for (auto [rows, cols] :
+           {std::pair<int64_t, int64_t>{1, blk}, {6, 2 * blk}, {33, 3 * blk}, {1031, blk == 32 ? 544 : 512}}) {
         SCOPED_TRACE(testing::Message() << Traits(t).name << " kernel " << static_cast<int>(k) << " " << rows << "x"
                                         << cols);
         const auto w = RandomWeights(t, rows, cols, rng);
@@ -187,7 +188,7 @@ TEST(QuantMatmulTest, SimdKernelsMatchTheReference) {
       }
     }
   }
-  if (ran == 0) GTEST_SKIP() << "this CPU has neither AVX2+FMA nor AVX-VNNI";
+  if (ran == 0) GTEST_SKIP() << "this CPU has none of AVX2+FMA, AVX-VNNI, AVX-512 VNNI";
 }
 
 // Extreme quants: Q8_0 weights of -128 and 127 against activations of +-127
@@ -195,7 +196,7 @@ TEST(QuantMatmulTest, SimdKernelsMatchTheReference) {
 // stay exact, so one block's result equals the reference's but for the
 // order of fp32 operations.
 TEST(QuantMatmulTest, ExtremeQuantsStayExact) {
-  for (QuantKernel k : {QuantKernel::kReference, QuantKernel::kAvx2, QuantKernel::kAvxVnni}) {
+  for (QuantKernel k : {QuantKernel::kReference, QuantKernel::kAvx2, QuantKernel::kAvxVnni, QuantKernel::kAvx512Vnni}) {
     if (!QuantKernelAvailable(k)) continue;
     for (GgmlType t : kTypes) {
       const GgmlTypeTraits tr = Traits(t);
