@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <new>
+#include <system_error>
 #include <thread>
 #include <unordered_set>
 #include <utility>
@@ -514,7 +516,17 @@ absl::StatusOr<std::vector<float>> GgufFile::DequantizeTensor(std::string_view n
     return absl::NotFoundError(absl::StrFormat("%s: tensor '%s' not found", path_, name));
   }
   ASSIGN_OR_RETURN(GgmlTypeTraits traits, TraitsOf(static_cast<uint32_t>(t->type)));
-  std::vector<float> out(static_cast<size_t>(t->n_elements));
+  // The float32 copy is the one large allocation of a load: when the host
+  // refuses it (RLIMIT_AS, overcommit off; a cgroup limit kills instead) the
+  // caller gets an error naming the tensor, not std::bad_alloc (std::terminate).
+  std::vector<float> out;
+  try {
+    out.resize(static_cast<size_t>(t->n_elements));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "%s: tensor '%s': host memory exhausted: cannot allocate %d bytes for its %d values as float32",
+        path_, name, t->n_elements * sizeof(float), t->n_elements));
+  }
   const absl::Span<const uint8_t> src = TensorBytes(*t);
   const int64_t n_blocks = static_cast<int64_t>(t->n_elements) / traits.block_elems;
 
@@ -538,7 +550,14 @@ absl::StatusOr<std::vector<float>> GgufFile::DequantizeTensor(std::string_view n
                    out.data() + b0 * traits.block_elems, (b1 - b0) * traits.block_elems);
   };
   std::vector<std::thread> threads;
-  for (int64_t i = 1; i < n_threads; ++i) threads.emplace_back(work, i);
+  threads.reserve(static_cast<size_t>(n_threads));
+  for (int64_t i = 1; i < n_threads; ++i) {
+    try {
+      threads.emplace_back(work, i);
+    } catch (const std::system_error&) {
+      work(i);  // no thread to be had (its stack under RLIMIT_AS, RLIMIT_NPROC): this one does it
+    }
+  }
   work(0);
   for (std::thread& th : threads) th.join();
   for (const absl::Status& s : statuses) {

@@ -1,9 +1,11 @@
 #include "model/gguf_file.h"
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -336,6 +338,56 @@ TEST(GgufFileTest, RejectsRowNotMultipleOfBlock) {
   auto f = Parse(GgufBuilder().Tensor("w", {48, 1}, kQ8_0, std::vector<uint8_t>(68)).Build());
   EXPECT_EQ(f.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(f.status().message(), HasSubstr("block size"));
+}
+
+// Limits this process's address space to what is mapped plus 8 MiB,
+// dequantizes `name`, prints the status on stderr and exits: 0 when it was
+// ResourceExhausted (for EXPECT_EXIT).
+[[noreturn]] void DequantizeUnderTightAddressSpace(const GgufFile& f, const std::string& name) {
+  std::ifstream status("/proc/self/status");
+  uint64_t vm_kb = 0;
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmSize:", 0) == 0) vm_kb = std::strtoull(line.c_str() + 7, nullptr, 10);
+  }
+  rlimit limit{};
+  limit.rlim_cur = limit.rlim_max = (vm_kb << 10) + (8 << 20);
+  if (vm_kb == 0 || ::setrlimit(RLIMIT_AS, &limit) != 0) std::_Exit(3);
+  auto values = f.DequantizeTensor(name);
+  std::fprintf(stderr, "%s\n", values.status().ToString().c_str());
+  std::_Exit(values.status().code() == absl::StatusCode::kResourceExhausted ? 0 : 1);
+}
+
+// The float32 copy of a tensor that the address space cannot hold is
+// ResourceExhausted naming the tensor: it was std::bad_alloc, which ended a
+// float load of the 8B shape under a 20 GiB RLIMIT_AS in std::terminate
+// (docs/results.md, "Loading an 8B-shape Q4 file"). In a child process whose
+// address space is limited to what is mapped plus 8 MiB.
+TEST(GgufFileTest, DequantizeBeyondTheAddressSpaceIsResourceExhausted) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizers' shadow memory needs more address space than RLIMIT_AS leaves";
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+  GTEST_SKIP() << "the sanitizers' shadow memory needs more address space than RLIMIT_AS leaves";
+#endif
+#endif
+  // Q8_0 [65536 x 4096]: 285 MB of blocks in a sparse file (never read:
+  // the allocation fails first), 1 GiB as float32.
+  const std::string path =
+      ::testing::TempDir() + "/gguf_file_test_big_" + std::to_string(::getpid()) + ".gguf";
+  const uint64_t cols = 4096, rows = 65536;
+  {
+    const auto bytes = GgufBuilder().Tensor("big.weight", {cols, rows}, kQ8_0, {}, /*offset=*/0).Build();
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  }
+  std::filesystem::resize_file(path, std::filesystem::file_size(path) + rows * cols / 32 * 34);
+  auto f = GgufFile::Open(path);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EXIT(DequantizeUnderTightAddressSpace(**f, "big.weight"), ::testing::ExitedWithCode(0),
+              "RESOURCE_EXHAUSTED: .*gguf_file_test_big_[0-9]+.gguf: tensor 'big.weight': "
+              "host memory exhausted: cannot allocate 1073741824 bytes for its 268435456 values as float32");
+  f->reset();
+  std::filesystem::remove(path);
 }
 
 TEST(GgufFileTest, OpenMapsFileAndReportsMissingFile) {

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <new>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -254,7 +255,15 @@ int ModelWeights::QuantizedTensors() const {
 absl::Status ModelWeights::Dequantize() {
   auto one = [](Tensor& t) -> absl::Status {
     if (!t.quantized()) return absl::OkStatus();
-    std::vector<float> v(static_cast<size_t>(t.rows() * t.cols()));
+    std::vector<float> v;
+    try {
+      v.resize(static_cast<size_t>(t.rows() * t.cols()));
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "ModelWeights::Dequantize: host memory exhausted: cannot allocate %d bytes of float32 for a "
+          "[%d, %d] tensor",
+          t.rows() * t.cols() * int64_t{sizeof(float)}, t.rows(), t.cols()));
+    }
     RETURN_IF_ERROR(model::Dequantize(t.quant.type, t.quant.bytes, static_cast<size_t>(t.quant.size), v.data(),
                                       t.rows() * t.cols()));
     t.data = std::move(v);
@@ -274,10 +283,30 @@ absl::StatusOr<ModelWeights> LoadWeights(const GgufFile& g, bool keep_quantized)
   const ModelConfig& c = w.config;
   const int64_t hidden = c.hidden, q_dim = int64_t{c.n_heads} * c.head_dim,
                 kv_dim = int64_t{c.n_kv_heads} * c.head_dim;
-  ASSIGN_OR_RETURN(w.tok_embd, LoadTensor(g, "token_embd.weight", {c.vocab, hidden}, keep_quantized));
-  ASSIGN_OR_RETURN(w.output_norm, LoadTensor(g, "output_norm.weight", {hidden}));
+  // A tensor whose float32 values the host cannot hold fails the load with
+  // ResourceExhausted (GgufFile::DequantizeTensor), here with the float32
+  // bytes held before it and those the whole model would need.
+  int64_t float_bytes = 0;
+  auto load = [&](const std::string& name, std::vector<int64_t> shape,
+                  bool quant = false) -> absl::StatusOr<Tensor> {
+    absl::StatusOr<Tensor> t = LoadTensor(g, name, std::move(shape), quant);
+    if (t.ok()) {
+      float_bytes += static_cast<int64_t>(t->data.size() * sizeof(float));
+    } else if (t.status().code() == absl::StatusCode::kResourceExhausted) {
+      // Values: q, k, v, o; gate, up, down; two norms a layer; embedding,
+      // head unless tied, final norm.
+      const int64_t layer = hidden * (2 * q_dim + 2 * kv_dim) + 3 * c.ffn * hidden + 2 * hidden;
+      const int64_t all = 4 * (c.vocab * hidden * (c.tied_embeddings ? 1 : 2) + hidden + c.n_layers * layer);
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "%s (%.2f GB of float32 weights held before it; the whole model as float32 is %.2f GB)",
+          t.status().message(), float_bytes / 1e9, all / 1e9));
+    }
+    return t;
+  };
+  ASSIGN_OR_RETURN(w.tok_embd, load("token_embd.weight", {c.vocab, hidden}, keep_quantized));
+  ASSIGN_OR_RETURN(w.output_norm, load("output_norm.weight", {hidden}));
   if (!c.tied_embeddings) {
-    ASSIGN_OR_RETURN(w.output, LoadTensor(g, "output.weight", {c.vocab, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(w.output, load("output.weight", {c.vocab, hidden}, keep_quantized));
   }
   // Layer by layer, not resize(n_layers) up front: n_layers comes from the
   // file, and a corrupt block_count (up to INT_MAX) must end in "tensor
@@ -285,15 +314,15 @@ absl::StatusOr<ModelWeights> LoadWeights(const GgufFile& g, bool keep_quantized)
   for (int i = 0; i < c.n_layers; ++i) {
     LayerWeights& l = w.layers.emplace_back();
     const std::string p = absl::StrFormat("blk.%d.", i);
-    ASSIGN_OR_RETURN(l.attn_norm, LoadTensor(g, p + "attn_norm.weight", {hidden}));
-    ASSIGN_OR_RETURN(l.wq, LoadTensor(g, p + "attn_q.weight", {q_dim, hidden}, keep_quantized));
-    ASSIGN_OR_RETURN(l.wk, LoadTensor(g, p + "attn_k.weight", {kv_dim, hidden}, keep_quantized));
-    ASSIGN_OR_RETURN(l.wv, LoadTensor(g, p + "attn_v.weight", {kv_dim, hidden}, keep_quantized));
-    ASSIGN_OR_RETURN(l.wo, LoadTensor(g, p + "attn_output.weight", {hidden, q_dim}, keep_quantized));
-    ASSIGN_OR_RETURN(l.ffn_norm, LoadTensor(g, p + "ffn_norm.weight", {hidden}));
-    ASSIGN_OR_RETURN(l.w_gate, LoadTensor(g, p + "ffn_gate.weight", {c.ffn, hidden}, keep_quantized));
-    ASSIGN_OR_RETURN(l.w_up, LoadTensor(g, p + "ffn_up.weight", {c.ffn, hidden}, keep_quantized));
-    ASSIGN_OR_RETURN(l.w_down, LoadTensor(g, p + "ffn_down.weight", {hidden, c.ffn}, keep_quantized));
+    ASSIGN_OR_RETURN(l.attn_norm, load(p + "attn_norm.weight", {hidden}));
+    ASSIGN_OR_RETURN(l.wq, load(p + "attn_q.weight", {q_dim, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.wk, load(p + "attn_k.weight", {kv_dim, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.wv, load(p + "attn_v.weight", {kv_dim, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.wo, load(p + "attn_output.weight", {hidden, q_dim}, keep_quantized));
+    ASSIGN_OR_RETURN(l.ffn_norm, load(p + "ffn_norm.weight", {hidden}));
+    ASSIGN_OR_RETURN(l.w_gate, load(p + "ffn_gate.weight", {c.ffn, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.w_up, load(p + "ffn_up.weight", {c.ffn, hidden}, keep_quantized));
+    ASSIGN_OR_RETURN(l.w_down, load(p + "ffn_down.weight", {hidden, c.ffn}, keep_quantized));
   }
   return w;
 }
