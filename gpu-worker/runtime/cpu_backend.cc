@@ -310,15 +310,24 @@ TKV_TARGET_CLONES("avx2", "default") void BatchLinear(const float* x, int n, con
   }
 }
 
-// Prefill chunks of at least this many rows multiply quantized weights as
-// float tiles (GEMM); fewer rows go through QuantMatmul.
-constexpr int kTiledRows = 8;
+// What a Linear's rows are. Quantized weights multiply prefill rows as float
+// tiles (GEMM over dequantized weights, float activations) and decode rows
+// through QuantMatmul (int8 activations): the path depends on the kind of
+// row, never on how many rows a call has, so a prompt's result does not
+// depend on how it was chunked (a 5-token chunk and a 1,024-token one take
+// the same path for every row).
+enum class Rows {
+  kPrefill,      // prompt rows of one sequence
+  kDecode,       // one sequence's decode step
+  kDecodeBatch,  // one decode row per sequence (BatchLinear for floats: each
+                 // row's sums do not depend on the batch)
+};
 
-// y[n][out] (=|+=) x[n][in] * W[out][in]^T. `batch`: a decode batch
-// (BatchLinear: each row's sums do not depend on the batch).
-void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, bool batch = false) {
+// y[n][out] (=|+=) x[n][in] * W[out][in]^T.
+void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, Rows kind) {
   const int out = static_cast<int>(w.rows()), in = static_cast<int>(w.cols());
-  if (w.quantized() && !batch && n >= kTiledRows) {
+  const bool batch = kind == Rows::kDecodeBatch;
+  if (w.quantized() && kind == Rows::kPrefill) {
     // A prefill chunk: GEMM over float tiles of the weights, dequantized a
     // block of rows at a time (each tile is reused by all n rows, so the
     // dequantization costs 1/n of the multiply).
@@ -381,11 +390,11 @@ void Linear(const float* x, int n, const Tensor& w, float* y, bool accumulate, b
 // both per matrix (libgomp's passive wake-ups are most of a small model's
 // decode step). Anything else is one Linear per product, unchanged.
 void LinearGroup(const float* x, int n, std::initializer_list<std::pair<const Tensor*, float*>> products,
-                 bool batch) {
-  bool grouped = batch || n < kTiledRows;
+                 Rows kind) {
+  bool grouped = kind != Rows::kPrefill;
   for (const auto& [w, y] : products) grouped = grouped && w->quantized();
   if (!grouped) {
-    for (const auto& [w, y] : products) Linear(x, n, *w, y, false, batch);
+    for (const auto& [w, y] : products) Linear(x, n, *w, y, false, kind);
     return;
   }
   const int in = static_cast<int>(products.begin()->first->cols());
@@ -635,6 +644,7 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
   }
   CpuSequence* seq = seqs[0];
   const bool decode = batch || IsDecode(*seq, tokens, mode);
+  const Rows rows_kind = batch ? Rows::kDecodeBatch : (decode ? Rows::kDecode : Rows::kPrefill);
   const ModelConfig& c = w_.config;
   const int n = static_cast<int>(tokens.size());
   const int start = seq->length();
@@ -678,7 +688,7 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
       xn_cur_.assign(xn_.begin(), xn_.begin() + static_cast<size_t>(n) * H);
       if (l == 0) xn_prev_ = xn_cur_;
     }
-    LinearGroup(xn_.data(), n, {{&L.wq, q_.data()}, {&L.wk, k_.data()}, {&L.wv, v_.data()}}, batch);
+    LinearGroup(xn_.data(), n, {{&L.wq, q_.data()}, {&L.wk, k_.data()}, {&L.wv, v_.data()}}, rows_kind);
 #pragma omp parallel for if (n > 1)  // one row: no fork (a wake-up costs more)
     for (int i = 0; i < n; ++i) {
       CpuSequence* rs = row_seq(i);
@@ -736,7 +746,7 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
                          .kv_head_stride = kv.head_stride};
       if (auto st = (*observer)(tap); !st.ok()) return st;
     }
-    Linear(attn_.data(), n, L.wo, x_.data(), /*accumulate=*/true, batch);
+    Linear(attn_.data(), n, L.wo, x_.data(), /*accumulate=*/true, rows_kind);
     if (decode && l + 1 < c.n_layers) {
       // Query "after-attention" of layer l + 1: its own norm over the stream now.
       xn_late_.resize(static_cast<size_t>(n) * H);
@@ -751,13 +761,13 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
       ref::RmsNorm(&x_[static_cast<size_t>(i) * H], L.ffn_norm.data.data(), H, c.rms_eps,
                    &xn_[static_cast<size_t>(i) * H]);
     }
-    LinearGroup(xn_.data(), n, {{&L.w_gate, gate_.data()}, {&L.w_up, up_.data()}}, batch);
+    LinearGroup(xn_.data(), n, {{&L.w_gate, gate_.data()}, {&L.w_up, up_.data()}}, rows_kind);
     const int64_t total = static_cast<int64_t>(n) * c.ffn;
 #pragma omp parallel for if (total > 4096)
     for (int64_t b = 0; b < total; b += 4096) {
       ref::SwiGlu(&gate_[b], &up_[b], std::min<int64_t>(4096, total - b));
     }
-    Linear(gate_.data(), n, L.w_down, x_.data(), /*accumulate=*/true, batch);
+    Linear(gate_.data(), n, L.w_down, x_.data(), /*accumulate=*/true, rows_kind);
   }
   if (batch) {
     for (int b = 0; b < n; ++b) seqs[b]->set_length(pos[b] + 1);
@@ -774,7 +784,11 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
                  &xn_[static_cast<size_t>(i) * H]);
   }
   logits->resize(static_cast<size_t>(rows) * c.vocab);
-  Linear(&xn_[static_cast<size_t>(first) * H], rows, w_.head(), logits->data(), false, batch);
+  // The head: a prompt's last row alone (no logits for the others) goes as
+  // a decode row would, whatever the chunking; all of a chunk's rows (the
+  // profiler, perplexity) as prefill rows.
+  Linear(&xn_[static_cast<size_t>(first) * H], rows, w_.head(), logits->data(), false,
+         batch ? Rows::kDecodeBatch : (rows == 1 ? Rows::kDecode : Rows::kPrefill));
   return absl::OkStatus();
 }
 

@@ -68,11 +68,12 @@ struct EngineOptions {
   std::string model_path;       // a .gguf file or a safetensors directory
   std::string tokenizer_gguf;   // GGUF file to take the tokenizer from; default: model_path
   std::string backend = "auto"; // "auto" (CUDA when a device exists), "cpu", "cuda"
-  // A GGUF model's linear weights: "float" (dequantized to float32 at load)
-  // or "quantized" (kept in their GGUF blocks, model/quant_dot.h; the CPU
-  // backend multiplies them as they are, the CUDA backend still takes a
-  // float copy made at load).
-  std::string weights = "float";
+  // A GGUF model's linear weights: "quantized" (kept in their GGUF blocks,
+  // model/quant_dot.h; the CPU backend multiplies them as they are, the CUDA
+  // backend still takes a float copy made at load) or "float" (dequantized
+  // to float32 at load: the CPU backend's exact-weights path, e.g. to compare
+  // with Hugging Face). A safetensors model is float either way.
+  std::string weights = "quantized";
   BackendFactory cuda_factory;  // empty: this binary has no CUDA backend
   int threads = 0;              // CPU threads; 0 = all cores
   // The sparse layers' host tiers on the CPU backend (CpuBackendOptions::

@@ -211,8 +211,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--backend", config.engine.backend, "auto, cpu or cuda")->capture_default_str();
   app.add_option("--weights", config.engine.weights,
-                 "a GGUF model's linear weights: float (dequantized to float32 at load) or quantized (kept in "
-                 "their GGUF blocks; the CPU backend multiplies them as they are, CUDA takes a float copy)")
+                 "a GGUF model's linear weights: quantized (kept in their GGUF blocks; the CPU backend "
+                 "multiplies them as they are, CUDA takes a float copy) or float (dequantized to float32 at load)")
       ->check(CLI::IsMember({"float", "quantized"}))
       ->capture_default_str();
   app.add_option("--threads", config.engine.threads, "CPU threads (0 = all cores)")
