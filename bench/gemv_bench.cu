@@ -33,6 +33,7 @@
 #include "bench_common.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/gemv_kernels.cuh"
+#include "cuda/gemv_quant_kernels.cuh"
 
 namespace tailorkv::cuda {
 namespace {
@@ -234,6 +235,48 @@ std::vector<GemvConfig> AllConfigs() {
 
 double GBps(size_t bytes, double us) { return bytes / (us * 1e-6) / 1e9; }
 
+// The weight-only quantized GEMV (issue 19) on the same shapes: LaunchGemvQuant
+// over Q4_0 / Q8_0 planes (random, LaunchFillRandomQuantPlanes), timed as
+// above (graphs of kLaunches launches over copies totalling > 256 MB). Its
+// bytes are the planes' (quants + fp16 scales): the floor it is held to.
+struct QuantRow {
+  std::string shape, type;
+  size_t bytes = 0;
+  double us = 0, bf16_us = 0;
+};
+
+QuantRow TimeQuant(const Shape& s, model::GgmlType type, double bf16_us, int reps, Timer& timer,
+                   cudaStream_t stream) {
+  const int64_t blocks = static_cast<int64_t>(s.out) * (s.in / 32);
+  const size_t qs_bytes = blocks * (type == model::GgmlType::kQ8_0 ? 32 : 16), d_bytes = blocks * 2;
+  const size_t bytes = qs_bytes + d_bytes;
+  const int copies = static_cast<int>(std::clamp<size_t>((kRotateBytes + bytes - 1) / bytes, 2, kMaxCopies));
+  std::vector<DeviceBuffer> qs, d, x;
+  for (int i = 0; i < copies; ++i) {
+    qs.push_back(Allocate(qs_bytes));
+    d.push_back(Allocate(d_bytes));
+    BENCH_CHECK_OK(LaunchFillRandomQuantPlanes(type, qs.back().as<uint8_t>(), d.back().as<__half>(), nullptr, s.out,
+                                               s.in, 100 + i, 0.01f, stream));
+    x.push_back(RandomBf16(s.in, 200 + i, 1.0f));
+  }
+  DeviceBuffer y = Allocate(static_cast<size_t>(s.out) * sizeof(float));
+  BENCH_CHECK_CUDA(cudaMemsetAsync(y.get(), 0, y.size(), stream));
+  auto launch = [&](int c) {
+    const QuantMatrixView v{type, s.out, s.in, qs[c].as<const uint8_t>(), d[c].as<const __half>(), nullptr};
+    return LaunchGemvQuant(v, x[c].as<bf16>(), y.get(), s.y_bf16, s.accumulate, stream);
+  };
+  BENCH_CHECK_OK(launch(0));
+  BENCH_CHECK_CUDA(cudaStreamSynchronize(stream));
+  BENCH_CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < kLaunches; ++i) BENCH_CHECK_OK(launch(i % copies));
+  absl::StatusOr<CudaGraphExec> graph = CudaGraphExec::EndCapture(stream);
+  BENCH_CHECK_OK(graph.status());
+  for (int i = 0; i < 2; ++i) timer.Time(*graph, kLaunches, stream);
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) t.push_back(timer.Time(*graph, kLaunches, stream));
+  return QuantRow{s.name, type == model::GgmlType::kQ8_0 ? "q8_0" : "q4_0", bytes, Median(t), bf16_us};
+}
+
 int Main(int argc, char** argv) {
   std::string out_path = "gemv_bench.json";
   int reps = 30;
@@ -339,6 +382,18 @@ int Main(int argc, char** argv) {
     }
   }
 
+  std::vector<QuantRow> quant_rows;
+  for (const Row& r : rows) {
+    for (model::GgmlType t : {model::GgmlType::kQ4_0, model::GgmlType::kQ8_0}) {
+      quant_rows.push_back(TimeQuant(r.shape, t, r.ours_us, reps, timer, stream));
+      const QuantRow& q = quant_rows.back();
+      std::printf("%-8s %s %8.2f us %7.1f GB/s (%.1f%% of 3 TB/s) | bf16 %8.2f us: %.2fx\n", q.shape.c_str(),
+                  q.type.c_str(), q.us, GBps(q.bytes, q.us), 100 * GBps(q.bytes, q.us) * 1e9 / kHbmPeakBytesPerSec,
+                  q.bf16_us, q.bf16_us / q.us);
+      std::fflush(stdout);
+    }
+  }
+
   std::printf("\ndevice: %s (%d SMs); %d launches per graph, median of %d\n", prop.name,
               prop.multiProcessorCount, kLaunches, reps);
   std::printf("%-8s %13s %8s %10s %9s %7s %10s %9s %7s %8s %10s\n", "shape", "out x in", "MB",
@@ -376,6 +431,16 @@ int Main(int argc, char** argv) {
                  r.copies, ConfigName(r.config).c_str(), r.ours_us, go,
                  go * 1e9 / kHbmPeakBytesPerSec, r.cublas_us, gc, gc * 1e9 / kHbmPeakBytesPerSec,
                  r.max_rel_diff, i + 1 < rows.size() ? "," : "");
+  }
+  std::fprintf(f, "  ],\n  \"quantized\": [\n");
+  for (size_t i = 0; i < quant_rows.size(); ++i) {
+    const QuantRow& q = quant_rows[i];
+    std::fprintf(f,
+                 "    {\"shape\": \"%s\", \"type\": \"%s\", \"bytes\": %zu, \"us\": %.4f, \"gb_per_s\": %.2f, "
+                 "\"fraction\": %.4f, \"bf16_ours_us\": %.4f, \"speedup_vs_bf16\": %.4f}%s\n",
+                 q.shape.c_str(), q.type.c_str(), q.bytes, q.us, GBps(q.bytes, q.us),
+                 GBps(q.bytes, q.us) * 1e9 / kHbmPeakBytesPerSec, q.bf16_us, q.bf16_us / q.us,
+                 i + 1 < quant_rows.size() ? "," : "");
   }
   std::fprintf(f, "  ],\n  \"sweep\": [\n");
   for (size_t i = 0; i < sweep_rows.size(); ++i) {

@@ -111,6 +111,7 @@ int main(int argc, char** argv) {
   std::string decode_tokens = "random";
   bool host_embeddings = tailorkv::cuda::CudaBackendOptions{}.host_embeddings;
   bool late_prefetch = tailorkv::cuda::CudaBackendOptions{}.sparse_late_prefetch;
+  std::string layer_weights = "bf16";
   std::string kv_host = "in-process";
   std::string trace_dir;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
@@ -149,6 +150,11 @@ int main(int argc, char** argv) {
   app.add_option("--kv-host", kv_host,
                  "the sparse layers' host tier: in-process, or a running kv-host daemon "
                  "(unix:///path/kv-host.sock): its arenas, registered with the GPU")
+      ->capture_default_str();
+  app.add_option("--layer-weights", layer_weights,
+                 "the layers' weight matrices: bf16, or quantized planes read by the W4A16/W8A16 GEMV "
+                 "(q4_0, q4_1, q8_0; embeddings and head stay bf16)")
+      ->check(CLI::IsMember({"bf16", "q4_0", "q4_1", "q8_0"}))
       ->capture_default_str();
   app.add_option("--trace-dir", trace_dir,
                  "after each context and plan's timed steps, trace 3 more with CUPTI and write "
@@ -196,6 +202,10 @@ int main(int argc, char** argv) {
   opts.sparse_fused_chunk_threads = fused_chunk_threads;
   opts.host_embeddings = host_embeddings;
   opts.sparse_late_prefetch = late_prefetch;
+  opts.layer_weights = layer_weights == "q4_0"   ? tailorkv::model::GgmlType::kQ4_0
+                       : layer_weights == "q4_1" ? tailorkv::model::GgmlType::kQ4_1
+                       : layer_weights == "q8_0" ? tailorkv::model::GgmlType::kQ8_0
+                                                 : tailorkv::model::GgmlType::kF32;
   std::unique_ptr<tailorkv::kvhost::KvHostClientStore> kv_host_store;
   if (kv_host != "in-process") {
     tailorkv::kvhost::KvHostClientOptions ko;
@@ -220,7 +230,7 @@ int main(int argc, char** argv) {
                         {"fused_topk", fused_topk}, {"fused_chunk_threads", fused_chunk_threads},
                         {"kv_host", kv_host},
                         {"decode_tokens", decode_tokens}, {"host_embeddings", host_embeddings},
-                        {"late_prefetch", late_prefetch},
+                        {"late_prefetch", late_prefetch}, {"layer_weights", layer_weights},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);

@@ -19,6 +19,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/elementwise_kernels.cuh"
 #include "cuda/gemv_kernels.cuh"
+#include "cuda/gemv_quant_kernels.cuh"
 #include "cuda/quant_kernels.cuh"
 #include "cuda/random_fill.cuh"
 #include "cuda/sparse_fp8_kernels.cuh"
@@ -28,6 +29,7 @@
 #include "cuda/sampling_kernels.cuh"
 #include "cuda/sparse_tier_kernels.cuh"
 #include "cuda/window_kernels.cuh"
+#include "spdlog/spdlog.h"
 #include "store/in_process_store.h"
 #include "model/ggml_types.h"
 #include "runtime/cpu_reference.h"
@@ -52,13 +54,29 @@ static_assert(kLogitRows <= kMaxPickRows, "a decode pass's rows must fit one Lau
 // cuBLAS gets a fixed workspace so that it never allocates during graph capture.
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;
 
+// A layer weight matrix kept as quantized planes (options.layer_weights).
+struct QuantDeviceMatrix {
+  model::GgmlType type = model::GgmlType::kF32;  // kF32: none (the bf16 copy is used)
+  int rows = 0, cols = 0;
+  DeviceBuffer qs, d, m;
+  bool on() const { return type != model::GgmlType::kF32; }
+  QuantMatrixView view() const {
+    return {type, rows, cols, qs.as<const uint8_t>(), d.as<const __half>(),
+            type == model::GgmlType::kQ4_1 ? m.as<const __half>() : nullptr};
+  }
+};
+
+// Each matrix is either its bf16 copy or, with options.layer_weights, its
+// quantized planes (the other one empty).
 struct DeviceLayer {
   DeviceBuffer attn_norm;  // [hidden] f32
   DeviceBuffer w_qkv;      // [(n_heads + 2 n_kv) * head_dim][hidden] bf16: Wq | Wk | Wv rows
+                           // (only Wq's rows when q_qkv holds the matrix)
   DeviceBuffer wo;         // [hidden][n_heads * head_dim] bf16
   DeviceBuffer ffn_norm;   // [hidden] f32
   DeviceBuffer w_gate_up;  // [2 ffn][hidden] bf16: gate rows, then up rows
   DeviceBuffer w_down;     // [hidden][ffn] bf16
+  QuantDeviceMatrix q_qkv, q_wo, q_gate_up, q_down;  // the same rows, quantized
 };
 
 // One layer's KV store, as its policy keeps it.
@@ -431,6 +449,19 @@ class CudaBackend final : public runtime::Backend {
     return DeviceBuffer::Allocate(bytes, seq_pool_.get() != nullptr ? &seq_pool_ : nullptr);
   }
   absl::Status UploadBf16(const std::vector<const model::Tensor*>& parts, DeviceBuffer& dst);
+  // A layer matrix made of `parts` (rows appended): quantized planes in `q`
+  // when they share a type the GEMV takes, else a bf16 copy in `bf16_dst`.
+  absl::Status UploadLayerMatrix(const std::vector<const model::Tensor*>& parts, DeviceBuffer& bf16_dst,
+                                 QuantDeviceMatrix& q);
+  // Random planes of options_.layer_weights for a rows x cols matrix whose
+  // values span about +-value_scale.
+  absl::Status RandomQuantMatrix(int rows, int cols, uint64_t seed, float value_scale, QuantDeviceMatrix& q);
+  // A layer matrix's product: its planes when it has them (decode rows
+  // through LaunchGemvQuant, one row at a time, so a batch's rows are each
+  // what they are alone; prefill rows as GEMMs over dequantized bf16 tiles),
+  // else Gemm over the bf16 copy.
+  absl::Status LayerGemm(const bf16* x, int n, const DeviceBuffer& w, const QuantDeviceMatrix& q, int out,
+                         int in, void* y, bool y_bf16, bool accumulate, bool batched);
   absl::Status UploadF32(const model::Tensor& t, DeviceBuffer& dst);
   // y[n][out] = x[n][in] * W[out][in]^T (+ y when accumulate); bf16 in, fp32
   // accumulation, f32 out (the residual stream and logits). `batched`: rows
@@ -564,6 +595,10 @@ class CudaBackend final : public runtime::Backend {
   std::vector<DeviceLayer> layers_;
   // Activations for up to options_.max_prefill_chunk tokens.
   DeviceBuffer x_, xn_, qkv_, q_, attn_, gate_up_, h_, logits_;
+  // options_.layer_weights: the bf16 tile a prefill GEMM reads quantized
+  // weights from (kDequantTileValues values).
+  static constexpr int64_t kDequantTileValues = int64_t{16} << 20;
+  DeviceBuffer dequant_tile_;
   // Step parameters: [0] position of the first token, [1] cache length after
   // this step, [2..] token ids. Written from pinned host memory before a run.
   DeviceBuffer step_;
@@ -656,13 +691,24 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Allocate(
   CUDA_RETURN_IF_ERROR(cudaMemcpy(b->inv_freq_.get(), inv_freq.data(),
                                   inv_freq.size() * sizeof(float), cudaMemcpyHostToDevice));
   b->layers_.resize(c.n_layers);
+  const bool quant_layers = options.layer_weights != model::GgmlType::kF32;
+  if (quant_layers && !GemvQuantSupports(options.layer_weights)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "layer_weights: type %u has no quantized GEMV (Q4_0, Q4_1, Q8_0)", static_cast<uint32_t>(options.layer_weights)));
+  }
   for (DeviceLayer& L : b->layers_) {
     ASSIGN_OR_RETURN(L.attn_norm, b->Alloc(H * sizeof(float)));
+    ASSIGN_OR_RETURN(L.ffn_norm, b->Alloc(H * sizeof(float)));
+    if (quant_layers) continue;  // planes or bf16 per matrix, at upload
     ASSIGN_OR_RETURN(L.w_qkv, b->Alloc(b->qkv_rows_ * H * sizeof(bf16)));
     ASSIGN_OR_RETURN(L.wo, b->Alloc(H * c.n_heads * hd * sizeof(bf16)));
-    ASSIGN_OR_RETURN(L.ffn_norm, b->Alloc(H * sizeof(float)));
     ASSIGN_OR_RETURN(L.w_gate_up, b->Alloc(2 * F * H * sizeof(bf16)));
     ASSIGN_OR_RETURN(L.w_down, b->Alloc(H * F * sizeof(bf16)));
+  }
+  if (quant_layers) {
+    // Prefill multiplies quantized matrices as bf16 tiles of this many
+    // values (a GEMM per tile).
+    ASSIGN_OR_RETURN(b->dequant_tile_, b->Alloc(kDequantTileValues * sizeof(bf16)));
   }
   const size_t T = options.max_prefill_chunk;
   ASSIGN_OR_RETURN(b->x_, b->Alloc(T * H * sizeof(float)));
@@ -688,6 +734,13 @@ absl::Status CudaBackend::UploadBf16(const std::vector<const model::Tensor*>& pa
                                      DeviceBuffer& dst) {
   std::vector<uint16_t> host;
   for (const model::Tensor* t : parts) {
+    if (t->quantized()) {  // kept in its GGUF blocks by the load: floats first
+      std::vector<float> f(static_cast<size_t>(t->rows() * t->cols()));
+      RETURN_IF_ERROR(model::Dequantize(t->quant.type, t->quant.bytes, t->quant.size, f.data(),
+                                        static_cast<int64_t>(f.size())));
+      for (float v : f) host.push_back(model::FloatToBf16(v));
+      continue;
+    }
     for (float v : t->data) host.push_back(model::FloatToBf16(v));
   }
   if (host.size() * sizeof(bf16) != dst.size()) {
@@ -712,11 +765,19 @@ absl::Status CudaBackend::UploadWeights(const model::ModelWeights& w) {
                                                       w.layers.size(), config_.n_layers));
   }
   if (tok_embd_host_.size() > 0) {
-    if (w.tok_embd.data.size() * sizeof(bf16) != tok_embd_host_.size()) {
+    std::vector<float> dequantized;
+    const std::vector<float>* table = &w.tok_embd.data;
+    if (w.tok_embd.quantized()) {
+      dequantized.resize(static_cast<size_t>(w.tok_embd.rows() * w.tok_embd.cols()));
+      RETURN_IF_ERROR(model::Dequantize(w.tok_embd.quant.type, w.tok_embd.quant.bytes, w.tok_embd.quant.size,
+                                        dequantized.data(), static_cast<int64_t>(dequantized.size())));
+      table = &dequantized;
+    }
+    if (table->size() * sizeof(bf16) != tok_embd_host_.size()) {
       return absl::InvalidArgumentError("token embeddings do not match their host buffer");
     }
     uint16_t* dst = tok_embd_host_.as<uint16_t>();
-    for (size_t i = 0; i < w.tok_embd.data.size(); ++i) dst[i] = model::FloatToBf16(w.tok_embd.data[i]);
+    for (size_t i = 0; i < table->size(); ++i) dst[i] = model::FloatToBf16((*table)[i]);
   } else {
     RETURN_IF_ERROR(UploadBf16({&w.tok_embd}, tok_embd_));
   }
@@ -726,13 +787,89 @@ absl::Status CudaBackend::UploadWeights(const model::ModelWeights& w) {
     const model::LayerWeights& src = w.layers[l];
     DeviceLayer& L = layers_[l];
     RETURN_IF_ERROR(UploadF32(src.attn_norm, L.attn_norm));
-    RETURN_IF_ERROR(UploadBf16({&src.wq, &src.wk, &src.wv}, L.w_qkv));
-    RETURN_IF_ERROR(UploadBf16({&src.wo}, L.wo));
     RETURN_IF_ERROR(UploadF32(src.ffn_norm, L.ffn_norm));
-    RETURN_IF_ERROR(UploadBf16({&src.w_gate, &src.w_up}, L.w_gate_up));
-    RETURN_IF_ERROR(UploadBf16({&src.w_down}, L.w_down));
+    if (options_.layer_weights == model::GgmlType::kF32) {
+      RETURN_IF_ERROR(UploadBf16({&src.wq, &src.wk, &src.wv}, L.w_qkv));
+      RETURN_IF_ERROR(UploadBf16({&src.wo}, L.wo));
+      RETURN_IF_ERROR(UploadBf16({&src.w_gate, &src.w_up}, L.w_gate_up));
+      RETURN_IF_ERROR(UploadBf16({&src.w_down}, L.w_down));
+      continue;
+    }
+    RETURN_IF_ERROR(UploadLayerMatrix({&src.wq, &src.wk, &src.wv}, L.w_qkv, L.q_qkv));
+    if (L.q_qkv.on()) {
+      // The speculative query (LaunchSpeculativeQuery) reads Wq's rows as
+      // bf16: they keep a copy (1 GB at the 8B shape, against ~11 GB saved).
+      ASSIGN_OR_RETURN(L.w_qkv, Alloc(static_cast<size_t>(src.wq.rows() * src.wq.cols()) * sizeof(bf16)));
+      RETURN_IF_ERROR(UploadBf16({&src.wq}, L.w_qkv));
+    }
+    RETURN_IF_ERROR(UploadLayerMatrix({&src.wo}, L.wo, L.q_wo));
+    RETURN_IF_ERROR(UploadLayerMatrix({&src.w_gate, &src.w_up}, L.w_gate_up, L.q_gate_up));
+    RETURN_IF_ERROR(UploadLayerMatrix({&src.w_down}, L.w_down, L.q_down));
+  }
+  if (options_.layer_weights != model::GgmlType::kF32) {
+    int quantized = 0, total = 0;
+    for (const DeviceLayer& L : layers_) {
+      for (const QuantDeviceMatrix* q : {&L.q_qkv, &L.q_wo, &L.q_gate_up, &L.q_down}) quantized += q->on(), ++total;
+    }
+    spdlog::info("cuda: {} of {} layer weight matrices kept quantized for the GEMV, the rest bf16 "
+                 "(a type it does not take, or parts of different types)", quantized, total);
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::UploadLayerMatrix(const std::vector<const model::Tensor*>& parts, DeviceBuffer& bf16_dst,
+                                            QuantDeviceMatrix& q) {
+  const model::GgmlType type = parts.front()->quant.type;
+  bool keep = GemvQuantSupports(type);
+  int64_t rows = 0;
+  for (const model::Tensor* t : parts) {
+    keep = keep && t->quantized() && t->quant.type == type && t->cols() == parts.front()->cols();
+    rows += t->rows();
+  }
+  const int64_t cols = parts.front()->cols();
+  if (!keep) {
+    ASSIGN_OR_RETURN(bf16_dst, Alloc(static_cast<size_t>(rows * cols) * sizeof(bf16)));
+    return UploadBf16(parts, bf16_dst);
+  }
+  // The parts' planes one after another: rows append.
+  QuantPlanes all;
+  for (const model::Tensor* t : parts) {
+    ASSIGN_OR_RETURN(QuantPlanes p, RepackForGemv(type, t->quant.bytes, t->quant.size, t->rows(), t->cols()));
+    all.qs.insert(all.qs.end(), p.qs.begin(), p.qs.end());
+    all.d.insert(all.d.end(), p.d.begin(), p.d.end());
+    all.m.insert(all.m.end(), p.m.begin(), p.m.end());
+  }
+  q.type = type;
+  q.rows = static_cast<int>(rows);
+  q.cols = static_cast<int>(cols);
+  ASSIGN_OR_RETURN(q.qs, Alloc(all.qs.size()));
+  ASSIGN_OR_RETURN(q.d, Alloc(all.d.size() * sizeof(uint16_t)));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(q.qs.get(), all.qs.data(), all.qs.size(), cudaMemcpyHostToDevice));
+  CUDA_RETURN_IF_ERROR(cudaMemcpy(q.d.get(), all.d.data(), all.d.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  if (!all.m.empty()) {
+    ASSIGN_OR_RETURN(q.m, Alloc(all.m.size() * sizeof(uint16_t)));
+    CUDA_RETURN_IF_ERROR(cudaMemcpy(q.m.get(), all.m.data(), all.m.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RandomQuantMatrix(int rows, int cols, uint64_t seed, float value_scale,
+                                            QuantDeviceMatrix& q) {
+  const model::GgmlType t = options_.layer_weights;
+  const int64_t blocks = static_cast<int64_t>(rows) * (cols / 32);
+  q.type = t;
+  q.rows = rows;
+  q.cols = cols;
+  ASSIGN_OR_RETURN(q.qs, Alloc(static_cast<size_t>(blocks) * (t == model::GgmlType::kQ8_0 ? 32 : 16)));
+  ASSIGN_OR_RETURN(q.d, Alloc(static_cast<size_t>(blocks) * sizeof(uint16_t)));
+  if (t == model::GgmlType::kQ4_1) {
+    ASSIGN_OR_RETURN(q.m, Alloc(static_cast<size_t>(blocks) * sizeof(uint16_t)));
+  }
+  // Values d (q - 8) within about +-8 d for 4 bits, d q within +-128 d for Q8_0.
+  const float d = value_scale / (t == model::GgmlType::kQ8_0 ? 128.0f : 8.0f);
+  return LaunchFillRandomQuantPlanes(t, q.qs.as<uint8_t>(), q.d.as<__half>(),
+                                     t == model::GgmlType::kQ4_1 ? q.m.as<__half>() : nullptr, rows, cols, seed, d,
+                                     stream_.get());
 }
 
 absl::Status CudaBackend::RandomizeWeights(uint64_t seed) {
@@ -755,13 +892,25 @@ absl::Status CudaBackend::RandomizeWeights(uint64_t seed) {
   }
   RETURN_IF_ERROR(norm(output_norm_));
   if (!config_.tied_embeddings) RETURN_IF_ERROR(bf(output_, in_scale));
+  const float down_scale = 1.0f / std::sqrt(static_cast<float>(config_.ffn));
+  const int H = config_.hidden, q_dim = config_.n_heads * config_.head_dim;
   for (DeviceLayer& L : layers_) {
     RETURN_IF_ERROR(norm(L.attn_norm));
+    RETURN_IF_ERROR(norm(L.ffn_norm));
+    if (options_.layer_weights != model::GgmlType::kF32) {
+      RETURN_IF_ERROR(RandomQuantMatrix(qkv_rows_, H, seed++, in_scale, L.q_qkv));
+      // Wq's rows in bf16 too, for the speculative query (as UploadWeights).
+      ASSIGN_OR_RETURN(L.w_qkv, Alloc(static_cast<size_t>(q_dim) * H * sizeof(bf16)));
+      RETURN_IF_ERROR(bf(L.w_qkv, in_scale));
+      RETURN_IF_ERROR(RandomQuantMatrix(H, q_dim, seed++, in_scale, L.q_wo));
+      RETURN_IF_ERROR(RandomQuantMatrix(2 * config_.ffn, H, seed++, in_scale, L.q_gate_up));
+      RETURN_IF_ERROR(RandomQuantMatrix(H, config_.ffn, seed++, down_scale, L.q_down));
+      continue;
+    }
     RETURN_IF_ERROR(bf(L.w_qkv, in_scale));
     RETURN_IF_ERROR(bf(L.wo, in_scale));
-    RETURN_IF_ERROR(norm(L.ffn_norm));
     RETURN_IF_ERROR(bf(L.w_gate_up, in_scale));
-    RETURN_IF_ERROR(bf(L.w_down, 1.0f / std::sqrt(static_cast<float>(config_.ffn))));
+    RETURN_IF_ERROR(bf(L.w_down, down_scale));
   }
   CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   return absl::OkStatus();
@@ -1148,6 +1297,41 @@ absl::Status CudaBackend::GemmEx(const bf16* x, int n, const bf16* w, int out, i
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::LayerGemm(const bf16* x, int n, const DeviceBuffer& w, const QuantDeviceMatrix& q,
+                                    int out, int in, void* y, bool y_bf16, bool accumulate, bool batched) {
+  if (!q.on()) {
+    return y_bf16 ? Gemm(x, n, w.as<bf16>(), out, in, static_cast<bf16*>(y), batched)
+                  : Gemm(x, n, w.as<bf16>(), out, in, static_cast<float*>(y), accumulate, batched);
+  }
+  if (q.rows != out || q.cols != in) {
+    return absl::InternalError(absl::StrFormat("quantized matrix is %d x %d, the product wants %d x %d", q.rows,
+                                               q.cols, out, in));
+  }
+  const size_t y_elem = y_bf16 ? sizeof(bf16) : sizeof(float);
+  if (n == 1 || batched) {
+    for (int b = 0; b < n; ++b) {
+      RETURN_IF_ERROR(LaunchGemvQuant(q.view(), x + static_cast<int64_t>(b) * in,
+                                      static_cast<char*>(y) + static_cast<int64_t>(b) * out * y_elem, y_bf16,
+                                      accumulate, stream_.get()));
+    }
+    return absl::OkStatus();
+  }
+  // Prefill: y[:, r0:r0+m] from tiles of m weight rows, as GemmEx computes
+  // it (column-major y^T, leading dimension out).
+  const int tile_rows = static_cast<int>(std::max<int64_t>(1, kDequantTileValues / in));
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  for (int r0 = 0; r0 < out; r0 += tile_rows) {
+    const int m = std::min(tile_rows, out - r0);
+    RETURN_IF_ERROR(LaunchDequantizeRows(q.view(), r0, m, dequant_tile_.as<bf16>(), stream_.get()));
+    CUBLAS_RETURN_IF_ERROR(cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, m, n, in, &alpha,
+                                        dequant_tile_.get(), CUDA_R_16BF, in, x, CUDA_R_16BF, in, &beta,
+                                        static_cast<char*>(y) + static_cast<int64_t>(r0) * y_elem,
+                                        y_bf16 ? CUDA_R_16BF : CUDA_R_32F, out, CUBLAS_COMPUTE_32F,
+                                        CUBLAS_GEMM_DEFAULT));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::EnqueueLayers(const Pass& pass, const TapRequest* tap) {
   const ModelConfig& c = config_;
   cudaStream_t s = stream_.get();
@@ -1201,13 +1385,13 @@ absl::Status CudaBackend::EnqueueLayers(const Pass& pass, const TapRequest* tap)
         }
       }
     }
-    RETURN_IF_ERROR(Gemm(xn, n, L.w_qkv.as<bf16>(), qkv_rows_, c.hidden, qkv_.as<bf16>(), batched));
+    RETURN_IF_ERROR(LayerGemm(xn, n, L.w_qkv, L.q_qkv, qkv_rows_, c.hidden, qkv_.get(), true, false, batched));
     for (const SeqSlot& slot : pass.slots) RETURN_IF_ERROR(EnqueueAttention(slot, l, per_seq, decode));
     if (!decode && first.layer(l).kind != runtime::KvPolicyKind::kDense) {
       RETURN_IF_ERROR(PrefetchSparseHistory(first, l, first_start));
     }
     if (tap != nullptr) RETURN_IF_ERROR(TapLayer(first, l, n, *tap));
-    RETURN_IF_ERROR(Gemm(attn_.as<bf16>(), n, L.wo.as<bf16>(), c.hidden, q_dim, x, true, batched));
+    RETURN_IF_ERROR(LayerGemm(attn_.as<bf16>(), n, L.wo, L.q_wo, c.hidden, q_dim, x, false, true, batched));
     for (const SeqSlot& slot : pass.slots) {
       const std::string* nq = next_query(*slot.seq, l);
       if (nq == nullptr || *nq != "after-attention") continue;
@@ -1226,10 +1410,11 @@ absl::Status CudaBackend::EnqueueLayers(const Pass& pass, const TapRequest* tap)
     for (int r = 0; r < n; r += options_.max_mlp_rows) {
       const int m = std::min(options_.max_mlp_rows, n - r);
       const int64_t at = static_cast<int64_t>(r) * c.hidden;
-      RETURN_IF_ERROR(Gemm(xn + at, m, L.w_gate_up.as<bf16>(), 2 * c.ffn, c.hidden,
-                           gate_up_.as<bf16>(), batched));
+      RETURN_IF_ERROR(LayerGemm(xn + at, m, L.w_gate_up, L.q_gate_up, 2 * c.ffn, c.hidden, gate_up_.get(), true,
+                                false, batched));
       RETURN_IF_ERROR(LaunchSwiGlu(gate_up_.as<bf16>(), m, c.ffn, h_.as<bf16>(), s));
-      RETURN_IF_ERROR(Gemm(h_.as<bf16>(), m, L.w_down.as<bf16>(), c.hidden, c.ffn, x + at, true, batched));
+      RETURN_IF_ERROR(
+          LayerGemm(h_.as<bf16>(), m, L.w_down, L.q_down, c.hidden, c.ffn, x + at, false, true, batched));
     }
   }
   return absl::OkStatus();

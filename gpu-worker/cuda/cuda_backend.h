@@ -44,6 +44,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
+#include "model/ggml_types.h"
 #include "runtime/backend.h"
 #include "store/host_kv_store.h"
 
@@ -116,6 +117,16 @@ struct CudaBackendOptions {
   // the step's tokens over PCIe (8 KB a token), as llama.cpp keeps it on
   // the CPU. Tied models keep their one table on the GPU (it is the head).
   bool host_embeddings = true;
+  // The layers' weight matrices (q/k/v, o, gate/up, down) as block-quantized
+  // planes that LaunchGemvQuant reads (gemv_quant_kernels.cuh: W4A16/W8A16
+  // decode GEMVs; prefill multiplies bf16 tiles dequantized on the fly)
+  // instead of bf16 copies. kF32: bf16 copies. Random weights: this type
+  // (Q4_0, Q4_1 or Q8_0). Real weights (from a load that kept them
+  // quantized): a matrix whose GGUF parts share a type the GEMV takes keeps
+  // it, any other becomes bf16 (logged at load). Embeddings and the head
+  // stay bf16. Off by default until its GPU tests have run (written
+  // 2026-12-07, when no GPU could be had).
+  model::GgmlType layer_weights = model::GgmlType::kF32;
 };
 
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the

@@ -9,7 +9,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <random>
+#include <string>
 
 #include "cuda/cuda_check.h"
 #include "cuda/sparse_index_kernels.cuh"  // kSparseMaxChannels
@@ -622,6 +624,9 @@ TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
   gpu_options.cuda_factory = factory;
   cpu_options.backend = "cpu";
   cpu_options.threads = 8;
+  // The GPU holds bf16 copies of the float weights: compare the CPU's float
+  // path (its default multiplies the GGUF blocks with int8 activations).
+  cpu_options.weights = gpu_options.weights = "float";
   auto ge = runtime::Engine::Create(gpu_options);
   auto ce = runtime::Engine::Create(cpu_options);
   ASSERT_TRUE(ge.ok()) << ge.status();
@@ -648,6 +653,78 @@ TEST_F(CudaBackendTest, SmolLM2MatchesCpuBackend) {
     EXPECT_EQ(a, b) << "prompt '" << text << "': first difference at token " << first;
     RecordProperty(std::string("greedy_identical_prefix_") + std::to_string(pi),
                    std::to_string(first));
+  }
+}
+
+// SmolLM2's layers kept as Q4_1 planes on the GPU (options.layer_weights,
+// LaunchGemvQuant for decode, dequantized bf16 tiles for prefill) against the
+// bf16 copies: prefill reads the same bf16 values (tiles are bf16_rn of the
+// GGUF values, as the copies are), decode reads the exact values; a decode
+// batch's rows are each what they are alone.
+TEST_F(CudaBackendTest, SmolLM2QuantizedLayersFollowTheBf16Layers) {
+  const std::string path = ModelPath();
+  ASSERT_TRUE(std::filesystem::exists(path)) << path << " is missing: run scripts/fetch_model.sh";
+  auto gguf = model::GgufFile::Open(path);
+  ASSERT_TRUE(gguf.ok()) << gguf.status();
+  std::shared_ptr<const model::GgufFile> file = std::move(*gguf);
+  auto kept = model::LoadWeightsFromGguf(file, {.keep_quantized = true});
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  model::ModelWeights floats;
+  ASSERT_NO_FATAL_FAILURE(LoadSmolLM2(&floats));
+  auto quant = CreateCudaBackend(*kept, {.layer_weights = model::GgmlType::kQ4_1});
+  ASSERT_TRUE(quant.ok()) << quant.status();
+  auto bf16 = CreateCudaBackend(floats, {});
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  std::vector<int32_t> prompt;
+  std::mt19937 rng(5);
+  for (int i = 0; i < 300; ++i) prompt.push_back(static_cast<int32_t>(rng() % 49152));
+  auto qs = *(*quant)->NewSequence(400);
+  auto bs = *(*bf16)->NewSequence(400);
+  std::vector<float> ql, bl;
+  ASSERT_TRUE((*quant)->Forward(*qs, prompt, true, &ql).ok());
+  ASSERT_TRUE((*bf16)->Forward(*bs, prompt, true, &bl).ok());
+  const Compare p = CompareLogits(ql, bl, 49152);
+  std::printf("SmolLM2 Q4_1 layers, prefill vs bf16: max|diff| %.4f (max|ref| %.2f), top-1 %d/%d\n", p.max_abs_diff,
+              p.max_abs_ref, p.top1_agree, p.rows);
+  EXPECT_LE(p.max_abs_diff, 0.01f * p.max_abs_ref);
+  EXPECT_GE(p.top1_agree, p.rows * 98 / 100);
+  Compare d;
+  for (int step = 0; step < 32; ++step) {
+    const std::vector<int32_t> tok = {static_cast<int32_t>(rng() % 49152)};
+    ASSERT_TRUE((*quant)->Forward(*qs, tok, false, &ql).ok());
+    ASSERT_TRUE((*bf16)->Forward(*bs, tok, false, &bl).ok());
+    const Compare one = CompareLogits(ql, bl, 49152);
+    d.max_abs_diff = std::max(d.max_abs_diff, one.max_abs_diff);
+    d.max_abs_ref = std::max(d.max_abs_ref, one.max_abs_ref);
+    d.top1_agree += one.top1_agree;
+    d.rows += one.rows;
+  }
+  std::printf("SmolLM2 Q4_1 layers, decode vs bf16: max|diff| %.4f (max|ref| %.2f), top-1 %d/%d\n", d.max_abs_diff,
+              d.max_abs_ref, d.top1_agree, d.rows);
+  RecordProperty("quant_layers_decode_max_abs_diff", std::to_string(d.max_abs_diff));
+  EXPECT_LE(d.max_abs_diff, 0.05f * d.max_abs_ref);
+  EXPECT_GE(d.top1_agree, d.rows * 90 / 100);
+
+  // Two sequences batched: each row's logits are bit-identical to the same
+  // sequence's batch of one (the GEMV runs a batch's rows one by one).
+  auto a1 = *(*quant)->NewSequence(64), a2 = *(*quant)->NewSequence(64);
+  auto b1 = *(*quant)->NewSequence(64), b2 = *(*quant)->NewSequence(64);
+  const std::vector<int32_t> p1 = {1, 2, 3, 4, 5, 6, 7}, p2 = {9, 8, 7, 6, 5};
+  std::vector<float> scratch;
+  for (auto* sq : {a1.get(), b1.get()}) ASSERT_TRUE((*quant)->Forward(*sq, p1, false, &scratch).ok());
+  for (auto* sq : {a2.get(), b2.get()}) ASSERT_TRUE((*quant)->Forward(*sq, p2, false, &scratch).ok());
+  for (int step = 0; step < 4; ++step) {
+    const std::vector<int32_t> toks = {100 + step, 200 + step};
+    std::vector<float> batched, alone1, alone2;
+    std::vector<runtime::SequenceState*> seqs = {a1.get(), a2.get()};
+    std::vector<runtime::SequenceState*> one1 = {b1.get()}, one2 = {b2.get()};
+    const std::vector<int32_t> t1 = {toks[0]}, t2 = {toks[1]};
+    ASSERT_TRUE((*quant)->DecodeBatch(seqs, toks, &batched).ok());
+    ASSERT_TRUE((*quant)->DecodeBatch(one1, t1, &alone1).ok());
+    ASSERT_TRUE((*quant)->DecodeBatch(one2, t2, &alone2).ok());
+    ASSERT_EQ(batched.size(), 2u * 49152);
+    EXPECT_EQ(std::memcmp(batched.data(), alone1.data(), 49152 * sizeof(float)), 0) << "step " << step;
+    EXPECT_EQ(std::memcmp(batched.data() + 49152, alone2.data(), 49152 * sizeof(float)), 0) << "step " << step;
   }
 }
 

@@ -179,6 +179,28 @@ __global__ void DequantizeRowsKernel(const uint8_t* __restrict__ qs, const __hal
   out[i] = __float2bfloat16_rn(v);
 }
 
+__device__ __forceinline__ uint64_t Mix(uint64_t seed, int64_t i) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(i + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Thread i: 8 bytes of quants, then (i < blocks) block i's scale and min.
+__global__ void FillRandomPlanesKernel(uint8_t* qs, int64_t qs_words, __half* d, __half* m, int64_t blocks,
+                                       uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < qs_words || i < blocks;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (i < qs_words) reinterpret_cast<uint64_t*>(qs)[i] = Mix(seed, i);
+    if (i < blocks) {
+      const float u = static_cast<float>(Mix(seed ^ 0x5DEECE66Dull, i) >> 40) * (1.0f / 16777216.0f);
+      const float dv = scale * (0.75f + 0.5f * u);
+      d[i] = __float2half_rn(dv);
+      if (m != nullptr) m[i] = __float2half_rn(-8.0f * dv);
+    }
+  }
+}
+
 bool Aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 
 absl::Status CheckView(const char* fn, const QuantMatrixView& w) {
@@ -309,6 +331,27 @@ absl::Status LaunchDequantizeRows(const QuantMatrixView& w, int first, int count
       break;
   }
   CUDA_RETURN_IF_LAUNCH_FAILED("DequantizeRowsKernel");
+  return absl::OkStatus();
+}
+
+absl::Status LaunchFillRandomQuantPlanes(model::GgmlType type, uint8_t* qs, __half* d, __half* m, int64_t rows,
+                                         int64_t cols, uint64_t seed, float scale, cudaStream_t stream) {
+  constexpr const char* fn = "LaunchFillRandomQuantPlanes";
+  if (!GemvQuantSupports(type)) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: type %u has no quantized GEMV", fn, static_cast<uint32_t>(type)));
+  }
+  if (rows < 1 || cols < kBlock || cols % kBlock != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: %d x %d is not rows >= 1 by a multiple of 32", fn, rows, cols));
+  }
+  if (qs == nullptr || d == nullptr || (type == GgmlType::kQ4_1) != (m != nullptr)) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: null qs or d, or m given for a type without mins", fn));
+  }
+  const int64_t blocks = rows * (cols / kBlock);
+  const int64_t qs_words = blocks * QsBytesPerBlock(type) / 8;
+  constexpr int kThreads = 256;
+  const int64_t grid = std::min<int64_t>((std::max(qs_words, blocks) + kThreads - 1) / kThreads, 65536);
+  FillRandomPlanesKernel<<<static_cast<int>(grid), kThreads, 0, stream>>>(qs, qs_words, d, m, blocks, seed, scale);
+  CUDA_RETURN_IF_LAUNCH_FAILED("FillRandomPlanesKernel");
   return absl::OkStatus();
 }
 

@@ -80,4 +80,12 @@ absl::Status LaunchGemvQuant(const QuantMatrixView& w, const __nv_bfloat16* x, v
 absl::Status LaunchDequantizeRows(const QuantMatrixView& w, int first, int count, __nv_bfloat16* out,
                                   cudaStream_t stream);
 
+// Benchmarks: seeded random planes for a rows x cols matrix of `type`
+// (uniform random quants; scales d = scale * (0.75 + 0.5 u), u uniform in
+// [0, 1); Q4_1 mins m = -8 d, so values are centred like Q4_0's), written
+// on `stream`. InvalidArgument for an unsupported type, null planes, rows
+// < 1 or cols not a positive multiple of 32.
+absl::Status LaunchFillRandomQuantPlanes(model::GgmlType type, uint8_t* qs, __half* d, __half* m, int64_t rows,
+                                         int64_t cols, uint64_t seed, float scale, cudaStream_t stream);
+
 }  // namespace tailorkv::cuda
