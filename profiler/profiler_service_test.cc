@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "common/grpc_server.h"
+#include "common/test_child_process.h"
 #include "profiler/test_support.h"
 #include "runtime/kv_plan.h"
 
@@ -60,9 +61,12 @@ class ProfilerServiceTest : public ::testing::Test {
     r.mutable_settings()->set_top_k(64);
     return r;
   }
-  // Runs a Profile call to its end; progress messages in `seen`.
+  // Runs a Profile call to its end; progress messages in `seen`. The default
+  // deadline stretches under a sanitizer: under TSan one profile takes 45-86 s
+  // alone and passed 120 s on a shared machine (CancelledExpired..., the last
+  // profile, DEADLINE_EXCEEDED during stage "layers").
   grpc::Status Profile(const v1::ProfileRequest& r, std::vector<v1::ProfileProgress>* seen,
-                       int deadline_ms = 120000) {
+                       int deadline_ms = 120000 * common::testing::kSanitizerSlowdown) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
     auto reader = stub_->Profile(&ctx, r);

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "client/remote_rows_client.h"
 #include "common/grpc_server.h"
+#include "common/test_child_process.h"
 #include "gtest/gtest.h"
 #include "store/rows_channel.h"
 
@@ -187,7 +188,11 @@ TEST_P(DataServiceTest, TheNodesBudgetBoundsEveryWorker) {
 }
 
 TEST_P(DataServiceTest, ASilentWorkerLosesWhatItHeldAfterItsLease) {
-  Start(256 * kPage, absl::Milliseconds(300));
+  // The lease must outlast the gap between Open and Reserve below: 300 ms,
+  // 900 ms under a sanitizer (under TSan that gap once took 321 ms, and the
+  // node rightly freed the worker before its Reserve came).
+  const int lease_ms = 300 * common::testing::kSanitizerSlowdown;
+  Start(256 * kPage, absl::Milliseconds(lease_ms));
   auto stub = v1::KvHostData::NewStub(grpc::CreateChannel(Target(), grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   ctx.AddMetadata("authorization", "Bearer s3cret");
@@ -195,7 +200,7 @@ TEST_P(DataServiceTest, ASilentWorkerLosesWhatItHeldAfterItsLease) {
   open.set_worker_id("silent");
   v1::DataOpenResponse opened;
   ASSERT_TRUE(stub->Open(&ctx, open, &opened).ok());
-  EXPECT_EQ(opened.lease_ms(), 300);
+  EXPECT_EQ(opened.lease_ms(), lease_ms);
   grpc::ClientContext rctx;
   rctx.AddMetadata("authorization", "Bearer s3cret");
   v1::DataReserveRequest res;
@@ -210,7 +215,9 @@ TEST_P(DataServiceTest, ASilentWorkerLosesWhatItHeldAfterItsLease) {
   ASSERT_NE(live, nullptr);
   ASSERT_TRUE(live->Reserve("kept", {kPage}).ok());
   const uint64_t live_bytes = 16 * kPage;  // one arena of --arena-bytes (16 pages of one-page slices)
-  for (int i = 0; i < 100 && used_.load() > live_bytes; ++i) absl::SleepFor(absl::Milliseconds(20));
+  for (int i = 0; i < 100 * common::testing::kSanitizerSlowdown && used_.load() > live_bytes; ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
   EXPECT_EQ(used_.load(), live_bytes) << "the silent worker's arena went back to the budget";
   EXPECT_EQ(service_->Workers(), 1);
   grpc::ClientContext kctx;
