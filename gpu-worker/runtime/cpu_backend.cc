@@ -784,11 +784,9 @@ absl::Status CpuBackend::Run(absl::Span<SequenceState* const> states, absl::Span
                  &xn_[static_cast<size_t>(i) * H]);
   }
   logits->resize(static_cast<size_t>(rows) * c.vocab);
-  // The head: a prompt's last row alone (no logits for the others) goes as
-  // a decode row would, whatever the chunking; all of a chunk's rows (the
-  // profiler, perplexity) as prefill rows.
-  Linear(&xn_[static_cast<size_t>(first) * H], rows, w_.head(), logits->data(), false,
-         batch ? Rows::kDecodeBatch : (rows == 1 ? Rows::kDecode : Rows::kPrefill));
+  // The head takes its rows as the layers did: a prompt's rows as prefill
+  // rows (float activations), a decode step's as decode rows.
+  Linear(&xn_[static_cast<size_t>(first) * H], rows, w_.head(), logits->data(), false, rows_kind);
   return absl::OkStatus();
 }
 

@@ -2,7 +2,7 @@
 # GPU could be had): the quantized GEMV's tests, its bandwidth beside the
 # bf16 GEMV at the 8B shapes, and decode ms/token with Q4_0 layers beside
 # bf16 at 4k/32k/128k, dense and the default hybrid plan, in one run.
-# Bundle: scripts/gpu_mini_bundle.sh tkv_cuda_test tkv_llama_bench tkv_gemv_bench
+# Bundle: scripts/gpu_mini_bundle.sh tkv_cuda_test tkv_llama_bench tkv_batch_bench tkv_gemv_bench
 # (carry .stage/a). No model file: the SmolLM2 tests are left for a call
 # that stages it (CudaBackendTest.SmolLM2QuantizedLayersFollowTheBf16Layers).
 set -u
