@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -44,10 +45,12 @@ std::vector<uint8_t> Encode(const StTensor& t) {
 }
 
 std::vector<uint8_t> WithHeader(const std::string& header, const std::vector<uint8_t>& data) {
-  std::vector<uint8_t> out(8);
+  // Sized once (GCC 12's -Warray-bounds misreads an insert that grows an
+  // 8-byte vector).
+  std::vector<uint8_t> out(8 + header.size());
   const uint64_t len = header.size();
   std::memcpy(out.data(), &len, 8);
-  out.insert(out.end(), header.begin(), header.end());
+  std::copy(header.begin(), header.end(), out.begin() + 8);
   out.insert(out.end(), data.begin(), data.end());
   return out;
 }
