@@ -16,6 +16,8 @@ PKGS=(
   libasan8 libubsan1 liblsan0 libtsan2
   # ctest fault_clock_jump steps the services' wall clock with libfaketime.
   faketime
+  # ctest fault_syscall_faults injects syscall failures into kv-host (strace --inject).
+  strace
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -13,6 +13,12 @@ tailorkv-cli, each case one ctest test:
   kv_host_frozen      kv-host stopped (SIGSTOP) mid-generation, then resumed (F2)
   host_memory         the worker's address space limited (RLIMIT_AS): KV that
                       cannot be allocated is RESOURCE_EXHAUSTED, not a crash
+  secrets_not_logged  kv-host's data token and the gateway's API key, right and
+                      wrong, in no log or metrics page; wrong ones refused (B9)
+  wrong_uid           a worker of another uid refused on kv-host's fd channel
+                      (SO_PEERCRED), the others served (B8; root: setpriv)
+  syscall_faults      kv-host's memfd_create / mmap failing with ENOMEM, its
+                      sendmsg / recvmsg with EINTR (F9; strace --inject)
 
 Every case checks, beyond its own promise: nothing lost (every request
 ends once, completed or with one clear status), nothing leaked (the worker
@@ -21,7 +27,8 @@ baseline), nothing hangs (each wait bounded), and prints one FIGURES line
 (JSON) with its counts, statuses, bytes, fds and times.
 
 Usage: fault_matrix_test.py CASE BUILD_DIR MODEL
-Exit 0 pass, 1 fail, 77 skipped (not root for mounts; no libfaketime).
+Exit 0 pass, 1 fail, 77 skipped (not root for mounts or a second uid; no
+libfaketime; no strace, or ptrace not permitted).
 """
 import http.client
 import json
@@ -682,6 +689,227 @@ def case_kv_host_frozen(c):
     FIGURES.update(sent=4, completed=[ref.outcome(), a.outcome(), after.outcome()], failed=[b.outcome()],
                    failed_after_s=round(b_s, 1), in_flight_longest_pause_s=round(a.max_gap_s, 1),
                    frozen_s=round(frozen_s, 1), kv_host_after=c.kv_state())
+
+
+def case_secrets_not_logged(c):
+    """B9: kv-host's --data-token and the gateway's --api-key, right and wrong, appear in no log."""
+    import secrets as rnd
+    kv_token, api_key = f"kvtok-{rnd.token_hex(12)}", f"apikey-{rnd.token_hex(12)}"
+    wrong_kv, wrong_key = f"wrongkv-{rnd.token_hex(12)}", f"wrongkey-{rnd.token_hex(12)}"
+    secret_list = [kv_token, api_key, wrong_kv, wrong_key]
+    data_port = free_port()
+    # Trace-level logs everywhere: the most any of them writes.
+    c.sock = os.path.join(c.tmp, "kv-host.sock")
+    c.kv_metrics = free_port()
+    c.start("kv-host", [KV_HOST, "--listen", f"unix:{c.sock}", "--budget", "512M", "--warm-bytes", "0",
+                        "--metrics-listen", f"127.0.0.1:{c.kv_metrics}", "--log-level", "trace",
+                        "--data-listen", f"127.0.0.1:{data_port}", "--data-token", kv_token])
+    c.wait_log("kv-host", "ready on", 30)
+    remote = ["--kv-host-remote", f"127.0.0.1:{data_port}", "--log-level", "trace"]
+    # A worker with a wrong token: refused at start, UNAUTHENTICATED.
+    bad = c.start("worker-wrong-token", [WORKER, "--model", MODEL, "--backend", "cpu", "--threads", "1",
+                                         "--listen", f"127.0.0.1:{free_port()}", "--kv-plan", PLAN, *remote,
+                                         "--kv-host-token", wrong_kv])
+    code = bad.wait(120 * SLOWDOWN)
+    check(code != 0 and "UNAUTHENTICATED" in c.text("worker-wrong-token"),
+          f"a worker with a wrong kv-host token is refused UNAUTHENTICATED (exit {code}): "
+          f"{c.text('worker-wrong-token').strip().splitlines()[-1:]}")
+    # The right token: its sparse layers' host KV on kv-host's data plane.
+    c.worker("--max-running", "2", *remote, "--kv-host-token", kv_token, kv_host=False)
+    c.gateway("--api-key", api_key, "--log-level", "trace")
+    # HTTP: no key, a wrong key, the right key.
+    def post(key):
+        h = {"Content-Type": "application/json"}
+        if key is not None:
+            h["Authorization"] = f"Bearer {key}"
+        conn = http.client.HTTPConnection("127.0.0.1", c.g_http, timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps({"model": "m", "prompt": PROMPT, "max_tokens": 24,
+                                                            "temperature": 0}), h)
+        r = conn.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    st_none, _ = post(None)
+    st_wrong, body_wrong = post(wrong_key)
+    st_right, body_right = post(api_key)
+    check(st_none == 401 and st_wrong == 401, f"HTTP without a key and with a wrong key: 401 ({st_none}, {st_wrong})")
+    check(wrong_key not in body_wrong and api_key not in body_wrong, "the 401 body echoes no key")
+    check(st_right == 200 and json.loads(body_right)["choices"][0]["text"], f"HTTP with the key: 200 ({st_right})")
+    # gRPC through the gateway: a wrong key, the right key; the worker's host tier is on kv-host (remote).
+    g_wrong = Cli(c.g_grpc, 24, "--api-key", wrong_key, "--request-id", "b9-wrong-key")
+    g_wrong.wait(60)
+    check(g_wrong.outcome() == "error UNAUTHENTICATED", f"gRPC with a wrong key: {g_wrong.outcome()}")
+    g_right = Cli(c.g_grpc, 24, "--api-key", api_key, "--request-id", "b9-right-key")
+    check(g_right.wait(120) == 0 and g_right.outcome().startswith("completed"), f"gRPC with the key: {g_right.outcome()}")
+    check(wrong_key not in g_wrong.text() and api_key not in g_right.text(), "the client's output echoes no key")
+    # The data plane was used (the rows crossed kv-host's remote plane), and metrics carry no secret.
+    metrics = "".join(urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
+                      for p in (c.kv_metrics, c.w_metrics, c.g_http))
+    # Every process stops (SIGTERM: their shutdown logs too), then every log is read.
+    for name in ("gateway", "worker", "kv-host"):
+        c.procs[name].send_signal(signal.SIGTERM)
+        c.procs[name].wait(60 * SLOWDOWN)
+    logs = {}
+    for f in sorted(os.listdir(c.tmp)):
+        p = os.path.join(c.tmp, f)
+        if os.path.isfile(p):
+            logs[f] = open(p, errors="replace").read()
+    total = sum(len(t) for t in logs.values())
+    # The scan reads what the processes wrote: their own words are there.
+    check("ready on" in logs["kv-host.log"] and "ready on" in logs["gateway.log"] and "b9-right-key" in logs["worker.log"],
+          f"the scan reads the processes' logs ({len(logs)} files, {total} bytes at trace level)")
+    found = [(f, s[:10]) for f, t in logs.items() for s in secret_list if s in t]
+    found += [("metrics", s[:10]) for s in secret_list if s in metrics]
+    check(not found, f"no token or key, right or wrong, in any log or metrics page: {found}")
+    FIGURES.update(sent=7, refused={"worker wrong kv token": "UNAUTHENTICATED", "http no key": st_none,
+                                    "http wrong key": st_wrong, "grpc wrong key": g_wrong.outcome()},
+                   completed=[f"HTTP {st_right}", g_right.outcome()], logs_scanned=list(logs), log_bytes=total,
+                   secrets_found=found)
+
+
+def case_wrong_uid(c):
+    """B8: a worker running as another uid is refused on kv-host's fd channel (SO_PEERCRED); others are served."""
+    if os.geteuid() != 0:
+        print("SKIP: running a peer as another uid needs root")
+        sys.exit(77)
+    if shutil.which("setpriv") is None:
+        print("SKIP: setpriv (util-linux) missing")
+        sys.exit(77)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    os.chmod(c.tmp, 0o755)  # the other uid reaches the sockets (and the model, binaries: world-readable)
+    c.kv_host()
+    for s in (c.sock, c.sock + ".fd"):
+        os.chmod(s, 0o666)  # the refusal is kv-host's, not the file system's
+    c.worker("--max-running", "2")
+    pid = c.procs["kv-host"].pid
+    ref = Cli(c.w_addr, 24)
+    check(ref.wait(120) == 0, f"a worker of kv-host's uid is served: {ref.outcome()}")
+    base = fds(pid)
+    argv = nobody + [WORKER, "--model", MODEL, "--backend", "cpu", "--threads", "1",
+                     "--listen", f"127.0.0.1:{free_port()}", "--kv-plan", PLAN, "--kv-host", f"unix://{c.sock}"]
+    t0 = time.time()
+    other = c.start("worker-uid-65534", argv)
+    code = other.wait(60 * SLOWDOWN)
+    refused_s = time.time() - t0
+    wlog = c.text("worker-uid-65534")
+    check(code != 0 and "cannot attach to kv-host" in wlog and "refused the fd channel" in wlog,
+          f"the worker of uid 65534 cannot attach and exits {code} after {refused_s:.1f} s: "
+          f"{wlog.strip().splitlines()[-1:]}")
+    c.wait_log("kv-host", "peer uid 65534 is not kv-host's", 5)
+    klog = [l for l in c.text("kv-host").splitlines() if "peer uid 65534" in l]
+    check("PERMISSION_DENIED" in klog[0], f"kv-host logs why: {klog[0][-140:]}")
+    check(c.kv_state()["workers"] == 1, f"only the first worker is attached: {c.kv_state()}")
+    wait_until("kv-host's fds back to its count before", lambda: fds(pid) <= base, 5)
+    after = Cli(c.w_addr, 24)
+    check(after.wait(120) == 0 and after.story() == ref.story(),
+          f"kv-host keeps serving the first worker, same tokens: {after.outcome()}")
+    check(c.procs["kv-host"].poll() is None, "kv-host is alive")
+    fds_after = fds(pid)
+    # The control: with --allow-uid 65534 the same worker attaches (the refusal above was the uid's).
+    c.procs["worker"].kill()
+    c.procs["kv-host"].send_signal(signal.SIGTERM)
+    c.procs["kv-host"].wait(30 * SLOWDOWN)
+    c.start("kv-host", [KV_HOST, "--listen", f"unix:{c.sock}", "--budget", "512M", "--warm-bytes", "0",
+                        "--allow-uid", "65534"])
+    c.wait_log("kv-host", "ready on", 30)
+    for s in (c.sock, c.sock + ".fd"):
+        os.chmod(s, 0o666)
+    allowed = c.start("worker-uid-65534", argv)
+    c.wait_log("worker-uid-65534", "attached to kv-host", 60)
+    c.wait_log("kv-host", "uid 65534)", 5)
+    allowed.kill()
+    FIGURES.update(sent=2, completed=[ref.outcome(), after.outcome()], refused="worker of uid 65534 (exit "
+                   f"{code}, {refused_s:.1f} s)", kv_host_says=klog[0].split("refused: ")[-1],
+                   refusals_logged=len(klog),
+                   worker_says=[l for l in wlog.splitlines() if "cannot attach" in l][0].split("]")[-1].strip(),
+                   kv_host_fds=[base, fds_after], allowed_with_allow_uid=True)
+
+
+class Strace:
+    """strace attached to a running process (all its threads) injecting a fault, until detach()."""
+
+    def __init__(self, c, name, pid, inject):
+        self.log = os.path.join(c.tmp, f"strace-{name}.log")
+        self.err = open(c.log(f"strace-{name}"), "w")
+        c.offsets[f"strace-{name}"] = 0
+        syscalls = inject.split(":")[0]
+        self.p = subprocess.Popen(["strace", "-f", "-qq", "-p", str(pid), "-o", self.log, "-e", f"trace={syscalls}",
+                                   "-e", f"inject={inject}"], stdout=self.err, stderr=subprocess.STDOUT)
+        c.procs[f"strace-{name}"] = self.p
+        # strace has attached every thread once the process's TracerPid says so.
+        def attached():
+            if self.p.poll() is not None:
+                said = open(c.log(f"strace-{name}"), errors="replace").read()
+                if "Operation not permitted" in said:  # ptrace_scope, no CAP_SYS_PTRACE (containers)
+                    print(f"SKIP: strace cannot attach here: {said.strip()[-200:]}")
+                    sys.exit(77)
+                raise Failed(f"strace exited {self.p.returncode}: {said.strip()[-300:]}")
+            return all(
+                int(re.search(r"TracerPid:\s+(\d+)", open(f"/proc/{pid}/task/{t}/status").read()).group(1)) == self.p.pid
+                for t in os.listdir(f"/proc/{pid}/task"))
+        wait_until(f"strace attached to {pid}", attached, 20)
+
+    def detach(self):
+        self.p.send_signal(signal.SIGINT)
+        self.p.wait(30 * SLOWDOWN)
+
+    def injected(self):
+        with open(self.log, errors="replace") as f:
+            return sum("(INJECTED)" in line for line in f)
+
+
+def case_syscall_faults(c):
+    """F9: kv-host's memfd_create / mmap failing with ENOMEM, its sendmsg / recvmsg with EINTR (strace --inject)."""
+    if shutil.which("strace") is None:
+        print("SKIP: strace missing (Debian package strace)")
+        sys.exit(77)
+    c.kv_host()
+    c.worker("--max-running", "2")
+    kvh = c.procs["kv-host"].pid
+    ref = Cli(c.w_addr, 24)
+    check(ref.wait(120) == 0, f"a reference generation through kv-host: {ref.outcome()}")
+    pids = {"worker": c.procs["worker"].pid, "kv-host": kvh}
+    base = {n: fds(p) for n, p in pids.items()}
+    figures = {}
+
+    def served(what):
+        x = Cli(c.w_addr, 24)
+        check(x.wait(120) == 0 and x.story() == ref.story(), f"{what}: a request is served, same tokens: {x.outcome()}")
+        return x.outcome()
+
+    for syscall in ("memfd_create", "mmap"):
+        st = Strace(c, syscall, kvh, f"{syscall}:error=ENOMEM")
+        x = Cli(c.w_addr, 24)
+        x.wait(120)
+        took = x.done_at - x.t0
+        n = st.injected()
+        st.detach()
+        code = re.findall(r"failed: ([A-Z_]+) \(code", x.text())
+        check(n >= 1, f"{syscall}: strace failed {n} call(s) with ENOMEM")
+        check(x.outcome() == "error RESOURCE_EXHAUSTED" and "Cannot allocate memory" in x.text(),
+              f"{syscall} ENOMEM: the request ends RESOURCE_EXHAUSTED naming the call ({took:.1f} s): "
+              f"{x.text().strip().splitlines()[-1:]}")
+        check(c.procs["kv-host"].poll() is None and c.procs["worker"].poll() is None, "kv-host and the worker are up")
+        after = idle_and_freed(c, f"after {syscall} ENOMEM", pids, base)
+        figures[f"{syscall}_ENOMEM"] = {"injected": n, "outcome": x.outcome(), "ended_s": round(took, 2),
+                                        "says": x.text().strip().splitlines()[-1][-160:], "fds_after": after,
+                                        "then": served(f"strace detached after {syscall}")}
+    # EINTR on every other sendmsg / recvmsg of every kv-host thread (gRPC's and the fd channel's),
+    # while a second worker attaches (hello, welcome) and both generate.
+    st = Strace(c, "eintr", kvh, "sendmsg,recvmsg:error=EINTR:when=1+2")
+    first = (c.w_addr, c.w_metrics)
+    c.worker("--max-running", "2", name="worker2")
+    w2 = Cli(c.w_addr, 24)
+    c.w_addr, c.w_metrics = first
+    w1 = Cli(c.w_addr, 24)
+    check(w2.wait(180) == 0 and w2.story() == ref.story() and w1.wait(180) == 0 and w1.story() == ref.story(),
+          f"with EINTR injected, a new worker attaches and both serve the same tokens: {w2.outcome()}, {w1.outcome()}")
+    n = st.injected()
+    st.detach()
+    check(n >= 4, f"strace interrupted {n} sendmsg/recvmsg calls with EINTR")
+    c.procs["worker2"].kill()
+    wait_until("kv-host frees the second worker", lambda: c.kv_state()["workers"] == 1, 5)
+    after = idle_and_freed(c, "after EINTR", pids, base)
+    figures["sendmsg_recvmsg_EINTR"] = {"injected": n, "outcomes": [w2.outcome(), w1.outcome()], "fds_after": after}
+    FIGURES.update(fds_before=base, **figures, kv_host_after=c.kv_state())
 
 
 def main():
