@@ -19,6 +19,8 @@ tailorkv-cli, each case one ctest test:
                       (SO_PEERCRED), the others served (B8; root: setpriv)
   syscall_faults      kv-host's memfd_create / mmap failing with ENOMEM, its
                       sendmsg / recvmsg with EINTR (F9; strace --inject)
+  overload            3x and 5x more clients than running slots + queue: the
+                      excess refused at once, the admitted keep their pace (L2)
 
 Every case checks, beyond its own promise: nothing lost (every request
 ends once, completed or with one clear status), nothing leaked (the worker
@@ -191,7 +193,7 @@ class Cli:
                                    "--temperature", "0", "--prompt", prompt, *extra],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.out = b""
-        self.done_at = None
+        self.done_at = self.first_at = None
         self.th = threading.Thread(target=self._read, daemon=True)
         self.th.start()
 
@@ -202,6 +204,8 @@ class Cli:
             if not b:
                 break
             now = time.time()
+            if last is None:
+                self.first_at = now
             if last is not None:
                 self.max_gap_s = max(self.max_gap_s, now - last)
             last = now
@@ -910,6 +914,75 @@ def case_syscall_faults(c):
     after = idle_and_freed(c, "after EINTR", pids, base)
     figures["sendmsg_recvmsg_EINTR"] = {"injected": n, "outcomes": [w2.outcome(), w1.outcome()], "fds_after": after}
     FIGURES.update(fds_before=base, **figures, kv_host_after=c.kv_state())
+
+
+def case_overload(c):
+    """L2: 3x and 5x more clients than the running slots + queue hold: the excess is RESOURCE_EXHAUSTED at
+    once, the admitted keep the pace of an unloaded run, and a request after the burst is served."""
+    running, queue, tokens = 2, 2, 48
+    c.kv_host()
+    c.worker("--max-running", str(running), "--max-queue", str(queue))
+    pids = {"worker": c.procs["worker"].pid, "kv-host": c.procs["kv-host"].pid}
+    Cli(c.w_addr, 4).wait(120)
+    base = {n: fds(p) for n, p in pids.items()}
+
+    def itl(x):
+        n = int(re.search(r"completion_tokens=(\d+)", x.text()).group(1))
+        return (x.done_at - x.first_at) / (n - 1)
+
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    # Unloaded: as many as the running slots, nothing waiting or refused.
+    ref = [Cli(c.w_addr, tokens) for _ in range(running)]
+    for x in ref:
+        check(x.wait(120) == 0, f"an unloaded generation: {x.outcome()}")
+    story = ref[0].story()
+    check(all(x.story() == story for x in ref), "the unloaded generations agree")
+    unloaded = median([itl(x) for x in ref])
+    print(f"unloaded: {running} at once, {unloaded * 1000:.1f} ms between tokens", flush=True)
+    figures = {"running_slots": running, "queue": queue, "tokens": tokens,
+               "unloaded_itl_ms": round(unloaded * 1000, 1)}
+    factor = 2.0
+    for mult in (3, 5):
+        n = mult * (running + queue)
+        burst = [Cli(c.w_addr, tokens) for _ in range(n)]
+        for x in burst:
+            x.wait(240)
+        done = [x for x in burst if x.outcome().startswith("completed")]
+        refused = [x for x in burst if x.outcome() == "error RESOURCE_EXHAUSTED"]
+        other = [x.outcome() for x in burst if x not in done and x not in refused]
+        check(not other, f"{mult}x: every request completed or was refused RESOURCE_EXHAUSTED: {other}")
+        # The clients all call within ~0.2 s, the admitted take seconds: at most a slot or two frees meanwhile.
+        check(running + queue <= len(done) <= running + queue + 2 and len(done) + len(refused) == n,
+              f"{mult}x ({n} clients): {len(done)} admitted and completed, {len(refused)} refused")
+        check(all(x.story() == story for x in done), f"{mult}x: the admitted generations' text is the unloaded one")
+        refuse_s = sorted(x.done_at - x.t0 for x in refused)
+        check(refuse_s[-1] < 2 * SLOWDOWN, f"{mult}x: refusals within 2 s of the call (median "
+                                           f"{median(refuse_s) * 1000:.0f} ms, max {refuse_s[-1] * 1000:.0f} ms, "
+                                           f"tailorkv-cli's start included)")
+        check(all("queue" in x.text() for x in refused), f"{mult}x: the refusal names the queue: "
+                                                          f"{refused[0].text().strip().splitlines()[-1][-140:]}")
+        itls = [itl(x) for x in done]
+        check(max(itls) < factor * unloaded, f"{mult}x: the admitted keep their pace: between tokens median "
+                                             f"{median(itls) * 1000:.1f} ms, max {max(itls) * 1000:.1f} ms "
+                                             f"(< {factor}x the unloaded {unloaded * 1000:.1f} ms)")
+        wait_until(f"after {mult}x the worker runs nothing", lambda: c.worker_load() == (0, 0), 15)
+        after = Cli(c.w_addr, tokens)
+        check(after.wait(120) == 0 and after.story() == story,
+              f"after the {mult}x burst a request is served at once: {after.outcome()}, "
+              f"{itl(after) * 1000:.1f} ms between tokens")
+        figures[f"x{mult}"] = {"clients": n, "completed": len(done), "refused": len(refused),
+                               "refusal_ms_median": round(median(refuse_s) * 1000),
+                               "refusal_ms_max": round(refuse_s[-1] * 1000),
+                               "admitted_itl_ms_median": round(median(itls) * 1000, 1),
+                               "admitted_itl_ms_max": round(max(itls) * 1000, 1),
+                               "admitted_itl_vs_unloaded": round(max(itls) / unloaded, 2),
+                               "after_itl_ms": round(itl(after) * 1000, 1),
+                               "burst_s": round(max(x.done_at for x in burst) - min(x.t0 for x in burst), 1)}
+    figures["fds_after"] = idle_and_freed(c, "after the bursts", pids, base)
+    FIGURES.update(figures, fds_before=base, kv_host_after=c.kv_state())
 
 
 def main():
