@@ -25,7 +25,7 @@ llama.vocab_size): programs that take token ids (tkv_cpu_bench) can load it,
 the worker (which tokenizes text) cannot.
 
 Usage: scripts/make_random_gguf.py --out /tmp/llama8b-q4_0.gguf
-           [--shape llama3-8b|tiny] [--type q4_0|q8_0] [--head-type q4_0|q8_0]
+           [--shape llama3-8b|tiny] [--type q4_0|q8_0|f16|bf16] [--head-type ...]
            [--seed N]
 Needs the PyPI packages gguf and numpy. Progress goes to stderr.
 """
@@ -51,9 +51,13 @@ SHAPES = {
 # block: fp16 d, then 32 values; Q4_0 dequantizes (q - 8) * d with q a nibble,
 # Q8_0 q * d with q an int8. The scales give both about the same spread of
 # values (std ~0.012: uniform nibbles -8..7 have std 4.6, int8 ones 73.9).
+# f16 / bf16: no blocks; "block bytes" are those of 32 values, the scale is
+# the values' std (the same spread).
 TYPES = {
     "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0, 18, 0.02 / 8),
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0, 34, 0.02 / 8 * 4.6 / 73.9),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16, 64, 0.012),
+    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16, 64, 0.012),
 }
 BLOCK = 32  # values per Q4_0 / Q8_0 block
 
@@ -66,6 +70,19 @@ def random_blocks(rng, rows, cols, qtype):
     _, _, block_bytes, scale = TYPES[qtype]
     if cols % BLOCK != 0:
         raise ValueError(f"row length {cols} is not a multiple of {BLOCK}")
+    if qtype in ("f16", "bf16"):
+        out = np.empty((rows, cols * 2), dtype=np.uint8)
+        step = max(1, (CHUNK_BLOCKS * BLOCK) // cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            v = rng.normal(0.0, scale, size=(r1 - r0, cols)).astype(np.float32)
+            if qtype == "f16":
+                h = v.astype("<f2").view(np.uint16)
+            else:  # bf16: the top half of the float32, rounded to nearest even
+                u = v.view(np.uint32)
+                h = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            out[r0:r1] = h.astype("<u2").view(np.uint8).reshape(r1 - r0, cols * 2)
+        return out
     n_blocks = rows * (cols // BLOCK)
     out = np.empty((n_blocks, block_bytes), dtype=np.uint8)
     for b0 in range(0, n_blocks, CHUNK_BLOCKS):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/make_random_gguf.py's tiny shape, Q4_0 and Q8_0, loaded by
+# scripts/make_random_gguf.py's tiny shape, Q4_0, Q8_0, F16 and BF16, loaded by
 # tkv_cpu_bench with quantized and with float weights, prefill and decode.
 # The PyPI gguf package (and numpy) come from python3 when it has them, else
 # from a virtual environment under the build tree, installed on first use.
@@ -26,7 +26,7 @@ check() {  # FILE PATTERN: fail unless FILE has a line matching PATTERN
   fi
 }
 
-for type in q4_0 q8_0; do
+for type in q4_0 q8_0 f16 bf16; do
   model="$tmp/tiny-$type.gguf"
   "$py" "$script" --shape tiny --type "$type" --seed 7 --out "$model" 2>"$tmp/make-$type.log"
   check "$tmp/make-$type.log" "^\[21/21\] output.weight $type "

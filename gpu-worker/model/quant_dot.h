@@ -15,7 +15,9 @@
 //         parentheses, s_a and s_b the sums of (qw - 32) qx over the block's
 //         two halves of 16 values and sc_a, sc_b their int8 scales
 // with dx, isum the activation block's scale and sum of its int8 values, and
-// the weights' scales as ggml_types.h's dequantizers decode them. The SIMD
+// the weights' scales as ggml_types.h's dequantizers decode them. F16 and
+// BF16 weights (no blocks) multiply the float activations themselves
+// (Q8Activations::source): y = sum over k, in order, of w_k * x_k in fp32. The SIMD
 // kernels add the same integer sums in another order of fp32 operations;
 // quant_dot_test.cc bounds the difference (1e-5 of the sum of |c_b|).
 // Each (i, r) result depends only on weight row r and activation row i, so
@@ -43,6 +45,9 @@ struct Q8Activations {
   std::vector<int8_t> q;      // [rows * cols]
   std::vector<float> d;       // [rows * cols / 32]
   std::vector<int32_t> isum;  // [rows * cols / 32]
+  // The float rows these were quantized from (QuantizeActivations' x; not
+  // owned: it must outlive the products that read it, the F16/BF16 ones).
+  const float* source = nullptr;
 };
 
 // InvalidArgument when cols is not a positive multiple of 32, rows < 1, or a
@@ -63,7 +68,8 @@ bool QuantKernelAvailable(QuantKernel kernel);
 // The kernel kAuto picks for `type` on this CPU.
 QuantKernel AutoQuantKernel(GgmlType type);
 
-// Types QuantMatmul takes: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K.
+// Types QuantMatmul takes: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, and F16, BF16
+// (against x.source's floats; InvalidArgument when it is null).
 bool QuantMatmulSupports(GgmlType type);
 
 // y[i * rows + r] = (accumulate ? y[i * rows + r] : 0) + dot(weight row r,

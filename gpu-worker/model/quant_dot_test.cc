@@ -284,6 +284,76 @@ TEST(QuantMatmulTest, AGroupGivesEachProductItsOwnResult) {
   EXPECT_EQ(QuantMatmulGroup({}, x).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// F16 and BF16 weights multiply the float activations (x.source): the
+// reference adds w_k x_k in order in fp32, against double; the SIMD kernel
+// within the same bound as the block types; rows alone equal rows among
+// neighbours and in a group with a block type; no source is refused.
+TEST(QuantMatmulTest, HalfWeightsMultiplyTheFloatActivations) {
+  std::mt19937 rng(41);
+  std::normal_distribution<float> v(0.0f, 0.05f);
+  for (GgmlType t : {GgmlType::kF16, GgmlType::kBF16}) {
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 32}, {6, 64}, {37, 576}}) {
+      SCOPED_TRACE(testing::Message() << Traits(t).name << " " << rows << "x" << cols);
+      std::vector<uint8_t> w(static_cast<size_t>(rows * cols * 2));
+      for (int64_t i = 0; i < rows * cols; ++i) {
+        const float f = v(rng);
+        const uint16_t h = t == GgmlType::kF16 ? FloatToHalf(f) : FloatToBf16(f);
+        std::memcpy(w.data() + 2 * i, &h, 2);
+      }
+      const int64_t n = 2;
+      const auto xf = RandomActs(n * cols, rng);
+      Q8Activations x;
+      ASSERT_TRUE(QuantizeActivations(xf.data(), n, cols, &x).ok());
+      ASSERT_EQ(x.source, xf.data());
+      std::vector<float> wf(static_cast<size_t>(rows * cols));
+      ASSERT_TRUE(Dequantize(t, w.data(), w.size(), wf.data(), rows * cols).ok());
+      const int64_t wb = static_cast<int64_t>(w.size());
+      std::vector<float> ref(n * rows, std::numeric_limits<float>::quiet_NaN());
+      ASSERT_TRUE(QuantMatmul(t, w.data(), wb, rows, cols, x, ref.data(), false, QuantKernel::kReference).ok());
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t r = 0; r < rows; ++r) {
+          double exact = 0, mag = 0;
+          float in_order = 0.0f;
+          for (int64_t k = 0; k < cols; ++k) {
+            const float p = wf[r * cols + k] * xf[i * cols + k];
+            in_order += p;
+            exact += static_cast<double>(wf[r * cols + k]) * xf[i * cols + k];
+            mag += std::fabs(static_cast<double>(p));
+          }
+          ASSERT_EQ(ref[i * rows + r], in_order) << "reference, row " << r;
+          for (QuantKernel k : kSimd) {
+            if (!QuantKernelAvailable(k)) continue;
+            std::vector<float> got(n * rows, std::numeric_limits<float>::quiet_NaN());
+            ASSERT_TRUE(QuantMatmul(t, w.data(), wb, rows, cols, x, got.data(), false, k).ok());
+            ASSERT_NEAR(got[i * rows + r], exact, 1e-5 * mag + 1e-30) << "kernel " << static_cast<int>(k);
+            std::vector<float> alone(n);
+            ASSERT_TRUE(QuantMatmul(t, w.data() + r * cols * 2, cols * 2, 1, cols, x, alone.data(), false, k).ok());
+            ASSERT_EQ(alone[i], got[i * rows + r]) << "weight row " << r << " alone";
+          }
+        }
+      }
+      // In a group beside a block type, each product is what it is alone.
+      const auto wq = RandomWeights(GgmlType::kQ4_1, 5, cols, rng);
+      std::vector<float> half_alone(n * rows), q_alone(n * 5), half_g(n * rows), q_g(n * 5);
+      ASSERT_TRUE(QuantMatmul(t, w.data(), wb, rows, cols, x, half_alone.data(), false).ok());
+      ASSERT_TRUE(QuantMatmul(GgmlType::kQ4_1, wq.data(), static_cast<int64_t>(wq.size()), 5, cols, x, q_alone.data(),
+                              false).ok());
+      const std::vector<QuantProduct> group = {{t, w.data(), wb, rows, half_g.data(), false},
+                                               {GgmlType::kQ4_1, wq.data(), static_cast<int64_t>(wq.size()), 5,
+                                                q_g.data(), false}};
+      ASSERT_TRUE(QuantMatmulGroup(group, x).ok());
+      EXPECT_EQ(half_g, half_alone);
+      EXPECT_EQ(q_g, q_alone);
+      // Without the float rows a half product cannot run.
+      Q8Activations no_source = x;
+      no_source.source = nullptr;
+      const absl::Status s = QuantMatmul(t, w.data(), wb, rows, cols, no_source, half_g.data(), false);
+      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_NE(s.message().find("x.source"), std::string::npos) << s;
+    }
+  }
+}
+
 TEST(QuantMatmulTest, RefusesArgumentsThatDoNotFit) {
   std::mt19937 rng(14);
   const auto w = RandomWeights(GgmlType::kQ4_K, 2, 256, rng);
