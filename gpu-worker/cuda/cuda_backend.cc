@@ -457,9 +457,9 @@ class CudaBackend final : public runtime::Backend {
   // values span about +-value_scale.
   absl::Status RandomQuantMatrix(int rows, int cols, uint64_t seed, float value_scale, QuantDeviceMatrix& q);
   // A layer matrix's product: its planes when it has them (decode rows
-  // through LaunchGemvQuant, one row at a time, so a batch's rows are each
-  // what they are alone; prefill rows as GEMMs over dequantized bf16 tiles),
-  // else Gemm over the bf16 copy.
+  // through LaunchGemvQuantBatch, a batch's rows each what they are alone;
+  // prefill rows as GEMMs over dequantized bf16 tiles), else Gemm over the
+  // bf16 copy.
   absl::Status LayerGemm(const bf16* x, int n, const DeviceBuffer& w, const QuantDeviceMatrix& q, int out,
                          int in, void* y, bool y_bf16, bool accumulate, bool batched);
   absl::Status UploadF32(const model::Tensor& t, DeviceBuffer& dst);
@@ -1309,12 +1309,9 @@ absl::Status CudaBackend::LayerGemm(const bf16* x, int n, const DeviceBuffer& w,
   }
   const size_t y_elem = y_bf16 ? sizeof(bf16) : sizeof(float);
   if (n == 1 || batched) {
-    for (int b = 0; b < n; ++b) {
-      RETURN_IF_ERROR(LaunchGemvQuant(q.view(), x + static_cast<int64_t>(b) * in,
-                                      static_cast<char*>(y) + static_cast<int64_t>(b) * out * y_elem, y_bf16,
-                                      accumulate, stream_.get()));
-    }
-    return absl::OkStatus();
+    // Decode rows: the weights read once per pass of up to 8 rows, each
+    // row's result bit-identical to its own alone.
+    return LaunchGemvQuantBatch(q.view(), x, n, y, y_bf16, accumulate, stream_.get());
   }
   // Prefill: y[:, r0:r0+m] from tiles of m weight rows, as GemmEx computes
   // it (column-major y^T, leading dimension out).

@@ -706,7 +706,7 @@ TEST_F(CudaBackendTest, SmolLM2QuantizedLayersFollowTheBf16Layers) {
   EXPECT_GE(d.top1_agree, d.rows * 90 / 100);
 
   // Two sequences batched: each row's logits are bit-identical to the same
-  // sequence's batch of one (the GEMV runs a batch's rows one by one).
+  // sequence's batch of one (LaunchGemvQuantBatch's per-row invariance).
   auto a1 = *(*quant)->NewSequence(64), a2 = *(*quant)->NewSequence(64);
   auto b1 = *(*quant)->NewSequence(64), b2 = *(*quant)->NewSequence(64);
   const std::vector<int32_t> p1 = {1, 2, 3, 4, 5, 6, 7}, p2 = {9, 8, 7, 6, 5};

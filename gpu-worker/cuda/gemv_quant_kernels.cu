@@ -102,53 +102,83 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-template <GgmlType T, OutMode M>
+// NB activation rows (a decode batch) against the same weights: each block
+// of weights is loaded once and used for all NB rows. Every (row, b) sum
+// runs the same operations in the same order as with NB = 1 (its own
+// accumulator, the same blocks per lane, the same shuffle tree), so a
+// batch's outputs are bit-identical to each row's alone. x: [batch][cols];
+// rows b >= batch (padding up to NB) read row batch - 1 and write nothing.
+template <GgmlType T, OutMode M, int NB>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
     GemvQuantKernel(const uint8_t* __restrict__ qs, const __half* __restrict__ d, const __half* __restrict__ m,
-                    const uint4* __restrict__ x, int rows, int nb, void* __restrict__ y) {
+                    const uint4* __restrict__ x, int batch, int rows, int nb, void* __restrict__ y) {
   const int warp = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int row0 = warp * kRows;
   if (row0 >= rows) return;  // whole warps only: the shuffles below stay full
   constexpr int kChunks = T == GgmlType::kQ8_0 ? 2 : 1;  // 16-byte chunks a block
-  float acc[kRows];
+  const int64_t x_stride = static_cast<int64_t>(nb) * 4;  // uint4 a row of x
+  float acc[kRows][NB];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
-  for (int b = lane; b < nb; b += kWarp) {
-    float xf[kBlock];
-    const float xsum = LoadX(x, b, xf);
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = 0.0f;
+  }
+  for (int blk_i = lane; blk_i < nb; blk_i += kWarp) {
+    // This block of each row: quants, scale (and min), loaded once.
+    uint4 q[kRows][kChunks];
+    float scale[kRows], mn[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       // A last warp's row past the end reads row rows - 1 (valid memory) and
       // discards the result: no per-row branch around the loads.
       const int64_t row = min(row0 + r, rows - 1);
-      const int64_t blk = row * nb + b;
-      const uint4* q = reinterpret_cast<const uint4*>(qs) + blk * kChunks;
-      const float scale = __half2float(d[blk]);
-      if constexpr (T == GgmlType::kQ8_0) {
-        acc[r] = fmaf(scale, DotInt8(LoadStream(q), LoadStream(q + 1), xf), acc[r]);
-      } else if constexpr (T == GgmlType::kQ4_0) {
-        // d * sum (q - 8) x = d * (sum q x - 8 sum x)
-        acc[r] = fmaf(scale, DotNibbles(LoadStream(q), xf) - 8.0f * xsum, acc[r]);
-      } else {
-        // sum (d q + m) x = d * sum q x + m * sum x
-        acc[r] = fmaf(scale, DotNibbles(LoadStream(q), xf), fmaf(__half2float(m[blk]), xsum, acc[r]));
+      const int64_t blk = row * nb + blk_i;
+      const uint4* qp = reinterpret_cast<const uint4*>(qs) + blk * kChunks;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) q[r][c] = LoadStream(qp + c);
+      scale[r] = __half2float(d[blk]);
+      mn[r] = T == GgmlType::kQ4_1 ? __half2float(m[blk]) : 0.0f;
+    }
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float xf[kBlock];
+      const float xsum = LoadX(x + min(b, batch - 1) * x_stride, blk_i, xf);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if constexpr (T == GgmlType::kQ8_0) {
+          acc[r][b] = fmaf(scale[r], DotInt8(q[r][0], q[r][1], xf), acc[r][b]);
+        } else if constexpr (T == GgmlType::kQ4_0) {
+          // d * sum (q - 8) x = d * (sum q x - 8 sum x)
+          acc[r][b] = fmaf(scale[r], DotNibbles(q[r][0], xf) - 8.0f * xsum, acc[r][b]);
+        } else {
+          // sum (d q + m) x = d * sum q x + m * sum x
+          acc[r][b] = fmaf(scale[r], DotNibbles(q[r][0], xf), fmaf(mn[r], xsum, acc[r][b]));
+        }
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) acc[r] = WarpSum(acc[r]);
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) acc[r][b] = WarpSum(acc[r][b]);
+  }
   if (lane != 0) return;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int row = row0 + r;
-    if (row >= rows) break;
-    if constexpr (M == OutMode::kBf16) {
-      static_cast<__nv_bfloat16*>(y)[row] = __float2bfloat16_rn(acc[r]);
-    } else if constexpr (M == OutMode::kF32) {
-      static_cast<float*>(y)[row] = acc[r];
-    } else {
-      static_cast<float*>(y)[row] += acc[r];
+  for (int b = 0; b < NB; ++b) {
+    if (b >= batch) break;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = row0 + r;
+      if (row >= rows) break;
+      const int64_t at = static_cast<int64_t>(b) * rows + row;
+      if constexpr (M == OutMode::kBf16) {
+        static_cast<__nv_bfloat16*>(y)[at] = __float2bfloat16_rn(acc[r][b]);
+      } else if constexpr (M == OutMode::kF32) {
+        static_cast<float*>(y)[at] = acc[r][b];
+      } else {
+        static_cast<float*>(y)[at] += acc[r][b];
+      }
     }
   }
 }
@@ -223,22 +253,45 @@ absl::Status CheckView(const char* fn, const QuantMatrixView& w) {
   return absl::OkStatus();
 }
 
-template <GgmlType T>
-void LaunchGemvTyped(const QuantMatrixView& w, const uint4* x, void* y, OutMode mode, cudaStream_t stream) {
+template <GgmlType T, int NB>
+void LaunchGemvBatchOf(const QuantMatrixView& w, const uint4* x, int batch, void* y, OutMode mode,
+                       cudaStream_t stream) {
   const int warps = (w.rows + kRows - 1) / kRows;
   const int blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const int threads = kWarpsPerBlock * kWarp;
   const int nb = w.cols / kBlock;
   switch (mode) {
     case OutMode::kBf16:
-      GemvQuantKernel<T, OutMode::kBf16><<<blocks, threads, 0, stream>>>(w.qs, w.d, w.m, x, w.rows, nb, y);
+      GemvQuantKernel<T, OutMode::kBf16, NB><<<blocks, threads, 0, stream>>>(w.qs, w.d, w.m, x, batch, w.rows, nb, y);
       break;
     case OutMode::kF32:
-      GemvQuantKernel<T, OutMode::kF32><<<blocks, threads, 0, stream>>>(w.qs, w.d, w.m, x, w.rows, nb, y);
+      GemvQuantKernel<T, OutMode::kF32, NB><<<blocks, threads, 0, stream>>>(w.qs, w.d, w.m, x, batch, w.rows, nb, y);
       break;
     case OutMode::kF32Accumulate:
-      GemvQuantKernel<T, OutMode::kF32Accumulate><<<blocks, threads, 0, stream>>>(w.qs, w.d, w.m, x, w.rows, nb, y);
+      GemvQuantKernel<T, OutMode::kF32Accumulate, NB>
+          <<<blocks, threads, 0, stream>>>(w.qs, w.d, w.m, x, batch, w.rows, nb, y);
       break;
+  }
+}
+
+// Passes of up to kGemvQuantMaxBatch rows, each padded to a power of two.
+template <GgmlType T>
+void LaunchGemvTyped(const QuantMatrixView& w, const uint4* x, int batch, void* y, size_t y_elem, OutMode mode,
+                     cudaStream_t stream) {
+  const int64_t x_stride = static_cast<int64_t>(w.cols) / 8;  // uint4 a row
+  for (int b0 = 0; b0 < batch; b0 += kGemvQuantMaxBatch) {
+    const int n = std::min(kGemvQuantMaxBatch, batch - b0);
+    const uint4* xb = x + b0 * x_stride;
+    void* yb = static_cast<char*>(y) + static_cast<int64_t>(b0) * w.rows * y_elem;
+    if (n == 1) {
+      LaunchGemvBatchOf<T, 1>(w, xb, n, yb, mode, stream);
+    } else if (n == 2) {
+      LaunchGemvBatchOf<T, 2>(w, xb, n, yb, mode, stream);
+    } else if (n <= 4) {
+      LaunchGemvBatchOf<T, 4>(w, xb, n, yb, mode, stream);
+    } else {
+      LaunchGemvBatchOf<T, 8>(w, xb, n, yb, mode, stream);
+    }
   }
 }
 
@@ -282,10 +335,11 @@ absl::StatusOr<QuantPlanes> RepackForGemv(model::GgmlType type, const uint8_t* b
   return p;
 }
 
-absl::Status LaunchGemvQuant(const QuantMatrixView& w, const __nv_bfloat16* x, void* y, bool y_bf16,
-                             bool accumulate, cudaStream_t stream) {
+absl::Status LaunchGemvQuantBatch(const QuantMatrixView& w, const __nv_bfloat16* x, int batch, void* y,
+                                  bool y_bf16, bool accumulate, cudaStream_t stream) {
   constexpr const char* fn = "LaunchGemvQuant";
   if (auto st = CheckView(fn, w); !st.ok()) return st;
+  if (batch < 1) return absl::InvalidArgumentError(absl::StrFormat("%s: batch = %d < 1", fn, batch));
   if (x == nullptr || y == nullptr) return absl::InvalidArgumentError(absl::StrFormat("%s: x or y is null", fn));
   if (!Aligned(x, 16)) return absl::InvalidArgumentError(absl::StrFormat("%s: x must be 16-byte aligned", fn));
   if (!Aligned(y, y_bf16 ? 2 : 4)) {
@@ -296,13 +350,19 @@ absl::Status LaunchGemvQuant(const QuantMatrixView& w, const __nv_bfloat16* x, v
   }
   const OutMode mode = y_bf16 ? OutMode::kBf16 : (accumulate ? OutMode::kF32Accumulate : OutMode::kF32);
   const auto* xv = reinterpret_cast<const uint4*>(x);
+  const size_t y_elem = y_bf16 ? 2 : 4;
   switch (w.type) {
-    case GgmlType::kQ4_0: LaunchGemvTyped<GgmlType::kQ4_0>(w, xv, y, mode, stream); break;
-    case GgmlType::kQ4_1: LaunchGemvTyped<GgmlType::kQ4_1>(w, xv, y, mode, stream); break;
-    default: LaunchGemvTyped<GgmlType::kQ8_0>(w, xv, y, mode, stream); break;
+    case GgmlType::kQ4_0: LaunchGemvTyped<GgmlType::kQ4_0>(w, xv, batch, y, y_elem, mode, stream); break;
+    case GgmlType::kQ4_1: LaunchGemvTyped<GgmlType::kQ4_1>(w, xv, batch, y, y_elem, mode, stream); break;
+    default: LaunchGemvTyped<GgmlType::kQ8_0>(w, xv, batch, y, y_elem, mode, stream); break;
   }
   CUDA_RETURN_IF_LAUNCH_FAILED("GemvQuantKernel");
   return absl::OkStatus();
+}
+
+absl::Status LaunchGemvQuant(const QuantMatrixView& w, const __nv_bfloat16* x, void* y, bool y_bf16,
+                             bool accumulate, cudaStream_t stream) {
+  return LaunchGemvQuantBatch(w, x, 1, y, y_bf16, accumulate, stream);
 }
 
 absl::Status LaunchDequantizeRows(const QuantMatrixView& w, int first, int count, __nv_bfloat16* out,

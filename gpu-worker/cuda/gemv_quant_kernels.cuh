@@ -74,6 +74,16 @@ struct QuantMatrixView {
 absl::Status LaunchGemvQuant(const QuantMatrixView& w, const __nv_bfloat16* x, void* y, bool y_bf16,
                              bool accumulate, cudaStream_t stream);
 
+// A decode batch: for b < batch, y[b][r] as LaunchGemvQuant gives for x's
+// row b alone, bit-identical (each output's operations and their order do
+// not depend on the batch); the weights are read once per pass of up to
+// kGemvQuantMaxBatch rows. x: [batch][cols] bf16 (16-byte aligned rows since
+// cols % 32 == 0), y: [batch][rows]. InvalidArgument as LaunchGemvQuant, and
+// for batch < 1.
+inline constexpr int kGemvQuantMaxBatch = 8;
+absl::Status LaunchGemvQuantBatch(const QuantMatrixView& w, const __nv_bfloat16* x, int batch, void* y,
+                                  bool y_bf16, bool accumulate, cudaStream_t stream);
+
 // Rows [first, first + count) of `w` dequantized to bf16 (bf16_rn of the
 // float32 value above) into out[count][cols]: the tile a prefill GEMM
 // multiplies. InvalidArgument as above, and for a range outside [0, rows).

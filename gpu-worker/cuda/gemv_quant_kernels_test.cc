@@ -173,6 +173,8 @@ TEST(GemvQuantValidationTest, BadArgumentsNameTheField) {
   EXPECT_NE(msg(w, x, buf + 3585, false, false).find("y is misaligned"), std::string::npos);
   EXPECT_NE(msg(w, x, y, true, true).find("accumulate"), std::string::npos);
   EXPECT_NE(msg(w, nullptr, y, false, false).find("null"), std::string::npos);
+  EXPECT_NE(std::string(LaunchGemvQuantBatch(w, x, 0, y, false, false, nullptr).message()).find("batch"),
+            std::string::npos);
   auto deq = [&](int first, int count) {
     return std::string(LaunchDequantizeRows(w, first, count, reinterpret_cast<__nv_bfloat16*>(y), nullptr).message());
   };
@@ -329,6 +331,62 @@ TEST_F(GemvQuantTest, ReplaysFromAGraphAndAccumulatesAcrossReplays) {
   ASSERT_TRUE(graph.ok()) << graph.status();
   for (int i = 0; i < 3; ++i) ASSERT_OK(graph->Launch(stream_.get()));
   Check(p, false, true, DownloadY(p), 3);
+}
+
+// A batch (1..11 rows: passes of 8, padding to 2/4/8) against each row
+// alone: bit-identical, in every output mode; outputs past the batch's last
+// row untouched.
+TEST_F(GemvQuantTest, ABatchsRowsAreBitIdenticalToEachAlone) {
+  uint64_t seed = 300;
+  for (GgmlType t : kTypes) {
+    Problem p;
+    Make(t, 75, 544, ++seed, &p);
+    if (HasFatalFailure()) return;
+    Rng rng(seed);
+    for (int batch : {1, 2, 3, 5, 8, 11}) {
+      std::vector<uint16_t> xs(static_cast<size_t>(batch) * p.cols);
+      for (auto& v : xs) v = Bf16Bits(rng.Uniform(-1.0f, 1.0f));
+      DeviceBuffer xd, yb, y1;
+      Upload(xs.data(), xs.size() * 2, &xd);
+      const size_t y_bytes = (static_cast<size_t>(batch) * p.rows + kGuard) * sizeof(float);
+      auto a = DeviceBuffer::Allocate(y_bytes), b = DeviceBuffer::Allocate(p.rows * sizeof(float));
+      ASSERT_TRUE(a.ok() && b.ok());
+      yb = std::move(*a);
+      y1 = std::move(*b);
+      for (int mode = 0; mode < 3; ++mode) {
+        const bool bf16 = mode == 0, acc = mode == 2;
+        SCOPED_TRACE(testing::Message() << Name(t) << " batch " << batch << " mode " << mode);
+        const size_t elem = bf16 ? 2 : 4;
+        std::vector<uint8_t> init(y_bytes, kPoison);
+        if (acc) {
+          for (size_t i = 0; i < static_cast<size_t>(batch) * p.rows; ++i) {
+            const float v = 0.25f * static_cast<float>(i % 7);
+            std::memcpy(init.data() + i * 4, &v, 4);
+          }
+        }
+        ASSERT_CUDA(cudaMemcpy(yb.get(), init.data(), y_bytes, cudaMemcpyHostToDevice));
+        ASSERT_OK(LaunchGemvQuantBatch(p.View(), xd.as<const __nv_bfloat16>(), batch, yb.get(), bf16, acc,
+                                       stream_.get()));
+        std::vector<uint8_t> got(y_bytes);
+        ASSERT_CUDA(cudaStreamSynchronize(stream_.get()));
+        ASSERT_CUDA(cudaMemcpy(got.data(), yb.get(), y_bytes, cudaMemcpyDeviceToHost));
+        for (int r = 0; r < batch; ++r) {
+          ASSERT_CUDA(cudaMemcpy(y1.get(), init.data() + static_cast<size_t>(r) * p.rows * elem, p.rows * elem,
+                                 cudaMemcpyHostToDevice));
+          ASSERT_OK(LaunchGemvQuant(p.View(), xd.as<const __nv_bfloat16>() + static_cast<int64_t>(r) * p.cols,
+                                    y1.get(), bf16, acc, stream_.get()));
+          std::vector<uint8_t> alone(p.rows * elem);
+          ASSERT_CUDA(cudaStreamSynchronize(stream_.get()));
+          ASSERT_CUDA(cudaMemcpy(alone.data(), y1.get(), alone.size(), cudaMemcpyDeviceToHost));
+          ASSERT_EQ(std::memcmp(alone.data(), got.data() + static_cast<size_t>(r) * p.rows * elem, alone.size()), 0)
+              << "row " << r << " of the batch differs from it alone";
+        }
+        for (size_t i = static_cast<size_t>(batch) * p.rows * elem; i < y_bytes; ++i) {
+          ASSERT_EQ(got[i], init[i]) << "byte " << i << " past the batch was written";
+        }
+      }
+    }
+  }
 }
 
 TEST_F(GemvQuantTest, DequantizedRowsAreTheBf16OfGgufsValues) {
