@@ -11,9 +11,13 @@
 #          engine, services (gpu-worker server, gateway, profiler) and
 #          kv-host tests, and the Python tests that drive those binaries
 #          (the threaded code; the parsers have no threads).
-#   --slice       (asan only) the CI slice: the parsers' unit tests
+#   --slice       asan: the CI slice, the parsers' unit tests
 #                 (tkv_tokenizer_test, tkv_model_test) in build-asan-slice/;
 #                 ctest runs it as the test "sanitize_slice".
+#                 tsan: kv-host's data plane and host KV store
+#                 (tkv_kvhost_daemon_test, tkv_hostkv_test: gRPC streams, the
+#                 rows channel, leases, budgets) in build-tsan-slice/; not in
+#                 CI (its cost: docs/reliability.md, "What CI runs").
 #   --build-only  configure and build, run nothing.
 # Extra arguments go to ctest after ours (a -R there replaces tsan's default
 # selection; -j overrides ours). Env: BUILD_DIR, JOBS (default nproc).
@@ -27,7 +31,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-usage() { sed -n '2,24p' "$0"; }
+usage() { sed -n '2,29p' "$0"; }
 mode="${1:-}"
 [ $# -gt 0 ] && shift
 slice=0
@@ -47,9 +51,9 @@ case "$mode" in
     [ "$slice" = 1 ] && build="${BUILD_DIR:-build-asan-slice}"
     ;;
   tsan)
-    [ "$slice" = 1 ] && { echo "sanitize.sh: --slice is asan only" >&2; exit 2; }
     flags="-fsanitize=thread -fno-omit-frame-pointer"
     build="${BUILD_DIR:-build-tsan}"
+    [ "$slice" = 1 ] && build="${BUILD_DIR:-build-tsan-slice}"
     ;;
   -h|--help) usage; exit 0 ;;
   *) usage >&2; exit 2 ;;
@@ -123,6 +127,7 @@ tsan_bins="tkv_runtime_test tkv_cpu_backend_model_test tkv_worker_server_test tk
   tkv_kv_host_processes_test tkv_load_test_smoke"
 tsan_tests="gateway_openai_client gateway_failover_client prometheus_scrape"
 slice_bins="tkv_tokenizer_test tkv_model_test"
+[ "$mode" = tsan ] && slice_bins="tkv_kvhost_daemon_test tkv_hostkv_test"
 
 start=$(date +%s)
 if [ ! -f "$build/build.ninja" ]; then
