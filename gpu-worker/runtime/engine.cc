@@ -600,6 +600,10 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
     absl::MutexLock lock(&sched_mu_);
     for (auto it = waiting_.begin(); it != waiting_.end();) {
       Job& j = **it;
+      if (*it == admitting_) {  // its reservation is in flight: handled when it lands
+        ++it;
+        continue;
+      }
       if (j.stop.load() || (j.request.cancelled && j.request.cancelled())) {
         gone.push_back(*it);
         it = waiting_.erase(it);
@@ -619,15 +623,38 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
   admit_blocked_running_ = 0;
   while (static_cast<int>(running.size()) < max_running_) {
     std::shared_ptr<Job> job;
-    {
-      absl::MutexLock lock(&sched_mu_);
-      if (waiting_.empty()) return;
-      job = waiting_.front();
-      // Arrival order: the oldest waits for room rather than being overtaken.
-      if (kv_budget_bytes_ > 0 && admitted_bytes_ + job->kv_bytes > kv_budget_bytes_) return;
+    absl::StatusOr<std::unique_ptr<SequenceState>> seq = absl::UnknownError("not reserved");
+    if (admitting_ != nullptr) {
+      // A reservation off this thread: the others step on until it lands.
+      if (admitting_seq_.wait_for(std::chrono::seconds(0)) != std::future_status::ready) return;
+      job = std::move(admitting_);
+      admitting_ = nullptr;
+      seq = admitting_seq_.get();
+      if (job->done) continue;  // ended meanwhile (the device was lost): the sequence is freed here
+    } else {
+      {
+        absl::MutexLock lock(&sched_mu_);
+        if (waiting_.empty()) return;
+        job = waiting_.front();
+        // Arrival order: the oldest waits for room rather than being overtaken.
+        if (kv_budget_bytes_ > 0 && admitted_bytes_ + job->kv_bytes > kv_budget_bytes_) return;
+      }
+      const int capacity = static_cast<int>(job->request.prompt_tokens.size()) + job->request.max_tokens;
+      if (backend_->ConcurrentNewSequence() && !running.empty()) {
+        // Reserving may wait on kv-host (up to its call deadline): not here,
+        // where it would pause every running generation.
+        admitting_ = job;
+        admitting_seq_ = std::async(std::launch::async, [this, capacity, job] {
+          auto result = NewSequenceOrExhausted(capacity, *job);
+          absl::MutexLock lock(&sched_mu_);
+          wake_ = true;
+          sched_cv_.SignalAll();
+          return result;
+        });
+        return;
+      }
+      seq = NewSequenceOrExhausted(capacity, *job);
     }
-    const int capacity = static_cast<int>(job->request.prompt_tokens.size()) + job->request.max_tokens;
-    absl::StatusOr<std::unique_ptr<SequenceState>> seq = NewSequenceOrExhausted(capacity, *job);
     if (!seq.ok() && absl::IsResourceExhausted(seq.status()) && !running.empty()) {
       // e.g. kv-host's budget: wait for a running generation to end
       admit_blocked_running_ = static_cast<int>(running.size());
@@ -821,11 +848,14 @@ void Engine::SchedulerLoop() {
         moved = true;
       }
     }
-    if (!moved && !running.empty()) {
+    if (!moved && (!running.empty() || admitting_ != nullptr)) {
       absl::MutexLock lock(&sched_mu_);
       if (!wake_ && !stopping_) sched_cv_.WaitWithTimeout(&sched_mu_, absl::Milliseconds(50));
     }
   }
+  // A reservation still in flight: its thread uses the backend, so wait
+  // for it; its sequence (if any) is freed with the result.
+  if (admitting_seq_.valid()) admitting_seq_.wait();
   std::vector<std::shared_ptr<Job>> left = std::move(running);
   {
     absl::MutexLock lock(&sched_mu_);

@@ -18,6 +18,7 @@
 #include <chrono>
 #include <deque>
 #include <functional>
+#include <future>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -306,6 +307,11 @@ class Engine {
   int admit_blocked_running_ = 0;
   std::vector<float> batch_logits_;  // a decode batch's logits, reused across steps
   std::chrono::steady_clock::time_point admit_retry_after_{};
+  // Scheduler thread only: an admission whose NewSequence runs on another
+  // thread (Backend::ConcurrentNewSequence): its job, still waiting_'s
+  // front, and the sequence to come. The thread wakes the scheduler.
+  std::shared_ptr<Job> admitting_;
+  std::future<absl::StatusOr<std::unique_ptr<SequenceState>>> admitting_seq_;
   std::thread scheduler_;  // last: started at the end of Create
 };
 

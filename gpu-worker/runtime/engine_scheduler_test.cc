@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <functional>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -557,6 +559,107 @@ TEST(EngineScheduler, DeviceLossMarkIsOnlyWhatTheBackendSetsAndSurvivesCopies) {
   EXPECT_EQ(lost.message(), "cudaStreamSynchronize: illegal address");
   const absl::StatusOr<int> carried = lost;
   EXPECT_TRUE(IsDeviceLost(carried.status()));
+}
+
+}  // namespace
+}  // namespace tailorkv::runtime
+
+namespace tailorkv::runtime {
+namespace {
+
+// A backend whose NewSequence, once armed, waits until released (as a
+// reservation waits on a frozen kv-host), and that may or may not let the
+// engine call NewSequence off the scheduler thread.
+class HeldNewSequenceBackend final : public Backend {
+ public:
+  HeldNewSequenceBackend(std::unique_ptr<Backend> inner, bool concurrent)
+      : inner_(std::move(inner)), concurrent_(concurrent) {}
+  std::string_view name() const override { return "held"; }
+  const model::ModelConfig& config() const override { return inner_->config(); }
+  bool ConcurrentNewSequence() const override { return concurrent_; }
+  using Backend::NewSequence;
+  absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity, const KvPlan& plan) override {
+    if (armed_.exchange(false)) {
+      entered_.Notify();
+      release_.WaitForNotificationWithTimeout(absl::Seconds(120));
+    }
+    return inner_->NewSequence(capacity, plan);
+  }
+  using Backend::Forward;
+  absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens, bool all_logits,
+                       std::vector<float>* logits, Mode mode) override {
+    return inner_->Forward(seq, tokens, all_logits, logits, mode);
+  }
+  absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
+                           std::vector<float>* logits) override {
+    return inner_->DecodeBatch(seqs, tokens, logits);
+  }
+
+  std::atomic<bool> armed_{false};
+  absl::Notification entered_, release_;
+
+ private:
+  std::unique_ptr<Backend> inner_;
+  bool concurrent_;
+};
+
+// A new generation's reservation that hangs (kv-host frozen: up to its call
+// deadline) does not pause the generation already streaming: the engine
+// reserves off the scheduler thread. The running one gains tokens while the
+// reservation is held; once released, the new one runs too.
+TEST(EngineScheduler, AHangingReservationDoesNotPauseRunningGenerations) {
+  ASSERT_TRUE(std::filesystem::exists(kModel)) << kModel << " is missing: run scripts/fetch_model.sh";
+  HeldNewSequenceBackend* held = nullptr;
+  EngineOptions o{.max_context = 512, .max_running = 2};
+  o.model_path = kModel;
+  o.backend = "cuda";  // the factory below: the CPU backend behind a hold
+  o.cuda_factory = [&held](const model::ModelWeights& w) -> absl::StatusOr<std::unique_ptr<Backend>> {
+    auto cpu = CreateCpuBackend(w, {.threads = 2});
+    if (!cpu.ok()) return cpu.status();
+    auto b = std::make_unique<HeldNewSequenceBackend>(std::move(*cpu), /*concurrent=*/true);
+    held = b.get();
+    return std::unique_ptr<Backend>(std::move(b));
+  };
+  auto e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  ASSERT_NE(held, nullptr);
+  GenerationRequest a;
+  a.prompt_tokens = Prompt(**e, 20, 1);
+  a.max_tokens = 40;
+  a.ignore_eos = true;
+  std::atomic<int> a_tokens{0};
+  absl::StatusOr<GenerationResult> a_result = absl::UnknownError("not run");
+  std::thread ta([&] {
+    a_result = (*e)->Generate(a, [&](const StreamChunk& c) {
+      a_tokens += static_cast<int>(c.token_ids.size());
+      return true;
+    });
+  });
+  auto wait_for = [](const std::function<bool()>& cond) {
+    // A bound against hanging the suite, not a timing check.
+    for (int i = 0; i < 6000 && !cond(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return cond();
+  };
+  ASSERT_TRUE(wait_for([&] { return a_tokens.load() >= 2; }));
+  held->armed_ = true;
+  GenerationRequest b = a;
+  b.prompt_tokens = Prompt(**e, 12, 2);
+  b.max_tokens = 4;
+  Out b_out;
+  std::thread tb([&] { b_out = Generate(**e, b); });
+  held->entered_.WaitForNotification();
+  const int before = a_tokens.load();
+  const bool a_moved = wait_for([&] { return a_tokens.load() >= before + 5; });
+  const int during = a_tokens.load() - before;
+  held->release_.Notify();
+  tb.join();
+  ta.join();
+  EXPECT_TRUE(a_moved) << "the running generation made " << during << " tokens while a reservation was held";
+  EXPECT_GE(during, 5);
+  ASSERT_TRUE(a_result.ok()) << a_result.status();
+  EXPECT_EQ(a_result->completion_tokens, 40);
+  ASSERT_TRUE(b_out.result.ok()) << b_out.result.status();
+  EXPECT_EQ(b_out.ids.size(), 4u);
 }
 
 }  // namespace
