@@ -118,6 +118,11 @@ absl::Status KvHostClientStore::AttachOnce(bool adopt) {
                         absl::StrCat("kv-host refused the fd channel (see its log): ", welcome.status().message()));
   }
   v1::FdWelcome w;
+  if (w.ParseFromString(welcome->payload) && w.worker_key().empty() && !w.refused().empty()) {
+    const auto code = static_cast<absl::StatusCode>(w.refused_code());
+    return absl::Status(code == absl::StatusCode::kOk ? absl::StatusCode::kPermissionDenied : code,
+                        absl::StrCat("kv-host refused the fd channel: ", w.refused()));
+  }
   if (!w.ParseFromString(welcome->payload) || w.worker_key().empty()) {
     return absl::DataLossError("kv-host fd channel: not an FdWelcome");
   }

@@ -89,6 +89,18 @@ grpc::Status KvHostDaemon::Attach(grpc::ServerContext*, const v1::AttachRequest*
 }
 
 absl::StatusOr<std::shared_ptr<KvHostDaemon::Worker>> KvHostDaemon::Authenticate(ScopedFd conn) {
+  auto w = AuthenticateHello(conn);
+  if (!w.ok() && conn.valid()) {
+    // The peer learns why (a wrong uid, a used nonce) instead of a bare EOF.
+    v1::FdWelcome refusal;
+    refusal.set_refused(std::string(w.status().message()));
+    refusal.set_refused_code(static_cast<int32_t>(w.status().code()));
+    (void)SendFdMessage(conn.get(), refusal.SerializeAsString(), {}, absl::Milliseconds(100));
+  }
+  return w;
+}
+
+absl::StatusOr<std::shared_ptr<KvHostDaemon::Worker>> KvHostDaemon::AuthenticateHello(ScopedFd& conn) {
   auto msg = ReceiveFdMessage(conn.get(), absl::ZeroDuration());
   if (!msg.ok()) return msg.status();
   // FdAdopt extends FdHello (same first fields): a plain hello has no arenas.

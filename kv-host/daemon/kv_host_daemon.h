@@ -114,6 +114,8 @@ class KvHostDaemon final : public v1::KvHost::Service {
   void FdLoop();
   // FdHello on a new connection: the worker on success, else why not.
   absl::StatusOr<std::shared_ptr<Worker>> Authenticate(ScopedFd conn);
+  // The hello's checks; `conn` moves into the worker when it is accepted.
+  absl::StatusOr<std::shared_ptr<Worker>> AuthenticateHello(ScopedFd& conn);
   void Detach(const std::shared_ptr<Worker>& w, const std::string& why);
   // FdAdopt: the worker's live arenas (fds in order) and slices, after a
   // restart of kv-host. Fails whole (the caller drops what was adopted).

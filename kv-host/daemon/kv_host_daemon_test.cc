@@ -220,17 +220,30 @@ TEST_F(KvHostDaemonTest, FdChannelRefusesWrongNoncesAndStalledPeers) {
     EXPECT_TRUE(SendFdMessage(conn->get(), h.SerializeAsString(), {}).ok());
     return std::move(*conn);
   };
+  // A refusal says why (FdWelcome.refused, no key), then the connection closes.
+  auto refused = [](int fd) {
+    auto m = ReceiveFdMessage(fd, absl::Seconds(2));
+    EXPECT_TRUE(m.ok()) << m.status();
+    v1::FdWelcome w;
+    if (m.ok()) {
+      EXPECT_TRUE(w.ParseFromString(m->payload));
+      EXPECT_TRUE(w.worker_key().empty());
+      EXPECT_EQ(w.refused_code(), static_cast<int>(absl::StatusCode::kPermissionDenied));
+    }
+    EXPECT_EQ(ReceiveFdMessage(fd, absl::Seconds(2)).status().code(), absl::StatusCode::kUnavailable);
+    return w.refused();
+  };
   const v1::AttachResponse a = attach();
   ScopedFd wrong = hello(a, "0123456789abcdef0123456789abcdef");
-  EXPECT_EQ(ReceiveFdMessage(wrong.get(), absl::Seconds(2)).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(refused(wrong.get()).find("wrong nonce"), std::string::npos);
   ScopedFd burnt = hello(a, a.nonce());  // the wrong try used it up
-  EXPECT_EQ(ReceiveFdMessage(burnt.get(), absl::Seconds(2)).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(refused(burnt.get()).find("wrong nonce"), std::string::npos);
   const v1::AttachResponse b = attach();
   ScopedFd ok = hello(b, b.nonce());
   auto welcome = ReceiveFdMessage(ok.get(), absl::Seconds(2));
   ASSERT_TRUE(welcome.ok()) << welcome.status();
   ScopedFd again = hello(b, b.nonce());  // one use only
-  EXPECT_EQ(ReceiveFdMessage(again.get(), absl::Seconds(2)).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(refused(again.get()).find("wrong nonce"), std::string::npos);
   // Connects and stalls: closed after the hello timeout (300 ms here).
   auto stall = ConnectSeqpacket(a.fd_socket_path());
   ASSERT_TRUE(stall.ok());

@@ -130,8 +130,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FUZZ_CHECK(sent.ok(), "send: %s", sent.ToString().c_str());
   fds.clear();  // the daemon has its own copies now
   auto reply = kh::ReceiveFdMessage(sock->get(), absl::Seconds(5));
+  v1::FdWelcome welcome;
+  if (reply.ok() && welcome.ParseFromString(reply->payload) && welcome.worker_key().empty() &&
+      !welcome.refused().empty()) {
+    // A refusal says why, then the daemon closes.
+    FUZZ_CHECK(welcome.refused_code() != 0, "a refusal without a status code: %s", welcome.refused().c_str());
+    reply = kh::ReceiveFdMessage(sock->get(), absl::Seconds(5));
+    FUZZ_CHECK(!reply.ok(), "a message after a refusal");
+  }
   if (reply.ok()) {
-    v1::FdWelcome welcome;
     FUZZ_CHECK(welcome.ParseFromString(reply->payload) && !welcome.worker_key().empty(),
                "a reply that is not a welcome");
     v1::FdAdopt hello;
