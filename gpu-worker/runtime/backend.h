@@ -164,11 +164,12 @@ class Backend {
   // Memory the backend could still give to sequences now (free device
   // memory on a GPU); 0 = no fixed pool (the CPU backend's host memory).
   virtual int64_t AvailableMemoryBytes() const { return 0; }
-  // Whether NewSequence may run on another thread while this backend steps
-  // other sequences (the engine then reserves a new sequence's memory, e.g.
-  // its host tier in kv-host, off the scheduler thread, so a slow or frozen
-  // kv-host does not pause the generations already running). Default: no.
-  virtual bool ConcurrentNewSequence() const { return false; }
+  // Whether NewSequence, and destroying a sequence, may run on another
+  // thread while this backend steps other sequences (the engine then
+  // reserves and frees a sequence's memory, e.g. its host tier in kv-host,
+  // off the scheduler thread, so a slow or frozen kv-host does not pause the
+  // generations running). Default: no.
+  virtual bool ConcurrentSequenceLifetime() const { return false; }
   // Takes `bytes` of that memory once, for the sequences made from now on,
   // so that nothing else on the device can take what the engine's budget
   // promises (a GPU: a pool of device memory that sequences are carved

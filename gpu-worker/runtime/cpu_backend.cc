@@ -426,9 +426,9 @@ class CpuBackend final : public Backend {
 
   std::string_view name() const override { return "cpu"; }
   const ModelConfig& config() const override { return w_.config; }
-  // NewSequence touches only its new sequence, the thread-safe host stores
-  // and an atomic counter.
-  bool ConcurrentNewSequence() const override { return true; }
+  // NewSequence and a sequence's destructor touch only that sequence, the
+  // thread-safe host stores and an atomic counter.
+  bool ConcurrentSequenceLifetime() const override { return true; }
 
   using Backend::NewSequence;
   absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity,

@@ -533,13 +533,28 @@ void Engine::Finish(Job& job, absl::StatusOr<GenerationResult> outcome) {
   job.done = true;
   job.live.reset();
   if (job.seq != nullptr) {
-    job.seq.reset();  // frees its KV (and host-tier session) now, not when the caller returns
+    ReleaseSequence(std::move(job.seq));  // its KV (and host-tier session), not when the caller returns
     absl::MutexLock lock(&sched_mu_);
     admitted_bytes_ -= job.kv_bytes;
     --running_count_;
   }
   // Last: the caller may return (and look at the load) as soon as this is set.
   job.outbox.Finish(std::move(outcome));
+}
+
+void Engine::ReleaseSequence(std::unique_ptr<SequenceState> seq) {
+  if (!backend_->ConcurrentSequenceLifetime()) {
+    seq.reset();
+    return;
+  }
+  // Freeing the host tier closes its kv-host session (an RPC that waits up
+  // to its deadline on a frozen kv-host): not on the scheduler thread.
+  releases_.erase(std::remove_if(releases_.begin(), releases_.end(),
+                                 [](const std::future<void>& f) {
+                                   return f.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+                                 }),
+                  releases_.end());
+  releases_.push_back(std::async(std::launch::async, [s = std::move(seq)]() mutable { s.reset(); }));
 }
 
 // The process's memory is exhausted (RLIMIT_AS, a cgroup limit, overcommit
@@ -640,7 +655,7 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
         if (kv_budget_bytes_ > 0 && admitted_bytes_ + job->kv_bytes > kv_budget_bytes_) return;
       }
       const int capacity = static_cast<int>(job->request.prompt_tokens.size()) + job->request.max_tokens;
-      if (backend_->ConcurrentNewSequence() && !running.empty()) {
+      if (backend_->ConcurrentSequenceLifetime() && !running.empty()) {
         // Reserving may wait on kv-host (up to its call deadline): not here,
         // where it would pause every running generation.
         admitting_ = job;
@@ -865,6 +880,8 @@ void Engine::SchedulerLoop() {
   for (auto& j : left) {
     if (!j->done) Finish(*j, absl::UnavailableError("engine shutting down"));
   }
+  for (std::future<void>& f : releases_) f.wait();  // they use the backend
+  releases_.clear();
 }
 
 }  // namespace tailorkv::runtime

@@ -249,6 +249,9 @@ class Engine {
   // from job.logits.
   void EmitToken(Job& job, int32_t picked = -1);
   void Finish(Job& job, absl::StatusOr<GenerationResult> outcome);
+  // Frees a finished generation's sequence: on another thread where the
+  // backend allows it (Backend::ConcurrentSequenceLifetime), else here.
+  void ReleaseSequence(std::unique_ptr<SequenceState> seq);
   // A failed backend call's status as the generation should end with: a
   // lost device is recorded (the scheduler then ends everything) and ends
   // it Unavailable; any other status unchanged. Scheduler thread.
@@ -308,10 +311,13 @@ class Engine {
   std::vector<float> batch_logits_;  // a decode batch's logits, reused across steps
   std::chrono::steady_clock::time_point admit_retry_after_{};
   // Scheduler thread only: an admission whose NewSequence runs on another
-  // thread (Backend::ConcurrentNewSequence): its job, still waiting_'s
+  // thread (Backend::ConcurrentSequenceLifetime): its job, still waiting_'s
   // front, and the sequence to come. The thread wakes the scheduler.
   std::shared_ptr<Job> admitting_;
   std::future<absl::StatusOr<std::unique_ptr<SequenceState>>> admitting_seq_;
+  // Scheduler thread only: sequences being freed on other threads
+  // (ReleaseSequence), waited for at shutdown.
+  std::vector<std::future<void>> releases_;
   std::thread scheduler_;  // last: started at the end of Create
 };
 

@@ -576,7 +576,7 @@ class HeldNewSequenceBackend final : public Backend {
       : inner_(std::move(inner)), concurrent_(concurrent) {}
   std::string_view name() const override { return "held"; }
   const model::ModelConfig& config() const override { return inner_->config(); }
-  bool ConcurrentNewSequence() const override { return concurrent_; }
+  bool ConcurrentSequenceLifetime() const override { return concurrent_; }
   using Backend::NewSequence;
   absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity, const KvPlan& plan) override {
     if (armed_.exchange(false)) {
