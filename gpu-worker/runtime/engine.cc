@@ -557,9 +557,10 @@ void Engine::ReleaseSequence(std::unique_ptr<SequenceState> seq) {
   releases_.push_back(std::async(std::launch::async, [s = std::move(seq)]() mutable { s.reset(); }));
 }
 
-// The process's memory is exhausted (RLIMIT_AS, a cgroup limit, overcommit
-// off): the C++ library throws std::bad_alloc, which must not reach the
-// scheduler thread's end (std::terminate would take every generation down).
+// The process's memory is exhausted (RLIMIT_AS, or overcommit off): the C++
+// library throws std::bad_alloc, which must not reach the scheduler thread's
+// end (std::terminate would take every generation down). (A cgroup's limit
+// does not throw: the kernel's OOM killer ends the process.)
 template <typename... Args>
 absl::Status Engine::HostMemoryExhausted(const absl::FormatSpec<Args...>& what, const Args&... args) {
   return absl::ResourceExhaustedError(absl::StrCat(
