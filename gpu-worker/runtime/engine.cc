@@ -3,6 +3,7 @@
 #include "runtime/device_loss_injector.h"
 
 #include <algorithm>
+#include <exception>
 #include <new>
 #include <chrono>
 #include <filesystem>
@@ -554,7 +555,11 @@ void Engine::ReleaseSequence(std::unique_ptr<SequenceState> seq) {
                                    return f.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
                                  }),
                   releases_.end());
-  releases_.push_back(std::async(std::launch::async, [s = std::move(seq)]() mutable { s.reset(); }));
+  try {
+    releases_.push_back(std::async(std::launch::async, [s = std::move(seq)]() mutable { s.reset(); }));
+  } catch (const std::exception&) {
+    seq.reset();  // no thread to be had: freed here (a no-op if the lambda took it)
+  }
 }
 
 // The process's memory is exhausted (RLIMIT_AS, or overcommit off): the C++
@@ -659,15 +664,20 @@ void Engine::Admit(std::vector<std::shared_ptr<Job>>& running) {
       if (backend_->ConcurrentSequenceLifetime() && !running.empty()) {
         // Reserving may wait on kv-host (up to its call deadline): not here,
         // where it would pause every running generation.
-        admitting_ = job;
-        admitting_seq_ = std::async(std::launch::async, [this, capacity, job] {
-          auto result = NewSequenceOrExhausted(capacity, *job);
-          absl::MutexLock lock(&sched_mu_);
-          wake_ = true;
-          sched_cv_.SignalAll();
-          return result;
-        });
-        return;
+        try {
+          admitting_seq_ = std::async(std::launch::async, [this, capacity, job] {
+            auto result = NewSequenceOrExhausted(capacity, *job);
+            absl::MutexLock lock(&sched_mu_);
+            wake_ = true;
+            sched_cv_.SignalAll();
+            return result;
+          });
+          admitting_ = job;
+          return;
+        } catch (const std::exception&) {
+          // No thread to be had (std::system_error: memory or thread limits;
+          // std::bad_alloc for its state): reserve here.
+        }
       }
       seq = NewSequenceOrExhausted(capacity, *job);
     }
