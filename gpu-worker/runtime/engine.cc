@@ -880,8 +880,8 @@ void Engine::SchedulerLoop() {
     }
   }
   // A reservation still in flight: its thread uses the backend, so wait
-  // for it; its sequence (if any) is freed with the result.
-  if (admitting_seq_.valid()) admitting_seq_.wait();
+  // for it, and free its sequence (if any) now, before the backend goes.
+  if (admitting_seq_.valid()) (void)admitting_seq_.get();
   std::vector<std::shared_ptr<Job>> left = std::move(running);
   {
     absl::MutexLock lock(&sched_mu_);
