@@ -40,6 +40,8 @@
 namespace tailorkv::cuda {
 namespace {
 
+using test_util::Bf16Bits;
+using test_util::Bf16Value;
 using test_util::Rng;
 
 #define ASSERT_OK(expr)                                      \
@@ -58,20 +60,6 @@ enum class Mode { kBf16, kF32, kF32Accumulate };
 
 const char* ModeName(Mode m) {
   return m == Mode::kBf16 ? "bf16" : (m == Mode::kF32 ? "f32" : "f32+=");
-}
-
-uint16_t Bf16Bits(float f) {  // round to nearest even (finite inputs)
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float Bf16Value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
 }
 
 std::vector<uint16_t> RandomBf16(size_t n, Rng& rng) {

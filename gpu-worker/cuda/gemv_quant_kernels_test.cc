@@ -35,6 +35,8 @@ namespace tailorkv::cuda {
 namespace {
 
 using model::GgmlType;
+using test_util::Bf16Bits;
+using test_util::Bf16Value;
 using test_util::Rng;
 
 #define ASSERT_OK(expr)                                      \
@@ -81,19 +83,6 @@ std::vector<uint8_t> RandomGguf(GgmlType t, int64_t rows, int64_t cols, Rng& rng
 std::vector<float> DequantizeAll(GgmlType t, const std::vector<uint8_t>& b, int64_t n) {
   std::vector<float> f(static_cast<size_t>(n));
   EXPECT_TRUE(model::Dequantize(t, b.data(), b.size(), f.data(), n).ok());
-  return f;
-}
-
-uint16_t Bf16Bits(float f) {  // round to nearest even (finite inputs)
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float Bf16Value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
   return f;
 }
 
