@@ -392,10 +392,11 @@ TEST(EngineScheduler, KvBudgetQueuesWhatDoesNotFitNowAndRefusesWhatNeverFits) {
 // A backend with a fixed memory pool, as a GPU has: the CPU backend's work,
 // AvailableMemoryBytes() reporting `pool` bytes and each sequence counted at
 // twice its KV (its "working buffers").
-class FixedPoolBackend final : public Backend {
+// The CPU backend's work behind another backend's face: tests override
+// what they change.
+class ForwardingBackend : public Backend {
  public:
-  FixedPoolBackend(std::unique_ptr<Backend> inner, int64_t pool) : inner_(std::move(inner)), pool_(pool) {}
-  std::string_view name() const override { return "fixed-pool"; }
+  explicit ForwardingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
   const model::ModelConfig& config() const override { return inner_->config(); }
   using Backend::NewSequence;
   absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity, const KvPlan& plan) override {
@@ -410,13 +411,21 @@ class FixedPoolBackend final : public Backend {
                            std::vector<float>* logits) override {
     return inner_->DecodeBatch(seqs, tokens, logits);
   }
+
+ protected:
+  std::unique_ptr<Backend> inner_;
+};
+
+class FixedPoolBackend final : public ForwardingBackend {
+ public:
+  FixedPoolBackend(std::unique_ptr<Backend> inner, int64_t pool) : ForwardingBackend(std::move(inner)), pool_(pool) {}
+  std::string_view name() const override { return "fixed-pool"; }
   int64_t SequenceMemoryBytes(int prompt, int capacity, const KvPlan& plan) const override {
     return 2 * inner_->SequenceMemoryBytes(prompt, capacity, plan);
   }
   int64_t AvailableMemoryBytes() const override { return pool_; }
 
  private:
-  std::unique_ptr<Backend> inner_;
   int64_t pool_;
 };
 
@@ -570,12 +579,11 @@ namespace {
 // A backend whose NewSequence, once armed, waits until released (as a
 // reservation waits on a frozen kv-host), and that may or may not let the
 // engine call NewSequence off the scheduler thread.
-class HeldNewSequenceBackend final : public Backend {
+class HeldNewSequenceBackend final : public ForwardingBackend {
  public:
   HeldNewSequenceBackend(std::unique_ptr<Backend> inner, bool concurrent)
-      : inner_(std::move(inner)), concurrent_(concurrent) {}
+      : ForwardingBackend(std::move(inner)), concurrent_(concurrent) {}
   std::string_view name() const override { return "held"; }
-  const model::ModelConfig& config() const override { return inner_->config(); }
   bool ConcurrentSequenceLifetime() const override { return concurrent_; }
   using Backend::NewSequence;
   absl::StatusOr<std::unique_ptr<SequenceState>> NewSequence(int capacity, const KvPlan& plan) override {
@@ -585,21 +593,11 @@ class HeldNewSequenceBackend final : public Backend {
     }
     return inner_->NewSequence(capacity, plan);
   }
-  using Backend::Forward;
-  absl::Status Forward(SequenceState& seq, absl::Span<const int32_t> tokens, bool all_logits,
-                       std::vector<float>* logits, Mode mode) override {
-    return inner_->Forward(seq, tokens, all_logits, logits, mode);
-  }
-  absl::Status DecodeBatch(absl::Span<SequenceState* const> seqs, absl::Span<const int32_t> tokens,
-                           std::vector<float>* logits) override {
-    return inner_->DecodeBatch(seqs, tokens, logits);
-  }
 
   std::atomic<bool> armed_{false};
   absl::Notification entered_, release_;
 
  private:
-  std::unique_ptr<Backend> inner_;
   bool concurrent_;
 };
 
