@@ -30,6 +30,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "common/malloc_env.h"
 #include "common/openmp_env.h"
 #include "model/gguf_file.h"
 #include "model/llama_weights.h"
@@ -246,6 +247,7 @@ absl::Status Run(const BenchConfig& cfg) {
 int main(int argc, char** argv) {
   // Passive OpenMP waiting unless the caller chose otherwise; see openmp_env.h.
   tailorkv::BoundOpenMpSpinning(argv);
+  tailorkv::BoundMallocCaching();  // as the worker runs
   tailorkv::bench::BenchConfig cfg;
   CLI::App app{"CPU backend prefill/decode throughput (batch 1)"};
   app.add_option("--model", cfg.model, "GGUF model file")->check(CLI::ExistingFile);

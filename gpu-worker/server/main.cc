@@ -26,6 +26,7 @@
 #include "common/metrics_http.h"
 #include "common/grpc_server.h"
 #include "common/logging.h"
+#include "common/malloc_env.h"
 #include "common/openmp_env.h"
 #include "runtime/engine.h"
 #ifdef TAILORKV_HAVE_CUDA
@@ -200,6 +201,7 @@ class ReloadOnSighup {
 
 int main(int argc, char** argv) {
   tailorkv::BoundOpenMpSpinning(argv);
+  tailorkv::BoundMallocCaching();
   ReloadOnSighup::BlockInThisThread();  // before any thread exists
   WorkerConfig config;
   CLI::App app{"tailorkv gpu-worker: serves tailorkv.v1.Generation over gRPC"};
