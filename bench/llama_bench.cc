@@ -283,7 +283,7 @@ int main(int argc, char** argv) {
     // HBM floor: every weight but the embedding table (one row) and the
     // whole K/V of the context read once, at the 3.0 TB/s measured for a
     // device-to-device copy (../shared/design/PERF.md).
-    const double layer_weights = static_cast<double>(config.hidden) *
+    const double layer_matrix_elems = static_cast<double>(config.hidden) *
         ((config.n_heads + 2 * config.n_kv_heads) * config.head_dim +
          config.n_heads * config.head_dim + 3.0 * config.ffn);
     // KV read per step: dense layers all of it; others (approximately) what
@@ -295,8 +295,14 @@ int main(int argc, char** argv) {
                      ? 2.0 * 2.0 * ctx * config.n_kv_heads * config.head_dim
                      : static_cast<double>(b.device_bytes);
     }
-    const double bytes = 2.0 * (layers * layer_weights + static_cast<double>(config.vocab) * config.hidden) +
-                         kv_read;
+    // Layer matrices at their stored size (bf16, or a GGUF block type's
+    // bytes per weight); the head stays bf16.
+    const double weight_bytes = layer_weights == "q4_0"   ? 18.0 / 32
+                                : layer_weights == "q4_1" ? 20.0 / 32
+                                : layer_weights == "q8_0" ? 34.0 / 32
+                                                          : 2.0;
+    const double bytes = weight_bytes * layers * layer_matrix_elems +
+                         2.0 * static_cast<double>(config.vocab) * config.hidden + kv_read;
     const double floor_ms = std::max(bytes / 3.0e12, pcie_bytes / 50e9) * 1e3;
     const auto reuse = tailorkv::cuda::SequenceSparseReuse(**seq);
     const double reused = reuse.selected_rows > 0

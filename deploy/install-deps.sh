@@ -14,6 +14,8 @@ PKGS=(
   # scripts/sanitize.sh (ctest sanitize_slice): g++'s sanitizer runtimes (also
   # pulled in by build-essential through libgcc-12-dev; named for the slice).
   libasan8 libubsan1 liblsan0 libtsan2
+  # ctest sanitize_tsan_slice unpacks Debian's Abseil source (dpkg-source).
+  dpkg-dev
   # ctest fault_clock_jump steps the services' wall clock with libfaketime.
   faketime
   # ctest fault_syscall_faults injects syscall failures into kv-host (strace --inject).

@@ -16,8 +16,10 @@
 #                 ctest runs it as the test "sanitize_slice".
 #                 tsan: kv-host's data plane and host KV store
 #                 (tkv_kvhost_daemon_test, tkv_hostkv_test: gRPC streams, the
-#                 rows channel, leases, budgets) in build-tsan-slice/; not in
-#                 CI (its cost: docs/reliability.md, "What CI runs").
+#                 rows channel, leases, budgets), the generation service
+#                 (tkv_generation_service_test) and the engine's scheduler
+#                 (tkv_runtime_test's EngineScheduler suite) in
+#                 build-tsan-slice/; ctest runs it as "sanitize_tsan_slice".
 #   --build-only  configure and build, run nothing.
 # Extra arguments go to ctest after ours (a -R there replaces tsan's default
 # selection; -j overrides ours). Env: BUILD_DIR, JOBS (default nproc).
@@ -127,7 +129,13 @@ tsan_bins="tkv_runtime_test tkv_cpu_backend_model_test tkv_worker_server_test tk
   tkv_kv_host_processes_test tkv_load_test_smoke"
 tsan_tests="gateway_openai_client gateway_failover_client prometheus_scrape"
 slice_bins="tkv_tokenizer_test tkv_model_test"
-[ "$mode" = tsan ] && slice_bins="tkv_kvhost_daemon_test tkv_hostkv_test"
+slice_more_targets=""  # built for slice_suites, whose binaries' other suites stay out
+slice_suites=""
+if [ "$mode" = tsan ]; then
+  slice_bins="tkv_kvhost_daemon_test tkv_hostkv_test tkv_generation_service_test"
+  slice_more_targets="tkv_runtime_test"
+  slice_suites="EngineScheduler"
+fi
 
 start=$(date +%s)
 if [ ! -f "$build/build.ninja" ]; then
@@ -144,7 +152,7 @@ fi
 targets=()
 # shellcheck disable=SC2206  # the lists split on blanks and newlines
 if [ "$slice" = 1 ]; then
-  targets=($slice_bins)
+  targets=($slice_bins $slice_more_targets)
 elif [ "$mode" = tsan ]; then
   targets=($tsan_bins gpu-worker kv-host tailorkv-cli profiler gateway tkv_load_test)
 fi
@@ -153,12 +161,12 @@ echo "sanitize.sh: $mode build of $build took $(( $(date +%s) - start )) s"
 [ "$build_only" = 1 ] && exit 0
 
 # A ctest -R selecting the tests of the binaries in $1 (their gtest suites,
-# read from ctest's own list) and the tests named in $2.
+# read from ctest's own list), the tests named in $2 and the suites in $3.
 select_tests() {
   ctest --test-dir "$build" --show-only=json-v1 | python3 -c '
 import json, os, re, sys
 bins, names = set(sys.argv[1].split()), sys.argv[2].split()
-suites = set()
+suites = set(sys.argv[3].split())
 for t in json.load(sys.stdin)["tests"]:
     cmd = t.get("command") or []
     if cmd and os.path.basename(cmd[0]) in bins:
@@ -169,7 +177,7 @@ alt = ["^(" + "|".join(re.escape(s) for s in sorted(suites)) + ")\\."]
 if names:
     alt.append("^(" + "|".join(re.escape(n) for n in names) + ")$")
 print("|".join(alt))
-' "$1" "${2:-}"
+' "$1" "${2:-}" "${3:-}"
 }
 
 # Not run under sanitizers:
@@ -186,7 +194,7 @@ print("|".join(alt))
 exclude='^(compose|remote_kv_host|k8s_manifests|fuzz_short|sanitize_slice|soak_short)$'
 args=(--test-dir "$build" --output-on-failure -j "$jobs" --timeout 1800 -LE gpu -E "$exclude")
 if [ "$slice" = 1 ]; then
-  args+=(-R "$(select_tests "$slice_bins")")
+  args+=(-R "$(select_tests "$slice_bins" "" "$slice_suites")")
 elif [ "$mode" = tsan ]; then
   args+=(-R "$(select_tests "$tsan_bins" "$tsan_tests")")
 fi
