@@ -1867,7 +1867,13 @@ absl::Status CudaBackend::DecodeBatchPick(absl::Span<SequenceState* const> seqs,
     return absl::InvalidArgumentError(
         absl::StrFormat("greedy: %d requests for %d sequences (one each)", greedy.size(), seqs.size()));
   }
-  if (!options_.device_greedy_pick) {
+  // A repetition penalty on the device is not yet checked on a GPU (its test
+  // first ran on a model where no penalty changed a pick): such batches pick
+  // on the host.
+  const bool penalized = std::any_of(greedy.begin(), greedy.end(), [](const GreedyPickRequest& g) {
+    return g.pick && g.repetition_penalty != 1.0f;
+  });
+  if (!options_.device_greedy_pick || penalized) {
     return Backend::DecodeBatchPick(seqs, tokens, greedy, logits, picked, per_seq);
   }
   ASSIGN_OR_RETURN(std::vector<CudaSequence*> cuda_seqs, CheckBatch(seqs, tokens));
