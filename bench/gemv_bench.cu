@@ -240,13 +240,13 @@ double GBps(size_t bytes, double us) { return bytes / (us * 1e-6) / 1e9; }
 // above (graphs of kLaunches launches over copies totalling > 256 MB). Its
 // bytes are the planes' (quants + fp16 scales): the floor it is held to.
 struct QuantRow {
-  std::string shape, type;
+  std::string shape, type, kernel;
   size_t bytes = 0;
   double us = 0, bf16_us = 0;
 };
 
-QuantRow TimeQuant(const Shape& s, model::GgmlType type, double bf16_us, int reps, Timer& timer,
-                   cudaStream_t stream) {
+QuantRow TimeQuant(const Shape& s, model::GgmlType type, GemvQuantKernelKind kind, double bf16_us, int reps,
+                   Timer& timer, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(s.out) * (s.in / 32);
   const size_t qs_bytes = blocks * (type == model::GgmlType::kQ8_0 ? 32 : 16), d_bytes = blocks * 2;
   const size_t bytes = qs_bytes + d_bytes;
@@ -263,7 +263,7 @@ QuantRow TimeQuant(const Shape& s, model::GgmlType type, double bf16_us, int rep
   BENCH_CHECK_CUDA(cudaMemsetAsync(y.get(), 0, y.size(), stream));
   auto launch = [&](int c) {
     const QuantMatrixView v{type, s.out, s.in, qs[c].as<const uint8_t>(), d[c].as<const __half>(), nullptr};
-    return LaunchGemvQuant(v, x[c].as<bf16>(), y.get(), s.y_bf16, s.accumulate, stream);
+    return LaunchGemvQuant(v, x[c].as<bf16>(), y.get(), s.y_bf16, s.accumulate, stream, kind);
   };
   BENCH_CHECK_OK(launch(0));
   BENCH_CHECK_CUDA(cudaStreamSynchronize(stream));
@@ -274,7 +274,8 @@ QuantRow TimeQuant(const Shape& s, model::GgmlType type, double bf16_us, int rep
   for (int i = 0; i < 2; ++i) timer.Time(*graph, kLaunches, stream);
   std::vector<double> t;
   for (int r = 0; r < reps; ++r) t.push_back(timer.Time(*graph, kLaunches, stream));
-  return QuantRow{s.name, type == model::GgmlType::kQ8_0 ? "q8_0" : "q4_0", bytes, Median(t), bf16_us};
+  return QuantRow{s.name, type == model::GgmlType::kQ8_0 ? "q8_0" : "q4_0",
+                  kind == GemvQuantKernelKind::kPipelined ? "pipelined" : "simple", bytes, Median(t), bf16_us};
 }
 
 int Main(int argc, char** argv) {
@@ -385,12 +386,14 @@ int Main(int argc, char** argv) {
   std::vector<QuantRow> quant_rows;
   for (const Row& r : rows) {
     for (model::GgmlType t : {model::GgmlType::kQ4_0, model::GgmlType::kQ8_0}) {
-      quant_rows.push_back(TimeQuant(r.shape, t, r.ours_us, reps, timer, stream));
-      const QuantRow& q = quant_rows.back();
-      std::printf("%-8s %s %8.2f us %7.1f GB/s (%.1f%% of 3 TB/s) | bf16 %8.2f us: %.2fx\n", q.shape.c_str(),
-                  q.type.c_str(), q.us, GBps(q.bytes, q.us), 100 * GBps(q.bytes, q.us) * 1e9 / kHbmPeakBytesPerSec,
-                  q.bf16_us, q.bf16_us / q.us);
-      std::fflush(stdout);
+      for (GemvQuantKernelKind kind : {GemvQuantKernelKind::kSimple, GemvQuantKernelKind::kPipelined}) {
+        quant_rows.push_back(TimeQuant(r.shape, t, kind, r.ours_us, reps, timer, stream));
+        const QuantRow& q = quant_rows.back();
+        std::printf("%-8s %s %-9s %8.2f us %7.1f GB/s (%.1f%% of 3 TB/s) | bf16 %8.2f us: %.2fx\n",
+                    q.shape.c_str(), q.type.c_str(), q.kernel.c_str(), q.us, GBps(q.bytes, q.us),
+                    100 * GBps(q.bytes, q.us) * 1e9 / kHbmPeakBytesPerSec, q.bf16_us, q.bf16_us / q.us);
+        std::fflush(stdout);
+      }
     }
   }
 
@@ -436,9 +439,9 @@ int Main(int argc, char** argv) {
   for (size_t i = 0; i < quant_rows.size(); ++i) {
     const QuantRow& q = quant_rows[i];
     std::fprintf(f,
-                 "    {\"shape\": \"%s\", \"type\": \"%s\", \"bytes\": %zu, \"us\": %.4f, \"gb_per_s\": %.2f, "
-                 "\"fraction\": %.4f, \"bf16_ours_us\": %.4f, \"speedup_vs_bf16\": %.4f}%s\n",
-                 q.shape.c_str(), q.type.c_str(), q.bytes, q.us, GBps(q.bytes, q.us),
+                 "    {\"shape\": \"%s\", \"type\": \"%s\", \"kernel\": \"%s\", \"bytes\": %zu, \"us\": %.4f, "
+                 "\"gb_per_s\": %.2f, \"fraction\": %.4f, \"bf16_ours_us\": %.4f, \"speedup_vs_bf16\": %.4f}%s\n",
+                 q.shape.c_str(), q.type.c_str(), q.kernel.c_str(), q.bytes, q.us, GBps(q.bytes, q.us),
                  GBps(q.bytes, q.us) * 1e9 / kHbmPeakBytesPerSec, q.bf16_us, q.bf16_us / q.us,
                  i + 1 < quant_rows.size() ? "," : "");
   }

@@ -112,6 +112,7 @@ int main(int argc, char** argv) {
   bool host_embeddings = tailorkv::cuda::CudaBackendOptions{}.host_embeddings;
   bool late_prefetch = tailorkv::cuda::CudaBackendOptions{}.sparse_late_prefetch;
   std::string layer_weights = "bf16";
+  std::string gemv_quant_kernel = "simple";
   std::string kv_host = "in-process";
   std::string trace_dir;
   CLI::App app{"Llama-3.1-8B-shaped decode/prefill benchmark of the CUDA backend"};
@@ -155,6 +156,10 @@ int main(int argc, char** argv) {
                  "the layers' weight matrices: bf16, or quantized planes read by the W4A16/W8A16 GEMV "
                  "(q4_0, q4_1, q8_0; embeddings and head stay bf16)")
       ->check(CLI::IsMember({"bf16", "q4_0", "q4_1", "q8_0"}))
+      ->capture_default_str();
+  app.add_option("--gemv-quant-kernel", gemv_quant_kernel,
+                 "the quantized GEMV's kernel (simple or pipelined; bit-identical results)")
+      ->check(CLI::IsMember({"simple", "pipelined"}))
       ->capture_default_str();
   app.add_option("--trace-dir", trace_dir,
                  "after each context and plan's timed steps, trace 3 more with CUPTI and write "
@@ -202,6 +207,7 @@ int main(int argc, char** argv) {
   opts.sparse_fused_chunk_threads = fused_chunk_threads;
   opts.host_embeddings = host_embeddings;
   opts.sparse_late_prefetch = late_prefetch;
+  opts.gemv_quant_pipelined = gemv_quant_kernel == "pipelined";
   opts.layer_weights = layer_weights == "q4_0"   ? tailorkv::model::GgmlType::kQ4_0
                        : layer_weights == "q4_1" ? tailorkv::model::GgmlType::kQ4_1
                        : layer_weights == "q8_0" ? tailorkv::model::GgmlType::kQ8_0
@@ -231,6 +237,7 @@ int main(int argc, char** argv) {
                         {"kv_host", kv_host},
                         {"decode_tokens", decode_tokens}, {"host_embeddings", host_embeddings},
                         {"late_prefetch", late_prefetch}, {"layer_weights", layer_weights},
+                        {"gemv_quant_kernel", gemv_quant_kernel},
                         {"backend_device_bytes", tailorkv::cuda::BackendDeviceBytes(**backend)}};
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);

@@ -1311,7 +1311,9 @@ absl::Status CudaBackend::LayerGemm(const bf16* x, int n, const DeviceBuffer& w,
   if (n == 1 || batched) {
     // Decode rows: the weights read once per pass of up to 8 rows, each
     // row's result bit-identical to its own alone.
-    return LaunchGemvQuantBatch(q.view(), x, n, y, y_bf16, accumulate, stream_.get());
+    return LaunchGemvQuantBatch(q.view(), x, n, y, y_bf16, accumulate, stream_.get(),
+                                options_.gemv_quant_pipelined ? GemvQuantKernelKind::kPipelined
+                                                              : GemvQuantKernelKind::kSimple);
   }
   // Prefill: y[:, r0:r0+m] from tiles of m weight rows, as GemmEx computes
   // it (column-major y^T, leading dimension out).

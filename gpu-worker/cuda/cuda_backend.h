@@ -130,6 +130,10 @@ struct CudaBackendOptions {
   // stay bf16. Off by default until its GPU tests have run (written
   // 2026-12-07, when no GPU could be had).
   model::GgmlType layer_weights = model::GgmlType::kF32;
+  // The quantized GEMV reads them with GemvQuantKernelKind::kPipelined
+  // (true) or kSimple (gemv_quant_kernels.cuh; bit-identical results):
+  // kSimple until kPipelined is timed on a GPU.
+  bool gemv_quant_pipelined = false;
 };
 
 // Unavailable when no CUDA device exists; InvalidArgument for shapes the

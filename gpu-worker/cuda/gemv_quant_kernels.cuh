@@ -71,8 +71,18 @@ struct QuantMatrixView {
 // the field) for: an unsupported type, a null pointer (m for Q4_1), rows < 1,
 // cols not a positive multiple of 32, misaligned qs/d/m/x/y, accumulate with
 // a bf16 output.
+// How the kernel issues its work; both give bit-identical results (the same
+// operations in the same order for every output), only the speed differs:
+//   kSimple: a lane loads one block of each of its warp's rows, then sums it.
+//   kPipelined: a lane issues its next 4 blocks' loads before their sums,
+//     and converts quants to float through exponent bits instead of
+//     int-to-float instructions. Not yet timed on a GPU (written 2026-12-08
+//     after the H100 measured kSimple at 37-79% of the bandwidth).
+enum class GemvQuantKernelKind { kSimple, kPipelined };
+
 absl::Status LaunchGemvQuant(const QuantMatrixView& w, const __nv_bfloat16* x, void* y, bool y_bf16,
-                             bool accumulate, cudaStream_t stream);
+                             bool accumulate, cudaStream_t stream,
+                             GemvQuantKernelKind kind = GemvQuantKernelKind::kSimple);
 
 // A decode batch: for b < batch, y[b][r] as LaunchGemvQuant gives for x's
 // row b alone, bit-identical (each output's operations and their order do
@@ -82,7 +92,8 @@ absl::Status LaunchGemvQuant(const QuantMatrixView& w, const __nv_bfloat16* x, v
 // for batch < 1.
 inline constexpr int kGemvQuantMaxBatch = 8;
 absl::Status LaunchGemvQuantBatch(const QuantMatrixView& w, const __nv_bfloat16* x, int batch, void* y,
-                                  bool y_bf16, bool accumulate, cudaStream_t stream);
+                                  bool y_bf16, bool accumulate, cudaStream_t stream,
+                                  GemvQuantKernelKind kind = GemvQuantKernelKind::kSimple);
 
 // Rows [first, first + count) of `w` dequantized to bf16 (bf16_rn of the
 // float32 value above) into out[count][cols]: the tile a prefill GEMM

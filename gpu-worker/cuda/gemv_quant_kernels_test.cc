@@ -378,6 +378,58 @@ TEST_F(GemvQuantTest, ABatchsRowsAreBitIdenticalToEachAlone) {
   }
 }
 
+// kPipelined runs the same operations in the same order as kSimple, so its
+// outputs are the same bits: blocks a row of 17 (the tail loop only), 128
+// (exactly one pipelined step a lane), 130 (one step, then a tail for two
+// lanes) and 448 (three steps and a tail), odd row counts, batches of 1, 3
+// and 8 (11: two passes), every output mode; bytes past the outputs keep
+// their poison.
+TEST_F(GemvQuantTest, PipelinedKernelIsBitIdenticalToSimple) {
+  uint64_t seed = 500;
+  for (GgmlType t : kTypes) {
+    for (auto [rows, cols] : {std::pair<int, int>{75, 544}, {37, 4096}, {9, 4160}, {5, 14336}}) {
+      Problem p;
+      Make(t, rows, cols, ++seed, &p);
+      if (HasFatalFailure()) return;
+      Rng rng(seed);
+      for (int batch : {1, 3, 8, 11}) {
+        std::vector<uint16_t> xs(static_cast<size_t>(batch) * p.cols);
+        for (auto& v : xs) v = Bf16Bits(rng.Uniform(-1.0f, 1.0f));
+        DeviceBuffer xd;
+        Upload(xs.data(), xs.size() * 2, &xd);
+        const size_t y_bytes = (static_cast<size_t>(batch) * p.rows + kGuard) * sizeof(float);
+        for (int mode = 0; mode < 3; ++mode) {
+          const bool bf16 = mode == 0, acc = mode == 2;
+          SCOPED_TRACE(testing::Message() << Name(t) << " " << rows << " x " << cols << " batch " << batch
+                                          << " mode " << mode);
+          std::vector<uint8_t> init(y_bytes, kPoison);
+          if (acc) {
+            for (size_t i = 0; i < static_cast<size_t>(batch) * p.rows; ++i) {
+              const float v = 0.5f * static_cast<float>(i % 5) - 1.0f;
+              std::memcpy(init.data() + i * 4, &v, 4);
+            }
+          }
+          std::vector<uint8_t> out[2];
+          for (int k = 0; k < 2; ++k) {
+            auto y = DeviceBuffer::Allocate(y_bytes);
+            ASSERT_TRUE(y.ok());
+            ASSERT_CUDA(cudaMemcpy(y->get(), init.data(), y_bytes, cudaMemcpyHostToDevice));
+            ASSERT_OK(LaunchGemvQuantBatch(p.View(), xd.as<const __nv_bfloat16>(), batch, y->get(), bf16, acc,
+                                           stream_.get(),
+                                           k == 0 ? GemvQuantKernelKind::kSimple : GemvQuantKernelKind::kPipelined));
+            out[k].resize(y_bytes);
+            ASSERT_CUDA(cudaStreamSynchronize(stream_.get()));
+            ASSERT_CUDA(cudaMemcpy(out[k].data(), y->get(), y_bytes, cudaMemcpyDeviceToHost));
+          }
+          const size_t used = static_cast<size_t>(batch) * p.rows * (bf16 ? 2 : 4);
+          ASSERT_EQ(std::memcmp(out[0].data(), out[1].data(), used), 0);
+          for (size_t i = used; i < y_bytes; ++i) ASSERT_EQ(out[1][i], init[i]) << "byte " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST_F(GemvQuantTest, DequantizedRowsAreTheBf16OfGgufsValues) {
   uint64_t seed = 200;
   for (GgmlType t : kTypes) {
