@@ -13,10 +13,10 @@ tensor in memory at a time (the largest, the 8B shape's token embedding, is
 Shapes (--shape):
   llama3-8b  Llama-3.1-8B: 32 layers, hidden 4096, 32 heads / 8 KV heads of
              128, ffn 14336, vocab 128256, rope theta 500000, rms eps 1e-5,
-             context 131072; ~4.5 GB at Q4_0. Not the real file's RoPE: a
-             Llama 3.1 GGUF carries its llama3 frequency scaling as the tensor
-             rope_freqs.weight, which our loader refuses; this file has none
-             (plain RoPE, as a 3.0 8B).
+             context 131072; ~4.5 GB at Q4_0. Like a real Llama 3.1 GGUF it
+             carries its llama3 RoPE scaling (factor 8, low 1, high 4,
+             original context 8192) as the tensor rope_freqs.weight: 64
+             float32 factors that divide the frequencies.
   tiny       2 layers, hidden 256, 4 heads / 2 KV heads of 64, ffn 512, vocab
              512, context 2048 (~0.6 MB; for the ctest check).
 
@@ -41,7 +41,8 @@ from gguf.constants import GGML_QUANT_VERSION
 SHAPES = {
     "llama3-8b": dict(name="random Llama-3.1-8B shape", n_layers=32, hidden=4096, n_heads=32,
                       n_kv_heads=8, head_dim=128, ffn=14336, vocab=128256,
-                      rope_theta=500000.0, rms_eps=1e-5, context=131072),
+                      rope_theta=500000.0, rms_eps=1e-5, context=131072,
+                      llama3_rope=dict(factor=8.0, low=1.0, high=4.0, original_context=8192)),
     "tiny": dict(name="random tiny llama", n_layers=2, hidden=256, n_heads=4, n_kv_heads=2,
                  head_dim=64, ffn=512, vocab=512, rope_theta=10000.0, rms_eps=1e-5,
                  context=2048),
@@ -95,6 +96,27 @@ def random_blocks(rng, rows, cols, qtype):
     return out.reshape(rows, (cols // BLOCK) * block_bytes)
 
 
+def llama3_rope_factors(s):
+    """Llama 3.1's RoPE scaling as per-frequency divisors (how Llama 3.x
+    GGUFs carry it): 1 for wavelengths shorter than original_context / high,
+    `factor` for those longer than original_context / low, and in between the
+    inverse of the smooth blend of 1/factor and 1."""
+    r = s["llama3_rope"]
+    dim = s["head_dim"]
+    freqs = 1.0 / (s["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    wavelen = 2 * np.pi / freqs
+    out = np.empty(dim // 2, dtype=np.float32)
+    for i, wl in enumerate(wavelen):
+        if wl < r["original_context"] / r["high"]:
+            out[i] = 1.0
+        elif wl > r["original_context"] / r["low"]:
+            out[i] = r["factor"]
+        else:
+            smooth = (r["original_context"] / wl - r["low"]) / (r["high"] - r["low"])
+            out[i] = 1.0 / ((1 - smooth) / r["factor"] + smooth)
+    return out
+
+
 def random_norm(rng, n):
     return rng.uniform(0.9, 1.1, size=n).astype(np.float32)
 
@@ -103,7 +125,10 @@ def tensor_plan(s, wtype, head_type):
     """(name, kind, shape as {out, in} / {n}, type): the file's tensors in order."""
     q_dim, kv_dim = s["n_heads"] * s["head_dim"], s["n_kv_heads"] * s["head_dim"]
     h, f = s["hidden"], s["ffn"]
-    plan = [("token_embd.weight", "quant", (s["vocab"], h), wtype)]
+    plan = []
+    if "llama3_rope" in s:
+        plan.append(("rope_freqs.weight", "rope", (s["head_dim"] // 2,), None))
+    plan.append(("token_embd.weight", "quant", (s["vocab"], h), wtype))
     for i in range(s["n_layers"]):
         p = f"blk.{i}."
         plan += [
@@ -158,7 +183,7 @@ def main():
     plan = tensor_plan(s, args.type, head_type)
     total = 0
     for name, kind, shape, qtype in plan:
-        if kind == "norm":
+        if kind in ("norm", "rope"):
             w.add_tensor_info(name, shape, np.dtype(np.float32), shape[0] * 4)
         else:
             rows, cols = shape
@@ -177,6 +202,8 @@ def main():
     for i, (name, kind, shape, qtype) in enumerate(plan):
         if kind == "norm":
             data = random_norm(rng, shape[0])
+        elif kind == "rope":
+            data = llama3_rope_factors(s)
         else:
             data = random_blocks(rng, shape[0], shape[1], qtype)
         w.write_tensor_data(data)

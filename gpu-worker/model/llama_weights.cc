@@ -44,6 +44,22 @@ absl::Status ModelConfig::Validate() const {
   if (rs.type != RopeScaling::Type::kNone && !(std::isfinite(rs.factor) && rs.factor > 0)) {
     return bad("rope_scaling.factor", rs.factor, "must be positive and finite");
   }
+  if (!rs.freq_factors.empty()) {
+    if (static_cast<int>(rs.freq_factors.size()) != head_dim / 2) {
+      return bad("rope_scaling.freq_factors", static_cast<int64_t>(rs.freq_factors.size()),
+                 absl::StrCat("must hold head_dim / 2 = ", head_dim / 2, " factors"));
+    }
+    for (size_t i = 0; i < rs.freq_factors.size(); ++i) {
+      if (!(std::isfinite(rs.freq_factors[i]) && rs.freq_factors[i] > 0)) {
+        return bad(absl::StrCat("rope_scaling.freq_factors[", i, "]"), rs.freq_factors[i],
+                   "must be positive and finite");
+      }
+    }
+    if (rs.type == RopeScaling::Type::kLlama3) {
+      return absl::InvalidArgumentError(
+          "rope_scaling: freq_factors and type llama3 together would scale the frequencies twice");
+    }
+  }
   if (rs.type == RopeScaling::Type::kLlama3) {
     if (!(rs.low_freq_factor > 0 && rs.high_freq_factor > rs.low_freq_factor)) {
       return bad("rope_scaling.high_freq_factor", rs.high_freq_factor,
@@ -81,15 +97,24 @@ absl::StatusOr<float> FloatKey(const GgufFile& g, const std::string& key, double
   return static_cast<float>(v);
 }
 
-absl::Status ReadRopeScaling(const GgufFile& g, const std::string& arch, RopeScaling& out) {
+absl::Status ReadRopeScaling(const GgufFile& g, const std::string& arch, int head_dim, RopeScaling& out) {
   // Llama 3.x GGUFs carry llama3-style scaling as per-frequency factors in a
-  // tensor rather than as metadata; applying them is not implemented, and
-  // ignoring them would silently change the model.
-  if (g.FindTensor("rope_freqs.weight") != nullptr) {
-    return absl::UnimplementedError(absl::StrFormat(
-        "%s: tensor 'rope_freqs.weight' (llama3 RoPE frequency factors) is not supported from "
-        "GGUF; load the Hugging Face safetensors checkpoint, whose config.json rope_scaling is",
-        g.path()));
+  // tensor rather than as metadata (ignoring them would silently change the
+  // model past the original context).
+  if (const GgufTensorInfo* t = g.FindTensor("rope_freqs.weight"); t != nullptr) {
+    if (t->ne.size() != 1 || t->ne[0] != head_dim / 2) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: tensor 'rope_freqs.weight' must hold head_dim / 2 = %d factors (one dimension), has shape [%s]",
+          g.path(), head_dim / 2, absl::StrJoin(t->ne, ", ")));
+    }
+    ASSIGN_OR_RETURN(out.freq_factors, g.DequantizeTensor("rope_freqs.weight"));
+    for (size_t i = 0; i < out.freq_factors.size(); ++i) {
+      if (!(std::isfinite(out.freq_factors[i]) && out.freq_factors[i] > 0)) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s: tensor 'rope_freqs.weight': factor %d = %g must be positive and finite", g.path(), i,
+            out.freq_factors[i]));
+      }
+    }
   }
   const std::string type_key = arch + ".rope.scaling.type";
   std::string type = "none";
@@ -185,7 +210,7 @@ absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& g) {
   }
   ASSIGN_OR_RETURN(c.rope_theta, FloatKey(g, p + "rope.freq_base", 10000.0));
   ASSIGN_OR_RETURN(c.rms_eps, FloatKey(g, p + "attention.layer_norm_rms_epsilon", 1e-5));
-  RETURN_IF_ERROR(ReadRopeScaling(g, c.arch, c.rope_scaling));
+  RETURN_IF_ERROR(ReadRopeScaling(g, c.arch, c.head_dim, c.rope_scaling));
 
   // Vocabulary: the embedding's row count is what the weights hold; the
   // tokenizer's token list, when present, must agree with it.

@@ -32,6 +32,11 @@ struct RopeScaling {
   float low_freq_factor = 1.0f;
   float high_freq_factor = 4.0f;
   int64_t original_max_position = 8192;
+  // GGUF's rope_freqs.weight (Llama 3.x files: llama3 scaling precomputed
+  // per frequency, as llama.cpp applies it): frequency i is divided by
+  // freq_factors[i]; head_dim / 2 entries, or empty. Applied before `type`'s
+  // scaling, which then must not be kLlama3 (it would scale twice).
+  std::vector<float> freq_factors;
 };
 
 struct ModelConfig {
@@ -112,7 +117,8 @@ struct WeightLoadOptions {
 // Reads config from GGUF metadata ("<arch>.block_count", ...) and dequantizes
 // every tensor, checking each shape against the config. Only the "llama"
 // architecture is accepted (Unimplemented otherwise, and for GGUF features
-// ModelConfig cannot express: rope_freqs.weight, YaRN, partial rotary).
+// ModelConfig cannot express: YaRN, partial rotary). Llama 3.x files'
+// rope_freqs.weight becomes rope_scaling.freq_factors.
 // Errors name the file and the key or tensor.
 absl::StatusOr<ModelConfig> ConfigFromGguf(const GgufFile& gguf);
 absl::StatusOr<ModelWeights> LoadWeightsFromGguf(const GgufFile& gguf);

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <random>
 
 #include "absl/strings/str_format.h"
@@ -22,6 +23,7 @@ namespace tailorkv::model {
 namespace {
 
 using testing::GgufBuilder;
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 // Tiny llama: hidden 32 (one Q8_0 block per row), 4 heads of 8, 2 KV heads,
@@ -173,17 +175,61 @@ TEST(ConfigFromGgufTest, RejectsUnsupportedRopeVariants) {
   auto g1 = MustParse(TinyModel(yarn));
   EXPECT_EQ(ConfigFromGguf(*g1).status().code(), absl::StatusCode::kUnimplemented);
 
-  TinyModelOptions freqs;
-  freqs.extra = [](GgufBuilder& b) { b.TensorF32("rope_freqs.weight", {4}, {1, 1, 2, 8}); };
-  auto g2 = MustParse(TinyModel(freqs));
-  auto c2 = ConfigFromGguf(*g2);
-  EXPECT_EQ(c2.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(c2.status().message(), HasSubstr("rope_freqs.weight"));
 
   TinyModelOptions partial;
   partial.extra = [](GgufBuilder& b) { b.U32("llama.rope.dimension_count", 4); };
   auto g3 = MustParse(TinyModel(partial));
   EXPECT_EQ(ConfigFromGguf(*g3).status().code(), absl::StatusCode::kUnimplemented);
+}
+
+// Llama 3.x GGUFs: rope_freqs.weight (head_dim / 2 factors) divides each
+// frequency; a wrong shape or a factor that is not positive and finite is
+// InvalidArgument naming the tensor.
+TEST(ConfigFromGgufTest, ReadsRopeFrequencyFactors) {
+  TinyModelOptions freqs;
+  freqs.extra = [](GgufBuilder& b) { b.TensorF32("rope_freqs.weight", {4}, {1, 1, 2, 8}); };
+  auto g = MustParse(TinyModel(freqs));
+  auto c = ConfigFromGguf(*g);
+  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_EQ(c->head_dim, 8);
+  EXPECT_THAT(c->rope_scaling.freq_factors, ElementsAre(1.0f, 1.0f, 2.0f, 8.0f));
+  EXPECT_TRUE(c->Validate().ok());
+
+  TinyModelOptions shape;
+  shape.extra = [](GgufBuilder& b) { b.TensorF32("rope_freqs.weight", {3}, {1, 1, 2}); };
+  auto g2 = MustParse(TinyModel(shape));
+  auto c2 = ConfigFromGguf(*g2);
+  EXPECT_EQ(c2.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(c2.status().message(), HasSubstr("rope_freqs.weight"));
+
+  for (float bad : {0.0f, -2.0f, std::numeric_limits<float>::infinity()}) {
+    TinyModelOptions o;
+    o.extra = [bad](GgufBuilder& b) { b.TensorF32("rope_freqs.weight", {4}, {1, bad, 2, 8}); };
+    auto g3 = MustParse(TinyModel(o));
+    auto c3 = ConfigFromGguf(*g3);
+    EXPECT_EQ(c3.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(c3.status().message(), HasSubstr("factor 1")) << bad;
+  }
+}
+
+TEST(ModelConfigTest, FreqFactorsMustMatchTheHeadAndNotStackWithLlama3) {
+  ModelConfig c;
+  c.arch = "llama";
+  c.n_layers = 1;
+  c.hidden = 16;
+  c.n_heads = 2;
+  c.n_kv_heads = 2;
+  c.head_dim = 8;
+  c.ffn = 8;
+  c.vocab = 5;
+  c.max_context = 64;
+  c.rope_scaling.freq_factors = {1, 1, 2};
+  EXPECT_THAT(c.Validate().message(), HasSubstr("freq_factors"));
+  c.rope_scaling.freq_factors = {1, 1, 2, 8};
+  EXPECT_TRUE(c.Validate().ok()) << c.Validate();
+  c.rope_scaling.type = RopeScaling::Type::kLlama3;
+  c.rope_scaling.factor = 8;
+  EXPECT_THAT(c.Validate().message(), HasSubstr("twice"));
 }
 
 TEST(ConfigFromGgufTest, RejectsMissingKeyAndVocabMismatch) {

@@ -21,7 +21,7 @@ ModelConfig Llama31_8BShape() {
   c.rope_theta = 500000.0f;
   c.rms_eps = 1e-5f;
   c.rope_style = RopeStyle::kHalves;
-  c.rope_scaling = {RopeScaling::Type::kLlama3, 8.0f, 1.0f, 4.0f, 8192};
+  c.rope_scaling = {RopeScaling::Type::kLlama3, 8.0f, 1.0f, 4.0f, 8192, {}};
   return c;
 }
 

@@ -1479,7 +1479,7 @@ TEST(CpuReference, LlamaThreeScalingKeepsHighFrequenciesAndSlowsLowOnes) {
   c.head_dim = 128;
   c.rope_theta = 500000.0f;
   const auto plain = ref::RopeInvFreq(c);
-  c.rope_scaling = {model::RopeScaling::Type::kLlama3, 8.0f, 1.0f, 4.0f, 8192};
+  c.rope_scaling = {model::RopeScaling::Type::kLlama3, 8.0f, 1.0f, 4.0f, 8192, {}};
   const auto scaled = ref::RopeInvFreq(c);
   ASSERT_EQ(plain.size(), 64u);
   EXPECT_FLOAT_EQ(scaled[0], plain[0]);          // wavelength 2*pi: untouched
@@ -1491,6 +1491,31 @@ TEST(CpuReference, LlamaThreeScalingKeepsHighFrequenciesAndSlowsLowOnes) {
     smoothed += scaled[i] < plain[i] && scaled[i] > plain[i] / 8.0f * (1 + 1e-6f);
   }
   EXPECT_GT(smoothed, 0) << "the band between the two wavelengths is interpolated";
+}
+
+// A Llama 3.1 GGUF's rope_freqs.weight holds plain / llama3-scaled for each
+// frequency (what llama.cpp's converter writes): dividing by those factors
+// gives the llama3 frequencies back (to float rounding), and a linear factor
+// still applies on top.
+TEST(CpuReference, FrequencyFactorsReproduceLlamaThreeScaling) {
+  model::ModelConfig c;
+  c.head_dim = 128;
+  c.rope_theta = 500000.0f;
+  const auto plain = ref::RopeInvFreq(c);
+  model::ModelConfig l3 = c;
+  l3.rope_scaling.type = model::RopeScaling::Type::kLlama3;
+  l3.rope_scaling.factor = 8.0f;
+  const auto scaled = ref::RopeInvFreq(l3);
+  for (size_t i = 0; i < plain.size(); ++i) {
+    c.rope_scaling.freq_factors.push_back(static_cast<float>(static_cast<double>(plain[i]) / scaled[i]));
+  }
+  const auto from_factors = ref::RopeInvFreq(c);
+  ASSERT_EQ(from_factors.size(), 64u);
+  for (int i = 0; i < 64; ++i) EXPECT_NEAR(from_factors[i], scaled[i], 2e-7f * scaled[i]) << i;
+  c.rope_scaling.type = model::RopeScaling::Type::kLinear;
+  c.rope_scaling.factor = 2.0f;
+  const auto both = ref::RopeInvFreq(c);
+  for (int i = 0; i < 64; ++i) EXPECT_FLOAT_EQ(both[i], from_factors[i] / 2.0f) << i;
 }
 
 // Every float in [-87.33, 88.72] in steps of 2^-12 (about 720k inputs, all

@@ -106,6 +106,9 @@ std::vector<float> RopeInvFreq(const model::ModelConfig& c) {
     inv[i] = 1.0f / std::pow(c.rope_theta, static_cast<float>(2 * i) / c.head_dim);
   }
   const auto& s = c.rope_scaling;
+  if (s.freq_factors.size() == inv.size()) {
+    for (int i = 0; i < half; ++i) inv[i] /= s.freq_factors[i];
+  }
   if (s.type == model::RopeScaling::Type::kLinear) {
     for (float& f : inv) f /= s.factor;
   } else if (s.type == model::RopeScaling::Type::kLlama3) {

@@ -320,6 +320,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   }
   spdlog::info("model loaded in {:.0f} ms: {} layers, hidden {}, backend {}", MsSince(t0),
                engine->config().n_layers, engine->config().hidden, engine->backend_name());
+  if (const model::RopeScaling& rs = engine->config().rope_scaling;
+      rs.type != model::RopeScaling::Type::kNone || !rs.freq_factors.empty()) {
+    spdlog::info("RoPE scaling: {}{}", rs.freq_factors.empty() ? "" : "per-frequency factors (rope_freqs.weight)",
+                 rs.type == model::RopeScaling::Type::kLinear   ? absl::StrCat(" linear x", rs.factor)
+                 : rs.type == model::RopeScaling::Type::kLlama3 ? absl::StrCat("llama3 x", rs.factor)
+                                                                : std::string());
+  }
   int64_t per_sequence = 0;
   for (const LayerKvBytes& b : engine->KvBytesPerSequence()) per_sequence += b.total();
   const KvPlan& p = *engine->plan_snapshot();
