@@ -92,6 +92,9 @@ struct WorkerConfig {
   int kv_host_timeout_ms = 30'000;
   int kv_budget_mib = 0;
   int stream_stall_ms = 10'000;
+  // bf16, or quantized: the CUDA backend keeps the layer matrices whose GGUF
+  // type its GEMV takes as quantized planes (CudaBackendOptions::layer_weights).
+  std::string cuda_weights = "bf16";
 
   absl::Status Validate() const {
     if (engine.max_running < 1) {
@@ -127,6 +130,13 @@ struct WorkerConfig {
             "kv-host-remote: needs --backend cpu for now (the CUDA backend's remote path is not built), got '",
             engine.backend, "'"));
       }
+    }
+    if (cuda_weights != "bf16" && cuda_weights != "quantized") {
+      return absl::InvalidArgumentError(absl::StrCat("cuda-weights: must be bf16 or quantized, got '", cuda_weights, "'"));
+    }
+    if (cuda_weights == "quantized" && engine.weights != "quantized") {
+      return absl::InvalidArgumentError(
+          "cuda-weights: quantized needs --weights quantized (the GGUF blocks it repacks), got --weights float");
     }
     if (engine.model_path.empty()) return absl::InvalidArgumentError("model: required");
     if (engine.backend != "auto" && engine.backend != "cpu" && engine.backend != "cuda") {
@@ -214,8 +224,13 @@ int main(int argc, char** argv) {
   app.add_option("--backend", config.engine.backend, "auto, cpu or cuda")->capture_default_str();
   app.add_option("--weights", config.engine.weights,
                  "a GGUF model's linear weights: quantized (kept in their GGUF blocks; the CPU backend "
-                 "multiplies them as they are, CUDA takes a float copy) or float (dequantized to float32 at load)")
+                 "multiplies them as they are, CUDA takes a bf16 copy unless --cuda-weights quantized) or "
+                 "float (dequantized to float32 at load)")
       ->check(CLI::IsMember({"float", "quantized"}))
+      ->capture_default_str();
+  app.add_option("--cuda-weights", config.cuda_weights,
+                 "the CUDA backend's layer matrices: bf16, or quantized (those of GGUF type Q4_0, Q4_1 or Q8_0 "
+                 "stay in their blocks and a W4A16/W8A16 GEMV reads them; any other type becomes bf16)")
       ->capture_default_str();
   app.add_option("--threads", config.engine.threads, "CPU threads (0 = all cores)")
       ->capture_default_str();
@@ -382,9 +397,11 @@ int main(int argc, char** argv) {
   spdlog::info("loading model {} (backend {})", config.engine.model_path, config.engine.backend);
   const auto load_start = std::chrono::steady_clock::now();
 #ifdef TAILORKV_HAVE_CUDA
-  config.engine.cuda_factory = [&kv_host, &cuda_device](const tailorkv::model::ModelWeights& w) {
+  config.engine.cuda_factory = [&kv_host, &cuda_device, &config](const tailorkv::model::ModelWeights& w) {
     tailorkv::cuda::CudaBackendOptions o;
     o.host_store = kv_host.get();
+    // Any type the GEMV takes switches it on; each matrix keeps its own.
+    if (config.cuda_weights == "quantized") o.layer_weights = tailorkv::model::GgmlType::kQ4_0;
     auto b = tailorkv::cuda::CreateCudaBackend(w, o);
     if (b.ok()) cuda_device.store(o.device);
     return b;

@@ -74,6 +74,8 @@ TEST(WorkerMainTest, BadSchedulerFlagsExit2NamingTheFlag) {
       {"--kv-memory-fraction 0", 2, "kv-memory-fraction: must be in (0, 1], got 0"},
       {"--kv-memory-fraction 1.5", 2, "kv-memory-fraction: must be in (0, 1], got 1.5"},
       {"--prefill-chunk -5", 2, "prefill-chunk: must be >= 0, got -5"},
+      {"--cuda-weights int3", 2, "cuda-weights: must be bf16 or quantized, got 'int3'"},
+      {"--cuda-weights quantized --weights float", 2, "cuda-weights: quantized needs --weights quantized"},
   };
   for (const Case& tc : cases) {
     const Exit e = RunWorker(tc.flag);
