@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
+#include "common/same_secret.h"
 #include "common/status_macros.h"
 #include "daemon/ids.h"
 #include "store/remote_rows.h"
@@ -27,14 +28,6 @@ constexpr uint64_t kMaxChunkBytes = uint64_t{4} << 20;
 grpc::Status Bad(const std::string& msg) { return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, msg); }
 
 int64_t NowNs() { return absl::ToUnixNanos(absl::Now()); }
-
-// Equal strings in time that does not depend on where they differ.
-bool SameSecret(const std::string& a, const std::string& b) {
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-  return diff == 0;
-}
 
 }  // namespace
 
@@ -255,7 +248,7 @@ void KvHostDataService::ReapLoop() {
 grpc::Status KvHostDataService::CheckToken(const grpc::ServerContext* ctx) const {
   const auto& md = ctx->client_metadata();
   const auto it = md.find("authorization");
-  if (it != md.end() && SameSecret(std::string(it->second.data(), it->second.size()), "Bearer " + options_.token)) {
+  if (it != md.end() && common::SameSecret(std::string_view(it->second.data(), it->second.size()), "Bearer " + options_.token)) {
     return grpc::Status::OK;
   }
   return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,

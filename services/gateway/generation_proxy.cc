@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/same_secret.h"
 #include "spdlog/spdlog.h"
 
 namespace tailorkv::gateway {
@@ -29,7 +30,7 @@ grpc::Status GenerationProxy::CheckKey(const grpc::ServerContext* context) const
   if (api_key_.empty()) return grpc::Status::OK;
   const auto& md = context->client_metadata();
   const auto it = md.find("authorization");
-  if (it != md.end() && std::string(it->second.data(), it->second.size()) == "Bearer " + api_key_) {
+  if (it != md.end() && common::SameSecret(std::string_view(it->second.data(), it->second.size()), "Bearer " + api_key_)) {
     return grpc::Status::OK;
   }
   return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,

@@ -13,6 +13,7 @@
 #include <set>
 #include <thread>
 
+#include "common/same_secret.h"
 #include "common/tcp_listen.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -334,7 +335,9 @@ bool HttpGateway::Impl::Handle(Connection* c, const http::request<http::string_b
   }
   if (!options.api_key.empty()) {
     const auto it = req.find(http::field::authorization);
-    if (it == req.end() || it->value() != absl::StrCat("Bearer ", options.api_key)) {
+    if (it == req.end() ||
+        !common::SameSecret(std::string_view(it->value().data(), it->value().size()),
+                            absl::StrCat("Bearer ", options.api_key))) {
       return ReplyError(c, absl::UnauthenticatedError("Authorization: a valid 'Bearer <api key>' is required"),
                         keep);
     }
