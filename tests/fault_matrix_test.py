@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.request
 
 from proc_test_util import free_port
@@ -1015,8 +1016,9 @@ def main():
         print("FIGURES " + json.dumps(FIGURES), flush=True)
         print(f"PASS {CASE} ({time.time() - t0:.0f} s)")
         return 0
-    except Failed as e:
-        print(f"FAIL {CASE}: {e}", flush=True)
+    except Exception as e:  # a check that failed, or the harness's own error (e.g. a refused connection)
+        traceback.print_exc()
+        print(f"FAIL {CASE}: {type(e).__name__}: {e}", flush=True)
         for name in c.procs:
             print(f"--- {name} (last 40 lines)\n" + "\n".join(c.text(name).splitlines()[-40:]))
         return 1
