@@ -115,6 +115,9 @@ int main(int argc, char** argv) {
              if (data_listen.empty()) return absl::OkStatus();
              if (data_token.empty()) {
                if (const char* t = std::getenv("TAILORKV_KV_HOST_TOKEN")) data_token = t;
+             } else {
+               spdlog::warn("--data-token on the command line is readable by every local user (/proc/PID/cmdline); "
+                            "set TAILORKV_KV_HOST_TOKEN instead");
              }
              if (data_token.empty()) {
                return absl::InvalidArgumentError(

@@ -740,6 +740,9 @@ def case_secrets_not_logged(c):
                                                             "temperature": 0}), h)
         r = conn.getresponse()
         return r.status, r.read().decode(errors="replace")
+    # Each secret given as a flag is warned about (any local user can read it in /proc).
+    for name, flag in (("kv-host", "--data-token"), ("worker", "--kv-host-token"), ("gateway", "--api-key")):
+        check(f"{flag} on the command line is readable" in c.text(name), f"{name} warns that {flag} shows in /proc")
     st_none, _ = post(None)
     st_wrong, body_wrong = post(wrong_key)
     st_right, body_right = post(api_key)

@@ -313,6 +313,7 @@ int main(int argc, char** argv) {
                  "it after kv-host went away (then UNAVAILABLE)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  const bool token_on_command_line = !config.kv_host_token.empty();
   if (config.kv_host_token.empty()) {
     if (const char* t = std::getenv("TAILORKV_KV_HOST_TOKEN")) config.kv_host_token = t;
   }
@@ -325,6 +326,10 @@ int main(int argc, char** argv) {
   if (absl::Status s = tailorkv::common::ConfigureLogging(config.log_level); !s.ok()) {
     std::fprintf(stderr, "gpu-worker: %s\n", std::string(s.message()).c_str());
     return 2;
+  }
+  if (token_on_command_line) {
+    spdlog::warn("--kv-host-token on the command line is readable by every local user (/proc/PID/cmdline); "
+                 "set TAILORKV_KV_HOST_TOKEN instead");
   }
   if (absl::Status s = config.Validate(); !s.ok()) {
     spdlog::error("invalid configuration: {}", s.ToString());

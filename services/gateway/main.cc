@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<gw::HttpGateway> server;
   std::unique_ptr<gw::GenerationProxy> proxy;
   if (const char* key = std::getenv("TAILORKV_API_KEY"); key != nullptr) http.api_key = key;
+  CLI::Option* api_key_flag = nullptr;
   return tailorkv::common::RunServiceMain(
       argc, argv,
       {.name = "gateway",
@@ -48,7 +49,7 @@ int main(int argc, char** argv) {
                             "host:port of the HTTP API (loopback by default; 0.0.0.0:PORT to expose it, "
                             "with --api-key)")
                  ->capture_default_str();
-             app.add_option("--api-key", http.api_key,
+             api_key_flag = app.add_option("--api-key", http.api_key,
                             "require 'Authorization: Bearer KEY' on /v1/* and on the gRPC calls (or env "
                             "TAILORKV_API_KEY)");
              app.add_option("--max-body-kib", max_body_kib, "largest request body")
@@ -71,6 +72,10 @@ int main(int argc, char** argv) {
        .init =
            [&](const tailorkv::common::ServerOptions& server_options,
                std::vector<tailorkv::common::ServiceEntry>& services) -> absl::Status {
+             if (api_key_flag != nullptr && api_key_flag->count() > 0) {
+               spdlog::warn("--api-key on the command line is readable by every local user (/proc/PID/cmdline); "
+                            "set TAILORKV_API_KEY instead");
+             }
              // --tls-cert / --tls-key (the common flags) secure the HTTP API too.
              drain_grace_ms = server_options.drain_grace_ms;
              http.tls_cert_file = server_options.tls_cert_file;
