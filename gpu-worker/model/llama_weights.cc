@@ -107,14 +107,8 @@ absl::Status ReadRopeScaling(const GgufFile& g, const std::string& arch, int hea
           "%s: tensor 'rope_freqs.weight' must hold head_dim / 2 = %d factors (one dimension), has shape [%s]",
           g.path(), head_dim / 2, absl::StrJoin(t->ne, ", ")));
     }
+    // Their values are checked with the rest of the config (Validate).
     ASSIGN_OR_RETURN(out.freq_factors, g.DequantizeTensor("rope_freqs.weight"));
-    for (size_t i = 0; i < out.freq_factors.size(); ++i) {
-      if (!(std::isfinite(out.freq_factors[i]) && out.freq_factors[i] > 0)) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "%s: tensor 'rope_freqs.weight': factor %d = %g must be positive and finite", g.path(), i,
-            out.freq_factors[i]));
-      }
-    }
   }
   const std::string type_key = arch + ".rope.scaling.type";
   std::string type = "none";

@@ -183,8 +183,8 @@ TEST(ConfigFromGgufTest, RejectsUnsupportedRopeVariants) {
 }
 
 // Llama 3.x GGUFs: rope_freqs.weight (head_dim / 2 factors) divides each
-// frequency; a wrong shape or a factor that is not positive and finite is
-// InvalidArgument naming the tensor.
+// frequency; a wrong shape is InvalidArgument naming the tensor, a factor
+// that is not positive and finite one naming the config field.
 TEST(ConfigFromGgufTest, ReadsRopeFrequencyFactors) {
   TinyModelOptions freqs;
   freqs.extra = [](GgufBuilder& b) { b.TensorF32("rope_freqs.weight", {4}, {1, 1, 2, 8}); };
@@ -208,7 +208,7 @@ TEST(ConfigFromGgufTest, ReadsRopeFrequencyFactors) {
     auto g3 = MustParse(TinyModel(o));
     auto c3 = ConfigFromGguf(*g3);
     EXPECT_EQ(c3.status().code(), absl::StatusCode::kInvalidArgument) << bad;
-    EXPECT_THAT(c3.status().message(), HasSubstr("factor 1")) << bad;
+    EXPECT_THAT(c3.status().message(), HasSubstr("rope_scaling.freq_factors[1]")) << bad;
   }
 }
 

@@ -6,10 +6,11 @@
 // which a buffer gets its own mapping (returned at free) rises to 32 MiB after
 // the first large free, so per-request buffers then come from the heap and
 // their pages stay. Measured, soak_short (SmolLM2, 2 min of mixed load,
-// 2-core machine; docs/reliability.md, "Soak"): worker RSS first third vs last
-// third grew 10.8-14.4% with the defaults (CI failed on 14.4%), 8.6% with a
-// fixed 1 MiB threshold alone (lower, but still moving with the transient
-// buffers), 2.5% with the threshold and two arenas (flat at 537-551 MiB).
+// 2-core machine; docs/reliability.md, "Soak"): peak worker RSS under load
+// 620 MiB with the defaults, 545-555 MiB with either setting alone or both;
+// idle after the load 454 MiB with the defaults, 375-430 MiB otherwise. The
+// growth between the run's thirds (2.5-14.4% in five runs) follows the
+// load's mix more than the allocator.
 #pragma once
 
 namespace tailorkv {

@@ -34,7 +34,7 @@ one() {  # tool suite filter
 }
 # Suites that make no CUDA call (argument checks on the host): the sanitizer
 # has nothing to attach to there and exits 255 (H100, 2026-12-07).
-host_only='^(AttentionArgumentsTest|RepackForGemvTest|GemvQuantValidationTest|CudaCheck)$'
+host_only='^(AttentionArgumentsTest|RepackForGemvTest|GemvQuantValidationTest)$'
 suites=$(echo "$suites" | grep -vE "$host_only")
 for s in $suites; do
   [ "$s" = CudaBackendTest ] && continue
